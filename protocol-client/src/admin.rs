@@ -1,0 +1,246 @@
+//! Topic administration and offset look-ups: CreateTopics, DeleteTopics,
+//! ListOffsets.
+
+use std::collections::{BTreeMap, HashMap};
+
+use kafka_protocol::error::ResponseError;
+use kafka_protocol::messages::create_topics_request::{CreatableTopic, CreatableTopicConfig};
+use kafka_protocol::messages::delete_topics_request::DeleteTopicState;
+use kafka_protocol::messages::list_offsets_request::{ListOffsetsPartition, ListOffsetsTopic};
+use kafka_protocol::messages::{
+    ApiKey, BrokerId, CreateTopicsRequest, DeleteTopicsRequest, ListOffsetsRequest, TopicName,
+};
+use kafka_protocol::protocol::StrBytes;
+
+use crate::cluster::{Client, ConnectionClass};
+use crate::error::{check_code, Error, Result};
+
+/// A topic to create.
+///
+/// ```
+/// use strom_client::NewTopic;
+/// let t = NewTopic::new("orders", 6, 1).config("cleanup.policy", "compact");
+/// assert_eq!(t.partitions, 6);
+/// ```
+#[derive(Debug, Clone)]
+pub struct NewTopic {
+    /// The topic name.
+    pub name: String,
+    /// Number of partitions.
+    pub partitions: i32,
+    /// Replication factor.
+    pub replication_factor: i16,
+    /// Topic configs such as `cleanup.policy=compact`.
+    pub configs: Vec<(String, String)>,
+}
+
+impl NewTopic {
+    /// A topic with `partitions` partitions, each on `replication_factor` brokers.
+    pub fn new(name: impl Into<String>, partitions: i32, replication_factor: i16) -> Self {
+        NewTopic {
+            name: name.into(),
+            partitions,
+            replication_factor,
+            configs: Vec::new(),
+        }
+    }
+
+    /// Adds a topic config.
+    pub fn config(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.configs.push((key.into(), value.into()));
+        self
+    }
+}
+
+/// Which offset [`Client::list_offsets`] looks up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OffsetSpec {
+    /// The log start offset.
+    Earliest,
+    /// The log end offset (high watermark): the offset the next record gets.
+    Latest,
+    /// The first offset whose timestamp is at or after this many ms since the epoch
+    /// (-1 in the result when there is none).
+    Timestamp(i64),
+}
+
+impl OffsetSpec {
+    fn timestamp(self) -> i64 {
+        match self {
+            OffsetSpec::Earliest => -2,
+            OffsetSpec::Latest => -1,
+            OffsetSpec::Timestamp(t) => t,
+        }
+    }
+}
+
+fn topic_name(s: &str) -> TopicName {
+    TopicName(StrBytes::from_string(s.to_owned()))
+}
+
+impl Client {
+    /// Creates a topic. An existing topic is [`Error::TopicAlreadyExists`].
+    ///
+    /// ```no_run
+    /// # async fn f(client: strom_client::Client) -> strom_client::Result<()> {
+    /// use strom_client::NewTopic;
+    /// client.create_topic(NewTopic::new("orders", 6, 1)).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn create_topic(&self, topic: NewTopic) -> Result<()> {
+        let timeout_ms = self.config().connection.request_timeout.as_millis() as i32;
+        let req = CreateTopicsRequest::default()
+            .with_timeout_ms(timeout_ms)
+            .with_topics(vec![CreatableTopic::default()
+                .with_name(topic_name(&topic.name))
+                .with_num_partitions(topic.partitions)
+                .with_replication_factor(topic.replication_factor)
+                .with_configs(
+                    topic
+                        .configs
+                        .iter()
+                        .map(|(k, v)| {
+                            CreatableTopicConfig::default()
+                                .with_name(StrBytes::from_string(k.clone()))
+                                .with_value(Some(StrBytes::from_string(v.clone())))
+                        })
+                        .collect(),
+                )]);
+        let resp = self
+            .retry(&[], || async { self.controller().await?.send(&req).await })
+            .await?;
+        for t in &resp.topics {
+            if t.error_code == ResponseError::TopicAlreadyExists.code() {
+                return Err(Error::TopicAlreadyExists {
+                    topic: topic.name.clone(),
+                });
+            }
+            check_code(
+                ApiKey::CreateTopics,
+                t.error_code,
+                Some(t.name.0.as_str()),
+                None,
+                t.error_message.as_ref().map(StrBytes::as_str),
+            )?;
+        }
+        // Wait until the new topic's partitions have leaders.
+        self.invalidate_topic(&topic.name);
+        self.topic_metadata(&topic.name).await?;
+        Ok(())
+    }
+
+    /// Deletes topics by name.
+    pub async fn delete_topics(&self, topics: &[&str]) -> Result<()> {
+        let timeout_ms = self.config().connection.request_timeout.as_millis() as i32;
+        let resp = self
+            .retry(&[], || async {
+                let conn = self.controller().await?;
+                let mut req = DeleteTopicsRequest::default().with_timeout_ms(timeout_ms);
+                if conn.version::<DeleteTopicsRequest>()? >= 6 {
+                    req.topics = topics
+                        .iter()
+                        .map(|t| DeleteTopicState::default().with_name(Some(topic_name(t))))
+                        .collect();
+                } else {
+                    req.topic_names = topics.iter().map(|t| topic_name(t)).collect();
+                }
+                conn.send(&req).await
+            })
+            .await?;
+        for t in &resp.responses {
+            let name = t.name.as_ref().map(|n| n.0.as_str().to_owned());
+            if t.error_code == ResponseError::UnknownTopicOrPartition.code() {
+                return Err(Error::UnknownTopic {
+                    topic: name.unwrap_or_default(),
+                });
+            }
+            check_code(
+                ApiKey::DeleteTopics,
+                t.error_code,
+                name.as_deref(),
+                None,
+                t.error_message.as_ref().map(StrBytes::as_str),
+            )?;
+            if let Some(name) = &name {
+                self.invalidate_topic(name);
+            }
+        }
+        Ok(())
+    }
+
+    /// Looks up an offset for every partition of `topic`, asking each
+    /// partition's leader. Returns partition → offset.
+    ///
+    /// ```no_run
+    /// # async fn f(client: strom_client::Client) -> strom_client::Result<()> {
+    /// use strom_client::OffsetSpec;
+    /// let ends = client.list_offsets("orders", OffsetSpec::Latest).await?;
+    /// let total: i64 = ends.values().sum();
+    /// # Ok(()) }
+    /// ```
+    pub async fn list_offsets(&self, topic: &str, spec: OffsetSpec) -> Result<BTreeMap<i32, i64>> {
+        let meta = self.topic_metadata(topic).await?;
+        let partitions: Vec<i32> = meta.partitions.iter().map(|p| p.partition).collect();
+        self.list_partition_offsets(topic, &partitions, spec).await
+    }
+
+    /// Like [`Client::list_offsets`] for chosen partitions of `topic`.
+    pub async fn list_partition_offsets(
+        &self,
+        topic: &str,
+        partitions: &[i32],
+        spec: OffsetSpec,
+    ) -> Result<BTreeMap<i32, i64>> {
+        self.retry(&[topic], || async {
+            let mut by_leader: HashMap<i32, Vec<i32>> = HashMap::new();
+            for &p in partitions {
+                by_leader
+                    .entry(self.leader(topic, p).await?)
+                    .or_default()
+                    .push(p);
+            }
+            let mut out = BTreeMap::new();
+            for (leader, parts) in by_leader {
+                let conn = self.broker(leader, ConnectionClass::Normal).await?;
+                let req = ListOffsetsRequest::default()
+                    .with_replica_id(BrokerId(-1))
+                    .with_topics(vec![ListOffsetsTopic::default()
+                        .with_name(topic_name(topic))
+                        .with_partitions(
+                            parts
+                                .iter()
+                                .map(|&p| {
+                                    ListOffsetsPartition::default()
+                                        .with_partition_index(p)
+                                        .with_current_leader_epoch(-1)
+                                        .with_timestamp(spec.timestamp())
+                                })
+                                .collect(),
+                        )]);
+                let resp = conn.send(&req).await?;
+                for t in resp.topics {
+                    for p in t.partitions {
+                        check_code(
+                            ApiKey::ListOffsets,
+                            p.error_code,
+                            Some(topic),
+                            Some(p.partition_index),
+                            None,
+                        )?;
+                        out.insert(p.partition_index, p.offset);
+                    }
+                }
+            }
+            for p in partitions {
+                if !out.contains_key(p) {
+                    return Err(Error::Protocol {
+                        broker: format!("leader of {topic}-{p}"),
+                        what: "ListOffsets response left out a partition".into(),
+                    });
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+}

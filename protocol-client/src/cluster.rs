@@ -1,0 +1,414 @@
+//! The cluster as the client sees it: bootstrap brokers, a metadata cache of
+//! topics, partitions, leaders and broker addresses, and a pool of connections.
+//!
+//! [`Client`] is the entry point: cheap to clone, shared by producers, consumers
+//! and admin calls. Connections are opened lazily, one per broker and
+//! [`ConnectionClass`], and replaced when they fail. Metadata is refreshed when an
+//! operation reports a stale leader or a lost connection; [`Client::retry`] wraps
+//! an operation in that refresh-and-backoff loop.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use kafka_protocol::error::ResponseError;
+use kafka_protocol::messages::metadata_request::MetadataRequestTopic;
+use kafka_protocol::messages::{ApiKey, MetadataRequest, MetadataResponse, TopicName};
+use kafka_protocol::protocol::StrBytes;
+use tracing::{debug, warn};
+
+use crate::connection::{Connection, ConnectionConfig};
+use crate::error::{Error, Result};
+
+/// Settings of a [`Client`].
+///
+/// ```
+/// let config = strom_client::ClientConfig::new(["127.0.0.1:9092"]);
+/// assert_eq!(config.bootstrap, vec!["127.0.0.1:9092".to_string()]);
+/// ```
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// `host:port` of one or more brokers to learn the cluster from
+    /// (Java's `bootstrap.servers`).
+    pub bootstrap: Vec<String>,
+    /// Client id, timeouts of each connection.
+    pub connection: ConnectionConfig,
+    /// How long [`Client::connect`] keeps trying the bootstrap brokers before it
+    /// gives up. Default 10 s.
+    pub bootstrap_timeout: Duration,
+    /// Pause between retries, doubled each time up to 1 s (Java's
+    /// `retry.backoff.ms`). Default 100 ms.
+    pub retry_backoff: Duration,
+    /// How long [`Client::retry`] keeps retrying a retriable failure. Default 30 s.
+    pub retry_timeout: Duration,
+}
+
+impl ClientConfig {
+    /// Defaults with the given bootstrap brokers.
+    pub fn new<S: Into<String>>(bootstrap: impl IntoIterator<Item = S>) -> Self {
+        ClientConfig {
+            bootstrap: bootstrap.into_iter().map(Into::into).collect(),
+            connection: ConnectionConfig::default(),
+            bootstrap_timeout: Duration::from_secs(10),
+            retry_backoff: Duration::from_millis(100),
+            retry_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Which of a broker's connections a request travels on.
+///
+/// Kafka serves the requests of one connection one at a time, so a long-poll
+/// Fetch would hold up a Produce behind it: each class gets its own connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ConnectionClass {
+    /// Metadata, admin and offset look-ups.
+    Normal,
+    /// Produce requests.
+    Produce,
+    /// Fetch requests.
+    Fetch,
+    /// Group coordination (join, sync, heartbeat, commits).
+    Group,
+}
+
+/// One partition's entry in the metadata cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PartitionMetadata {
+    /// The partition index.
+    pub partition: i32,
+    /// The leader's broker id, -1 when the partition has no leader right now.
+    pub leader: i32,
+    /// The leader epoch.
+    pub leader_epoch: i32,
+}
+
+/// One topic's entry in the metadata cache.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicMetadata {
+    /// The topic name.
+    pub name: String,
+    /// Its partitions, indexed by partition number.
+    pub partitions: Vec<PartitionMetadata>,
+}
+
+#[derive(Debug, Default)]
+struct Metadata {
+    brokers: HashMap<i32, String>,
+    controller: Option<i32>,
+    topics: HashMap<String, Arc<TopicMetadata>>,
+}
+
+type Slot = Arc<tokio::sync::Mutex<Option<Arc<Connection>>>>;
+
+struct Inner {
+    config: ClientConfig,
+    metadata: RwLock<Metadata>,
+    pool: Mutex<HashMap<(i32, ConnectionClass), Slot>>,
+    /// Connections to bootstrap addresses, used until broker ids are known.
+    bootstrap: Slot,
+    /// Single-flight metadata refreshes.
+    refresh: tokio::sync::Mutex<()>,
+}
+
+/// A handle to a Kafka cluster: metadata and connections, shared by the
+/// producer, the consumer and admin calls.
+///
+/// ```no_run
+/// # async fn example() -> strom_client::Result<()> {
+/// use strom_client::{Client, ClientConfig};
+/// let client = Client::connect(ClientConfig::new(["127.0.0.1:9092"])).await?;
+/// let topic = client.topic_metadata("orders").await?;
+/// println!("orders has {} partitions", topic.partitions.len());
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("bootstrap", &self.inner.config.bootstrap)
+            .finish()
+    }
+}
+
+fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(|e| e.into_inner())
+}
+
+fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Client {
+    /// Connects to the cluster: keeps trying the bootstrap brokers until one
+    /// answers or `bootstrap_timeout` passes, then loads the broker list.
+    pub async fn connect(config: ClientConfig) -> Result<Client> {
+        if config.bootstrap.is_empty() {
+            return Err(Error::Config("the bootstrap broker list is empty".into()));
+        }
+        let client = Client {
+            inner: Arc::new(Inner {
+                config,
+                metadata: RwLock::default(),
+                pool: Mutex::default(),
+                bootstrap: Slot::default(),
+                refresh: tokio::sync::Mutex::new(()),
+            }),
+        };
+        client.refresh_metadata(&[]).await?;
+        Ok(client)
+    }
+
+    /// The configuration this client was built with.
+    pub fn config(&self) -> &ClientConfig {
+        &self.inner.config
+    }
+
+    /// A connection of the given class to broker `id`, opened if needed.
+    pub async fn broker(&self, id: i32, class: ConnectionClass) -> Result<Arc<Connection>> {
+        let addr = read(&self.inner.metadata).brokers.get(&id).cloned();
+        let Some(addr) = addr else {
+            return Err(Error::Disconnected {
+                broker: format!("broker id {id}"),
+                reason: "the broker is not in the cluster metadata".into(),
+            });
+        };
+        let slot = {
+            let mut pool = self.inner.pool.lock().unwrap_or_else(|e| e.into_inner());
+            pool.entry((id, class)).or_default().clone()
+        };
+        let mut slot = slot.lock().await;
+        if let Some(conn) = slot.as_ref() {
+            if !conn.is_closed() && conn.broker() == addr {
+                return Ok(conn.clone());
+            }
+        }
+        debug!(broker = %addr, id, ?class, "connecting");
+        let conn = Arc::new(Connection::connect(&addr, &self.inner.config.connection).await?);
+        *slot = Some(conn.clone());
+        Ok(conn)
+    }
+
+    /// Any working connection: a known broker's, else a bootstrap broker's, tried
+    /// until one answers or `bootstrap_timeout` passes.
+    pub async fn any_broker(&self) -> Result<Arc<Connection>> {
+        let ids: Vec<i32> = read(&self.inner.metadata).brokers.keys().copied().collect();
+        for id in ids {
+            match self.broker(id, ConnectionClass::Normal).await {
+                Ok(c) => return Ok(c),
+                Err(e) => debug!(id, error = %e, "broker unreachable, trying another"),
+            }
+        }
+        let mut slot = self.inner.bootstrap.lock().await;
+        if let Some(conn) = slot.as_ref() {
+            if !conn.is_closed() {
+                return Ok(conn.clone());
+            }
+        }
+        let config = &self.inner.config;
+        let started = Instant::now();
+        let mut backoff = config.retry_backoff;
+        loop {
+            let mut last = None;
+            for addr in &config.bootstrap {
+                match Connection::connect(addr, &config.connection).await {
+                    Ok(c) => {
+                        let c = Arc::new(c);
+                        *slot = Some(c.clone());
+                        return Ok(c);
+                    }
+                    Err(e) => {
+                        debug!(broker = %addr, error = %e, "bootstrap broker unreachable");
+                        last = Some(e);
+                    }
+                }
+            }
+            let elapsed = started.elapsed();
+            if elapsed >= config.bootstrap_timeout {
+                return Err(Error::NoBrokerReachable {
+                    brokers: config.bootstrap.clone(),
+                    after: config.bootstrap_timeout,
+                    last: Box::new(last.unwrap_or(Error::Config("no bootstrap broker".into()))),
+                });
+            }
+            tokio::time::sleep(backoff.min(config.bootstrap_timeout - elapsed)).await;
+            backoff = (backoff * 2).min(Duration::from_secs(1));
+        }
+    }
+
+    /// A connection to the controller (for topic administration), falling back to
+    /// any broker when the controller is unknown.
+    pub async fn controller(&self) -> Result<Arc<Connection>> {
+        let controller = read(&self.inner.metadata).controller;
+        match controller {
+            Some(id) => self.broker(id, ConnectionClass::Normal).await,
+            None => self.any_broker().await,
+        }
+    }
+
+    /// Reloads metadata for `topics` (only brokers and controller when empty).
+    ///
+    /// Topics the broker reports as unknown are dropped from the cache.
+    pub async fn refresh_metadata(&self, topics: &[&str]) -> Result<()> {
+        let _single = self.inner.refresh.lock().await;
+        let conn = self.any_broker().await?;
+        let req = MetadataRequest::default()
+            .with_topics(Some(
+                topics
+                    .iter()
+                    .map(|t| {
+                        MetadataRequestTopic::default()
+                            .with_name(Some(TopicName(StrBytes::from_string((*t).to_owned()))))
+                    })
+                    .collect(),
+            ))
+            .with_allow_auto_topic_creation(false);
+        let resp = conn.send(&req).await.inspect_err(|e| {
+            debug!(error = %e, "metadata request failed");
+        })?;
+        self.apply_metadata(resp);
+        Ok(())
+    }
+
+    fn apply_metadata(&self, resp: MetadataResponse) {
+        let mut md = write(&self.inner.metadata);
+        md.brokers = resp
+            .brokers
+            .iter()
+            .map(|b| (b.node_id.0, format!("{}:{}", b.host.as_str(), b.port)))
+            .collect();
+        md.controller = (resp.controller_id.0 >= 0).then_some(resp.controller_id.0);
+        for t in resp.topics {
+            let Some(name) = t.name.map(|n| n.0.as_str().to_owned()) else {
+                continue;
+            };
+            if t.error_code != 0 {
+                debug!(topic = %name, code = t.error_code, "topic metadata error");
+                md.topics.remove(&name);
+                continue;
+            }
+            let mut partitions: Vec<PartitionMetadata> = t
+                .partitions
+                .iter()
+                .map(|p| PartitionMetadata {
+                    partition: p.partition_index,
+                    leader: if p.error_code == 0 || p.leader_id.0 >= 0 {
+                        p.leader_id.0
+                    } else {
+                        -1
+                    },
+                    leader_epoch: p.leader_epoch,
+                })
+                .collect();
+            partitions.sort_by_key(|p| p.partition);
+            let dense = partitions
+                .iter()
+                .enumerate()
+                .all(|(i, p)| p.partition == i as i32);
+            if !dense {
+                warn!(topic = %name, "metadata lists partitions with gaps; ignoring it");
+                continue;
+            }
+            md.topics
+                .insert(name.clone(), Arc::new(TopicMetadata { name, partitions }));
+        }
+    }
+
+    /// The cached metadata of `topic`, if any.
+    pub fn cached_topic(&self, topic: &str) -> Option<Arc<TopicMetadata>> {
+        read(&self.inner.metadata).topics.get(topic).cloned()
+    }
+
+    /// Metadata of `topic`, loaded when not cached, waiting (up to the retry
+    /// timeout) for every partition to have a leader. [`Error::UnknownTopic`]
+    /// when the topic does not exist.
+    pub async fn topic_metadata(&self, topic: &str) -> Result<Arc<TopicMetadata>> {
+        if let Some(t) = self.cached_topic(topic) {
+            if t.partitions.iter().all(|p| p.leader >= 0) {
+                return Ok(t);
+            }
+        }
+        self.retry(&[topic], || async {
+            self.refresh_metadata(&[topic]).await?;
+            match self.cached_topic(topic) {
+                None => Err(Error::UnknownTopic {
+                    topic: topic.to_owned(),
+                }),
+                Some(t) if t.partitions.iter().any(|p| p.leader < 0) => Err(Error::broker(
+                    ApiKey::Metadata,
+                    ResponseError::LeaderNotAvailable,
+                    Some(topic),
+                    None,
+                    None,
+                )),
+                Some(t) => Ok(t),
+            }
+        })
+        .await
+    }
+
+    /// The leader of a partition from the cache (refreshing it once when the
+    /// partition is unknown or leaderless).
+    pub async fn leader(&self, topic: &str, partition: i32) -> Result<i32> {
+        let t = self.topic_metadata(topic).await?;
+        match t.partitions.get(partition as usize) {
+            Some(p) if partition >= 0 && p.leader >= 0 => Ok(p.leader),
+            Some(_) => Err(Error::broker(
+                ApiKey::Metadata,
+                ResponseError::LeaderNotAvailable,
+                Some(topic),
+                Some(partition),
+                None,
+            )),
+            None => Err(Error::UnknownPartition {
+                topic: topic.to_owned(),
+                partition,
+                partitions: t.partitions.len(),
+            }),
+        }
+    }
+
+    /// Forgets a cached topic so the next look-up asks the cluster.
+    pub fn invalidate_topic(&self, topic: &str) {
+        write(&self.inner.metadata).topics.remove(topic);
+    }
+
+    /// Runs `op` until it succeeds, fails with a non-retriable error, or the
+    /// retry timeout passes; between attempts it backs off and, when the error
+    /// says metadata is stale, refreshes the metadata of `topics`.
+    pub async fn retry<T, F, Fut>(&self, topics: &[&str], mut op: F) -> Result<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T>>,
+    {
+        let config = &self.inner.config;
+        let started = Instant::now();
+        let mut backoff = config.retry_backoff;
+        loop {
+            let err = match op().await {
+                Ok(v) => return Ok(v),
+                Err(e) => e,
+            };
+            let retriable = err.is_retriable();
+            if !retriable || started.elapsed() + backoff > config.retry_timeout {
+                return Err(err);
+            }
+            debug!(error = %err, ?backoff, "retrying");
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(1));
+            if err.needs_metadata_refresh() {
+                for t in topics {
+                    self.invalidate_topic(t);
+                }
+                if let Err(e) = self.refresh_metadata(topics).await {
+                    debug!(error = %e, "metadata refresh failed");
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,34 @@
+//! `strom-client`: a pure-Rust async Kafka client that speaks the wire protocol
+//! itself (no librdkafka, no C).
+//!
+//! # Layout
+//!
+//! - [`connection`]: one TCP connection to one broker — framing, correlation ids,
+//!   pipelining, timeouts, API version negotiation.
+//! - [`cluster`]: [`Client`], the bootstrap list, the metadata cache and the
+//!   connection pool; retries with metadata refresh.
+//! - [`admin`]: create and delete topics, list offsets.
+//! - [`records`]: the RecordBatch v2 codec (CRC-32C, LZ4 frames, zero-copy decode).
+//! - [`partitioner`]: Java-compatible murmur2 partitioning and sticky partitioning.
+//! - [`producer`]: per-partition batching, one produce request per broker,
+//!   acks, ordered retries, delivery futures, `flush()`.
+//! - [`consumer`]: assign mode — seek, reset policy, prefetching fetcher,
+//!   pause/resume.
+//! - [`error`]: the one [`Error`] type.
+//!
+//! Message types come from the `kafka-protocol` crate; everything above the
+//! message level is here.
+#![warn(missing_docs, missing_debug_implementations)]
+#![deny(rustdoc::broken_intra_doc_links)]
+
+pub mod admin;
+pub mod cluster;
+pub mod connection;
+pub mod error;
+pub mod records;
+
+pub use admin::{NewTopic, OffsetSpec};
+pub use cluster::{Client, ClientConfig, ConnectionClass};
+pub use connection::ConnectionConfig;
+pub use error::{Error, Result};
+pub use records::{Compression, Header, Record};

@@ -1,0 +1,865 @@
+//! RecordBatch v2 (message format "magic 2"): the bytes inside Produce requests
+//! and Fetch responses.
+//!
+//! `kafka-protocol` carries record data as raw [`Bytes`]; this module is the codec
+//! for those bytes. It is written here rather than taken from `kafka_protocol::records`
+//! for three reasons: decoded keys, values and headers are zero-copy slices of the
+//! fetched buffer, duplicate header keys are kept (Kafka allows them), and a
+//! truncated trailing batch — which Fetch returns when it stops at `max_bytes` — ends
+//! decoding cleanly instead of failing it.
+//!
+//! ```text
+//! RecordBatch:                          Record:
+//!   baseOffset            i64  0..8       length          varint
+//!   batchLength           i32  8..12      attributes      i8
+//!   partitionLeaderEpoch  i32 12..16      timestampDelta  varlong
+//!   magic (=2)            i8  16          offsetDelta     varint
+//!   crc (crc32c of 21..)  u32 17..21      keyLength       varint (-1 = null)
+//!   attributes            i16 21..23      key             bytes
+//!   lastOffsetDelta       i32 23..27      valueLength     varint (-1 = null)
+//!   baseTimestamp         i64 27..35      value           bytes
+//!   maxTimestamp          i64 35..43      headerCount     varint
+//!   producerId            i64 43..51      headers         [keyLen key valueLen value]
+//!   producerEpoch         i16 51..53
+//!   baseSequence          i32 53..57
+//!   recordCount           i32 57..61
+//!   records (compressed as a whole when attributes & 7 != 0)
+//! ```
+
+use std::io::{Read, Write};
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+
+use crate::error::{Error, Result};
+
+/// Length of the fixed part of a RecordBatch, before its records.
+pub const BATCH_HEADER_LEN: usize = 61;
+/// `baseOffset` and `batchLength`: the part of a batch not counted in `batchLength`.
+const LOG_OVERHEAD: usize = 12;
+const CRC_OFFSET: usize = 17;
+const ATTRIBUTES_OFFSET: usize = 21;
+
+const COMPRESSION_MASK: i16 = 0x07;
+const TRANSACTIONAL_FLAG: i16 = 0x10;
+const CONTROL_FLAG: i16 = 0x20;
+
+/// How the records of a batch are compressed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Compression {
+    /// No compression.
+    #[default]
+    None,
+    /// LZ4 frames (Kafka's `lz4`).
+    Lz4,
+}
+
+impl Compression {
+    fn attribute(self) -> i16 {
+        match self {
+            Compression::None => 0,
+            Compression::Lz4 => 3,
+        }
+    }
+}
+
+impl std::str::FromStr for Compression {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "none" => Ok(Compression::None),
+            "lz4" => Ok(Compression::Lz4),
+            other => Err(Error::Config(format!(
+                "unknown compression {other:?}; this client supports none and lz4"
+            ))),
+        }
+    }
+}
+
+/// A record header. Kafka allows the same key more than once; all are kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Header {
+    /// The header's key (UTF-8 by convention, not checked).
+    pub key: Bytes,
+    /// The header's value; `None` is a null value.
+    pub value: Option<Bytes>,
+}
+
+impl Header {
+    /// A header from a key and a value.
+    ///
+    /// ```
+    /// let h = strom_client::Header::new("trace-id", "abc");
+    /// assert_eq!(&h.key[..], b"trace-id");
+    /// ```
+    pub fn new(key: impl Into<Bytes>, value: impl Into<Bytes>) -> Self {
+        Header {
+            key: key.into(),
+            value: Some(value.into()),
+        }
+    }
+}
+
+/// One record decoded from a batch. Key, value and header bytes share the
+/// fetched buffer (no copies).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    /// The record's offset in its partition.
+    pub offset: i64,
+    /// Milliseconds since the Unix epoch (create time, or log-append time if the
+    /// batch says so).
+    pub timestamp: i64,
+    /// The key; `None` is a null key.
+    pub key: Option<Bytes>,
+    /// The value; `None` is a null value (a tombstone in compacted topics).
+    pub value: Option<Bytes>,
+    /// The headers, in the order they were written.
+    pub headers: Vec<Header>,
+}
+
+/// Producer identity written into a batch: all -1 for a plain producer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProducerIdentity {
+    /// `producerId`, -1 when not idempotent.
+    pub producer_id: i64,
+    /// `producerEpoch`, -1 when not idempotent.
+    pub producer_epoch: i16,
+    /// `baseSequence`, -1 when not idempotent.
+    pub base_sequence: i32,
+    /// Whether the batch is part of a transaction.
+    pub transactional: bool,
+}
+
+impl Default for ProducerIdentity {
+    fn default() -> Self {
+        ProducerIdentity {
+            producer_id: -1,
+            producer_epoch: -1,
+            base_sequence: -1,
+            transactional: false,
+        }
+    }
+}
+
+/// Builds one RecordBatch: records are encoded as they are pushed, so sealing
+/// only adds the header, compresses and computes the CRC.
+///
+/// ```
+/// use strom_client::records::{BatchBuilder, BatchDecoder, Compression, ProducerIdentity};
+/// let mut b = BatchBuilder::new(1024);
+/// b.push(1_700_000_000_000, Some(b"k"), Some(b"v"), &[]);
+/// let bytes = b.seal(Compression::Lz4, ProducerIdentity::default()).unwrap();
+/// let batch = BatchDecoder::new(bytes, true).next().unwrap().unwrap();
+/// let rec = batch.records().next().unwrap().unwrap();
+/// assert_eq!(rec.value.as_deref(), Some(&b"v"[..]));
+/// ```
+#[derive(Debug)]
+pub struct BatchBuilder {
+    records: BytesMut,
+    count: i32,
+    base_timestamp: i64,
+    max_timestamp: i64,
+}
+
+impl BatchBuilder {
+    /// An empty batch whose record buffer starts with `capacity` bytes.
+    pub fn new(capacity: usize) -> Self {
+        BatchBuilder {
+            records: BytesMut::with_capacity(capacity),
+            count: 0,
+            base_timestamp: 0,
+            max_timestamp: -1,
+        }
+    }
+
+    /// Number of records pushed.
+    pub fn len(&self) -> usize {
+        self.count as usize
+    }
+
+    /// Whether no record was pushed yet.
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Size of the batch if sealed without compression.
+    pub fn size(&self) -> usize {
+        BATCH_HEADER_LEN + self.records.len()
+    }
+
+    /// The encoded size a record would add to a batch.
+    pub fn record_size(key: Option<&[u8]>, value: Option<&[u8]>, headers: &[Header]) -> usize {
+        // Worst case for the deltas: 10-byte varlong and 5-byte varint.
+        let body = Self::body_len(0, i32::MAX, key, value, headers);
+        body + varint_len(body as i64)
+    }
+
+    fn body_len(
+        timestamp_delta: i64,
+        offset_delta: i32,
+        key: Option<&[u8]>,
+        value: Option<&[u8]>,
+        headers: &[Header],
+    ) -> usize {
+        let mut n = 1 + varint_len(timestamp_delta) + varint_len(offset_delta as i64);
+        n += bytes_len(key) + bytes_len(value);
+        n += varint_len(headers.len() as i64);
+        for h in headers {
+            n += bytes_len(Some(&h.key)) + bytes_len(h.value.as_deref());
+        }
+        n
+    }
+
+    /// Appends a record; its offset delta is its position in the batch.
+    pub fn push(
+        &mut self,
+        timestamp: i64,
+        key: Option<&[u8]>,
+        value: Option<&[u8]>,
+        headers: &[Header],
+    ) {
+        if self.count == 0 {
+            self.base_timestamp = timestamp;
+        }
+        self.max_timestamp = self.max_timestamp.max(timestamp);
+        let ts_delta = timestamp - self.base_timestamp;
+        let body = Self::body_len(ts_delta, self.count, key, value, headers);
+        let buf = &mut self.records;
+        buf.reserve(body + 5);
+        put_varint(buf, body as i64);
+        buf.put_i8(0);
+        put_varint(buf, ts_delta);
+        put_varint(buf, self.count as i64);
+        put_bytes(buf, key);
+        put_bytes(buf, value);
+        put_varint(buf, headers.len() as i64);
+        for h in headers {
+            put_bytes(buf, Some(&h.key));
+            put_bytes(buf, h.value.as_deref());
+        }
+        self.count += 1;
+    }
+
+    /// Writes the finished batch (base offset 0) and returns its bytes.
+    pub fn seal(&self, compression: Compression, producer: ProducerIdentity) -> Result<Bytes> {
+        let mut out = BytesMut::with_capacity(BATCH_HEADER_LEN + self.records.len());
+        let mut attributes = compression.attribute();
+        if producer.transactional {
+            attributes |= TRANSACTIONAL_FLAG;
+        }
+        out.put_i64(0);
+        out.put_i32(0); // batchLength, patched below
+        out.put_i32(-1); // partitionLeaderEpoch
+        out.put_i8(2);
+        out.put_u32(0); // crc, patched below
+        out.put_i16(attributes);
+        out.put_i32(self.count - 1);
+        out.put_i64(self.base_timestamp);
+        out.put_i64(self.max_timestamp);
+        out.put_i64(producer.producer_id);
+        out.put_i16(producer.producer_epoch);
+        out.put_i32(producer.base_sequence);
+        out.put_i32(self.count);
+        match compression {
+            Compression::None => out.extend_from_slice(&self.records),
+            Compression::Lz4 => {
+                let mut enc = lz4_flex::frame::FrameEncoder::new(out.writer());
+                let compressed = enc.write_all(&self.records).and_then(|()| {
+                    enc.finish()
+                        .map_err(|e| std::io::Error::other(e.to_string()))
+                });
+                out = compressed
+                    .map_err(|e| Error::CorruptRecord {
+                        topic: None,
+                        partition: None,
+                        offset: 0,
+                        what: format!("lz4 compression failed: {e}"),
+                    })?
+                    .into_inner();
+            }
+        }
+        let batch_len = (out.len() - LOG_OVERHEAD) as i32;
+        out[8..12].copy_from_slice(&batch_len.to_be_bytes());
+        let crc = crc32c::crc32c(&out[ATTRIBUTES_OFFSET..]);
+        out[CRC_OFFSET..CRC_OFFSET + 4].copy_from_slice(&crc.to_be_bytes());
+        Ok(out.freeze())
+    }
+}
+
+/// One decoded RecordBatch: its header fields and its (decompressed) records.
+#[derive(Debug, Clone)]
+pub struct Batch {
+    /// Offset of the first record.
+    pub base_offset: i64,
+    /// Leader epoch stamped by the broker.
+    pub partition_leader_epoch: i32,
+    /// Raw attributes (compression, timestamp type, transactional, control).
+    pub attributes: i16,
+    /// `lastOffsetDelta`: the last offset is `base_offset + last_offset_delta`.
+    pub last_offset_delta: i32,
+    /// Timestamp of the first record.
+    pub base_timestamp: i64,
+    /// Largest timestamp in the batch.
+    pub max_timestamp: i64,
+    /// Producer id, -1 when not idempotent.
+    pub producer_id: i64,
+    /// Producer epoch.
+    pub producer_epoch: i16,
+    /// First sequence number.
+    pub base_sequence: i32,
+    /// Number of records the header declares.
+    pub record_count: i32,
+    records: Bytes,
+}
+
+impl Batch {
+    /// Offset of the last record (records may have been compacted away before it).
+    pub fn last_offset(&self) -> i64 {
+        self.base_offset + self.last_offset_delta as i64
+    }
+
+    /// Whether this is a control batch (transaction markers), never user data.
+    pub fn is_control(&self) -> bool {
+        self.attributes & CONTROL_FLAG != 0
+    }
+
+    /// Whether the batch belongs to a transaction.
+    pub fn is_transactional(&self) -> bool {
+        self.attributes & TRANSACTIONAL_FLAG != 0
+    }
+
+    /// Whether timestamps are the broker's log-append time.
+    pub fn is_log_append_time(&self) -> bool {
+        self.attributes & 0x08 != 0
+    }
+
+    /// The records of the batch, decoded lazily.
+    pub fn records(&self) -> RecordIter<'_> {
+        RecordIter {
+            batch: self,
+            pos: 0,
+            remaining: self.record_count,
+        }
+    }
+
+    fn corrupt(&self, what: impl Into<String>) -> Error {
+        Error::CorruptRecord {
+            topic: None,
+            partition: None,
+            offset: self.base_offset,
+            what: what.into(),
+        }
+    }
+}
+
+/// Iterates the records of a [`Batch`].
+#[derive(Debug)]
+pub struct RecordIter<'a> {
+    batch: &'a Batch,
+    pos: usize,
+    remaining: i32,
+}
+
+impl Iterator for RecordIter<'_> {
+    type Item = Result<Record>;
+
+    fn next(&mut self) -> Option<Result<Record>> {
+        if self.remaining <= 0 {
+            if self.pos != self.batch.records.len() {
+                self.pos = self.batch.records.len();
+                return Some(Err(self.batch.corrupt(format!(
+                    "{} bytes left after the {} records the header declares",
+                    self.batch.records.len() - self.pos,
+                    self.batch.record_count
+                ))));
+            }
+            return None;
+        }
+        self.remaining -= 1;
+        let result = self.decode_one();
+        if result.is_err() {
+            // One corrupt record makes the rest of the batch unreadable.
+            self.remaining = 0;
+            self.pos = self.batch.records.len();
+        }
+        Some(result)
+    }
+}
+
+impl RecordIter<'_> {
+    fn decode_one(&mut self) -> Result<Record> {
+        let batch = self.batch;
+        let buf = &batch.records;
+        let mut cur = Cursor {
+            buf,
+            pos: self.pos,
+            batch,
+        };
+        let len = cur.varint()?;
+        if len < 0 || cur.pos + len as usize > buf.len() {
+            return Err(batch.corrupt(format!("record length {len} runs past the batch")));
+        }
+        let end = cur.pos + len as usize;
+        let _attributes = cur.i8()?;
+        let ts_delta = cur.varint()?;
+        let offset_delta = cur.varint()?;
+        let key = cur.bytes()?;
+        let value = cur.bytes()?;
+        let header_count = cur.varint()?;
+        if header_count < 0 {
+            return Err(batch.corrupt(format!("negative header count {header_count}")));
+        }
+        let mut headers = Vec::with_capacity((header_count as usize).min(end - cur.pos));
+        for _ in 0..header_count {
+            let key = cur
+                .bytes()?
+                .ok_or_else(|| batch.corrupt("null header key"))?;
+            let value = cur.bytes()?;
+            headers.push(Header { key, value });
+        }
+        if cur.pos != end {
+            return Err(batch.corrupt(format!(
+                "record declares {len} bytes but its fields take {}",
+                len as usize + cur.pos - end
+            )));
+        }
+        self.pos = end;
+        let timestamp = if batch.is_log_append_time() {
+            batch.max_timestamp
+        } else {
+            batch.base_timestamp.wrapping_add(ts_delta)
+        };
+        Ok(Record {
+            offset: batch.base_offset + offset_delta,
+            timestamp,
+            key,
+            value,
+            headers,
+        })
+    }
+}
+
+struct Cursor<'a> {
+    buf: &'a Bytes,
+    pos: usize,
+    batch: &'a Batch,
+}
+
+impl Cursor<'_> {
+    fn i8(&mut self) -> Result<i8> {
+        let b = *self
+            .buf
+            .get(self.pos)
+            .ok_or_else(|| self.batch.corrupt("record truncated"))?;
+        self.pos += 1;
+        Ok(b as i8)
+    }
+
+    fn varint(&mut self) -> Result<i64> {
+        let (v, n) = read_varint(&self.buf[self.pos..])
+            .ok_or_else(|| self.batch.corrupt("truncated or overlong varint"))?;
+        self.pos += n;
+        Ok(v)
+    }
+
+    fn bytes(&mut self) -> Result<Option<Bytes>> {
+        let len = self.varint()?;
+        if len < 0 {
+            return Ok(None);
+        }
+        let end = self.pos + len as usize;
+        if end > self.buf.len() {
+            return Err(self
+                .batch
+                .corrupt(format!("field of {len} bytes runs past the batch")));
+        }
+        let b = self.buf.slice(self.pos..end);
+        self.pos = end;
+        Ok(Some(b))
+    }
+}
+
+/// Splits a buffer of concatenated RecordBatches (a Fetch response's `records`)
+/// into batches.
+///
+/// Stops without error at a truncated trailing batch; [`BatchDecoder::truncated`]
+/// then says so. A batch with a bad CRC, an unknown magic or an unsupported
+/// compression codec is an error.
+#[derive(Debug)]
+pub struct BatchDecoder {
+    buf: Bytes,
+    check_crc: bool,
+    truncated: bool,
+}
+
+impl BatchDecoder {
+    /// A decoder over `buf`; `check_crc` verifies each batch's CRC-32C.
+    pub fn new(buf: Bytes, check_crc: bool) -> Self {
+        BatchDecoder {
+            buf,
+            check_crc,
+            truncated: false,
+        }
+    }
+
+    /// Whether decoding stopped at an incomplete trailing batch.
+    pub fn truncated(&self) -> bool {
+        self.truncated
+    }
+
+    fn decode_next(&mut self) -> Result<Option<Batch>> {
+        let buf = &self.buf;
+        if buf.len() < LOG_OVERHEAD {
+            self.truncated = !buf.is_empty();
+            return Ok(None);
+        }
+        let mut hdr = &buf[..];
+        let base_offset = hdr.get_i64();
+        let batch_len = hdr.get_i32();
+        let corrupt = |what: String| Error::CorruptRecord {
+            topic: None,
+            partition: None,
+            offset: base_offset,
+            what,
+        };
+        if batch_len < (BATCH_HEADER_LEN - LOG_OVERHEAD) as i32 {
+            return Err(corrupt(format!("batch length {batch_len} is too small")));
+        }
+        let total = LOG_OVERHEAD + batch_len as usize;
+        if buf.len() < total {
+            self.truncated = true;
+            return Ok(None);
+        }
+        let this = self.buf.split_to(total);
+        let mut hdr = &this[LOG_OVERHEAD..];
+        let partition_leader_epoch = hdr.get_i32();
+        let magic = hdr.get_i8();
+        if magic != 2 {
+            return Err(corrupt(format!(
+                "message format magic {magic} is not supported (only v2)"
+            )));
+        }
+        let crc = hdr.get_u32();
+        if self.check_crc {
+            let actual = crc32c::crc32c(&this[ATTRIBUTES_OFFSET..]);
+            if actual != crc {
+                return Err(corrupt(format!(
+                    "CRC mismatch: batch says {crc:#010x}, bytes give {actual:#010x}"
+                )));
+            }
+        }
+        let attributes = hdr.get_i16();
+        let last_offset_delta = hdr.get_i32();
+        let base_timestamp = hdr.get_i64();
+        let max_timestamp = hdr.get_i64();
+        let producer_id = hdr.get_i64();
+        let producer_epoch = hdr.get_i16();
+        let base_sequence = hdr.get_i32();
+        let record_count = hdr.get_i32();
+        if record_count < 0 {
+            return Err(corrupt(format!("negative record count {record_count}")));
+        }
+        let body = this.slice(BATCH_HEADER_LEN..);
+        let records = match attributes & COMPRESSION_MASK {
+            0 => body,
+            3 => {
+                let mut out = Vec::with_capacity(body.len() * 4);
+                lz4_flex::frame::FrameDecoder::new(&body[..])
+                    .read_to_end(&mut out)
+                    .map_err(|e| corrupt(format!("lz4 decompression failed: {e}")))?;
+                Bytes::from(out)
+            }
+            codec => {
+                let name = match codec {
+                    1 => "gzip",
+                    2 => "snappy",
+                    4 => "zstd",
+                    _ => "unknown",
+                };
+                return Err(corrupt(format!(
+                    "compression codec {codec} ({name}) is not supported; this client reads none and lz4"
+                )));
+            }
+        };
+        Ok(Some(Batch {
+            base_offset,
+            partition_leader_epoch,
+            attributes,
+            last_offset_delta,
+            base_timestamp,
+            max_timestamp,
+            producer_id,
+            producer_epoch,
+            base_sequence,
+            record_count,
+            records,
+        }))
+    }
+}
+
+impl Iterator for BatchDecoder {
+    type Item = Result<Batch>;
+
+    fn next(&mut self) -> Option<Result<Batch>> {
+        match self.decode_next() {
+            Ok(Some(b)) => Some(Ok(b)),
+            Ok(None) => None,
+            Err(e) => {
+                // The rest of the buffer cannot be trusted after a bad batch.
+                self.buf.clear();
+                Some(Err(e))
+            }
+        }
+    }
+}
+
+/// Number of bytes of a zigzag varint.
+pub(crate) fn varint_len(v: i64) -> usize {
+    let mut z = ((v << 1) ^ (v >> 63)) as u64;
+    let mut n = 1;
+    while z >= 0x80 {
+        z >>= 7;
+        n += 1;
+    }
+    n
+}
+
+fn bytes_len(b: Option<&[u8]>) -> usize {
+    match b {
+        None => 1,
+        Some(b) => varint_len(b.len() as i64) + b.len(),
+    }
+}
+
+/// Writes a zigzag varint (Kafka's `varint` and `varlong`).
+pub(crate) fn put_varint(buf: &mut impl BufMut, v: i64) {
+    let mut z = ((v << 1) ^ (v >> 63)) as u64;
+    while z >= 0x80 {
+        buf.put_u8((z as u8) | 0x80);
+        z >>= 7;
+    }
+    buf.put_u8(z as u8);
+}
+
+fn put_bytes(buf: &mut BytesMut, b: Option<&[u8]>) {
+    match b {
+        None => put_varint(buf, -1),
+        Some(b) => {
+            put_varint(buf, b.len() as i64);
+            buf.extend_from_slice(b);
+        }
+    }
+}
+
+/// Reads a zigzag varint; `None` when truncated or longer than 10 bytes.
+pub(crate) fn read_varint(buf: &[u8]) -> Option<(i64, usize)> {
+    let mut z: u64 = 0;
+    for (i, &b) in buf.iter().enumerate().take(10) {
+        z |= ((b & 0x7f) as u64) << (7 * i);
+        if b & 0x80 == 0 {
+            let v = ((z >> 1) as i64) ^ -((z & 1) as i64);
+            return Some((v, i + 1));
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(n: usize, compression: Compression) -> Bytes {
+        let mut b = BatchBuilder::new(64);
+        for i in 0..n {
+            let key = format!("key-{i}");
+            let value = format!("{i}:{}", "x".repeat(i % 50));
+            let headers = [Header::new("h", format!("{i}")), Header::new("h", "dup")];
+            b.push(
+                1_000 + i as i64,
+                Some(key.as_bytes()),
+                Some(value.as_bytes()),
+                &headers,
+            );
+        }
+        b.seal(compression, ProducerIdentity::default()).unwrap()
+    }
+
+    fn decode_all(bytes: Bytes) -> Vec<Record> {
+        let mut out = vec![];
+        for batch in BatchDecoder::new(bytes, true) {
+            for r in batch.unwrap().records() {
+                out.push(r.unwrap());
+            }
+        }
+        out
+    }
+
+    fn check_sample(records: &[Record], n: usize) {
+        assert_eq!(records.len(), n);
+        for (i, r) in records.iter().enumerate() {
+            assert_eq!(r.offset, i as i64);
+            assert_eq!(r.timestamp, 1_000 + i as i64);
+            assert_eq!(r.key.as_deref(), Some(format!("key-{i}").as_bytes()));
+            assert_eq!(
+                r.value.as_deref(),
+                Some(format!("{i}:{}", "x".repeat(i % 50)).as_bytes())
+            );
+            assert_eq!(r.headers.len(), 2, "duplicate header keys are both kept");
+            assert_eq!(
+                r.headers[0].value.as_deref(),
+                Some(format!("{i}").as_bytes())
+            );
+            assert_eq!(r.headers[1].value.as_deref(), Some(&b"dup"[..]));
+        }
+    }
+
+    /// Records survive an encode/decode round trip uncompressed.
+    #[test]
+    fn batch_round_trips_without_compression() {
+        check_sample(&decode_all(sample(500, Compression::None)), 500);
+    }
+
+    /// Records survive an encode/decode round trip through lz4 frames.
+    #[test]
+    fn batch_round_trips_with_lz4() {
+        let plain = sample(500, Compression::None);
+        let lz4 = sample(500, Compression::Lz4);
+        assert!(
+            lz4.len() < plain.len() / 2,
+            "lz4 should compress the sample"
+        );
+        check_sample(&decode_all(lz4), 500);
+    }
+
+    /// Null keys, null values and empty values are distinguished.
+    #[test]
+    fn null_and_empty_fields_are_distinct() {
+        let mut b = BatchBuilder::new(16);
+        b.push(5, None, None, &[]);
+        b.push(
+            6,
+            Some(b""),
+            Some(b""),
+            &[Header {
+                key: Bytes::from_static(b"k"),
+                value: None,
+            }],
+        );
+        let recs = decode_all(
+            b.seal(Compression::None, ProducerIdentity::default())
+                .unwrap(),
+        );
+        assert_eq!(recs[0].key, None);
+        assert_eq!(recs[0].value, None);
+        assert_eq!(recs[1].key.as_deref(), Some(&b""[..]));
+        assert_eq!(recs[1].value.as_deref(), Some(&b""[..]));
+        assert_eq!(recs[1].headers[0].value, None);
+    }
+
+    /// A buffer cut inside its last batch yields the complete batches and flags truncation.
+    #[test]
+    fn truncated_trailing_batch_is_not_an_error() {
+        let first = sample(10, Compression::None);
+        let second = sample(10, Compression::Lz4);
+        let mut buf = BytesMut::new();
+        buf.extend_from_slice(&first);
+        buf.extend_from_slice(&second[..second.len() - 7]);
+        let mut dec = BatchDecoder::new(buf.freeze(), true);
+        let batches: Vec<_> = dec.by_ref().collect::<Result<_>>().unwrap();
+        assert_eq!(batches.len(), 1);
+        assert!(dec.truncated());
+        // Also when even the 12-byte prefix is incomplete.
+        let mut dec = BatchDecoder::new(first.slice(..5), true);
+        assert!(dec.next().is_none());
+        assert!(dec.truncated());
+    }
+
+    /// A flipped bit fails the CRC check with an error naming the batch's offset.
+    #[test]
+    fn corrupted_batch_fails_crc() {
+        let mut bytes = BytesMut::from(&sample(10, Compression::None)[..]);
+        let last = bytes.len() - 3;
+        bytes[last] ^= 0x40;
+        let err = BatchDecoder::new(bytes.freeze(), true)
+            .next()
+            .unwrap()
+            .unwrap_err();
+        assert!(err.to_string().contains("CRC mismatch"), "{err}");
+    }
+
+    /// Garbage inside a batch whose CRC is skipped still gives errors, not panics.
+    #[test]
+    fn garbage_records_give_errors_not_panics() {
+        let good = sample(20, Compression::None);
+        for cut in BATCH_HEADER_LEN..good.len() {
+            let mut bytes = BytesMut::from(&good[..]);
+            for b in bytes[cut..].iter_mut() {
+                *b = 0xff;
+            }
+            for batch in BatchDecoder::new(bytes.freeze(), false) {
+                if let Ok(batch) = batch {
+                    for r in batch.records() {
+                        let _ = r;
+                    }
+                }
+            }
+        }
+        let lz4 = sample(20, Compression::Lz4);
+        let mut bytes = BytesMut::from(&lz4[..]);
+        bytes[BATCH_HEADER_LEN + 10] ^= 0xff;
+        let res: Result<Vec<Batch>> = BatchDecoder::new(bytes.freeze(), false).collect();
+        assert!(res.is_err() || res.unwrap()[0].records().any(|r| r.is_err()));
+    }
+
+    /// Unsupported codecs are named in the error.
+    #[test]
+    fn unsupported_codec_is_named() {
+        let mut bytes = BytesMut::from(&sample(3, Compression::None)[..]);
+        bytes[ATTRIBUTES_OFFSET + 1] = 4; // zstd
+        let err = BatchDecoder::new(bytes.freeze(), false)
+            .next()
+            .unwrap()
+            .unwrap_err();
+        assert!(err.to_string().contains("zstd"), "{err}");
+    }
+
+    /// Varints round-trip at their boundaries and overlong ones are rejected.
+    #[test]
+    fn varints_round_trip() {
+        for v in [
+            0i64,
+            1,
+            -1,
+            63,
+            -64,
+            64,
+            300,
+            i32::MAX as i64,
+            i64::MIN,
+            i64::MAX,
+        ] {
+            let mut buf = BytesMut::new();
+            put_varint(&mut buf, v);
+            assert_eq!(buf.len(), varint_len(v));
+            assert_eq!(read_varint(&buf), Some((v, buf.len())));
+        }
+        assert_eq!(read_varint(&[0x80; 11]), None);
+        assert_eq!(read_varint(&[0x80]), None);
+    }
+
+    /// `record_size` never underestimates what `push` writes.
+    #[test]
+    fn record_size_is_an_upper_bound() {
+        let mut b = BatchBuilder::new(0);
+        let before = b.records.len();
+        b.push(0, Some(b"key"), Some(&[7u8; 300]), &[Header::new("a", "b")]);
+        let used = b.records.len() - before;
+        assert!(
+            used <= BatchBuilder::record_size(
+                Some(b"key"),
+                Some(&[7u8; 300]),
+                &[Header::new("a", "b")]
+            )
+        );
+    }
+}
