@@ -24,11 +24,20 @@
 pub mod admin;
 pub mod cluster;
 pub mod connection;
+pub mod consumer;
 pub mod error;
+pub mod partitioner;
+pub mod producer;
 pub mod records;
 
 pub use admin::{NewTopic, OffsetSpec};
 pub use cluster::{Client, ClientConfig, ConnectionClass};
 pub use connection::ConnectionConfig;
+pub use consumer::{
+    AutoOffsetReset, Consumer, ConsumerConfig, ConsumerRecord, Offset, TopicPartition,
+};
 pub use error::{Error, Result};
+pub use producer::{
+    Acks, DeliveryFuture, Producer, ProducerConfig, ProducerRecord, RecordMetadata,
+};
 pub use records::{Compression, Header, Record};

@@ -1,0 +1,582 @@
+//! The consumer, assign mode: read chosen partitions from chosen offsets.
+//!
+//! ```text
+//!  fetcher task ──Fetch (one per broker)──► broker
+//!       │  positions advance as responses arrive; stops at the byte budget
+//!       ▼
+//!  channel of raw partition data ──► Consumer::poll: decode, skip, hand out records
+//! ```
+//!
+//! The fetcher keeps a Fetch in flight per broker ahead of the caller, as long as
+//! the bytes fetched but not yet polled stay under `max_buffered_bytes`. It only
+//! reads batch headers (to know the next offset); [`Consumer::poll`] decodes the
+//! records on the caller's task, so decoding and fetching run side by side.
+//!
+//! A seek, assign or reset bumps the partition's epoch; data fetched under an older
+//! epoch is dropped when polled, so nothing from before a seek leaks after it.
+
+mod fetcher;
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, Notify};
+
+use crate::cluster::Client;
+use crate::error::{Error, Result};
+use crate::records::{BatchDecoder, Header};
+
+/// A topic and a partition.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TopicPartition {
+    /// The topic.
+    pub topic: Arc<str>,
+    /// The partition.
+    pub partition: i32,
+}
+
+impl TopicPartition {
+    /// `topic`-`partition`.
+    pub fn new(topic: &str, partition: i32) -> Self {
+        TopicPartition {
+            topic: Arc::from(topic),
+            partition,
+        }
+    }
+}
+
+impl std::fmt::Display for TopicPartition {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-{}", self.topic, self.partition)
+    }
+}
+
+/// Where to start reading a partition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Offset {
+    /// The first offset still in the log.
+    Earliest,
+    /// The end of the log: only records produced from now on.
+    Latest,
+    /// This offset.
+    At(i64),
+}
+
+/// What to do when the fetch position is not in the log (Java's
+/// `auto.offset.reset`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AutoOffsetReset {
+    /// Jump to the first offset still in the log.
+    Earliest,
+    /// Jump to the end of the log.
+    #[default]
+    Latest,
+    /// Report [`Error::OffsetOutOfRange`] and stop reading the partition until a seek.
+    None,
+}
+
+/// Consumer settings.
+#[derive(Debug, Clone)]
+pub struct ConsumerConfig {
+    /// Reset policy on OFFSET_OUT_OF_RANGE. Default [`AutoOffsetReset::Latest`].
+    pub auto_offset_reset: AutoOffsetReset,
+    /// How long the broker may hold a Fetch waiting for `fetch_min_bytes`
+    /// (Java's `fetch.max.wait.ms`). Default 500 ms.
+    pub fetch_max_wait: Duration,
+    /// Bytes a Fetch waits for (Java's `fetch.min.bytes`). Default 1.
+    pub fetch_min_bytes: i32,
+    /// Bytes one Fetch response may carry (Java's `fetch.max.bytes`). Default 50 MiB.
+    pub fetch_max_bytes: i32,
+    /// Bytes per partition in one Fetch (Java's `max.partition.fetch.bytes`).
+    /// Default 1 MiB.
+    pub max_partition_fetch_bytes: i32,
+    /// Bytes fetched ahead of the caller before the fetcher pauses. Default 64 MiB.
+    pub max_buffered_bytes: usize,
+    /// Verify each batch's CRC-32C. Default true.
+    pub check_crcs: bool,
+}
+
+impl Default for ConsumerConfig {
+    fn default() -> Self {
+        ConsumerConfig {
+            auto_offset_reset: AutoOffsetReset::Latest,
+            fetch_max_wait: Duration::from_millis(500),
+            fetch_min_bytes: 1,
+            fetch_max_bytes: 50 * 1024 * 1024,
+            max_partition_fetch_bytes: 1024 * 1024,
+            max_buffered_bytes: 64 * 1024 * 1024,
+            check_crcs: true,
+        }
+    }
+}
+
+/// A record read from Kafka. Key, value and headers share the fetched buffer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsumerRecord {
+    /// The topic.
+    pub topic: Arc<str>,
+    /// The partition.
+    pub partition: i32,
+    /// The offset.
+    pub offset: i64,
+    /// Milliseconds since the epoch.
+    pub timestamp: i64,
+    /// The key.
+    pub key: Option<Bytes>,
+    /// The value.
+    pub value: Option<Bytes>,
+    /// The headers, in order, duplicates kept.
+    pub headers: Vec<Header>,
+}
+
+/// Per-partition state shared by the consumer and its fetcher.
+#[derive(Debug)]
+struct PartitionState {
+    /// Next offset to fetch; `None` until a reset resolves it.
+    fetch_position: Option<i64>,
+    /// How to resolve a missing fetch position.
+    reset: Offset,
+    /// Next offset to hand to the caller.
+    position: Option<i64>,
+    /// Bumped by every seek; fetched data of an older epoch is dropped.
+    epoch: u64,
+    paused: bool,
+    /// A fetch for this partition is out.
+    in_flight: bool,
+    /// Stopped by an error until the next seek.
+    failed: bool,
+    high_watermark: i64,
+    max_bytes: i32,
+}
+
+#[derive(Debug, Default)]
+struct Shared {
+    partitions: HashMap<TopicPartition, PartitionState>,
+    /// Bytes sent to the channel and not yet taken by `poll`.
+    buffered: usize,
+    closed: bool,
+    next_epoch: u64,
+}
+
+/// What the fetcher sends: one partition's slice of a Fetch response, or an error.
+#[derive(Debug)]
+struct Fetched {
+    tp: TopicPartition,
+    epoch: u64,
+    /// The offset the fetch asked for: records below it are skipped.
+    fetch_offset: i64,
+    result: Result<Bytes>,
+}
+
+struct Handle {
+    shared: Mutex<Shared>,
+    wake_fetcher: Notify,
+}
+
+impl Handle {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Shared> {
+        self.shared.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A Kafka consumer in assign mode.
+///
+/// ```no_run
+/// # async fn f() -> strom_client::Result<()> {
+/// use strom_client::{Client, ClientConfig};
+/// use strom_client::consumer::{Consumer, ConsumerConfig, Offset, TopicPartition};
+/// let client = Client::connect(ClientConfig::new(["127.0.0.1:9092"])).await?;
+/// let mut consumer = Consumer::new(client, ConsumerConfig::default());
+/// consumer.assign([(TopicPartition::new("orders", 0), Offset::Earliest)])?;
+/// let record = consumer.recv().await?;
+/// println!("{}@{}", record.partition, record.offset);
+/// # Ok(()) }
+/// ```
+pub struct Consumer {
+    handle: Arc<Handle>,
+    rx: mpsc::UnboundedReceiver<Fetched>,
+    config: ConsumerConfig,
+    /// Records of the last decoded chunk not yet returned by `recv`.
+    ready: VecDeque<ConsumerRecord>,
+    /// An error found after records that were returned first.
+    pending_error: Option<Error>,
+}
+
+impl std::fmt::Debug for Consumer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Consumer")
+            .field("assignment", &self.assignment())
+            .finish()
+    }
+}
+
+impl Drop for Consumer {
+    fn drop(&mut self) {
+        self.handle.lock().closed = true;
+        self.handle.wake_fetcher.notify_one();
+    }
+}
+
+impl Consumer {
+    /// A consumer with no partitions. Starts its fetcher on the current runtime.
+    pub fn new(client: Client, config: ConsumerConfig) -> Consumer {
+        let handle = Arc::new(Handle {
+            shared: Mutex::new(Shared::default()),
+            wake_fetcher: Notify::new(),
+        });
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(fetcher::run(client, config.clone(), handle.clone(), tx));
+        Consumer {
+            handle,
+            rx,
+            config,
+            ready: VecDeque::new(),
+            pending_error: None,
+        }
+    }
+
+    /// Replaces the assignment: these partitions, each starting where its
+    /// [`Offset`] says. Buffered records of dropped partitions are discarded.
+    pub fn assign(
+        &mut self,
+        partitions: impl IntoIterator<Item = (TopicPartition, Offset)>,
+    ) -> Result<()> {
+        let mut shared = self.handle.lock();
+        shared.partitions.clear();
+        for (tp, offset) in partitions {
+            let epoch = bump(&mut shared);
+            shared
+                .partitions
+                .insert(tp, new_state(offset, epoch, &self.config));
+        }
+        drop(shared);
+        self.ready.clear();
+        self.pending_error = None;
+        self.handle.wake_fetcher.notify_one();
+        Ok(())
+    }
+
+    /// The assigned partitions, sorted.
+    pub fn assignment(&self) -> Vec<TopicPartition> {
+        let mut v: Vec<_> = self.handle.lock().partitions.keys().cloned().collect();
+        v.sort();
+        v
+    }
+
+    /// Moves the next read of `tp` to `offset`. Records already buffered for it
+    /// are discarded.
+    pub fn seek(&mut self, tp: &TopicPartition, offset: Offset) -> Result<()> {
+        let mut shared = self.handle.lock();
+        let epoch = bump(&mut shared);
+        let Some(state) = shared.partitions.get_mut(tp) else {
+            return Err(not_assigned(tp));
+        };
+        let paused = state.paused;
+        *state = new_state(offset, epoch, &self.config);
+        state.paused = paused;
+        drop(shared);
+        self.ready
+            .retain(|r| !(r.partition == tp.partition && *r.topic == *tp.topic));
+        self.handle.wake_fetcher.notify_one();
+        Ok(())
+    }
+
+    /// Stops fetching `tp` until [`Consumer::resume`]; records already buffered
+    /// are still returned.
+    pub fn pause(&mut self, tp: &TopicPartition) -> Result<()> {
+        self.set_paused(tp, true)
+    }
+
+    /// Fetches `tp` again after [`Consumer::pause`].
+    pub fn resume(&mut self, tp: &TopicPartition) -> Result<()> {
+        self.set_paused(tp, false)
+    }
+
+    fn set_paused(&mut self, tp: &TopicPartition, paused: bool) -> Result<()> {
+        let mut shared = self.handle.lock();
+        let state = shared
+            .partitions
+            .get_mut(tp)
+            .ok_or_else(|| not_assigned(tp))?;
+        state.paused = paused;
+        drop(shared);
+        self.handle.wake_fetcher.notify_one();
+        Ok(())
+    }
+
+    /// The offset of the next record `poll` will return for `tp` (`None` while
+    /// a reset to earliest or latest is still being resolved).
+    pub fn position(&self, tp: &TopicPartition) -> Option<i64> {
+        self.handle
+            .lock()
+            .partitions
+            .get(tp)
+            .and_then(|s| s.position)
+    }
+
+    /// The high watermark of `tp` from the last fetch (-1 before the first).
+    pub fn high_watermark(&self, tp: &TopicPartition) -> i64 {
+        self.handle
+            .lock()
+            .partitions
+            .get(tp)
+            .map_or(-1, |s| s.high_watermark)
+    }
+
+    /// The next record. Cancel-safe: a record is only removed when returned.
+    pub async fn recv(&mut self) -> Result<ConsumerRecord> {
+        loop {
+            if let Some(r) = self.ready.pop_front() {
+                return Ok(r);
+            }
+            let batch = self.poll().await?;
+            self.ready.extend(batch);
+        }
+    }
+
+    /// The next records: everything decoded from one partition's slice of a
+    /// Fetch response, in offset order (at least one record). Errors name the
+    /// topic, partition and offset; a corrupt batch is not skipped — the
+    /// partition stays at its offset and the error repeats until a seek moves past it.
+    ///
+    /// Cancel-safe.
+    pub async fn poll(&mut self) -> Result<Vec<ConsumerRecord>> {
+        if !self.ready.is_empty() {
+            return Ok(self.ready.drain(..).collect());
+        }
+        if let Some(e) = self.pending_error.take() {
+            return Err(e);
+        }
+        loop {
+            let Some(fetched) = self.rx.recv().await else {
+                return Err(Error::Closed("consumer fetcher"));
+            };
+            let len = fetched.result.as_ref().map_or(0, Bytes::len);
+            let current = {
+                let mut shared = self.handle.lock();
+                shared.buffered -= len;
+                if shared.buffered + len >= self.config.max_buffered_bytes
+                    && shared.buffered < self.config.max_buffered_bytes
+                {
+                    self.handle.wake_fetcher.notify_one();
+                }
+                shared
+                    .partitions
+                    .get(&fetched.tp)
+                    .filter(|s| s.epoch == fetched.epoch)
+                    .map(|s| s.position)
+            };
+            let Some(position) = current else {
+                continue; // fetched before a seek or unassign
+            };
+            let data = match fetched.result {
+                Ok(data) => data,
+                Err(e) => return Err(e),
+            };
+            let start = position
+                .unwrap_or(fetched.fetch_offset)
+                .max(fetched.fetch_offset);
+            let (records, next, error) = decode(&fetched.tp, data, start, self.config.check_crcs);
+            {
+                let mut shared = self.handle.lock();
+                let seek_to = error.as_ref().map(|(offset, _)| *offset);
+                let epoch = seek_to.map(|_| bump(&mut shared));
+                if let Some(state) = shared.partitions.get_mut(&fetched.tp) {
+                    if state.epoch == fetched.epoch {
+                        if let Some(next) = next {
+                            state.position = Some(next);
+                        }
+                        if let (Some(offset), Some(epoch)) = (seek_to, epoch) {
+                            // Refetch from the bad batch: nothing after it is skipped.
+                            state.position = Some(offset);
+                            state.fetch_position = Some(offset);
+                            state.epoch = epoch;
+                        }
+                    }
+                }
+            }
+            if let Some((_, e)) = error {
+                self.handle.wake_fetcher.notify_one();
+                if records.is_empty() {
+                    return Err(e);
+                }
+                self.pending_error = Some(e);
+            }
+            if !records.is_empty() {
+                return Ok(records);
+            }
+        }
+    }
+}
+
+fn bump(shared: &mut Shared) -> u64 {
+    shared.next_epoch += 1;
+    shared.next_epoch
+}
+
+fn new_state(offset: Offset, epoch: u64, config: &ConsumerConfig) -> PartitionState {
+    let at = match offset {
+        Offset::At(o) => Some(o),
+        _ => None,
+    };
+    PartitionState {
+        fetch_position: at,
+        reset: offset,
+        position: at,
+        epoch,
+        paused: false,
+        in_flight: false,
+        failed: false,
+        high_watermark: -1,
+        max_bytes: config.max_partition_fetch_bytes,
+    }
+}
+
+fn not_assigned(tp: &TopicPartition) -> Error {
+    Error::Config(format!("partition {tp} is not assigned to this consumer"))
+}
+
+/// Decodes one partition's fetched bytes: the records at or after `start`, the
+/// offset after the last batch read, and — if a batch was bad — its offset and
+/// the error.
+#[allow(clippy::type_complexity)]
+fn decode(
+    tp: &TopicPartition,
+    data: Bytes,
+    start: i64,
+    check_crc: bool,
+) -> (Vec<ConsumerRecord>, Option<i64>, Option<(i64, Error)>) {
+    let mut out = Vec::new();
+    let mut next = None;
+    let locate = |e: Error, offset: i64| match e {
+        Error::CorruptRecord { what, .. } => Error::CorruptRecord {
+            topic: Some(tp.topic.to_string()),
+            partition: Some(tp.partition),
+            offset,
+            what,
+        },
+        other => other,
+    };
+    for batch in BatchDecoder::new(data, check_crc) {
+        let batch = match batch {
+            Ok(b) => b,
+            Err(e) => {
+                let offset = match &e {
+                    Error::CorruptRecord { offset, .. } => (*offset).max(start),
+                    _ => start,
+                };
+                let offset = next.unwrap_or(offset);
+                return (out, next, Some((offset, locate(e, offset))));
+            }
+        };
+        let after = batch.last_offset() + 1;
+        if after <= start {
+            continue;
+        }
+        if !batch.is_control() {
+            if out.capacity() == 0 {
+                out.reserve(batch.record_count.clamp(0, 100_000) as usize);
+            }
+            for record in batch.records() {
+                match record {
+                    Ok(r) if r.offset < start => {}
+                    Ok(r) => out.push(ConsumerRecord {
+                        topic: tp.topic.clone(),
+                        partition: tp.partition,
+                        offset: r.offset,
+                        timestamp: r.timestamp,
+                        key: r.key,
+                        value: r.value,
+                        headers: r.headers,
+                    }),
+                    Err(e) => {
+                        // Hand out what came before; the bad batch is fetched again.
+                        out.retain(|r| r.offset < batch.base_offset);
+                        let offset = batch.base_offset.max(start);
+                        return (out, next, Some((offset, locate(e, offset))));
+                    }
+                }
+            }
+        }
+        next = Some(after);
+    }
+    (out, next, None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::records::{BatchBuilder, Compression, ProducerIdentity};
+    use bytes::BytesMut;
+
+    fn batch(base: i64, n: usize) -> Bytes {
+        let mut b = BatchBuilder::new(64);
+        for i in 0..n {
+            b.push(i as i64, Some(format!("k{i}").as_bytes()), Some(b"v"), &[]);
+        }
+        let mut bytes = BytesMut::from(
+            &b.seal(Compression::Lz4, ProducerIdentity::default())
+                .unwrap()[..],
+        );
+        bytes[..8].copy_from_slice(&base.to_be_bytes());
+        bytes.freeze()
+    }
+
+    fn concat(parts: &[Bytes]) -> Bytes {
+        let mut out = BytesMut::new();
+        for p in parts {
+            out.extend_from_slice(p);
+        }
+        out.freeze()
+    }
+
+    /// Records below the fetch offset inside a batch are skipped; the next
+    /// position follows the last whole batch.
+    #[test]
+    fn decode_skips_records_below_start() {
+        let tp = TopicPartition::new("t", 0);
+        let data = concat(&[batch(0, 5), batch(5, 5)]);
+        let (records, next, err) = decode(&tp, data, 3, true);
+        assert!(err.is_none());
+        assert_eq!(
+            records.iter().map(|r| r.offset).collect::<Vec<_>>(),
+            (3..10).collect::<Vec<_>>()
+        );
+        assert_eq!(next, Some(10));
+    }
+
+    /// A truncated trailing batch is left for the next fetch.
+    #[test]
+    fn decode_stops_at_truncated_batch() {
+        let tp = TopicPartition::new("t", 0);
+        let second = batch(5, 5);
+        let data = concat(&[batch(0, 5), second.slice(..second.len() - 1)]);
+        let (records, next, err) = decode(&tp, data, 0, true);
+        assert!(err.is_none());
+        assert_eq!(records.len(), 5);
+        assert_eq!(next, Some(5));
+    }
+
+    /// A corrupt batch after good ones: the good records come out and the error
+    /// points at the bad batch's offset, so nothing after it is skipped.
+    #[test]
+    fn decode_reports_corrupt_batch_at_its_offset() {
+        let tp = TopicPartition::new("orders", 2);
+        let mut bad = BytesMut::from(&batch(5, 5)[..]);
+        let n = bad.len();
+        bad[n - 2] ^= 0xff;
+        let data = concat(&[batch(0, 5), bad.freeze()]);
+        let (records, next, err) = decode(&tp, data, 0, true);
+        assert_eq!(records.len(), 5);
+        assert_eq!(next, Some(5));
+        let (offset, e) = err.unwrap();
+        assert_eq!(offset, 5);
+        let text = e.to_string();
+        assert!(
+            text.contains("orders-2") && text.contains("offset 5"),
+            "{text}"
+        );
+    }
+}

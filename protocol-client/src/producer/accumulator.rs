@@ -1,0 +1,294 @@
+//! Per-partition batching: one open batch per partition that records are encoded
+//! into, and a queue of closed batches waiting for the sink.
+//!
+//! All of it sits behind one mutex that `send` and the sink take briefly; nothing
+//! is awaited while it is held.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use super::{Completion, DeliveryFuture, ProducerConfig, ProducerRecord};
+use crate::partitioner::{partition_for_key, Sticky};
+use crate::records::BatchBuilder;
+
+/// A batch on its way: open, ready, in flight, or waiting to be retried.
+#[derive(Debug)]
+pub(super) struct ProducerBatch {
+    pub builder: BatchBuilder,
+    pub completion: Arc<Completion>,
+    /// Bytes of `buffer_memory` this batch holds.
+    pub reserved: usize,
+    pub records: usize,
+    pub created: Instant,
+    /// The encoded batch, kept so a retry resends exactly the same bytes.
+    pub sealed: Option<Bytes>,
+    /// Not to be sent again before this instant (retry backoff).
+    pub retry_at: Option<Instant>,
+    pub attempts: u32,
+}
+
+#[derive(Debug, Default)]
+struct PartitionQueue {
+    open: Option<ProducerBatch>,
+    ready: VecDeque<ProducerBatch>,
+    /// A request carrying this partition's front batch is out: nothing more is
+    /// sent for it until that one is answered (keeps order across retries).
+    in_flight: bool,
+}
+
+#[derive(Debug)]
+struct TopicQueues {
+    name: Arc<str>,
+    partitions: Vec<PartitionQueue>,
+    sticky: Sticky,
+}
+
+/// A batch taken for sending.
+#[derive(Debug)]
+pub(super) struct Outgoing {
+    pub topic: Arc<str>,
+    pub partition: i32,
+    pub batch: ProducerBatch,
+}
+
+#[derive(Debug)]
+pub(super) struct Accumulator {
+    topics: HashMap<Arc<str>, TopicQueues>,
+    batch_size: usize,
+    linger: Duration,
+    /// The last user handle is gone: send everything, then stop.
+    pub closing: bool,
+    /// Number of `flush` calls waiting: while non-zero, linger is skipped.
+    pub flushes: usize,
+    /// Batches created and not yet completed.
+    pub pending_batches: usize,
+    /// Records sent and not yet completed.
+    pub pending_records: usize,
+}
+
+impl Accumulator {
+    pub fn new(config: &ProducerConfig) -> Self {
+        Accumulator {
+            topics: HashMap::new(),
+            batch_size: config.batch_size,
+            linger: config.linger,
+            closing: false,
+            flushes: 0,
+            pending_batches: 0,
+            pending_records: 0,
+        }
+    }
+
+    pub fn partition_count(&self, topic: &str) -> Option<usize> {
+        self.topics.get(topic).map(|t| t.partitions.len())
+    }
+
+    /// Registers a topic's partition count (first use wins) and returns its queues.
+    fn topic(&mut self, topic: &str, partitions: usize) -> &mut TopicQueues {
+        if !self.topics.contains_key(topic) {
+            let name: Arc<str> = Arc::from(topic);
+            let queues = TopicQueues {
+                name: name.clone(),
+                partitions: (0..partitions).map(|_| PartitionQueue::default()).collect(),
+                sticky: Sticky::new(),
+            };
+            self.topics.insert(name, queues);
+        }
+        match self.topics.get_mut(topic) {
+            Some(t) => t,
+            None => unreachable!("inserted above"),
+        }
+    }
+
+    /// Encodes `record` into its partition's open batch. Returns its future and
+    /// whether the sink should wake (a batch started or closed).
+    ///
+    /// `partitions` is the topic's partition count, used the first time the
+    /// topic is seen; the caller has checked an explicit partition is below it.
+    pub fn append(
+        &mut self,
+        record: &ProducerRecord<'_>,
+        partitions: usize,
+        timestamp: i64,
+        size: usize,
+    ) -> (DeliveryFuture, bool) {
+        let batch_size = self.batch_size;
+        let topic = self.topic(record.topic, partitions);
+        let n = topic.partitions.len();
+        let partition = match (record.partition, record.key) {
+            (Some(p), _) => p,
+            (None, Some(key)) => partition_for_key(key, n),
+            (None, None) => topic.sticky.partition(n),
+        };
+        let queue = &mut topic.partitions[partition as usize];
+        let mut wake = false;
+        let mut new_batch = false;
+        if let Some(open) = &queue.open {
+            if !open.builder.is_empty() && open.builder.size() + size > batch_size {
+                close(queue, &mut topic.sticky, partition, n);
+                wake = true;
+            }
+        }
+        let open = queue.open.get_or_insert_with(|| {
+            new_batch = true;
+            ProducerBatch {
+                builder: BatchBuilder::new(size.max(batch_size.min(64 * 1024))),
+                completion: Completion::new(topic.name.clone(), partition),
+                reserved: 0,
+                records: 0,
+                created: Instant::now(),
+                sealed: None,
+                retry_at: None,
+                attempts: 0,
+            }
+        });
+        let index = open.builder.len() as i64;
+        open.builder
+            .push(timestamp, record.key, record.value, record.headers);
+        open.reserved += size;
+        open.records += 1;
+        let future = DeliveryFuture {
+            completion: open.completion.clone(),
+            index,
+        };
+        if open.builder.size() >= batch_size {
+            close(queue, &mut topic.sticky, partition, n);
+            wake = true;
+        }
+        if new_batch {
+            self.pending_batches += 1;
+            wake = true;
+        }
+        self.pending_records += 1;
+        (future, wake)
+    }
+
+    /// Closes open batches whose linger has passed (all of them when `force`).
+    /// Returns the earliest instant at which something becomes due: an open
+    /// batch's linger or a retry's backoff.
+    pub fn collect_ready(&mut self, now: Instant, force: bool) -> Option<Instant> {
+        let mut next: Option<Instant> = None;
+        let mut due = |t: Instant| next = Some(next.map_or(t, |n: Instant| n.min(t)));
+        for topic in self.topics.values_mut() {
+            let n = topic.partitions.len();
+            for (p, queue) in topic.partitions.iter_mut().enumerate() {
+                if let Some(open) = &queue.open {
+                    let deadline = open.created + self.linger;
+                    if force || deadline <= now {
+                        close(queue, &mut topic.sticky, p as i32, n);
+                    } else {
+                        due(deadline);
+                    }
+                }
+                if !queue.in_flight {
+                    if let Some(at) = queue.ready.front().and_then(|b| b.retry_at) {
+                        if at > now {
+                            due(at);
+                        }
+                    }
+                }
+            }
+        }
+        next
+    }
+
+    /// Takes the front ready batch of every partition that has none in flight,
+    /// whose retry backoff has passed and for which `route` names a broker
+    /// (returning `None` skips the partition for now).
+    pub fn take_sendable(
+        &mut self,
+        now: Instant,
+        mut route: impl FnMut(&str, i32) -> Option<i32>,
+    ) -> HashMap<i32, Vec<Outgoing>> {
+        let mut out: HashMap<i32, Vec<Outgoing>> = HashMap::new();
+        for topic in self.topics.values_mut() {
+            for (p, queue) in topic.partitions.iter_mut().enumerate() {
+                if queue.in_flight {
+                    continue;
+                }
+                let Some(front) = queue.ready.front() else {
+                    continue;
+                };
+                if front.retry_at.is_some_and(|at| at > now) {
+                    continue;
+                }
+                let Some(broker) = route(&topic.name, p as i32) else {
+                    continue;
+                };
+                if let Some(batch) = queue.ready.pop_front() {
+                    queue.in_flight = true;
+                    out.entry(broker).or_default().push(Outgoing {
+                        topic: topic.name.clone(),
+                        partition: p as i32,
+                        batch,
+                    });
+                }
+            }
+        }
+        out
+    }
+
+    /// Puts a batch back at the front of its partition for a retry.
+    pub fn requeue(&mut self, out: Outgoing) {
+        if let Some(queue) = self.queue(&out.topic, out.partition) {
+            queue.in_flight = false;
+            queue.ready.push_front(out.batch);
+        }
+    }
+
+    /// The partition's request was answered (the batch is done).
+    pub fn unmute(&mut self, topic: &str, partition: i32) {
+        if let Some(queue) = self.queue(topic, partition) {
+            queue.in_flight = false;
+        }
+    }
+
+    /// Ready batches (not in flight) older than `timeout`: removed and returned.
+    pub fn take_expired(&mut self, now: Instant, timeout: Duration) -> Vec<Outgoing> {
+        let mut out = vec![];
+        for topic in self.topics.values_mut() {
+            for (p, queue) in topic.partitions.iter_mut().enumerate() {
+                if queue.in_flight {
+                    continue;
+                }
+                while queue
+                    .ready
+                    .front()
+                    .is_some_and(|b| now.duration_since(b.created) >= timeout)
+                {
+                    if let Some(batch) = queue.ready.pop_front() {
+                        out.push(Outgoing {
+                            topic: topic.name.clone(),
+                            partition: p as i32,
+                            batch,
+                        });
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Accounts for a completed batch; true when nothing is pending any more.
+    pub fn batch_done(&mut self, batch: &ProducerBatch) -> bool {
+        self.pending_batches -= 1;
+        self.pending_records -= batch.records;
+        self.pending_batches == 0
+    }
+
+    fn queue(&mut self, topic: &str, partition: i32) -> Option<&mut PartitionQueue> {
+        self.topics
+            .get_mut(topic)
+            .and_then(|t| t.partitions.get_mut(partition as usize))
+    }
+}
+
+fn close(queue: &mut PartitionQueue, sticky: &mut Sticky, partition: i32, partitions: usize) {
+    if let Some(batch) = queue.open.take() {
+        queue.ready.push_back(batch);
+        sticky.batch_closed(partition, partitions);
+    }
+}

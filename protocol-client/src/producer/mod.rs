@@ -1,0 +1,447 @@
+//! The producer: records in, acknowledged offsets out.
+//!
+//! ```text
+//!  send() ──► accumulator: one open batch per partition ──(full | linger | flush)──► ready queue
+//!                                                                                      │
+//!  DeliveryFuture ◄── completion ◄── sink: one ProduceRequest per broker ◄─────────────┘
+//!                                    (every ready partition of that broker)
+//! ```
+//!
+//! [`Producer::send`] partitions the record (Java's murmur2 for keys, sticky for
+//! records without one), encodes it straight into its partition's open batch and
+//! returns a [`DeliveryFuture`]. A background task, the sink, closes batches that
+//! are full or whose linger has passed, puts every ready partition of a broker into
+//! one ProduceRequest, and resolves each record's future with its offset or an
+//! error. A partition has at most one request in flight, so a retried batch is
+//! never overtaken by a later one: per-partition order holds across retries.
+
+mod accumulator;
+mod sink;
+
+use std::future::{Future, IntoFuture};
+use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+
+use crate::cluster::Client;
+use crate::error::{Error, Result};
+use crate::records::{Compression, Header};
+
+use accumulator::Accumulator;
+
+/// How many acknowledgements a produce request waits for (Java's `acks`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Acks {
+    /// No response: the record counts as sent once written to the socket.
+    /// Offsets are then unknown (-1).
+    None,
+    /// The leader has written the record.
+    Leader,
+    /// Every in-sync replica has the record.
+    #[default]
+    All,
+}
+
+impl Acks {
+    fn code(self) -> i16 {
+        match self {
+            Acks::None => 0,
+            Acks::Leader => 1,
+            Acks::All => -1,
+        }
+    }
+}
+
+impl std::str::FromStr for Acks {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "0" | "none" => Ok(Acks::None),
+            "1" | "leader" => Ok(Acks::Leader),
+            "all" | "-1" => Ok(Acks::All),
+            other => Err(Error::Config(format!(
+                "acks must be 0, 1 or all, not {other:?}"
+            ))),
+        }
+    }
+}
+
+/// Producer settings. Defaults follow librdkafka where they matter for
+/// throughput (a 5 ms linger, batches up to 1 MB) and Java otherwise.
+#[derive(Debug, Clone)]
+pub struct ProducerConfig {
+    /// Acknowledgements to wait for. Default [`Acks::All`].
+    pub acks: Acks,
+    /// How long a batch waits for more records before it is sent (Java's
+    /// `linger.ms`). Default 5 ms.
+    pub linger: Duration,
+    /// Size in bytes at which a partition's batch is closed (Java's
+    /// `batch.size`). Default 1,000,000.
+    pub batch_size: usize,
+    /// Compression of each batch. Default none.
+    pub compression: Compression,
+    /// Bytes of records that may wait in the producer; `send` waits for room
+    /// beyond that (Java's `buffer.memory`). Default 64 MiB.
+    pub buffer_memory: usize,
+    /// How long a record may take from `send` to acknowledgement, retries
+    /// included (Java's `delivery.timeout.ms`). Default 120 s.
+    pub delivery_timeout: Duration,
+    /// Produce requests in flight per broker. Default 5.
+    pub max_in_flight: usize,
+}
+
+impl Default for ProducerConfig {
+    fn default() -> Self {
+        ProducerConfig {
+            acks: Acks::All,
+            linger: Duration::from_millis(5),
+            batch_size: 1_000_000,
+            compression: Compression::None,
+            buffer_memory: 64 * 1024 * 1024,
+            delivery_timeout: Duration::from_secs(120),
+            max_in_flight: 5,
+        }
+    }
+}
+
+impl ProducerConfig {
+    fn validate(&self) -> Result<()> {
+        if self.batch_size == 0 || self.batch_size > i32::MAX as usize {
+            return Err(Error::Config(format!(
+                "batch_size {} is out of range",
+                self.batch_size
+            )));
+        }
+        if self.buffer_memory < self.batch_size || self.buffer_memory > u32::MAX as usize {
+            return Err(Error::Config(format!(
+                "buffer_memory {} must be at least batch_size {} and fit in 32 bits",
+                self.buffer_memory, self.batch_size
+            )));
+        }
+        if self.max_in_flight == 0 {
+            return Err(Error::Config("max_in_flight must be at least 1".into()));
+        }
+        Ok(())
+    }
+}
+
+/// A record to send. Its bytes are copied into a batch by [`Producer::send`],
+/// so it only borrows them.
+///
+/// ```
+/// use strom_client::producer::ProducerRecord;
+/// let r = ProducerRecord::to("orders").key(b"user-1").value(b"{\"total\":3}");
+/// assert_eq!(r.topic, "orders");
+/// ```
+#[derive(Debug, Clone, Copy)]
+pub struct ProducerRecord<'a> {
+    /// The topic.
+    pub topic: &'a str,
+    /// An explicit partition; `None` lets the partitioner choose.
+    pub partition: Option<i32>,
+    /// The key; `None` is a null key.
+    pub key: Option<&'a [u8]>,
+    /// The value; `None` is a null value (a tombstone).
+    pub value: Option<&'a [u8]>,
+    /// Headers.
+    pub headers: &'a [Header],
+    /// Milliseconds since the epoch; `None` stamps the time of `send`.
+    pub timestamp: Option<i64>,
+}
+
+impl<'a> ProducerRecord<'a> {
+    /// An empty record for `topic`.
+    pub fn to(topic: &'a str) -> Self {
+        ProducerRecord {
+            topic,
+            partition: None,
+            key: None,
+            value: None,
+            headers: &[],
+            timestamp: None,
+        }
+    }
+    /// Sets the key.
+    pub fn key(mut self, key: &'a [u8]) -> Self {
+        self.key = Some(key);
+        self
+    }
+    /// Sets the value.
+    pub fn value(mut self, value: &'a [u8]) -> Self {
+        self.value = Some(value);
+        self
+    }
+    /// Sets the headers.
+    pub fn headers(mut self, headers: &'a [Header]) -> Self {
+        self.headers = headers;
+        self
+    }
+    /// Sends to this partition instead of the partitioner's choice.
+    pub fn partition(mut self, partition: i32) -> Self {
+        self.partition = Some(partition);
+        self
+    }
+    /// Sets the timestamp (ms since the epoch).
+    pub fn timestamp(mut self, timestamp: i64) -> Self {
+        self.timestamp = Some(timestamp);
+        self
+    }
+}
+
+/// Where an acknowledged record was written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordMetadata {
+    /// The topic.
+    pub topic: Arc<str>,
+    /// The partition.
+    pub partition: i32,
+    /// The offset, or -1 with [`Acks::None`].
+    pub offset: i64,
+}
+
+/// The outcome of one batch, shared by the futures of its records.
+#[derive(Debug)]
+struct Completion {
+    topic: Arc<str>,
+    partition: i32,
+    /// The batch's base offset, or the error that failed it.
+    result: OnceLock<Result<i64>>,
+    done: Notify,
+}
+
+impl Completion {
+    fn new(topic: Arc<str>, partition: i32) -> Arc<Self> {
+        Arc::new(Completion {
+            topic,
+            partition,
+            result: OnceLock::new(),
+            done: Notify::new(),
+        })
+    }
+
+    fn complete(&self, result: Result<i64>) {
+        let _ = self.result.set(result);
+        self.done.notify_waiters();
+    }
+}
+
+/// Resolves to where a record was written once the broker acknowledged it,
+/// or to the error that stopped it. Await it, or drop it if only
+/// [`Producer::flush`] matters.
+#[derive(Debug, Clone)]
+pub struct DeliveryFuture {
+    completion: Arc<Completion>,
+    index: i64,
+}
+
+impl DeliveryFuture {
+    /// The outcome if the record's batch has completed, without waiting.
+    pub fn try_result(&self) -> Option<Result<RecordMetadata>> {
+        self.completion.result.get().map(|r| self.metadata(r))
+    }
+
+    fn metadata(&self, r: &Result<i64>) -> Result<RecordMetadata> {
+        match r {
+            Ok(base) => Ok(RecordMetadata {
+                topic: self.completion.topic.clone(),
+                partition: self.completion.partition,
+                offset: if *base < 0 { -1 } else { base + self.index },
+            }),
+            Err(e) => Err(e.clone()),
+        }
+    }
+
+    async fn wait(self) -> Result<RecordMetadata> {
+        loop {
+            let notified = self.completion.done.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(r) = self.completion.result.get() {
+                return self.metadata(r);
+            }
+            notified.await;
+        }
+    }
+}
+
+impl IntoFuture for DeliveryFuture {
+    type Output = Result<RecordMetadata>;
+    type IntoFuture = Pin<Box<dyn Future<Output = Self::Output> + Send>>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(self.wait())
+    }
+}
+
+/// Shared between the handles and the sink task.
+struct Inner {
+    client: Client,
+    config: ProducerConfig,
+    accumulator: std::sync::Mutex<Accumulator>,
+    /// Bytes of records the producer may still take in.
+    memory: tokio::sync::Semaphore,
+    /// Wakes the sink: a batch is ready, a new batch started, a flush or close began.
+    wake_sink: Notify,
+    /// Wakes `flush` callers: the last pending batch completed.
+    idle: Notify,
+}
+
+impl Inner {
+    fn accumulator(&self) -> std::sync::MutexGuard<'_, Accumulator> {
+        self.accumulator.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Marks the producer closing when the last user handle goes.
+struct HandleGuard(Arc<Inner>);
+
+impl Drop for HandleGuard {
+    fn drop(&mut self) {
+        self.0.accumulator().closing = true;
+        self.0.wake_sink.notify_one();
+    }
+}
+
+/// An async Kafka producer. Clone it to share it between tasks.
+///
+/// ```no_run
+/// # async fn f() -> strom_client::Result<()> {
+/// use strom_client::{Client, ClientConfig};
+/// use strom_client::producer::{Producer, ProducerConfig, ProducerRecord};
+/// let client = Client::connect(ClientConfig::new(["127.0.0.1:9092"])).await?;
+/// let producer = Producer::new(client, ProducerConfig::default())?;
+/// let delivery = producer.send(ProducerRecord::to("orders").key(b"k").value(b"v")).await?;
+/// let written = delivery.await?;
+/// println!("at {}-{}@{}", written.topic, written.partition, written.offset);
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct Producer {
+    handle: Arc<HandleGuard>,
+}
+
+impl std::fmt::Debug for Producer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Producer")
+            .field("config", &self.inner().config)
+            .finish()
+    }
+}
+
+impl Producer {
+    /// A producer on `client`. Starts its sink task on the current tokio runtime.
+    pub fn new(client: Client, config: ProducerConfig) -> Result<Producer> {
+        config.validate()?;
+        let inner = Arc::new(Inner {
+            memory: tokio::sync::Semaphore::new(config.buffer_memory),
+            accumulator: std::sync::Mutex::new(Accumulator::new(&config)),
+            client,
+            config,
+            wake_sink: Notify::new(),
+            idle: Notify::new(),
+        });
+        tokio::spawn(sink::run(inner.clone()));
+        Ok(Producer {
+            handle: Arc::new(HandleGuard(inner)),
+        })
+    }
+
+    fn inner(&self) -> &Arc<Inner> {
+        &self.handle.0
+    }
+
+    /// Adds a record to its partition's batch and returns the future of its
+    /// delivery. Waits only when `buffer_memory` is full, or to load the topic's
+    /// metadata the first time it is seen.
+    ///
+    /// Records sent from one task to one partition are written in `send` order.
+    /// Cancel-safe: if dropped before it returns, the record was not added.
+    pub async fn send(&self, record: ProducerRecord<'_>) -> Result<DeliveryFuture> {
+        let inner = self.inner();
+        let size =
+            crate::records::BatchBuilder::record_size(record.key, record.value, record.headers);
+        if size > inner.config.buffer_memory {
+            return Err(Error::Config(format!(
+                "a record of {size} bytes cannot fit in buffer_memory {}",
+                inner.config.buffer_memory
+            )));
+        }
+        let known = inner.accumulator().partition_count(record.topic);
+        let partitions = match known {
+            Some(n) => n,
+            None => inner
+                .client
+                .topic_metadata(record.topic)
+                .await?
+                .partitions
+                .len(),
+        };
+        if let Some(p) = record.partition {
+            if p < 0 || p as usize >= partitions {
+                return Err(Error::UnknownPartition {
+                    topic: record.topic.to_owned(),
+                    partition: p,
+                    partitions,
+                });
+            }
+        }
+        match inner.memory.try_acquire_many(size as u32) {
+            Ok(permit) => permit.forget(),
+            Err(tokio::sync::TryAcquireError::NoPermits) => inner
+                .memory
+                .acquire_many(size as u32)
+                .await
+                .map_err(|_| Error::Closed("producer"))?
+                .forget(),
+            Err(tokio::sync::TryAcquireError::Closed) => return Err(Error::Closed("producer")),
+        }
+        let timestamp = record.timestamp.unwrap_or_else(now_ms);
+        let (future, wake) = inner
+            .accumulator()
+            .append(&record, partitions, timestamp, size);
+        if wake {
+            inner.wake_sink.notify_one();
+        }
+        Ok(future)
+    }
+
+    /// Sends every record added so far, without waiting for the linger, and
+    /// waits until all of them are acknowledged or failed.
+    ///
+    /// Records sent by other tasks while `flush` waits are waited for too.
+    pub async fn flush(&self) -> Result<()> {
+        let inner = self.inner();
+        inner.accumulator().flushes += 1;
+        inner.wake_sink.notify_one();
+        loop {
+            let idle = inner.idle.notified();
+            tokio::pin!(idle);
+            idle.as_mut().enable();
+            if inner.accumulator().pending_batches == 0 {
+                break;
+            }
+            idle.await;
+        }
+        inner.accumulator().flushes -= 1;
+        Ok(())
+    }
+
+    /// Bytes of records waiting in the producer (for metrics and tests).
+    pub fn buffered_bytes(&self) -> usize {
+        self.inner().config.buffer_memory - self.inner().memory.available_permits()
+    }
+
+    /// Number of records sent but not yet acknowledged or failed.
+    pub fn in_flight_records(&self) -> usize {
+        self.inner().accumulator().pending_records
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
