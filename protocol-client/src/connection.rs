@@ -672,10 +672,8 @@ mod tests {
                 .await
                 .unwrap(),
         );
-        let (a, b) = tokio::join!(
-            conn.send(&MetadataRequest::default()),
-            conn.send(&MetadataRequest::default())
-        );
+        let req = MetadataRequest::default();
+        let (a, b) = tokio::join!(conn.send(&req), conn.send(&req));
         let (a, b) = (a.unwrap(), b.unwrap());
         assert_ne!(a.throttle_time_ms, b.throttle_time_ms);
         assert_eq!(conn.version::<MetadataRequest>().unwrap(), 12);

@@ -142,8 +142,8 @@ mod tests {
     #[test]
     fn partition_uses_positive_hash() {
         // murmur2("21") is negative: -973932308 & 0x7fffffff = 1173551340.
-        assert_eq!(partition_for_key(b"21", 7), (1173551340 % 7) as i32);
-        assert_eq!(partition_for_key(b"abc", 12), (479470107 % 12) as i32);
+        assert_eq!(partition_for_key(b"21", 7), 1173551340 % 7);
+        assert_eq!(partition_for_key(b"abc", 12), 479470107 % 12);
     }
 
     /// The sticky partitioner keeps one partition until its batch closes, then moves.

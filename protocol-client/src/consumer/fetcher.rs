@@ -25,6 +25,7 @@ struct Asked {
     tp: TopicPartition,
     epoch: u64,
     offset: i64,
+    max_bytes: i32,
 }
 
 struct Done {
@@ -104,7 +105,7 @@ async fn resolve_resets(
     handle: &Handle,
     tx: &mpsc::UnboundedSender<Fetched>,
 ) -> Result<()> {
-    let mut wanted: BTreeMap<(Arc<str>, bool), Vec<(i32, u64)>> = BTreeMap::new();
+    let mut wanted: BTreeMap<_, Vec<(i32, u64)>> = BTreeMap::new();
     for (tp, s) in handle.lock().partitions.iter() {
         if s.fetch_position.is_none() && !s.failed {
             let earliest = match s.reset {
@@ -177,8 +178,8 @@ fn plan_fetches(
     config: &ConsumerConfig,
     handle: &Handle,
     busy: &HashSet<i32>,
-) -> (HashMap<i32, Vec<(Asked, i32)>>, HashSet<Arc<str>>) {
-    let mut plan: HashMap<i32, Vec<(Asked, i32)>> = HashMap::new();
+) -> (HashMap<i32, Vec<Asked>>, HashSet<Arc<str>>) {
+    let mut plan: HashMap<i32, Vec<Asked>> = HashMap::new();
     let mut stale = HashSet::new();
     let mut shared = handle.lock();
     if shared.buffered >= config.max_buffered_bytes {
@@ -208,32 +209,25 @@ fn plan_fetches(
             continue;
         }
         s.in_flight = true;
-        plan.entry(leader).or_default().push((
-            Asked {
-                tp: tp.clone(),
-                epoch: s.epoch,
-                offset,
-            },
-            s.max_bytes,
-        ));
+        plan.entry(leader).or_default().push(Asked {
+            tp: tp.clone(),
+            epoch: s.epoch,
+            offset,
+            max_bytes: s.max_bytes,
+        });
     }
     (plan, stale)
 }
 
-async fn fetch(
-    client: Client,
-    config: ConsumerConfig,
-    broker: i32,
-    parts: Vec<(Asked, i32)>,
-) -> Done {
+async fn fetch(client: Client, config: ConsumerConfig, broker: i32, asked: Vec<Asked>) -> Done {
     let mut topics: Vec<FetchTopic> = Vec::new();
-    for (a, max_bytes) in &parts {
+    for a in &asked {
         let p = FetchPartition::default()
             .with_partition(a.tp.partition)
             .with_fetch_offset(a.offset)
             .with_current_leader_epoch(-1)
             .with_log_start_offset(-1)
-            .with_partition_max_bytes(*max_bytes);
+            .with_partition_max_bytes(a.max_bytes);
         match topics.iter_mut().find(|t| *t.topic.0 == *a.tp.topic) {
             Some(t) => t.partitions.push(p),
             None => topics.push(
@@ -260,7 +254,7 @@ async fn fetch(
     .await;
     Done {
         broker,
-        asked: parts.into_iter().map(|(a, _)| a).collect(),
+        asked,
         response,
     }
 }

@@ -309,11 +309,20 @@ impl Consumer {
     /// The offset of the next record `poll` will return for `tp` (`None` while
     /// a reset to earliest or latest is still being resolved).
     pub fn position(&self, tp: &TopicPartition) -> Option<i64> {
-        self.handle
-            .lock()
-            .partitions
-            .get(tp)
-            .and_then(|s| s.position)
+        // Records decoded but not yet returned by `recv` come first.
+        let buffered = self
+            .ready
+            .iter()
+            .find(|r| r.partition == tp.partition && *r.topic == *tp.topic);
+        match buffered {
+            Some(r) => Some(r.offset),
+            None => self
+                .handle
+                .lock()
+                .partitions
+                .get(tp)
+                .and_then(|s| s.position),
+        }
     }
 
     /// The high watermark of `tp` from the last fetch (-1 before the first).
