@@ -415,7 +415,7 @@ fn next_offset(records: &Bytes) -> Option<i64> {
             break;
         }
         let delta = i32::from_be_bytes(rest[23..27].try_into().ok()?);
-        next = Some(base + delta as i64 + 1);
+        next = Some(base.saturating_add(delta as i64 + 1));
         rest = &rest[12 + len as usize..];
     }
     next

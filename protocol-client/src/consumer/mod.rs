@@ -480,7 +480,7 @@ fn decode(
                 return (out, next, Some((offset, locate(e, offset))));
             }
         };
-        let after = batch.last_offset() + 1;
+        let after = batch.last_offset().saturating_add(1);
         if after <= start {
             continue;
         }
