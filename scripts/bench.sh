@@ -34,10 +34,10 @@ echo "# strom-client, $messages records of $size bytes, $compression, broker $br
 
 anchor=${STROM_ANCHOR:-../shared/anchors/librdkafka-perf}
 if [[ -x $anchor ]]; then
-  echo "# librdkafka rdkafka_performance on the same broker" >&2
+  echo "# librdkafka rdkafka_performance on the same broker (columns: elapsed ms, msgs, bytes, rtt, dr, dr_m/s, ...)" >&2
   topic="librdkafka-bench-$run"
   # Same topic layout as strom-bench creates (6 partitions).
   "$bench" produce --brokers "$brokers" --topic "$topic" --messages 0 --size "$size" >/dev/null
-  "$anchor" -P -t "$topic" -b "$brokers" -s "$size" -c "$messages" -z "$compression" -X linger.ms=5 -u 2>&1 | tail -n 1
-  "$anchor" -C -t "$topic" -b "$brokers" -G "librdkafka-bench-$run" -c "$messages" -u -X auto.offset.reset=earliest 2>&1 | tail -n 1
+  "$anchor" -P -t "$topic" -b "$brokers" -s "$size" -c "$messages" -z "$compression" -X linger.ms=5 -u 2>&1 | grep -v '^%' | tail -n 1
+  "$anchor" -C -t "$topic" -b "$brokers" -G "librdkafka-bench-$run" -c "$messages" -u -X auto.offset.reset=earliest 2>&1 | grep -v '^%' | tail -n 1
 fi

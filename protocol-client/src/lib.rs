@@ -18,6 +18,34 @@
 //!
 //! Message types come from the `kafka-protocol` crate; everything above the
 //! message level is here.
+//!
+//! # Example
+//!
+//! ```no_run
+//! use strom_client::{Client, ClientConfig, Compression, NewTopic};
+//! use strom_client::consumer::{Consumer, ConsumerConfig, Offset, TopicPartition};
+//! use strom_client::producer::{Producer, ProducerConfig, ProducerRecord};
+//!
+//! # async fn run() -> strom_client::Result<()> {
+//! let client = Client::connect(ClientConfig::new(["127.0.0.1:9092"])).await?;
+//! client.create_topic(NewTopic::new("greetings", 3, 1)).await?;
+//!
+//! let producer = Producer::new(
+//!     client.clone(),
+//!     ProducerConfig { compression: Compression::Lz4, ..ProducerConfig::default() },
+//! )?;
+//! let delivery = producer
+//!     .send(ProducerRecord::to("greetings").key(b"alice").value(b"hello"))
+//!     .await?;
+//! let written = delivery.await?; // acknowledged: partition and offset
+//!
+//! let mut consumer = Consumer::new(client, ConsumerConfig::default());
+//! let tp = TopicPartition::new("greetings", written.partition);
+//! consumer.assign([(tp, Offset::At(written.offset))])?;
+//! let record = consumer.recv().await?;
+//! assert_eq!(record.value.as_deref(), Some(&b"hello"[..]));
+//! # Ok(()) }
+//! ```
 #![warn(missing_docs, missing_debug_implementations)]
 #![deny(rustdoc::broken_intra_doc_links)]
 

@@ -315,7 +315,8 @@ pub struct Batch {
 impl Batch {
     /// Offset of the last record (records may have been compacted away before it).
     pub fn last_offset(&self) -> i64 {
-        self.base_offset.saturating_add(self.last_offset_delta as i64)
+        self.base_offset
+            .saturating_add(self.last_offset_delta as i64)
     }
 
     /// Whether this is a control batch (transaction markers), never user data.
