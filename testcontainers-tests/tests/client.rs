@@ -423,3 +423,62 @@ async fn silent_broker_is_a_request_timeout() {
     let text = err.to_string();
     assert!(text.contains("timed out"), "{text}");
 }
+
+/// With acks=1 and acks=0 every record still arrives; acks=0 reports no offsets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_acks_mode_delivers() {
+    let broker = TestBroker::start().await;
+    let client = broker.client().await;
+    for (acks, name) in [(Acks::Leader, "acks1"), (Acks::None, "acks0")] {
+        let topic = unique_topic(name);
+        client
+            .create_topic(NewTopic::new(&topic, 2, 1))
+            .await
+            .unwrap();
+        let producer = Producer::new(
+            client.clone(),
+            ProducerConfig {
+                acks,
+                ..ProducerConfig::default()
+            },
+        )
+        .unwrap();
+        let mut futures = vec![];
+        for i in 0..5_000u32 {
+            let v = i.to_string();
+            futures.push(
+                producer
+                    .send(
+                        ProducerRecord::to(&topic)
+                            .key(v.as_bytes())
+                            .value(v.as_bytes()),
+                    )
+                    .await
+                    .unwrap(),
+            );
+        }
+        producer.flush().await.unwrap();
+        for f in futures {
+            let m = f.await.unwrap();
+            assert_eq!(
+                m.offset < 0,
+                acks == Acks::None,
+                "{name}: offset {}",
+                m.offset
+            );
+        }
+        let tps = (0..2).map(|p| TopicPartition::new(&topic, p)).collect();
+        let mut values: Vec<u32> = consume_n(client.clone(), tps, 5_000)
+            .await
+            .iter()
+            .map(|r| {
+                std::str::from_utf8(r.value.as_deref().unwrap())
+                    .unwrap()
+                    .parse()
+                    .unwrap()
+            })
+            .collect();
+        values.sort_unstable();
+        assert_eq!(values, (0..5_000).collect::<Vec<_>>(), "{name}");
+    }
+}
