@@ -567,11 +567,30 @@ fn skip_tagged_fields(buf: &mut Bytes) -> std::result::Result<(), String> {
     Ok(())
 }
 
+/// A complete response frame as a broker would send it: size, response header
+/// of the version `T` and `version` call for, body. For tests that play a broker.
+#[cfg(test)]
+pub(crate) fn response_frame<T: Encodable + HeaderVersion>(
+    correlation_id: i32,
+    version: i16,
+    body: T,
+) -> Vec<u8> {
+    let mut b = BytesMut::new();
+    b.put_i32(correlation_id);
+    if T::header_version(version) >= 1 {
+        b.put_u8(0); // no tagged fields
+    }
+    body.encode(&mut b, version)
+        .unwrap_or_else(|e| panic!("test response does not encode: {e}"));
+    let mut out = (b.len() as i32).to_be_bytes().to_vec();
+    out.extend_from_slice(&b);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use kafka_protocol::messages::{ApiVersionsResponse, MetadataRequest, MetadataResponse};
-    use kafka_protocol::protocol::Encodable;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 
@@ -608,18 +627,6 @@ mod tests {
         addr
     }
 
-    fn frame(cid: i32, header_v1: bool, body: impl Encodable, version: i16) -> Vec<u8> {
-        let mut b = BytesMut::new();
-        b.put_i32(cid);
-        if header_v1 {
-            b.put_u8(0);
-        }
-        body.encode(&mut b, version).unwrap();
-        let mut out = (b.len() as i32).to_be_bytes().to_vec();
-        out.extend_from_slice(&b);
-        out
-    }
-
     fn versions_response(cid: i32) -> Vec<u8> {
         let keys = [(3i16, 0i16, 12i16), (18, 0, 3)]
             .into_iter()
@@ -630,12 +637,7 @@ mod tests {
                     .with_max_version(max)
             })
             .collect();
-        frame(
-            cid,
-            false,
-            ApiVersionsResponse::default().with_api_keys(keys),
-            3,
-        )
+        response_frame(cid, 3, ApiVersionsResponse::default().with_api_keys(keys))
     }
 
     /// Responses that come back out of order reach the right callers.
@@ -657,11 +659,10 @@ mod tests {
             }
             let mut out = vec![];
             for &c in held.iter().rev() {
-                out.extend(frame(
+                out.extend(response_frame(
                     c,
-                    true,
-                    MetadataResponse::default().with_throttle_time_ms(c),
                     12,
+                    MetadataResponse::default().with_throttle_time_ms(c),
                 ));
             }
             Some(out)

@@ -25,16 +25,24 @@ struct Cli {
     command: Command,
 }
 
+/// Where to read or write, and how many records.
+#[derive(clap::Args)]
+struct Target {
+    /// Bootstrap brokers, `host:port[,host:port…]`.
+    #[arg(long)]
+    brokers: String,
+    #[arg(long)]
+    topic: String,
+    #[arg(long)]
+    messages: u64,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Produce N records with keys `key-{i}` and values `{i}:xxx…` of B bytes.
     Produce {
-        #[arg(long)]
-        brokers: String,
-        #[arg(long)]
-        topic: String,
-        #[arg(long)]
-        messages: u64,
+        #[command(flatten)]
+        target: Target,
         #[arg(long, default_value_t = 100)]
         size: usize,
         #[arg(long, default_value = "none")]
@@ -49,12 +57,8 @@ enum Command {
     },
     /// Read every partition from the earliest offset until N records arrived.
     Consume {
-        #[arg(long)]
-        brokers: String,
-        #[arg(long)]
-        topic: String,
-        #[arg(long)]
-        messages: u64,
+        #[command(flatten)]
+        target: Target,
         /// Give up waiting for missing records after this many seconds.
         #[arg(long, default_value_t = 60)]
         timeout_secs: u64,
@@ -83,9 +87,7 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Produce {
-                brokers,
-                topic,
-                messages,
+                target,
                 size,
                 compression,
                 partitions,
@@ -98,19 +100,15 @@ fn main() -> ExitCode {
                     linger: Duration::from_millis(linger_ms),
                     ..ProducerConfig::default()
                 };
-                produce(&brokers, &topic, messages, size, partitions, config).await
+                produce(&target, size, partitions, config).await
             }
             Command::Consume {
-                brokers,
-                topic,
-                messages,
+                target,
                 timeout_secs,
                 quiet_ms,
             } => {
                 consume(
-                    &brokers,
-                    &topic,
-                    messages,
+                    &target,
                     Duration::from_secs(timeout_secs),
                     Duration::from_millis(quiet_ms),
                 )
@@ -146,14 +144,13 @@ fn print(line: serde_json::Value) {
 }
 
 async fn produce(
-    brokers: &str,
-    topic: &str,
-    messages: u64,
+    target: &Target,
     size: usize,
     partitions: i32,
     config: ProducerConfig,
 ) -> Result<bool, Error> {
-    let client = Client::connect(client_config(brokers)).await?;
+    let (topic, messages) = (target.topic.as_str(), target.messages);
+    let client = Client::connect(client_config(&target.brokers)).await?;
     match client
         .create_topic(NewTopic::new(topic, partitions, 1))
         .await
@@ -207,14 +204,9 @@ async fn produce(
     Ok(failed == 0)
 }
 
-async fn consume(
-    brokers: &str,
-    topic: &str,
-    messages: u64,
-    timeout: Duration,
-    quiet: Duration,
-) -> Result<bool, Error> {
-    let client = Client::connect(client_config(brokers)).await?;
+async fn consume(target: &Target, timeout: Duration, quiet: Duration) -> Result<bool, Error> {
+    let (topic, messages) = (target.topic.as_str(), target.messages);
+    let client = Client::connect(client_config(&target.brokers)).await?;
     let meta = client.topic_metadata(topic).await?;
     let mut consumer = Consumer::new(client, ConsumerConfig::default());
     consumer.assign(

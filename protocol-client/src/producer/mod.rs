@@ -450,7 +450,7 @@ fn now_ms() -> i64 {
 mod tests {
     use std::sync::{Arc, Mutex};
 
-    use bytes::{BufMut, Bytes, BytesMut};
+    use bytes::Bytes;
     use kafka_protocol::messages::api_versions_response::ApiVersion;
     use kafka_protocol::messages::metadata_response::{
         MetadataResponseBroker, MetadataResponsePartition, MetadataResponseTopic,
@@ -459,11 +459,12 @@ mod tests {
         PartitionProduceResponse, TopicProduceResponse,
     };
     use kafka_protocol::messages::*;
-    use kafka_protocol::protocol::{Decodable, Encodable, HeaderVersion, StrBytes};
+    use kafka_protocol::protocol::{Decodable, StrBytes};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 
     use super::*;
+    use crate::connection::response_frame;
     use crate::records::BatchDecoder;
     use crate::ClientConfig;
 
@@ -475,18 +476,6 @@ mod tests {
         produce_requests: usize,
         /// Base offset to hand out next.
         next_offset: i64,
-    }
-
-    fn encode_response<T: Encodable + HeaderVersion>(cid: i32, version: i16, body: T) -> Vec<u8> {
-        let mut b = BytesMut::new();
-        b.put_i32(cid);
-        if T::header_version(version) >= 1 {
-            b.put_u8(0);
-        }
-        body.encode(&mut b, version).unwrap();
-        let mut out = (b.len() as i32).to_be_bytes().to_vec();
-        out.extend_from_slice(&b);
-        out
     }
 
     /// A one-partition broker that answers the first Produce with
@@ -518,7 +507,7 @@ mod tests {
                                 .unwrap();
                         let cid = header.correlation_id;
                         let out = match api {
-                            ApiKey::ApiVersions => encode_response(
+                            ApiKey::ApiVersions => response_frame(
                                 cid,
                                 version,
                                 ApiVersionsResponse::default().with_api_keys(
@@ -532,7 +521,7 @@ mod tests {
                                         .collect(),
                                 ),
                             ),
-                            ApiKey::Metadata => encode_response(
+                            ApiKey::Metadata => response_frame(
                                 cid,
                                 version,
                                 MetadataResponse::default()
@@ -565,7 +554,7 @@ mod tests {
                                     log.next_offset += batch.record_count as i64;
                                     (0, base)
                                 };
-                                encode_response(
+                                response_frame(
                                     cid,
                                     version,
                                     ProduceResponse::default().with_responses(vec![
