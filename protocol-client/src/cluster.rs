@@ -69,8 +69,6 @@ pub enum ConnectionClass {
     Produce,
     /// Fetch requests.
     Fetch,
-    /// Group coordination (join, sync, heartbeat, commits).
-    Group,
 }
 
 /// One partition's entry in the metadata cache.
@@ -192,6 +190,11 @@ impl Client {
         let conn = Arc::new(Connection::connect(&addr, &self.inner.config.connection).await?);
         *slot = Some(conn.clone());
         Ok(conn)
+    }
+
+    /// `host:port` of broker `id`, if the metadata knows it.
+    pub fn broker_address(&self, id: i32) -> Option<String> {
+        read(&self.inner.metadata).brokers.get(&id).cloned()
     }
 
     /// Any working connection: a known broker's, else a bootstrap broker's, tried

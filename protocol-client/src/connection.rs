@@ -85,6 +85,13 @@ requests! {
     ApiVersionsRequest => ApiVersionsResponse: ApiVersions,
     CreateTopicsRequest => CreateTopicsResponse: CreateTopics,
     DeleteTopicsRequest => DeleteTopicsResponse: DeleteTopics,
+    FindCoordinatorRequest => FindCoordinatorResponse: FindCoordinator,
+    JoinGroupRequest => JoinGroupResponse: JoinGroup,
+    SyncGroupRequest => SyncGroupResponse: SyncGroup,
+    HeartbeatRequest => HeartbeatResponse: Heartbeat,
+    LeaveGroupRequest => LeaveGroupResponse: LeaveGroup,
+    OffsetCommitRequest => OffsetCommitResponse: OffsetCommit,
+    OffsetFetchRequest => OffsetFetchResponse: OffsetFetch,
 }
 
 /// The highest version of each API this client's code is written for. The version
@@ -99,6 +106,11 @@ fn our_max_version(api: ApiKey) -> Option<i16> {
         ApiKey::ListOffsets => 8,
         ApiKey::CreateTopics => 7,
         ApiKey::DeleteTopics => 6,
+        // v4+ batch coordinator keys; v8+ of OffsetFetch batch groups; v9 of
+        // OffsetCommit belongs to the KIP-848 protocol.
+        ApiKey::FindCoordinator => 3,
+        ApiKey::OffsetFetch => 7,
+        ApiKey::OffsetCommit => 8,
         _ => return None,
     })
 }

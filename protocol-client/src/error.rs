@@ -179,6 +179,27 @@ pub enum Error {
         last: Box<Error>,
     },
 
+    /// An offset commit was refused: the member no longer owns the partition or
+    /// the group has moved to a newer generation.
+    #[error("offset commit to group {group:?} refused: {reason}")]
+    CommitFailed {
+        /// The consumer group.
+        group: String,
+        /// Why.
+        reason: String,
+    },
+
+    /// A newly assigned partition has no committed offset and the reset policy is `None`.
+    #[error("group {group:?} has no committed offset for {topic}-{partition} and the reset policy is none")]
+    NoCommittedOffset {
+        /// The consumer group.
+        group: String,
+        /// The topic.
+        topic: String,
+        /// The partition.
+        partition: i32,
+    },
+
     /// A configuration value is invalid or contradicts another.
     #[error("invalid configuration: {0}")]
     Config(String),

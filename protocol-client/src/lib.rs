@@ -14,6 +14,8 @@
 //!   acks, ordered retries, delivery futures, `flush()`.
 //! - [`consumer`]: assign mode — seek, reset policy, prefetching fetcher,
 //!   pause/resume.
+//! - [`group`]: consumer groups — coordinator, join/sync/heartbeat, assignors,
+//!   rebalance listener, committed offsets.
 //! - [`error`]: the one [`Error`] type.
 //!
 //! Message types come from the `kafka-protocol` crate; everything above the
@@ -54,6 +56,7 @@ pub mod cluster;
 pub mod connection;
 pub mod consumer;
 pub mod error;
+pub mod group;
 pub mod partitioner;
 pub mod producer;
 pub mod records;
@@ -65,6 +68,7 @@ pub use consumer::{
     AutoOffsetReset, Consumer, ConsumerConfig, ConsumerRecord, Offset, TopicPartition,
 };
 pub use error::{Error, Result};
+pub use group::{GroupConfig, GroupConsumer, GroupHandle, RebalanceListener};
 pub use producer::{
     Acks, DeliveryFuture, Producer, ProducerConfig, ProducerRecord, RecordMetadata,
 };

@@ -170,14 +170,51 @@ struct Fetched {
     result: Result<Bytes>,
 }
 
-struct Handle {
+/// The consumer's state shared with its fetcher (and, in a group, with the
+/// membership task that adds and removes partitions).
+pub(crate) struct Handle {
     shared: Mutex<Shared>,
     wake_fetcher: Notify,
+    config: ConsumerConfig,
 }
 
 impl Handle {
     fn lock(&self) -> std::sync::MutexGuard<'_, Shared> {
         self.shared.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Starts reading these partitions (a partition already assigned restarts
+    /// at the given offset).
+    pub(crate) fn add_partitions(
+        &self,
+        partitions: impl IntoIterator<Item = (TopicPartition, Offset)>,
+    ) {
+        let mut shared = self.lock();
+        for (tp, offset) in partitions {
+            let epoch = bump(&mut shared);
+            shared
+                .partitions
+                .insert(tp, new_state(offset, epoch, &self.config));
+        }
+        drop(shared);
+        self.wake_fetcher.notify_one();
+    }
+
+    /// Stops reading these partitions; their fetched data is dropped.
+    pub(crate) fn remove_partitions(&self, partitions: &[TopicPartition]) {
+        let mut shared = self.lock();
+        for tp in partitions {
+            shared.partitions.remove(tp);
+        }
+    }
+
+    /// Next offset to hand out for each assigned partition that has one.
+    pub(crate) fn positions(&self) -> Vec<(TopicPartition, i64)> {
+        self.lock()
+            .partitions
+            .iter()
+            .filter_map(|(tp, s)| s.position.map(|p| (tp.clone(), p)))
+            .collect()
     }
 }
 
@@ -198,8 +235,12 @@ pub struct Consumer {
     handle: Arc<Handle>,
     rx: mpsc::UnboundedReceiver<Fetched>,
     config: ConsumerConfig,
-    /// Records of the last decoded chunk not yet returned by `recv`.
+    /// Records of the last decoded chunk not yet returned by `recv`, all of one
+    /// partition, decoded under the epoch noted in `ready_epoch`.
     ready: VecDeque<ConsumerRecord>,
+    ready_epoch: Option<(TopicPartition, u64)>,
+    /// Partition and epoch of the chunk `poll` returned last.
+    last_epoch: Option<(TopicPartition, u64)>,
     /// An error found after records that were returned first.
     pending_error: Option<Error>,
 }
@@ -225,6 +266,7 @@ impl Consumer {
         let handle = Arc::new(Handle {
             shared: Mutex::new(Shared::default()),
             wake_fetcher: Notify::new(),
+            config: config.clone(),
         });
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(fetcher::run(client, config.clone(), handle.clone(), tx));
@@ -233,7 +275,25 @@ impl Consumer {
             rx,
             config,
             ready: VecDeque::new(),
+            ready_epoch: None,
+            last_epoch: None,
             pending_error: None,
+        }
+    }
+
+    pub(crate) fn handle(&self) -> &Arc<Handle> {
+        &self.handle
+    }
+
+    /// Drops decoded records whose partition was sought, revoked or unassigned
+    /// since they were decoded.
+    fn check_ready(&mut self) {
+        if let Some((tp, epoch)) = &self.ready_epoch {
+            let current = self.handle.lock().partitions.get(tp).map(|s| s.epoch);
+            if current != Some(*epoch) {
+                self.ready.clear();
+                self.ready_epoch = None;
+            }
         }
     }
 
@@ -243,18 +303,10 @@ impl Consumer {
         &mut self,
         partitions: impl IntoIterator<Item = (TopicPartition, Offset)>,
     ) -> Result<()> {
-        let mut shared = self.handle.lock();
-        shared.partitions.clear();
-        for (tp, offset) in partitions {
-            let epoch = bump(&mut shared);
-            shared
-                .partitions
-                .insert(tp, new_state(offset, epoch, &self.config));
-        }
-        drop(shared);
+        self.handle.lock().partitions.clear();
+        self.handle.add_partitions(partitions);
         self.ready.clear();
         self.pending_error = None;
-        self.handle.wake_fetcher.notify_one();
         Ok(())
     }
 
@@ -337,10 +389,12 @@ impl Consumer {
     /// The next record. Cancel-safe: a record is only removed when returned.
     pub async fn recv(&mut self) -> Result<ConsumerRecord> {
         loop {
+            self.check_ready();
             if let Some(r) = self.ready.pop_front() {
                 return Ok(r);
             }
             let batch = self.poll().await?;
+            self.ready_epoch = self.last_epoch.clone();
             self.ready.extend(batch);
         }
     }
@@ -352,6 +406,7 @@ impl Consumer {
     ///
     /// Cancel-safe.
     pub async fn poll(&mut self) -> Result<Vec<ConsumerRecord>> {
+        self.check_ready();
         if !self.ready.is_empty() {
             return Ok(self.ready.drain(..).collect());
         }
@@ -414,6 +469,7 @@ impl Consumer {
                 self.pending_error = Some(e);
             }
             if !records.is_empty() {
+                self.last_epoch = Some((fetched.tp, fetched.epoch));
                 return Ok(records);
             }
         }
