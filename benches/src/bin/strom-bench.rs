@@ -3,6 +3,7 @@
 //! ```text
 //! strom-bench produce --brokers 127.0.0.1:9092 --topic t --messages 1000000 --size 100 --compression lz4
 //! strom-bench consume --brokers 127.0.0.1:9092 --topic t --messages 1000000
+//! strom-bench group-consume --brokers 127.0.0.1:9092 --topic t --messages 1000000 --members 3
 //! ```
 //!
 //! Each command prints one JSON line. `consume` checks every value against its key
@@ -14,9 +15,15 @@ use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
 use serde_json::json;
-use strom_client::consumer::{Consumer, ConsumerConfig, Offset, TopicPartition};
+use std::sync::Arc;
+
+use strom_client::consumer::{
+    AutoOffsetReset, Consumer, ConsumerConfig, ConsumerRecord, Offset, TopicPartition,
+};
+use strom_client::group::{GroupConfig, GroupConsumer, NoopListener};
 use strom_client::producer::{Producer, ProducerConfig, ProducerRecord};
 use strom_client::{Acks, Client, ClientConfig, Error, NewTopic};
+use tokio::sync::mpsc;
 
 #[derive(Parser)]
 #[command(about = "Throughput benchmarks of strom-client against a Kafka broker")]
@@ -54,6 +61,26 @@ enum Command {
         linger_ms: u64,
         #[arg(long, default_value = "all")]
         acks: String,
+    },
+    /// M group consumers in one process read the topic from the group's
+    /// committed offsets (earliest for a new group) until N records arrived.
+    GroupConsume {
+        #[command(flatten)]
+        target: Target,
+        /// Members of the group.
+        #[arg(long, default_value_t = 3)]
+        members: usize,
+        /// Group id; a fresh one per run by default.
+        #[arg(long)]
+        group: Option<String>,
+        #[arg(long, default_value_t = 6000)]
+        session_timeout_ms: u64,
+        #[arg(long, default_value_t = 1000)]
+        heartbeat_ms: u64,
+        #[arg(long, default_value_t = 60)]
+        timeout_secs: u64,
+        #[arg(long, default_value_t = 1000)]
+        quiet_ms: u64,
     },
     /// Read every partition from the earliest offset until N records arrived.
     Consume {
@@ -101,6 +128,30 @@ fn main() -> ExitCode {
                     ..ProducerConfig::default()
                 };
                 produce(&target, size, partitions, config).await
+            }
+            Command::GroupConsume {
+                target,
+                members,
+                group,
+                session_timeout_ms,
+                heartbeat_ms,
+                timeout_secs,
+                quiet_ms,
+            } => {
+                let id = group.unwrap_or_else(|| format!("strom-bench-{}", std::process::id()));
+                let mut config = GroupConfig::new(id);
+                config.session_timeout = Duration::from_millis(session_timeout_ms);
+                config.heartbeat_interval = Duration::from_millis(heartbeat_ms);
+                config.rebalance_timeout = config.session_timeout * 2;
+                config.consumer.auto_offset_reset = AutoOffsetReset::Earliest;
+                group_consume(
+                    &target,
+                    members,
+                    config,
+                    Duration::from_secs(timeout_secs),
+                    Duration::from_millis(quiet_ms),
+                )
+                .await
             }
             Command::Consume {
                 target,
@@ -204,8 +255,113 @@ async fn produce(
     Ok(failed == 0)
 }
 
+/// Counts and checks consumed records: each value must match its key, each
+/// key must arrive once.
+struct Tally {
+    seen: Vec<bool>,
+    received: u64,
+    duplicates: u64,
+    corrupt: u64,
+    bytes: u64,
+    distinct: u64,
+    expected: Vec<u8>,
+}
+
+impl Tally {
+    fn new(messages: u64) -> Self {
+        Tally {
+            seen: vec![false; messages as usize],
+            received: 0,
+            duplicates: 0,
+            corrupt: 0,
+            bytes: 0,
+            distinct: 0,
+            expected: Vec::with_capacity(256),
+        }
+    }
+
+    fn add(&mut self, batch: &[ConsumerRecord]) {
+        for r in batch {
+            self.received += 1;
+            let value = r.value.as_deref().unwrap_or_default();
+            self.bytes += value.len() as u64;
+            let index = r
+                .key
+                .as_deref()
+                .and_then(|k| k.strip_prefix(b"key-"))
+                .and_then(|k| std::str::from_utf8(k).ok())
+                .and_then(|k| k.parse::<usize>().ok())
+                .filter(|&i| i < self.seen.len());
+            let Some(i) = index else {
+                self.corrupt += 1;
+                continue;
+            };
+            fill_value(&mut self.expected, i as u64, value.len());
+            if value != self.expected.as_slice() {
+                self.corrupt += 1;
+            } else if self.seen[i] {
+                self.duplicates += 1;
+            } else {
+                self.seen[i] = true;
+                self.distinct += 1;
+            }
+        }
+    }
+
+    fn complete(&self) -> bool {
+        self.distinct == self.seen.len() as u64
+    }
+
+    /// Takes batches until every record arrived (then `quiet` longer, so
+    /// duplicates show) or `timeout` passed; returns when the last one arrived.
+    async fn drain(
+        &mut self,
+        rx: &mut mpsc::Receiver<Result<Vec<ConsumerRecord>, Error>>,
+        started: Instant,
+        timeout: Duration,
+        quiet: Duration,
+    ) -> Result<Instant, Error> {
+        let mut finished_at: Option<Instant> = None;
+        loop {
+            let wait = match finished_at {
+                Some(t) => quiet.saturating_sub(t.elapsed()),
+                None => timeout.saturating_sub(started.elapsed()),
+            };
+            if wait.is_zero() {
+                break;
+            }
+            match tokio::time::timeout(wait, rx.recv()).await {
+                Ok(Some(batch)) => self.add(&batch?),
+                Ok(None) | Err(_) => break,
+            }
+            if self.complete() && finished_at.is_none() {
+                finished_at = Some(Instant::now());
+            }
+        }
+        Ok(finished_at.unwrap_or_else(Instant::now))
+    }
+
+    /// The JSON line every consume-like command prints.
+    fn report(&self, op: &str, seconds: f64) -> serde_json::Value {
+        json!({
+            "op": op,
+            "messages": self.received,
+            "missing": self.seen.len() as u64 - self.distinct,
+            "duplicates": self.duplicates,
+            "corrupt": self.corrupt,
+            "seconds": seconds,
+            "msgs_per_s": self.distinct as f64 / seconds,
+            "mb_per_s": self.bytes as f64 / seconds / 1e6,
+        })
+    }
+
+    fn ok(&self) -> bool {
+        self.complete() && self.duplicates == 0 && self.corrupt == 0
+    }
+}
+
 async fn consume(target: &Target, timeout: Duration, quiet: Duration) -> Result<bool, Error> {
-    let (topic, messages) = (target.topic.as_str(), target.messages);
+    let topic = target.topic.as_str();
     let client = Client::connect(client_config(&target.brokers)).await?;
     let meta = client.topic_metadata(topic).await?;
     let mut consumer = Consumer::new(client, ConsumerConfig::default());
@@ -214,68 +370,94 @@ async fn consume(target: &Target, timeout: Duration, quiet: Duration) -> Result<
             .iter()
             .map(|p| (TopicPartition::new(topic, p.partition), Offset::Earliest)),
     )?;
-    let mut seen = vec![0u8; messages as usize];
-    let (mut received, mut duplicates, mut corrupt, mut bytes, mut distinct) =
-        (0u64, 0u64, 0u64, 0u64, 0u64);
+    let (tx, mut rx) = mpsc::channel(64);
+    let reader = tokio::spawn(async move {
+        loop {
+            let batch = consumer.poll().await;
+            let failed = batch.is_err();
+            if tx.send(batch).await.is_err() || failed {
+                return;
+            }
+        }
+    });
     let started = Instant::now();
-    let mut finished_at: Option<Instant> = None;
-    let mut expected = Vec::with_capacity(256);
-    loop {
-        let wait = match finished_at {
-            Some(t) => quiet.saturating_sub(t.elapsed()),
-            None => timeout.saturating_sub(started.elapsed()),
-        };
-        if wait.is_zero() {
-            break;
-        }
-        let batch = match tokio::time::timeout(wait, consumer.poll()).await {
-            Ok(batch) => batch?,
-            Err(_) => break,
-        };
-        for r in batch {
-            received += 1;
-            let value = r.value.as_deref().unwrap_or_default();
-            bytes += value.len() as u64;
-            let index = r
-                .key
-                .as_deref()
-                .and_then(|k| k.strip_prefix(b"key-"))
-                .and_then(|k| std::str::from_utf8(k).ok())
-                .and_then(|k| k.parse::<u64>().ok())
-                .filter(|&i| i < messages);
-            let Some(i) = index else {
-                corrupt += 1;
-                continue;
-            };
-            fill_value(&mut expected, i, value.len());
-            if value != expected.as_slice() {
-                corrupt += 1;
-                continue;
-            }
-            match &mut seen[i as usize] {
-                0 => {
-                    seen[i as usize] = 1;
-                    distinct += 1;
+    let mut tally = Tally::new(target.messages);
+    let end = tally.drain(&mut rx, started, timeout, quiet).await;
+    reader.abort();
+    let seconds = end?.duration_since(started).as_secs_f64();
+    print(tally.report("consume", seconds));
+    Ok(tally.ok())
+}
+
+/// `members` group consumers in one process, each with its own client as
+/// separate workers would have; reports also how long the group took to
+/// assign every partition after the last member started.
+async fn group_consume(
+    target: &Target,
+    members: usize,
+    group: GroupConfig,
+    timeout: Duration,
+    quiet: Duration,
+) -> Result<bool, Error> {
+    let topic = target.topic.as_str();
+    let partitions = Client::connect(client_config(&target.brokers))
+        .await?
+        .topic_metadata(topic)
+        .await?
+        .partitions
+        .len();
+    let (tx, mut rx) = mpsc::channel(64);
+    let mut handles = Vec::with_capacity(members);
+    let mut readers = Vec::with_capacity(members);
+    let started = Instant::now();
+    for _ in 0..members {
+        let client = Client::connect(client_config(&target.brokers)).await?;
+        let mut member =
+            GroupConsumer::new(client, group.clone(), &[topic], Arc::new(NoopListener))?;
+        handles.push(member.group().clone());
+        let tx = tx.clone();
+        readers.push(tokio::spawn(async move {
+            loop {
+                let batch = member.poll().await;
+                let failed = batch.is_err();
+                if tx.send(batch).await.is_err() || failed {
+                    break;
                 }
-                _ => duplicates += 1,
             }
-        }
-        if distinct == messages && finished_at.is_none() {
-            finished_at = Some(Instant::now());
-        }
+            let _ = member.close().await;
+        }));
     }
-    let end = finished_at.unwrap_or_else(Instant::now);
-    let seconds = end.duration_since(started).as_secs_f64();
-    let missing = messages - distinct;
-    print(json!({
-        "op": "consume",
-        "messages": received,
-        "missing": missing,
-        "duplicates": duplicates,
-        "corrupt": corrupt,
-        "seconds": seconds,
-        "msgs_per_s": distinct as f64 / seconds,
-        "mb_per_s": bytes as f64 / seconds / 1e6,
-    }));
-    Ok(missing == 0 && duplicates == 0 && corrupt == 0)
+    drop(tx);
+    let last_started = Instant::now();
+    let watch = handles.clone();
+    let assigned = tokio::spawn(async move {
+        loop {
+            let mut all = std::collections::BTreeSet::new();
+            let mut disjoint = true;
+            for h in &watch {
+                for tp in h.assignment() {
+                    disjoint &= all.insert(tp);
+                }
+            }
+            if disjoint && all.len() == partitions {
+                return last_started.elapsed();
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    });
+    let mut tally = Tally::new(target.messages);
+    let end = tally.drain(&mut rx, started, timeout, quiet).await;
+    for r in &readers {
+        r.abort();
+    }
+    let assign_seconds = match tokio::time::timeout(Duration::ZERO, assigned).await {
+        Ok(Ok(d)) => Some(d.as_secs_f64()),
+        _ => None,
+    };
+    let seconds = end?.duration_since(started).as_secs_f64();
+    let mut line = tally.report("group-consume", seconds);
+    line["members"] = json!(members);
+    line["assign_seconds"] = json!(assign_seconds);
+    print(line);
+    Ok(tally.ok() && assign_seconds.is_some())
 }
