@@ -6,7 +6,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use strom_client::consumer::{AutoOffsetReset, TopicPartition};
-use strom_client::group::assignor::{Assignor, CooperativeSticky, Range};
+use strom_client::group::assignor::{
+    Assignor, CooperativeSticky, MemberAssignment, MemberSubscription, Range,
+};
 use strom_client::group::{
     GroupConfig, GroupConsumer, GroupHandle, ListenerFuture, RebalanceListener,
 };
@@ -646,4 +648,144 @@ async fn static_member_restarts_without_a_rebalance() {
     assert_eq!(b.group().metadata().generation_id, b_generation);
     a.close().await.unwrap();
     b.close().await.unwrap();
+}
+
+/// A caller-supplied assignor: each member's user data reaches the leader, and
+/// the leader's user data reaches each member through `on_assignment`.
+#[derive(Debug)]
+struct Greeting {
+    me: String,
+    heard: Mutex<Option<String>>,
+}
+
+impl Assignor for Greeting {
+    fn name(&self) -> &str {
+        "greeting"
+    }
+    fn user_data(&self, _owned: &[TopicPartition]) -> Option<bytes::Bytes> {
+        Some(bytes::Bytes::from(self.me.clone()))
+    }
+    fn on_assignment(&self, assignment: &MemberAssignment, _generation: i32) {
+        let text = assignment
+            .user_data
+            .as_ref()
+            .map(|b| String::from_utf8_lossy(b).into_owned());
+        *self.heard.lock().unwrap() = text;
+    }
+    fn assign(
+        &self,
+        members: &[MemberSubscription],
+        partitions: &BTreeMap<String, i32>,
+    ) -> strom_client::Result<BTreeMap<String, MemberAssignment>> {
+        let mut names: Vec<String> = members
+            .iter()
+            .map(|m| {
+                String::from_utf8_lossy(m.user_data.as_deref().unwrap_or_default()).into_owned()
+            })
+            .collect();
+        names.sort();
+        let mut plan = Range.assign(members, partitions)?;
+        for a in plan.values_mut() {
+            a.user_data = Some(bytes::Bytes::from(names.join(",")));
+        }
+        Ok(plan)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn custom_assignor_carries_user_data_both_ways() {
+    let broker = TestBroker::start().await;
+    let client = broker.client().await;
+    let topic = topic_with(&client, "userdata", 4).await;
+    let group = unique_topic("g-userdata");
+    let assignors: Vec<Arc<Greeting>> = ["ann", "bob"]
+        .iter()
+        .map(|n| {
+            Arc::new(Greeting {
+                me: n.to_string(),
+                heard: Mutex::new(None),
+            })
+        })
+        .collect();
+    let members: Vec<GroupConsumer> = assignors
+        .iter()
+        .map(|a| {
+            GroupConsumer::new(
+                client.clone(),
+                config(&group, a.clone()),
+                &[&topic],
+                Arc::new(Recorder::default()),
+            )
+            .unwrap()
+        })
+        .collect();
+    wait_for("2 members to split 4 partitions", 60, || {
+        balanced(&members.iter().collect::<Vec<_>>(), 4)
+    })
+    .await;
+    for a in &assignors {
+        assert_eq!(
+            a.heard.lock().unwrap().as_deref(),
+            Some("ann,bob"),
+            "{} heard",
+            a.me
+        );
+    }
+    for m in members {
+        m.close().await.unwrap();
+    }
+}
+
+/// With auto-commit on, closing commits what was handed out, and the next
+/// member starts right after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_commit_commits_consumed_positions_on_close() {
+    let broker = TestBroker::start().await;
+    let client = broker.client().await;
+    let topic = topic_with(&client, "autocommit", 1).await;
+    let producer = Producer::new(client.clone(), ProducerConfig::default()).unwrap();
+    for i in 0..300u32 {
+        producer
+            .send(ProducerRecord::to(&topic).value(i.to_string().as_bytes()))
+            .await
+            .unwrap();
+    }
+    producer.flush().await.unwrap();
+    let group = unique_topic("g-auto");
+    let mut auto = config(&group, Arc::new(Range));
+    auto.auto_commit_interval = Some(Duration::from_millis(500));
+    let mut member = GroupConsumer::new(
+        client.clone(),
+        auto.clone(),
+        &[&topic],
+        Arc::new(Recorder::default()),
+    )
+    .unwrap();
+    let mut last = -1;
+    while last < 149 {
+        last = tokio::time::timeout(Duration::from_secs(60), member.recv())
+            .await
+            .expect("no record")
+            .unwrap()
+            .offset;
+    }
+    let tp = TopicPartition::new(&topic, 0);
+    let handed_out = member.position(&tp).unwrap();
+    member.close().await.unwrap();
+    let mut next = GroupConsumer::new(
+        client.clone(),
+        auto,
+        &[&topic],
+        Arc::new(Recorder::default()),
+    )
+    .unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(60), next.recv())
+        .await
+        .expect("no record")
+        .unwrap();
+    assert_eq!(
+        first.offset, handed_out,
+        "the next member did not start after the auto-committed position"
+    );
+    next.close().await.unwrap();
 }

@@ -235,12 +235,8 @@ pub struct Consumer {
     handle: Arc<Handle>,
     rx: mpsc::UnboundedReceiver<Fetched>,
     config: ConsumerConfig,
-    /// Records of the last decoded chunk not yet returned by `recv`, all of one
-    /// partition, decoded under the epoch noted in `ready_epoch`.
-    ready: VecDeque<ConsumerRecord>,
-    ready_epoch: Option<(TopicPartition, u64)>,
-    /// Partition and epoch of the chunk `poll` returned last.
-    last_epoch: Option<(TopicPartition, u64)>,
+    /// Decoded records not yet handed out.
+    ready: Option<Ready>,
     /// An error found after records that were returned first.
     pending_error: Option<Error>,
 }
@@ -274,27 +270,13 @@ impl Consumer {
             handle,
             rx,
             config,
-            ready: VecDeque::new(),
-            ready_epoch: None,
-            last_epoch: None,
+            ready: None,
             pending_error: None,
         }
     }
 
     pub(crate) fn handle(&self) -> &Arc<Handle> {
         &self.handle
-    }
-
-    /// Drops decoded records whose partition was sought, revoked or unassigned
-    /// since they were decoded.
-    fn check_ready(&mut self) {
-        if let Some((tp, epoch)) = &self.ready_epoch {
-            let current = self.handle.lock().partitions.get(tp).map(|s| s.epoch);
-            if current != Some(*epoch) {
-                self.ready.clear();
-                self.ready_epoch = None;
-            }
-        }
     }
 
     /// Replaces the assignment: these partitions, each starting where its
@@ -305,7 +287,7 @@ impl Consumer {
     ) -> Result<()> {
         self.handle.lock().partitions.clear();
         self.handle.add_partitions(partitions);
-        self.ready.clear();
+        self.ready = None;
         self.pending_error = None;
         Ok(())
     }
@@ -329,8 +311,6 @@ impl Consumer {
         *state = new_state(offset, epoch, &self.config);
         state.paused = paused;
         drop(shared);
-        self.ready
-            .retain(|r| !(r.partition == tp.partition && *r.topic == *tp.topic));
         self.handle.wake_fetcher.notify_one();
         Ok(())
     }
@@ -361,20 +341,11 @@ impl Consumer {
     /// The offset of the next record `poll` will return for `tp` (`None` while
     /// a reset to earliest or latest is still being resolved).
     pub fn position(&self, tp: &TopicPartition) -> Option<i64> {
-        // Records decoded but not yet returned by `recv` come first.
-        let buffered = self
-            .ready
-            .iter()
-            .find(|r| r.partition == tp.partition && *r.topic == *tp.topic);
-        match buffered {
-            Some(r) => Some(r.offset),
-            None => self
-                .handle
-                .lock()
-                .partitions
-                .get(tp)
-                .and_then(|s| s.position),
-        }
+        self.handle
+            .lock()
+            .partitions
+            .get(tp)
+            .and_then(|s| s.position)
     }
 
     /// The high watermark of `tp` from the last fetch (-1 before the first).
@@ -389,13 +360,10 @@ impl Consumer {
     /// The next record. Cancel-safe: a record is only removed when returned.
     pub async fn recv(&mut self) -> Result<ConsumerRecord> {
         loop {
-            self.check_ready();
-            if let Some(r) = self.ready.pop_front() {
+            if let Some(r) = self.hand_out(1).pop() {
                 return Ok(r);
             }
-            let batch = self.poll().await?;
-            self.ready_epoch = self.last_epoch.clone();
-            self.ready.extend(batch);
+            self.fill().await?;
         }
     }
 
@@ -406,10 +374,52 @@ impl Consumer {
     ///
     /// Cancel-safe.
     pub async fn poll(&mut self) -> Result<Vec<ConsumerRecord>> {
-        self.check_ready();
-        if !self.ready.is_empty() {
-            return Ok(self.ready.drain(..).collect());
+        loop {
+            let records = self.hand_out(usize::MAX);
+            if !records.is_empty() {
+                return Ok(records);
+            }
+            self.fill().await?;
         }
+    }
+
+    /// Hands out up to `n` ready records and moves the partition's position
+    /// past them, so a commit of the position covers exactly what the caller got.
+    /// Records of a partition sought, revoked or unassigned since they were
+    /// decoded are dropped instead.
+    fn hand_out(&mut self, n: usize) -> Vec<ConsumerRecord> {
+        let Some(ready) = &mut self.ready else {
+            return Vec::new();
+        };
+        let mut shared = self.handle.lock();
+        let state = shared
+            .partitions
+            .get_mut(&ready.tp)
+            .filter(|s| s.epoch == ready.epoch);
+        let Some(state) = state else {
+            drop(shared);
+            self.ready = None;
+            return Vec::new();
+        };
+        let out: Vec<ConsumerRecord> = if n >= ready.records.len() {
+            ready.records.drain(..).collect()
+        } else {
+            ready.records.drain(..n).collect()
+        };
+        let after_last = out.last().map(|r| r.offset + 1);
+        if ready.records.is_empty() {
+            state.position = ready.next.or(after_last);
+            drop(shared);
+            self.ready = None;
+        } else {
+            state.position = after_last;
+        }
+        out
+    }
+
+    /// Waits for the next fetched data with records in it and decodes it into
+    /// `ready`; returns a pending or fetch error instead, if there is one.
+    async fn fill(&mut self) -> Result<()> {
         if let Some(e) = self.pending_error.take() {
             return Err(e);
         }
@@ -435,45 +445,59 @@ impl Consumer {
             let Some(position) = current else {
                 continue; // fetched before a seek or unassign
             };
-            let data = match fetched.result {
-                Ok(data) => data,
-                Err(e) => return Err(e),
-            };
+            let data = fetched.result?;
             let start = position
                 .unwrap_or(fetched.fetch_offset)
                 .max(fetched.fetch_offset);
             let (records, next, error) = decode(&fetched.tp, data, start, self.config.check_crcs);
-            {
+            let mut epoch = fetched.epoch;
+            let mut next = next;
+            if let Some((bad, e)) = error {
+                // Fetch again from the bad batch: nothing after it is skipped.
+                // The new epoch drops data already fetched beyond it; the good
+                // records before it stay valid under that epoch.
                 let mut shared = self.handle.lock();
-                let seek_to = error.as_ref().map(|(offset, _)| *offset);
-                let epoch = seek_to.map(|_| bump(&mut shared));
+                let new_epoch = bump(&mut shared);
                 if let Some(state) = shared.partitions.get_mut(&fetched.tp) {
                     if state.epoch == fetched.epoch {
-                        if let Some(next) = next {
-                            state.position = Some(next);
+                        state.fetch_position = Some(bad);
+                        state.epoch = new_epoch;
+                        if records.is_empty() {
+                            state.position = Some(bad);
                         }
-                        if let (Some(offset), Some(epoch)) = (seek_to, epoch) {
-                            // Refetch from the bad batch: nothing after it is skipped.
-                            state.position = Some(offset);
-                            state.fetch_position = Some(offset);
-                            state.epoch = epoch;
-                        }
+                        epoch = new_epoch;
                     }
                 }
-            }
-            if let Some((_, e)) = error {
+                drop(shared);
                 self.handle.wake_fetcher.notify_one();
                 if records.is_empty() {
                     return Err(e);
                 }
+                next = Some(bad);
                 self.pending_error = Some(e);
             }
             if !records.is_empty() {
-                self.last_epoch = Some((fetched.tp, fetched.epoch));
-                return Ok(records);
+                self.ready = Some(Ready {
+                    tp: fetched.tp,
+                    epoch,
+                    records: records.into(),
+                    next,
+                });
+                return Ok(());
             }
         }
     }
+}
+
+/// Decoded records of one partition waiting to be handed out.
+#[derive(Debug)]
+struct Ready {
+    tp: TopicPartition,
+    /// The partition's epoch when they were decoded.
+    epoch: u64,
+    records: VecDeque<ConsumerRecord>,
+    /// The position once all are handed out (past trailing control batches too).
+    next: Option<i64>,
 }
 
 fn bump(shared: &mut Shared) -> u64 {

@@ -73,6 +73,10 @@ pub trait Assignor: Send + Sync + Debug {
         None
     }
 
+    /// Called on every member with what the leader's assignment gave it
+    /// (partitions and user data), before its listener hears of the change.
+    fn on_assignment(&self, _assignment: &MemberAssignment, _generation: i32) {}
+
     /// The assignment for every member, keyed by member id. `partitions` gives
     /// the partition count of every topic some member subscribes to.
     fn assign(

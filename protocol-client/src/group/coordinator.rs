@@ -319,13 +319,21 @@ async fn join(group: &GroupHandle, protocol: RebalanceProtocol) -> Result<Joined
         .with_member_id(StrBytes::from_string(member_id.clone()))
         .with_group_instance_id(instance_id(inner))
         .with_protocol_type(Some(StrBytes::from_static_str("consumer")))
-        .with_protocol_name(Some(StrBytes::from_string(protocol_name)))
+        .with_protocol_name(Some(StrBytes::from_string(protocol_name.clone())))
         .with_assignments(assignments);
     let sresp = conn.send_with_timeout(&sync, timeout).await?;
     if let Some(code) = ResponseError::try_from_code(sresp.error_code) {
         return Err(rejected(inner, ApiKey::SyncGroup, code));
     }
     let assignment = decode_assignment(sresp.assignment)?;
+    if let Some(a) = inner
+        .config
+        .assignors
+        .iter()
+        .find(|a| a.name() == protocol_name)
+    {
+        a.on_assignment(&assignment, generation);
+    }
     Ok(Joined {
         generation,
         member_id,
