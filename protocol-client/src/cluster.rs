@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 
 use kafka_protocol::error::ResponseError;
 use kafka_protocol::messages::metadata_request::MetadataRequestTopic;
-use kafka_protocol::messages::{ApiKey, MetadataRequest, MetadataResponse, TopicName};
+use kafka_protocol::messages::{
+    ApiKey, FindCoordinatorRequest, MetadataRequest, MetadataResponse, TopicName,
+};
 use kafka_protocol::protocol::StrBytes;
 use tracing::{debug, warn};
 
@@ -69,6 +71,15 @@ pub enum ConnectionClass {
     Produce,
     /// Fetch requests.
     Fetch,
+}
+
+/// What [`Client::find_coordinator`] looks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CoordinatorKind {
+    /// A consumer group's coordinator.
+    Group = 0,
+    /// A transactional id's transaction coordinator.
+    Transaction = 1,
 }
 
 /// One partition's entry in the metadata cache.
@@ -190,6 +201,31 @@ impl Client {
         let conn = Arc::new(Connection::connect(&addr, &self.inner.config.connection).await?);
         *slot = Some(conn.clone());
         Ok(conn)
+    }
+
+    /// The broker id of the coordinator for a consumer group or a
+    /// transactional id (FindCoordinator).
+    pub async fn find_coordinator(&self, key: &str, kind: CoordinatorKind) -> Result<i32> {
+        let conn = self.any_broker().await?;
+        let req = FindCoordinatorRequest::default()
+            .with_key(StrBytes::from_string(key.to_owned()))
+            .with_key_type(kind as i8);
+        let resp = conn.send(&req).await?;
+        crate::error::check_code(
+            ApiKey::FindCoordinator,
+            resp.error_code,
+            None,
+            None,
+            resp.error_message.as_ref().map(StrBytes::as_str),
+        )?;
+        if !read(&self.inner.metadata)
+            .brokers
+            .contains_key(&resp.node_id.0)
+        {
+            self.refresh_metadata(&[]).await?;
+        }
+        debug!(%key, ?kind, coordinator = resp.node_id.0, "found coordinator");
+        Ok(resp.node_id.0)
     }
 
     /// `host:port` of broker `id`, if the metadata knows it.

@@ -92,6 +92,11 @@ requests! {
     LeaveGroupRequest => LeaveGroupResponse: LeaveGroup,
     OffsetCommitRequest => OffsetCommitResponse: OffsetCommit,
     OffsetFetchRequest => OffsetFetchResponse: OffsetFetch,
+    InitProducerIdRequest => InitProducerIdResponse: InitProducerId,
+    AddPartitionsToTxnRequest => AddPartitionsToTxnResponse: AddPartitionsToTxn,
+    AddOffsetsToTxnRequest => AddOffsetsToTxnResponse: AddOffsetsToTxn,
+    TxnOffsetCommitRequest => TxnOffsetCommitResponse: TxnOffsetCommit,
+    EndTxnRequest => EndTxnResponse: EndTxn,
 }
 
 /// The highest version of each API this client's code is written for. The version
@@ -111,6 +116,12 @@ fn our_max_version(api: ApiKey) -> Option<i16> {
         ApiKey::FindCoordinator => 3,
         ApiKey::OffsetFetch => 7,
         ApiKey::OffsetCommit => 8,
+        // Later versions of the transaction APIs belong to KIP-890's protocol.
+        ApiKey::InitProducerId => 4,
+        ApiKey::AddPartitionsToTxn => 3,
+        ApiKey::AddOffsetsToTxn => 3,
+        ApiKey::TxnOffsetCommit => 3,
+        ApiKey::EndTxn => 3,
         _ => return None,
     })
 }

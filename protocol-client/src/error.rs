@@ -200,6 +200,26 @@ pub enum Error {
         partition: i32,
     },
 
+    /// Another producer with the same transactional id (or a newer epoch of this
+    /// one) has taken over: this producer can do nothing more and must be dropped.
+    #[error("producer fenced{}: {reason}", match transactional_id { Some(t) => format!(" (transactional id {t:?})"), None => String::new() })]
+    ProducerFenced {
+        /// The transactional id, if any.
+        transactional_id: Option<String>,
+        /// What the broker said.
+        reason: String,
+    },
+
+    /// A transaction operation was called in the wrong state, or the current
+    /// transaction hit an error and can only be aborted.
+    #[error("transaction {transactional_id:?}: {what}")]
+    Transaction {
+        /// The transactional id.
+        transactional_id: String,
+        /// What is wrong.
+        what: String,
+    },
+
     /// A configuration value is invalid or contradicts another.
     #[error("invalid configuration: {0}")]
     Config(String),

@@ -11,9 +11,10 @@
 //! - [`records`]: the RecordBatch v2 codec (CRC-32C, LZ4 frames, zero-copy decode).
 //! - [`partitioner`]: Java-compatible murmur2 partitioning and sticky partitioning.
 //! - [`producer`]: per-partition batching, one produce request per broker,
-//!   acks, ordered retries, delivery futures, `flush()`.
+//!   acks, ordered retries, delivery futures, `flush()`; idempotence and
+//!   transactions.
 //! - [`consumer`]: assign mode — seek, reset policy, prefetching fetcher,
-//!   pause/resume.
+//!   pause/resume, read-committed filtering.
 //! - [`group`]: consumer groups — coordinator, join/sync/heartbeat, assignors,
 //!   rebalance listener, committed offsets.
 //! - [`error`]: the one [`Error`] type.
@@ -65,7 +66,8 @@ pub use admin::{NewTopic, OffsetSpec};
 pub use cluster::{Client, ClientConfig, ConnectionClass};
 pub use connection::ConnectionConfig;
 pub use consumer::{
-    AutoOffsetReset, Consumer, ConsumerConfig, ConsumerRecord, Offset, TopicPartition,
+    AutoOffsetReset, Consumer, ConsumerConfig, ConsumerRecord, IsolationLevel, Offset,
+    TopicPartition,
 };
 pub use error::{Error, Result};
 pub use group::{GroupConfig, GroupConsumer, GroupHandle, RebalanceListener};

@@ -439,6 +439,7 @@ async fn every_acks_mode_delivers() {
             client.clone(),
             ProducerConfig {
                 acks,
+                idempotence: false,
                 ..ProducerConfig::default()
             },
         )

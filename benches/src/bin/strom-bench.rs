@@ -61,6 +61,15 @@ enum Command {
         linger_ms: u64,
         #[arg(long, default_value = "all")]
         acks: String,
+        /// Idempotent producer (producer id and sequences).
+        #[arg(long)]
+        idempotent: bool,
+        /// Transactional producer: commits every `--txn-records` records.
+        #[arg(long)]
+        transactional: bool,
+        /// Records per transaction with `--transactional`.
+        #[arg(long, default_value_t = 10_000)]
+        txn_records: u64,
     },
     /// M group consumers in one process read the topic from the group's
     /// committed offsets (earliest for a new group) until N records arrived.
@@ -120,14 +129,21 @@ fn main() -> ExitCode {
                 partitions,
                 linger_ms,
                 acks,
+                idempotent,
+                transactional,
+                txn_records,
             } => {
                 let config = ProducerConfig {
                     acks: acks.parse()?,
                     compression: compression.parse()?,
                     linger: Duration::from_millis(linger_ms),
+                    idempotence: idempotent || transactional,
+                    transactional_id: transactional
+                        .then(|| format!("strom-bench-{}", std::process::id())),
                     ..ProducerConfig::default()
                 };
-                produce(&target, size, partitions, config).await
+                let per_txn = transactional.then_some(txn_records.max(1));
+                produce(&target, size, partitions, config, per_txn).await
             }
             Command::GroupConsume {
                 target,
@@ -199,6 +215,7 @@ async fn produce(
     size: usize,
     partitions: i32,
     config: ProducerConfig,
+    per_txn: Option<u64>,
 ) -> Result<bool, Error> {
     let (topic, messages) = (target.topic.as_str(), target.messages);
     let client = Client::connect(client_config(&target.brokers)).await?;
@@ -210,7 +227,16 @@ async fn produce(
         Err(e) => return Err(e),
     }
     let acks = config.acks;
+    let mode = match (per_txn, config.idempotence) {
+        (Some(_), _) => "transactional",
+        (None, true) => "idempotent",
+        (None, false) => "plain",
+    };
     let producer = Producer::new(client, config)?;
+    if per_txn.is_some() {
+        producer.init_transactions().await?;
+        producer.begin_transaction()?;
+    }
     let mut deliveries = Vec::with_capacity(messages as usize);
     let mut key = Vec::with_capacity(32);
     let mut value = Vec::with_capacity(size + 24);
@@ -225,6 +251,15 @@ async fn produce(
             .send(ProducerRecord::to(topic).key(&key).value(&value))
             .await?;
         deliveries.push(d);
+        if per_txn.is_some_and(|k| (i + 1) % k == 0) {
+            producer.commit_transaction().await?;
+            if i + 1 < messages {
+                producer.begin_transaction()?;
+            }
+        }
+    }
+    if per_txn.is_some_and(|k| messages % k != 0) {
+        producer.commit_transaction().await?;
     }
     producer.flush().await?;
     let seconds = started.elapsed().as_secs_f64();
@@ -242,6 +277,7 @@ async fn produce(
     }
     print(json!({
         "op": "produce",
+        "mode": mode,
         "messages": messages,
         "bytes": bytes,
         "seconds": seconds,

@@ -145,6 +145,7 @@ async fn resolve_resets(
                         tp,
                         epoch: *epoch,
                         fetch_offset: 0,
+                        aborted: Vec::new(),
                         result: Err(e.clone()),
                     });
                 }
@@ -242,7 +243,10 @@ async fn fetch(client: Client, config: ConsumerConfig, broker: i32, asked: Vec<A
         .with_max_wait_ms(config.fetch_max_wait.as_millis() as i32)
         .with_min_bytes(config.fetch_min_bytes)
         .with_max_bytes(config.fetch_max_bytes)
-        .with_isolation_level(0)
+        .with_isolation_level(match config.isolation {
+            super::IsolationLevel::ReadUncommitted => 0,
+            super::IsolationLevel::ReadCommitted => 1,
+        })
         .with_session_id(0)
         .with_session_epoch(-1)
         .with_topics(topics);
@@ -328,6 +332,12 @@ async fn handle_done(
                                 tp: a.tp.clone(),
                                 epoch: a.epoch,
                                 fetch_offset: a.offset,
+                                aborted: p
+                                    .aborted_transactions
+                                    .iter()
+                                    .flatten()
+                                    .map(|t| (t.producer_id.0, t.first_offset))
+                                    .collect(),
                                 result: Ok(records),
                             });
                         }
@@ -353,6 +363,7 @@ async fn handle_done(
                                 tp: a.tp.clone(),
                                 epoch: a.epoch,
                                 fetch_offset: a.offset,
+                                aborted: Vec::new(),
                                 result: Err(Error::OffsetOutOfRange {
                                     topic: a.tp.topic.to_string(),
                                     partition: a.tp.partition,
@@ -391,6 +402,7 @@ async fn handle_done(
                             tp: a.tp.clone(),
                             epoch: a.epoch,
                             fetch_offset: a.offset,
+                            aborted: Vec::new(),
                             result: Err(err),
                         });
                     }

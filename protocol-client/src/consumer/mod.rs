@@ -77,6 +77,17 @@ pub enum AutoOffsetReset {
     None,
 }
 
+/// Which records a consumer sees (Java's `isolation.level`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum IsolationLevel {
+    /// Everything written, including records of open and aborted transactions.
+    #[default]
+    ReadUncommitted,
+    /// Only committed records: reads stop at the last stable offset and records
+    /// of aborted transactions are dropped.
+    ReadCommitted,
+}
+
 /// Consumer settings.
 #[derive(Debug, Clone)]
 pub struct ConsumerConfig {
@@ -96,6 +107,8 @@ pub struct ConsumerConfig {
     pub max_buffered_bytes: usize,
     /// Verify each batch's CRC-32C. Default true.
     pub check_crcs: bool,
+    /// Read uncommitted (default) or committed records only.
+    pub isolation: IsolationLevel,
 }
 
 impl Default for ConsumerConfig {
@@ -108,6 +121,7 @@ impl Default for ConsumerConfig {
             max_partition_fetch_bytes: 1024 * 1024,
             max_buffered_bytes: 64 * 1024 * 1024,
             check_crcs: true,
+            isolation: IsolationLevel::ReadUncommitted,
         }
     }
 }
@@ -167,6 +181,9 @@ struct Fetched {
     epoch: u64,
     /// The offset the fetch asked for: records below it are skipped.
     fetch_offset: i64,
+    /// Aborted transactions in this data, as (producer id, first offset)
+    /// (read-committed fetches only).
+    aborted: Vec<(i64, i64)>,
     result: Result<Bytes>,
 }
 
@@ -449,7 +466,13 @@ impl Consumer {
             let start = position
                 .unwrap_or(fetched.fetch_offset)
                 .max(fetched.fetch_offset);
-            let (records, next, error) = decode(&fetched.tp, data, start, self.config.check_crcs);
+            let (records, next, error) = decode(
+                &fetched.tp,
+                data,
+                start,
+                self.config.check_crcs,
+                &fetched.aborted,
+            );
             let mut epoch = fetched.epoch;
             let mut next = next;
             if let Some((bad, e)) = error {
@@ -530,15 +553,25 @@ fn not_assigned(tp: &TopicPartition) -> Error {
 /// Decodes one partition's fetched bytes: the records at or after `start`, the
 /// offset after the last batch read, and — if a batch was bad — its offset and
 /// the error.
+///
+/// `aborted` lists the aborted transactions of the data (producer id, first
+/// offset), as a read-committed Fetch returns them: a transactional batch of a
+/// producer whose aborted transaction has begun is dropped, until that
+/// producer's abort marker. Control batches are never handed out.
 #[allow(clippy::type_complexity)]
 fn decode(
     tp: &TopicPartition,
     data: Bytes,
     start: i64,
     check_crc: bool,
+    aborted: &[(i64, i64)],
 ) -> (Vec<ConsumerRecord>, Option<i64>, Option<(i64, Error)>) {
     let mut out = Vec::new();
     let mut next = None;
+    let mut upcoming: Vec<(i64, i64)> = aborted.iter().map(|&(pid, first)| (first, pid)).collect();
+    upcoming.sort_unstable();
+    let mut upcoming = upcoming.into_iter().peekable();
+    let mut aborting: std::collections::HashSet<i64> = std::collections::HashSet::new();
     let locate = |e: Error, offset: i64| match e {
         Error::CorruptRecord { what, .. } => Error::CorruptRecord {
             topic: Some(tp.topic.to_string()),
@@ -561,6 +594,26 @@ fn decode(
             }
         };
         let after = batch.last_offset().saturating_add(1);
+        if !aborted.is_empty() && batch.is_transactional() {
+            while let Some(&(first, pid)) = upcoming.peek() {
+                if first > batch.last_offset() {
+                    break;
+                }
+                aborting.insert(pid);
+                upcoming.next();
+            }
+            if batch.is_control() {
+                if is_abort_marker(&batch) {
+                    aborting.remove(&batch.producer_id);
+                }
+                next = Some(after);
+                continue;
+            }
+            if aborting.contains(&batch.producer_id) {
+                next = Some(after);
+                continue;
+            }
+        }
         if after <= start {
             continue;
         }
@@ -594,6 +647,17 @@ fn decode(
     (out, next, None)
 }
 
+/// Whether a control batch holds an abort marker (control record key: version
+/// i16, type i16 with 0 = abort, 1 = commit).
+fn is_abort_marker(batch: &crate::records::Batch) -> bool {
+    batch
+        .records()
+        .next()
+        .and_then(|r| r.ok())
+        .and_then(|r| r.key)
+        .is_some_and(|k| k.len() >= 4 && i16::from_be_bytes([k[2], k[3]]) == 0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -621,13 +685,77 @@ mod tests {
         out.freeze()
     }
 
+    /// A batch at `base` of producer `pid`; `control` makes it a transaction
+    /// marker (0 = abort, 1 = commit) instead of data.
+    fn txn_batch(base: i64, pid: i64, values: &[&str], control: Option<i16>) -> Bytes {
+        let mut b = BatchBuilder::new(64);
+        match control {
+            Some(kind) => {
+                let mut key = 0i16.to_be_bytes().to_vec();
+                key.extend_from_slice(&kind.to_be_bytes());
+                b.push(0, Some(&key), Some(b"marker"), &[]);
+            }
+            None => {
+                for v in values {
+                    b.push(0, None, Some(v.as_bytes()), &[]);
+                }
+            }
+        }
+        let identity = ProducerIdentity {
+            producer_id: pid,
+            producer_epoch: 0,
+            base_sequence: 0,
+            transactional: true,
+        };
+        let mut bytes = BytesMut::from(&b.seal(Compression::None, identity).unwrap()[..]);
+        bytes[..8].copy_from_slice(&base.to_be_bytes());
+        if control.is_some() {
+            bytes[22] |= 0x20; // control flag, low byte of the attributes
+            let crc = crc32c::crc32c(&bytes[21..]);
+            bytes[17..21].copy_from_slice(&crc.to_be_bytes());
+        }
+        bytes.freeze()
+    }
+
+    fn values(records: &[ConsumerRecord]) -> Vec<String> {
+        records
+            .iter()
+            .map(|r| String::from_utf8(r.value.clone().unwrap().to_vec()).unwrap())
+            .collect()
+    }
+
+    /// Read committed: the aborted transaction's records are dropped, the
+    /// committed one's kept, markers never handed out, and the position moves
+    /// past all of it.
+    #[test]
+    fn aborted_transactions_are_filtered_and_markers_skipped() {
+        let tp = TopicPartition::new("t", 0);
+        // pid 7 aborts offsets 0-1 (marker at 2); pid 8 commits 3-4 (marker at 5);
+        // pid 7 writes again at 6 in a later, committed transaction (marker at 7).
+        let data = concat(&[
+            txn_batch(0, 7, &["a0", "a1"], None),
+            txn_batch(2, 7, &[], Some(0)),
+            txn_batch(3, 8, &["c3", "c4"], None),
+            txn_batch(5, 8, &[], Some(1)),
+            txn_batch(6, 7, &["c6"], None),
+            txn_batch(7, 7, &[], Some(1)),
+        ]);
+        let (records, next, err) = decode(&tp, data.clone(), 0, true, &[(7, 0)]);
+        assert!(err.is_none());
+        assert_eq!(values(&records), ["c3", "c4", "c6"]);
+        assert_eq!(next, Some(8));
+        // Read uncommitted: every data record, still no markers.
+        let (records, _, _) = decode(&tp, data, 0, true, &[]);
+        assert_eq!(values(&records), ["a0", "a1", "c3", "c4", "c6"]);
+    }
+
     /// Records below the fetch offset inside a batch are skipped; the next
     /// position follows the last whole batch.
     #[test]
     fn decode_skips_records_below_start() {
         let tp = TopicPartition::new("t", 0);
         let data = concat(&[batch(0, 5), batch(5, 5)]);
-        let (records, next, err) = decode(&tp, data, 3, true);
+        let (records, next, err) = decode(&tp, data, 3, true, &[]);
         assert!(err.is_none());
         assert_eq!(
             records.iter().map(|r| r.offset).collect::<Vec<_>>(),
@@ -642,7 +770,7 @@ mod tests {
         let tp = TopicPartition::new("t", 0);
         let second = batch(5, 5);
         let data = concat(&[batch(0, 5), second.slice(..second.len() - 1)]);
-        let (records, next, err) = decode(&tp, data, 0, true);
+        let (records, next, err) = decode(&tp, data, 0, true, &[]);
         assert!(err.is_none());
         assert_eq!(records.len(), 5);
         assert_eq!(next, Some(5));
@@ -657,7 +785,7 @@ mod tests {
         let n = bad.len();
         bad[n - 2] ^= 0xff;
         let data = concat(&[batch(0, 5), bad.freeze()]);
-        let (records, next, err) = decode(&tp, data, 0, true);
+        let (records, next, err) = decode(&tp, data, 0, true, &[]);
         assert_eq!(records.len(), 5);
         assert_eq!(next, Some(5));
         let (offset, e) = err.unwrap();

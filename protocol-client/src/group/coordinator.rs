@@ -22,8 +22,7 @@ use kafka_protocol::messages::join_group_response::JoinGroupResponseMember;
 use kafka_protocol::messages::leave_group_request::MemberIdentity;
 use kafka_protocol::messages::sync_group_request::SyncGroupRequestAssignment;
 use kafka_protocol::messages::{
-    ApiKey, FindCoordinatorRequest, GroupId, HeartbeatRequest, JoinGroupRequest, LeaveGroupRequest,
-    SyncGroupRequest,
+    ApiKey, GroupId, HeartbeatRequest, JoinGroupRequest, LeaveGroupRequest, SyncGroupRequest,
 };
 use kafka_protocol::protocol::StrBytes;
 use tokio::sync::oneshot;
@@ -34,7 +33,7 @@ use super::assignor::{
     RebalanceProtocol,
 };
 use super::{GroupHandle, GroupInner};
-use crate::cluster::ConnectionClass;
+use crate::cluster::{ConnectionClass, CoordinatorKind};
 use crate::connection::Connection;
 use crate::consumer::{AutoOffsetReset, Offset, TopicPartition};
 use crate::error::{check_code, Error, Result};
@@ -69,21 +68,12 @@ pub(super) async fn connection(inner: &GroupInner, via: Via) -> Result<Arc<Conne
     let id = match known {
         Some(id) => id,
         None => {
-            let conn = inner.client.any_broker().await?;
-            let req = FindCoordinatorRequest::default()
-                .with_key(StrBytes::from_string(inner.config.group_id.clone()))
-                .with_key_type(0);
-            let resp = conn.send(&req).await?;
-            check_code(
-                ApiKey::FindCoordinator,
-                resp.error_code,
-                None,
-                None,
-                resp.error_message.as_ref().map(StrBytes::as_str),
-            )?;
-            debug!(group = %inner.config.group_id, coordinator = resp.node_id.0, "found coordinator");
-            inner.state().coordinator = Some(resp.node_id.0);
-            resp.node_id.0
+            let id = inner
+                .client
+                .find_coordinator(&inner.config.group_id, CoordinatorKind::Group)
+                .await?;
+            inner.state().coordinator = Some(id);
+            id
         }
     };
     let conn = match via {

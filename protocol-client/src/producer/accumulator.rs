@@ -4,15 +4,16 @@
 //! All of it sits behind one mutex that `send` and the sink take briefly; nothing
 //! is awaited while it is held.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
 use super::{Completion, DeliveryFuture, ProducerConfig, ProducerRecord};
+use crate::error::Error;
 use crate::partitioner::{partition_for_key, Sticky};
-use crate::records::BatchBuilder;
+use crate::records::{BatchBuilder, ProducerIdentity};
 
 /// A batch on its way: open, ready, in flight, or waiting to be retried.
 #[derive(Debug)]
@@ -25,6 +26,9 @@ pub(super) struct ProducerBatch {
     pub created: Instant,
     /// The encoded batch, kept so a retry resends exactly the same bytes.
     pub sealed: Option<Bytes>,
+    /// Producer id, epoch and base sequence the batch was (or will be) sealed
+    /// with; `None` until it is first taken for sending.
+    pub identity: Option<ProducerIdentity>,
     /// Not to be sent again before this instant (retry backoff).
     pub retry_at: Option<Instant>,
     pub attempts: u32,
@@ -37,6 +41,10 @@ struct PartitionQueue {
     /// A request carrying this partition's front batch is out: nothing more is
     /// sent for it until that one is answered (keeps order across retries).
     in_flight: bool,
+    /// Sequence of the next batch's first record, for the producer identity
+    /// in `sequence_owner`; it restarts at 0 under a new id or epoch.
+    next_sequence: i32,
+    sequence_owner: Option<(i64, i16)>,
 }
 
 #[derive(Debug)]
@@ -67,6 +75,26 @@ pub(super) struct Accumulator {
     pub pending_batches: usize,
     /// Records sent and not yet completed.
     pub pending_records: usize,
+    /// Stamp batches with a producer id and sequences.
+    idempotent: bool,
+    /// Partitions must be added to the transaction before records go to them.
+    transactional: bool,
+    /// Producer id and epoch in force; `None` until assigned.
+    pub identity: Option<(i64, i16)>,
+    /// A sequence error asked for a new epoch (idempotent, non-transactional).
+    pub bump_epoch: bool,
+    /// Partitions added to the open transaction.
+    pub txn_partitions: HashSet<(Arc<str>, i32)>,
+    /// An error that ends this producer (fenced): everything fails with it.
+    pub fatal: Option<Error>,
+}
+
+/// What [`Accumulator::take_sendable`] found: batches per broker, and
+/// partitions that must first be added to the transaction.
+#[derive(Debug, Default)]
+pub(super) struct Sendable {
+    pub by_broker: HashMap<i32, Vec<Outgoing>>,
+    pub to_add: Vec<(Arc<str>, i32)>,
 }
 
 impl Accumulator {
@@ -79,6 +107,12 @@ impl Accumulator {
             flushes: 0,
             pending_batches: 0,
             pending_records: 0,
+            idempotent: config.idempotence,
+            transactional: config.transactional_id.is_some(),
+            identity: None,
+            bump_epoch: false,
+            txn_partitions: HashSet::new(),
+            fatal: None,
         }
     }
 
@@ -141,6 +175,7 @@ impl Accumulator {
                 records: 0,
                 created: Instant::now(),
                 sealed: None,
+                identity: None,
                 retry_at: None,
                 attempts: 0,
             }
@@ -198,12 +233,20 @@ impl Accumulator {
     /// Takes the front ready batch of every partition that has none in flight,
     /// whose retry backoff has passed and for which `route` names a broker
     /// (returning `None` skips the partition for now).
+    ///
+    /// With idempotence, a batch gets its sequence here, when first sent under
+    /// the current producer id and epoch: partitions have one batch in flight,
+    /// so sequences follow queue order. A retried batch keeps its sequence (and
+    /// bytes) unless the epoch changed, in which case it is sequenced anew.
     pub fn take_sendable(
         &mut self,
         now: Instant,
         mut route: impl FnMut(&str, i32) -> Option<i32>,
-    ) -> HashMap<i32, Vec<Outgoing>> {
-        let mut out: HashMap<i32, Vec<Outgoing>> = HashMap::new();
+    ) -> Sendable {
+        let mut out = Sendable::default();
+        if self.idempotent && (self.identity.is_none() || self.bump_epoch) {
+            return out;
+        }
         for topic in self.topics.values_mut() {
             for (p, queue) in topic.partitions.iter_mut().enumerate() {
                 if queue.in_flight {
@@ -215,12 +258,63 @@ impl Accumulator {
                 if front.retry_at.is_some_and(|at| at > now) {
                     continue;
                 }
+                if self.transactional
+                    && !self
+                        .txn_partitions
+                        .contains(&(topic.name.clone(), p as i32))
+                {
+                    out.to_add.push((topic.name.clone(), p as i32));
+                    continue;
+                }
                 let Some(broker) = route(&topic.name, p as i32) else {
                     continue;
                 };
-                if let Some(batch) = queue.ready.pop_front() {
-                    queue.in_flight = true;
-                    out.entry(broker).or_default().push(Outgoing {
+                let Some(mut batch) = queue.ready.pop_front() else {
+                    continue;
+                };
+                if let Some((pid, epoch)) = self.identity.filter(|_| self.idempotent) {
+                    let current = batch
+                        .identity
+                        .is_some_and(|i| (i.producer_id, i.producer_epoch) == (pid, epoch));
+                    if !current {
+                        if queue.sequence_owner != Some((pid, epoch)) {
+                            queue.sequence_owner = Some((pid, epoch));
+                            queue.next_sequence = 0;
+                        }
+                        batch.identity = Some(ProducerIdentity {
+                            producer_id: pid,
+                            producer_epoch: epoch,
+                            base_sequence: queue.next_sequence,
+                            transactional: self.transactional,
+                        });
+                        batch.sealed = None;
+                        let next = queue.next_sequence as i64 + batch.records as i64;
+                        queue.next_sequence = (next % (i32::MAX as i64 + 1)) as i32;
+                    }
+                }
+                queue.in_flight = true;
+                out.by_broker.entry(broker).or_default().push(Outgoing {
+                    topic: topic.name.clone(),
+                    partition: p as i32,
+                    batch,
+                });
+            }
+        }
+        out
+    }
+
+    /// Every batch not in flight (open or ready) of the partitions `which`
+    /// selects, removed: for failing them.
+    pub fn take_waiting(&mut self, mut which: impl FnMut(&str, i32) -> bool) -> Vec<Outgoing> {
+        let mut out = vec![];
+        for topic in self.topics.values_mut() {
+            for (p, queue) in topic.partitions.iter_mut().enumerate() {
+                if !which(&topic.name, p as i32) {
+                    continue;
+                }
+                let waiting = queue.open.take().into_iter().chain(queue.ready.drain(..));
+                for batch in waiting {
+                    out.push(Outgoing {
                         topic: topic.name.clone(),
                         partition: p as i32,
                         batch,

@@ -17,6 +17,7 @@
 
 mod accumulator;
 mod sink;
+mod txn;
 
 use std::future::{Future, IntoFuture};
 use std::pin::Pin;
@@ -88,8 +89,20 @@ pub struct ProducerConfig {
     /// How long a record may take from `send` to acknowledgement, retries
     /// included (Java's `delivery.timeout.ms`). Default 120 s.
     pub delivery_timeout: Duration,
-    /// Produce requests in flight per broker. Default 5.
+    /// Produce requests in flight per broker (each partition has at most one).
+    /// Default 5.
     pub max_in_flight: usize,
+    /// Idempotent delivery: a producer id and per-partition sequence numbers
+    /// let the broker drop the duplicates retries would otherwise write (Java's
+    /// `enable.idempotence`). Requires [`Acks::All`]. Default true.
+    pub idempotence: bool,
+    /// Makes the producer transactional (Java's `transactional.id`): records
+    /// and consumer offsets become visible together on commit or not at all.
+    /// Requires idempotence. Default none.
+    pub transactional_id: Option<String>,
+    /// How long the coordinator lets a transaction stay open before aborting
+    /// it (Java's `transaction.timeout.ms`). Default 60 s.
+    pub transaction_timeout: Duration,
 }
 
 impl Default for ProducerConfig {
@@ -102,6 +115,9 @@ impl Default for ProducerConfig {
             buffer_memory: 64 * 1024 * 1024,
             delivery_timeout: Duration::from_secs(120),
             max_in_flight: 5,
+            idempotence: true,
+            transactional_id: None,
+            transaction_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -122,6 +138,23 @@ impl ProducerConfig {
         }
         if self.max_in_flight == 0 {
             return Err(Error::Config("max_in_flight must be at least 1".into()));
+        }
+        if self.idempotence && self.acks != Acks::All {
+            return Err(Error::Config(format!(
+                "idempotence needs acks=all (got {:?}); set idempotence to false for other acks",
+                self.acks
+            )));
+        }
+        if self.idempotence && self.max_in_flight > 5 {
+            return Err(Error::Config(format!(
+                "idempotence allows at most 5 requests in flight per broker, not {}",
+                self.max_in_flight
+            )));
+        }
+        if self.transactional_id.is_some() && !self.idempotence {
+            return Err(Error::Config(
+                "a transactional producer must be idempotent".into(),
+            ));
         }
         Ok(())
     }
@@ -286,11 +319,33 @@ struct Inner {
     wake_sink: Notify,
     /// Wakes `flush` callers: the last pending batch completed.
     idle: Notify,
+    /// Where the transaction stands (transactional producers only).
+    txn: std::sync::Mutex<txn::TxnState>,
+    /// The transaction coordinator's broker id, once found.
+    txn_coordinator: std::sync::Mutex<Option<i32>>,
 }
 
 impl Inner {
     fn accumulator(&self) -> std::sync::MutexGuard<'_, Accumulator> {
         self.accumulator.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Ends this producer: every waiting record fails with `err`, and so does
+    /// every later call.
+    fn fence(&self, err: Error) {
+        tracing::error!(error = %err, "producer fenced");
+        self.accumulator().fatal.get_or_insert(err);
+        self.wake_sink.notify_one();
+    }
+
+    /// A record of the open transaction failed: the transaction can only abort.
+    fn transaction_failed(&self, err: &Error) {
+        if self.config.transactional_id.is_some() {
+            let mut state = self.txn.lock().unwrap_or_else(|e| e.into_inner());
+            if matches!(&*state, txn::TxnState::InTransaction) {
+                *state = txn::TxnState::Abortable(err.clone());
+            }
+        }
     }
 }
 
@@ -341,6 +396,8 @@ impl Producer {
             config,
             wake_sink: Notify::new(),
             idle: Notify::new(),
+            txn: std::sync::Mutex::new(txn::TxnState::Uninitialized),
+            txn_coordinator: std::sync::Mutex::new(None),
         });
         tokio::spawn(sink::run(inner.clone()));
         Ok(Producer {
@@ -360,6 +417,22 @@ impl Producer {
     /// Cancel-safe: if dropped before it returns, the record was not added.
     pub async fn send(&self, record: ProducerRecord<'_>) -> Result<DeliveryFuture> {
         let inner = self.inner();
+        if let Some(e) = inner.accumulator().fatal.clone() {
+            return Err(e);
+        }
+        if inner.config.transactional_id.is_some() {
+            match &*self.txn_state() {
+                txn::TxnState::InTransaction => {}
+                txn::TxnState::Abortable(e) => {
+                    return Err(self.txn_misuse(format!("the transaction failed ({e}); abort it")))
+                }
+                _ => {
+                    return Err(self.txn_misuse(
+                        "send outside a transaction: call begin_transaction first".into(),
+                    ))
+                }
+            }
+        }
         let size =
             crate::records::BatchBuilder::record_size(record.key, record.value, record.headers);
         if size > inner.config.buffer_memory {
@@ -426,6 +499,138 @@ impl Producer {
         }
         inner.accumulator().flushes -= 1;
         Ok(())
+    }
+
+    fn txn_state(&self) -> std::sync::MutexGuard<'_, txn::TxnState> {
+        self.inner().txn.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn txn_misuse(&self, what: String) -> Error {
+        Error::Transaction {
+            transactional_id: self
+                .inner()
+                .config
+                .transactional_id
+                .clone()
+                .unwrap_or_default(),
+            what,
+        }
+    }
+
+    fn identity(&self) -> Result<(i64, i16)> {
+        let acc = self.inner().accumulator();
+        if let Some(e) = acc.fatal.clone() {
+            return Err(e);
+        }
+        acc.identity
+            .ok_or_else(|| self.txn_misuse("init_transactions has not run".into()))
+    }
+
+    /// Registers the transactional id with its coordinator and gets this
+    /// producer's id and epoch, fencing any older producer with the same
+    /// transactional id and completing (aborting) its open transaction. Call
+    /// once before the first transaction.
+    pub async fn init_transactions(&self) -> Result<()> {
+        if self.inner().config.transactional_id.is_none() {
+            return Err(Error::Config(
+                "init_transactions needs a transactional_id".into(),
+            ));
+        }
+        let identity = txn::init_producer_id(self.inner(), None).await?;
+        self.inner().accumulator().identity = Some(identity);
+        *self.txn_state() = txn::TxnState::Ready;
+        self.inner().wake_sink.notify_one();
+        Ok(())
+    }
+
+    /// Starts a transaction: records sent from now on commit or abort together.
+    pub fn begin_transaction(&self) -> Result<()> {
+        self.identity()?;
+        let mut state = self.txn_state();
+        match &*state {
+            txn::TxnState::Ready => {
+                *state = txn::TxnState::InTransaction;
+                Ok(())
+            }
+            other => Err(self.txn_misuse(format!("begin_transaction in state {other:?}"))),
+        }
+    }
+
+    /// Makes `offsets` (next offsets to read) the group's committed offsets when,
+    /// and only when, the transaction commits. `group` is the consumer's
+    /// [`GroupMetadata`]: the coordinator refuses it if the member's generation
+    /// is over (KIP-447), so a zombie cannot commit.
+    pub async fn send_offsets_to_transaction(
+        &self,
+        offsets: &[(crate::consumer::TopicPartition, i64)],
+        group: &crate::group::GroupMetadata,
+    ) -> Result<()> {
+        let identity = self.identity()?;
+        if !matches!(&*self.txn_state(), txn::TxnState::InTransaction) {
+            return Err(self.txn_misuse("send_offsets_to_transaction outside a transaction".into()));
+        }
+        let result = txn::send_offsets(self.inner(), identity, offsets, group).await;
+        self.note_txn_error(&result);
+        result
+    }
+
+    /// Sends everything, then commits the transaction. If any record of it
+    /// failed, nothing is committed: the error says so and the transaction must
+    /// be aborted.
+    pub async fn commit_transaction(&self) -> Result<()> {
+        self.end_transaction(true).await
+    }
+
+    /// Aborts the transaction: its records and offsets never become visible to
+    /// read-committed consumers.
+    pub async fn abort_transaction(&self) -> Result<()> {
+        self.end_transaction(false).await
+    }
+
+    async fn end_transaction(&self, commit: bool) -> Result<()> {
+        let identity = self.identity()?;
+        match (&*self.txn_state(), commit) {
+            (txn::TxnState::InTransaction, _) | (txn::TxnState::Abortable(_), false) => {}
+            (txn::TxnState::Abortable(e), true) => {
+                return Err(self.txn_misuse(format!(
+                    "cannot commit: the transaction failed ({e}); abort it"
+                )))
+            }
+            (other, _) => return Err(self.txn_misuse(format!("no open transaction ({other:?})"))),
+        }
+        self.flush().await?;
+        if let Some(e) = self.inner().accumulator().fatal.clone() {
+            return Err(e);
+        }
+        if commit {
+            if let txn::TxnState::Abortable(e) = &*self.txn_state() {
+                return Err(self.txn_misuse(format!(
+                    "cannot commit: a record failed ({e}); abort the transaction"
+                )));
+            }
+        }
+        let result = txn::end(self.inner(), identity, commit).await;
+        self.note_txn_error(&result);
+        if result.is_ok() {
+            self.inner().accumulator().txn_partitions.clear();
+            *self.txn_state() = txn::TxnState::Ready;
+        }
+        result
+    }
+
+    /// A fencing error ends the producer; any other failure of a transaction
+    /// step leaves the transaction only abortable.
+    fn note_txn_error<T>(&self, result: &Result<T>) {
+        match result {
+            Err(e @ Error::ProducerFenced { .. }) => self.inner().fence(e.clone()),
+            Err(e) => {
+                let mut state = self.txn_state();
+                if matches!(&*state, txn::TxnState::InTransaction) {
+                    *state = txn::TxnState::Abortable(e.clone());
+                }
+            }
+            Ok(_) => {}
+        }
     }
 
     /// Bytes of records waiting in the producer (for metrics and tests).
@@ -594,6 +799,7 @@ mod tests {
             client,
             ProducerConfig {
                 batch_size: 200, // a few records per batch: many batches
+                idempotence: false,
                 ..ProducerConfig::default()
             },
         )

@@ -17,7 +17,6 @@ use super::accumulator::{Outgoing, ProducerBatch};
 use super::{Acks, Inner};
 use crate::cluster::ConnectionClass;
 use crate::error::{Error, Result};
-use crate::records::ProducerIdentity;
 
 /// What a request task hands back: the batches it carried and how it went.
 struct Sent {
@@ -35,7 +34,44 @@ pub(super) async fn run(inner: Arc<Inner>) {
     let mut in_flight: HashMap<i32, usize> = HashMap::new();
     let mut refresh: HashSet<Arc<str>> = HashSet::new();
     let mut last_refresh = Instant::now() - Duration::from_secs(60);
+    let mut identity_retry_at: Option<Instant> = None;
     loop {
+        // A fenced producer fails everything that waits.
+        let fatal = inner.accumulator().fatal.clone();
+        if let Some(err) = fatal {
+            let waiting = inner.accumulator().take_waiting(|_, _| true);
+            for out in waiting {
+                fail(&inner, out, err.clone());
+            }
+        }
+        // An idempotent producer needs its id (and, after a sequence error, a
+        // new epoch) before anything is sent.
+        let need_identity = {
+            let acc = inner.accumulator();
+            let plain_idempotent =
+                inner.config.idempotence && inner.config.transactional_id.is_none();
+            let missing = acc.identity.is_none() && acc.pending_batches > 0 && plain_idempotent;
+            (missing || acc.bump_epoch).then(|| acc.identity.filter(|_| acc.bump_epoch))
+        };
+        if let Some(current) = need_identity {
+            if identity_retry_at.is_none_or(|t| t <= Instant::now()) {
+                match super::txn::init_producer_id(&inner, current).await {
+                    Ok(id) => {
+                        let mut acc = inner.accumulator();
+                        acc.identity = Some(id);
+                        acc.bump_epoch = false;
+                        identity_retry_at = None;
+                    }
+                    Err(e @ Error::ProducerFenced { .. }) => inner.fence(e),
+                    Err(e) => {
+                        warn!(error = %e, "cannot get a producer id; retrying");
+                        identity_retry_at =
+                            Some(Instant::now() + inner.client.config().retry_backoff);
+                    }
+                }
+                continue;
+            }
+        }
         let now = Instant::now();
         let (deadline, sendable, expired, finished) = {
             let mut acc = inner.accumulator();
@@ -65,10 +101,10 @@ pub(super) async fn run(inner: Arc<Inner>) {
             let finished = acc.closing && acc.pending_batches == 0;
             (deadline, sendable, expired, finished)
         };
-        if finished && requests.is_empty() {
-            debug!("producer closed");
-            return;
-        }
+        let super::accumulator::Sendable {
+            by_broker: sendable,
+            to_add,
+        } = sendable;
         for out in expired {
             let err = Error::DeliveryTimeout {
                 topic: out.topic.to_string(),
@@ -94,7 +130,33 @@ pub(super) async fn run(inner: Arc<Inner>) {
             let handle = requests.spawn(produce(inner.clone(), broker, batches));
             carried.insert(handle.id(), (broker, completions));
         }
+        if !to_add.is_empty() {
+            let identity = inner.accumulator().identity;
+            if let Some(identity) = identity {
+                match super::txn::add_partitions(&inner, identity, &to_add).await {
+                    Ok(()) => inner.accumulator().txn_partitions.extend(to_add),
+                    Err(e @ Error::ProducerFenced { .. }) => inner.fence(e),
+                    Err(e) => {
+                        let waiting = inner.accumulator().take_waiting(|t, p| {
+                            to_add.iter().any(|(tt, pp)| **tt == *t && *pp == p)
+                        });
+                        for out in waiting {
+                            fail(&inner, out, e.clone());
+                        }
+                    }
+                }
+            }
+            // Those partitions can go now: look again without waiting.
+            continue;
+        }
+        if finished && requests.is_empty() {
+            debug!("producer closed");
+            return;
+        }
         let mut next = deadline;
+        if let Some(at) = identity_retry_at {
+            next = Some(next.map_or(at, |n| n.min(at)));
+        }
         if !refresh.is_empty() {
             let backoff = inner.client.config().retry_backoff;
             if last_refresh.elapsed() >= backoff {
@@ -157,6 +219,7 @@ fn shadow(b: &ProducerBatch) -> ProducerBatch {
         records: b.records,
         created: b.created,
         sealed: None,
+        identity: b.identity,
         retry_at: None,
         attempts: b.attempts,
     }
@@ -169,14 +232,15 @@ async fn produce(inner: Arc<Inner>, broker: i32, mut batches: Vec<Outgoing>) -> 
     let mut seal_error = None;
     for out in &mut batches {
         if out.batch.sealed.is_none() {
-            match out
-                .batch
-                .builder
-                .seal(config.compression, ProducerIdentity::default())
-            {
+            let identity = out.batch.identity.unwrap_or_default();
+            match out.batch.builder.seal(config.compression, identity) {
                 Ok(bytes) => {
                     out.batch.sealed = Some(bytes);
-                    out.batch.builder = crate::records::BatchBuilder::new(0);
+                    // The builder stays for idempotent producers: a new epoch
+                    // means sealing again with new sequences.
+                    if !config.idempotence {
+                        out.batch.builder = crate::records::BatchBuilder::new(0);
+                    }
                 }
                 Err(e) => seal_error = Some(e),
             }
@@ -214,6 +278,13 @@ async fn send(inner: &Inner, broker: i32, batches: &[Outgoing]) -> Result<Option
     }
     let timeout = inner.client.config().connection.request_timeout;
     let req = ProduceRequest::default()
+        .with_transactional_id(
+            inner
+                .config
+                .transactional_id
+                .clone()
+                .map(|t| kafka_protocol::messages::TransactionalId(StrBytes::from_string(t))),
+        )
         .with_acks(inner.config.acks.code())
         .with_timeout_ms(timeout.as_millis().min(i32::MAX as u128) as i32)
         .with_topic_data(topics);
@@ -269,9 +340,13 @@ fn handle_response(inner: &Inner, sent: Sent, refresh: &mut HashSet<Arc<str>>) {
     }
     for (out, result) in owned {
         match result {
-            Some((0, base, _)) => {
+            // A duplicate is a batch the broker already has: delivered.
+            Some((0 | 46, base, _)) => {
                 inner.accumulator().unmute(&out.topic, out.partition);
                 succeed(inner, out, base);
+            }
+            Some((code @ (45 | 47 | 59 | 90), _, message)) if inner.config.idempotence => {
+                sequence_error(inner, out, code, message);
             }
             Some((code, _, message)) => {
                 let code =
@@ -295,6 +370,57 @@ fn handle_response(inner: &Inner, sent: Sent, refresh: &mut HashSet<Arc<str>>) {
         }
     }
     inner.wake_sink.notify_one();
+}
+
+/// OUT_OF_ORDER_SEQUENCE_NUMBER, INVALID_PRODUCER_EPOCH, UNKNOWN_PRODUCER_ID or
+/// PRODUCER_FENCED for an idempotent producer, handled as the Java client does.
+fn sequence_error(inner: &Inner, mut out: Outgoing, code: i16, message: Option<String>) {
+    let code = ResponseError::try_from_code(code).unwrap_or(ResponseError::Unknown(code));
+    let err = Error::broker(
+        ApiKey::Produce,
+        code,
+        Some(&out.topic),
+        Some(out.partition),
+        message.as_deref(),
+    );
+    let mut acc = inner.accumulator();
+    acc.unmute(&out.topic, out.partition);
+    let sent_under = out
+        .batch
+        .identity
+        .map(|i| (i.producer_id, i.producer_epoch));
+    let stale = sent_under.is_some() && sent_under != acc.identity;
+    let transactional = inner.config.transactional_id.is_some();
+    match code {
+        // Sent under an epoch that has since been bumped: sequence it anew.
+        _ if stale && !transactional => {
+            out.batch.identity = None;
+            acc.requeue(out);
+        }
+        ResponseError::ProducerFenced | ResponseError::InvalidProducerEpoch => {
+            let fenced = Error::ProducerFenced {
+                transactional_id: inner.config.transactional_id.clone(),
+                reason: format!("Produce to {}-{} answered {code}", out.topic, out.partition),
+            };
+            drop(acc);
+            inner.fence(fenced.clone());
+            fail(inner, out, fenced);
+        }
+        // The broker lost this producer's state or a sequence: outside a
+        // transaction, bump the epoch (KIP-360) and send again from sequence 0.
+        _ if !transactional => {
+            warn!(topic = %out.topic, partition = out.partition, error = %err, "sequence error; bumping the producer epoch");
+            acc.bump_epoch = true;
+            out.batch.identity = None;
+            acc.requeue(out);
+        }
+        // Inside a transaction the records cannot be resent safely: the
+        // transaction has to abort.
+        _ => {
+            drop(acc);
+            fail(inner, out, err);
+        }
+    }
 }
 
 fn retry_or_fail(inner: &Inner, mut out: Outgoing, err: Error, refresh: &mut HashSet<Arc<str>>) {
@@ -334,6 +460,7 @@ fn succeed(inner: &Inner, out: Outgoing, base_offset: i64) {
 
 fn fail(inner: &Inner, out: Outgoing, err: Error) {
     debug!(topic = %out.topic, partition = out.partition, error = %err, "batch failed");
+    inner.transaction_failed(&err);
     out.batch.completion.complete(Err(err));
     release(inner, &out.batch);
 }
