@@ -14,10 +14,14 @@
 //! Nothing is skipped: if no Docker engine is reachable, or the image can be
 //! neither pulled nor built, `start` panics and says why.
 
+use std::collections::HashMap;
 use std::net::TcpListener;
 use std::process::Command;
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use strom_client::{Client, ClientConfig};
 use testcontainers::core::{ContainerPort, WaitFor};
@@ -147,52 +151,79 @@ fn free_port() -> u16 {
         .unwrap_or_else(|e| panic!("strom-it: cannot find a free port: {e}"))
 }
 
+/// The container kind `STROM_TEST_BROKER` asks for, or `Err(address)` of an
+/// external broker. Panics, saying why, on a value it does not understand or
+/// when no Docker engine is reachable.
+fn choose() -> Result<BrokerKind, String> {
+    init_tracing();
+    let choice = std::env::var("STROM_TEST_BROKER").unwrap_or_default();
+    let kind = match choice.as_str() {
+        "" | "auto" => auto_kind(),
+        "kafka" => Ok(BrokerKind::Kafka),
+        "tansu" => ensure_tansu_image().map(|()| BrokerKind::Tansu),
+        addr if addr.contains(':') => return Err(addr.to_owned()),
+        other => Err(format!(
+            "STROM_TEST_BROKER={other:?} is not auto, kafka, tansu or host:port"
+        )),
+    };
+    Ok(kind.unwrap_or_else(|e| panic!("strom-it: {e}")))
+}
+
 impl TestBroker {
     /// Starts (or points at) the broker `STROM_TEST_BROKER` names and waits until
     /// it answers. Panics, saying why, when that is impossible.
     pub async fn start() -> TestBroker {
-        init_tracing();
-        let choice = std::env::var("STROM_TEST_BROKER").unwrap_or_default();
-        let kind = match choice.as_str() {
-            "" | "auto" => auto_kind(),
-            "kafka" => Ok(BrokerKind::Kafka),
-            "tansu" => ensure_tansu_image().map(|()| BrokerKind::Tansu),
-            addr if addr.contains(':') => {
-                let broker = TestBroker {
-                    bootstrap: addr.to_owned(),
-                    kind: BrokerKind::External,
-                    container: None,
-                };
-                broker.wait_ready().await;
-                return broker;
-            }
-            other => Err(format!(
-                "STROM_TEST_BROKER={other:?} is not auto, kafka, tansu or host:port"
-            )),
-        }
-        .unwrap_or_else(|e| panic!("strom-it: {e}"));
+        let broker = match choose() {
+            Err(addr) => TestBroker {
+                bootstrap: addr,
+                kind: BrokerKind::External,
+                container: None,
+            },
+            Ok(kind) => Self::start_container(kind, None).await,
+        };
+        broker.wait_ready().await;
+        broker
+    }
+
+    /// Starts a container listening on a free port and advertising
+    /// `advertised` (its own port when `None`).
+    async fn start_container(kind: BrokerKind, advertised: Option<u16>) -> TestBroker {
         let mut last = String::new();
         for _ in 0..3 {
             let port = free_port();
+            let advertised = advertised.unwrap_or(port);
             let result = match kind {
-                BrokerKind::Tansu => start_tansu(port).await,
-                _ => start_kafka(port).await,
+                BrokerKind::Tansu => start_tansu(port, advertised).await,
+                _ => start_kafka(port, advertised).await,
             };
             match result {
                 Ok(container) => {
-                    let broker = TestBroker {
+                    return TestBroker {
                         bootstrap: format!("127.0.0.1:{port}"),
                         kind,
                         container: Some(container),
-                    };
-                    broker.wait_ready().await;
-                    return broker;
+                    }
                 }
                 // Most likely the port was taken between choosing and binding it.
                 Err(e) => last = e.to_string(),
             }
         }
         panic!("strom-it: cannot start a {kind:?} broker container: {last}");
+    }
+
+    /// A broker whose advertised address is a [`FaultProxy`] in front of it, so
+    /// every client connection passes through the proxy. `None` for an
+    /// external broker (its advertised address cannot be changed).
+    pub async fn start_behind_proxy() -> Option<(TestBroker, FaultProxy)> {
+        let Ok(kind) = choose() else {
+            return None;
+        };
+        let proxy_port = free_port();
+        let mut broker = Self::start_container(kind, Some(proxy_port)).await;
+        let proxy = FaultProxy::start(proxy_port, broker.bootstrap.clone()).await;
+        broker.bootstrap = proxy.addr.clone();
+        broker.wait_ready().await;
+        Some((broker, proxy))
     }
 
     async fn wait_ready(&self) {
@@ -240,6 +271,7 @@ impl TestBroker {
 
 async fn start_tansu(
     port: u16,
+    advertised: u16,
 ) -> testcontainers::core::error::Result<ContainerAsync<GenericImage>> {
     GenericImage::new(TANSU_IMAGE.0, TANSU_IMAGE.1)
         .with_wait_for(WaitFor::message_on_either_std("ready in"))
@@ -249,7 +281,7 @@ async fn start_tansu(
             "--listener-url".to_owned(),
             format!("tcp://0.0.0.0:{port}"),
             "--advertised-listener-url".to_owned(),
-            format!("tcp://127.0.0.1:{port}"),
+            format!("tcp://127.0.0.1:{advertised}"),
             "--storage-engine".to_owned(),
             "memory://tansu/".to_owned(),
         ])
@@ -262,6 +294,7 @@ async fn start_tansu(
 /// outside the container so the advertised address works from the host.
 async fn start_kafka(
     port: u16,
+    advertised: u16,
 ) -> testcontainers::core::error::Result<ContainerAsync<GenericImage>> {
     let image = kafka_image();
     let (name, tag) = image.rsplit_once(':').unwrap_or((image.as_str(), "latest"));
@@ -276,7 +309,7 @@ async fn start_kafka(
         )
         .with_env_var(
             "KAFKA_ADVERTISED_LISTENERS",
-            format!("PLAINTEXT://127.0.0.1:{port}"),
+            format!("PLAINTEXT://127.0.0.1:{advertised}"),
         )
         .with_env_var("KAFKA_CONTROLLER_LISTENER_NAMES", "CONTROLLER")
         .with_env_var(
@@ -306,4 +339,128 @@ pub fn unique_topic(prefix: &str) -> String {
         std::process::id(),
         N.fetch_add(1, Ordering::Relaxed)
     )
+}
+
+/// A TCP proxy in front of a broker that can lose a Produce response: the
+/// broker has written the records, the client never hears so, and the
+/// connection drops, just as when a network fails at the wrong moment.
+pub struct FaultProxy {
+    /// `host:port` clients connect to.
+    pub addr: String,
+    drop_produce: Arc<AtomicU32>,
+    dropped: Arc<AtomicU32>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl std::fmt::Debug for FaultProxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FaultProxy")
+            .field("addr", &self.addr)
+            .finish()
+    }
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl FaultProxy {
+    async fn start(port: u16, broker: String) -> FaultProxy {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+            .await
+            .unwrap_or_else(|e| panic!("strom-it: cannot listen on proxy port {port}: {e}"));
+        let drop_produce = Arc::new(AtomicU32::new(0));
+        let dropped = Arc::new(AtomicU32::new(0));
+        let (d, n) = (drop_produce.clone(), dropped.clone());
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let (broker, d, n) = (broker.clone(), d.clone(), n.clone());
+                tokio::spawn(async move {
+                    if let Ok(upstream) = tokio::net::TcpStream::connect(&broker).await {
+                        relay(client, upstream, d, n).await;
+                    }
+                });
+            }
+        });
+        FaultProxy {
+            addr: format!("127.0.0.1:{port}"),
+            drop_produce,
+            dropped,
+            task,
+        }
+    }
+
+    /// Loses the next Produce response (and closes that connection).
+    pub fn drop_next_produce_response(&self) {
+        self.drop_produce.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// How many Produce responses were lost so far.
+    pub fn dropped(&self) -> u32 {
+        self.dropped.load(Ordering::SeqCst)
+    }
+}
+
+async fn read_frame(r: &mut (impl AsyncReadExt + Unpin)) -> Option<Vec<u8>> {
+    let len = r.read_i32().await.ok()?;
+    let mut body = vec![0u8; usize::try_from(len).ok()?];
+    r.read_exact(&mut body).await.ok()?;
+    let mut frame = len.to_be_bytes().to_vec();
+    frame.extend_from_slice(&body);
+    Some(frame)
+}
+
+/// Copies frames both ways, noting each request's API by correlation id so a
+/// Produce response can be recognised and lost.
+async fn relay(
+    client: tokio::net::TcpStream,
+    upstream: tokio::net::TcpStream,
+    drop_produce: Arc<AtomicU32>,
+    dropped: Arc<AtomicU32>,
+) {
+    let (mut cr, mut cw) = client.into_split();
+    let (mut ur, mut uw) = upstream.into_split();
+    let apis: Arc<std::sync::Mutex<HashMap<i32, i16>>> = Arc::default();
+    let requests = {
+        let apis = apis.clone();
+        async move {
+            while let Some(frame) = read_frame(&mut cr).await {
+                if frame.len() >= 12 {
+                    let api = i16::from_be_bytes([frame[4], frame[5]]);
+                    let cid = i32::from_be_bytes([frame[8], frame[9], frame[10], frame[11]]);
+                    apis.lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(cid, api);
+                }
+                if uw.write_all(&frame).await.is_err() {
+                    return;
+                }
+            }
+        }
+    };
+    let responses = async move {
+        while let Some(frame) = read_frame(&mut ur).await {
+            if frame.len() >= 8 {
+                let cid = i32::from_be_bytes([frame[4], frame[5], frame[6], frame[7]]);
+                let api = apis.lock().unwrap_or_else(|e| e.into_inner()).remove(&cid);
+                let take = api == Some(0)
+                    && drop_produce
+                        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                        .is_ok();
+                if take {
+                    dropped.fetch_add(1, Ordering::SeqCst);
+                    return; // lose it, and the connection with it
+                }
+            }
+            if cw.write_all(&frame).await.is_err() {
+                return;
+            }
+        }
+    };
+    tokio::select! {
+        _ = requests => {}
+        _ = responses => {}
+    }
 }
