@@ -1,0 +1,269 @@
+//! A store in one redb file.
+//!
+//! Every [`Store::apply`] is one redb write transaction that writes the data
+//! changes and, in the `meta` table, the changelog offset they reflect: data
+//! and offset commit together or not at all.
+//!
+//! With [`Durability::Fast`] a commit is not forced to disk; a crash rolls the
+//! file back to the last [`Durability::Durable`] commit — a consistent earlier
+//! state whose offset says where the changelog replay must resume. So a crash
+//! costs replaying the records since the last durable flush, never a wrong
+//! state.
+
+use std::ops::Bound;
+use std::path::{Path, PathBuf};
+
+use redb::{Database, ReadableDatabase, ReadableTableMetadata, TableDefinition};
+use tracing::warn;
+
+use crate::error::{Result, StateError};
+use crate::store::{Durability, Store, WriteBatch};
+
+const DATA: TableDefinition<&[u8], &[u8]> = TableDefinition::new("data");
+const META: TableDefinition<&str, i64> = TableDefinition::new("meta");
+const OFFSET_KEY: &str = "changelog_offset";
+
+/// A [`Store`] in a redb database file.
+pub struct RedbStore {
+    db: Database,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for RedbStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedbStore")
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+impl RedbStore {
+    /// Opens the store at `path`, creating it if missing.
+    ///
+    /// A file redb cannot open (corrupt, truncated, not a database) is moved
+    /// aside to `<path>.corrupt-<unix seconds>` — never deleted — and a fresh
+    /// store is created; recovery then rebuilds it from the changelog.
+    pub fn open(path: impl AsRef<Path>) -> Result<RedbStore> {
+        let path = path.as_ref().to_owned();
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|source| StateError::Io {
+                path: dir.to_owned(),
+                source,
+            })?;
+        }
+        let db = match Database::create(&path).and_then(|db| Self::check(db, &path)) {
+            Ok(db) => db,
+            Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
+                return Err(StateError::storage(
+                    &path,
+                    "already open by another store or process",
+                ))
+            }
+            Err(e) => {
+                let stamp = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0);
+                let aside = PathBuf::from(format!("{}.corrupt-{stamp}", path.display()));
+                warn!(path = %path.display(), moved_to = %aside.display(), error = %e,
+                    "state store unreadable; moved aside, it will be rebuilt from the changelog");
+                std::fs::rename(&path, &aside).map_err(|source| StateError::Io {
+                    path: path.clone(),
+                    source,
+                })?;
+                Database::create(&path).map_err(|e| StateError::storage(&path, e))?
+            }
+        };
+        Ok(RedbStore { db, path })
+    }
+
+    /// Reads both tables once so damage shows at open, not at first use.
+    fn check(db: Database, path: &Path) -> std::result::Result<Database, redb::DatabaseError> {
+        let readable = db
+            .begin_read()
+            .map_err(|e| redb::StorageError::Corrupted(e.to_string()))?;
+        for name in ["data", "meta"] {
+            let result = match name {
+                "data" => readable.open_table(DATA).map(|t| t.len().map(|_| ())),
+                _ => readable.open_table(META).map(|t| t.len().map(|_| ())),
+            };
+            match result {
+                Ok(Ok(())) | Err(redb::TableError::TableDoesNotExist(_)) => {}
+                Ok(Err(e)) => return Err(e.into()),
+                Err(e) => {
+                    return Err(redb::StorageError::Corrupted(format!(
+                        "{}: table {name}: {e}",
+                        path.display()
+                    ))
+                    .into())
+                }
+            }
+        }
+        drop(readable);
+        Ok(db)
+    }
+
+    /// The store's file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn err(&self, e: impl std::fmt::Display) -> StateError {
+        StateError::storage(&self.path, e)
+    }
+}
+
+impl Store for RedbStore {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let table = match txn.open_table(DATA) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(e) => return Err(self.err(e)),
+        };
+        Ok(table
+            .get(key)
+            .map_err(|e| self.err(e))?
+            .map(|v| v.value().to_vec()))
+    }
+
+    fn range(
+        &self,
+        from: Bound<&[u8]>,
+        to: Bound<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let table = match txn.open_table(DATA) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(self.err(e)),
+        };
+        let mut out = Vec::new();
+        for entry in table
+            .range::<&[u8]>((from, to))
+            .map_err(|e| self.err(e))?
+            .take(limit)
+        {
+            let (k, v) = entry.map_err(|e| self.err(e))?;
+            out.push((k.value().to_vec(), v.value().to_vec()));
+        }
+        Ok(out)
+    }
+
+    fn apply(
+        &self,
+        batch: &WriteBatch,
+        changelog_offset: Option<i64>,
+        durability: Durability,
+    ) -> Result<()> {
+        let mut txn = self.db.begin_write().map_err(|e| self.err(e))?;
+        txn.set_durability(match durability {
+            Durability::Fast => redb::Durability::None,
+            Durability::Durable => redb::Durability::Immediate,
+        })
+        .map_err(|e| self.err(e))?;
+        {
+            let mut data = txn.open_table(DATA).map_err(|e| self.err(e))?;
+            for (k, v) in batch.iter() {
+                match v {
+                    Some(v) => {
+                        data.insert(k, v).map_err(|e| self.err(e))?;
+                    }
+                    None => {
+                        data.remove(k).map_err(|e| self.err(e))?;
+                    }
+                }
+            }
+            let mut meta = txn.open_table(META).map_err(|e| self.err(e))?;
+            if let Some(offset) = changelog_offset {
+                meta.insert(OFFSET_KEY, offset).map_err(|e| self.err(e))?;
+            }
+        }
+        txn.commit().map_err(|e| self.err(e))
+    }
+
+    fn changelog_offset(&self) -> Result<Option<i64>> {
+        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let table = match txn.open_table(META) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(e) => return Err(self.err(e)),
+        };
+        Ok(table
+            .get(OFFSET_KEY)
+            .map_err(|e| self.err(e))?
+            .map(|v| v.value()))
+    }
+
+    fn len(&self) -> Result<u64> {
+        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        match txn.open_table(DATA) {
+            Ok(t) => t.len().map_err(|e| self.err(e)),
+            Err(redb::TableError::TableDoesNotExist(_)) => Ok(0),
+            Err(e) => Err(self.err(e)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!(
+            "strom-state-{name}-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    /// The store contract holds in redb.
+    #[test]
+    fn redb_store_keeps_the_contract() {
+        let dir = temp_dir("contract");
+        crate::store::contract::check(&RedbStore::open(dir.join("t-0.redb")).unwrap());
+        std::fs::remove_dir_all(dir).ok();
+    }
+
+    /// Data and offset survive closing and reopening the file.
+    #[test]
+    fn reopened_store_has_data_and_offset() {
+        let dir = temp_dir("reopen");
+        let path = dir.join("t-0.redb");
+        {
+            let store = RedbStore::open(&path).unwrap();
+            let mut b = WriteBatch::default();
+            b.put(b"k".to_vec(), b"v".to_vec());
+            store.apply(&b, Some(41), Durability::Durable).unwrap();
+        }
+        let store = RedbStore::open(&path).unwrap();
+        assert_eq!(store.get(b"k").unwrap().as_deref(), Some(&b"v"[..]));
+        assert_eq!(store.changelog_offset().unwrap(), Some(41));
+        std::fs::remove_dir_all(dir).ok();
+    }
+
+    /// A garbage file is moved aside (kept) and replaced by a fresh store.
+    #[test]
+    fn corrupt_file_is_moved_aside_and_replaced() {
+        let dir = temp_dir("corrupt");
+        let path = dir.join("t-0.redb");
+        std::fs::write(&path, vec![0x5a; 8192]).unwrap();
+        let store = RedbStore::open(&path).unwrap();
+        assert_eq!(store.changelog_offset().unwrap(), None);
+        assert!(store.is_empty().unwrap());
+        let aside: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().contains(".corrupt-"))
+            .collect();
+        assert_eq!(aside.len(), 1, "the damaged file was not kept");
+        assert_eq!(std::fs::read(aside[0].path()).unwrap(), vec![0x5a; 8192]);
+        std::fs::remove_dir_all(dir).ok();
+    }
+}
