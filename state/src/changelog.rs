@@ -1,0 +1,40 @@
+//! The changelog topic of a table: one compacted Kafka topic with as many
+//! partitions as the table's source topic (co-partitioning).
+
+use strom_client::{Client, Error as ClientError, NewTopic};
+use tracing::info;
+
+use crate::error::{Result, StateError};
+
+/// The changelog topic of `table` in app `app_id`: `<app-id>-<table>-changelog`.
+///
+/// ```
+/// assert_eq!(strom_state::changelog::topic_name("billing", "totals"), "billing-totals-changelog");
+/// ```
+pub fn topic_name(app_id: &str, table: &str) -> String {
+    format!("{app_id}-{table}-changelog")
+}
+
+/// Creates the changelog topic (compacted, `partitions` partitions) if it is
+/// missing; an existing one must have exactly `partitions` partitions.
+pub async fn ensure_topic(client: &Client, topic: &str, partitions: usize) -> Result<()> {
+    let new = NewTopic::new(topic, partitions as i32, 1).config("cleanup.policy", "compact");
+    match client.create_topic(new).await {
+        Ok(()) => {
+            info!(%topic, partitions, "created changelog topic");
+            Ok(())
+        }
+        Err(ClientError::TopicAlreadyExists { .. }) => {
+            let found = client.topic_metadata(topic).await?.partitions.len();
+            if found != partitions {
+                return Err(StateError::ChangelogPartitions {
+                    topic: topic.to_owned(),
+                    expected: partitions,
+                    found,
+                });
+            }
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
+    }
+}

@@ -1,0 +1,126 @@
+//! A partition's store with its changelog: every change goes to the store's
+//! pending batch and to the changelog; a flush waits for the changelog's
+//! acknowledgements, then commits the batch with the changelog offset.
+//!
+//! Kafka Streams calls this layer `ChangeLoggingKeyValueBytesStore`; it wraps
+//! any [`Store`] rather than being a flag of one.
+
+use std::sync::Arc;
+
+use strom_client::producer::{DeliveryFuture, Producer, ProducerRecord};
+
+use crate::error::{Result, StateError};
+use crate::store::{Durability, Store, WriteBatch};
+
+/// One table partition: a [`Store`] plus its changelog partition.
+///
+/// Reads see the writes not yet flushed. The producer passed in decides how the
+/// changelog is written: a transactional producer puts the changelog records in
+/// the same Kafka transaction as the rest of the event's output.
+#[derive(Debug)]
+pub struct LoggedStore {
+    store: Arc<dyn Store>,
+    producer: Producer,
+    topic: String,
+    partition: i32,
+    pending: WriteBatch,
+    deliveries: Vec<DeliveryFuture>,
+}
+
+impl LoggedStore {
+    /// The store of `partition`, logging to `topic`'s partition of the same number.
+    pub fn new(
+        store: Arc<dyn Store>,
+        producer: Producer,
+        topic: impl Into<String>,
+        partition: i32,
+    ) -> Self {
+        LoggedStore {
+            store,
+            producer,
+            topic: topic.into(),
+            partition,
+            pending: WriteBatch::default(),
+            deliveries: Vec::new(),
+        }
+    }
+
+    /// The underlying store.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// The table partition.
+    pub fn partition(&self) -> i32 {
+        self.partition
+    }
+
+    /// The value of `key`, including changes not flushed yet.
+    pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        match self.pending.get(key) {
+            Some(v) => Ok(v.map(<[u8]>::to_vec)),
+            None => self.store.get(key),
+        }
+    }
+
+    /// Sets `key` to `value` (sent to the changelog now, stored at the next flush).
+    pub async fn put(&mut self, key: Vec<u8>, value: Vec<u8>) -> Result<()> {
+        self.log(&key, Some(&value)).await?;
+        self.pending.put(key, value);
+        Ok(())
+    }
+
+    /// Deletes `key` (a tombstone in the changelog).
+    pub async fn delete(&mut self, key: Vec<u8>) -> Result<()> {
+        self.log(&key, None).await?;
+        self.pending.delete(key);
+        Ok(())
+    }
+
+    async fn log(&mut self, key: &[u8], value: Option<&[u8]>) -> Result<()> {
+        let mut record = ProducerRecord::to(&self.topic)
+            .partition(self.partition)
+            .key(key);
+        record.value = value;
+        let delivery = self.producer.send(record).await?;
+        self.deliveries.push(delivery);
+        Ok(())
+    }
+
+    /// Number of changes waiting for the next flush.
+    pub fn pending(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Waits until the changelog has every pending change, then commits them
+    /// to the store together with the offset of the last one. Returns that
+    /// offset (`None` when nothing was pending). If the changelog refused a
+    /// change, nothing is committed and the error says which.
+    pub async fn flush(&mut self, durability: Durability) -> Result<Option<i64>> {
+        if self.deliveries.is_empty() {
+            return Ok(None);
+        }
+        self.producer.flush().await?;
+        let mut last = None;
+        for d in &self.deliveries {
+            match d.try_result() {
+                Some(Ok(m)) => last = last.max(Some(m.offset)),
+                Some(Err(e)) => return Err(e.into()),
+                None => {
+                    return Err(StateError::Kafka(strom_client::Error::Closed(
+                        "changelog producer",
+                    )))
+                }
+            }
+        }
+        let batch = std::mem::take(&mut self.pending);
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || store.apply(&batch, last, durability))
+            .await
+            .map_err(|e| StateError::Codec {
+                what: format!("store task failed: {e}"),
+            })??;
+        self.deliveries.clear();
+        Ok(last)
+    }
+}
