@@ -12,8 +12,9 @@
 
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use redb::{Database, ReadableDatabase, ReadableTableMetadata, TableDefinition};
+use redb::{Database, ReadOnlyTable, ReadableDatabase, ReadableTableMetadata, TableDefinition};
 use tracing::warn;
 
 use crate::error::{Result, StateError};
@@ -27,7 +28,13 @@ const OFFSET_KEY: &str = "changelog_offset";
 pub struct RedbStore {
     db: Database,
     path: PathBuf,
+    /// A read snapshot of the data table, reused by point reads until the next
+    /// write commits (a read transaction per get costs more than the get).
+    reader: std::sync::RwLock<Option<Arc<Snapshot>>>,
 }
+
+/// A read-only view of the data table as of one commit.
+type Snapshot = ReadOnlyTable<&'static [u8], &'static [u8]>;
 
 impl std::fmt::Debug for RedbStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -74,7 +81,32 @@ impl RedbStore {
                 Database::create(&path).map_err(|e| StateError::storage(&path, e))?
             }
         };
-        Ok(RedbStore { db, path })
+        Ok(RedbStore {
+            db,
+            path,
+            reader: std::sync::RwLock::new(None),
+        })
+    }
+
+    /// The cached read snapshot, opened if there is none; `None` while the
+    /// data table does not exist yet.
+    fn reader(&self) -> Result<Option<Arc<Snapshot>>> {
+        if let Some(r) = self
+            .reader
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            return Ok(Some(r.clone()));
+        }
+        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let table = match txn.open_table(DATA) {
+            Ok(t) => Arc::new(t),
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(e) => return Err(self.err(e)),
+        };
+        *self.reader.write().unwrap_or_else(|e| e.into_inner()) = Some(table.clone());
+        Ok(Some(table))
     }
 
     /// Reads both tables once so damage shows at open, not at first use.
@@ -115,11 +147,22 @@ impl RedbStore {
 
 impl Store for RedbStore {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
-        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
-        let table = match txn.open_table(DATA) {
-            Ok(t) => t,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
-            Err(e) => return Err(self.err(e)),
+        let read = |table: &Snapshot| -> Result<Option<Vec<u8>>> {
+            Ok(table
+                .get(key)
+                .map_err(|e| self.err(e))?
+                .map(|v| v.value().to_vec()))
+        };
+        if let Some(table) = self
+            .reader
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            return read(table);
+        }
+        let Some(table) = self.reader()? else {
+            return Ok(None);
         };
         Ok(table
             .get(key)
@@ -180,7 +223,10 @@ impl Store for RedbStore {
                 meta.insert(OFFSET_KEY, offset).map_err(|e| self.err(e))?;
             }
         }
-        txn.commit().map_err(|e| self.err(e))
+        let committed = txn.commit().map_err(|e| self.err(e));
+        // Later reads must see this commit.
+        *self.reader.write().unwrap_or_else(|e| e.into_inner()) = None;
+        committed
     }
 
     fn changelog_offset(&self) -> Result<Option<i64>> {

@@ -44,6 +44,19 @@ struct Target {
     messages: u64,
 }
 
+/// Arguments of the state benchmarks.
+#[derive(clap::Args)]
+struct StateArgs {
+    /// Bootstrap brokers (for the changelog).
+    #[arg(long)]
+    brokers: String,
+    #[arg(long)]
+    messages: u64,
+    /// Where the store files go; a fresh temporary directory by default.
+    #[arg(long)]
+    state_dir: Option<std::path::PathBuf>,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Produce N records with keys `key-{i}` and values `{i}:xxx…` of B bytes.
@@ -90,6 +103,22 @@ enum Command {
         timeout_secs: u64,
         #[arg(long, default_value_t = 1000)]
         quiet_ms: u64,
+    },
+    /// N writes of 100-byte values through a table with its changelog,
+    /// flushing every 10,000.
+    StateWrite {
+        #[command(flatten)]
+        state: StateArgs,
+    },
+    /// N random point reads from a warm store of N keys.
+    StateRead {
+        #[command(flatten)]
+        state: StateArgs,
+    },
+    /// Recovers N changelog records into an empty store.
+    StateRecover {
+        #[command(flatten)]
+        state: StateArgs,
     },
     /// Read every partition from the earliest offset until N records arrived.
     Consume {
@@ -169,6 +198,9 @@ fn main() -> ExitCode {
                 )
                 .await
             }
+            Command::StateWrite { state } => state_bench::write(&state).await,
+            Command::StateRead { state } => state_bench::read(&state).await,
+            Command::StateRecover { state } => state_bench::recover(&state).await,
             Command::Consume {
                 target,
                 timeout_secs,
@@ -496,4 +528,184 @@ async fn group_consume(
     line["assign_seconds"] = json!(assign_seconds);
     print(line);
     Ok(tally.ok() && assign_seconds.is_some())
+}
+
+/// The state benchmarks: `state-write`, `state-read`, `state-recover`.
+mod state_bench {
+    use std::sync::Arc;
+    use std::time::Instant;
+
+    use serde_json::json;
+    use strom_client::producer::{Producer, ProducerConfig, ProducerRecord};
+    use strom_client::{Client, Error};
+    use strom_state::{changelog, Durability, LoggedStore, RedbStore, Store, WriteBatch};
+
+    use super::{client_config, StateArgs};
+
+    /// Key `i`: its big-endian bytes. Value `i`: `{i}:` padded with `x` to 100 bytes.
+    fn value(i: u64) -> Vec<u8> {
+        let mut v = format!("{i}:").into_bytes();
+        v.resize(100, b'x');
+        v
+    }
+
+    fn peak_rss_mb() -> f64 {
+        std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("VmHWM:"))
+                    .and_then(|l| l.split_whitespace().nth(1))
+                    .and_then(|kb| kb.parse::<f64>().ok())
+            })
+            .map_or(-1.0, |kb| kb / 1024.0)
+    }
+
+    fn open_store(
+        args: &StateArgs,
+        name: &str,
+    ) -> Result<(Arc<dyn Store>, std::path::PathBuf), Error> {
+        let dir = args.state_dir.clone().unwrap_or_else(|| {
+            std::env::temp_dir().join(format!("strom-bench-state-{}", std::process::id()))
+        });
+        let path = dir.join(format!("{name}.redb"));
+        let store = RedbStore::open(&path).map_err(|e| Error::Config(e.to_string()))?;
+        Ok((Arc::new(store), dir))
+    }
+
+    /// Every key 0..n holds its value.
+    fn check(store: &dyn Store, n: u64) -> bool {
+        store.len().ok() == Some(n)
+            && (0..n).all(|i| store.get(&i.to_be_bytes()).ok().flatten() == Some(value(i)))
+    }
+
+    fn report(op: &str, n: u64, seconds: f64, correct: bool) -> bool {
+        super::print(json!({
+            "op": op,
+            "records": n,
+            "seconds": seconds,
+            "records_per_s": n as f64 / seconds,
+            "peak_rss_mb": peak_rss_mb(),
+            "correct": correct,
+        }));
+        correct
+    }
+
+    fn state_error(e: strom_state::StateError) -> Error {
+        match e {
+            strom_state::StateError::Kafka(e) => e,
+            other => Error::Config(other.to_string()),
+        }
+    }
+
+    pub(super) async fn write(args: &StateArgs) -> Result<bool, Error> {
+        let client = Client::connect(client_config(&args.brokers)).await?;
+        let topic = changelog::topic_name(&format!("strom-bench-{}", std::process::id()), "write");
+        changelog::ensure_topic(&client, &topic, 1)
+            .await
+            .map_err(state_error)?;
+        let (store, dir) = open_store(args, "write")?;
+        let producer = Producer::new(client, ProducerConfig::default())?;
+        let mut logged = LoggedStore::new(store.clone(), producer, topic, 0);
+        let started = Instant::now();
+        for i in 0..args.messages {
+            logged
+                .put(i.to_be_bytes().to_vec(), value(i))
+                .await
+                .map_err(state_error)?;
+            if i % 10_000 == 9_999 {
+                logged.flush(Durability::Fast).await.map_err(state_error)?;
+            }
+        }
+        logged
+            .flush(Durability::Durable)
+            .await
+            .map_err(state_error)?;
+        let seconds = started.elapsed().as_secs_f64();
+        let correct = check(store.as_ref(), args.messages);
+        drop((logged, store));
+        let _ = std::fs::remove_dir_all(dir)
+            .ok()
+            .filter(|_| args.state_dir.is_none());
+        Ok(report("state-write", args.messages, seconds, correct))
+    }
+
+    pub(super) async fn read(args: &StateArgs) -> Result<bool, Error> {
+        let (store, dir) = open_store(args, "read")?;
+        let mut batch = WriteBatch::default();
+        for i in 0..args.messages {
+            batch.put(i.to_be_bytes().to_vec(), value(i));
+            if batch.len() == 50_000 || i + 1 == args.messages {
+                store
+                    .apply(&batch, Some(i as i64), Durability::Fast)
+                    .map_err(|e| Error::Config(e.to_string()))?;
+                batch.clear();
+            }
+        }
+        // Readers run on every core: redb serves concurrent readers, and a
+        // worker reads tables from several tasks.
+        let n = args.messages.max(1);
+        let threads = std::thread::available_parallelism().map_or(2, |t| t.get()) as u64;
+        let per_thread = args.messages / threads;
+        let started = Instant::now();
+        let correct = std::thread::scope(|scope| {
+            let workers: Vec<_> = (0..threads)
+                .map(|t| {
+                    let store = store.clone();
+                    scope.spawn(move || {
+                        let mut rng = 0x9e37_79b9_7f4a_7c15u64 ^ (t + 1);
+                        let mut expected = Vec::with_capacity(128);
+                        let mut ok = true;
+                        for _ in 0..per_thread {
+                            rng ^= rng << 13;
+                            rng ^= rng >> 7;
+                            rng ^= rng << 17;
+                            let i = rng % n;
+                            super::fill_value(&mut expected, i, 100);
+                            ok &= store.get(&i.to_be_bytes()).ok().flatten().as_deref()
+                                == Some(&expected[..]);
+                        }
+                        ok
+                    })
+                })
+                .collect();
+            workers.into_iter().all(|w| w.join().unwrap_or(false))
+        });
+        let seconds = started.elapsed().as_secs_f64();
+        drop(store);
+        let _ = std::fs::remove_dir_all(dir)
+            .ok()
+            .filter(|_| args.state_dir.is_none());
+        Ok(report("state-read", per_thread * threads, seconds, correct))
+    }
+
+    pub(super) async fn recover(args: &StateArgs) -> Result<bool, Error> {
+        let client = Client::connect(client_config(&args.brokers)).await?;
+        let topic =
+            changelog::topic_name(&format!("strom-bench-{}", std::process::id()), "recover");
+        changelog::ensure_topic(&client, &topic, 1)
+            .await
+            .map_err(state_error)?;
+        let producer = Producer::new(client.clone(), ProducerConfig::default())?;
+        for i in 0..args.messages {
+            let key = i.to_be_bytes();
+            let v = value(i);
+            producer
+                .send(ProducerRecord::to(&topic).partition(0).key(&key).value(&v))
+                .await?;
+        }
+        producer.flush().await?;
+        let (store, dir) = open_store(args, "recover")?;
+        let started = Instant::now();
+        let recovery = strom_state::recover(&client, store.clone(), &topic, 0)
+            .await
+            .map_err(state_error)?;
+        let seconds = started.elapsed().as_secs_f64();
+        let correct = recovery.replayed == args.messages && check(store.as_ref(), args.messages);
+        drop(store);
+        let _ = std::fs::remove_dir_all(dir)
+            .ok()
+            .filter(|_| args.state_dir.is_none());
+        Ok(report("state-recover", args.messages, seconds, correct))
+    }
 }
