@@ -92,6 +92,12 @@ impl LoggedStore {
         self.pending.len()
     }
 
+    /// Closes the partition's store on revoke or shutdown: a durable flush,
+    /// then the file is released. Nothing written before is lost.
+    pub async fn close(mut self) -> Result<Option<i64>> {
+        self.flush(Durability::Durable).await
+    }
+
     /// Waits until the changelog has every pending change, then commits them
     /// to the store together with the offset of the last one. Returns that
     /// offset (`None` when nothing was pending). If the changelog refused a

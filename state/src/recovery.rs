@@ -25,6 +25,16 @@ pub struct Recovery {
     pub high_watermark: i64,
 }
 
+/// Live progress of recoveries, for logs and a metrics endpoint: records
+/// replayed so far and records expected (from the high watermark hint).
+#[derive(Debug, Default)]
+pub struct RecoveryProgress {
+    /// Changelog records applied.
+    pub replayed: std::sync::atomic::AtomicU64,
+    /// Records expected to be replayed (a hint, see [`recover`]).
+    pub to_replay: std::sync::atomic::AtomicU64,
+}
+
 /// Records applied per store transaction during replay.
 const REPLAY_BATCH: usize = 20_000;
 /// How long the log must stay quiet past the high watermark to count as read.
@@ -67,6 +77,24 @@ pub async fn recover(
     topic: &str,
     partition: i32,
 ) -> Result<Recovery> {
+    recover_with_progress(
+        client,
+        store,
+        topic,
+        partition,
+        &RecoveryProgress::default(),
+    )
+    .await
+}
+
+/// [`recover`], counting into `progress` as it goes.
+pub async fn recover_with_progress(
+    client: &Client,
+    store: Arc<dyn Store>,
+    topic: &str,
+    partition: i32,
+    progress: &RecoveryProgress,
+) -> Result<Recovery> {
     let started = Instant::now();
     let reflected = tokio::task::spawn_blocking({
         let store = store.clone();
@@ -88,6 +116,9 @@ pub async fn recover(
     let tp = TopicPartition::new(topic, partition);
     let mut consumer = recovery_consumer(client);
     consumer.assign([(tp.clone(), Offset::At(from))])?;
+    progress
+        .to_replay
+        .store((high_watermark - from).max(0) as u64, Ordering::Relaxed);
 
     let mut batch = WriteBatch::default();
     let (mut replayed, mut last) = (0u64, reflected.unwrap_or(-1));
@@ -119,6 +150,7 @@ pub async fn recover(
             last = r.offset;
             replayed += 1;
         }
+        progress.replayed.store(replayed, Ordering::Relaxed);
         if batch.len() >= REPLAY_BATCH {
             apply(&store, std::mem::take(&mut batch), last, Durability::Fast).await?;
         }

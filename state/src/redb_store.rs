@@ -24,6 +24,28 @@ const DATA: TableDefinition<&[u8], &[u8]> = TableDefinition::new("data");
 const META: TableDefinition<&str, i64> = TableDefinition::new("meta");
 const OFFSET_KEY: &str = "changelog_offset";
 
+/// The file of `table`'s store for `partition` under `state_dir`:
+/// `<state_dir>/<table>/<partition>.redb`.
+///
+/// ```
+/// let p = strom_state::redb_store::store_path("/var/lib/app".as_ref(), "totals", 3);
+/// assert_eq!(p, std::path::PathBuf::from("/var/lib/app/totals/3.redb"));
+/// ```
+pub fn store_path(state_dir: &Path, table: &str, partition: i32) -> PathBuf {
+    state_dir.join(table).join(format!("{partition}.redb"))
+}
+
+/// Deletes the local files of `table` under `state_dir` (nothing in Kafka): the
+/// next start rebuilds them from the changelog.
+pub fn reset(state_dir: &Path, table: &str) -> Result<()> {
+    let dir = state_dir.join(table);
+    match std::fs::remove_dir_all(&dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(StateError::Io { path: dir, source }),
+    }
+}
+
 /// A [`Store`] in a redb database file.
 pub struct RedbStore {
     db: Database,
@@ -291,6 +313,19 @@ mod tests {
         let store = RedbStore::open(&path).unwrap();
         assert_eq!(store.get(b"k").unwrap().as_deref(), Some(&b"v"[..]));
         assert_eq!(store.changelog_offset().unwrap(), Some(41));
+        std::fs::remove_dir_all(dir).ok();
+    }
+
+    /// `reset` removes a table's files and nothing else.
+    #[test]
+    fn reset_deletes_only_that_tables_files() {
+        let dir = temp_dir("reset");
+        drop(RedbStore::open(store_path(&dir, "a", 0)).unwrap());
+        drop(RedbStore::open(store_path(&dir, "b", 0)).unwrap());
+        reset(&dir, "a").unwrap();
+        assert!(!store_path(&dir, "a", 0).exists());
+        assert!(store_path(&dir, "b", 0).exists());
+        reset(&dir, "a").unwrap(); // nothing left: fine
         std::fs::remove_dir_all(dir).ok();
     }
 

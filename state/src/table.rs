@@ -159,6 +159,11 @@ impl<K: TableKey, V: Serialize + DeserializeOwned> Table<K, V> {
             .collect()
     }
 
+    /// Closes the partition (durable flush); see [`LoggedStore::close`].
+    pub async fn close(self) -> Result<Option<i64>> {
+        self.logged.close().await
+    }
+
     /// Commits every change since the last flush once the changelog has it;
     /// see [`LoggedStore::flush`].
     pub async fn flush(&mut self, durability: Durability) -> Result<Option<i64>> {

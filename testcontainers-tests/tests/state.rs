@@ -5,11 +5,14 @@ use std::ops::Bound;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use std::sync::atomic::Ordering;
 use strom_client::producer::{Producer, ProducerConfig};
 use strom_client::Client;
 use strom_it::{unique_topic, TestBroker};
+
 use strom_state::{
-    changelog, recover, Durability, LoggedStore, RedbStore, Standby, StateError, Store, Table,
+    changelog, recover, recover_with_progress, Durability, LoggedStore, RecoveryProgress,
+    RedbStore, Standby, StateError, Store, Table,
 };
 
 fn temp_dir(name: &str) -> std::path::PathBuf {
@@ -69,7 +72,12 @@ async fn changelog_recovers_exactly_and_replays_only_the_gap() {
 
     // Lose the local state completely: a fresh store recovers it all.
     let fresh: Arc<dyn Store> = Arc::new(RedbStore::open(dir.join("fresh.redb")).unwrap());
-    let full = recover(&client, fresh.clone(), &topic, 0).await.unwrap();
+    let progress = RecoveryProgress::default();
+    let full = recover_with_progress(&client, fresh.clone(), &topic, 0, &progress)
+        .await
+        .unwrap();
+    assert_eq!(progress.replayed.load(Ordering::Relaxed), full.replayed);
+    assert!(progress.to_replay.load(Ordering::Relaxed) > 0);
     assert_eq!(full.to, last);
     assert_eq!(
         contents(fresh.as_ref()),
@@ -112,6 +120,16 @@ async fn changelog_recovers_exactly_and_replays_only_the_gap() {
         "a caught-up standby has nothing to replay"
     );
     assert_eq!(contents(promoted.as_ref()), expected);
+
+    // Closing (as on revoke) keeps everything: the reopened file has it all.
+    active
+        .put(&u64::MAX, &"at close".to_string())
+        .await
+        .unwrap();
+    active.close().await.unwrap();
+    let reopened = RedbStore::open(dir.join("active.redb")).unwrap();
+    assert_eq!(reopened.len().unwrap() as usize, expected.len() + 1);
+    assert_eq!(reopened.changelog_offset().unwrap(), Some(last + 1));
     std::fs::remove_dir_all(dir).ok();
 }
 
