@@ -23,6 +23,8 @@ use crate::store::{Durability, Store, WriteBatch};
 const DATA: TableDefinition<&[u8], &[u8]> = TableDefinition::new("data");
 const META: TableDefinition<&str, i64> = TableDefinition::new("meta");
 const OFFSET_KEY: &str = "changelog_offset";
+/// Page cache per store file: bounded, like Kafka Streams' RocksDB block cache.
+pub const DEFAULT_CACHE_BYTES: usize = 256 * 1024 * 1024;
 
 /// The file of `table`'s store for `partition` under `state_dir`:
 /// `<state_dir>/<table>/<partition>.redb`.
@@ -73,6 +75,12 @@ impl RedbStore {
     /// aside to `<path>.corrupt-<unix seconds>` — never deleted — and a fresh
     /// store is created; recovery then rebuilds it from the changelog.
     pub fn open(path: impl AsRef<Path>) -> Result<RedbStore> {
+        Self::open_with_cache(path, DEFAULT_CACHE_BYTES)
+    }
+
+    /// Like [`RedbStore::open`] with `cache_bytes` of page cache: the store's
+    /// resident memory stays near this, however many keys it holds.
+    pub fn open_with_cache(path: impl AsRef<Path>, cache_bytes: usize) -> Result<RedbStore> {
         let path = path.as_ref().to_owned();
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(|source| StateError::Io {
@@ -80,7 +88,12 @@ impl RedbStore {
                 source,
             })?;
         }
-        let db = match Database::create(&path).and_then(|db| Self::check(db, &path)) {
+        let create = |path: &Path| {
+            redb::Builder::new()
+                .set_cache_size(cache_bytes)
+                .create(path)
+        };
+        let db = match create(&path).and_then(|db| Self::check(db, &path)) {
             Ok(db) => db,
             Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
                 return Err(StateError::storage(
@@ -100,7 +113,7 @@ impl RedbStore {
                     path: path.clone(),
                     source,
                 })?;
-                Database::create(&path).map_err(|e| StateError::storage(&path, e))?
+                create(&path).map_err(|e| StateError::storage(&path, e))?
             }
         };
         Ok(RedbStore {
