@@ -61,6 +61,8 @@ pub mod group;
 pub mod partitioner;
 pub mod producer;
 pub mod records;
+#[cfg(test)]
+mod testing;
 
 pub use admin::{NewTopic, OffsetSpec};
 pub use cluster::{Client, ClientConfig, ConnectionClass};

@@ -796,4 +796,121 @@ mod tests {
             "{text}"
         );
     }
+
+    mod out_of_range {
+        use std::time::Duration;
+
+        use kafka_protocol::messages::fetch_response::{FetchableTopicResponse, PartitionData};
+        use kafka_protocol::messages::list_offsets_response::{
+            ListOffsetsPartitionResponse, ListOffsetsTopicResponse,
+        };
+        use kafka_protocol::messages::*;
+        use kafka_protocol::protocol::{Decodable, StrBytes};
+
+        use super::*;
+        use crate::connection::response_frame;
+        use crate::testing::scripted_broker;
+        use crate::{Client, ClientConfig};
+
+        /// A broker whose partition `t-0` holds offsets 0..100: fetches past
+        /// the end get OFFSET_OUT_OF_RANGE, others a batch of 10 records.
+        async fn broker() -> String {
+            let apis = [(ApiKey::Fetch, 12), (ApiKey::ListOffsets, 8)];
+            scripted_broker("t", 1, &apis, |mut req| match req.api {
+                ApiKey::ListOffsets => {
+                    let asked = ListOffsetsRequest::decode(&mut req.body, req.version).unwrap();
+                    let spec = asked.topics[0].partitions[0].timestamp;
+                    response_frame(
+                        req.correlation_id,
+                        req.version,
+                        ListOffsetsResponse::default().with_topics(vec![
+                            ListOffsetsTopicResponse::default()
+                                .with_name(TopicName(StrBytes::from_static_str("t")))
+                                .with_partitions(vec![ListOffsetsPartitionResponse::default()
+                                    .with_offset(if spec == -2 { 0 } else { 100 })]),
+                        ]),
+                    )
+                }
+                _ => {
+                    let fetch = FetchRequest::decode(&mut req.body, req.version).unwrap();
+                    let offset = fetch.topics[0].partitions[0].fetch_offset;
+                    let mut data = PartitionData::default().with_high_watermark(100);
+                    if !(0..100).contains(&offset) {
+                        data.error_code = 1; // OFFSET_OUT_OF_RANGE
+                    } else {
+                        let mut b = BatchBuilder::new(64);
+                        for o in offset..(offset + 10).min(100) {
+                            b.push(0, None, Some(o.to_string().as_bytes()), &[]);
+                        }
+                        let mut bytes = BytesMut::from(
+                            &b.seal(Compression::None, ProducerIdentity::default())
+                                .unwrap()[..],
+                        );
+                        bytes[..8].copy_from_slice(&offset.to_be_bytes());
+                        data.records = Some(bytes.freeze());
+                    }
+                    response_frame(
+                        req.correlation_id,
+                        req.version,
+                        FetchResponse::default().with_responses(vec![
+                            FetchableTopicResponse::default()
+                                .with_topic(TopicName(StrBytes::from_static_str("t")))
+                                .with_partitions(vec![data]),
+                        ]),
+                    )
+                }
+            })
+            .await
+        }
+
+        async fn consumer(reset: AutoOffsetReset) -> Consumer {
+            let client = Client::connect(ClientConfig::new([broker().await]))
+                .await
+                .unwrap();
+            let mut c = Consumer::new(
+                client,
+                ConsumerConfig {
+                    auto_offset_reset: reset,
+                    ..ConsumerConfig::default()
+                },
+            );
+            c.assign([(TopicPartition::new("t", 0), Offset::At(1_000))])
+                .unwrap();
+            c
+        }
+
+        /// OFFSET_OUT_OF_RANGE resets to the earliest or latest offset as the
+        /// policy says (the test broker in containers never sends it).
+        #[tokio::test]
+        async fn out_of_range_position_follows_the_reset_policy() {
+            let mut earliest = consumer(AutoOffsetReset::Earliest).await;
+            let r = tokio::time::timeout(Duration::from_secs(10), earliest.recv())
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(r.offset, 0);
+
+            let latest = consumer(AutoOffsetReset::Latest).await;
+            let tp = TopicPartition::new("t", 0);
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            while latest.position(&tp) != Some(100) {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "no reset to latest: {:?}",
+                    latest.position(&tp)
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+
+            let mut none = consumer(AutoOffsetReset::None).await;
+            let err = tokio::time::timeout(Duration::from_secs(10), none.recv())
+                .await
+                .unwrap()
+                .unwrap_err();
+            assert!(
+                matches!(err, Error::OffsetOutOfRange { offset: 1_000, .. }),
+                "{err}"
+            );
+        }
+    }
 }

@@ -655,22 +655,16 @@ fn now_ms() -> i64 {
 mod tests {
     use std::sync::{Arc, Mutex};
 
-    use bytes::Bytes;
-    use kafka_protocol::messages::api_versions_response::ApiVersion;
-    use kafka_protocol::messages::metadata_response::{
-        MetadataResponseBroker, MetadataResponsePartition, MetadataResponseTopic,
-    };
     use kafka_protocol::messages::produce_response::{
         PartitionProduceResponse, TopicProduceResponse,
     };
     use kafka_protocol::messages::*;
     use kafka_protocol::protocol::{Decodable, StrBytes};
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio::net::TcpListener;
 
     use super::*;
     use crate::connection::response_frame;
     use crate::records::BatchDecoder;
+    use crate::testing::scripted_broker;
     use crate::ClientConfig;
 
     /// What the scripted broker saw: the first value of each produced batch, in
@@ -686,104 +680,36 @@ mod tests {
     /// A one-partition broker that answers the first Produce with
     /// NOT_LEADER_OR_FOLLOWER and accepts everything after.
     async fn flaky_broker(log: Arc<Mutex<Log>>) -> String {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move {
-            loop {
-                let Ok((mut sock, _)) = listener.accept().await else {
-                    return;
-                };
-                let log = log.clone();
-                tokio::spawn(async move {
-                    loop {
-                        let Ok(len) = sock.read_i32().await else {
-                            return;
-                        };
-                        let mut frame = vec![0u8; len as usize];
-                        if sock.read_exact(&mut frame).await.is_err() {
-                            return;
-                        }
-                        let mut buf = Bytes::from(frame);
-                        let key = i16::from_be_bytes([buf[0], buf[1]]);
-                        let version = i16::from_be_bytes([buf[2], buf[3]]);
-                        let api = ApiKey::try_from(key).unwrap();
-                        let header =
-                            RequestHeader::decode(&mut buf, api.request_header_version(version))
-                                .unwrap();
-                        let cid = header.correlation_id;
-                        let out = match api {
-                            ApiKey::ApiVersions => response_frame(
-                                cid,
-                                version,
-                                ApiVersionsResponse::default().with_api_keys(
-                                    [(0i16, 11i16), (3, 12), (18, 3)]
-                                        .into_iter()
-                                        .map(|(k, max)| {
-                                            ApiVersion::default()
-                                                .with_api_key(k)
-                                                .with_max_version(max)
-                                        })
-                                        .collect(),
-                                ),
-                            ),
-                            ApiKey::Metadata => response_frame(
-                                cid,
-                                version,
-                                MetadataResponse::default()
-                                    .with_brokers(vec![MetadataResponseBroker::default()
-                                        .with_node_id(BrokerId(0))
-                                        .with_host(StrBytes::from_string(addr.ip().to_string()))
-                                        .with_port(addr.port() as i32)])
-                                    .with_topics(vec![MetadataResponseTopic::default()
-                                        .with_name(Some(TopicName(StrBytes::from_static_str("t"))))
-                                        .with_partitions(vec![
-                                            MetadataResponsePartition::default()
-                                                .with_partition_index(0)
-                                                .with_leader_id(BrokerId(0)),
-                                        ])]),
-                            ),
-                            ApiKey::Produce => {
-                                let req = ProduceRequest::decode(&mut buf, version).unwrap();
-                                let records =
-                                    req.topic_data[0].partition_data[0].records.clone().unwrap();
-                                let mut log = log.lock().unwrap();
-                                log.produce_requests += 1;
-                                let (code, base) = if log.produce_requests == 1 {
-                                    (6, -1) // NOT_LEADER_OR_FOLLOWER
-                                } else {
-                                    let batch =
-                                        BatchDecoder::new(records, true).next().unwrap().unwrap();
-                                    let first = batch.records().next().unwrap().unwrap();
-                                    log.accepted.push(first.value.unwrap().to_vec());
-                                    let base = log.next_offset;
-                                    log.next_offset += batch.record_count as i64;
-                                    (0, base)
-                                };
-                                response_frame(
-                                    cid,
-                                    version,
-                                    ProduceResponse::default().with_responses(vec![
-                                        TopicProduceResponse::default()
-                                            .with_name(TopicName(StrBytes::from_static_str("t")))
-                                            .with_partition_responses(vec![
-                                                PartitionProduceResponse::default()
-                                                    .with_index(0)
-                                                    .with_error_code(code)
-                                                    .with_base_offset(base),
-                                            ]),
-                                    ]),
-                                )
-                            }
-                            other => panic!("unexpected {other:?}"),
-                        };
-                        if sock.write_all(&out).await.is_err() {
-                            return;
-                        }
-                    }
-                });
-            }
-        });
-        addr.to_string()
+        scripted_broker("t", 1, &[(ApiKey::Produce, 11)], move |mut req| {
+            let req_body = ProduceRequest::decode(&mut req.body, req.version).unwrap();
+            let records = req_body.topic_data[0].partition_data[0]
+                .records
+                .clone()
+                .unwrap();
+            let mut log = log.lock().unwrap();
+            log.produce_requests += 1;
+            let (code, base) = if log.produce_requests == 1 {
+                (6, -1) // NOT_LEADER_OR_FOLLOWER
+            } else {
+                let batch = BatchDecoder::new(records, true).next().unwrap().unwrap();
+                let first = batch.records().next().unwrap().unwrap();
+                log.accepted.push(first.value.unwrap().to_vec());
+                let base = log.next_offset;
+                log.next_offset += batch.record_count as i64;
+                (0, base)
+            };
+            response_frame(
+                req.correlation_id,
+                req.version,
+                ProduceResponse::default().with_responses(vec![TopicProduceResponse::default()
+                    .with_name(TopicName(StrBytes::from_static_str("t")))
+                    .with_partition_responses(vec![PartitionProduceResponse::default()
+                        .with_index(0)
+                        .with_error_code(code)
+                        .with_base_offset(base)])]),
+            )
+        })
+        .await
     }
 
     /// A batch that fails with a retriable error is sent again before any later
