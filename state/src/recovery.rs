@@ -4,7 +4,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use strom_client::consumer::{Consumer, ConsumerConfig, Offset, TopicPartition};
+use strom_client::consumer::{Consumer, ConsumerConfig, ConsumerRecord, Offset, TopicPartition};
 use strom_client::{Client, OffsetSpec};
 use tokio::sync::watch;
 use tracing::info;
@@ -62,6 +62,22 @@ async fn apply(
         .map_err(|e| StateError::Codec {
             what: format!("store task failed: {e}"),
         })?
+}
+
+/// Adds changelog records to `batch` (a null value deletes its key); returns
+/// the offset of the last one.
+fn add_changes(batch: &mut WriteBatch, records: Vec<ConsumerRecord>) -> Option<i64> {
+    let mut last = None;
+    for r in records {
+        if let Some(key) = r.key {
+            match r.value {
+                Some(v) => batch.put(key.to_vec(), v.to_vec()),
+                None => batch.delete(key.to_vec()),
+            }
+        }
+        last = Some(r.offset);
+    }
+    last
 }
 
 /// Replays `topic`'s partition `partition` into `store` from the offset after
@@ -140,15 +156,9 @@ pub async fn recover_with_progress(
                 }))
             }
         };
-        for r in records {
-            if let Some(key) = r.key {
-                match r.value {
-                    Some(v) => batch.put(key.to_vec(), v.to_vec()),
-                    None => batch.delete(key.to_vec()),
-                }
-            }
-            last = r.offset;
-            replayed += 1;
+        replayed += records.len() as u64;
+        if let Some(offset) = add_changes(&mut batch, records) {
+            last = offset;
         }
         progress.replayed.store(replayed, Ordering::Relaxed);
         if batch.len() >= REPLAY_BATCH {
@@ -208,16 +218,7 @@ impl Standby {
                         _ = stopped.changed() => return Ok(()),
                     };
                     let mut batch = WriteBatch::default();
-                    let mut last = -1;
-                    for r in records {
-                        if let Some(key) = r.key {
-                            match r.value {
-                                Some(v) => batch.put(key.to_vec(), v.to_vec()),
-                                None => batch.delete(key.to_vec()),
-                            }
-                        }
-                        last = r.offset;
-                    }
+                    let last = add_changes(&mut batch, records).unwrap_or(-1);
                     apply(&store, batch, last, Durability::Fast).await?;
                     applied.store(last, Ordering::SeqCst);
                 }

@@ -359,17 +359,15 @@ async fn handle_done(
                         AutoOffsetReset::Latest => Offset::Latest,
                         AutoOffsetReset::None => {
                             s.failed = true;
-                            let _ = tx.send(Fetched {
-                                tp: a.tp.clone(),
-                                epoch: a.epoch,
-                                fetch_offset: a.offset,
-                                aborted: Vec::new(),
-                                result: Err(Error::OffsetOutOfRange {
+                            report(
+                                tx,
+                                a,
+                                Error::OffsetOutOfRange {
                                     topic: a.tp.topic.to_string(),
                                     partition: a.tp.partition,
                                     offset: a.offset,
-                                }),
-                            });
+                                },
+                            );
                             continue;
                         }
                     };
@@ -398,13 +396,7 @@ async fn handle_done(
                         if let Some(s) = shared.partitions.get_mut(&a.tp) {
                             s.failed = true;
                         }
-                        let _ = tx.send(Fetched {
-                            tp: a.tp.clone(),
-                            epoch: a.epoch,
-                            fetch_offset: a.offset,
-                            aborted: Vec::new(),
-                            result: Err(err),
-                        });
+                        report(tx, a, err);
                     }
                 }
             }
@@ -414,6 +406,17 @@ async fn handle_done(
         refresh(client, stale).await;
     }
     back_off
+}
+
+/// Hands a partition's error to the consumer, which returns it from `poll`.
+fn report(tx: &mpsc::UnboundedSender<Fetched>, asked: &Asked, err: Error) {
+    let _ = tx.send(Fetched {
+        tp: asked.tp.clone(),
+        epoch: asked.epoch,
+        fetch_offset: asked.offset,
+        aborted: Vec::new(),
+        result: Err(err),
+    });
 }
 
 /// The offset after the last whole batch in `records`, from batch headers only.
