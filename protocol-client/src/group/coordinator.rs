@@ -436,21 +436,19 @@ async fn apply(group: &GroupHandle, joined: Joined, protocol: RebalanceProtocol)
             };
             starts.push((tp.clone(), offset));
         }
-        inner.consumer.add_partitions(starts);
+        // The listener hears of the partitions before any of their records
+        // can be polled: it can set up what processing them needs.
         inner.state().owned.extend(added.iter().cloned());
-    }
-    {
-        let mut s = inner.state();
-        s.rebalances += 1;
-        s.assigned_at = Some(Instant::now());
-        info!(
-            group = %inner.config.group_id, generation = s.generation, owned = s.owned.len(),
-            added = added.len(), revoked = revoked.len(), "assignment applied"
-        );
-    }
-    if !added.is_empty() {
         inner.listener.on_assigned(group, &added).await;
+        inner.consumer.add_partitions(starts);
     }
+    let mut s = inner.state();
+    s.rebalances += 1;
+    s.assigned_at = Some(Instant::now());
+    info!(
+        group = %inner.config.group_id, generation = s.generation, owned = s.owned.len(),
+        added = added.len(), revoked = revoked.len(), "assignment applied"
+    );
     Ok(protocol == RebalanceProtocol::Cooperative && !revoked.is_empty())
 }
 

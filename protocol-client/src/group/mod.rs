@@ -149,7 +149,8 @@ pub trait RebalanceListener: Send + Sync {
         Box::pin(async {})
     }
 
-    /// These partitions were just assigned (their positions are the committed offsets).
+    /// These partitions were just assigned. It is called before any of their
+    /// records can be polled; reading them starts at the committed offsets.
     fn on_assigned<'a>(
         &'a self,
         group: &'a GroupHandle,
