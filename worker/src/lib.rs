@@ -210,13 +210,13 @@ impl Worker {
             tables,
             state_dir: config.state_dir.clone(),
             store: config.store,
+            fatal: Mutex::new(None),
         });
         let runtime = Arc::new(Runtime {
             spec,
             queue: config.queue,
             tasks: Mutex::new(HashMap::new()),
             commits: tokio::sync::Mutex::new(()),
-            fatal: Mutex::new(None),
         });
 
         let mut group = GroupConfig::new(&config.app_id);
@@ -284,8 +284,6 @@ struct Runtime {
     tasks: Mutex<HashMap<i32, Task>>,
     /// One commit at a time.
     commits: tokio::sync::Mutex<()>,
-    /// An error that must stop the worker (a record that was not acknowledged).
-    fatal: Mutex<Option<WorkerError>>,
 }
 
 impl Runtime {
@@ -294,15 +292,11 @@ impl Runtime {
     }
 
     fn take_fatal(&self) -> Option<WorkerError> {
-        self.fatal.lock().unwrap_or_else(|e| e.into_inner()).take()
+        self.spec.take_fatal()
     }
 
     fn set_fatal(&self, e: WorkerError) {
-        warn!(error = %e, "worker stops");
-        self.fatal
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get_or_insert(e);
+        self.spec.fail(e);
     }
 
     /// Hands fetched records to their partition's task. Records of a partition

@@ -36,6 +36,23 @@ pub(crate) struct Spec {
     pub tables: Vec<(String, String)>,
     pub state_dir: PathBuf,
     pub store: StoreKind,
+    /// The first error that must stop the worker (a partition that cannot
+    /// recover or process stalls otherwise).
+    pub fatal: std::sync::Mutex<Option<WorkerError>>,
+}
+
+impl Spec {
+    pub fn fail(&self, e: WorkerError) {
+        warn!(error = %e, "worker stops");
+        self.fatal
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_or_insert(e);
+    }
+
+    pub fn take_fatal(&self) -> Option<WorkerError> {
+        self.fatal.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
 }
 
 pub(crate) fn start(
@@ -45,8 +62,9 @@ pub(crate) fn start(
 ) -> (mpsc::Sender<Msg>, tokio::task::JoinHandle<()>) {
     let (tx, rx) = mpsc::channel(queue);
     let task = tokio::spawn(async move {
-        if let Err(e) = run(spec, partition, rx).await {
-            warn!(partition, error = %e, "partition task stopped");
+        if let Err(e) = run(spec.clone(), partition, rx).await {
+            warn!(partition, error = %e, "partition task failed");
+            spec.fail(e);
         }
     });
     (tx, task)
