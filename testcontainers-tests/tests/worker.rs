@@ -27,15 +27,18 @@ impl Processor for CountWords {
         &self.source
     }
 
-    fn process<'a>(&'a self, ctx: &'a mut Context, record: ConsumerRecord) -> ProcessFuture<'a> {
+    fn process(&self, ctx: Context, record: ConsumerRecord) -> ProcessFuture<'_> {
         Box::pin(async move {
             let word = record.key.ok_or("an event without a word")?;
-            let table = ctx.table("counts")?;
-            let now = match table.get(&word)? {
-                Some(b) => u64::from_be_bytes(b.as_slice().try_into()?),
-                None => 0,
-            } + 1;
-            table.put(word.to_vec(), now.to_be_bytes().to_vec()).await?;
+            let now = {
+                let mut table = ctx.table("counts").await?;
+                let now = match table.get(&word)? {
+                    Some(b) => u64::from_be_bytes(b.as_slice().try_into()?),
+                    None => 0,
+                } + 1;
+                table.put(word.to_vec(), now.to_be_bytes().to_vec()).await?;
+                now
+            };
             let partition = ctx.partition();
             ctx.send(
                 ProducerRecord::to(&self.output)

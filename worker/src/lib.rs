@@ -210,6 +210,7 @@ impl Worker {
             tables,
             state_dir: config.state_dir.clone(),
             store: config.store,
+            partitions,
             fatal: Mutex::new(None),
         });
         let runtime = Arc::new(Runtime {

@@ -13,7 +13,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
 
 use crate::error::WorkerError;
-use crate::processor::{Context, Processor};
+use crate::processor::{Context, PartitionState, Processor};
 use crate::StoreKind;
 
 /// Next offsets to commit: everything before them is processed and acknowledged.
@@ -36,6 +36,8 @@ pub(crate) struct Spec {
     pub tables: Vec<(String, String)>,
     pub state_dir: PathBuf,
     pub store: StoreKind,
+    /// Partition count of the source topics.
+    pub partitions: usize,
     /// The first error that must stop the worker (a partition that cannot
     /// recover or process stalls otherwise).
     pub fatal: std::sync::Mutex<Option<WorkerError>>,
@@ -92,11 +94,14 @@ async fn run(
             LoggedStore::new(store, spec.producer.clone(), changelog.clone(), partition),
         );
     }
-    let mut ctx = Context {
+    let ctx = Context {
         partition,
-        tables,
+        partitions: spec.partitions,
+        state: Arc::new(tokio::sync::Mutex::new(PartitionState {
+            tables,
+            deliveries: Vec::new(),
+        })),
         producer: spec.producer.clone(),
-        deliveries: Vec::new(),
     };
     let mut processed: BTreeMap<TopicPartition, i64> = BTreeMap::new();
     while let Some(msg) = rx.recv().await {
@@ -107,7 +112,7 @@ async fn run(
                     let offset = record.offset;
                     match spec.processors.get(&*record.topic) {
                         Some(p) => {
-                            if let Err(e) = p.process(&mut ctx, record).await {
+                            if let Err(e) = p.process(ctx.clone(), record).await {
                                 warn!(topic = %tp.topic, partition = tp.partition, offset, error = %e, "agent failed on an event; skipped");
                             }
                         }
@@ -117,10 +122,10 @@ async fn run(
                 }
             }
             Msg::Checkpoint(reply) => {
-                let _ = reply.send(checkpoint(&mut ctx, &processed, Durability::Fast).await);
+                let _ = reply.send(checkpoint(&ctx, &processed, Durability::Fast).await);
             }
             Msg::Close(reply) => {
-                let _ = reply.send(checkpoint(&mut ctx, &processed, Durability::Durable).await);
+                let _ = reply.send(checkpoint(&ctx, &processed, Durability::Durable).await);
                 return Ok(());
             }
         }
@@ -131,16 +136,17 @@ async fn run(
 /// Flushes the tables (waiting for their changelog records), waits for every
 /// other record sent, and returns the offsets that may now be committed.
 async fn checkpoint(
-    ctx: &mut Context,
+    ctx: &Context,
     processed: &BTreeMap<TopicPartition, i64>,
     durability: Durability,
 ) -> Result<Offsets, WorkerError> {
-    for table in ctx.tables.values_mut() {
+    let mut state = ctx.state.lock().await;
+    for table in state.tables.values_mut() {
         table.flush(durability).await?;
     }
-    if !ctx.deliveries.is_empty() {
+    if !state.deliveries.is_empty() {
         ctx.producer.flush().await?;
-        for d in ctx.deliveries.drain(..) {
+        for d in state.deliveries.drain(..) {
             if let Some(Err(source)) = d.try_result() {
                 return Err(WorkerError::Delivery {
                     partition: ctx.partition,

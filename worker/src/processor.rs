@@ -4,10 +4,12 @@
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 
 use strom_client::consumer::ConsumerRecord;
 use strom_client::producer::{DeliveryFuture, Producer, ProducerRecord};
 use strom_state::LoggedStore;
+use tokio::sync::{MappedMutexGuard, Mutex, MutexGuard};
 
 use crate::error::WorkerError;
 
@@ -26,18 +28,27 @@ pub trait Processor: Send + Sync {
     fn topic(&self) -> &str;
 
     /// Processes one event.
-    fn process<'a>(&'a self, ctx: &'a mut Context, record: ConsumerRecord) -> ProcessFuture<'a>;
+    fn process(&self, ctx: Context, record: ConsumerRecord) -> ProcessFuture<'_>;
+}
+
+/// The tables and pending sends of one partition.
+#[derive(Debug)]
+pub(crate) struct PartitionState {
+    pub tables: BTreeMap<String, LoggedStore>,
+    pub deliveries: Vec<DeliveryFuture>,
 }
 
 /// What a processor sees while it handles an event of one partition: that
 /// partition's tables and a producer. Everything sent or written through it
 /// is acknowledged before the event's offset is committed.
-#[derive(Debug)]
+///
+/// A cheap handle: clone it into the futures an agent spawns.
+#[derive(Debug, Clone)]
 pub struct Context {
     pub(crate) partition: i32,
-    pub(crate) tables: BTreeMap<String, LoggedStore>,
+    pub(crate) partitions: usize,
+    pub(crate) state: Arc<Mutex<PartitionState>>,
     pub(crate) producer: Producer,
-    pub(crate) deliveries: Vec<DeliveryFuture>,
 }
 
 impl Context {
@@ -46,18 +57,25 @@ impl Context {
         self.partition
     }
 
-    /// This partition of table `name`.
-    pub fn table(&mut self, name: &str) -> Result<&mut LoggedStore, WorkerError> {
-        self.tables
-            .get_mut(name)
-            .ok_or_else(|| WorkerError::Config(format!("no table named {name:?} is declared")))
+    /// The partition count of the source topics (and the tables).
+    pub fn partitions(&self) -> usize {
+        self.partitions
+    }
+
+    /// This partition of table `name`, locked for the caller.
+    pub async fn table(
+        &self,
+        name: &str,
+    ) -> Result<MappedMutexGuard<'_, LoggedStore>, WorkerError> {
+        MutexGuard::try_map(self.state.lock().await, |s| s.tables.get_mut(name))
+            .map_err(|_| WorkerError::Config(format!("no table named {name:?} is declared")))
     }
 
     /// Sends a record; its acknowledgement is awaited before the current
     /// event's offset is committed.
-    pub async fn send(&mut self, record: ProducerRecord<'_>) -> Result<(), WorkerError> {
+    pub async fn send(&self, record: ProducerRecord<'_>) -> Result<(), WorkerError> {
         let delivery = self.producer.send(record).await?;
-        self.deliveries.push(delivery);
+        self.state.lock().await.deliveries.push(delivery);
         Ok(())
     }
 }
