@@ -1,0 +1,41 @@
+//! Word count: reads UTF-8 text lines (no key) from `sentences`, splits them
+//! into lowercase words, re-keys by word, counts in table `word-counts`, and
+//! sends each new count to `word-counts-out` (key: the word, value: the count
+//! as a JSON number).
+//!
+//! ```text
+//! STROM_BROKERS=127.0.0.1:9092 cargo run -p strom --example wordcount -- worker
+//! ```
+
+use std::process::ExitCode;
+
+use strom::codec::{NoKey, Utf8};
+use strom::App;
+
+fn main() -> ExitCode {
+    let mut app = App::new("wordcount");
+    let sentences = app
+        .topic::<(), String>("sentences")
+        .with_key_codec(NoKey)
+        .with_value_codec(Utf8);
+    let counts_out = app
+        .topic::<String, u64>("word-counts-out")
+        .with_key_codec(Utf8);
+    let counts = app.table::<String, u64>("word-counts", 0);
+    app.agent(&sentences)
+        .flat_map(|line: String| {
+            line.split_whitespace()
+                .map(str::to_lowercase)
+                .collect::<Vec<_>>()
+        })
+        .group_by(|event| event.value.clone(), "words")
+        .for_each(move |ctx, event| {
+            let (counts, counts_out) = (counts.clone(), counts_out.clone());
+            async move {
+                let n = ctx.update(&counts, &event.key, |n| n + 1).await?;
+                ctx.send(&counts_out, &event.key, &n).await?;
+                Ok(())
+            }
+        });
+    app.main()
+}

@@ -1,0 +1,113 @@
+//! What an agent sees while it handles one event: typed tables and sends.
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use strom_client::partitioner::partition_for_key;
+use strom_client::producer::ProducerRecord;
+use strom_state::TableKey;
+
+use crate::error::{Error, Result};
+use crate::table::Table;
+use crate::topic::Topic;
+
+/// The event's partition, its tables and a producer. Everything an agent sends
+/// or writes through it is acknowledged before the event counts as done.
+#[derive(Debug, Clone)]
+pub struct Ctx {
+    pub(crate) inner: strom_worker::Context,
+}
+
+fn value_error(table: &str, e: serde_json::Error) -> Error {
+    Error::Codec {
+        topic: table.to_owned(),
+        source: crate::codec::CodecError {
+            what: e.to_string(),
+        },
+    }
+}
+
+impl Ctx {
+    /// The partition the event came from.
+    pub fn partition(&self) -> i32 {
+        self.inner.partition()
+    }
+
+    fn check_partition<K: TableKey>(&self, table: &str, key: &K) -> Result<Vec<u8>> {
+        let bytes = key.encode_key();
+        let key_partition = partition_for_key(&bytes, self.inner.partitions());
+        if key_partition != self.partition() {
+            return Err(Error::CoPartition {
+                table: table.to_owned(),
+                key_partition,
+                partition: self.partition(),
+            });
+        }
+        Ok(bytes)
+    }
+
+    /// The value of `key` in `table`, or the table's default.
+    pub async fn get<K: TableKey, V: DeserializeOwned>(
+        &self,
+        table: &Table<K, V>,
+        key: &K,
+    ) -> Result<V> {
+        let bytes = key.encode_key();
+        let stored = self.inner.table(&table.name).await?.get(&bytes)?;
+        match stored {
+            Some(v) => serde_json::from_slice(&v).map_err(|e| value_error(&table.name, e)),
+            None => Ok((table.default)()),
+        }
+    }
+
+    /// Sets `key` in `table` to `value`. The key must belong to this event's
+    /// partition (see [`Error::CoPartition`]).
+    pub async fn set<K: TableKey, V: Serialize>(
+        &self,
+        table: &Table<K, V>,
+        key: &K,
+        value: &V,
+    ) -> Result<()> {
+        let bytes = self.check_partition(&table.name, key)?;
+        let value = serde_json::to_vec(value).map_err(|e| value_error(&table.name, e))?;
+        self.inner
+            .table(&table.name)
+            .await?
+            .put(bytes, value)
+            .await?;
+        Ok(())
+    }
+
+    /// Replaces the value of `key` with `f(old or default)` and returns it.
+    pub async fn update<K, V, F>(&self, table: &Table<K, V>, key: &K, f: F) -> Result<V>
+    where
+        K: TableKey,
+        V: Serialize + DeserializeOwned,
+        F: FnOnce(V) -> V,
+    {
+        let new = f(self.get(table, key).await?);
+        self.set(table, key, &new).await?;
+        Ok(new)
+    }
+
+    /// Deletes `key` from `table`.
+    pub async fn delete<K: TableKey, V>(&self, table: &Table<K, V>, key: &K) -> Result<()> {
+        let bytes = self.check_partition(&table.name, key)?;
+        self.inner.table(&table.name).await?.delete(bytes).await?;
+        Ok(())
+    }
+
+    /// Sends `key` → `value` to `topic` (partitioned by the key, as Java does).
+    pub async fn send<K, V>(&self, topic: &Topic<K, V>, key: &K, value: &V) -> Result<()> {
+        let codec = |e| Error::Codec {
+            topic: topic.name.to_string(),
+            source: e,
+        };
+        let key = topic.key.encode(key).map_err(codec)?;
+        let value = topic.value.encode(value).map_err(codec)?;
+        let mut record = ProducerRecord::to(&topic.name);
+        record.key = key.as_deref();
+        record.value = value.as_deref();
+        self.inner.send(record).await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,41 @@
+//! The one error type of the user API.
+
+/// What can go wrong in an app.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A key or value did not encode or decode.
+    #[error("{topic}: {source}")]
+    Codec {
+        /// The topic or table.
+        topic: String,
+        /// What failed.
+        #[source]
+        source: crate::codec::CodecError,
+    },
+    /// A table write for a key of another partition.
+    #[error("table {table:?}: the key belongs to partition {key_partition} but this event is from partition {partition}; group_by the stream by the table's key first")]
+    CoPartition {
+        /// The table.
+        table: String,
+        /// The partition the key belongs to.
+        key_partition: i32,
+        /// The event's partition.
+        partition: i32,
+    },
+    /// The runtime failed.
+    #[error(transparent)]
+    Worker(#[from] strom_worker::WorkerError),
+    /// Kafka said no.
+    #[error(transparent)]
+    Client(#[from] strom_client::Error),
+    /// A table's store failed.
+    #[error(transparent)]
+    State(#[from] strom_state::StateError),
+    /// The app is declared or configured inconsistently.
+    #[error("{0}")]
+    Config(String),
+}
+
+/// A `Result` whose error is [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;

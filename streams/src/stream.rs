@@ -1,0 +1,301 @@
+//! Agents: a stream of typed events from one topic, shaped by operators and
+//! consumed by an async handler. Each stage compiles to a worker processor.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use strom_client::consumer::ConsumerRecord;
+use strom_client::producer::ProducerRecord;
+use strom_client::Header;
+use strom_state::TableKey;
+use strom_worker::{AgentError, Context, ProcessFuture, Processor};
+use tracing::warn;
+
+use crate::app::App;
+use crate::codec::{Codec, CodecError, Json};
+use crate::context::Ctx;
+
+/// One event: its key and value, and where it came from.
+#[derive(Debug, Clone)]
+pub struct Event<K, V> {
+    /// The key.
+    pub key: K,
+    /// The value.
+    pub value: V,
+    /// The topic it was read from.
+    pub topic: Arc<str>,
+    /// Its partition.
+    pub partition: i32,
+    /// Its offset.
+    pub offset: i64,
+    /// Milliseconds since the epoch.
+    pub timestamp: i64,
+    /// Its headers.
+    pub headers: Vec<Header>,
+}
+
+impl<K, V> Event<K, V> {
+    fn with_value<V2>(&self, value: V2) -> Event<K, V2>
+    where
+        K: Clone,
+    {
+        Event {
+            key: self.key.clone(),
+            value,
+            topic: self.topic.clone(),
+            partition: self.partition,
+            offset: self.offset,
+            timestamp: self.timestamp,
+            headers: self.headers.clone(),
+        }
+    }
+}
+
+/// Turns one record into the events a stage yields (decoding, then operators).
+type Step<K, V> = Arc<dyn Fn(ConsumerRecord) -> Result<Vec<Event<K, V>>, CodecError> + Send + Sync>;
+
+pub(crate) fn decode_step<K: 'static, V: 'static>(
+    key: Arc<dyn Codec<K>>,
+    value: Arc<dyn Codec<V>>,
+) -> Step<K, V> {
+    Arc::new(move |r: ConsumerRecord| {
+        Ok(vec![Event {
+            key: key.decode(r.key.as_deref())?,
+            value: value.decode(r.value.as_deref())?,
+            topic: r.topic,
+            partition: r.partition,
+            offset: r.offset,
+            timestamp: r.timestamp,
+            headers: r.headers,
+        }])
+    })
+}
+
+/// A stream of events being defined on an [`App`]: apply operators, then end
+/// it with [`Stream::for_each`] (or it ends at a [`Stream::group_by`]'s
+/// repartition topic).
+pub struct Stream<'a, K, V> {
+    pub(crate) app: &'a mut App,
+    pub(crate) source: Arc<str>,
+    pub(crate) step: Step<K, V>,
+}
+
+impl<K, V> std::fmt::Debug for Stream<'_, K, V> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stream")
+            .field("source", &self.source)
+            .finish()
+    }
+}
+
+impl<'a, K, V> Stream<'a, K, V>
+where
+    K: Clone + Send + Sync + 'static,
+    V: Send + Sync + 'static,
+{
+    fn then<K2, V2>(
+        self,
+        f: impl Fn(Vec<Event<K, V>>) -> Vec<Event<K2, V2>> + Send + Sync + 'static,
+    ) -> Stream<'a, K2, V2> {
+        let step = self.step;
+        Stream {
+            app: self.app,
+            source: self.source,
+            step: Arc::new(move |r| step(r).map(&f)),
+        }
+    }
+
+    /// Keeps the events `f` accepts.
+    pub fn filter(
+        self,
+        f: impl Fn(&Event<K, V>) -> bool + Send + Sync + 'static,
+    ) -> Stream<'a, K, V> {
+        self.then(move |events| events.into_iter().filter(|e| f(e)).collect())
+    }
+
+    /// Replaces each value with `f(value)`.
+    pub fn map<V2: Send + Sync + 'static>(
+        self,
+        f: impl Fn(V) -> V2 + Send + Sync + 'static,
+    ) -> Stream<'a, K, V2> {
+        self.then(move |events| {
+            events
+                .into_iter()
+                .map(|e| {
+                    let meta = e.with_value(());
+                    let value = f(e.value);
+                    meta.with_value(value)
+                })
+                .collect()
+        })
+    }
+
+    /// Replaces each event with one event per item of `f(value)`.
+    pub fn flat_map<V2, I>(self, f: impl Fn(V) -> I + Send + Sync + 'static) -> Stream<'a, K, V2>
+    where
+        V2: Send + Sync + 'static,
+        I: IntoIterator<Item = V2>,
+    {
+        self.then(move |events| {
+            events
+                .into_iter()
+                .flat_map(|e| {
+                    let meta = e.with_value(());
+                    f(e.value)
+                        .into_iter()
+                        .map(move |v| meta.with_value(v))
+                        .collect::<Vec<_>>()
+                })
+                .collect()
+        })
+    }
+
+    /// Re-keys the stream by `key` through the internal topic
+    /// `<app-id>-<topic>-<name>-repartition` (created with the source's
+    /// partition count), so events with the same key meet in one partition —
+    /// the one holding that key's table entries.
+    pub fn group_by<K2>(
+        self,
+        key: impl Fn(&Event<K, V>) -> K2 + Send + Sync + 'static,
+        name: &str,
+    ) -> Stream<'a, K2, V>
+    where
+        K2: TableKey + Clone + Send + Sync + 'static,
+        V: Serialize + DeserializeOwned,
+    {
+        let target: Arc<str> = Arc::from(format!(
+            "{}-{}-{}-repartition",
+            self.app.id(),
+            self.source,
+            name
+        ));
+        self.app.declare_repartition(&target, &self.source);
+        self.app.add_processor(Arc::new(Repartition {
+            source: self.source.clone(),
+            step: self.step,
+            key: Box::new(key),
+            target: target.clone(),
+        }));
+        Stream {
+            app: self.app,
+            source: target,
+            step: Arc::new(|r: ConsumerRecord| {
+                let bytes = r.key.as_deref().ok_or_else(|| CodecError {
+                    what: "repartitioned event without a key".into(),
+                })?;
+                let key = K2::decode_key(bytes).map_err(|e| CodecError {
+                    what: e.to_string(),
+                })?;
+                let value = Codec::<V>::decode(&Json, r.value.as_deref())?;
+                Ok(vec![Event {
+                    key,
+                    value,
+                    topic: r.topic,
+                    partition: r.partition,
+                    offset: r.offset,
+                    timestamp: r.timestamp,
+                    headers: r.headers,
+                }])
+            }),
+        }
+    }
+
+    /// Ends the stream: `f` handles each event, in order per partition. An error
+    /// it returns is logged with the event's coordinates; the partition goes on.
+    pub fn for_each<F, Fut>(self, f: F)
+    where
+        F: Fn(Ctx, Event<K, V>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), AgentError>> + Send + 'static,
+    {
+        self.app.add_processor(Arc::new(ForEach {
+            source: self.source,
+            step: self.step,
+            f,
+        }));
+    }
+}
+
+/// Decodes a record into events; an undecodable one is logged and skipped
+/// (its offset still counts as processed).
+fn events<K, V>(step: &Step<K, V>, record: ConsumerRecord) -> Vec<Event<K, V>> {
+    let (topic, partition, offset) = (record.topic.clone(), record.partition, record.offset);
+    match step(record) {
+        Ok(events) => events,
+        Err(e) => {
+            warn!(%topic, partition, offset, error = %e, "undecodable event skipped");
+            Vec::new()
+        }
+    }
+}
+
+struct ForEach<K, V, F> {
+    source: Arc<str>,
+    step: Step<K, V>,
+    f: F,
+}
+
+impl<K, V, F, Fut> Processor for ForEach<K, V, F>
+where
+    K: Send + 'static,
+    V: Send + 'static,
+    F: Fn(Ctx, Event<K, V>) -> Fut + Send + Sync,
+    Fut: Future<Output = Result<(), AgentError>> + Send + 'static,
+{
+    fn topic(&self) -> &str {
+        &self.source
+    }
+
+    fn process(&self, ctx: Context, record: ConsumerRecord) -> ProcessFuture<'_> {
+        let ctx = Ctx { inner: ctx };
+        let work: Vec<Fut> = events(&self.step, record)
+            .into_iter()
+            .map(|e| (self.f)(ctx.clone(), e))
+            .collect();
+        Box::pin(async move {
+            for w in work {
+                w.await?;
+            }
+            Ok(())
+        })
+    }
+}
+
+/// Computes an event's new key.
+type KeyFn<K, V, K2> = Box<dyn Fn(&Event<K, V>) -> K2 + Send + Sync>;
+
+/// A repartitioned record: key bytes and value bytes.
+type Rekeyed = (Vec<u8>, Vec<u8>);
+
+struct Repartition<K, V, K2> {
+    source: Arc<str>,
+    step: Step<K, V>,
+    key: KeyFn<K, V, K2>,
+    target: Arc<str>,
+}
+
+impl<K, V, K2> Processor for Repartition<K, V, K2>
+where
+    K: Send + 'static,
+    V: Serialize + Send + 'static,
+    K2: TableKey + Send + 'static,
+{
+    fn topic(&self) -> &str {
+        &self.source
+    }
+
+    fn process(&self, ctx: Context, record: ConsumerRecord) -> ProcessFuture<'_> {
+        let out: Result<Vec<Rekeyed>, AgentError> = events(&self.step, record)
+            .into_iter()
+            .map(|e| Ok(((self.key)(&e).encode_key(), serde_json::to_vec(&e.value)?)))
+            .collect();
+        Box::pin(async move {
+            for (key, value) in out? {
+                ctx.send(ProducerRecord::to(&self.target).key(&key).value(&value))
+                    .await?;
+            }
+            Ok(())
+        })
+    }
+}

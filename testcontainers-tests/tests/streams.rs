@@ -1,0 +1,142 @@
+//! The user API end to end: the word count pipeline of the example, run by two
+//! app instances (workers) in one group.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use strom::codec::{NoKey, Utf8};
+use strom::{App, StoreKind};
+use strom_client::consumer::{Consumer, ConsumerConfig, Offset, TopicPartition};
+use strom_client::producer::{Producer, ProducerConfig, ProducerRecord};
+use strom_client::Client;
+use strom_it::{unique_topic, TestBroker};
+use tokio::sync::oneshot;
+
+/// The word count app of `streams/examples/wordcount.rs`, with test names.
+fn wordcount(id: &str, broker: &TestBroker, input: &str, output: &str) -> App {
+    let mut app = App::new(id)
+        .with_brokers([broker.bootstrap.clone()])
+        .with_state_dir(std::env::temp_dir().join(unique_topic("wc-state")))
+        .with_store(StoreKind::Redb)
+        .with_partitions(4)
+        .with_commit_interval(Duration::from_millis(200))
+        .with_session_timeout(Duration::from_secs(6), Duration::from_secs(1));
+    let sentences = app
+        .topic::<(), String>(input)
+        .with_key_codec(NoKey)
+        .with_value_codec(Utf8);
+    let counts_out = app.topic::<String, u64>(output).with_key_codec(Utf8);
+    let counts = app.table::<String, u64>("word-counts", 0);
+    app.agent(&sentences)
+        .flat_map(|line: String| {
+            line.split_whitespace()
+                .map(str::to_lowercase)
+                .collect::<Vec<_>>()
+        })
+        .group_by(|event| event.value.clone(), "words")
+        .for_each(move |ctx, event| {
+            let (counts, counts_out) = (counts.clone(), counts_out.clone());
+            async move {
+                let n = ctx.update(&counts, &event.key, |n| n + 1).await?;
+                ctx.send(&counts_out, &event.key, &n).await?;
+                Ok(())
+            }
+        });
+    app
+}
+
+/// Two workers count the words of 10,000 sentences (with undecodable lines
+/// mixed in, which are skipped): the last count sent per word equals the truth.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wordcount_app_counts_exactly_and_skips_bad_input() {
+    let broker = TestBroker::start().await;
+    let client = broker.client().await;
+    let (id, input, output) = (
+        unique_topic("wordcount"),
+        unique_topic("sentences"),
+        unique_topic("counts-out"),
+    );
+
+    let mut workers = vec![];
+    for _ in 0..2 {
+        let app = wordcount(&id, &broker, &input, &output);
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            app.run(async {
+                let _ = stopped.await;
+            })
+            .await
+            .expect("worker failed");
+        });
+        workers.push((stop, task));
+    }
+    // Wait until the app has created its topics.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while client.topic_metadata(&input).await.is_err() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the app never created its input topic"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    let producer = Producer::new(client.clone(), ProducerConfig::default()).unwrap();
+    let mut truth: BTreeMap<String, u64> = BTreeMap::new();
+    for i in 0..10_000u64 {
+        let line = format!("The w{} W{} and w{}", i % 17, i % 101, (i * 7) % 53);
+        for w in line.split_whitespace() {
+            *truth.entry(w.to_lowercase()).or_default() += 1;
+        }
+        producer
+            .send(ProducerRecord::to(&input).value(line.as_bytes()))
+            .await
+            .unwrap();
+        if i % 1000 == 0 {
+            // Not UTF-8: logged and skipped by the agent.
+            producer
+                .send(ProducerRecord::to(&input).value(&[0xff, 0xfe, 0x00]))
+                .await
+                .unwrap();
+        }
+    }
+    producer.flush().await.unwrap();
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let last = last_counts(&client, &output).await;
+        if truth.iter().all(|(w, n)| last.get(w) == Some(n)) {
+            assert_eq!(
+                last.len(),
+                truth.len(),
+                "words that were never sent were counted"
+            );
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "counts never reached the truth"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    for (stop, task) in workers {
+        let _ = stop.send(());
+        task.await.unwrap();
+    }
+}
+
+async fn last_counts(client: &Client, topic: &str) -> HashMap<String, u64> {
+    let partitions = client.topic_metadata(topic).await.unwrap().partitions.len() as i32;
+    let mut consumer = Consumer::new(client.clone(), ConsumerConfig::default());
+    consumer
+        .assign((0..partitions).map(|p| (TopicPartition::new(topic, p), Offset::Earliest)))
+        .unwrap();
+    let mut last = HashMap::new();
+    while let Ok(batch) = tokio::time::timeout(Duration::from_secs(2), consumer.poll()).await {
+        for r in batch.unwrap() {
+            let word = String::from_utf8(r.key.unwrap().to_vec()).unwrap();
+            let n: u64 = serde_json::from_slice(&r.value.unwrap()).unwrap();
+            last.insert(word, n);
+        }
+    }
+    last
+}
