@@ -120,6 +120,13 @@ enum Command {
         #[command(flatten)]
         state: StateArgs,
     },
+    /// N single-word records (1,000-word vocabulary) through the wordcount
+    /// pipeline (split, group_by, count in a table, send counts) with one
+    /// worker in this process.
+    Pipeline {
+        #[command(flatten)]
+        state: StateArgs,
+    },
     /// Read every partition from the earliest offset until N records arrived.
     Consume {
         #[command(flatten)]
@@ -198,6 +205,7 @@ fn main() -> ExitCode {
                 )
                 .await
             }
+            Command::Pipeline { state } => pipeline::run(&state).await,
             Command::StateWrite { state } => state_bench::write(&state).await,
             Command::StateRead { state } => state_bench::read(&state).await,
             Command::StateRecover { state } => state_bench::recover(&state).await,
@@ -549,7 +557,7 @@ mod state_bench {
         v
     }
 
-    fn peak_rss_mb() -> f64 {
+    pub(super) fn peak_rss_mb() -> f64 {
         std::fs::read_to_string("/proc/self/status")
             .ok()
             .and_then(|s| {
@@ -707,5 +715,138 @@ mod state_bench {
             .ok()
             .filter(|_| args.state_dir.is_none());
         Ok(report("state-recover", args.messages, seconds, correct))
+    }
+}
+
+/// `pipeline`: the wordcount app over N single-word records, one worker.
+mod pipeline {
+    use std::collections::BTreeMap;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::{Arc, Mutex};
+    use std::time::{Duration, Instant};
+
+    use serde_json::json;
+    use strom::codec::{NoKey, Utf8};
+    use strom::{App, StoreKind};
+    use strom_client::producer::{Producer, ProducerConfig, ProducerRecord};
+    use strom_client::{Client, Error, NewTopic};
+    use strom_state::{changelog, recover, MemoryStore, Store};
+
+    use super::{client_config, StateArgs};
+
+    pub(super) async fn run(args: &StateArgs) -> Result<bool, Error> {
+        let n = args.messages;
+        let run_id = std::process::id();
+        let (id, input, output) = (
+            format!("strom-pipeline-{run_id}"),
+            format!("pipeline-words-{run_id}"),
+            format!("pipeline-counts-{run_id}"),
+        );
+        let client = Client::connect(client_config(&args.brokers)).await?;
+        client.create_topic(NewTopic::new(&input, 6, 1)).await?;
+        let producer = Producer::new(client.clone(), ProducerConfig::default())?;
+        let mut truth: BTreeMap<String, u64> = BTreeMap::new();
+        for i in 0..n {
+            let word = format!("word{}", (i * 7919) % 1000);
+            producer
+                .send(ProducerRecord::to(&input).value(word.as_bytes()))
+                .await?;
+            *truth.entry(word).or_default() += 1;
+        }
+        producer.flush().await?;
+
+        let state_dir = args
+            .state_dir
+            .clone()
+            .unwrap_or_else(|| std::env::temp_dir().join(format!("strom-pipeline-{run_id}")));
+        let mut app = App::new(&id)
+            .with_brokers(args.brokers.split(',').map(str::trim))
+            .with_state_dir(&state_dir)
+            .with_store(StoreKind::Redb)
+            .with_partitions(6)
+            .with_session_timeout(Duration::from_secs(6), Duration::from_secs(1));
+        let words = app
+            .topic::<(), String>(&input)
+            .with_key_codec(NoKey)
+            .with_value_codec(Utf8);
+        let counts_out = app.topic::<String, u64>(&output).with_key_codec(Utf8);
+        let counts = app.table::<String, u64>("counts", 0);
+        let processed = Arc::new(AtomicU64::new(0));
+        let first: Arc<Mutex<Option<Instant>>> = Arc::default();
+        let (done_tx, done_rx) = tokio::sync::watch::channel(false);
+        {
+            let (processed, first) = (processed.clone(), first.clone());
+            app.agent(&words)
+                .flat_map(|line: String| {
+                    line.split_whitespace()
+                        .map(str::to_owned)
+                        .collect::<Vec<_>>()
+                })
+                .group_by(|e| e.value.clone(), "by-word")
+                .for_each(move |ctx, event| {
+                    let (counts, counts_out) = (counts.clone(), counts_out.clone());
+                    let (processed, first, done_tx) =
+                        (processed.clone(), first.clone(), done_tx.clone());
+                    async move {
+                        first
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .get_or_insert_with(Instant::now);
+                        let c = ctx.update(&counts, &event.key, |c| c + 1).await?;
+                        ctx.send(&counts_out, &event.key, &c).await?;
+                        if processed.fetch_add(1, Ordering::Relaxed) + 1 == n {
+                            let _ = done_tx.send(true);
+                        }
+                        Ok(())
+                    }
+                });
+        }
+        let mut done = done_rx.clone();
+        app.run(async move {
+            let _ = done.wait_for(|d| *d).await;
+        })
+        .await
+        .map_err(|e| Error::Config(e.to_string()))?;
+        // run() returns after the final checkpoint: tables flushed, every
+        // output and changelog record acknowledged, offsets committed.
+        let end = Instant::now();
+        let start = first
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .unwrap_or(end);
+        let seconds = end.duration_since(start).as_secs_f64();
+
+        let topic = changelog::topic_name(&id, "counts");
+        let mut table = BTreeMap::new();
+        for p in 0..6 {
+            let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+            recover(&client, store.clone(), &topic, p)
+                .await
+                .map_err(|e| Error::Config(e.to_string()))?;
+            for (k, v) in store
+                .range(
+                    std::ops::Bound::Unbounded,
+                    std::ops::Bound::Unbounded,
+                    usize::MAX,
+                )
+                .map_err(|e| Error::Config(e.to_string()))?
+            {
+                let count: u64 = serde_json::from_slice(&v).unwrap_or(0);
+                table.insert(String::from_utf8_lossy(&k).into_owned(), count);
+            }
+        }
+        let correct = table == truth;
+        let _ = std::fs::remove_dir_all(&state_dir)
+            .ok()
+            .filter(|_| args.state_dir.is_none());
+        super::print(json!({
+            "op": "pipeline",
+            "events": n,
+            "seconds": seconds,
+            "events_per_s": n as f64 / seconds,
+            "peak_rss_mb": super::state_bench::peak_rss_mb(),
+            "correct": correct,
+        }));
+        Ok(correct)
     }
 }
