@@ -99,11 +99,23 @@ impl LoggedStore {
     }
 
     /// Waits until the changelog has every pending change, then commits them
-    /// to the store together with the offset of the last one. Returns that
+    /// to the store together with the offset of the last one. A durable flush
+    /// also makes every earlier fast commit durable, pending changes or not. Returns that
     /// offset (`None` when nothing was pending). If the changelog refused a
     /// change, nothing is committed and the error says which.
     pub async fn flush(&mut self, durability: Durability) -> Result<Option<i64>> {
         if self.deliveries.is_empty() {
+            if durability == Durability::Durable {
+                // Earlier fast commits reach the disk only with a durable one.
+                let store = self.store.clone();
+                tokio::task::spawn_blocking(move || {
+                    store.apply(&WriteBatch::default(), None, Durability::Durable)
+                })
+                .await
+                .map_err(|e| StateError::Codec {
+                    what: format!("store task failed: {e}"),
+                })??;
+            }
             return Ok(None);
         }
         self.producer.flush().await?;

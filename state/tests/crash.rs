@@ -113,3 +113,49 @@ fn killed_writer_leaves_data_and_offset_in_agreement() {
     );
     std::fs::remove_dir_all(dir).ok();
 }
+
+const DURABLE_CHILD: &str = "STROM_DURABLE_CHILD_STORE";
+
+/// Fast commits followed by an empty durable commit survive a SIGKILL: a
+/// durable flush with nothing pending still makes earlier commits durable.
+#[test]
+fn empty_durable_commit_persists_earlier_fast_commits() {
+    if let Ok(path) = std::env::var(DURABLE_CHILD) {
+        let store = RedbStore::open(&path).unwrap();
+        for n in 0..10 {
+            store.apply(&batch(n), Some(n), Durability::Fast).unwrap();
+        }
+        store
+            .apply(&WriteBatch::default(), None, Durability::Durable)
+            .unwrap();
+        println!("durable");
+        std::thread::sleep(Duration::from_secs(60)); // killed before exiting cleanly
+        std::process::exit(0);
+    }
+    let dir = std::env::temp_dir().join(format!("strom-durable-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("t.redb");
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "empty_durable_commit_persists_earlier_fast_commits",
+            "--exact",
+            "--nocapture",
+        ])
+        .env(DURABLE_CHILD, &path)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("durable") {
+        line.clear();
+        std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+        assert!(!line.is_empty(), "child ended early");
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let store = RedbStore::open(&path).unwrap();
+    assert_eq!(store.changelog_offset().unwrap(), Some(9));
+    assert_consistent(&store);
+    std::fs::remove_dir_all(dir).ok();
+}

@@ -1,0 +1,344 @@
+//! Workers as separate processes, stopped with SIGTERM or killed with SIGKILL
+//! mid-stream. The test binary runs itself as the worker process.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::sync::Arc;
+use std::time::Duration;
+
+use strom::codec::{NoKey, Utf8};
+use strom::{App, StoreKind};
+use strom_client::consumer::{Consumer, ConsumerConfig, Offset, TopicPartition};
+use strom_client::producer::{Producer, ProducerConfig, ProducerRecord};
+use strom_client::Client;
+use strom_it::{unique_topic, TestBroker};
+use strom_state::{changelog, recover, MemoryStore, RedbStore, Store};
+
+const CHILD: &str = "STROM_IT_WORKER";
+
+/// What a worker process needs to know, passed through the environment.
+struct Names {
+    id: String,
+    input: String,
+    output: String,
+}
+
+impl Names {
+    fn new() -> Self {
+        Names {
+            id: unique_topic("proc-wc"),
+            input: unique_topic("proc-sentences"),
+            output: unique_topic("proc-counts"),
+        }
+    }
+}
+
+fn wordcount(bootstrap: &str, names: &Names, state_dir: &Path) -> App {
+    let mut app = App::new(&names.id)
+        .with_brokers([bootstrap.to_owned()])
+        .with_state_dir(state_dir)
+        .with_store(StoreKind::Redb)
+        .with_partitions(4)
+        .with_commit_interval(Duration::from_millis(300))
+        .with_session_timeout(Duration::from_secs(6), Duration::from_secs(1));
+    let sentences = app
+        .topic::<(), String>(&names.input)
+        .with_key_codec(NoKey)
+        .with_value_codec(Utf8);
+    let counts_out = app.topic::<String, u64>(&names.output).with_key_codec(Utf8);
+    let counts = app.table::<String, u64>("counts", 0);
+    app.agent(&sentences)
+        .flat_map(|line: String| {
+            line.split_whitespace()
+                .map(str::to_lowercase)
+                .collect::<Vec<_>>()
+        })
+        .group_by(|event| event.value.clone(), "words")
+        .for_each(move |ctx, event| {
+            let (counts, counts_out) = (counts.clone(), counts_out.clone());
+            async move {
+                let n = ctx.update(&counts, &event.key, |n| n + 1).await?;
+                ctx.send(&counts_out, &event.key, &n).await?;
+                Ok(())
+            }
+        });
+    app
+}
+
+/// In a child process: run the worker until SIGTERM, exit 0 when it stopped cleanly.
+async fn child_worker() -> ! {
+    strom_it::init_tracing();
+    let var = |k: &str| std::env::var(k).unwrap_or_else(|_| panic!("{k} not set"));
+    let names = Names {
+        id: var("STROM_IT_APP"),
+        input: var("STROM_IT_INPUT"),
+        output: var("STROM_IT_OUTPUT"),
+    };
+    let app = wordcount(
+        &var("STROM_IT_BROKER"),
+        &names,
+        Path::new(&var("STROM_IT_STATE")),
+    );
+    let result = app
+        .run(async {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).unwrap();
+            term.recv().await;
+        })
+        .await;
+    if let Err(e) = &result {
+        eprintln!("worker process failed: {e}");
+    }
+    std::process::exit(if result.is_ok() { 0 } else { 3 });
+}
+
+fn spawn_worker(test: &str, broker: &TestBroker, names: &Names, state: &Path) -> Child {
+    Command::new(std::env::current_exe().unwrap())
+        .args([test, "--exact", "--nocapture"])
+        .env(CHILD, "1")
+        .env("STROM_IT_BROKER", &broker.bootstrap)
+        .env("STROM_IT_APP", &names.id)
+        .env("STROM_IT_INPUT", &names.input)
+        .env("STROM_IT_OUTPUT", &names.output)
+        .env("STROM_IT_STATE", state)
+        .spawn()
+        .unwrap()
+}
+
+fn terminate(child: &mut Child) -> bool {
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    child.wait().unwrap().success()
+}
+
+fn state_dir() -> PathBuf {
+    std::env::temp_dir().join(unique_topic("proc-state"))
+}
+
+/// Sends `n` sentences in bursts while the workers run; returns the true counts.
+async fn feed(client: Client, input: String, n: u64) -> BTreeMap<String, u64> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while client.topic_metadata(&input).await.is_err() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the app never created its input topic"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let producer = Producer::new(client, ProducerConfig::default()).unwrap();
+    let mut truth = BTreeMap::new();
+    for i in 0..n {
+        let line = format!("w{} w{} w{}", i % 13, i % 37, (i * 7) % 61);
+        for w in line.split_whitespace() {
+            *truth.entry(w.to_owned()).or_default() += 1;
+        }
+        producer
+            .send(ProducerRecord::to(&input).value(line.as_bytes()))
+            .await
+            .unwrap();
+        if i % 2_000 == 1_999 {
+            producer.flush().await.unwrap();
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+    producer.flush().await.unwrap();
+    truth
+}
+
+async fn last_counts(client: &Client, topic: &str) -> HashMap<String, u64> {
+    let partitions = client.topic_metadata(topic).await.unwrap().partitions.len() as i32;
+    let mut consumer = Consumer::new(client.clone(), ConsumerConfig::default());
+    consumer
+        .assign((0..partitions).map(|p| (TopicPartition::new(topic, p), Offset::Earliest)))
+        .unwrap();
+    let mut last = HashMap::new();
+    while let Ok(batch) = tokio::time::timeout(Duration::from_secs(2), consumer.poll()).await {
+        for r in batch.unwrap() {
+            let word = String::from_utf8(r.key.unwrap().to_vec()).unwrap();
+            last.insert(word, serde_json::from_slice(&r.value.unwrap()).unwrap());
+        }
+    }
+    last
+}
+
+/// Waits until every word's last output is at least its true count.
+async fn wait_counted(
+    client: &Client,
+    output: &str,
+    truth: &BTreeMap<String, u64>,
+) -> HashMap<String, u64> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
+    loop {
+        let last = last_counts(client, output).await;
+        if truth
+            .iter()
+            .all(|(w, n)| last.get(w).is_some_and(|got| got >= n))
+        {
+            return last;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "words still under-counted"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Each partition's table as its changelog says.
+async fn changelog_tables(
+    client: &Client,
+    names: &Names,
+) -> BTreeMap<i32, BTreeMap<Vec<u8>, Vec<u8>>> {
+    let topic = changelog::topic_name(&names.id, "counts");
+    let mut out = BTreeMap::new();
+    for p in 0..4 {
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+        recover(client, store.clone(), &topic, p).await.unwrap();
+        out.insert(p, contents(store.as_ref()));
+    }
+    out
+}
+
+fn contents(store: &dyn Store) -> BTreeMap<Vec<u8>, Vec<u8>> {
+    store
+        .range(
+            std::ops::Bound::Unbounded,
+            std::ops::Bound::Unbounded,
+            usize::MAX,
+        )
+        .unwrap()
+        .into_iter()
+        .collect()
+}
+
+fn totals(tables: &BTreeMap<i32, BTreeMap<Vec<u8>, Vec<u8>>>) -> BTreeMap<String, u64> {
+    tables
+        .values()
+        .flatten()
+        .map(|(k, v)| {
+            (
+                String::from_utf8(k.clone()).unwrap(),
+                serde_json::from_slice(v).unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// One worker process, a second joining mid-stream, the first stopped with
+/// SIGTERM: the handoff flushes and commits first, so every count is exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_handoff_keeps_counts_exact() {
+    if std::env::var(CHILD).is_ok() {
+        child_worker().await;
+    }
+    let broker = TestBroker::start().await;
+    let client = broker.client().await;
+    let names = Names::new();
+    let test = "sigterm_handoff_keeps_counts_exact";
+    let mut first = spawn_worker(test, &broker, &names, &state_dir());
+    let feeding = tokio::spawn(feed(client.clone(), names.input.clone(), 20_000));
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let mut second = spawn_worker(test, &broker, &names, &state_dir());
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(
+        terminate(&mut first),
+        "the first worker did not stop cleanly on SIGTERM"
+    );
+    let truth = feeding.await.unwrap();
+    let last = wait_counted(&client, &names.output, &truth).await;
+    assert!(
+        terminate(&mut second),
+        "the second worker did not stop cleanly on SIGTERM"
+    );
+    for (w, n) in &truth {
+        assert_eq!(last.get(w), Some(n), "word {w}: last output");
+    }
+    assert_eq!(
+        totals(&changelog_tables(&client, &names).await),
+        truth,
+        "the table is not exact"
+    );
+}
+
+/// A worker process killed with SIGKILL mid-stream and restarted: no word is
+/// under-counted (at-least-once), and for every partition the newest local
+/// store holds exactly what the changelog says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_crash_undercounts_nothing_and_stores_match_changelog() {
+    if std::env::var(CHILD).is_ok() {
+        child_worker().await;
+    }
+    let broker = TestBroker::start().await;
+    let client = broker.client().await;
+    let names = Names::new();
+    let test = "sigkill_crash_undercounts_nothing_and_stores_match_changelog";
+    let (dir_a, dir_b) = (state_dir(), state_dir());
+    let mut a = spawn_worker(test, &broker, &names, &dir_a);
+    let mut b = spawn_worker(test, &broker, &names, &dir_b);
+    let feeding = tokio::spawn(feed(client.clone(), names.input.clone(), 60_000));
+    // Kill mid-stream: feeding takes about 8 s.
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    a.kill().unwrap(); // SIGKILL
+    a.wait().unwrap();
+    let mut a = spawn_worker(test, &broker, &names, &dir_a);
+    let mut truth = feeding.await.unwrap();
+    // Marker words across every partition: once they are counted, every
+    // partition has a live owner that recovered its table after the crash.
+    let producer = Producer::new(client.clone(), ProducerConfig::default()).unwrap();
+    let markers: Vec<String> = (0..40).map(|i| format!("marker{i}")).collect();
+    producer
+        .send(ProducerRecord::to(&names.input).value(markers.join(" ").as_bytes()))
+        .await
+        .unwrap();
+    producer.flush().await.unwrap();
+    for m in markers {
+        truth.insert(m, 1);
+    }
+    wait_counted(&client, &names.output, &truth).await;
+    assert!(
+        terminate(&mut a),
+        "the restarted worker did not stop cleanly"
+    );
+    assert!(terminate(&mut b), "the other worker did not stop cleanly");
+
+    let tables = changelog_tables(&client, &names).await;
+    for (w, n) in &truth {
+        let got = totals(&tables).get(w).copied().unwrap_or(0);
+        assert!(got >= *n, "word {w} under-counted: {got} < {n}");
+    }
+    for (p, expected) in &tables {
+        let newest = [&dir_a, &dir_b]
+            .iter()
+            .filter_map(|d| {
+                let path = strom_state::store_path(d, "counts", *p);
+                path.exists().then(|| RedbStore::open(path).unwrap())
+            })
+            .max_by_key(|s| s.changelog_offset().unwrap());
+        let store = newest.unwrap_or_else(|| panic!("no store for partition {p}"));
+        let got = contents(&store);
+        if &got != expected {
+            let show = |m: &BTreeMap<Vec<u8>, Vec<u8>>, k: &Vec<u8>| {
+                m.get(k).map(|v| String::from_utf8_lossy(v).into_owned())
+            };
+            let keys: std::collections::BTreeSet<_> = got.keys().chain(expected.keys()).collect();
+            for k in keys {
+                if got.get(k) != expected.get(k) {
+                    eprintln!(
+                        "{}: store {:?} changelog {:?}",
+                        String::from_utf8_lossy(k),
+                        show(&got, k),
+                        show(expected, k)
+                    );
+                }
+            }
+            panic!(
+                "partition {p}: the store ({}, offset {:?}) differs from its changelog",
+                store.path().display(),
+                store.changelog_offset()
+            );
+        }
+    }
+}
