@@ -11,21 +11,12 @@ cd "$(dirname "$0")/.."
 messages=${1:-1000000}
 size=${2:-100}
 compression=${3:-lz4}
-image=strom/tansu:0.6.0
 
 cargo build --release -q -p strom-benches --bin strom-bench
 bench=target/release/strom-bench
 
-brokers=${STROM_BENCH_BROKERS:-}
-if [[ -z $brokers ]]; then
-  docker image inspect "$image" >/dev/null 2>&1 || scripts/build-test-broker.sh "$image"
-  port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-  cid=$(docker run -d --rm -p "$port:$port" "$image" broker \
-    --listener-url "tcp://0.0.0.0:$port" --advertised-listener-url "tcp://127.0.0.1:$port" \
-    --storage-engine memory://tansu/)
-  trap 'docker rm -f "$cid" >/dev/null 2>&1 || true' EXIT
-  brokers=127.0.0.1:$port
-fi
+STROM_BROKERS=${STROM_BENCH_BROKERS:-${STROM_BROKERS:-}}
+source scripts/test-broker.sh
 
 run=$(date +%s)
 echo "# strom-client, $messages records of $size bytes, $compression, broker $brokers" >&2

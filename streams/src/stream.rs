@@ -152,6 +152,45 @@ where
         })
     }
 
+    /// Pairs each value with its position in the stream: 0, 1, 2, … per
+    /// partition, counted from when this worker started processing it.
+    pub fn enumerate(self) -> Stream<'a, K, (u64, V)> {
+        let counters: Arc<std::sync::Mutex<std::collections::HashMap<i32, u64>>> = Arc::default();
+        self.then(move |events| {
+            let mut counters = counters.lock().unwrap_or_else(|e| e.into_inner());
+            events
+                .into_iter()
+                .map(|e| {
+                    let n = counters.entry(e.partition).or_default();
+                    let i = *n;
+                    *n += 1;
+                    let meta = e.with_value(());
+                    meta.with_value((i, e.value))
+                })
+                .collect()
+        })
+    }
+
+    /// Writes the events to `topic` (with its codecs, partitioned by key) and
+    /// goes on from there: later stages read `topic`, so the events are durable
+    /// in between and another app can read them too.
+    pub fn through(self, topic: &crate::Topic<K, V>) -> Stream<'a, K, V> {
+        let target = topic.name.clone();
+        let (key_codec, value_codec) = (topic.key.clone(), topic.value.clone());
+        self.app.add_processor(Arc::new(Through {
+            source: self.source.clone(),
+            step: self.step,
+            target: target.clone(),
+            key: key_codec.clone(),
+            value: value_codec.clone(),
+        }));
+        Stream {
+            app: self.app,
+            source: target,
+            step: decode_step(key_codec, value_codec),
+        }
+    }
+
     /// Re-keys the stream by `key` through the internal topic
     /// `<app-id>-<topic>-<name>-repartition` (created with the source's
     /// partition count), so events with the same key meet in one partition —
@@ -294,6 +333,40 @@ where
             for (key, value) in out? {
                 ctx.send(ProducerRecord::to(&self.target).key(&key).value(&value))
                     .await?;
+            }
+            Ok(())
+        })
+    }
+}
+
+struct Through<K, V> {
+    source: Arc<str>,
+    step: Step<K, V>,
+    target: Arc<str>,
+    key: Arc<dyn Codec<K>>,
+    value: Arc<dyn Codec<V>>,
+}
+
+impl<K, V> Processor for Through<K, V>
+where
+    K: Send + 'static,
+    V: Send + 'static,
+{
+    fn topic(&self) -> &str {
+        &self.source
+    }
+
+    fn process(&self, ctx: Context, record: ConsumerRecord) -> ProcessFuture<'_> {
+        let out: Result<Vec<_>, CodecError> = events(&self.step, record)
+            .into_iter()
+            .map(|e| Ok((self.key.encode(&e.key)?, self.value.encode(&e.value)?)))
+            .collect();
+        Box::pin(async move {
+            for (key, value) in out? {
+                let mut record = ProducerRecord::to(&self.target);
+                record.key = key.as_deref();
+                record.value = value.as_deref();
+                ctx.send(record).await?;
             }
             Ok(())
         })

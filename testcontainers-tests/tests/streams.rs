@@ -140,3 +140,96 @@ async fn last_counts(client: &Client, topic: &str) -> HashMap<String, u64> {
     }
     last
 }
+
+/// filter, map, through and enumerate in one agent: empty lines are dropped,
+/// the rest upper-cased, written to an intermediate topic, numbered in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn filter_map_through_enumerate_in_order() {
+    let broker = TestBroker::start().await;
+    let client = broker.client().await;
+    let (id, input, middle, output) = (
+        unique_topic("ops"),
+        unique_topic("ops-in"),
+        unique_topic("ops-mid"),
+        unique_topic("ops-out"),
+    );
+    let mut app = App::new(&id)
+        .with_brokers([broker.bootstrap.clone()])
+        .with_store(StoreKind::Memory)
+        .with_partitions(1)
+        .with_commit_interval(Duration::from_millis(200))
+        .with_session_timeout(Duration::from_secs(6), Duration::from_secs(1));
+    let lines = app
+        .topic::<(), String>(&input)
+        .with_key_codec(NoKey)
+        .with_value_codec(Utf8);
+    let mid = app
+        .topic::<(), String>(&middle)
+        .with_key_codec(NoKey)
+        .with_value_codec(Utf8);
+    let out = app
+        .topic::<(), String>(&output)
+        .with_key_codec(NoKey)
+        .with_value_codec(Utf8);
+    app.agent(&lines)
+        .filter(|e| !e.value.is_empty())
+        .map(|v: String| v.to_uppercase())
+        .through(&mid)
+        .enumerate()
+        .for_each(move |ctx, e| {
+            let out = out.clone();
+            async move {
+                let (i, v) = e.value;
+                ctx.send(&out, &(), &format!("{i}:{v}")).await?;
+                Ok(())
+            }
+        });
+    let (stop, stopped) = oneshot::channel::<()>();
+    let worker = tokio::spawn(async move {
+        app.run(async {
+            let _ = stopped.await;
+        })
+        .await
+        .expect("worker failed");
+    });
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while client.topic_metadata(&input).await.is_err() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "input topic never created"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let producer = Producer::new(client.clone(), ProducerConfig::default()).unwrap();
+    for line in ["a", "", "b", "c", "", "d"] {
+        producer
+            .send(ProducerRecord::to(&input).value(line.as_bytes()))
+            .await
+            .unwrap();
+    }
+    producer.flush().await.unwrap();
+
+    let mut consumer = Consumer::new(client.clone(), ConsumerConfig::default());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while client.topic_metadata(&output).await.is_err() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "output topic never created"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    consumer
+        .assign([(TopicPartition::new(&output, 0), Offset::Earliest)])
+        .unwrap();
+    let mut got = vec![];
+    while got.len() < 4 {
+        let r = tokio::time::timeout_at(deadline, consumer.recv())
+            .await
+            .expect("outputs missing")
+            .unwrap();
+        got.push(String::from_utf8(r.value.unwrap().to_vec()).unwrap());
+    }
+    assert_eq!(got, ["0:A", "1:B", "2:C", "3:D"]);
+    let _ = stop.send(());
+    worker.await.unwrap();
+}

@@ -127,6 +127,26 @@ enum Command {
         #[command(flatten)]
         state: StateArgs,
     },
+    /// Sends each line of standard input as one record value (no key), once the
+    /// topic exists (waits up to 60 s for an app to create it).
+    SendLines {
+        #[arg(long)]
+        brokers: String,
+        #[arg(long)]
+        topic: String,
+    },
+    /// Reads word counts (key: UTF-8 word, value: JSON number) until the last
+    /// counts add up to `--expect-total` (or 120 s pass), then prints the top N.
+    TopCounts {
+        #[arg(long)]
+        brokers: String,
+        #[arg(long)]
+        topic: String,
+        #[arg(long)]
+        expect_total: u64,
+        #[arg(long, default_value_t = 10)]
+        top: usize,
+    },
     /// Read every partition from the earliest offset until N records arrived.
     Consume {
         #[command(flatten)]
@@ -206,6 +226,13 @@ fn main() -> ExitCode {
                 .await
             }
             Command::Pipeline { state } => pipeline::run(&state).await,
+            Command::SendLines { brokers, topic } => demo::send_lines(&brokers, &topic).await,
+            Command::TopCounts {
+                brokers,
+                topic,
+                expect_total,
+                top,
+            } => demo::top_counts(&brokers, &topic, expect_total, top).await,
             Command::StateWrite { state } => state_bench::write(&state).await,
             Command::StateRead { state } => state_bench::read(&state).await,
             Command::StateRecover { state } => state_bench::recover(&state).await,
@@ -848,5 +875,85 @@ mod pipeline {
             "correct": correct,
         }));
         Ok(correct)
+    }
+}
+
+/// The tools `scripts/wordcount-demo.sh` drives the wordcount example with.
+mod demo {
+    use std::collections::HashMap;
+    use std::io::BufRead;
+    use std::time::{Duration, Instant};
+
+    use strom_client::consumer::{Consumer, ConsumerConfig, Offset, TopicPartition};
+    use strom_client::producer::{Producer, ProducerConfig, ProducerRecord};
+    use strom_client::{Client, Error};
+
+    use super::client_config;
+
+    pub(super) async fn send_lines(brokers: &str, topic: &str) -> Result<bool, Error> {
+        let client = Client::connect(client_config(brokers)).await?;
+        let started = Instant::now();
+        while let Err(e) = client.topic_metadata(topic).await {
+            if started.elapsed() > Duration::from_secs(60) {
+                return Err(e);
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        let producer = Producer::new(client, ProducerConfig::default())?;
+        let mut sent = 0u64;
+        for line in std::io::stdin().lock().lines() {
+            let line =
+                line.map_err(|e| Error::Config(format!("cannot read standard input: {e}")))?;
+            producer
+                .send(ProducerRecord::to(topic).value(line.as_bytes()))
+                .await?;
+            sent += 1;
+        }
+        producer.flush().await?;
+        eprintln!("sent {sent} lines to {topic}");
+        Ok(true)
+    }
+
+    pub(super) async fn top_counts(
+        brokers: &str,
+        topic: &str,
+        expect_total: u64,
+        top: usize,
+    ) -> Result<bool, Error> {
+        let client = Client::connect(client_config(brokers)).await?;
+        let started = Instant::now();
+        loop {
+            let mut last: HashMap<String, u64> = HashMap::new();
+            if let Ok(meta) = client.topic_metadata(topic).await {
+                let mut consumer = Consumer::new(client.clone(), ConsumerConfig::default());
+                consumer.assign(
+                    meta.partitions
+                        .iter()
+                        .map(|p| (TopicPartition::new(topic, p.partition), Offset::Earliest)),
+                )?;
+                while let Ok(batch) =
+                    tokio::time::timeout(Duration::from_secs(1), consumer.poll()).await
+                {
+                    for r in batch? {
+                        let word = String::from_utf8_lossy(r.key.as_deref().unwrap_or_default())
+                            .into_owned();
+                        let n = serde_json::from_slice(r.value.as_deref().unwrap_or_default())
+                            .unwrap_or(0);
+                        last.insert(word, n);
+                    }
+                }
+            }
+            let total: u64 = last.values().sum();
+            if total >= expect_total || started.elapsed() > Duration::from_secs(120) {
+                let mut words: Vec<_> = last.into_iter().collect();
+                words.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+                for (word, n) in words.iter().take(top) {
+                    println!("{n:>6}  {word}");
+                }
+                println!("{total} of {expect_total} words counted");
+                return Ok(total == expect_total);
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
     }
 }
