@@ -464,3 +464,59 @@ async fn relay(
         _ = responses => {}
     }
 }
+
+/// The pipeline of `streams/examples/wordcount.rs` declared on `app`: text
+/// lines from `input` (no key), lowercase words, `group_by` word, counts in
+/// table `word-counts`, each new count sent to `output` (key: the word, value:
+/// the count as JSON).
+pub fn wordcount(mut app: strom::App, input: &str, output: &str) -> strom::App {
+    use strom::codec::{NoKey, Utf8};
+    let sentences = app
+        .topic::<(), String>(input)
+        .with_key_codec(NoKey)
+        .with_value_codec(Utf8);
+    let counts_out = app.topic::<String, u64>(output).with_key_codec(Utf8);
+    let counts = app.table::<String, u64>("word-counts", 0);
+    app.agent(&sentences)
+        .flat_map(|line: String| {
+            line.split_whitespace()
+                .map(str::to_lowercase)
+                .collect::<Vec<_>>()
+        })
+        .group_by(|event| event.value.clone(), "words")
+        .for_each(move |ctx, event| {
+            let (counts, counts_out) = (counts.clone(), counts_out.clone());
+            async move {
+                let n = ctx.update(&counts, &event.key, |n| n + 1).await?;
+                ctx.send(&counts_out, &event.key, &n).await?;
+                Ok(())
+            }
+        });
+    app
+}
+
+/// The last count per word in `topic` (key: UTF-8 word, value: JSON number),
+/// read from the start until nothing new arrives for 2 s.
+pub async fn last_counts(client: &Client, topic: &str) -> HashMap<String, u64> {
+    use strom_client::consumer::{Consumer, ConsumerConfig, Offset, TopicPartition};
+    let partitions = client
+        .topic_metadata(topic)
+        .await
+        .unwrap_or_else(|e| panic!("strom-it: {e}"))
+        .partitions
+        .len() as i32;
+    let mut consumer = Consumer::new(client.clone(), ConsumerConfig::default());
+    consumer
+        .assign((0..partitions).map(|p| (TopicPartition::new(topic, p), Offset::Earliest)))
+        .unwrap_or_else(|e| panic!("strom-it: {e}"));
+    let mut last = HashMap::new();
+    while let Ok(batch) = tokio::time::timeout(Duration::from_secs(2), consumer.poll()).await {
+        for r in batch.unwrap_or_else(|e| panic!("strom-it: {e}")) {
+            let word = String::from_utf8_lossy(r.key.as_deref().unwrap_or_default()).into_owned();
+            let n = serde_json::from_slice(r.value.as_deref().unwrap_or_default())
+                .unwrap_or_else(|e| panic!("strom-it: count of {word:?} is not a number: {e}"));
+            last.insert(word, n);
+        }
+    }
+    last
+}

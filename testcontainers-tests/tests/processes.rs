@@ -7,9 +7,7 @@ use std::process::{Child, Command};
 use std::sync::Arc;
 use std::time::Duration;
 
-use strom::codec::{NoKey, Utf8};
 use strom::{App, StoreKind};
-use strom_client::consumer::{Consumer, ConsumerConfig, Offset, TopicPartition};
 use strom_client::producer::{Producer, ProducerConfig, ProducerRecord};
 use strom_client::Client;
 use strom_it::{unique_topic, TestBroker};
@@ -35,35 +33,14 @@ impl Names {
 }
 
 fn wordcount(bootstrap: &str, names: &Names, state_dir: &Path) -> App {
-    let mut app = App::new(&names.id)
+    let app = App::new(&names.id)
         .with_brokers([bootstrap.to_owned()])
         .with_state_dir(state_dir)
         .with_store(StoreKind::Redb)
         .with_partitions(4)
         .with_commit_interval(Duration::from_millis(300))
         .with_session_timeout(Duration::from_secs(6), Duration::from_secs(1));
-    let sentences = app
-        .topic::<(), String>(&names.input)
-        .with_key_codec(NoKey)
-        .with_value_codec(Utf8);
-    let counts_out = app.topic::<String, u64>(&names.output).with_key_codec(Utf8);
-    let counts = app.table::<String, u64>("counts", 0);
-    app.agent(&sentences)
-        .flat_map(|line: String| {
-            line.split_whitespace()
-                .map(str::to_lowercase)
-                .collect::<Vec<_>>()
-        })
-        .group_by(|event| event.value.clone(), "words")
-        .for_each(move |ctx, event| {
-            let (counts, counts_out) = (counts.clone(), counts_out.clone());
-            async move {
-                let n = ctx.update(&counts, &event.key, |n| n + 1).await?;
-                ctx.send(&counts_out, &event.key, &n).await?;
-                Ok(())
-            }
-        });
-    app
+    strom_it::wordcount(app, &names.input, &names.output)
 }
 
 /// In a child process: run the worker until SIGTERM, exit 0 when it stopped cleanly.
@@ -148,22 +125,6 @@ async fn feed(client: Client, input: String, n: u64) -> BTreeMap<String, u64> {
     truth
 }
 
-async fn last_counts(client: &Client, topic: &str) -> HashMap<String, u64> {
-    let partitions = client.topic_metadata(topic).await.unwrap().partitions.len() as i32;
-    let mut consumer = Consumer::new(client.clone(), ConsumerConfig::default());
-    consumer
-        .assign((0..partitions).map(|p| (TopicPartition::new(topic, p), Offset::Earliest)))
-        .unwrap();
-    let mut last = HashMap::new();
-    while let Ok(batch) = tokio::time::timeout(Duration::from_secs(2), consumer.poll()).await {
-        for r in batch.unwrap() {
-            let word = String::from_utf8(r.key.unwrap().to_vec()).unwrap();
-            last.insert(word, serde_json::from_slice(&r.value.unwrap()).unwrap());
-        }
-    }
-    last
-}
-
 /// Waits until every word's last output is at least its true count.
 async fn wait_counted(
     client: &Client,
@@ -172,7 +133,7 @@ async fn wait_counted(
 ) -> HashMap<String, u64> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
     loop {
-        let last = last_counts(client, output).await;
+        let last = strom_it::last_counts(client, output).await;
         if truth
             .iter()
             .all(|(w, n)| last.get(w).is_some_and(|got| got >= n))
@@ -192,7 +153,7 @@ async fn changelog_tables(
     client: &Client,
     names: &Names,
 ) -> BTreeMap<i32, BTreeMap<Vec<u8>, Vec<u8>>> {
-    let topic = changelog::topic_name(&names.id, "counts");
+    let topic = changelog::topic_name(&names.id, "word-counts");
     let mut out = BTreeMap::new();
     for p in 0..4 {
         let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
@@ -313,7 +274,7 @@ async fn sigkill_crash_undercounts_nothing_and_stores_match_changelog() {
         let newest = [&dir_a, &dir_b]
             .iter()
             .filter_map(|d| {
-                let path = strom_state::store_path(d, "counts", *p);
+                let path = strom_state::store_path(d, "word-counts", *p);
                 path.exists().then(|| RedbStore::open(path).unwrap())
             })
             .max_by_key(|s| s.changelog_offset().unwrap());

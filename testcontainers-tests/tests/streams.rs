@@ -1,48 +1,26 @@
 //! The user API end to end: the word count pipeline of the example, run by two
 //! app instances (workers) in one group.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use strom::codec::{NoKey, Utf8};
 use strom::{App, StoreKind};
 use strom_client::consumer::{Consumer, ConsumerConfig, Offset, TopicPartition};
 use strom_client::producer::{Producer, ProducerConfig, ProducerRecord};
-use strom_client::Client;
 use strom_it::{unique_topic, TestBroker};
 use tokio::sync::oneshot;
 
 /// The word count app of `streams/examples/wordcount.rs`, with test names.
 fn wordcount(id: &str, broker: &TestBroker, input: &str, output: &str) -> App {
-    let mut app = App::new(id)
+    let app = App::new(id)
         .with_brokers([broker.bootstrap.clone()])
         .with_state_dir(std::env::temp_dir().join(unique_topic("wc-state")))
         .with_store(StoreKind::Redb)
         .with_partitions(4)
         .with_commit_interval(Duration::from_millis(200))
         .with_session_timeout(Duration::from_secs(6), Duration::from_secs(1));
-    let sentences = app
-        .topic::<(), String>(input)
-        .with_key_codec(NoKey)
-        .with_value_codec(Utf8);
-    let counts_out = app.topic::<String, u64>(output).with_key_codec(Utf8);
-    let counts = app.table::<String, u64>("word-counts", 0);
-    app.agent(&sentences)
-        .flat_map(|line: String| {
-            line.split_whitespace()
-                .map(str::to_lowercase)
-                .collect::<Vec<_>>()
-        })
-        .group_by(|event| event.value.clone(), "words")
-        .for_each(move |ctx, event| {
-            let (counts, counts_out) = (counts.clone(), counts_out.clone());
-            async move {
-                let n = ctx.update(&counts, &event.key, |n| n + 1).await?;
-                ctx.send(&counts_out, &event.key, &n).await?;
-                Ok(())
-            }
-        });
-    app
+    strom_it::wordcount(app, input, output)
 }
 
 /// Two workers count the words of 10,000 sentences (with undecodable lines
@@ -103,7 +81,7 @@ async fn wordcount_app_counts_exactly_and_skips_bad_input() {
 
     let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
     loop {
-        let last = last_counts(&client, &output).await;
+        let last = strom_it::last_counts(&client, &output).await;
         if truth.iter().all(|(w, n)| last.get(w) == Some(n)) {
             assert_eq!(
                 last.len(),
@@ -122,23 +100,6 @@ async fn wordcount_app_counts_exactly_and_skips_bad_input() {
         let _ = stop.send(());
         task.await.unwrap();
     }
-}
-
-async fn last_counts(client: &Client, topic: &str) -> HashMap<String, u64> {
-    let partitions = client.topic_metadata(topic).await.unwrap().partitions.len() as i32;
-    let mut consumer = Consumer::new(client.clone(), ConsumerConfig::default());
-    consumer
-        .assign((0..partitions).map(|p| (TopicPartition::new(topic, p), Offset::Earliest)))
-        .unwrap();
-    let mut last = HashMap::new();
-    while let Ok(batch) = tokio::time::timeout(Duration::from_secs(2), consumer.poll()).await {
-        for r in batch.unwrap() {
-            let word = String::from_utf8(r.key.unwrap().to_vec()).unwrap();
-            let n: u64 = serde_json::from_slice(&r.value.unwrap()).unwrap();
-            last.insert(word, n);
-        }
-    }
-    last
 }
 
 /// filter, map, through and enumerate in one agent: empty lines are dropped,
