@@ -50,6 +50,16 @@ fn recovery_consumer(client: &Client) -> Consumer {
     )
 }
 
+/// The changelog offset the store reflects, read off the async runtime (redb blocks).
+async fn reflected_offset(store: &Arc<dyn Store>) -> Result<Option<i64>> {
+    let store = store.clone();
+    tokio::task::spawn_blocking(move || store.changelog_offset())
+        .await
+        .map_err(|e| StateError::Codec {
+            what: format!("store task failed: {e}"),
+        })?
+}
+
 async fn apply(
     store: &Arc<dyn Store>,
     batch: WriteBatch,
@@ -112,14 +122,7 @@ pub async fn recover_with_progress(
     progress: &RecoveryProgress,
 ) -> Result<Recovery> {
     let started = Instant::now();
-    let reflected = tokio::task::spawn_blocking({
-        let store = store.clone();
-        move || store.changelog_offset()
-    })
-    .await
-    .map_err(|e| StateError::Codec {
-        what: format!("store task failed: {e}"),
-    })??;
+    let reflected = reflected_offset(&store).await?;
     let earliest = client
         .list_partition_offsets(topic, &[partition], OffsetSpec::Earliest)
         .await?;
@@ -206,7 +209,7 @@ impl Standby {
                 topic.to_owned(),
             );
             async move {
-                let reflected = store.changelog_offset()?;
+                let reflected = reflected_offset(&store).await?;
                 applied.store(reflected.unwrap_or(-1), Ordering::SeqCst);
                 let tp = TopicPartition::new(&topic, partition);
                 let mut consumer = recovery_consumer(&client);

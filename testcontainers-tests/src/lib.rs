@@ -520,3 +520,16 @@ pub async fn last_counts(client: &Client, topic: &str) -> HashMap<String, u64> {
     }
     last
 }
+
+/// Waits (up to 60 s) until `topic` exists, e.g. until an app under test has
+/// created it; panics naming the topic otherwise.
+pub async fn wait_for_topic(client: &Client, topic: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while client.topic_metadata(topic).await.is_err() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "strom-it: topic {topic:?} was never created"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

@@ -97,14 +97,7 @@ fn state_dir() -> PathBuf {
 
 /// Sends `n` sentences in bursts while the workers run; returns the true counts.
 async fn feed(client: Client, input: String, n: u64) -> BTreeMap<String, u64> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while client.topic_metadata(&input).await.is_err() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the app never created its input topic"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    strom_it::wait_for_topic(&client, &input).await;
     let producer = Producer::new(client, ProducerConfig::default()).unwrap();
     let mut truth = BTreeMap::new();
     for i in 0..n {

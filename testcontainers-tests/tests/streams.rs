@@ -48,15 +48,7 @@ async fn wordcount_app_counts_exactly_and_skips_bad_input() {
         });
         workers.push((stop, task));
     }
-    // Wait until the app has created its topics.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while client.topic_metadata(&input).await.is_err() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the app never created its input topic"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    strom_it::wait_for_topic(&client, &input).await;
 
     let producer = Producer::new(client.clone(), ProducerConfig::default()).unwrap();
     let mut truth: BTreeMap<String, u64> = BTreeMap::new();
@@ -153,14 +145,7 @@ async fn filter_map_through_enumerate_in_order() {
         .await
         .expect("worker failed");
     });
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while client.topic_metadata(&input).await.is_err() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "input topic never created"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    strom_it::wait_for_topic(&client, &input).await;
     let producer = Producer::new(client.clone(), ProducerConfig::default()).unwrap();
     for line in ["a", "", "b", "c", "", "d"] {
         producer
@@ -171,14 +156,8 @@ async fn filter_map_through_enumerate_in_order() {
     producer.flush().await.unwrap();
 
     let mut consumer = Consumer::new(client.clone(), ConsumerConfig::default());
+    strom_it::wait_for_topic(&client, &output).await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while client.topic_metadata(&output).await.is_err() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "output topic never created"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
     consumer
         .assign([(TopicPartition::new(&output, 0), Offset::Earliest)])
         .unwrap();
