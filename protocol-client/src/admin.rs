@@ -7,12 +7,16 @@ use kafka_protocol::error::ResponseError;
 use kafka_protocol::messages::create_topics_request::{CreatableTopic, CreatableTopicConfig};
 use kafka_protocol::messages::delete_topics_request::DeleteTopicState;
 use kafka_protocol::messages::list_offsets_request::{ListOffsetsPartition, ListOffsetsTopic};
+use kafka_protocol::messages::offset_fetch_request::OffsetFetchRequestTopic;
 use kafka_protocol::messages::{
-    ApiKey, BrokerId, CreateTopicsRequest, DeleteTopicsRequest, ListOffsetsRequest, TopicName,
+    ApiKey, BrokerId, CreateTopicsRequest, DeleteTopicsRequest, GroupId, ListOffsetsRequest,
+    OffsetFetchRequest, TopicName,
 };
 use kafka_protocol::protocol::StrBytes;
 
-use crate::cluster::{Client, ConnectionClass};
+use crate::cluster::{Client, ConnectionClass, CoordinatorKind};
+use crate::connection::Connection;
+use crate::consumer::TopicPartition;
 use crate::error::{check_code, Error, Result};
 
 /// A topic to create.
@@ -243,4 +247,81 @@ impl Client {
         })
         .await
     }
+
+    /// Group `group_id`'s committed offsets for `partitions` (`None`: nothing
+    /// committed), asked of its coordinator without joining the group (Java's
+    /// `Admin.listConsumerGroupOffsets`): for lag and tooling.
+    ///
+    /// ```no_run
+    /// # async fn f(client: strom_client::Client) -> strom_client::Result<()> {
+    /// use strom_client::TopicPartition;
+    /// let committed = client.committed_offsets("billing", &[TopicPartition::new("orders", 0)]).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn committed_offsets(
+        &self,
+        group_id: &str,
+        partitions: &[TopicPartition],
+    ) -> Result<BTreeMap<TopicPartition, Option<i64>>> {
+        let req = offset_fetch_request(group_id, partitions);
+        self.retry(&[], || async {
+            let coordinator = self
+                .find_coordinator(group_id, CoordinatorKind::Group)
+                .await?;
+            let conn = self.broker(coordinator, ConnectionClass::Normal).await?;
+            offset_fetch(&conn, &req).await
+        })
+        .await
+    }
+}
+
+/// An OffsetFetch of `partitions` for `group_id`.
+pub(crate) fn offset_fetch_request(
+    group_id: &str,
+    partitions: &[TopicPartition],
+) -> OffsetFetchRequest {
+    let mut topics: BTreeMap<&str, Vec<i32>> = BTreeMap::new();
+    for tp in partitions {
+        topics.entry(&tp.topic).or_default().push(tp.partition);
+    }
+    OffsetFetchRequest::default()
+        .with_group_id(GroupId(StrBytes::from_string(group_id.to_owned())))
+        .with_topics(Some(
+            topics
+                .into_iter()
+                .map(|(t, ps)| {
+                    OffsetFetchRequestTopic::default()
+                        .with_name(topic_name(t))
+                        .with_partition_indexes(ps)
+                })
+                .collect(),
+        ))
+}
+
+/// Sends `req` to a group coordinator and reads the committed offsets.
+pub(crate) async fn offset_fetch(
+    conn: &Connection,
+    req: &OffsetFetchRequest,
+) -> Result<BTreeMap<TopicPartition, Option<i64>>> {
+    let mut req = req.clone();
+    if conn.version::<OffsetFetchRequest>()? >= 7 {
+        req.require_stable = true;
+    }
+    let resp = conn.send(&req).await?;
+    check_code(ApiKey::OffsetFetch, resp.error_code, None, None, None)?;
+    let mut out = BTreeMap::new();
+    for t in &resp.topics {
+        for p in &t.partitions {
+            check_code(
+                ApiKey::OffsetFetch,
+                p.error_code,
+                Some(t.name.0.as_str()),
+                Some(p.partition_index),
+                None,
+            )?;
+            let tp = TopicPartition::new(t.name.0.as_str(), p.partition_index);
+            out.insert(tp, (p.committed_offset >= 0).then_some(p.committed_offset));
+        }
+    }
+    Ok(out)
 }

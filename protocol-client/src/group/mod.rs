@@ -28,10 +28,7 @@ use kafka_protocol::error::ResponseError;
 use kafka_protocol::messages::offset_commit_request::{
     OffsetCommitRequestPartition, OffsetCommitRequestTopic,
 };
-use kafka_protocol::messages::offset_fetch_request::OffsetFetchRequestTopic;
-use kafka_protocol::messages::{
-    ApiKey, GroupId, OffsetCommitRequest, OffsetFetchRequest, TopicName,
-};
+use kafka_protocol::messages::{ApiKey, GroupId, OffsetCommitRequest, TopicName};
 use kafka_protocol::protocol::StrBytes;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
@@ -418,49 +415,10 @@ impl GroupHandle {
         &self,
         partitions: &[TopicPartition],
     ) -> Result<BTreeMap<TopicPartition, Option<i64>>> {
-        let mut topics: BTreeMap<&str, Vec<i32>> = BTreeMap::new();
-        for tp in partitions {
-            topics.entry(&tp.topic).or_default().push(tp.partition);
-        }
-        let req = OffsetFetchRequest::default()
-            .with_group_id(GroupId(StrBytes::from_string(
-                self.inner.config.group_id.clone(),
-            )))
-            .with_topics(Some(
-                topics
-                    .into_iter()
-                    .map(|(t, ps)| {
-                        OffsetFetchRequestTopic::default()
-                            .with_name(TopicName(StrBytes::from_string(t.to_owned())))
-                            .with_partition_indexes(ps)
-                    })
-                    .collect(),
-            ));
+        let req = crate::admin::offset_fetch_request(&self.inner.config.group_id, partitions);
         self.with_coordinator(|conn| {
             let req = &req;
-            async move {
-                let mut req = req.clone();
-                if conn.version::<OffsetFetchRequest>()? >= 7 {
-                    req.require_stable = true;
-                }
-                let resp = conn.send(&req).await?;
-                check_code(ApiKey::OffsetFetch, resp.error_code, None, None, None)?;
-                let mut out = BTreeMap::new();
-                for t in &resp.topics {
-                    for p in &t.partitions {
-                        check_code(
-                            ApiKey::OffsetFetch,
-                            p.error_code,
-                            Some(t.name.0.as_str()),
-                            Some(p.partition_index),
-                            None,
-                        )?;
-                        let tp = TopicPartition::new(t.name.0.as_str(), p.partition_index);
-                        out.insert(tp, (p.committed_offset >= 0).then_some(p.committed_offset));
-                    }
-                }
-                Ok(out)
-            }
+            async move { crate::admin::offset_fetch(&conn, req).await }
         })
         .await
     }
@@ -610,6 +568,18 @@ impl GroupConsumer {
                 _ = &mut changed => {}
             }
         }
+    }
+
+    /// Stops fetching `tp` (owned by this member) until [`GroupConsumer::resume`];
+    /// records already fetched are still returned. A rebalance that moves `tp`
+    /// away forgets the pause.
+    pub fn pause(&mut self, tp: &TopicPartition) -> Result<()> {
+        self.consumer.pause(tp)
+    }
+
+    /// Fetches `tp` again after [`GroupConsumer::pause`].
+    pub fn resume(&mut self, tp: &TopicPartition) -> Result<()> {
+        self.consumer.resume(tp)
     }
 
     /// The next offset [`GroupConsumer::poll`] returns for `tp`.
