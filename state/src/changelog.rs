@@ -15,10 +15,17 @@ pub fn topic_name(app_id: &str, table: &str) -> String {
     format!("{app_id}-{table}-changelog")
 }
 
-/// Creates the changelog topic (compacted, `partitions` partitions) if it is
-/// missing; an existing one must have exactly `partitions` partitions.
-pub async fn ensure_topic(client: &Client, topic: &str, partitions: usize) -> Result<()> {
-    let new = NewTopic::new(topic, partitions as i32, 1).config("cleanup.policy", "compact");
+/// Creates the changelog topic (compacted, `partitions` partitions, each on
+/// `replication` brokers) if it is missing; an existing one must have exactly
+/// `partitions` partitions.
+pub async fn ensure_topic(
+    client: &Client,
+    topic: &str,
+    partitions: usize,
+    replication: i16,
+) -> Result<()> {
+    let new =
+        NewTopic::new(topic, partitions as i32, replication).config("cleanup.policy", "compact");
     match client.create_topic(new).await {
         Ok(()) => {
             info!(%topic, partitions, "created changelog topic");

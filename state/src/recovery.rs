@@ -250,6 +250,14 @@ impl Standby {
     /// Stops tailing and replays whatever is left, making the store ready to
     /// serve as the active one.
     pub async fn promote(self, client: &Client) -> Result<(Arc<dyn Store>, Recovery)> {
+        let (topic, partition) = (self.topic.clone(), self.partition);
+        let store = self.stop().await?;
+        let recovery = recover(client, store.clone(), &topic, partition).await?;
+        Ok((store, recovery))
+    }
+
+    /// Stops tailing; the store reflects what was applied so far.
+    pub async fn stop(self) -> Result<Arc<dyn Store>> {
         let _ = self.stop.send(true);
         match self.task.await {
             Ok(result) => result?,
@@ -259,7 +267,6 @@ impl Standby {
                 })
             }
         }
-        let recovery = recover(client, self.store.clone(), &self.topic, self.partition).await?;
-        Ok((self.store, recovery))
+        Ok(self.store)
     }
 }
