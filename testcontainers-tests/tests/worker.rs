@@ -2,6 +2,7 @@
 //! table and an output topic, run by one or two workers.
 
 use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,7 +11,7 @@ use strom_client::producer::{Producer, ProducerConfig, ProducerRecord};
 use strom_client::{Client, NewTopic};
 use strom_it::{unique_topic, TestBroker};
 use strom_state::{changelog, recover, MemoryStore, Store};
-use strom_worker::{Context, ProcessFuture, Processor, StoreKind, Worker, WorkerConfig};
+use strom_worker::{Context, Placement, ProcessFuture, Processor, StoreKind, Worker, WorkerConfig};
 use tokio::sync::oneshot;
 
 const PARTITIONS: i32 = 6;
@@ -79,18 +80,31 @@ fn start_worker(
     app: &App,
     n: usize,
 ) -> (oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
+    spawn(worker(broker, app, n, 0).0, n)
+}
+
+/// Worker `n` of the app (not started), with its state directory.
+fn worker(broker: &TestBroker, app: &App, n: usize, standbys: usize) -> (Worker, PathBuf) {
     let mut config = WorkerConfig::new(&app.id, [broker.bootstrap.clone()]);
     config.state_dir = std::env::temp_dir().join(unique_topic(&format!("worker{n}")));
     config.store = StoreKind::Redb;
     config.session_timeout = Duration::from_secs(6);
     config.heartbeat_interval = Duration::from_secs(1);
     config.commit_interval = Duration::from_millis(200);
+    config.standby_replicas = standbys;
+    // Small, so fetching pauses and resumes all through these tests.
+    config.max_buffered = 300;
+    let dir = config.state_dir.clone();
     let worker = Worker::new(config)
         .table("counts")
         .processor(Arc::new(CountWords {
             source: app.source.clone(),
             output: app.output.clone(),
         }));
+    (worker, dir)
+}
+
+fn spawn(worker: Worker, n: usize) -> (oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(async move {
         worker
@@ -231,4 +245,75 @@ async fn handoff_between_workers_keeps_counts_exact() {
         expected,
         "a word was counted twice or missed"
     );
+}
+
+/// Each worker's active numbers are the other's standbys, as `placement` says.
+fn standbys_mirror(placement: &Placement) -> bool {
+    let m = &placement.members;
+    m.len() == 2
+        && m.iter().all(|x| !x.active.is_empty())
+        && m.iter().zip(m.iter().rev()).all(|(x, y)| {
+            let (mut s, mut a) = (x.standby.clone(), y.active.clone());
+            s.sort();
+            a.sort();
+            s == a
+        })
+}
+
+/// With one standby replica each worker keeps the other's tables warm (its
+/// state directory holds their stores); when one stops, the other takes its
+/// partitions over from those stores and the counts stay exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn standby_replicas_keep_tables_warm_and_take_over() {
+    let broker = TestBroker::start().await;
+    let client = broker.client().await;
+    let app = app(&client).await;
+    let mut expected = produce_words(&client, &app.source, 10_000, None).await;
+    let (a, a_dir) = worker(&broker, &app, 1, 1);
+    let (b, _) = worker(&broker, &app, 2, 1);
+    let (mut a_placement, b_placement) = (a.placement(), b.placement());
+    let a = spawn(a, 1);
+    let b = spawn(b, 2);
+    wait_for_outputs(&client, &app, &expected).await;
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let placement = loop {
+        let p = a_placement.borrow_and_update().clone();
+        if standbys_mirror(&p) {
+            break p;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "standbys never mirrored the active partitions: {p:?}"
+        );
+        let _ = tokio::time::timeout(Duration::from_secs(1), a_placement.changed()).await;
+    };
+    assert_eq!(
+        placement.members,
+        b_placement.borrow().members,
+        "the workers disagree on the placement"
+    );
+    let mine = placement.mine().expect("worker 1 not in its placement");
+    for n in &mine.standby {
+        let path = strom_state::store_path(&a_dir, "counts", *n);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while !path.exists() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no standby store for partition {n} at {}",
+                path.display()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    let _ = b.0.send(());
+    b.1.await.unwrap();
+    for (word, n) in produce_words(&client, &app.source, 5_000, None).await {
+        *expected.entry(word).or_default() += n;
+    }
+    wait_for_outputs(&client, &app, &expected).await;
+    let _ = a.0.send(());
+    a.1.await.unwrap();
+    assert_eq!(table_from_changelog(&client, &app).await, expected);
 }

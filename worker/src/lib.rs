@@ -44,15 +44,15 @@ use strom_client::group::{
 };
 use strom_client::producer::{Producer, ProducerConfig};
 use strom_client::{Client, ClientConfig};
-use strom_state::changelog;
-use tokio::sync::{mpsc, oneshot};
+use strom_state::{changelog, Standby};
+use tokio::sync::{oneshot, Notify};
 use tracing::{info, warn};
 
-pub use assignor::CopartitionedAssignor;
+pub use assignor::{CopartitionedAssignor, MemberPlacement, Placement};
 pub use error::WorkerError;
 pub use processor::{AgentError, Context, ProcessFuture, Processor};
 
-use partition::{Msg, Offsets, Spec};
+use partition::{Inbox, Msg, Offsets, Spec};
 
 /// Where tables keep their data.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -63,6 +63,20 @@ pub enum StoreKind {
     Redb,
     /// In memory: every start replays the whole changelog.
     Memory,
+}
+
+/// What a worker guarantees about events and their effects across crashes
+/// and rebalances.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum ProcessingGuarantee {
+    /// Every event's effects (sends, table writes) are acknowledged before its
+    /// offset is committed: after a crash, the events since the last commit
+    /// are processed again, so an effect may happen twice but never not at all.
+    /// The one commit path is `checkpoint` → `commit`; exactly-once will put
+    /// that checkpoint in a transaction.
+    #[default]
+    AtLeastOnce,
 }
 
 /// Settings of a worker.
@@ -76,14 +90,26 @@ pub struct WorkerConfig {
     pub state_dir: PathBuf,
     /// Table storage. Default redb.
     pub store: StoreKind,
+    /// What survives a crash. Default (and for now only) at-least-once.
+    pub guarantee: ProcessingGuarantee,
+    /// Standby replicas: how many other workers keep each partition's tables
+    /// warm by tailing their changelogs, so a failover replays little. Default 0.
+    pub standby_replicas: usize,
+    /// The URL other workers and clients reach this worker at (its web
+    /// server), shared with the group in the assignment. Default none.
+    pub advertised_url: Option<String>,
+    /// Replication factor of the topics the app creates (changelogs,
+    /// repartition topics, declared topics without their own). Default 1.
+    pub replication: i16,
     /// How often processed offsets are committed. Default 1 s.
     pub commit_interval: Duration,
     /// Group session timeout. Default 10 s.
     pub session_timeout: Duration,
     /// Group heartbeat interval. Default 3 s.
     pub heartbeat_interval: Duration,
-    /// Fetched batches queued per partition before fetching pauses. Default 16.
-    pub queue: usize,
+    /// Fetched records waiting per partition number before its fetches pause;
+    /// they resume when half of them are processed. Default 20,000.
+    pub max_buffered: usize,
 }
 
 impl WorkerConfig {
@@ -98,10 +124,14 @@ impl WorkerConfig {
             app_id,
             brokers: brokers.into_iter().map(Into::into).collect(),
             store: StoreKind::Redb,
+            replication: 1,
+            standby_replicas: 0,
+            advertised_url: None,
+            guarantee: ProcessingGuarantee::AtLeastOnce,
             commit_interval: Duration::from_secs(1),
             session_timeout: Duration::from_secs(10),
             heartbeat_interval: Duration::from_secs(3),
-            queue: 16,
+            max_buffered: 20_000,
         }
     }
 }
@@ -122,6 +152,7 @@ pub struct Worker {
     config: WorkerConfig,
     processors: Vec<Arc<dyn Processor>>,
     tables: Vec<String>,
+    assignor: CopartitionedAssignor,
 }
 
 impl std::fmt::Debug for Worker {
@@ -145,10 +176,20 @@ impl Worker {
     /// A worker with no agents yet.
     pub fn new(config: WorkerConfig) -> Self {
         Worker {
+            assignor: CopartitionedAssignor::new(
+                config.advertised_url.clone(),
+                config.standby_replicas,
+            ),
             config,
             processors: Vec::new(),
             tables: Vec::new(),
         }
+    }
+
+    /// Where the group's partition numbers live, updated after each rebalance
+    /// once the worker runs.
+    pub fn placement(&self) -> tokio::sync::watch::Receiver<Placement> {
+        self.assignor.placement()
     }
 
     /// Adds an agent.
@@ -195,33 +236,40 @@ impl Worker {
         let mut tables = Vec::new();
         for table in &self.tables {
             let topic = changelog::topic_name(&config.app_id, table);
-            changelog::ensure_topic(&client, &topic, partitions).await?;
+            changelog::ensure_topic(&client, &topic, partitions, config.replication).await?;
             tables.push((table.clone(), topic));
         }
         let producer = Producer::new(client.clone(), ProducerConfig::default())?;
         let spec = Arc::new(Spec {
             client: client.clone(),
             producer,
-            processors: self
-                .processors
-                .iter()
-                .map(|p| (p.topic().to_owned(), p.clone()))
-                .collect(),
+            by_topic: self.processors.iter().enumerate().fold(
+                HashMap::new(),
+                |mut by: HashMap<String, Vec<usize>>, (i, p)| {
+                    by.entry(p.topic().to_owned()).or_default().push(i);
+                    by
+                },
+            ),
+            processors: self.processors.clone(),
             tables,
             state_dir: config.state_dir.clone(),
             store: config.store,
             partitions,
             fatal: Mutex::new(None),
         });
+        let assignor = self.assignor;
+        let mut placement = assignor.placement();
         let runtime = Arc::new(Runtime {
             spec,
-            queue: config.queue,
+            standbys: Mutex::new(HashMap::new()),
+            max_buffered: config.max_buffered.max(1),
+            drained: Arc::new(Notify::new()),
             tasks: Mutex::new(HashMap::new()),
             commits: tokio::sync::Mutex::new(()),
         });
 
         let mut group = GroupConfig::new(&config.app_id);
-        group.assignors = vec![Arc::new(CopartitionedAssignor)];
+        group.assignors = vec![Arc::new(assignor)];
         group.session_timeout = config.session_timeout;
         group.heartbeat_interval = config.heartbeat_interval;
         group.rebalance_timeout = config.session_timeout * 3;
@@ -238,19 +286,27 @@ impl Worker {
         tokio::pin!(shutdown);
         let mut tick = tokio::time::interval(config.commit_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut paused = BTreeSet::new();
         let outcome = loop {
             if let Some(e) = runtime.take_fatal() {
                 break Err(e);
             }
             tokio::select! {
                 _ = &mut shutdown => break Ok(()),
+                _ = runtime.drained.notified() => runtime.resume(&mut consumer, &mut paused),
                 _ = tick.tick() => {
                     if let Err(e) = runtime.commit_all(consumer.group()).await {
                         break Err(e);
                     }
+                    let now = placement.borrow().clone();
+                    runtime.reconcile_standbys(&now).await;
+                }
+                Ok(()) = placement.changed() => {
+                    let now = placement.borrow_and_update().clone();
+                    runtime.reconcile_standbys(&now).await;
                 }
                 polled = consumer.poll() => match polled {
-                    Ok(records) => runtime.route(records).await,
+                    Ok(records) => runtime.route(records, &mut consumer, &mut paused),
                     Err(e @ (strom_client::Error::ProducerFenced { .. } | strom_client::Error::Config(_))) => break Err(e.into()),
                     Err(e) => {
                         warn!(error = %e, "poll failed; going on");
@@ -263,6 +319,7 @@ impl Worker {
         // Leaving the group revokes every partition: tasks close, tables flush,
         // offsets commit (see Listener::on_revoked).
         let left = consumer.close().await;
+        runtime.reconcile_standbys(&Placement::default()).await;
         outcome?;
         left?;
         match runtime.take_fatal() {
@@ -273,7 +330,7 @@ impl Worker {
 }
 
 struct Task {
-    tx: mpsc::Sender<Msg>,
+    inbox: Inbox,
     join: tokio::task::JoinHandle<()>,
 }
 
@@ -281,8 +338,13 @@ struct Task {
 /// group listener, fed by the poll loop.
 struct Runtime {
     spec: Arc<Spec>,
-    queue: usize,
+    /// Records waiting per partition number before its fetches pause.
+    max_buffered: usize,
+    /// Notified when a partition task's queue drains below half the bound.
+    drained: Arc<Notify>,
     tasks: Mutex<HashMap<i32, Task>>,
+    /// Warm tables of partition numbers other workers process, by table name.
+    standbys: Mutex<HashMap<i32, Vec<(String, Standby)>>>,
     /// One commit at a time.
     commits: tokio::sync::Mutex<()>,
 }
@@ -300,23 +362,112 @@ impl Runtime {
         self.spec.fail(e);
     }
 
-    /// Hands fetched records to their partition's task. Records of a partition
-    /// without a task (being revoked) are dropped: they come after the offset
-    /// its revocation committed, so the next owner processes them.
-    async fn route(&self, records: Vec<strom_client::ConsumerRecord>) {
+    /// Hands fetched records to their partition's task, and pauses fetching
+    /// that partition while too many wait (backpressure; heartbeats and the
+    /// other partitions go on). Records of a partition without a task (being
+    /// revoked) are dropped: they come after the offset its revocation
+    /// committed, so the next owner processes them.
+    fn route(
+        &self,
+        records: Vec<strom_client::ConsumerRecord>,
+        consumer: &mut GroupConsumer,
+        paused: &mut BTreeSet<TopicPartition>,
+    ) {
         let Some(first) = records.first() else { return };
-        let number = first.partition;
-        let tx = self.tasks().get(&number).map(|t| t.tx.clone());
-        match tx {
-            Some(tx) => {
-                // A full queue waits here: fetching pauses, heartbeats go on.
-                let _ = tx.send(Msg::Records(records)).await;
+        let tp = TopicPartition::new(&first.topic, first.partition);
+        let queued = match self.tasks().get(&tp.partition) {
+            Some(task) => task.inbox.records(records),
+            None => {
+                tracing::debug!(
+                    partition = tp.partition,
+                    "records of a partition no longer owned dropped"
+                );
+                return;
             }
-            None => tracing::debug!(
-                partition = number,
-                "records of a partition no longer owned dropped"
-            ),
+        };
+        if queued > self.max_buffered && consumer.pause(&tp).is_ok() {
+            tracing::debug!(topic = %tp.topic, partition = tp.partition, queued, "fetching paused");
+            paused.insert(tp);
         }
+    }
+
+    /// Starts standbys for the numbers the placement gives this worker to keep
+    /// warm, and stops those it no longer does (a number this worker now
+    /// processes has had its standby taken over by its partition task).
+    async fn reconcile_standbys(&self, placement: &Placement) {
+        let (wanted, active_soon): (BTreeSet<i32>, BTreeSet<i32>) = placement
+            .mine()
+            .map(|m| {
+                (
+                    m.standby.iter().copied().collect(),
+                    m.active.iter().copied().collect(),
+                )
+            })
+            .unwrap_or_default();
+        let stale: Vec<(i32, Vec<(String, Standby)>)> = {
+            let mut standbys = self.standbys();
+            // A number about to be processed here keeps its standby for the
+            // partition task to take over.
+            let stale: Vec<i32> = standbys
+                .keys()
+                .filter(|n| !wanted.contains(n) && !active_soon.contains(n))
+                .copied()
+                .collect();
+            stale
+                .into_iter()
+                .filter_map(|n| standbys.remove(&n).map(|s| (n, s)))
+                .collect()
+        };
+        for (n, tables) in stale {
+            for (table, standby) in tables {
+                if let Err(e) = standby.stop().await {
+                    warn!(partition = n, %table, error = %e, "standby stopped with an error");
+                }
+            }
+            info!(partition = n, "standby stopped");
+        }
+        // Both locks, tasks first as the listener takes them: a partition task
+        // cannot start for a number while its standby is being started.
+        let tasks = self.tasks();
+        let mut standbys = self.standbys();
+        for &n in wanted.iter().filter(|n| !tasks.contains_key(n)) {
+            for (table, changelog) in &self.spec.tables {
+                let warm = standbys.entry(n).or_default();
+                if warm.iter().any(|(t, _)| t == table) {
+                    continue;
+                }
+                match partition::open_store(&self.spec, table, n) {
+                    Ok(store) => {
+                        info!(partition = n, %table, "standby started");
+                        let standby = Standby::start(&self.spec.client, store, changelog, n);
+                        warm.push((table.clone(), standby));
+                    }
+                    // Still open by a task closing: the next tick tries again.
+                    Err(e) => warn!(partition = n, %table, error = %e, "standby not started yet"),
+                }
+            }
+        }
+    }
+
+    fn standbys(&self) -> std::sync::MutexGuard<'_, HashMap<i32, Vec<(String, Standby)>>> {
+        self.standbys.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Resumes fetching the paused partitions whose tasks have caught up.
+    fn resume(&self, consumer: &mut GroupConsumer, paused: &mut BTreeSet<TopicPartition>) {
+        let low = self.max_buffered / 2;
+        let tasks = self.tasks();
+        paused.retain(|tp| {
+            let caught_up = tasks
+                .get(&tp.partition)
+                .is_none_or(|t| t.inbox.queued() <= low);
+            if caught_up {
+                // A partition moved away meanwhile has no pause left to lift.
+                let _ = consumer.resume(tp);
+                tracing::debug!(topic = %tp.topic, partition = tp.partition, "fetching resumed");
+            }
+            !caught_up
+        });
     }
 
     async fn request(&self, numbers: &[i32], close: bool) -> Result<Offsets, WorkerError> {
@@ -325,34 +476,28 @@ impl Runtime {
         {
             let mut tasks = self.tasks();
             for n in numbers {
-                let (tx, join) = if close {
-                    match tasks.remove(n) {
-                        Some(t) => (t.tx, Some(t.join)),
-                        None => continue,
-                    }
-                } else {
-                    match tasks.get(n) {
-                        Some(t) => (t.tx.clone(), None),
-                        None => continue,
-                    }
+                let task = if close { tasks.remove(n) } else { None };
+                let Some(inbox) = task
+                    .as_ref()
+                    .map(|t| &t.inbox)
+                    .or_else(|| tasks.get(n).map(|t| &t.inbox))
+                else {
+                    continue;
                 };
                 let (reply, rx) = oneshot::channel();
-                replies.push((
-                    n,
-                    tx,
-                    if close {
-                        Msg::Close(reply)
-                    } else {
-                        Msg::Checkpoint(reply)
-                    },
-                    rx,
-                ));
-                joins.extend(join);
+                let msg = if close {
+                    Msg::Close(reply)
+                } else {
+                    Msg::Checkpoint(reply)
+                };
+                let sent = inbox.send(msg);
+                replies.push((n, sent, rx));
+                joins.extend(task.map(|t| t.join));
             }
         }
         let mut offsets = Vec::new();
-        for (n, tx, msg, rx) in replies {
-            if tx.send(msg).await.is_err() {
+        for (n, sent, rx) in replies {
+            if !sent {
                 warn!(partition = n, "partition task is gone; its events since the last commit will be processed again");
                 continue;
             }
@@ -420,8 +565,15 @@ impl RebalanceListener for Listener {
         for n in numbers(partitions) {
             tasks.entry(n).or_insert_with(|| {
                 info!(partition = n, "partition assigned");
-                let (tx, join) = partition::start(runtime.spec.clone(), n, runtime.queue);
-                Task { tx, join }
+                let warm = runtime.standbys().remove(&n).unwrap_or_default();
+                let (inbox, join) = partition::start(
+                    runtime.spec.clone(),
+                    n,
+                    runtime.max_buffered / 2,
+                    runtime.drained.clone(),
+                    warm,
+                );
+                Task { inbox, join }
             });
         }
         Box::pin(async {})

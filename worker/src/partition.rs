@@ -3,17 +3,20 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use strom_client::consumer::{ConsumerRecord, TopicPartition};
 use strom_client::producer::Producer;
 use strom_client::Client;
-use strom_state::{recover, Durability, LoggedStore, MemoryStore, RedbStore, Store};
-use tokio::sync::{mpsc, oneshot};
+use strom_state::{recover, Durability, LoggedStore, MemoryStore, RedbStore, Standby, Store};
+use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::task::JoinSet;
+use tokio::time::{sleep_until, Instant};
 use tracing::{info, warn};
 
 use crate::error::WorkerError;
-use crate::processor::{Context, PartitionState, Processor};
+use crate::processor::{AgentError, Context, PartitionState, Processor};
 use crate::StoreKind;
 
 /// Next offsets to commit: everything before them is processed and acknowledged.
@@ -31,7 +34,9 @@ pub(crate) enum Msg {
 pub(crate) struct Spec {
     pub client: Client,
     pub producer: Producer,
-    pub processors: HashMap<String, Arc<dyn Processor>>,
+    /// Every agent, and which of them take each topic.
+    pub processors: Vec<Arc<dyn Processor>>,
+    pub by_topic: HashMap<String, Vec<usize>>,
     /// (table name, changelog topic).
     pub tables: Vec<(String, String)>,
     pub state_dir: PathBuf,
@@ -57,42 +62,181 @@ impl Spec {
     }
 }
 
+/// Opens the local store of `table`'s partition `partition`.
+pub(crate) fn open_store(
+    spec: &Spec,
+    table: &str,
+    partition: i32,
+) -> Result<Arc<dyn Store>, WorkerError> {
+    Ok(match spec.store {
+        StoreKind::Redb => Arc::new(RedbStore::open(strom_state::store_path(
+            &spec.state_dir,
+            table,
+            partition,
+        ))?),
+        StoreKind::Memory => Arc::new(MemoryStore::new()),
+    })
+}
+
+/// Opens a store that a standby or an earlier task of this partition may
+/// still be closing: retries for a few seconds before giving up.
+async fn open_store_retrying(
+    spec: &Spec,
+    table: &str,
+    partition: i32,
+) -> Result<Arc<dyn Store>, WorkerError> {
+    let mut attempts = 0;
+    loop {
+        match open_store(spec, table, partition) {
+            Ok(store) => return Ok(store),
+            Err(e) if attempts < 50 => {
+                attempts += 1;
+                tracing::debug!(partition, table, error = %e, "store not openable yet; retrying");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// The way into a partition task: an unbounded queue, bounded in effect by
+/// the worker pausing the partition's fetches while `queued` records wait.
+pub(crate) struct Inbox {
+    tx: mpsc::UnboundedSender<Msg>,
+    queued: Arc<AtomicUsize>,
+}
+
+impl Inbox {
+    /// Queues fetched records; returns how many records now wait.
+    pub fn records(&self, records: Vec<ConsumerRecord>) -> usize {
+        let n = records.len();
+        let queued = self.queued.fetch_add(n, Ordering::AcqRel) + n;
+        if self.tx.send(Msg::Records(records)).is_err() {
+            self.queued.fetch_sub(n, Ordering::AcqRel);
+        }
+        queued
+    }
+
+    /// Records queued and not yet taken by the task.
+    pub fn queued(&self) -> usize {
+        self.queued.load(Ordering::Acquire)
+    }
+
+    /// Sends a checkpoint or close request; false if the task is gone.
+    pub fn send(&self, msg: Msg) -> bool {
+        self.tx.send(msg).is_ok()
+    }
+}
+
+/// Starts the task of partition number `partition`. When its queue drains to
+/// `low` records it notifies `drained`, so the worker resumes fetching.
 pub(crate) fn start(
     spec: Arc<Spec>,
     partition: i32,
-    queue: usize,
-) -> (mpsc::Sender<Msg>, tokio::task::JoinHandle<()>) {
-    let (tx, rx) = mpsc::channel(queue);
+    low: usize,
+    drained: Arc<Notify>,
+    warm: Vec<(String, Standby)>,
+) -> (Inbox, tokio::task::JoinHandle<()>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let queued = Arc::new(AtomicUsize::new(0));
+    let inbox = Inbox {
+        tx,
+        queued: queued.clone(),
+    };
     let task = tokio::spawn(async move {
-        if let Err(e) = run(spec.clone(), partition, rx).await {
+        let backlog = Backlog {
+            queued,
+            low,
+            drained,
+        };
+        if let Err(e) = run(spec.clone(), partition, rx, backlog, warm).await {
             warn!(partition, error = %e, "partition task failed");
             spec.fail(e);
         }
     });
-    (tx, task)
+    (inbox, task)
+}
+
+/// The task's side of the queued-records count.
+struct Backlog {
+    queued: Arc<AtomicUsize>,
+    low: usize,
+    drained: Arc<Notify>,
+}
+
+impl Backlog {
+    fn taken(&self, n: usize) {
+        let before = self.queued.fetch_sub(n, Ordering::AcqRel);
+        if before > self.low && before - n <= self.low {
+            self.drained.notify_one();
+        }
+    }
+}
+
+/// Where a source partition stands: the next offset after the last event
+/// handed to a processor, and the events still being processed concurrently.
+#[derive(Default)]
+struct Progress {
+    next: i64,
+    /// Offset → processors still working on it.
+    running: BTreeMap<i64, usize>,
+}
+
+impl Progress {
+    /// Everything before this offset is done.
+    fn done_below(&self) -> i64 {
+        self.running
+            .first_key_value()
+            .map_or(self.next, |(&o, _)| o)
+    }
+}
+
+/// An event processed on its own task (a processor with concurrency > 1).
+struct Running {
+    tp: TopicPartition,
+    offset: i64,
+    processor: usize,
+}
+
+struct Partition {
+    spec: Arc<Spec>,
+    ctx: Context,
+    progress: BTreeMap<TopicPartition, Progress>,
+    tasks: JoinSet<Result<(), AgentError>>,
+    running: HashMap<tokio::task::Id, Running>,
+    /// Events running per processor.
+    load: Vec<usize>,
 }
 
 async fn run(
     spec: Arc<Spec>,
     partition: i32,
-    mut rx: mpsc::Receiver<Msg>,
+    mut rx: mpsc::UnboundedReceiver<Msg>,
+    backlog: Backlog,
+    mut warm: Vec<(String, Standby)>,
 ) -> Result<(), WorkerError> {
     let mut tables = BTreeMap::new();
     for (name, changelog) in &spec.tables {
-        let store: Arc<dyn Store> = match spec.store {
-            StoreKind::Redb => Arc::new(RedbStore::open(strom_state::store_path(
-                &spec.state_dir,
-                name,
-                partition,
-            ))?),
-            StoreKind::Memory => Arc::new(MemoryStore::new()),
+        let standby = warm
+            .iter()
+            .position(|(t, _)| t == name)
+            .map(|i| warm.swap_remove(i).1);
+        let (store, recovery) = match standby {
+            Some(standby) => standby.promote(&spec.client).await?,
+            None => {
+                let store = open_store_retrying(&spec, name, partition).await?;
+                let recovery = recover(&spec.client, store.clone(), changelog, partition).await?;
+                (store, recovery)
+            }
         };
-        let recovery = recover(&spec.client, store.clone(), changelog, partition).await?;
         info!(partition, table = %name, replayed = recovery.replayed, "table ready");
         tables.insert(
             name.clone(),
             LoggedStore::new(store, spec.producer.clone(), changelog.clone(), partition),
         );
+    }
+    for p in &spec.processors {
+        p.reset(partition);
     }
     let ctx = Context {
         partition,
@@ -103,43 +247,205 @@ async fn run(
         })),
         producer: spec.producer.clone(),
     };
-    let mut processed: BTreeMap<TopicPartition, i64> = BTreeMap::new();
-    while let Some(msg) = rx.recv().await {
-        match msg {
-            Msg::Records(records) => {
-                for record in records {
-                    let tp = TopicPartition::new(&record.topic, record.partition);
-                    let offset = record.offset;
-                    match spec.processors.get(&*record.topic) {
-                        Some(p) => {
-                            if let Err(e) = p.process(ctx.clone(), record).await {
-                                warn!(topic = %tp.topic, partition = tp.partition, offset, error = %e, "agent failed on an event; skipped");
-                            }
-                        }
-                        None => warn!(topic = %tp.topic, "no agent for this topic; event skipped"),
+    let mut task = Partition {
+        load: vec![0; spec.processors.len()],
+        spec,
+        ctx,
+        progress: BTreeMap::new(),
+        tasks: JoinSet::new(),
+        running: HashMap::new(),
+    };
+    loop {
+        let deadline = task.deadline();
+        tokio::select! {
+            msg = rx.recv() => match msg {
+                None => return Ok(()),
+                Some(Msg::Records(records)) => {
+                    let n = records.len();
+                    for record in records {
+                        task.process(record).await;
                     }
-                    processed.insert(tp, offset + 1);
+                    backlog.taken(n);
                 }
-            }
-            Msg::Checkpoint(reply) => {
-                let _ = reply.send(checkpoint(&ctx, &processed, Durability::Fast).await);
-            }
-            Msg::Close(reply) => {
-                let _ = reply.send(checkpoint(&ctx, &processed, Durability::Durable).await);
-                return Ok(());
+                Some(Msg::Checkpoint(reply)) => {
+                    let _ = reply.send(task.checkpoint(Durability::Fast).await);
+                }
+                Some(Msg::Close(reply)) => {
+                    task.flush_held().await;
+                    while task.finish_one().await {}
+                    let _ = reply.send(task.checkpoint(Durability::Durable).await);
+                    return Ok(());
+                }
+            },
+            Some(done) = task.tasks.join_next_with_id(), if !task.tasks.is_empty() => task.finished(done),
+            _ = sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
+                task.flush_due().await;
             }
         }
     }
-    Ok(())
 }
 
-/// Flushes the tables (waiting for their changelog records), waits for every
-/// other record sent, and returns the offsets that may now be committed.
-async fn checkpoint(
-    ctx: &Context,
-    processed: &BTreeMap<TopicPartition, i64>,
-    durability: Durability,
-) -> Result<Offsets, WorkerError> {
+impl Partition {
+    /// Hands one event to each processor of its topic: inline when it keeps
+    /// order, else on its own task once the processor has room.
+    async fn process(&mut self, record: ConsumerRecord) {
+        let tp = TopicPartition::new(&record.topic, record.partition);
+        let offset = record.offset;
+        let spec = self.spec.clone();
+        let agents = spec
+            .by_topic
+            .get(&*record.topic)
+            .map_or(&[][..], Vec::as_slice);
+        if agents.is_empty() {
+            warn!(topic = %tp.topic, "no agent for this topic; event skipped");
+        }
+        let mut record = Some(record);
+        for (i, &index) in agents.iter().enumerate() {
+            let record = if i + 1 == agents.len() {
+                record.take()
+            } else {
+                record.clone()
+            };
+            let Some(record) = record else { break };
+            let p = spec.processors[index].clone();
+            let concurrency = p.concurrency();
+            if concurrency <= 1 {
+                let result = p.process(self.ctx.clone(), record).await;
+                log_failure(&tp, offset, result);
+                continue;
+            }
+            while self.load[index] >= concurrency {
+                self.finish_one().await;
+            }
+            let ctx = self.ctx.clone();
+            let handle = self
+                .tasks
+                .spawn(async move { p.process(ctx, record).await });
+            self.load[index] += 1;
+            *self
+                .progress
+                .entry(tp.clone())
+                .or_default()
+                .running
+                .entry(offset)
+                .or_default() += 1;
+            self.running.insert(
+                handle.id(),
+                Running {
+                    tp: tp.clone(),
+                    offset,
+                    processor: index,
+                },
+            );
+        }
+        self.progress.entry(tp).or_default().next = offset + 1;
+    }
+
+    /// Waits for one concurrently processed event; false when none runs.
+    async fn finish_one(&mut self) -> bool {
+        match self.tasks.join_next_with_id().await {
+            Some(done) => {
+                self.finished(done);
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn finished(
+        &mut self,
+        done: Result<(tokio::task::Id, Result<(), AgentError>), tokio::task::JoinError>,
+    ) {
+        let (id, result) = match done {
+            Ok((id, result)) => (id, result),
+            Err(e) => (e.id(), Err(format!("agent panicked: {e}").into())),
+        };
+        let Some(r) = self.running.remove(&id) else {
+            return;
+        };
+        log_failure(&r.tp, r.offset, result);
+        self.load[r.processor] -= 1;
+        if let Some(p) = self.progress.get_mut(&r.tp) {
+            if let Some(n) = p.running.get_mut(&r.offset) {
+                *n -= 1;
+                if *n == 0 {
+                    p.running.remove(&r.offset);
+                }
+            }
+        }
+    }
+
+    /// The earliest time some processor must flush what it holds.
+    fn deadline(&self) -> Option<Instant> {
+        self.spec
+            .processors
+            .iter()
+            .filter_map(|p| p.deadline(self.ctx.partition))
+            .min()
+    }
+
+    async fn flush_due(&mut self) {
+        let now = Instant::now();
+        let due: Vec<_> = self
+            .spec
+            .processors
+            .iter()
+            .filter(|p| p.deadline(self.ctx.partition).is_some_and(|d| d <= now))
+            .cloned()
+            .collect();
+        for p in due {
+            self.flush_processor(&p).await;
+        }
+    }
+
+    async fn flush_processor(&self, p: &Arc<dyn Processor>) {
+        if let Err(e) = p.flush(self.ctx.clone()).await {
+            warn!(topic = p.topic(), partition = self.ctx.partition, error = %e, "agent failed on held-back events; skipped");
+        }
+    }
+
+    /// Hands on every event a processor holds back.
+    async fn flush_held(&self) {
+        for p in &self.spec.processors {
+            self.flush_processor(p).await;
+        }
+    }
+
+    /// Flushes the tables (waiting for their changelog records), waits for
+    /// every other record sent, and returns the offsets that may now be
+    /// committed: below the first event still running or held back.
+    async fn checkpoint(&mut self, durability: Durability) -> Result<Offsets, WorkerError> {
+        let partition = self.ctx.partition;
+        let offsets = self
+            .progress
+            .iter()
+            .map(|(tp, p)| {
+                let held = self
+                    .spec
+                    .by_topic
+                    .get(&*tp.topic)
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|&i| self.spec.processors[i].held_from(partition))
+                    .min();
+                let done = p.done_below();
+                (tp.clone(), held.map_or(done, |h| h.min(done)))
+            })
+            .collect();
+        flush_outputs(&self.ctx, durability).await?;
+        Ok(offsets)
+    }
+}
+
+fn log_failure(tp: &TopicPartition, offset: i64, result: Result<(), AgentError>) {
+    if let Err(e) = result {
+        warn!(topic = %tp.topic, partition = tp.partition, offset, error = %e, "agent failed on an event; skipped");
+    }
+}
+
+/// Flushes the tables (waiting for their changelog records) and waits for
+/// every other record sent.
+async fn flush_outputs(ctx: &Context, durability: Durability) -> Result<(), WorkerError> {
     let mut state = ctx.state.lock().await;
     for table in state.tables.values_mut() {
         table.flush(durability).await?;
@@ -155,5 +461,5 @@ async fn checkpoint(
             }
         }
     }
-    Ok(processed.iter().map(|(tp, o)| (tp.clone(), *o)).collect())
+    Ok(())
 }

@@ -19,16 +19,51 @@ pub type AgentError = Box<dyn std::error::Error + Send + Sync>;
 /// The future of processing one event.
 pub type ProcessFuture<'a> = Pin<Box<dyn Future<Output = Result<(), AgentError>> + Send + 'a>>;
 
-/// Processes the events of one source topic, one at a time per partition.
+/// Processes the events of one source topic: in order per partition, or up
+/// to [`Processor::concurrency`] at once.
 ///
 /// An error is logged with the event's topic, partition and offset, and the
 /// partition goes on with the next event (the event counts as processed).
+///
+/// A processor may hold events back (batching): it reports the earliest one in
+/// [`Processor::held_from`], so no offset is committed past an event still
+/// held, and hands them on in [`Processor::flush`], which the runtime calls
+/// when [`Processor::deadline`] passes and before the partition closes.
 pub trait Processor: Send + Sync {
     /// The topic whose events this processor takes.
     fn topic(&self) -> &str;
 
     /// Processes one event.
     fn process(&self, ctx: Context, record: ConsumerRecord) -> ProcessFuture<'_>;
+
+    /// How many events of one partition may be processed at once. With more
+    /// than one their order is not kept, and offsets are committed up to the
+    /// first event not yet done. Default 1: in order.
+    fn concurrency(&self) -> usize {
+        1
+    }
+
+    /// The offset (in [`Processor::topic`]) of the earliest event held back
+    /// for `partition`, if any.
+    fn held_from(&self, _partition: i32) -> Option<i64> {
+        None
+    }
+
+    /// Processes whatever this processor holds back for `ctx`'s partition.
+    fn flush(&self, _ctx: Context) -> ProcessFuture<'_> {
+        Box::pin(async { Ok(()) })
+    }
+
+    /// When the events held back for `partition` must be flushed at the
+    /// latest, if any are held.
+    fn deadline(&self, _partition: i32) -> Option<tokio::time::Instant> {
+        None
+    }
+
+    /// Forgets anything held for `partition`: called when this worker starts
+    /// on it, since what was held before it was lost is processed again from
+    /// the committed offset.
+    fn reset(&self, _partition: i32) {}
 }
 
 /// The tables and pending sends of one partition.
