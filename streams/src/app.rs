@@ -3,20 +3,20 @@
 use std::marker::PhantomData;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use strom_client::{Client, ClientConfig, NewTopic};
 use strom_state::TableKey;
-use strom_worker::{Processor, StoreKind, Worker, WorkerConfig};
+use strom_worker::{ProcessingGuarantee, Processor, StoreKind, Worker, WorkerConfig};
 use tracing::{info, warn};
 
 use crate::codec::{Codec, Json};
 use crate::error::{Error, Result};
 use crate::stream::{decode_step, Stream};
 use crate::table::Table;
-use crate::topic::Topic;
+use crate::topic::{Topic, TopicSettings};
 
 /// A stream-processing app: declare topics, tables and agents, then run it as
 /// a worker. Start more workers with the same id and they share the partitions.
@@ -41,7 +41,7 @@ use crate::topic::Topic;
 pub struct App {
     config: WorkerConfig,
     partitions: i32,
-    topics: Vec<String>,
+    topics: Vec<(String, Arc<Mutex<TopicSettings>>)>,
     /// (repartition topic, its source topic)
     repartitions: Vec<(String, String)>,
     tables: Vec<String>,
@@ -52,7 +52,10 @@ impl std::fmt::Debug for App {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("App")
             .field("id", &self.config.app_id)
-            .field("topics", &self.topics)
+            .field(
+                "topics",
+                &self.topics.iter().map(|(t, _)| t).collect::<Vec<_>>(),
+            )
             .field("tables", &self.tables)
             .finish()
     }
@@ -105,6 +108,20 @@ impl App {
         self
     }
 
+    /// Replication factor of the topics the app creates: declared topics
+    /// without their own, repartition topics and changelogs. Default 1.
+    pub fn with_replication(mut self, replication: i16) -> Self {
+        self.config.replication = replication;
+        self
+    }
+
+    /// The processing guarantee (at-least-once, the default and for now the
+    /// only one).
+    pub fn with_processing_guarantee(mut self, guarantee: ProcessingGuarantee) -> Self {
+        self.config.guarantee = guarantee;
+        self
+    }
+
     /// How often processed offsets are committed. Default 1 s.
     pub fn with_commit_interval(mut self, interval: Duration) -> Self {
         self.config.commit_interval = interval;
@@ -124,10 +141,15 @@ impl App {
     where
         Json: Codec<K> + Codec<V>,
     {
-        if !self.topics.iter().any(|t| t == name) {
-            self.topics.push(name.to_owned());
-        }
-        Topic::json(name)
+        let settings = match self.topics.iter().find(|(t, _)| t == name) {
+            Some((_, s)) => s.clone(),
+            None => {
+                let s = Arc::new(Mutex::new(TopicSettings::default()));
+                self.topics.push((name.to_owned(), s.clone()));
+                s
+            }
+        };
+        Topic::json(name, settings)
     }
 
     /// Declares a table: `default()` is the value of a missing key.
@@ -156,6 +178,7 @@ impl App {
             source: topic.name.clone(),
             step: decode_step(topic.key.clone(), topic.value.clone()),
             app: self,
+            concurrency: 1,
         }
     }
 
@@ -172,12 +195,20 @@ impl App {
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
         let client =
             Client::connect(ClientConfig::new(self.config.brokers.iter().cloned())).await?;
-        for topic in &self.topics {
-            ensure(&client, topic, self.partitions).await?;
+        let replication = self.config.replication;
+        for (topic, settings) in &self.topics {
+            let settings = settings.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let new = NewTopic {
+                name: topic.clone(),
+                partitions: settings.partitions.unwrap_or(self.partitions),
+                replication_factor: settings.replication.unwrap_or(replication),
+                configs: settings.configs,
+            };
+            ensure(&client, new, settings.partitions.is_some()).await?;
         }
         for (topic, source) in &self.repartitions {
             let partitions = client.topic_metadata(source).await?.partitions.len() as i32;
-            ensure(&client, topic, partitions).await?;
+            ensure(&client, NewTopic::new(topic, partitions, replication), true).await?;
         }
         let mut worker = Worker::new(self.config);
         for t in self.tables {
@@ -235,16 +266,23 @@ impl App {
     }
 }
 
-async fn ensure(client: &Client, topic: &str, partitions: i32) -> Result<()> {
-    match client
-        .create_topic(NewTopic::new(topic, partitions, 1))
-        .await
-    {
+/// Creates `new` unless it exists; an existing topic with another partition
+/// count than an explicitly declared one is reported (the worker refuses to
+/// start where co-partitioning needs the counts to match).
+async fn ensure(client: &Client, new: NewTopic, explicit_partitions: bool) -> Result<()> {
+    let (topic, partitions) = (new.name.clone(), new.partitions);
+    match client.create_topic(new).await {
         Ok(()) => {
             info!(%topic, partitions, "created topic");
             Ok(())
         }
-        Err(strom_client::Error::TopicAlreadyExists { .. }) => Ok(()),
+        Err(strom_client::Error::TopicAlreadyExists { .. }) => {
+            let found = client.topic_metadata(&topic).await?.partitions.len() as i32;
+            if explicit_partitions && found != partitions {
+                warn!(%topic, declared = partitions, found, "topic exists with another partition count than declared; using it as it is");
+            }
+            Ok(())
+        }
         Err(e) => Err(Error::Client(e)),
     }
 }

@@ -4,9 +4,11 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use strom_client::partitioner::partition_for_key;
 use strom_client::producer::ProducerRecord;
+use strom_client::Header;
 use strom_state::TableKey;
 
 use crate::error::{Error, Result};
+use crate::stream::Event;
 use crate::table::Table;
 use crate::topic::Topic;
 
@@ -98,6 +100,23 @@ impl Ctx {
 
     /// Sends `key` → `value` to `topic` (partitioned by the key, as Java does).
     pub async fn send<K, V>(&self, topic: &Topic<K, V>, key: &K, value: &V) -> Result<()> {
+        self.send_with_headers(topic, key, value, &[]).await
+    }
+
+    /// Sends `event` on to `topic` as it is: its key, value and headers
+    /// (Faust's `forward`).
+    pub async fn forward<K, V>(&self, topic: &Topic<K, V>, event: &Event<K, V>) -> Result<()> {
+        self.send_with_headers(topic, &event.key, &event.value, &event.headers)
+            .await
+    }
+
+    async fn send_with_headers<K, V>(
+        &self,
+        topic: &Topic<K, V>,
+        key: &K,
+        value: &V,
+        headers: &[Header],
+    ) -> Result<()> {
         let codec = |e| Error::Codec {
             topic: topic.name.to_string(),
             source: e,
@@ -107,6 +126,7 @@ impl Ctx {
         let mut record = ProducerRecord::to(&topic.name);
         record.key = key.as_deref();
         record.value = value.as_deref();
+        record.headers = headers;
         self.inner.send(record).await?;
         Ok(())
     }

@@ -1,8 +1,10 @@
 //! Agents: a stream of typed events from one topic, shaped by operators and
 //! consumed by an async handler. Each stage compiles to a worker processor.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -11,6 +13,7 @@ use strom_client::producer::ProducerRecord;
 use strom_client::Header;
 use strom_state::TableKey;
 use strom_worker::{AgentError, Context, ProcessFuture, Processor};
+use tokio::time::Instant;
 use tracing::warn;
 
 use crate::app::App;
@@ -80,6 +83,8 @@ pub struct Stream<'a, K, V> {
     pub(crate) app: &'a mut App,
     pub(crate) source: Arc<str>,
     pub(crate) step: Step<K, V>,
+    /// Events of one partition the handler may take at once.
+    pub(crate) concurrency: usize,
 }
 
 impl<K, V> std::fmt::Debug for Stream<'_, K, V> {
@@ -104,7 +109,18 @@ where
             app: self.app,
             source: self.source,
             step: Arc::new(move |r| step(r).map(&f)),
+            concurrency: self.concurrency,
         }
+    }
+
+    /// Lets the stream's handler ([`Stream::for_each`], [`Batches::for_each`],
+    /// [`Stream::sink`]) work on up to `n` events of one partition at once, as
+    /// Faust's agent `concurrency` does: for handlers that wait on something
+    /// slow. Their order is then not kept, and offsets are committed up to the
+    /// first event not yet done. Default 1: in order.
+    pub fn concurrency(mut self, n: usize) -> Self {
+        self.concurrency = n.max(1);
+        self
     }
 
     /// Keeps the events `f` accepts.
@@ -177,17 +193,42 @@ where
     pub fn through(self, topic: &crate::Topic<K, V>) -> Stream<'a, K, V> {
         let target = topic.name.clone();
         let (key_codec, value_codec) = (topic.key.clone(), topic.value.clone());
+        let app = self.sink_to(topic);
+        Stream {
+            app,
+            source: target,
+            step: decode_step(key_codec, value_codec),
+            concurrency: 1,
+        }
+    }
+
+    /// Ends the stream by sending every event to `topic` (with its codecs,
+    /// partitioned by key, headers kept): Faust's agent sink.
+    pub fn sink(self, topic: &crate::Topic<K, V>) {
+        self.sink_to(topic);
+    }
+
+    fn sink_to(self, topic: &crate::Topic<K, V>) -> &'a mut App {
         self.app.add_processor(Arc::new(Through {
             source: self.source.clone(),
             step: self.step,
-            target: target.clone(),
-            key: key_codec.clone(),
-            value: value_codec.clone(),
+            target: topic.name.clone(),
+            key: topic.key.clone(),
+            value: topic.value.clone(),
+            concurrency: self.concurrency,
         }));
-        Stream {
-            app: self.app,
-            source: target,
-            step: decode_step(key_codec, value_codec),
+        self.app
+    }
+
+    /// Collects the events of each partition into batches of `n`, handing
+    /// over a shorter batch once its first event has waited `within` (Faust's
+    /// `stream.take`), or when the partition is revoked or the worker stops.
+    /// Offsets are committed only below the events a batch still holds.
+    pub fn take(self, n: usize, within: Duration) -> Batches<'a, K, V> {
+        Batches {
+            stream: self,
+            n: n.max(1),
+            within,
         }
     }
 
@@ -219,6 +260,7 @@ where
         }));
         Stream {
             app: self.app,
+            concurrency: 1,
             source: target,
             step: Arc::new(|r: ConsumerRecord| {
                 let bytes = r.key.as_deref().ok_or_else(|| CodecError {
@@ -252,7 +294,140 @@ where
             source: self.source,
             step: self.step,
             f,
+            concurrency: self.concurrency,
         }));
+    }
+}
+
+/// A stream cut into batches by [`Stream::take`]; end it with
+/// [`Batches::for_each`].
+pub struct Batches<'a, K, V> {
+    stream: Stream<'a, K, V>,
+    n: usize,
+    within: Duration,
+}
+
+impl<K, V> std::fmt::Debug for Batches<'_, K, V> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Batches")
+            .field("source", &self.stream.source)
+            .field("n", &self.n)
+            .field("within", &self.within)
+            .finish()
+    }
+}
+
+impl<K, V> Batches<'_, K, V>
+where
+    K: Clone + Send + Sync + 'static,
+    V: Send + Sync + 'static,
+{
+    /// Ends the stream: `f` handles each batch (never empty), in order per
+    /// partition. An error it returns is logged; the partition goes on.
+    pub fn for_each<F, Fut>(self, f: F)
+    where
+        F: Fn(Ctx, Vec<Event<K, V>>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), AgentError>> + Send + 'static,
+    {
+        let stream = self.stream;
+        stream.app.add_processor(Arc::new(TakeForEach {
+            source: stream.source,
+            step: stream.step,
+            n: self.n,
+            within: self.within,
+            f,
+            concurrency: stream.concurrency,
+            held: std::sync::Mutex::new(HashMap::new()),
+        }));
+    }
+}
+
+/// Events of one partition waiting for their batch to fill.
+struct Held<K, V> {
+    events: Vec<Event<K, V>>,
+    since: Instant,
+}
+
+struct TakeForEach<K, V, F> {
+    source: Arc<str>,
+    step: Step<K, V>,
+    n: usize,
+    within: Duration,
+    f: F,
+    concurrency: usize,
+    held: std::sync::Mutex<HashMap<i32, Held<K, V>>>,
+}
+
+impl<K, V, F> TakeForEach<K, V, F> {
+    fn held(&self) -> std::sync::MutexGuard<'_, HashMap<i32, Held<K, V>>> {
+        self.held.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl<K, V, F, Fut> Processor for TakeForEach<K, V, F>
+where
+    K: Send + 'static,
+    V: Send + 'static,
+    F: Fn(Ctx, Vec<Event<K, V>>) -> Fut + Send + Sync,
+    Fut: Future<Output = Result<(), AgentError>> + Send + 'static,
+{
+    fn topic(&self) -> &str {
+        &self.source
+    }
+
+    fn concurrency(&self) -> usize {
+        self.concurrency
+    }
+
+    fn process(&self, ctx: Context, record: ConsumerRecord) -> ProcessFuture<'_> {
+        let partition = ctx.partition();
+        let mut full = Vec::new();
+        {
+            let mut held = self.held();
+            for event in events(&self.step, record) {
+                let batch = held.entry(partition).or_insert_with(|| Held {
+                    events: Vec::with_capacity(self.n),
+                    since: Instant::now(),
+                });
+                batch.events.push(event);
+                if batch.events.len() >= self.n {
+                    full.extend(held.remove(&partition).map(|b| b.events));
+                }
+            }
+        }
+        let ctx = Ctx { inner: ctx };
+        let work: Vec<Fut> = full.into_iter().map(|b| (self.f)(ctx.clone(), b)).collect();
+        Box::pin(async move {
+            for w in work {
+                w.await?;
+            }
+            Ok(())
+        })
+    }
+
+    fn flush(&self, ctx: Context) -> ProcessFuture<'_> {
+        let batch = self.held().remove(&ctx.partition());
+        let work = batch.map(|b| (self.f)(Ctx { inner: ctx }, b.events));
+        Box::pin(async move {
+            match work {
+                Some(w) => w.await,
+                None => Ok(()),
+            }
+        })
+    }
+
+    fn held_from(&self, partition: i32) -> Option<i64> {
+        self.held()
+            .get(&partition)
+            .and_then(|b| b.events.iter().map(|e| e.offset).min())
+    }
+
+    fn deadline(&self, partition: i32) -> Option<Instant> {
+        self.held().get(&partition).map(|b| b.since + self.within)
+    }
+
+    fn reset(&self, partition: i32) {
+        self.held().remove(&partition);
     }
 }
 
@@ -273,6 +448,7 @@ struct ForEach<K, V, F> {
     source: Arc<str>,
     step: Step<K, V>,
     f: F,
+    concurrency: usize,
 }
 
 impl<K, V, F, Fut> Processor for ForEach<K, V, F>
@@ -284,6 +460,10 @@ where
 {
     fn topic(&self) -> &str {
         &self.source
+    }
+
+    fn concurrency(&self) -> usize {
+        self.concurrency
     }
 
     fn process(&self, ctx: Context, record: ConsumerRecord) -> ProcessFuture<'_> {
@@ -345,6 +525,7 @@ struct Through<K, V> {
     target: Arc<str>,
     key: Arc<dyn Codec<K>>,
     value: Arc<dyn Codec<V>>,
+    concurrency: usize,
 }
 
 impl<K, V> Processor for Through<K, V>
@@ -356,16 +537,27 @@ where
         &self.source
     }
 
+    fn concurrency(&self) -> usize {
+        self.concurrency
+    }
+
     fn process(&self, ctx: Context, record: ConsumerRecord) -> ProcessFuture<'_> {
         let out: Result<Vec<_>, CodecError> = events(&self.step, record)
             .into_iter()
-            .map(|e| Ok((self.key.encode(&e.key)?, self.value.encode(&e.value)?)))
+            .map(|e| {
+                Ok((
+                    self.key.encode(&e.key)?,
+                    self.value.encode(&e.value)?,
+                    e.headers,
+                ))
+            })
             .collect();
         Box::pin(async move {
-            for (key, value) in out? {
+            for (key, value, headers) in out? {
                 let mut record = ProducerRecord::to(&self.target);
                 record.key = key.as_deref();
                 record.value = value.as_deref();
+                record.headers = &headers;
                 ctx.send(record).await?;
             }
             Ok(())

@@ -1,6 +1,6 @@
 //! Typed topics.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use crate::codec::{Codec, Json};
 
@@ -17,6 +17,19 @@ pub struct Topic<K, V> {
     pub(crate) name: Arc<str>,
     pub(crate) key: Arc<dyn Codec<K>>,
     pub(crate) value: Arc<dyn Codec<V>>,
+    /// Shared with the app, which creates the topic at start.
+    pub(crate) settings: Arc<Mutex<TopicSettings>>,
+}
+
+/// How the app creates a topic it declares, when the topic is missing.
+#[derive(Debug, Clone, Default)]
+pub struct TopicSettings {
+    /// Partitions; `None` takes the app's default.
+    pub partitions: Option<i32>,
+    /// Replication factor; `None` takes the app's default.
+    pub replication: Option<i16>,
+    /// Topic configs such as `retention.ms`.
+    pub configs: Vec<(String, String)>,
 }
 
 impl<K, V> Clone for Topic<K, V> {
@@ -25,6 +38,7 @@ impl<K, V> Clone for Topic<K, V> {
             name: self.name.clone(),
             key: self.key.clone(),
             value: self.value.clone(),
+            settings: self.settings.clone(),
         }
     }
 }
@@ -36,7 +50,7 @@ impl<K, V> std::fmt::Debug for Topic<K, V> {
 }
 
 impl<K, V> Topic<K, V> {
-    pub(crate) fn json(name: &str) -> Self
+    pub(crate) fn json(name: &str, settings: Arc<Mutex<TopicSettings>>) -> Self
     where
         Json: Codec<K> + Codec<V>,
     {
@@ -44,7 +58,39 @@ impl<K, V> Topic<K, V> {
             name: Arc::from(name),
             key: Arc::new(Json),
             value: Arc::new(Json),
+            settings,
         }
+    }
+
+    fn settings(&self) -> std::sync::MutexGuard<'_, TopicSettings> {
+        self.settings.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Creates the topic with `n` partitions (default: the app's).
+    ///
+    /// ```
+    /// let mut app = strom::App::new("demo");
+    /// let orders = app.topic::<String, u64>("orders")
+    ///     .with_partitions(12)
+    ///     .with_replicas(3)
+    ///     .with_config("retention.ms", "86400000");
+    /// assert_eq!(orders.name(), "orders");
+    /// ```
+    pub fn with_partitions(self, n: i32) -> Self {
+        self.settings().partitions = Some(n);
+        self
+    }
+
+    /// Creates the topic with each partition on `n` brokers (default: the app's).
+    pub fn with_replicas(self, n: i16) -> Self {
+        self.settings().replication = Some(n);
+        self
+    }
+
+    /// Creates the topic with config `key=value` (e.g. `cleanup.policy`).
+    pub fn with_config(self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.settings().configs.push((key.into(), value.into()));
+        self
     }
 
     /// The topic's name.

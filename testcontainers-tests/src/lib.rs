@@ -533,3 +533,19 @@ pub async fn wait_for_topic(client: &Client, topic: &str) {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// Group `group`'s committed offsets of `topic`'s partitions `0..partitions`
+/// (-1 where nothing is committed).
+pub async fn committed(client: &Client, group: &str, topic: &str, partitions: i32) -> Vec<i64> {
+    use strom_client::consumer::TopicPartition;
+    let tps: Vec<TopicPartition> = (0..partitions)
+        .map(|p| TopicPartition::new(topic, p))
+        .collect();
+    let committed = client
+        .committed_offsets(group, &tps)
+        .await
+        .unwrap_or_else(|e| panic!("strom-it: committed offsets of {group:?}: {e}"));
+    tps.iter()
+        .map(|tp| committed.get(tp).copied().flatten().unwrap_or(-1))
+        .collect()
+}

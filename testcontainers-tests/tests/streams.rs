@@ -2,12 +2,15 @@
 //! app instances (workers) in one group.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use strom::codec::{NoKey, Utf8};
 use strom::{App, StoreKind};
 use strom_client::consumer::{Consumer, ConsumerConfig, Offset, TopicPartition};
 use strom_client::producer::{Producer, ProducerConfig, ProducerRecord};
+use strom_client::Header;
 use strom_it::{unique_topic, TestBroker};
 use tokio::sync::oneshot;
 
@@ -23,8 +26,32 @@ fn wordcount(id: &str, broker: &TestBroker, input: &str, output: &str) -> App {
     strom_it::wordcount(app, input, output)
 }
 
-/// Two workers count the words of 10,000 sentences (with undecodable lines
-/// mixed in, which are skipped): the last count sent per word equals the truth.
+/// An app with in-memory tables and one partition per topic it creates.
+fn one_partition_app(id: &str, broker: &TestBroker) -> App {
+    App::new(id)
+        .with_brokers([broker.bootstrap.clone()])
+        .with_store(StoreKind::Memory)
+        .with_partitions(1)
+        .with_commit_interval(Duration::from_millis(100))
+        .with_session_timeout(Duration::from_secs(6), Duration::from_secs(1))
+}
+
+/// Runs `app` as a worker until the sender fires (or drops).
+fn spawn(app: App) -> (oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        app.run(async {
+            let _ = stopped.await;
+        })
+        .await
+        .expect("worker failed");
+    });
+    (stop, task)
+}
+
+/// Two workers count the words of 100,000 sentences (with undecodable lines
+/// mixed in, which are skipped): the last count sent per word and the table
+/// (as its changelog holds it) equal the truth.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wordcount_app_counts_exactly_and_skips_bad_input() {
     let broker = TestBroker::start().await;
@@ -37,22 +64,13 @@ async fn wordcount_app_counts_exactly_and_skips_bad_input() {
 
     let mut workers = vec![];
     for _ in 0..2 {
-        let app = wordcount(&id, &broker, &input, &output);
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            app.run(async {
-                let _ = stopped.await;
-            })
-            .await
-            .expect("worker failed");
-        });
-        workers.push((stop, task));
+        workers.push(spawn(wordcount(&id, &broker, &input, &output)));
     }
     strom_it::wait_for_topic(&client, &input).await;
 
     let producer = Producer::new(client.clone(), ProducerConfig::default()).unwrap();
     let mut truth: BTreeMap<String, u64> = BTreeMap::new();
-    for i in 0..10_000u64 {
+    for i in 0..100_000u64 {
         let line = format!("The w{} W{} and w{}", i % 17, i % 101, (i * 7) % 53);
         for w in line.split_whitespace() {
             *truth.entry(w.to_lowercase()).or_default() += 1;
@@ -61,7 +79,7 @@ async fn wordcount_app_counts_exactly_and_skips_bad_input() {
             .send(ProducerRecord::to(&input).value(line.as_bytes()))
             .await
             .unwrap();
-        if i % 1000 == 0 {
+        if i % 10_000 == 0 {
             // Not UTF-8: logged and skipped by the agent.
             producer
                 .send(ProducerRecord::to(&input).value(&[0xff, 0xfe, 0x00]))
@@ -92,6 +110,12 @@ async fn wordcount_app_counts_exactly_and_skips_bad_input() {
         let _ = stop.send(());
         task.await.unwrap();
     }
+    let table = strom_it::last_counts(&client, &format!("{id}-word-counts-changelog")).await;
+    assert_eq!(
+        table.into_iter().collect::<BTreeMap<_, _>>(),
+        truth,
+        "the table differs from the true counts"
+    );
 }
 
 /// filter, map, through and enumerate in one agent: empty lines are dropped,
@@ -106,12 +130,7 @@ async fn filter_map_through_enumerate_in_order() {
         unique_topic("ops-mid"),
         unique_topic("ops-out"),
     );
-    let mut app = App::new(&id)
-        .with_brokers([broker.bootstrap.clone()])
-        .with_store(StoreKind::Memory)
-        .with_partitions(1)
-        .with_commit_interval(Duration::from_millis(200))
-        .with_session_timeout(Duration::from_secs(6), Duration::from_secs(1));
+    let mut app = one_partition_app(&id, &broker);
     let lines = app
         .topic::<(), String>(&input)
         .with_key_codec(NoKey)
@@ -137,14 +156,7 @@ async fn filter_map_through_enumerate_in_order() {
                 Ok(())
             }
         });
-    let (stop, stopped) = oneshot::channel::<()>();
-    let worker = tokio::spawn(async move {
-        app.run(async {
-            let _ = stopped.await;
-        })
-        .await
-        .expect("worker failed");
-    });
+    let (stop, worker) = spawn(app);
     strom_it::wait_for_topic(&client, &input).await;
     let producer = Producer::new(client.clone(), ProducerConfig::default()).unwrap();
     for line in ["a", "", "b", "c", "", "d"] {
@@ -172,4 +184,114 @@ async fn filter_map_through_enumerate_in_order() {
     assert_eq!(got, ["0:A", "1:B", "2:C", "3:D"]);
     let _ = stop.send(());
     worker.await.unwrap();
+}
+
+/// take(n, within) batches per partition (the short tail after `within`),
+/// forward keeps key, value and headers, a concurrent agent works on several
+/// events at once, a sink agent on the same topic sees every event too, and
+/// every offset ends up committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn take_forward_concurrency_and_sink() {
+    let broker = TestBroker::start().await;
+    let client = broker.client().await;
+    let (id, input, forwarded, sunk) = (
+        unique_topic("batch"),
+        unique_topic("batch-in"),
+        unique_topic("batch-fwd"),
+        unique_topic("batch-sunk"),
+    );
+    let mut app = one_partition_app(&id, &broker);
+    let numbers = app.topic::<String, u64>(&input).with_key_codec(Utf8);
+    let fwd = app.topic::<String, u64>(&forwarded).with_key_codec(Utf8);
+    let out = app.topic::<String, u64>(&sunk).with_key_codec(Utf8);
+    let batches: Arc<Mutex<Vec<usize>>> = Arc::default();
+    app.agent(&numbers)
+        .take(10, Duration::from_millis(700))
+        .for_each({
+            let (batches, fwd) = (batches.clone(), fwd.clone());
+            move |ctx, batch| {
+                batches.lock().unwrap().push(batch.len());
+                let fwd = fwd.clone();
+                async move {
+                    for e in &batch {
+                        ctx.forward(&fwd, e).await?;
+                    }
+                    Ok(())
+                }
+            }
+        });
+    let (running, peak, handled) = (
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicUsize::new(0)),
+    );
+    app.agent(&fwd).concurrency(8).for_each({
+        let (running, peak, handled) = (running.clone(), peak.clone(), handled.clone());
+        move |_ctx, _e| {
+            let (running, peak, handled) = (running.clone(), peak.clone(), handled.clone());
+            async move {
+                let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                peak.fetch_max(now, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                running.fetch_sub(1, Ordering::SeqCst);
+                handled.fetch_add(1, Ordering::SeqCst);
+                Ok(())
+            }
+        }
+    });
+    app.agent(&fwd).map(|v: u64| v * 10).sink(&out);
+    let (stop, worker) = spawn(app);
+    strom_it::wait_for_topic(&client, &input).await;
+
+    let producer = Producer::new(client.clone(), ProducerConfig::default()).unwrap();
+    let header = [Header::new("trace", "t-1")];
+    for i in 0..45u64 {
+        let value = i.to_string();
+        let mut record = ProducerRecord::to(&input).key(b"k").value(value.as_bytes());
+        record.headers = &header;
+        producer.send(record).await.unwrap();
+    }
+    producer.flush().await.unwrap();
+
+    strom_it::wait_for_topic(&client, &sunk).await;
+    let mut consumer = Consumer::new(client.clone(), ConsumerConfig::default());
+    consumer
+        .assign([(TopicPartition::new(&sunk, 0), Offset::Earliest)])
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut got = vec![];
+    while got.len() < 45 {
+        let r = tokio::time::timeout_at(deadline, consumer.recv())
+            .await
+            .expect("sunk events missing")
+            .unwrap();
+        assert_eq!(r.key.as_deref(), Some(&b"k"[..]));
+        assert_eq!(r.headers, header, "headers lost on the way");
+        got.push(String::from_utf8(r.value.unwrap().to_vec()).unwrap());
+    }
+    let want: Vec<String> = (0..45u64).map(|i| (i * 10).to_string()).collect();
+    assert_eq!(got, want);
+    while handled.load(Ordering::SeqCst) < 45 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "concurrent agent stalled"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(*batches.lock().unwrap(), [10, 10, 10, 10, 5]);
+    assert!(
+        peak.load(Ordering::SeqCst) > 1,
+        "the concurrent agent never ran two events at once"
+    );
+    assert!(
+        peak.load(Ordering::SeqCst) <= 8,
+        "concurrency limit exceeded"
+    );
+
+    let _ = stop.send(());
+    worker.await.unwrap();
+    let committed = strom_it::committed(&client, &id, &input, 1).await;
+    assert_eq!(committed, [45], "not every offset was committed");
+    let committed = strom_it::committed(&client, &id, &forwarded, 1).await;
+    assert_eq!(committed, [45], "not every forwarded offset was committed");
 }
