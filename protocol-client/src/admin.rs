@@ -133,6 +133,30 @@ impl Client {
         Ok(())
     }
 
+    /// Creates `topic` unless it exists; returns the partition count the
+    /// topic has (created or found) — compare it with `topic.partitions`
+    /// where the count matters.
+    ///
+    /// ```no_run
+    /// # async fn f(client: strom_client::Client) -> strom_client::Result<()> {
+    /// use strom_client::NewTopic;
+    /// let partitions = client.ensure_topic(NewTopic::new("orders", 6, 1)).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn ensure_topic(&self, topic: NewTopic) -> Result<usize> {
+        let (name, partitions) = (topic.name.clone(), topic.partitions);
+        match self.create_topic(topic).await {
+            Ok(()) => {
+                tracing::info!(topic = %name, partitions, "created topic");
+                Ok(partitions.max(0) as usize)
+            }
+            Err(Error::TopicAlreadyExists { .. }) => {
+                Ok(self.topic_metadata(&name).await?.partitions.len())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     /// Deletes topics by name.
     pub async fn delete_topics(&self, topics: &[&str]) -> Result<()> {
         let timeout_ms = self.config().connection.request_timeout.as_millis() as i32;

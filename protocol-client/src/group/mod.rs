@@ -582,6 +582,11 @@ impl GroupConsumer {
         self.consumer.resume(tp)
     }
 
+    /// The last high watermark seen for `tp` (see [`Consumer::high_watermark`]).
+    pub fn high_watermark(&self, tp: &TopicPartition) -> i64 {
+        self.consumer.high_watermark(tp)
+    }
+
     /// The next offset [`GroupConsumer::poll`] returns for `tp`.
     pub fn position(&self, tp: &TopicPartition) -> Option<i64> {
         self.consumer.position(tp)
