@@ -1,8 +1,7 @@
 //! The changelog topic of a table: one compacted Kafka topic with as many
 //! partitions as the table's source topic (co-partitioning).
 
-use strom_client::{Client, Error as ClientError, NewTopic};
-use tracing::info;
+use strom_client::{Client, NewTopic};
 
 use crate::error::{Result, StateError};
 
@@ -26,22 +25,13 @@ pub async fn ensure_topic(
 ) -> Result<()> {
     let new =
         NewTopic::new(topic, partitions as i32, replication).config("cleanup.policy", "compact");
-    match client.create_topic(new).await {
-        Ok(()) => {
-            info!(%topic, partitions, "created changelog topic");
-            Ok(())
-        }
-        Err(ClientError::TopicAlreadyExists { .. }) => {
-            let found = client.topic_metadata(topic).await?.partitions.len();
-            if found != partitions {
-                return Err(StateError::ChangelogPartitions {
-                    topic: topic.to_owned(),
-                    expected: partitions,
-                    found,
-                });
-            }
-            Ok(())
-        }
-        Err(e) => Err(e.into()),
+    let found = client.ensure_topic(new).await?;
+    if found != partitions {
+        return Err(StateError::ChangelogPartitions {
+            topic: topic.to_owned(),
+            expected: partitions,
+            found,
+        });
     }
+    Ok(())
 }

@@ -21,12 +21,21 @@ use crate::store::Durability;
 /// use strom_state::table::TableKey;
 /// assert!((-3i64).encode_key() < 2i64.encode_key());
 /// assert_eq!(i64::decode_key(&(-3i64).encode_key()).unwrap(), -3);
+/// assert_eq!(i64::parse_key("-3").unwrap(), -3);
 /// ```
 pub trait TableKey: Sized {
     /// The key's bytes.
     fn encode_key(&self) -> Vec<u8>;
     /// The key from its bytes.
     fn decode_key(bytes: &[u8]) -> Result<Self>;
+    /// The key from its text, as written in a URL or on a command line.
+    fn parse_key(text: &str) -> Result<Self>;
+}
+
+fn parse_error(what: &str, text: &str) -> StateError {
+    StateError::Codec {
+        what: format!("{text:?} is not a {what} key"),
+    }
 }
 
 fn key_error(what: &str, bytes: &[u8]) -> StateError {
@@ -45,6 +54,9 @@ macro_rules! unsigned_key {
                 let array = bytes.try_into().map_err(|_| key_error(stringify!($t), bytes))?;
                 Ok(<$t>::from_be_bytes(array))
             }
+            fn parse_key(text: &str) -> Result<Self> {
+                text.parse().map_err(|_| parse_error(stringify!($t), text))
+            }
         }
     )*};
 }
@@ -58,6 +70,9 @@ macro_rules! signed_key {
             fn decode_key(bytes: &[u8]) -> Result<Self> {
                 let array = bytes.try_into().map_err(|_| key_error(stringify!($t), bytes))?;
                 Ok((<$u>::from_be_bytes(array) ^ (1 << (<$u>::BITS - 1))) as $t)
+            }
+            fn parse_key(text: &str) -> Result<Self> {
+                text.parse().map_err(|_| parse_error(stringify!($t), text))
             }
         }
     )*};
@@ -73,6 +88,9 @@ impl TableKey for String {
     fn decode_key(bytes: &[u8]) -> Result<Self> {
         String::from_utf8(bytes.to_vec()).map_err(|_| key_error("UTF-8 string", bytes))
     }
+    fn parse_key(text: &str) -> Result<Self> {
+        Ok(text.to_owned())
+    }
 }
 
 impl TableKey for Vec<u8> {
@@ -81,6 +99,10 @@ impl TableKey for Vec<u8> {
     }
     fn decode_key(bytes: &[u8]) -> Result<Self> {
         Ok(bytes.to_vec())
+    }
+    /// The text's UTF-8 bytes.
+    fn parse_key(text: &str) -> Result<Self> {
+        Ok(text.as_bytes().to_vec())
     }
 }
 
