@@ -80,7 +80,7 @@ struct Subscription {
 /// ```
 #[derive(Debug, Clone)]
 pub struct CopartitionedAssignor {
-    url: Option<String>,
+    url: Arc<std::sync::Mutex<Option<String>>>,
     standby_replicas: usize,
     placement: Arc<watch::Sender<Placement>>,
 }
@@ -100,10 +100,16 @@ impl CopartitionedAssignor {
             ..Placement::default()
         };
         CopartitionedAssignor {
-            url,
+            url: Arc::new(std::sync::Mutex::new(url)),
             standby_replicas,
             placement: Arc::new(watch::channel(placement).0),
         }
+    }
+
+    /// Sets the URL this worker advertises from its next join on (once its
+    /// web server knows its port).
+    pub fn set_url(&self, url: Option<String>) {
+        *self.url.lock().unwrap_or_else(|e| e.into_inner()) = url;
     }
 
     /// The latest placement; `changed()` on it wakes after each rebalance.
@@ -129,7 +135,7 @@ impl Assignor for CopartitionedAssignor {
             .map(|m| m.standby.clone())
             .unwrap_or_default();
         let subscription = Subscription {
-            url: self.url.clone(),
+            url: self.url.lock().unwrap_or_else(|e| e.into_inner()).clone(),
             standby,
         };
         serde_json::to_vec(&subscription).ok().map(Bytes::from)

@@ -14,6 +14,20 @@ pub enum WorkerError {
     /// do not match).
     #[error("{0}")]
     Config(String),
+    /// An agent failed on an event under [`ErrorPolicy::Stop`](crate::ErrorPolicy::Stop).
+    #[error(
+        "agent failed on {topic}-{partition} at offset {offset}: {error} (error policy: stop)"
+    )]
+    Agent {
+        /// The event's topic.
+        topic: String,
+        /// Its partition.
+        partition: i32,
+        /// Its offset.
+        offset: i64,
+        /// What the agent said (or the panic message).
+        error: String,
+    },
     /// A record that processing an event caused was not acknowledged: the
     /// event's offset is not committed and the worker stops, so a restart
     /// processes it again (at-least-once).

@@ -29,11 +29,16 @@
 
 pub mod assignor;
 mod error;
+pub mod metrics;
 mod partition;
+mod policy;
 pub mod processor;
+pub mod timer;
+pub mod web;
 
 use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -49,8 +54,12 @@ use tokio::sync::{oneshot, Notify};
 use tracing::{info, warn};
 
 pub use assignor::{CopartitionedAssignor, MemberPlacement, Placement};
+pub use axum;
 pub use error::WorkerError;
-pub use processor::{AgentError, Context, ProcessFuture, Processor};
+pub use metrics::Metrics;
+pub use processor::{AgentError, Context, DecodeError, ErrorPolicy, ProcessFuture, Processor};
+pub use timer::{Schedule, Timer, TimerContext};
+pub use web::KeyParser;
 
 use partition::{Inbox, Msg, Offsets, Spec};
 
@@ -95,9 +104,17 @@ pub struct WorkerConfig {
     /// Standby replicas: how many other workers keep each partition's tables
     /// warm by tailing their changelogs, so a failover replays little. Default 0.
     pub standby_replicas: usize,
-    /// The URL other workers and clients reach this worker at (its web
-    /// server), shared with the group in the assignment. Default none.
+    /// Where the web server listens; `None` (the default) runs none. The app
+    /// binary's `worker` command listens on `0.0.0.0:6066` (Faust's port)
+    /// unless told otherwise.
+    pub web: Option<SocketAddr>,
+    /// The URL other workers and clients reach this worker's web server at,
+    /// shared with the group in the assignment. Default
+    /// `http://<hostname>:<port>` (or `127.0.0.1` when the server listens
+    /// there).
     pub advertised_url: Option<String>,
+    /// The error policy of agents without their own. Default skip.
+    pub on_error: ErrorPolicy,
     /// Replication factor of the topics the app creates (changelogs,
     /// repartition topics, declared topics without their own). Default 1.
     pub replication: i16,
@@ -126,7 +143,9 @@ impl WorkerConfig {
             store: StoreKind::Redb,
             replication: 1,
             standby_replicas: 0,
+            web: None,
             advertised_url: None,
+            on_error: ErrorPolicy::Skip,
             guarantee: ProcessingGuarantee::AtLeastOnce,
             commit_interval: Duration::from_secs(1),
             session_timeout: Duration::from_secs(10),
@@ -152,7 +171,11 @@ pub struct Worker {
     config: WorkerConfig,
     processors: Vec<Arc<dyn Processor>>,
     tables: Vec<String>,
+    keys: HashMap<String, KeyParser>,
+    pages: Vec<axum::Router>,
+    timers: Vec<Timer>,
     assignor: CopartitionedAssignor,
+    metrics: Metrics,
 }
 
 impl std::fmt::Debug for Worker {
@@ -183,7 +206,36 @@ impl Worker {
             config,
             processors: Vec::new(),
             tables: Vec::new(),
+            keys: HashMap::new(),
+            pages: Vec::new(),
+            timers: Vec::new(),
+            metrics: Metrics::default(),
         }
+    }
+
+    /// The worker's metrics (served at `/metrics`).
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// Adds a timer (see [`timer`]).
+    pub fn timer(mut self, timer: Timer) -> Self {
+        self.timers.push(timer);
+        self
+    }
+
+    /// Adds the app's own web routes (Faust's `@app.page`).
+    ///
+    /// ```
+    /// use strom_worker::axum::{routing::get, Router};
+    /// use strom_worker::{Worker, WorkerConfig};
+    /// let worker = Worker::new(WorkerConfig::new("shop", ["127.0.0.1:9092"]))
+    ///     .page(Router::new().route("/hello", get(|| async { "hello" })));
+    /// # let _ = worker;
+    /// ```
+    pub fn page(mut self, routes: axum::Router) -> Self {
+        self.pages.push(routes);
+        self
     }
 
     /// Where the group's partition numbers live, updated after each rebalance
@@ -198,9 +250,17 @@ impl Worker {
         self
     }
 
-    /// Declares a table (co-partitioned with the source topics).
-    pub fn table(mut self, name: impl Into<String>) -> Self {
-        self.tables.push(name.into());
+    /// Declares a table (co-partitioned with the source topics); on the web,
+    /// its keys are the UTF-8 text of the URL.
+    pub fn table(self, name: impl Into<String>) -> Self {
+        self.table_with_key(name, Arc::new(|s: &str| Ok(s.as_bytes().to_vec())))
+    }
+
+    /// Declares a table whose keys the web server parses with `key`.
+    pub fn table_with_key(mut self, name: impl Into<String>, key: KeyParser) -> Self {
+        let name = name.into();
+        self.keys.insert(name.clone(), key);
+        self.tables.push(name);
         self
     }
 
@@ -239,6 +299,20 @@ impl Worker {
             changelog::ensure_topic(&client, &topic, partitions, config.replication).await?;
             tables.push((table.clone(), topic));
         }
+        let dead_letters: BTreeSet<&str> = self
+            .processors
+            .iter()
+            .filter_map(|p| p.error_policy())
+            .chain([&config.on_error])
+            .filter_map(|policy| match policy {
+                ErrorPolicy::DeadLetter(topic) => Some(topic.as_str()),
+                _ => None,
+            })
+            .collect();
+        for topic in dead_letters {
+            let new = strom_client::NewTopic::new(topic, partitions as i32, config.replication);
+            client.ensure_topic(new).await?;
+        }
         let producer = Producer::new(client.clone(), ProducerConfig::default())?;
         let spec = Arc::new(Spec {
             client: client.clone(),
@@ -256,6 +330,8 @@ impl Worker {
             store: config.store,
             partitions,
             fatal: Mutex::new(None),
+            metrics: self.metrics.clone(),
+            on_error: config.on_error.clone(),
         });
         let assignor = self.assignor;
         let mut placement = assignor.placement();
@@ -267,6 +343,36 @@ impl Worker {
             tasks: Mutex::new(HashMap::new()),
             commits: tokio::sync::Mutex::new(()),
         });
+
+        let web = match config.web {
+            Some(addr) => {
+                let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+                    WorkerError::Config(format!("cannot listen for the web server on {addr}: {e}"))
+                })?;
+                let bound = listener
+                    .local_addr()
+                    .map_err(|e| WorkerError::Config(format!("web server address unknown: {e}")))?;
+                let url = config
+                    .advertised_url
+                    .clone()
+                    .unwrap_or_else(|| default_url(bound));
+                assignor.set_url(Some(url.clone()));
+                let state = web::WebState {
+                    runtime: runtime.clone(),
+                    placement: assignor.placement(),
+                    metrics: self.metrics.clone(),
+                    tables: Arc::new(self.keys),
+                };
+                let app = web::router(state, self.pages);
+                info!(%bound, %url, "web server listening");
+                Some(tokio::spawn(async move {
+                    if let Err(e) = axum::serve(listener, app).await {
+                        warn!(error = %e, "web server stopped");
+                    }
+                }))
+            }
+            None => None,
+        };
 
         let mut group = GroupConfig::new(&config.app_id);
         group.assignors = vec![Arc::new(assignor)];
@@ -282,6 +388,11 @@ impl Worker {
             Arc::new(Listener(runtime.clone())),
         )?;
         info!(app = %config.app_id, topics = ?sources, partitions, "worker started");
+        let timers: Vec<_> = self
+            .timers
+            .into_iter()
+            .map(|t| timer::spawn(t, runtime.spec.producer.clone(), placement.clone()))
+            .collect();
 
         tokio::pin!(shutdown);
         let mut tick = tokio::time::interval(config.commit_interval);
@@ -300,8 +411,10 @@ impl Worker {
                     }
                     let now = placement.borrow().clone();
                     runtime.reconcile_standbys(&now).await;
+                    runtime.measure_lag(&consumer);
                 }
                 Ok(()) = placement.changed() => {
+                    self.metrics.rebalanced();
                     let now = placement.borrow_and_update().clone();
                     runtime.reconcile_standbys(&now).await;
                 }
@@ -316,10 +429,16 @@ impl Worker {
             }
         };
         info!(app = %config.app_id, "worker stopping");
+        for t in timers {
+            t.abort();
+        }
         // Leaving the group revokes every partition: tasks close, tables flush,
         // offsets commit (see Listener::on_revoked).
         let left = consumer.close().await;
         runtime.reconcile_standbys(&Placement::default()).await;
+        if let Some(web) = web {
+            web.abort();
+        }
         outcome?;
         left?;
         match runtime.take_fatal() {
@@ -352,6 +471,35 @@ struct Runtime {
 impl Runtime {
     fn tasks(&self) -> std::sync::MutexGuard<'_, HashMap<i32, Task>> {
         self.tasks.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Partition numbers assigned here whose tables are still recovering.
+    fn recovering(&self) -> Vec<i32> {
+        let mut numbers: Vec<i32> = self
+            .tasks()
+            .iter()
+            .filter(|(_, t)| t.inbox.ready().is_none())
+            .map(|(n, _)| *n)
+            .collect();
+        numbers.sort_unstable();
+        numbers
+    }
+
+    /// The context of partition number `n`, once it is recovered.
+    fn context(&self, n: i32) -> Option<Context> {
+        self.tasks().get(&n).and_then(|t| t.inbox.ready().cloned())
+    }
+
+    /// Updates the lag of every partition being read.
+    fn measure_lag(&self, consumer: &GroupConsumer) {
+        for tp in consumer.group().assignment() {
+            if let Some(position) = consumer.position(&tp) {
+                let end = consumer.high_watermark(&tp);
+                self.spec
+                    .metrics
+                    .lag(&tp.topic, tp.partition, (end - position).max(0));
+            }
+        }
     }
 
     fn take_fatal(&self) -> Option<WorkerError> {
@@ -519,27 +667,60 @@ impl Runtime {
     /// Checkpoints every task and commits what they report.
     async fn commit_all(&self, group: &GroupHandle) -> Result<(), WorkerError> {
         let _one = self.commits.lock().await;
+        let started = std::time::Instant::now();
         let numbers: Vec<i32> = self.tasks().keys().copied().collect();
         let offsets = self.request(&numbers, false).await?;
-        commit(group, offsets).await;
+        if commit(group, offsets).await {
+            self.spec.metrics.committed(started.elapsed());
+        }
         Ok(())
     }
 }
 
 /// Commits what this member still owns; a refusal (the group moved on) only
 /// means those events are processed again by their next owner.
-async fn commit(group: &GroupHandle, offsets: Offsets) {
+async fn commit(group: &GroupHandle, offsets: Offsets) -> bool {
     let owned: BTreeSet<TopicPartition> = group.assignment().into_iter().collect();
     let offsets: Offsets = offsets
         .into_iter()
         .filter(|(tp, _)| owned.contains(tp))
         .collect();
     if offsets.is_empty() {
-        return;
+        return false;
     }
-    if let Err(e) = group.commit(&offsets).await {
-        warn!(error = %e, "commit failed; the events since the last commit will be processed again");
+    match group.commit(&offsets).await {
+        Ok(()) => true,
+        Err(e) => {
+            warn!(error = %e, "commit failed; the events since the last commit will be processed again");
+            false
+        }
     }
+}
+
+/// Drops the per-partition metrics of partitions this worker gave up.
+fn forget(metrics: &Metrics, partitions: &[TopicPartition]) {
+    for tp in partitions {
+        metrics.forget_lag(&tp.topic, tp.partition);
+    }
+    for n in numbers(partitions) {
+        metrics.forget_partition(n);
+    }
+}
+
+/// `http://<host>:<port>` for a server bound to `bound`: its own address, or
+/// the machine's host name when it listens on every interface.
+fn default_url(bound: SocketAddr) -> String {
+    let host = if bound.ip().is_unspecified() {
+        std::env::var("HOSTNAME")
+            .ok()
+            .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+            .map(|h| h.trim().to_owned())
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "127.0.0.1".to_owned())
+    } else {
+        bound.ip().to_string()
+    };
+    format!("http://{host}:{}", bound.port())
 }
 
 fn numbers(partitions: &[TopicPartition]) -> Vec<i32> {
@@ -588,8 +769,11 @@ impl RebalanceListener for Listener {
             let runtime = &self.0;
             let _one = runtime.commits.lock().await;
             let numbers = numbers(partitions);
+            forget(&runtime.spec.metrics, partitions);
             match runtime.request(&numbers, true).await {
-                Ok(offsets) => commit(group, offsets).await,
+                Ok(offsets) => {
+                    commit(group, offsets).await;
+                }
                 Err(e) => runtime.set_fatal(e),
             }
             info!(partitions = ?numbers, "partitions revoked");
@@ -603,6 +787,7 @@ impl RebalanceListener for Listener {
     ) -> ListenerFuture<'a> {
         let runtime = &self.0;
         let mut tasks = runtime.tasks();
+        forget(&runtime.spec.metrics, partitions);
         for n in numbers(partitions) {
             if let Some(task) = tasks.remove(&n) {
                 // Another member may own it already: stop without committing.

@@ -4,19 +4,25 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use strom_client::consumer::{ConsumerRecord, TopicPartition};
 use strom_client::producer::Producer;
 use strom_client::Client;
-use strom_state::{recover, Durability, LoggedStore, MemoryStore, RedbStore, Standby, Store};
+use strom_state::{
+    recover_with_progress, Durability, LoggedStore, MemoryStore, Recovery, RecoveryProgress,
+    RedbStore, Standby, Store,
+};
 use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::task::JoinSet;
 use tokio::time::{sleep_until, Instant};
 use tracing::{info, warn};
 
 use crate::error::WorkerError;
-use crate::processor::{AgentError, Context, PartitionState, Processor};
+use crate::metrics::Metrics;
+use crate::policy;
+use crate::processor::{Context, ErrorPolicy, PartitionState, Processor};
 use crate::StoreKind;
 
 /// Next offsets to commit: everything before them is processed and acknowledged.
@@ -46,6 +52,9 @@ pub(crate) struct Spec {
     /// The first error that must stop the worker (a partition that cannot
     /// recover or process stalls otherwise).
     pub fatal: std::sync::Mutex<Option<WorkerError>>,
+    pub metrics: Metrics,
+    /// The policy of agents without their own.
+    pub on_error: ErrorPolicy,
 }
 
 impl Spec {
@@ -104,6 +113,8 @@ async fn open_store_retrying(
 pub(crate) struct Inbox {
     tx: mpsc::UnboundedSender<Msg>,
     queued: Arc<AtomicUsize>,
+    /// Set once the partition's tables are recovered and it processes.
+    ready: Arc<OnceLock<Context>>,
 }
 
 impl Inbox {
@@ -120,6 +131,11 @@ impl Inbox {
     /// Records queued and not yet taken by the task.
     pub fn queued(&self) -> usize {
         self.queued.load(Ordering::Acquire)
+    }
+
+    /// The partition's context once its tables are recovered.
+    pub fn ready(&self) -> Option<&Context> {
+        self.ready.get()
     }
 
     /// Sends a checkpoint or close request; false if the task is gone.
@@ -139,9 +155,11 @@ pub(crate) fn start(
 ) -> (Inbox, tokio::task::JoinHandle<()>) {
     let (tx, rx) = mpsc::unbounded_channel();
     let queued = Arc::new(AtomicUsize::new(0));
+    let ready = Arc::new(OnceLock::new());
     let inbox = Inbox {
         tx,
         queued: queued.clone(),
+        ready: ready.clone(),
     };
     let task = tokio::spawn(async move {
         let backlog = Backlog {
@@ -149,7 +167,7 @@ pub(crate) fn start(
             low,
             drained,
         };
-        if let Err(e) = run(spec.clone(), partition, rx, backlog, warm).await {
+        if let Err(e) = run(spec.clone(), partition, rx, backlog, warm, ready).await {
             warn!(partition, error = %e, "partition task failed");
             spec.fail(e);
         }
@@ -202,7 +220,7 @@ struct Partition {
     spec: Arc<Spec>,
     ctx: Context,
     progress: BTreeMap<TopicPartition, Progress>,
-    tasks: JoinSet<Result<(), AgentError>>,
+    tasks: JoinSet<Result<(), WorkerError>>,
     running: HashMap<tokio::task::Id, Running>,
     /// Events running per processor.
     load: Vec<usize>,
@@ -214,7 +232,9 @@ async fn run(
     mut rx: mpsc::UnboundedReceiver<Msg>,
     backlog: Backlog,
     mut warm: Vec<(String, Standby)>,
+    ready: Arc<OnceLock<Context>>,
 ) -> Result<(), WorkerError> {
+    spec.metrics.partition_ready(partition, false);
     let mut tables = BTreeMap::new();
     for (name, changelog) in &spec.tables {
         let standby = warm
@@ -225,7 +245,8 @@ async fn run(
             Some(standby) => standby.promote(&spec.client).await?,
             None => {
                 let store = open_store_retrying(&spec, name, partition).await?;
-                let recovery = recover(&spec.client, store.clone(), changelog, partition).await?;
+                let recovery =
+                    recover_reporting(&spec, store.clone(), name, changelog, partition).await?;
                 (store, recovery)
             }
         };
@@ -246,7 +267,10 @@ async fn run(
             deliveries: Vec::new(),
         })),
         producer: spec.producer.clone(),
+        metrics: spec.metrics.clone(),
     };
+    let _ = ready.set(ctx.clone());
+    spec.metrics.partition_ready(partition, true);
     let mut task = Partition {
         load: vec![0; spec.processors.len()],
         spec,
@@ -263,7 +287,7 @@ async fn run(
                 Some(Msg::Records(records)) => {
                     let n = records.len();
                     for record in records {
-                        task.process(record).await;
+                        task.process(record).await?;
                     }
                     backlog.taken(n);
                 }
@@ -271,7 +295,7 @@ async fn run(
                     let _ = reply.send(task.checkpoint(Durability::Fast).await);
                 }
                 Some(Msg::Close(reply)) => {
-                    task.flush_held().await;
+                    task.flush_held().await?;
                     while task.finish_one().await {}
                     let _ = reply.send(task.checkpoint(Durability::Durable).await);
                     return Ok(());
@@ -279,7 +303,7 @@ async fn run(
             },
             Some(done) = task.tasks.join_next_with_id(), if !task.tasks.is_empty() => task.finished(done),
             _ = sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
-                task.flush_due().await;
+                task.flush_due().await?;
             }
         }
     }
@@ -288,7 +312,7 @@ async fn run(
 impl Partition {
     /// Hands one event to each processor of its topic: inline when it keeps
     /// order, else on its own task once the processor has room.
-    async fn process(&mut self, record: ConsumerRecord) {
+    async fn process(&mut self, record: ConsumerRecord) -> Result<(), WorkerError> {
         let tp = TopicPartition::new(&record.topic, record.partition);
         let offset = record.offset;
         let spec = self.spec.clone();
@@ -310,17 +334,18 @@ impl Partition {
             let p = spec.processors[index].clone();
             let concurrency = p.concurrency();
             if concurrency <= 1 {
-                let result = p.process(self.ctx.clone(), record).await;
-                log_failure(&tp, offset, result);
+                let policy = p.error_policy().unwrap_or(&spec.on_error);
+                policy::handle(p.clone(), policy, self.ctx.clone(), record).await?;
                 continue;
             }
             while self.load[index] >= concurrency {
                 self.finish_one().await;
             }
-            let ctx = self.ctx.clone();
-            let handle = self
-                .tasks
-                .spawn(async move { p.process(ctx, record).await });
+            let (ctx, spec) = (self.ctx.clone(), spec.clone());
+            let handle = self.tasks.spawn(async move {
+                let policy = p.error_policy().unwrap_or(&spec.on_error);
+                policy::handle(p.clone(), policy, ctx, record).await
+            });
             self.load[index] += 1;
             *self
                 .progress
@@ -339,6 +364,7 @@ impl Partition {
             );
         }
         self.progress.entry(tp).or_default().next = offset + 1;
+        Ok(())
     }
 
     /// Waits for one concurrently processed event; false when none runs.
@@ -354,16 +380,21 @@ impl Partition {
 
     fn finished(
         &mut self,
-        done: Result<(tokio::task::Id, Result<(), AgentError>), tokio::task::JoinError>,
+        done: Result<(tokio::task::Id, Result<(), WorkerError>), tokio::task::JoinError>,
     ) {
         let (id, result) = match done {
             Ok((id, result)) => (id, result),
-            Err(e) => (e.id(), Err(format!("agent panicked: {e}").into())),
+            // Panics are caught inside; this is a task cancelled at shutdown.
+            Err(e) => (e.id(), Ok(())),
         };
+        if let Err(e) = result {
+            // Its offset stays uncommitted: `running` keeps it below.
+            self.spec.fail(e);
+            return;
+        }
         let Some(r) = self.running.remove(&id) else {
             return;
         };
-        log_failure(&r.tp, r.offset, result);
         self.load[r.processor] -= 1;
         if let Some(p) = self.progress.get_mut(&r.tp) {
             if let Some(n) = p.running.get_mut(&r.offset) {
@@ -384,7 +415,7 @@ impl Partition {
             .min()
     }
 
-    async fn flush_due(&mut self) {
+    async fn flush_due(&mut self) -> Result<(), WorkerError> {
         let now = Instant::now();
         let due: Vec<_> = self
             .spec
@@ -394,21 +425,39 @@ impl Partition {
             .cloned()
             .collect();
         for p in due {
-            self.flush_processor(&p).await;
+            self.flush_processor(&p).await?;
         }
+        Ok(())
     }
 
-    async fn flush_processor(&self, p: &Arc<dyn Processor>) {
-        if let Err(e) = p.flush(self.ctx.clone()).await {
-            warn!(topic = p.topic(), partition = self.ctx.partition, error = %e, "agent failed on held-back events; skipped");
+    /// Hands on what `p` holds back. A failure there has no single event to
+    /// dead-letter or retry: it is counted and skipped, or stops the worker
+    /// under [`ErrorPolicy::Stop`].
+    async fn flush_processor(&self, p: &Arc<dyn Processor>) -> Result<(), WorkerError> {
+        let Err(e) = p.flush(self.ctx.clone()).await else {
+            return Ok(());
+        };
+        let partition = self.ctx.partition;
+        self.spec.metrics.agent_error(p.topic());
+        if p.error_policy().unwrap_or(&self.spec.on_error) == &ErrorPolicy::Stop {
+            let offset = p.held_from(partition).unwrap_or(-1);
+            return Err(WorkerError::Agent {
+                topic: p.topic().to_owned(),
+                partition,
+                offset,
+                error: e.to_string(),
+            });
         }
+        warn!(topic = p.topic(), partition, error = %e, "agent failed on held-back events; skipped");
+        Ok(())
     }
 
     /// Hands on every event a processor holds back.
-    async fn flush_held(&self) {
+    async fn flush_held(&self) -> Result<(), WorkerError> {
         for p in &self.spec.processors {
-            self.flush_processor(p).await;
+            self.flush_processor(p).await?;
         }
+        Ok(())
     }
 
     /// Flushes the tables (waiting for their changelog records), waits for
@@ -437,9 +486,50 @@ impl Partition {
     }
 }
 
-fn log_failure(tp: &TopicPartition, offset: i64, result: Result<(), AgentError>) {
-    if let Err(e) = result {
-        warn!(topic = %tp.topic, partition = tp.partition, offset, error = %e, "agent failed on an event; skipped");
+/// Recovers `table`'s partition from its changelog, logging progress every few
+/// seconds (records replayed / to replay, time left) and keeping the metrics
+/// current.
+async fn recover_reporting(
+    spec: &Spec,
+    store: Arc<dyn Store>,
+    table: &str,
+    changelog: &str,
+    partition: i32,
+) -> Result<Recovery, WorkerError> {
+    const LOG_EVERY: u32 = 5;
+    let progress = RecoveryProgress::default();
+    let recovery = recover_with_progress(&spec.client, store, changelog, partition, &progress);
+    tokio::pin!(recovery);
+    let started = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.tick().await;
+    let mut ticks = 0u32;
+    let report = |progress: &RecoveryProgress| {
+        let replayed = progress.replayed.load(Ordering::Relaxed);
+        let to_replay = progress.to_replay.load(Ordering::Relaxed);
+        spec.metrics
+            .recovery(table, partition, replayed, to_replay.max(replayed));
+        (replayed, to_replay)
+    };
+    loop {
+        tokio::select! {
+            done = &mut recovery => {
+                let done = done?;
+                report(&progress);
+                return Ok(done);
+            }
+            _ = tick.tick() => {
+                let (replayed, to_replay) = report(&progress);
+                ticks += 1;
+                if ticks % LOG_EVERY == 0 {
+                    let elapsed = started.elapsed().as_secs_f64();
+                    let rate = replayed as f64 / elapsed.max(0.001);
+                    let left = to_replay.saturating_sub(replayed) as f64;
+                    let eta = (rate > 0.0).then(|| Duration::from_secs_f64(left / rate));
+                    info!(partition, table, replayed, to_replay, eta = ?eta, "recovering");
+                }
+            }
+        }
     }
 }
 

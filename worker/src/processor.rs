@@ -12,9 +12,42 @@ use strom_state::LoggedStore;
 use tokio::sync::{MappedMutexGuard, Mutex, MutexGuard};
 
 use crate::error::WorkerError;
+use crate::metrics::Metrics;
 
 /// What an agent's failure looks like to the runtime.
 pub type AgentError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The error a processor returns for an event whose key or value does not
+/// decode: counted as a decode error, never retried.
+#[derive(Debug, thiserror::Error)]
+#[error("undecodable event: {0}")]
+pub struct DecodeError(pub String);
+
+/// What happens to an event an agent fails on (an error, a panic, or an
+/// undecodable key or value).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum ErrorPolicy {
+    /// Log it, count it, go on with the next event (its offset is committed).
+    #[default]
+    Skip,
+    /// Send the event's original key, value and headers to this topic, with
+    /// headers `strom.error.topic`, `strom.error.partition`,
+    /// `strom.error.offset` and `strom.error.message`, then go on. The send is
+    /// acknowledged before the offset is committed.
+    DeadLetter(String),
+    /// Process the event again up to `attempts` more times, waiting `backoff`
+    /// before the first retry and twice as long before each next one; then
+    /// skip it. Undecodable events are skipped at once.
+    Retry {
+        /// Retries after the first failure.
+        attempts: u32,
+        /// Wait before the first retry.
+        backoff: std::time::Duration,
+    },
+    /// Stop the worker with an error naming the event (it is processed again
+    /// after a restart: its offset is not committed).
+    Stop,
+}
 
 /// The future of processing one event.
 pub type ProcessFuture<'a> = Pin<Box<dyn Future<Output = Result<(), AgentError>> + Send + 'a>>;
@@ -60,6 +93,11 @@ pub trait Processor: Send + Sync {
         None
     }
 
+    /// This processor's error policy; `None` takes the worker's.
+    fn error_policy(&self) -> Option<&ErrorPolicy> {
+        None
+    }
+
     /// Forgets anything held for `partition`: called when this worker starts
     /// on it, since what was held before it was lost is processed again from
     /// the committed offset.
@@ -84,6 +122,7 @@ pub struct Context {
     pub(crate) partitions: usize,
     pub(crate) state: Arc<Mutex<PartitionState>>,
     pub(crate) producer: Producer,
+    pub(crate) metrics: Metrics,
 }
 
 impl Context {
@@ -95,6 +134,11 @@ impl Context {
     /// The partition count of the source topics (and the tables).
     pub fn partitions(&self) -> usize {
         self.partitions
+    }
+
+    /// The worker's metrics (e.g. to count table reads and writes).
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
     }
 
     /// This partition of table `name`, locked for the caller.
@@ -109,7 +153,9 @@ impl Context {
     /// Sends a record; its acknowledgement is awaited before the current
     /// event's offset is committed.
     pub async fn send(&self, record: ProducerRecord<'_>) -> Result<(), WorkerError> {
+        let topic = record.topic;
         let delivery = self.producer.send(record).await?;
+        self.metrics.event_out(topic);
         self.state.lock().await.deliveries.push(delivery);
         Ok(())
     }

@@ -1,0 +1,321 @@
+//! The worker's metrics, served at `/metrics` in the Prometheus (OpenMetrics)
+//! text format.
+//!
+//! | metric | labels | what |
+//! |---|---|---|
+//! | `strom_events_in_total` | topic, partition | events handed to agents |
+//! | `strom_events_out_total` | topic | records agents sent (not changelogs) |
+//! | `strom_processing_seconds` | topic | time to process one event |
+//! | `strom_consumer_lag` | topic, partition | high watermark − position |
+//! | `strom_commits_total`, `strom_commit_seconds` | | offset commits |
+//! | `strom_rebalances_total` | | rebalances this worker took part in |
+//! | `strom_recovery_replayed`, `strom_recovery_to_replay` | table, partition | changelog replay progress |
+//! | `strom_partition_ready` | partition | 0 recovering, 1 processing |
+//! | `strom_table_reads_total`, `strom_table_writes_total` | table | table access |
+//! | `strom_decode_errors_total`, `strom_agent_errors_total`, `strom_dead_lettered_total` | topic | bad input |
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TopicLabels {
+    topic: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PartitionLabels {
+    topic: String,
+    partition: i32,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TableLabels {
+    table: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TablePartitionLabels {
+    table: String,
+    partition: i32,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct NumberLabels {
+    partition: i32,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn latency() -> Histogram {
+    // 50 µs … ~13 s.
+    Histogram::new(exponential_buckets(0.00005, 4.0, 10))
+}
+
+/// The metrics of one worker. A cheap handle: clones share the counters.
+///
+/// ```
+/// let metrics = strom_worker::Metrics::default();
+/// metrics.event_in("orders", 0);
+/// assert!(metrics.render().contains("strom_events_in_total{topic=\"orders\",partition=\"0\"} 1"));
+/// ```
+#[derive(Clone)]
+pub struct Metrics {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    registry: Registry,
+    events_in: Family<PartitionLabels, Counter>,
+    events_out: Family<TopicLabels, Counter>,
+    processing: HistogramFamily<TopicLabels>,
+    lag: Family<PartitionLabels, Gauge>,
+    commits: Counter,
+    commit_seconds: Histogram,
+    rebalances: Counter,
+    replayed: Family<TablePartitionLabels, Gauge>,
+    to_replay: Family<TablePartitionLabels, Gauge>,
+    ready: Family<NumberLabels, Gauge>,
+    table_reads: Family<TableLabels, Counter>,
+    table_writes: Family<TableLabels, Counter>,
+    decode_errors: Family<TopicLabels, Counter>,
+    agent_errors: Family<TopicLabels, Counter>,
+    dead_lettered: Family<TopicLabels, Counter>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("strom");
+        let inner = Inner {
+            events_in: Family::default(),
+            events_out: Family::default(),
+            processing: Family::new_with_constructor(latency),
+            lag: Family::default(),
+            commits: Counter::default(),
+            commit_seconds: latency(),
+            rebalances: Counter::default(),
+            replayed: Family::default(),
+            to_replay: Family::default(),
+            ready: Family::default(),
+            table_reads: Family::default(),
+            table_writes: Family::default(),
+            decode_errors: Family::default(),
+            agent_errors: Family::default(),
+            dead_lettered: Family::default(),
+            registry: Registry::default(),
+        };
+        let r = &mut registry;
+        r.register(
+            "events_in",
+            "Events handed to agents",
+            inner.events_in.clone(),
+        );
+        r.register(
+            "events_out",
+            "Records agents sent (changelog records not counted)",
+            inner.events_out.clone(),
+        );
+        r.register(
+            "processing_seconds",
+            "Time to process one event",
+            inner.processing.clone(),
+        );
+        r.register(
+            "consumer_lag",
+            "Records between the position and the high watermark",
+            inner.lag.clone(),
+        );
+        r.register("commits", "Offset commits", inner.commits.clone());
+        r.register(
+            "commit_seconds",
+            "Time to checkpoint and commit",
+            inner.commit_seconds.clone(),
+        );
+        r.register(
+            "rebalances",
+            "Rebalances this worker took part in",
+            inner.rebalances.clone(),
+        );
+        r.register(
+            "recovery_replayed",
+            "Changelog records replayed into a table partition",
+            inner.replayed.clone(),
+        );
+        r.register(
+            "recovery_to_replay",
+            "Changelog records expected to replay (a hint from the high watermark)",
+            inner.to_replay.clone(),
+        );
+        r.register(
+            "partition_ready",
+            "1 when the partition's tables are recovered and it processes, 0 while it recovers",
+            inner.ready.clone(),
+        );
+        r.register("table_reads", "Table reads", inner.table_reads.clone());
+        r.register("table_writes", "Table writes", inner.table_writes.clone());
+        r.register(
+            "decode_errors",
+            "Events whose key or value did not decode",
+            inner.decode_errors.clone(),
+        );
+        r.register(
+            "agent_errors",
+            "Events an agent failed on (errors and panics)",
+            inner.agent_errors.clone(),
+        );
+        r.register(
+            "dead_lettered",
+            "Events sent to a dead-letter topic",
+            inner.dead_lettered.clone(),
+        );
+        Metrics {
+            inner: Arc::new(Inner { registry, ..inner }),
+        }
+    }
+}
+
+fn topic(topic: &str) -> TopicLabels {
+    TopicLabels {
+        topic: topic.to_owned(),
+    }
+}
+
+impl Metrics {
+    /// The metrics in the text exposition format.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.inner.registry);
+        out
+    }
+
+    /// An event of `topic`/`partition` was handed to an agent.
+    pub fn event_in(&self, topic: &str, partition: i32) {
+        self.inner
+            .events_in
+            .get_or_create(&PartitionLabels {
+                topic: topic.to_owned(),
+                partition,
+            })
+            .inc();
+    }
+
+    /// An agent sent a record to `topic`.
+    pub fn event_out(&self, to: &str) {
+        self.inner.events_out.get_or_create(&topic(to)).inc();
+    }
+
+    /// Processing one event of `topic` took `took`.
+    pub fn processed(&self, of: &str, took: Duration) {
+        self.inner
+            .processing
+            .get_or_create(&topic(of))
+            .observe(took.as_secs_f64());
+    }
+
+    /// The lag of `topic`/`partition` is `lag` records.
+    pub fn lag(&self, topic: &str, partition: i32, lag: i64) {
+        self.inner
+            .lag
+            .get_or_create(&PartitionLabels {
+                topic: topic.to_owned(),
+                partition,
+            })
+            .set(lag);
+    }
+
+    /// Forgets the lag of a partition this worker no longer reads.
+    pub fn forget_lag(&self, topic: &str, partition: i32) {
+        self.inner.lag.remove(&PartitionLabels {
+            topic: topic.to_owned(),
+            partition,
+        });
+    }
+
+    /// A checkpoint and commit took `took`.
+    pub fn committed(&self, took: Duration) {
+        self.inner.commits.inc();
+        self.inner.commit_seconds.observe(took.as_secs_f64());
+    }
+
+    /// The group rebalanced.
+    pub fn rebalanced(&self) {
+        self.inner.rebalances.inc();
+    }
+
+    /// Recovery of `table`/`partition` has replayed `replayed` of `to_replay`.
+    pub fn recovery(&self, table: &str, partition: i32, replayed: u64, to_replay: u64) {
+        let labels = TablePartitionLabels {
+            table: table.to_owned(),
+            partition,
+        };
+        self.inner
+            .replayed
+            .get_or_create(&labels)
+            .set(replayed as i64);
+        self.inner
+            .to_replay
+            .get_or_create(&labels)
+            .set(to_replay as i64);
+    }
+
+    /// Partition number `partition` is processing (`true`) or recovering.
+    pub fn partition_ready(&self, partition: i32, ready: bool) {
+        self.inner
+            .ready
+            .get_or_create(&NumberLabels { partition })
+            .set(i64::from(ready));
+    }
+
+    /// Forgets a partition number this worker no longer owns.
+    pub fn forget_partition(&self, partition: i32) {
+        self.inner.ready.remove(&NumberLabels { partition });
+    }
+
+    /// A read of `table`.
+    pub fn table_read(&self, table: &str) {
+        self.inner
+            .table_reads
+            .get_or_create(&TableLabels {
+                table: table.to_owned(),
+            })
+            .inc();
+    }
+
+    /// A write (set or delete) of `table`.
+    pub fn table_write(&self, table: &str) {
+        self.inner
+            .table_writes
+            .get_or_create(&TableLabels {
+                table: table.to_owned(),
+            })
+            .inc();
+    }
+
+    /// An event of `topic` did not decode.
+    pub fn decode_error(&self, of: &str) {
+        self.inner.decode_errors.get_or_create(&topic(of)).inc();
+    }
+
+    /// An agent failed on an event of `topic`.
+    pub fn agent_error(&self, of: &str) {
+        self.inner.agent_errors.get_or_create(&topic(of)).inc();
+    }
+
+    /// An event of `topic` went to its dead-letter topic.
+    pub fn dead_lettered(&self, of: &str) {
+        self.inner.dead_lettered.get_or_create(&topic(of)).inc();
+    }
+}

@@ -1,0 +1,128 @@
+//! Running one event through an agent: panics caught, failures handled by the
+//! agent's [`ErrorPolicy`], time and outcome counted.
+
+use std::any::Any;
+use std::future::Future;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context as TaskContext, Poll};
+use std::time::Instant;
+
+use strom_client::consumer::ConsumerRecord;
+use strom_client::producer::ProducerRecord;
+use strom_client::Header;
+use tracing::warn;
+
+use crate::error::WorkerError;
+use crate::processor::{AgentError, Context, DecodeError, ErrorPolicy, ProcessFuture, Processor};
+
+/// Processes `record` with `p` under `policy`. `Err` only when the policy is
+/// [`ErrorPolicy::Stop`] (or a dead letter cannot be sent): the worker stops.
+pub(crate) async fn handle(
+    p: Arc<dyn Processor>,
+    policy: &ErrorPolicy,
+    ctx: Context,
+    record: ConsumerRecord,
+) -> Result<(), WorkerError> {
+    let started = Instant::now();
+    let metrics = ctx.metrics.clone();
+    metrics.event_in(&record.topic, record.partition);
+    let mut attempt = 0u32;
+    let error = loop {
+        let Err(e) = guarded(&*p, ctx.clone(), record.clone()).await else {
+            metrics.processed(&record.topic, started.elapsed());
+            return Ok(());
+        };
+        let undecodable = e.is::<DecodeError>();
+        if undecodable {
+            metrics.decode_error(&record.topic);
+        } else {
+            metrics.agent_error(&record.topic);
+        }
+        match policy {
+            ErrorPolicy::Retry { attempts, backoff } if !undecodable && attempt < *attempts => {
+                let wait = backoff.saturating_mul(1 << attempt.min(16));
+                attempt += 1;
+                warn!(topic = %record.topic, partition = record.partition, offset = record.offset,
+                    error = %e, attempt, ?wait, "agent failed on an event; retrying");
+                tokio::time::sleep(wait).await;
+            }
+            _ => break e,
+        }
+    };
+    let (topic, partition, offset) = (&*record.topic, record.partition, record.offset);
+    match policy {
+        ErrorPolicy::Skip | ErrorPolicy::Retry { .. } => {
+            warn!(topic, partition, offset, error = %error, "event skipped");
+            Ok(())
+        }
+        ErrorPolicy::DeadLetter(to) => {
+            let mut headers = record.headers.clone();
+            headers.extend([
+                Header::new("strom.error.topic", topic.to_owned()),
+                Header::new("strom.error.partition", partition.to_string()),
+                Header::new("strom.error.offset", offset.to_string()),
+                Header::new("strom.error.message", error.to_string()),
+            ]);
+            let mut letter = ProducerRecord::to(to);
+            letter.key = record.key.as_deref();
+            letter.value = record.value.as_deref();
+            letter.headers = &headers;
+            letter.timestamp = Some(record.timestamp);
+            ctx.send(letter).await?;
+            metrics.dead_lettered(topic);
+            warn!(topic, partition, offset, error = %error, dead_letter_topic = %to, "event sent to the dead-letter topic");
+            Ok(())
+        }
+        ErrorPolicy::Stop => Err(WorkerError::Agent {
+            topic: topic.to_owned(),
+            partition,
+            offset,
+            error: error.to_string(),
+        }),
+    }
+}
+
+/// Runs `p` on `record`, turning a panic (while building the future or while
+/// polling it) into an error.
+async fn guarded(
+    p: &dyn Processor,
+    ctx: Context,
+    record: ConsumerRecord,
+) -> Result<(), AgentError> {
+    // AssertUnwindSafe: after a panic the future is dropped and the event
+    // counts as failed; what the agent shares across events (tables behind a
+    // tokio Mutex, which does not poison) holds only completed writes, since
+    // each table write is applied whole or not at all.
+    match catch_unwind(AssertUnwindSafe(|| p.process(ctx, record))) {
+        Ok(future) => CatchUnwind(future).await,
+        Err(panic) => Err(panicked(panic)),
+    }
+}
+
+/// A processing future whose panics become errors.
+struct CatchUnwind<'a>(ProcessFuture<'a>);
+
+impl Future for CatchUnwind<'_> {
+    type Output = Result<(), AgentError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Self::Output> {
+        let future = &mut self.get_mut().0;
+        // AssertUnwindSafe: as in `guarded`; a panicked future is never polled
+        // again (this returns Ready and the caller drops it).
+        match catch_unwind(AssertUnwindSafe(|| future.as_mut().poll(cx))) {
+            Ok(poll) => poll,
+            Err(panic) => Poll::Ready(Err(panicked(panic))),
+        }
+    }
+}
+
+fn panicked(panic: Box<dyn Any + Send>) -> AgentError {
+    let what = panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".to_owned());
+    format!("agent panicked: {what}").into()
+}

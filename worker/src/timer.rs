@@ -1,0 +1,179 @@
+//! Timers: functions a worker runs on a schedule — every interval or on a cron
+//! pattern in a time zone — on every worker, or on the group's leader only.
+//!
+//! The leader, for timers, is the worker that processes partition number 0:
+//! exactly one worker once the group is settled, and when it leaves, the
+//! worker that takes partition 0 over runs the leader's timers from then on.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use strom_client::producer::{Producer, ProducerRecord};
+use tokio::sync::watch;
+use tracing::{debug, warn};
+
+use crate::assignor::Placement;
+use crate::error::WorkerError;
+use crate::processor::AgentError;
+
+/// When a timer fires.
+#[derive(Debug, Clone)]
+pub enum Schedule {
+    /// Every interval, the first time one interval after the worker starts.
+    Every(Duration),
+    /// At the times a cron pattern matches in a time zone.
+    Cron {
+        /// The parsed pattern.
+        cron: Box<croner::Cron>,
+        /// Where the pattern's hours and days are counted.
+        zone: chrono_tz::Tz,
+    },
+}
+
+impl Schedule {
+    /// A cron schedule: five fields (minute hour day month weekday) or six
+    /// with seconds first, in IANA time zone `zone` (e.g. `Europe/Berlin`,
+    /// `UTC`).
+    ///
+    /// ```
+    /// use strom_worker::timer::Schedule;
+    /// assert!(Schedule::cron("0 * * * *", "Asia/Kolkata").is_ok());
+    /// assert!(Schedule::cron("61 * * * *", "UTC").is_err());
+    /// assert!(Schedule::cron("0 * * * *", "Mars/Olympus").is_err());
+    /// ```
+    pub fn cron(pattern: &str, zone: &str) -> Result<Schedule, WorkerError> {
+        let cron = croner::parser::CronParser::builder()
+            .seconds(croner::parser::Seconds::Optional)
+            .build()
+            .parse(pattern)
+            .map_err(|e| WorkerError::Config(format!("cron pattern {pattern:?}: {e}")))?;
+        let zone = chrono_tz::Tz::from_str(zone)
+            .map_err(|e| WorkerError::Config(format!("time zone {zone:?}: {e}")))?;
+        Ok(Schedule::Cron {
+            cron: Box::new(cron),
+            zone,
+        })
+    }
+
+    /// For a cron schedule, how long after `now` it next fires.
+    pub fn next_after(&self, now: DateTime<Utc>) -> Option<Duration> {
+        match self {
+            Schedule::Every(every) => Some(*every),
+            Schedule::Cron { cron, zone } => {
+                let local = now.with_timezone(zone);
+                let next = cron.find_next_occurrence(&local, false).ok()?;
+                (next.with_timezone(&Utc) - now).to_std().ok()
+            }
+        }
+    }
+}
+
+/// The future of one run of a timer.
+pub type TimerFuture = Pin<Box<dyn Future<Output = Result<(), AgentError>> + Send>>;
+
+/// A timer's function.
+pub type TimerFn = Arc<dyn Fn(TimerContext) -> TimerFuture + Send + Sync>;
+
+/// A function run on a schedule.
+#[derive(Clone)]
+pub struct Timer {
+    /// For logs.
+    pub name: String,
+    /// When it runs.
+    pub schedule: Schedule,
+    /// Only on the group's leader (the worker of partition number 0).
+    pub on_leader: bool,
+    /// What it runs.
+    pub run: TimerFn,
+}
+
+impl std::fmt::Debug for Timer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Timer")
+            .field("name", &self.name)
+            .field("schedule", &self.schedule)
+            .field("on_leader", &self.on_leader)
+            .finish()
+    }
+}
+
+/// What a timer's function can do: send records (each acknowledged before
+/// `send` returns).
+#[derive(Debug, Clone)]
+pub struct TimerContext {
+    producer: Producer,
+    leader: bool,
+}
+
+impl TimerContext {
+    /// Sends a record and waits for the broker's acknowledgement.
+    pub async fn send(&self, record: ProducerRecord<'_>) -> Result<(), WorkerError> {
+        self.producer.send(record).await?.await?;
+        Ok(())
+    }
+
+    /// Whether this worker is the group's leader (for timers) right now.
+    pub fn is_leader(&self) -> bool {
+        self.leader
+    }
+}
+
+impl Placement {
+    /// Whether this worker leads the group for timers: it processes partition
+    /// number 0.
+    pub fn is_leader(&self) -> bool {
+        self.owner(0).is_some_and(|m| m.member_id == self.me)
+    }
+}
+
+/// Runs `timer` until the task is aborted.
+pub(crate) fn spawn(
+    timer: Timer,
+    producer: Producer,
+    placement: watch::Receiver<Placement>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            let Some(wait) = timer.schedule.next_after(Utc::now()) else {
+                warn!(timer = %timer.name, "schedule has no next time; the timer stops");
+                return;
+            };
+            tokio::time::sleep(wait).await;
+            let leader = placement.borrow().is_leader();
+            if timer.on_leader && !leader {
+                debug!(timer = %timer.name, "not the leader; skipped");
+                continue;
+            }
+            let ctx = TimerContext {
+                producer: producer.clone(),
+                leader,
+            };
+            if let Err(e) = (timer.run)(ctx).await {
+                warn!(timer = %timer.name, error = %e, "timer failed");
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A cron pattern counts hours in its own zone: "at minute 0" in India
+    /// (UTC+5:30) is at half past in UTC.
+    #[test]
+    fn cron_fires_at_the_zones_hour() {
+        let schedule = Schedule::cron("0 * * * *", "Asia/Kolkata").unwrap();
+        let now: DateTime<Utc> = "2026-11-27T04:10:00Z".parse().unwrap();
+        assert_eq!(schedule.next_after(now), Some(Duration::from_secs(20 * 60)));
+        let utc = Schedule::cron("0 * * * *", "UTC").unwrap();
+        assert_eq!(utc.next_after(now), Some(Duration::from_secs(50 * 60)));
+        let seconds = Schedule::cron("*/15 * * * * *", "UTC").unwrap();
+        let now: DateTime<Utc> = "2026-11-27T04:10:07Z".parse().unwrap();
+        assert_eq!(seconds.next_after(now), Some(Duration::from_secs(8)));
+    }
+}
