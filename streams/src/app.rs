@@ -1,22 +1,27 @@
 //! The app: its settings, topics, tables and agents, and how it runs.
 
+use std::future::Future;
 use std::marker::PhantomData;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
 use strom_client::{Client, ClientConfig, NewTopic};
 use strom_state::TableKey;
-use strom_worker::{ProcessingGuarantee, Processor, StoreKind, Worker, WorkerConfig};
-use tracing::{info, warn};
+use strom_worker::{
+    AgentError, ErrorPolicy, KeyParser, ProcessingGuarantee, Processor, Schedule, StoreKind, Timer,
+    Worker, WorkerConfig,
+};
+use tracing::warn;
 
 use crate::codec::{Codec, Json};
-use crate::error::{Error, Result};
-use crate::stream::{decode_step, Stream};
+use crate::context::TimerCtx;
+use crate::error::Result;
+use crate::stream::{decode_step, Stage, Stream};
 use crate::table::Table;
-use crate::topic::{Topic, TopicSettings};
+use crate::topic::{Declared, Topic};
 
 /// A stream-processing app: declare topics, tables and agents, then run it as
 /// a worker. Start more workers with the same id and they share the partitions.
@@ -39,13 +44,17 @@ use crate::topic::{Topic, TopicSettings};
 /// std::process::exit(if app.main() == std::process::ExitCode::SUCCESS { 0 } else { 1 });
 /// ```
 pub struct App {
-    config: WorkerConfig,
-    partitions: i32,
-    topics: Vec<(String, Arc<Mutex<TopicSettings>>)>,
+    pub(crate) config: WorkerConfig,
+    pub(crate) partitions: i32,
+    pub(crate) topics: Vec<(String, Arc<Mutex<Declared>>)>,
     /// (repartition topic, its source topic)
-    repartitions: Vec<(String, String)>,
-    tables: Vec<String>,
-    processors: Vec<Arc<dyn Processor>>,
+    pub(crate) repartitions: Vec<(String, String)>,
+    pub(crate) tables: Vec<(String, KeyParser)>,
+    pub(crate) processors: Vec<Arc<dyn Processor>>,
+    /// What each processor is, for `APP agents`.
+    pub(crate) agents: Vec<String>,
+    pages: Vec<strom_worker::axum::Router>,
+    timers: Vec<Timer>,
 }
 
 impl std::fmt::Debug for App {
@@ -56,7 +65,10 @@ impl std::fmt::Debug for App {
                 "topics",
                 &self.topics.iter().map(|(t, _)| t).collect::<Vec<_>>(),
             )
-            .field("tables", &self.tables)
+            .field(
+                "tables",
+                &self.tables.iter().map(|(t, _)| t).collect::<Vec<_>>(),
+            )
             .finish()
     }
 }
@@ -76,6 +88,9 @@ impl App {
             repartitions: Vec::new(),
             tables: Vec::new(),
             processors: Vec::new(),
+            agents: Vec::new(),
+            pages: Vec::new(),
+            timers: Vec::new(),
         }
     }
 
@@ -135,31 +150,142 @@ impl App {
         self
     }
 
+    /// Where the web server listens (`None`, the default of `run`: no web
+    /// server; the `worker` command listens on `0.0.0.0:6066` unless told
+    /// otherwise).
+    pub fn with_web(mut self, listen: Option<SocketAddr>) -> Self {
+        self.config.web = listen;
+        self
+    }
+
+    /// The URL other workers redirect table lookups to (default
+    /// `http://<hostname>:<port>`).
+    pub fn with_advertised_url(mut self, url: impl Into<String>) -> Self {
+        self.config.advertised_url = Some(url.into());
+        self
+    }
+
+    /// How many other workers keep each partition's tables warm. Default 0.
+    pub fn with_standby_replicas(mut self, replicas: usize) -> Self {
+        self.config.standby_replicas = replicas;
+        self
+    }
+
+    /// What happens to events an agent fails on or that do not decode, for
+    /// agents without their own policy ([`Stream::on_error`]). Default skip.
+    pub fn with_error_policy(mut self, policy: ErrorPolicy) -> Self {
+        self.config.on_error = policy;
+        self
+    }
+
+    /// Adds web routes to the worker's web server (Faust's `@app.page`).
+    ///
+    /// ```
+    /// use strom::axum::{routing::get, Router};
+    /// let app = strom::App::new("shop")
+    ///     .page(Router::new().route("/hello", get(|| async { "hello" })));
+    /// # let _ = app;
+    /// ```
+    pub fn page(mut self, routes: strom_worker::axum::Router) -> Self {
+        self.pages.push(routes);
+        self
+    }
+
+    /// Runs `f` every `every` on every worker.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let mut app = strom::App::new("clock");
+    /// let ticks = app.topic::<String, u64>("ticks");
+    /// app.timer(Duration::from_secs(60), move |ctx| {
+    ///     let ticks = ticks.clone();
+    ///     async move { Ok(ctx.send(&ticks, &"minute".to_string(), &1).await?) }
+    /// });
+    /// ```
+    pub fn timer<F, Fut>(&mut self, every: Duration, f: F)
+    where
+        F: Fn(TimerCtx) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), AgentError>> + Send + 'static,
+    {
+        self.schedule(Schedule::Every(every), false, f);
+    }
+
+    /// Runs `f` every `every` on one worker of the group only: the one that
+    /// processes partition number 0 (it moves with that partition).
+    pub fn leader_timer<F, Fut>(&mut self, every: Duration, f: F)
+    where
+        F: Fn(TimerCtx) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), AgentError>> + Send + 'static,
+    {
+        self.schedule(Schedule::Every(every), true, f);
+    }
+
+    /// Runs `f` on every worker when cron `pattern` matches in time zone
+    /// `zone` (e.g. `"0 * * * *"`, `"Europe/Berlin"`; a sixth leading field
+    /// counts seconds). Use [`App::schedule`] for a leader-only cron timer.
+    pub fn crontab<F, Fut>(&mut self, pattern: &str, zone: &str, f: F) -> Result<()>
+    where
+        F: Fn(TimerCtx) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), AgentError>> + Send + 'static,
+    {
+        self.schedule(Schedule::cron(pattern, zone)?, false, f);
+        Ok(())
+    }
+
+    /// Runs `f` on `schedule`, on every worker or (`on_leader`) on the one
+    /// that processes partition number 0.
+    pub fn schedule<F, Fut>(&mut self, schedule: Schedule, on_leader: bool, f: F)
+    where
+        F: Fn(TimerCtx) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), AgentError>> + Send + 'static,
+    {
+        let name = format!("timer-{}", self.timers.len());
+        let f = Arc::new(f);
+        self.timers.push(Timer {
+            name,
+            schedule,
+            on_leader,
+            run: Arc::new(move |ctx| {
+                let f = f.clone();
+                Box::pin(async move { f(TimerCtx { inner: ctx }).await })
+            }),
+        });
+    }
+
     /// Declares a topic of `K` keys and `V` values (JSON codecs by default);
     /// the app creates it at start when it is missing.
     pub fn topic<K, V>(&mut self, name: &str) -> Topic<K, V>
     where
+        K: 'static,
+        V: 'static,
         Json: Codec<K> + Codec<V>,
     {
-        let settings = match self.topics.iter().find(|(t, _)| t == name) {
-            Some((_, s)) => s.clone(),
+        let declared = match self.topics.iter().find(|(t, _)| t == name) {
+            Some((_, d)) => d.clone(),
             None => {
-                let s = Arc::new(Mutex::new(TopicSettings::default()));
-                self.topics.push((name.to_owned(), s.clone()));
-                s
+                let d = Arc::new(Mutex::new(Declared::default()));
+                self.topics.push((name.to_owned(), d.clone()));
+                d
             }
         };
-        Topic::json(name, settings)
+        Topic::json(name, declared)
     }
 
-    /// Declares a table: `default()` is the value of a missing key.
+    /// Declares a table: `default` is the value of a missing key. Its changelog
+    /// is the topic `<app-id>-<name>-changelog`; the web server answers
+    /// `/tables/<name>/<key>` with keys in [`TableKey::parse_key`]'s text.
     pub fn table<K: TableKey, V: Clone + Send + Sync + 'static>(
         &mut self,
         name: &str,
         default: V,
     ) -> Table<K, V> {
-        if !self.tables.iter().any(|t| t == name) {
-            self.tables.push(name.to_owned());
+        if !self.tables.iter().any(|(t, _)| t == name) {
+            let parse: KeyParser = Arc::new(|text: &str| {
+                K::parse_key(text)
+                    .map(|k| k.encode_key())
+                    .map_err(|e| e.to_string())
+            });
+            self.tables.push((name.to_owned(), parse));
         }
         Table {
             name: Arc::from(name),
@@ -178,7 +304,7 @@ impl App {
             source: topic.name.clone(),
             step: decode_step(topic.key.clone(), topic.value.clone()),
             app: self,
-            concurrency: 1,
+            stage: Stage::default(),
         }
     }
 
@@ -187,17 +313,37 @@ impl App {
             .push((topic.to_owned(), source.to_owned()));
     }
 
-    pub(crate) fn add_processor(&mut self, processor: Arc<dyn Processor>) {
+    /// Adds a stage's processor; `what` says what it does, for `APP agents`.
+    pub(crate) fn add_processor(&mut self, processor: Arc<dyn Processor>, what: String) {
+        let policy = match processor.error_policy() {
+            Some(p) => format!("{p:?}"),
+            None => format!("{:?} (the app's)", self.config.on_error),
+        };
+        self.agents.push(format!(
+            "{:<40} {what}  concurrency={}  on_error={policy}",
+            processor.topic(),
+            processor.concurrency()
+        ));
         self.processors.push(processor);
     }
 
+    /// The partition count of the topics the app creates unless declared
+    /// otherwise.
+    pub(crate) fn default_partitions(&self) -> i32 {
+        self.partitions
+    }
+
     /// Creates missing topics, then runs a worker until `shutdown` completes.
-    pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<()> {
         let client =
             Client::connect(ClientConfig::new(self.config.brokers.iter().cloned())).await?;
         let replication = self.config.replication;
-        for (topic, settings) in &self.topics {
-            let settings = settings.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        for (topic, declared) in &self.topics {
+            let settings = declared
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .settings
+                .clone();
             let new = NewTopic {
                 name: topic.clone(),
                 partitions: settings.partitions.unwrap_or(self.partitions),
@@ -211,58 +357,31 @@ impl App {
             ensure(&client, NewTopic::new(topic, partitions, replication), true).await?;
         }
         let mut worker = Worker::new(self.config);
-        for t in self.tables {
-            worker = worker.table(t);
+        for (t, parse) in self.tables {
+            worker = worker.table_with_key(t, parse);
         }
         for p in self.processors {
             worker = worker.processor(p);
         }
+        for page in self.pages {
+            worker = worker.page(page);
+        }
+        for timer in self.timers {
+            worker = worker.timer(timer);
+        }
         Ok(worker.run(shutdown).await?)
     }
 
-    /// The app's command line: `APP worker [--brokers B] [--state-dir D]
-    /// [--web-port P] [--log-level L]`. Runs until SIGTERM or SIGINT, then stops
-    /// cleanly; a second signal exits at once.
-    pub fn main(mut self) -> ExitCode {
-        let cli = Cli::parse();
-        let Command::Worker {
-            brokers,
-            state_dir,
-            web_port,
-            log_level,
-        } = cli.command;
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::new(log_level))
-            .try_init();
-        if let Some(b) = brokers {
-            self.config.brokers = b.split(',').map(|b| b.trim().to_owned()).collect();
-        }
-        if let Some(d) = state_dir {
-            self.config.state_dir = d;
-        }
-        if let Some(port) = web_port {
-            warn!(
-                port,
-                "the web server is not built yet; --web-port is ignored"
-            );
-        }
-        let runtime = match tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()
-        {
-            Ok(r) => r,
-            Err(e) => {
-                eprintln!("cannot start the runtime: {e}");
-                return ExitCode::FAILURE;
-            }
-        };
-        match runtime.block_on(self.run(shutdown_signal())) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("worker failed: {e}");
-                ExitCode::FAILURE
-            }
-        }
+    /// The app's command line (see `APP --help`):
+    ///
+    /// - `worker [--brokers B] [--state-dir D] [--web-port P] [--web-bind IP]
+    ///   [--web-host H] [--without-web] [--log-level L]`: runs a worker until
+    ///   SIGTERM or SIGINT, then stops cleanly; a second signal exits at once;
+    /// - `send TOPIC VALUE [--key K] [--partition P] [--repeat N]`;
+    /// - `tables`, `agents`, `topics`: what the app declares;
+    /// - `reset [--yes]`: deletes this worker's local table files.
+    pub fn main(self) -> ExitCode {
+        crate::cli::main(self)
     }
 }
 
@@ -271,65 +390,9 @@ impl App {
 /// start where co-partitioning needs the counts to match).
 async fn ensure(client: &Client, new: NewTopic, explicit_partitions: bool) -> Result<()> {
     let (topic, partitions) = (new.name.clone(), new.partitions);
-    match client.create_topic(new).await {
-        Ok(()) => {
-            info!(%topic, partitions, "created topic");
-            Ok(())
-        }
-        Err(strom_client::Error::TopicAlreadyExists { .. }) => {
-            let found = client.topic_metadata(&topic).await?.partitions.len() as i32;
-            if explicit_partitions && found != partitions {
-                warn!(%topic, declared = partitions, found, "topic exists with another partition count than declared; using it as it is");
-            }
-            Ok(())
-        }
-        Err(e) => Err(Error::Client(e)),
+    let found = client.ensure_topic(new).await? as i32;
+    if explicit_partitions && found != partitions {
+        warn!(%topic, declared = partitions, found, "topic exists with another partition count than declared; using it as it is");
     }
-}
-
-/// Resolves on the first SIGTERM or SIGINT; a second one exits the process.
-async fn shutdown_signal() {
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = terminate => {}
-    }
-    info!("stopping: finishing events, flushing tables, committing; a second signal exits at once");
-    tokio::spawn(async {
-        let _ = tokio::signal::ctrl_c().await;
-        std::process::exit(130);
-    });
-}
-
-#[derive(Parser)]
-#[command(about = "A Strom stream-processing app")]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Runs a worker of the app.
-    Worker {
-        /// Bootstrap brokers, `host:port[,host:port…]` (default: STROM_BROKERS).
-        #[arg(long)]
-        brokers: Option<String>,
-        /// Where tables keep their files (default: STROM_STATE_DIR).
-        #[arg(long)]
-        state_dir: Option<PathBuf>,
-        /// Port of the web server (not built yet).
-        #[arg(long)]
-        web_port: Option<u16>,
-        /// Log filter, e.g. `info` or `strom=debug`.
-        #[arg(long, default_value = "info")]
-        log_level: String,
-    },
+    Ok(())
 }

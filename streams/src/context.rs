@@ -1,5 +1,6 @@
 //! What an agent sees while it handles one event: typed tables and sends.
 
+use bytes::Bytes;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use strom_client::partitioner::partition_for_key;
@@ -55,6 +56,7 @@ impl Ctx {
     ) -> Result<V> {
         let bytes = key.encode_key();
         let stored = self.inner.table(&table.name).await?.get(&bytes)?;
+        self.inner.metrics().table_read(&table.name);
         match stored {
             Some(v) => serde_json::from_slice(&v).map_err(|e| value_error(&table.name, e)),
             None => Ok((table.default)()),
@@ -76,6 +78,7 @@ impl Ctx {
             .await?
             .put(bytes, value)
             .await?;
+        self.inner.metrics().table_write(&table.name);
         Ok(())
     }
 
@@ -95,6 +98,7 @@ impl Ctx {
     pub async fn delete<K: TableKey, V>(&self, table: &Table<K, V>, key: &K) -> Result<()> {
         let bytes = self.check_partition(&table.name, key)?;
         self.inner.table(&table.name).await?.delete(bytes).await?;
+        self.inner.metrics().table_write(&table.name);
         Ok(())
     }
 
@@ -117,17 +121,47 @@ impl Ctx {
         value: &V,
         headers: &[Header],
     ) -> Result<()> {
-        let codec = |e| Error::Codec {
-            topic: topic.name.to_string(),
-            source: e,
-        };
-        let key = topic.key.encode(key).map_err(codec)?;
-        let value = topic.value.encode(value).map_err(codec)?;
+        let (key, value) = encode(topic, key, value)?;
         let mut record = ProducerRecord::to(&topic.name);
         record.key = key.as_deref();
         record.value = value.as_deref();
         record.headers = headers;
         self.inner.send(record).await?;
         Ok(())
+    }
+}
+
+/// `key` and `value` in `topic`'s codecs.
+fn encode<K, V>(topic: &Topic<K, V>, key: &K, value: &V) -> Result<(Option<Bytes>, Option<Bytes>)> {
+    let codec = |e| Error::Codec {
+        topic: topic.name.to_string(),
+        source: e,
+    };
+    Ok((
+        topic.key.encode(key).map_err(codec)?,
+        topic.value.encode(value).map_err(codec)?,
+    ))
+}
+
+/// What a timer sees: typed sends, each acknowledged before it returns.
+#[derive(Debug, Clone)]
+pub struct TimerCtx {
+    pub(crate) inner: strom_worker::TimerContext,
+}
+
+impl TimerCtx {
+    /// Sends `key` → `value` to `topic` and waits for the acknowledgement.
+    pub async fn send<K, V>(&self, topic: &Topic<K, V>, key: &K, value: &V) -> Result<()> {
+        let (key, value) = encode(topic, key, value)?;
+        let mut record = ProducerRecord::to(&topic.name);
+        record.key = key.as_deref();
+        record.value = value.as_deref();
+        self.inner.send(record).await?;
+        Ok(())
+    }
+
+    /// Whether this worker leads the group (processes partition number 0).
+    pub fn is_leader(&self) -> bool {
+        self.inner.is_leader()
     }
 }

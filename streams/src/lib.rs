@@ -37,6 +37,7 @@
 #![deny(rustdoc::broken_intra_doc_links)]
 
 pub mod app;
+mod cli;
 pub mod codec;
 pub mod context;
 pub mod error;
@@ -45,9 +46,9 @@ pub mod table;
 pub mod topic;
 
 pub use app::App;
-pub use context::Ctx;
+pub use context::{Ctx, TimerCtx};
 pub use error::{Error, Result};
 pub use stream::{Batches, Event, Stream};
-pub use strom_worker::{AgentError, ProcessingGuarantee, StoreKind};
+pub use strom_worker::{axum, AgentError, ErrorPolicy, ProcessingGuarantee, Schedule, StoreKind};
 pub use table::Table;
 pub use topic::{Topic, TopicSettings};

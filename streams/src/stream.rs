@@ -12,9 +12,8 @@ use strom_client::consumer::ConsumerRecord;
 use strom_client::producer::ProducerRecord;
 use strom_client::Header;
 use strom_state::TableKey;
-use strom_worker::{AgentError, Context, ProcessFuture, Processor};
+use strom_worker::{AgentError, Context, DecodeError, ErrorPolicy, ProcessFuture, Processor};
 use tokio::time::Instant;
-use tracing::warn;
 
 use crate::app::App;
 use crate::codec::{Codec, CodecError, Json};
@@ -83,8 +82,35 @@ pub struct Stream<'a, K, V> {
     pub(crate) app: &'a mut App,
     pub(crate) source: Arc<str>,
     pub(crate) step: Step<K, V>,
+    pub(crate) stage: Stage,
+}
+
+/// How the runtime runs a stage's processor.
+#[derive(Debug, Clone)]
+pub(crate) struct Stage {
     /// Events of one partition the handler may take at once.
-    pub(crate) concurrency: usize,
+    pub concurrency: usize,
+    /// The agent's error policy (`None`: the app's).
+    pub policy: Option<ErrorPolicy>,
+}
+
+impl Default for Stage {
+    fn default() -> Self {
+        Stage {
+            concurrency: 1,
+            policy: None,
+        }
+    }
+}
+
+impl Stage {
+    /// The stage after a topic in between: in order again, same policy.
+    fn next(&self) -> Stage {
+        Stage {
+            concurrency: 1,
+            policy: self.policy.clone(),
+        }
+    }
 }
 
 impl<K, V> std::fmt::Debug for Stream<'_, K, V> {
@@ -109,7 +135,7 @@ where
             app: self.app,
             source: self.source,
             step: Arc::new(move |r| step(r).map(&f)),
-            concurrency: self.concurrency,
+            stage: self.stage,
         }
     }
 
@@ -119,7 +145,25 @@ where
     /// slow. Their order is then not kept, and offsets are committed up to the
     /// first event not yet done. Default 1: in order.
     pub fn concurrency(mut self, n: usize) -> Self {
-        self.concurrency = n.max(1);
+        self.stage.concurrency = n.max(1);
+        self
+    }
+
+    /// What happens to events this agent fails on, or that do not decode
+    /// (default: the app's policy, see
+    /// [`App::with_error_policy`](crate::App::with_error_policy)). Applies to
+    /// every stage of the agent, including those after a `group_by`.
+    ///
+    /// ```no_run
+    /// use strom::ErrorPolicy;
+    /// let mut app = strom::App::new("orders");
+    /// let orders = app.topic::<String, u64>("orders");
+    /// app.agent(&orders)
+    ///     .on_error(ErrorPolicy::DeadLetter("orders-dead".into()))
+    ///     .for_each(|_ctx, _event| async { Ok(()) });
+    /// ```
+    pub fn on_error(mut self, policy: ErrorPolicy) -> Self {
+        self.stage.policy = Some(policy);
         self
     }
 
@@ -193,12 +237,13 @@ where
     pub fn through(self, topic: &crate::Topic<K, V>) -> Stream<'a, K, V> {
         let target = topic.name.clone();
         let (key_codec, value_codec) = (topic.key.clone(), topic.value.clone());
+        let stage = self.stage.next();
         let app = self.sink_to(topic);
         Stream {
             app,
             source: target,
             step: decode_step(key_codec, value_codec),
-            concurrency: 1,
+            stage,
         }
     }
 
@@ -209,14 +254,17 @@ where
     }
 
     fn sink_to(self, topic: &crate::Topic<K, V>) -> &'a mut App {
-        self.app.add_processor(Arc::new(Through {
-            source: self.source.clone(),
-            step: self.step,
-            target: topic.name.clone(),
-            key: topic.key.clone(),
-            value: topic.value.clone(),
-            concurrency: self.concurrency,
-        }));
+        self.app.add_processor(
+            Arc::new(Through {
+                source: self.source.clone(),
+                step: self.step,
+                target: topic.name.clone(),
+                key: topic.key.clone(),
+                value: topic.value.clone(),
+                stage: self.stage,
+            }),
+            format!("sink → {}", topic.name),
+        );
         self.app
     }
 
@@ -252,15 +300,20 @@ where
             name
         ));
         self.app.declare_repartition(&target, &self.source);
-        self.app.add_processor(Arc::new(Repartition {
-            source: self.source.clone(),
-            step: self.step,
-            key: Box::new(key),
-            target: target.clone(),
-        }));
+        let stage = self.stage.next();
+        self.app.add_processor(
+            Arc::new(Repartition {
+                source: self.source.clone(),
+                step: self.step,
+                key: Box::new(key),
+                target: target.clone(),
+                stage: self.stage,
+            }),
+            format!("group_by → {target}"),
+        );
         Stream {
             app: self.app,
-            concurrency: 1,
+            stage,
             source: target,
             step: Arc::new(|r: ConsumerRecord| {
                 let bytes = r.key.as_deref().ok_or_else(|| CodecError {
@@ -290,12 +343,15 @@ where
         F: Fn(Ctx, Event<K, V>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<(), AgentError>> + Send + 'static,
     {
-        self.app.add_processor(Arc::new(ForEach {
-            source: self.source,
-            step: self.step,
-            f,
-            concurrency: self.concurrency,
-        }));
+        self.app.add_processor(
+            Arc::new(ForEach {
+                source: self.source,
+                step: self.step,
+                f,
+                stage: self.stage,
+            }),
+            "for_each".into(),
+        );
     }
 }
 
@@ -330,15 +386,18 @@ where
         Fut: Future<Output = Result<(), AgentError>> + Send + 'static,
     {
         let stream = self.stream;
-        stream.app.add_processor(Arc::new(TakeForEach {
-            source: stream.source,
-            step: stream.step,
-            n: self.n,
-            within: self.within,
-            f,
-            concurrency: stream.concurrency,
-            held: std::sync::Mutex::new(HashMap::new()),
-        }));
+        stream.app.add_processor(
+            Arc::new(TakeForEach {
+                source: stream.source,
+                step: stream.step,
+                n: self.n,
+                within: self.within,
+                f,
+                stage: stream.stage,
+                held: std::sync::Mutex::new(HashMap::new()),
+            }),
+            format!("take({}, {:?}).for_each", self.n, self.within),
+        );
     }
 }
 
@@ -354,7 +413,7 @@ struct TakeForEach<K, V, F> {
     n: usize,
     within: Duration,
     f: F,
-    concurrency: usize,
+    stage: Stage,
     held: std::sync::Mutex<HashMap<i32, Held<K, V>>>,
 }
 
@@ -376,15 +435,23 @@ where
     }
 
     fn concurrency(&self) -> usize {
-        self.concurrency
+        self.stage.concurrency
+    }
+
+    fn error_policy(&self) -> Option<&ErrorPolicy> {
+        self.stage.policy.as_ref()
     }
 
     fn process(&self, ctx: Context, record: ConsumerRecord) -> ProcessFuture<'_> {
         let partition = ctx.partition();
+        let decoded = match events(&self.step, record) {
+            Ok(events) => events,
+            Err(e) => return failed(e),
+        };
         let mut full = Vec::new();
         {
             let mut held = self.held();
-            for event in events(&self.step, record) {
+            for event in decoded {
                 let batch = held.entry(partition).or_insert_with(|| Held {
                     events: Vec::with_capacity(self.n),
                     since: Instant::now(),
@@ -431,24 +498,22 @@ where
     }
 }
 
-/// Decodes a record into events; an undecodable one is logged and skipped
-/// (its offset still counts as processed).
-fn events<K, V>(step: &Step<K, V>, record: ConsumerRecord) -> Vec<Event<K, V>> {
-    let (topic, partition, offset) = (record.topic.clone(), record.partition, record.offset);
-    match step(record) {
-        Ok(events) => events,
-        Err(e) => {
-            warn!(%topic, partition, offset, error = %e, "undecodable event skipped");
-            Vec::new()
-        }
-    }
+/// Decodes a record into events; an undecodable one is a [`DecodeError`],
+/// which the runtime handles by the agent's error policy.
+fn events<K, V>(step: &Step<K, V>, record: ConsumerRecord) -> Result<Vec<Event<K, V>>, AgentError> {
+    step(record).map_err(|e| Box::new(DecodeError(e.to_string())) as AgentError)
+}
+
+/// The future of an event that failed before any work began.
+fn failed(e: AgentError) -> ProcessFuture<'static> {
+    Box::pin(async move { Err(e) })
 }
 
 struct ForEach<K, V, F> {
     source: Arc<str>,
     step: Step<K, V>,
     f: F,
-    concurrency: usize,
+    stage: Stage,
 }
 
 impl<K, V, F, Fut> Processor for ForEach<K, V, F>
@@ -463,12 +528,20 @@ where
     }
 
     fn concurrency(&self) -> usize {
-        self.concurrency
+        self.stage.concurrency
+    }
+
+    fn error_policy(&self) -> Option<&ErrorPolicy> {
+        self.stage.policy.as_ref()
     }
 
     fn process(&self, ctx: Context, record: ConsumerRecord) -> ProcessFuture<'_> {
         let ctx = Ctx { inner: ctx };
-        let work: Vec<Fut> = events(&self.step, record)
+        let decoded = match events(&self.step, record) {
+            Ok(events) => events,
+            Err(e) => return failed(e),
+        };
+        let work: Vec<Fut> = decoded
             .into_iter()
             .map(|e| (self.f)(ctx.clone(), e))
             .collect();
@@ -492,6 +565,7 @@ struct Repartition<K, V, K2> {
     step: Step<K, V>,
     key: KeyFn<K, V, K2>,
     target: Arc<str>,
+    stage: Stage,
 }
 
 impl<K, V, K2> Processor for Repartition<K, V, K2>
@@ -504,8 +578,16 @@ where
         &self.source
     }
 
+    fn error_policy(&self) -> Option<&ErrorPolicy> {
+        self.stage.policy.as_ref()
+    }
+
     fn process(&self, ctx: Context, record: ConsumerRecord) -> ProcessFuture<'_> {
-        let out: Result<Vec<Rekeyed>, AgentError> = events(&self.step, record)
+        let decoded = match events(&self.step, record) {
+            Ok(events) => events,
+            Err(e) => return failed(e),
+        };
+        let out: Result<Vec<Rekeyed>, AgentError> = decoded
             .into_iter()
             .map(|e| Ok(((self.key)(&e).encode_key(), serde_json::to_vec(&e.value)?)))
             .collect();
@@ -525,7 +607,7 @@ struct Through<K, V> {
     target: Arc<str>,
     key: Arc<dyn Codec<K>>,
     value: Arc<dyn Codec<V>>,
-    concurrency: usize,
+    stage: Stage,
 }
 
 impl<K, V> Processor for Through<K, V>
@@ -538,11 +620,19 @@ where
     }
 
     fn concurrency(&self) -> usize {
-        self.concurrency
+        self.stage.concurrency
+    }
+
+    fn error_policy(&self) -> Option<&ErrorPolicy> {
+        self.stage.policy.as_ref()
     }
 
     fn process(&self, ctx: Context, record: ConsumerRecord) -> ProcessFuture<'_> {
-        let out: Result<Vec<_>, CodecError> = events(&self.step, record)
+        let decoded = match events(&self.step, record) {
+            Ok(events) => events,
+            Err(e) => return failed(e),
+        };
+        let out: Result<Vec<_>, CodecError> = decoded
             .into_iter()
             .map(|e| {
                 Ok((

@@ -2,7 +2,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use crate::codec::{Codec, Json};
+use crate::codec::{Codec, CodecError, Json};
 
 /// A topic whose keys are `K` and values `V`, with the codecs that turn them
 /// into bytes (JSON by default).
@@ -17,8 +17,39 @@ pub struct Topic<K, V> {
     pub(crate) name: Arc<str>,
     pub(crate) key: Arc<dyn Codec<K>>,
     pub(crate) value: Arc<dyn Codec<V>>,
-    /// Shared with the app, which creates the topic at start.
-    pub(crate) settings: Arc<Mutex<TopicSettings>>,
+    /// Shared with the app, which creates the topic at start and checks
+    /// what the command line sends to it.
+    pub(crate) declared: Arc<Mutex<Declared>>,
+}
+
+/// What the app knows of a topic it declared.
+pub(crate) struct Declared {
+    pub settings: TopicSettings,
+    pub key_codec: &'static str,
+    pub value_codec: &'static str,
+    /// Decodes a key and a value with the topic's codecs.
+    pub check: Check,
+}
+
+/// Whether a key and a value decode with a topic's codecs.
+pub(crate) type Check =
+    Arc<dyn Fn(Option<&[u8]>, Option<&[u8]>) -> Result<(), CodecError> + Send + Sync>;
+
+impl Default for Declared {
+    fn default() -> Self {
+        Declared {
+            settings: TopicSettings::default(),
+            key_codec: "Json",
+            value_codec: "Json",
+            check: Arc::new(|_, _| Ok(())),
+        }
+    }
+}
+
+/// The short name of codec type `C`, e.g. `Utf8`.
+fn codec_name<C>() -> &'static str {
+    let full = std::any::type_name::<C>();
+    full.rsplit("::").next().unwrap_or(full)
 }
 
 /// How the app creates a topic it declares, when the topic is missing.
@@ -38,7 +69,7 @@ impl<K, V> Clone for Topic<K, V> {
             name: self.name.clone(),
             key: self.key.clone(),
             value: self.value.clone(),
-            settings: self.settings.clone(),
+            declared: self.declared.clone(),
         }
     }
 }
@@ -49,21 +80,33 @@ impl<K, V> std::fmt::Debug for Topic<K, V> {
     }
 }
 
-impl<K, V> Topic<K, V> {
-    pub(crate) fn json(name: &str, settings: Arc<Mutex<TopicSettings>>) -> Self
+impl<K: 'static, V: 'static> Topic<K, V> {
+    pub(crate) fn json(name: &str, declared: Arc<Mutex<Declared>>) -> Self
     where
         Json: Codec<K> + Codec<V>,
     {
-        Topic {
+        let topic = Topic {
             name: Arc::from(name),
             key: Arc::new(Json),
             value: Arc::new(Json),
-            settings,
-        }
+            declared,
+        };
+        topic.codecs_changed();
+        topic
     }
 
-    fn settings(&self) -> std::sync::MutexGuard<'_, TopicSettings> {
-        self.settings.lock().unwrap_or_else(|e| e.into_inner())
+    fn declared(&self) -> std::sync::MutexGuard<'_, Declared> {
+        self.declared.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Tells the app the codecs now in use (for `APP send` and `APP topics`).
+    fn codecs_changed(&self) {
+        let (key, value) = (self.key.clone(), self.value.clone());
+        self.declared().check = Arc::new(move |k, v| {
+            key.decode(k)?;
+            value.decode(v)?;
+            Ok(())
+        });
     }
 
     /// Creates the topic with `n` partitions (default: the app's).
@@ -77,19 +120,22 @@ impl<K, V> Topic<K, V> {
     /// assert_eq!(orders.name(), "orders");
     /// ```
     pub fn with_partitions(self, n: i32) -> Self {
-        self.settings().partitions = Some(n);
+        self.declared().settings.partitions = Some(n);
         self
     }
 
     /// Creates the topic with each partition on `n` brokers (default: the app's).
     pub fn with_replicas(self, n: i16) -> Self {
-        self.settings().replication = Some(n);
+        self.declared().settings.replication = Some(n);
         self
     }
 
     /// Creates the topic with config `key=value` (e.g. `cleanup.policy`).
     pub fn with_config(self, key: impl Into<String>, value: impl Into<String>) -> Self {
-        self.settings().configs.push((key.into(), value.into()));
+        self.declared()
+            .settings
+            .configs
+            .push((key.into(), value.into()));
         self
     }
 
@@ -99,14 +145,18 @@ impl<K, V> Topic<K, V> {
     }
 
     /// Uses `codec` for keys.
-    pub fn with_key_codec(mut self, codec: impl Codec<K> + 'static) -> Self {
+    pub fn with_key_codec<C: Codec<K> + 'static>(mut self, codec: C) -> Self {
         self.key = Arc::new(codec);
+        self.declared().key_codec = codec_name::<C>();
+        self.codecs_changed();
         self
     }
 
     /// Uses `codec` for values.
-    pub fn with_value_codec(mut self, codec: impl Codec<V> + 'static) -> Self {
+    pub fn with_value_codec<C: Codec<V> + 'static>(mut self, codec: C) -> Self {
         self.value = Arc::new(codec);
+        self.declared().value_codec = codec_name::<C>();
+        self.codecs_changed();
         self
     }
 }

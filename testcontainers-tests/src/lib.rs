@@ -144,13 +144,6 @@ fn kafka_image() -> String {
     std::env::var("STROM_KAFKA_IMAGE").unwrap_or_else(|_| DEFAULT_KAFKA_IMAGE.to_owned())
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or_else(|e| panic!("strom-it: cannot find a free port: {e}"))
-}
-
 /// The container kind `STROM_TEST_BROKER` asks for, or `Err(address)` of an
 /// external broker. Panics, saying why, on a value it does not understand or
 /// when no Docker engine is reachable.
@@ -469,7 +462,17 @@ async fn relay(
 /// lines from `input` (no key), lowercase words, `group_by` word, counts in
 /// table `word-counts`, each new count sent to `output` (key: the word, value:
 /// the count as JSON).
-pub fn wordcount(mut app: strom::App, input: &str, output: &str) -> strom::App {
+pub fn wordcount(app: strom::App, input: &str, output: &str) -> strom::App {
+    wordcount_panicking_on(app, input, output, None)
+}
+
+/// [`wordcount`] whose agent panics on the word `panic_on`, if given.
+pub fn wordcount_panicking_on(
+    mut app: strom::App,
+    input: &str,
+    output: &str,
+    panic_on: Option<&'static str>,
+) -> strom::App {
     use strom::codec::{NoKey, Utf8};
     let sentences = app
         .topic::<(), String>(input)
@@ -486,6 +489,9 @@ pub fn wordcount(mut app: strom::App, input: &str, output: &str) -> strom::App {
         .group_by(|event| event.value.clone(), "words")
         .for_each(move |ctx, event| {
             let (counts, counts_out) = (counts.clone(), counts_out.clone());
+            if panic_on == Some(event.key.as_str()) {
+                panic!("the agent was told to blow up on {:?}", event.key);
+            }
             async move {
                 let n = ctx.update(&counts, &event.key, |n| n + 1).await?;
                 ctx.send(&counts_out, &event.key, &n).await?;
@@ -493,6 +499,25 @@ pub fn wordcount(mut app: strom::App, input: &str, output: &str) -> strom::App {
             }
         });
     app
+}
+
+/// Runs `app` as a worker in this process until the sender fires (or is
+/// dropped); the task panics if the worker fails.
+pub fn spawn_app(
+    app: strom::App,
+) -> (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<()>,
+) {
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        app.run(async {
+            let _ = stopped.await;
+        })
+        .await
+        .unwrap_or_else(|e| panic!("strom-it: worker failed: {e}"));
+    });
+    (stop, task)
 }
 
 /// The last count per word in `topic` (key: UTF-8 word, value: JSON number),
@@ -548,4 +573,146 @@ pub async fn committed(client: &Client, group: &str, topic: &str, partitions: i3
     tps.iter()
         .map(|tp| committed.get(tp).copied().flatten().unwrap_or(-1))
         .collect()
+}
+
+/// A TCP port free on 127.0.0.1 right now (for a worker's web server).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or_else(|e| panic!("strom-it: no free port: {e}"))
+}
+
+/// An HTTP response: status, headers (lower-case names), body.
+#[derive(Debug, Clone)]
+pub struct HttpResponse {
+    /// The status code.
+    pub status: u16,
+    /// Header names (lower case) and values.
+    pub headers: HashMap<String, String>,
+    /// The body as text.
+    pub body: String,
+}
+
+/// `GET url` (`http://host:port/path`) over HTTP/1.1, redirects not followed.
+/// `None` when nothing listens there (yet).
+pub async fn http_get(url: &str) -> Option<HttpResponse> {
+    let rest = url.strip_prefix("http://").unwrap_or(url);
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let path = if path.is_empty() { "/" } else { path };
+    let mut stream = tokio::net::TcpStream::connect(authority).await.ok()?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut raw = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut raw))
+        .await
+        .ok()?
+        .ok()?;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    let mut lines = head.lines();
+    let status = lines.next()?.split_whitespace().nth(1)?.parse().ok()?;
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect::<HashMap<_, _>>();
+    let body = if headers
+        .get("transfer-encoding")
+        .is_some_and(|t| t.eq_ignore_ascii_case("chunked"))
+    {
+        dechunk(body)
+    } else {
+        body.to_owned()
+    };
+    Some(HttpResponse {
+        status,
+        headers,
+        body,
+    })
+}
+
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        body = rest[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+/// The samples of a Prometheus / OpenMetrics text exposition: (name,
+/// labels, value). Panics on a line that is neither a comment nor a
+/// well-formed sample, so a test fails on malformed output.
+pub fn parse_metrics(text: &str) -> Vec<(String, HashMap<String, String>, f64)> {
+    let mut samples = Vec::new();
+    for line in text.lines() {
+        if line.is_empty() || line.starts_with('#') {
+            assert!(
+                line.is_empty()
+                    || line == "# EOF"
+                    || line.starts_with("# HELP ")
+                    || line.starts_with("# TYPE ")
+                    || line.starts_with("# UNIT "),
+                "strom-it: bad comment line in metrics: {line:?}"
+            );
+            continue;
+        }
+        let (series, value) = line
+            .rsplit_once(' ')
+            .unwrap_or_else(|| panic!("strom-it: metric line without a value: {line:?}"));
+        let value: f64 = value
+            .parse()
+            .unwrap_or_else(|_| panic!("strom-it: metric value is not a number: {line:?}"));
+        let (name, labels) = match series.split_once('{') {
+            Some((name, rest)) => {
+                let inner = rest
+                    .strip_suffix('}')
+                    .unwrap_or_else(|| panic!("strom-it: unclosed labels: {line:?}"));
+                let labels = inner
+                    .split(',')
+                    .filter(|l| !l.is_empty())
+                    .map(|l| {
+                        let (k, v) = l
+                            .split_once('=')
+                            .unwrap_or_else(|| panic!("strom-it: bad label in {line:?}"));
+                        let v = v
+                            .strip_prefix('"')
+                            .and_then(|v| v.strip_suffix('"'))
+                            .unwrap_or_else(|| panic!("strom-it: unquoted label in {line:?}"));
+                        (k.to_owned(), v.to_owned())
+                    })
+                    .collect();
+                (name, labels)
+            }
+            None => (series, HashMap::new()),
+        };
+        assert!(
+            !name.is_empty()
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
+            "strom-it: bad metric name in {line:?}"
+        );
+        samples.push((name.to_owned(), labels, value));
+    }
+    samples
+}
+
+/// The sum of metric `name` over the samples whose label `label` is `value`.
+pub fn metric_sum(
+    samples: &[(String, HashMap<String, String>, f64)],
+    name: &str,
+    label: (&str, &str),
+) -> f64 {
+    samples
+        .iter()
+        .filter(|(n, l, _)| n == name && l.get(label.0).map(String::as_str) == Some(label.1))
+        .map(|(_, _, v)| v)
+        .sum()
 }

@@ -12,7 +12,6 @@ use strom_client::consumer::{Consumer, ConsumerConfig, Offset, TopicPartition};
 use strom_client::producer::{Producer, ProducerConfig, ProducerRecord};
 use strom_client::Header;
 use strom_it::{unique_topic, TestBroker};
-use tokio::sync::oneshot;
 
 /// The word count app of `streams/examples/wordcount.rs`, with test names.
 fn wordcount(id: &str, broker: &TestBroker, input: &str, output: &str) -> App {
@@ -36,19 +35,6 @@ fn one_partition_app(id: &str, broker: &TestBroker) -> App {
         .with_session_timeout(Duration::from_secs(6), Duration::from_secs(1))
 }
 
-/// Runs `app` as a worker until the sender fires (or drops).
-fn spawn(app: App) -> (oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
-    let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(async move {
-        app.run(async {
-            let _ = stopped.await;
-        })
-        .await
-        .expect("worker failed");
-    });
-    (stop, task)
-}
-
 /// Two workers count the words of 100,000 sentences (with undecodable lines
 /// mixed in, which are skipped): the last count sent per word and the table
 /// (as its changelog holds it) equal the truth.
@@ -64,7 +50,9 @@ async fn wordcount_app_counts_exactly_and_skips_bad_input() {
 
     let mut workers = vec![];
     for _ in 0..2 {
-        workers.push(spawn(wordcount(&id, &broker, &input, &output)));
+        workers.push(strom_it::spawn_app(wordcount(
+            &id, &broker, &input, &output,
+        )));
     }
     strom_it::wait_for_topic(&client, &input).await;
 
@@ -156,7 +144,7 @@ async fn filter_map_through_enumerate_in_order() {
                 Ok(())
             }
         });
-    let (stop, worker) = spawn(app);
+    let (stop, worker) = strom_it::spawn_app(app);
     strom_it::wait_for_topic(&client, &input).await;
     let producer = Producer::new(client.clone(), ProducerConfig::default()).unwrap();
     for line in ["a", "", "b", "c", "", "d"] {
@@ -240,7 +228,7 @@ async fn take_forward_concurrency_and_sink() {
         }
     });
     app.agent(&fwd).map(|v: u64| v * 10).sink(&out);
-    let (stop, worker) = spawn(app);
+    let (stop, worker) = strom_it::spawn_app(app);
     strom_it::wait_for_topic(&client, &input).await;
 
     let producer = Producer::new(client.clone(), ProducerConfig::default()).unwrap();

@@ -1,0 +1,333 @@
+//! The app binary's command line: `worker`, `send`, `tables`, `agents`,
+//! `topics`, `reset`.
+
+use std::io::{BufRead, Write};
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use strom_client::producer::{Producer, ProducerConfig, ProducerRecord};
+use strom_client::{Client, ClientConfig};
+use strom_state::changelog;
+use tracing::info;
+
+use crate::app::App;
+use crate::error::{Error, Result};
+
+#[derive(Parser)]
+#[command(
+    about = "A Strom stream-processing app",
+    long_about = "A Strom stream-processing app. Run it as `worker` (start more workers with the same \
+                  app id and they share the partitions); the other subcommands inspect what the app \
+                  declares or feed it."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Runs a worker of the app until SIGTERM or SIGINT (a second signal exits at once).
+    Worker {
+        /// Bootstrap brokers, `host:port[,host:port…]` (default: STROM_BROKERS).
+        #[arg(long)]
+        brokers: Option<String>,
+        /// Where tables keep their files (default: STROM_STATE_DIR, else ./strom-state/<app-id>).
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        /// Port of the web server (health, readiness, metrics, table lookups). Default 6066; 0 picks a free one.
+        #[arg(long)]
+        web_port: Option<u16>,
+        /// Address the web server listens on. Default 0.0.0.0.
+        #[arg(long)]
+        web_bind: Option<IpAddr>,
+        /// Host name other workers reach this one at (for table lookup redirects). Default: this machine's host name.
+        #[arg(long)]
+        web_host: Option<String>,
+        /// Runs no web server.
+        #[arg(long)]
+        without_web: bool,
+        /// Log filter, e.g. `info` or `strom_worker=debug`.
+        #[arg(long, default_value = "info")]
+        log_level: String,
+    },
+    /// Sends VALUE (and --key) to TOPIC, checked with the topic's codecs: JSON text for JSON topics, text for UTF-8 ones.
+    Send {
+        /// A topic the app declares.
+        topic: String,
+        /// The record's value, as the topic's codec writes it.
+        value: String,
+        /// The record's key (default: none).
+        #[arg(long)]
+        key: Option<String>,
+        /// The partition (default: by key).
+        #[arg(long)]
+        partition: Option<i32>,
+        /// Sends the record this many times.
+        #[arg(long, default_value_t = 1)]
+        repeat: usize,
+        /// Bootstrap brokers (default: STROM_BROKERS).
+        #[arg(long)]
+        brokers: Option<String>,
+    },
+    /// Lists the app's tables with their changelog topics and partition counts.
+    Tables,
+    /// Lists the app's agents: the topic each reads, what it does, its concurrency and error policy.
+    Agents,
+    /// Lists the topics the app declares and creates, with their settings.
+    Topics,
+    /// Deletes this worker's local table files (nothing in Kafka: the next start rebuilds them from the changelogs).
+    Reset {
+        /// Does not ask for confirmation.
+        #[arg(long)]
+        yes: bool,
+        /// The state directory (default: STROM_STATE_DIR, else ./strom-state/<app-id>).
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+    },
+}
+
+/// Parses the command line and runs the subcommand.
+pub(crate) fn main(app: App) -> ExitCode {
+    let cli = Cli::parse();
+    let log_level = match &cli.command {
+        Command::Worker { log_level, .. } => log_level.clone(),
+        _ => "warn".to_owned(),
+    };
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(log_level))
+        .try_init();
+    let outcome = match cli.command {
+        Command::Worker {
+            brokers,
+            state_dir,
+            web_port,
+            web_bind,
+            web_host,
+            without_web,
+            log_level: _,
+        } => worker(
+            app,
+            brokers,
+            state_dir,
+            web(web_port, web_bind, web_host, without_web),
+        ),
+        Command::Send {
+            topic,
+            value,
+            key,
+            partition,
+            repeat,
+            brokers,
+        } => block_on(send(app, brokers, &topic, key, &value, partition, repeat)),
+        Command::Tables => {
+            tables(&app);
+            Ok(())
+        }
+        Command::Agents => {
+            for line in &app.agents {
+                println!("{line}");
+            }
+            Ok(())
+        }
+        Command::Topics => {
+            topics(&app);
+            Ok(())
+        }
+        Command::Reset { yes, state_dir } => reset(app, yes, state_dir),
+    };
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Where the web server listens (none with `--without-web`) and the URL it
+/// advertises when `--web-host` names one.
+type Web = (Option<SocketAddr>, Option<String>);
+
+fn web(port: Option<u16>, bind: Option<IpAddr>, host: Option<String>, without: bool) -> Web {
+    if without {
+        return (None, None);
+    }
+    let port = port.unwrap_or(6066);
+    let addr = SocketAddr::new(bind.unwrap_or(IpAddr::from([0, 0, 0, 0])), port);
+    (Some(addr), host.map(|h| format!("http://{h}:{port}")))
+}
+
+fn block_on<T>(f: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Error::Config(format!("cannot start the runtime: {e}")))?
+        .block_on(f)
+}
+
+fn brokers(app: App, brokers: Option<String>) -> App {
+    match brokers {
+        Some(b) => app.with_brokers(b.split(',').map(str::trim)),
+        None => app,
+    }
+}
+
+fn worker(
+    app: App,
+    brokers_flag: Option<String>,
+    state_dir: Option<PathBuf>,
+    (listen, url): Web,
+) -> Result<()> {
+    let mut app = brokers(app, brokers_flag);
+    if let Some(d) = state_dir {
+        app = app.with_state_dir(d);
+    }
+    app = app.with_web(listen);
+    if let Some(url) = url {
+        app = app.with_advertised_url(url);
+    }
+    block_on(app.run(shutdown_signal()))
+}
+
+async fn send(
+    app: App,
+    brokers_flag: Option<String>,
+    topic: &str,
+    key: Option<String>,
+    value: &str,
+    partition: Option<i32>,
+    repeat: usize,
+) -> Result<()> {
+    let app = brokers(app, brokers_flag);
+    let Some((_, declared)) = app.topics.iter().find(|(t, _)| t == topic) else {
+        let known: Vec<&str> = app.topics.iter().map(|(t, _)| t.as_str()).collect();
+        return Err(Error::Config(format!(
+            "the app declares no topic {topic:?}; it declares {known:?}"
+        )));
+    };
+    let (check, key_codec) = {
+        let d = declared.lock().unwrap_or_else(|e| e.into_inner());
+        (d.check.clone(), d.key_codec)
+    };
+    if key.is_some() && key_codec == "NoKey" {
+        return Err(Error::Config(format!(
+            "topic {topic:?} has no keys; drop --key"
+        )));
+    }
+    check(key.as_deref().map(str::as_bytes), Some(value.as_bytes())).map_err(|source| {
+        Error::Codec {
+            topic: topic.to_owned(),
+            source,
+        }
+    })?;
+    let client = Client::connect(ClientConfig::new(app.config.brokers.iter().cloned())).await?;
+    let producer = Producer::new(client, ProducerConfig::default())?;
+    let mut deliveries = Vec::with_capacity(repeat);
+    for _ in 0..repeat {
+        let mut record = ProducerRecord::to(topic).value(value.as_bytes());
+        record.key = key.as_deref().map(str::as_bytes);
+        record.partition = partition;
+        deliveries.push(producer.send(record).await?);
+    }
+    producer.flush().await?;
+    for d in deliveries {
+        d.await?;
+    }
+    println!("sent {repeat} record(s) to {topic}");
+    Ok(())
+}
+
+fn tables(app: &App) {
+    let partitions = app.default_partitions();
+    for (table, _) in &app.tables {
+        println!(
+            "{table:<30} changelog={}  partitions={partitions} (as the source topics it is co-partitioned with)",
+            changelog::topic_name(app.id(), table)
+        );
+    }
+}
+
+fn topics(app: &App) {
+    for (topic, declared) in &app.topics {
+        let d = declared.lock().unwrap_or_else(|e| e.into_inner());
+        let partitions = d
+            .settings
+            .partitions
+            .map_or(format!("{} (app default)", app.default_partitions()), |p| {
+                p.to_string()
+            });
+        let replicas = d
+            .settings
+            .replication
+            .map_or(format!("{} (app default)", app.config.replication), |r| {
+                r.to_string()
+            });
+        println!(
+            "{topic:<40} partitions={partitions}  replicas={replicas}  key={}  value={}  configs={:?}",
+            d.key_codec, d.value_codec, d.settings.configs
+        );
+    }
+    for (topic, source) in &app.repartitions {
+        println!("{topic:<40} repartition of {source} (same partition count)");
+    }
+    for (table, _) in &app.tables {
+        println!(
+            "{:<40} changelog of table {table} (compacted)",
+            changelog::topic_name(app.id(), table)
+        );
+    }
+}
+
+fn reset(app: App, yes: bool, state_dir: Option<PathBuf>) -> Result<()> {
+    let app = match state_dir {
+        Some(d) => app.with_state_dir(d),
+        None => app,
+    };
+    let dir = app.config.state_dir.clone();
+    let names: Vec<&str> = app.tables.iter().map(|(t, _)| t.as_str()).collect();
+    if !yes {
+        print!(
+            "Delete the local files of tables {names:?} under {}? Kafka keeps the changelogs. [y/N] ",
+            dir.display()
+        );
+        let _ = std::io::stdout().flush();
+        let mut answer = String::new();
+        std::io::stdin()
+            .lock()
+            .read_line(&mut answer)
+            .map_err(|e| Error::Config(format!("cannot read the answer: {e}")))?;
+        if !matches!(answer.trim(), "y" | "Y" | "yes") {
+            println!("nothing deleted");
+            return Ok(());
+        }
+    }
+    for table in &names {
+        strom_state::reset(&dir, table)?;
+        println!("deleted {}", dir.join(table).display());
+    }
+    Ok(())
+}
+
+/// Resolves on the first SIGTERM or SIGINT; a second one exits the process.
+async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate => {}
+    }
+    info!("stopping: finishing events, flushing tables, committing; a second signal exits at once");
+    tokio::spawn(async {
+        let _ = tokio::signal::ctrl_c().await;
+        std::process::exit(130);
+    });
+}
