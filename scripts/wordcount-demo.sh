@@ -12,11 +12,20 @@ cargo build --release -q -p strom-benches --bin strom-bench
 source scripts/test-broker.sh
 
 state=$(mktemp -d)
-STROM_BROKERS=$brokers STROM_STATE_DIR=$state target/release/examples/wordcount worker --log-level warn &
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+STROM_BROKERS=$brokers STROM_STATE_DIR=$state target/release/examples/wordcount worker \
+  --web-port "$port" --web-bind 127.0.0.1 --web-host 127.0.0.1 --log-level warn &
 worker=$!
 target/release/strom-bench send-lines --brokers "$brokers" --topic sentences <"$text"
 target/release/strom-bench top-counts --brokers "$brokers" --topic word-counts-out \
   --expect-total "$(wc -w <"$text")" --top 10
+# The same table, asked of the worker's web server.
+python3 - "$port" <<'PY'
+import json, sys, urllib.request
+base = f"http://127.0.0.1:{sys.argv[1]}"
+print("ready:", urllib.request.urlopen(base + "/ready").status)
+print("the:", json.load(urllib.request.urlopen(base + "/tables/word-counts/the")))
+PY
 kill -TERM "$worker"
 wait "$worker"
 rm -rf "$state"

@@ -7,6 +7,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use strom::axum::routing::get;
+use strom::axum::Router;
 use strom::codec::Utf8;
 use strom::{App, ErrorPolicy, StoreKind};
 use strom_client::consumer::{Consumer, ConsumerConfig, Offset, TopicPartition};
@@ -230,6 +232,28 @@ async fn web_tables_redirect_readiness_and_metrics() {
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    let samples = metrics(pc).await;
+    assert!(
+        metric_sum(
+            &samples,
+            "strom_recovery_replayed",
+            ("table", "word-counts")
+        ) > 0.0,
+        "worker c replayed nothing into its in-memory tables"
+    );
+    assert!(
+        samples
+            .iter()
+            .any(|(n, l, _)| n == "strom_partition_ready" && l.contains_key("partition")),
+        "no partition readiness"
+    );
+    eventually("consumer lag reported", || async {
+        metrics(pc)
+            .await
+            .iter()
+            .any(|(n, l, _)| n == "strom_consumer_lag" && l.get("topic") == Some(&input))
+    })
+    .await;
     for w in [c, b, a] {
         stop(w).await;
     }
@@ -247,8 +271,9 @@ async fn dead_letters_keep_bad_input_and_the_worker_going() {
         unique_topic("dlq-dead"),
     );
     let port = free_port();
-    let mut app =
-        app(&id, &broker, port, 1).with_error_policy(ErrorPolicy::DeadLetter(dead.clone()));
+    let mut app = app(&id, &broker, port, 1)
+        .with_error_policy(ErrorPolicy::DeadLetter(dead.clone()))
+        .page(Router::new().route("/hello", get(|| async { "hello from the app" })));
     let numbers = app.topic::<String, u64>(&input).with_key_codec(Utf8);
     let (count, sum) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     app.agent(&numbers).for_each({
@@ -320,6 +345,13 @@ async fn dead_letters_keep_bad_input_and_the_worker_going() {
         );
     }
     assert_eq!(letters, bad);
+    let page = http_get(&format!("http://127.0.0.1:{port}/hello"))
+        .await
+        .unwrap();
+    assert_eq!(
+        (page.status, page.body.as_str()),
+        (200, "hello from the app")
+    );
     let samples = metrics(port).await;
     assert_eq!(
         metric_sum(&samples, "strom_dead_lettered_total", ("topic", &input)),
@@ -445,4 +477,77 @@ async fn leader_timer_runs_once_and_moves() {
     })
     .await;
     stop(workers[other].take().unwrap()).await;
+}
+
+/// Under the retry policy an agent that fails twice on an event gets it a
+/// third time and succeeds; one that keeps failing is skipped after its
+/// retries, and the events after it are processed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_policy_retries_then_skips() {
+    let broker = TestBroker::start().await;
+    let client = broker.client().await;
+    let (id, input) = (unique_topic("retry"), unique_topic("retry-in"));
+    let port = free_port();
+    let mut app = app(&id, &broker, port, 1);
+    let numbers = app.topic::<String, u64>(&input).with_key_codec(Utf8);
+    let attempts: Arc<Mutex<BTreeMap<u64, u32>>> = Arc::default();
+    let done: Arc<Mutex<Vec<u64>>> = Arc::default();
+    app.agent(&numbers)
+        .on_error(ErrorPolicy::Retry {
+            attempts: 3,
+            backoff: Duration::from_millis(20),
+        })
+        .for_each({
+            let (attempts, done) = (attempts.clone(), done.clone());
+            move |_ctx, e| {
+                let tries = {
+                    let mut a = attempts.lock().unwrap();
+                    let n = a.entry(e.value).or_default();
+                    *n += 1;
+                    *n
+                };
+                let done = done.clone();
+                async move {
+                    // 7 fails twice then works; 9 never works.
+                    if (e.value == 7 && tries <= 2) || e.value == 9 {
+                        return Err(format!("{} failed on try {tries}", e.value).into());
+                    }
+                    done.lock().unwrap().push(e.value);
+                    Ok(())
+                }
+            }
+        });
+    let worker = strom_it::spawn_app(app);
+    strom_it::wait_for_topic(&client, &input).await;
+    let producer = Producer::new(client.clone(), ProducerConfig::default()).unwrap();
+    for i in 5..=11u64 {
+        producer
+            .send(
+                ProducerRecord::to(&input)
+                    .key(b"k")
+                    .value(i.to_string().as_bytes()),
+            )
+            .await
+            .unwrap();
+    }
+    producer.flush().await.unwrap();
+    eventually("every event but 9 done", || async {
+        done.lock().unwrap().len() == 6
+    })
+    .await;
+    assert_eq!(*done.lock().unwrap(), [5, 6, 7, 8, 10, 11], "order or set");
+    let attempts = attempts.lock().unwrap().clone();
+    assert_eq!(
+        attempts.get(&7),
+        Some(&3),
+        "7 was tried {:?} times",
+        attempts.get(&7)
+    );
+    assert_eq!(attempts.get(&9), Some(&4), "9: one try and three retries");
+    let samples = metrics(port).await;
+    assert_eq!(
+        metric_sum(&samples, "strom_agent_errors_total", ("topic", &input)),
+        6.0
+    );
+    stop(worker).await;
 }

@@ -191,7 +191,12 @@ async fn take_forward_concurrency_and_sink() {
     let mut app = one_partition_app(&id, &broker);
     let numbers = app.topic::<String, u64>(&input).with_key_codec(Utf8);
     let fwd = app.topic::<String, u64>(&forwarded).with_key_codec(Utf8);
-    let out = app.topic::<String, u64>(&sunk).with_key_codec(Utf8);
+    let out = app
+        .topic::<String, u64>(&sunk)
+        .with_key_codec(Utf8)
+        .with_partitions(2)
+        .with_replicas(1)
+        .with_config("cleanup.policy", "delete");
     let batches: Arc<Mutex<Vec<usize>>> = Arc::default();
     app.agent(&numbers)
         .take(10, Duration::from_millis(700))
@@ -242,9 +247,11 @@ async fn take_forward_concurrency_and_sink() {
     producer.flush().await.unwrap();
 
     strom_it::wait_for_topic(&client, &sunk).await;
+    let created = client.topic_metadata(&sunk).await.unwrap().partitions.len();
+    assert_eq!(created, 2, "the declared partition count was not used");
     let mut consumer = Consumer::new(client.clone(), ConsumerConfig::default());
     consumer
-        .assign([(TopicPartition::new(&sunk, 0), Offset::Earliest)])
+        .assign((0..2).map(|p| (TopicPartition::new(&sunk, p), Offset::Earliest)))
         .unwrap();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     let mut got = vec![];
