@@ -55,8 +55,7 @@ impl Ctx {
         key: &K,
     ) -> Result<V> {
         let bytes = key.encode_key();
-        let stored = self.inner.table(&table.name).await?.get(&bytes)?;
-        self.inner.metrics().table_read(&table.name);
+        let stored = self.inner.get(&table.name, &bytes).await?;
         match stored {
             Some(v) => serde_json::from_slice(&v).map_err(|e| value_error(&table.name, e)),
             None => Ok((table.default)()),
@@ -73,12 +72,7 @@ impl Ctx {
     ) -> Result<()> {
         let bytes = self.check_partition(&table.name, key)?;
         let value = serde_json::to_vec(value).map_err(|e| value_error(&table.name, e))?;
-        self.inner
-            .table(&table.name)
-            .await?
-            .put(bytes, value)
-            .await?;
-        self.inner.metrics().table_write(&table.name);
+        self.inner.put(&table.name, bytes, value).await?;
         Ok(())
     }
 
@@ -97,8 +91,7 @@ impl Ctx {
     /// Deletes `key` from `table`.
     pub async fn delete<K: TableKey, V>(&self, table: &Table<K, V>, key: &K) -> Result<()> {
         let bytes = self.check_partition(&table.name, key)?;
-        self.inner.table(&table.name).await?.delete(bytes).await?;
-        self.inner.metrics().table_write(&table.name);
+        self.inner.delete(&table.name, bytes).await?;
         Ok(())
     }
 

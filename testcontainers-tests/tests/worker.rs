@@ -93,7 +93,7 @@ fn worker(broker: &TestBroker, app: &App, n: usize, standbys: usize) -> (Worker,
     config.commit_interval = Duration::from_millis(200);
     config.standby_replicas = standbys;
     // Small, so fetching pauses and resumes all through these tests.
-    config.max_buffered = 300;
+    config.max_buffered_bytes = 20_000;
     let dir = config.state_dir.clone();
     let worker = Worker::new(config)
         .table("counts")

@@ -124,9 +124,10 @@ pub struct WorkerConfig {
     pub session_timeout: Duration,
     /// Group heartbeat interval. Default 3 s.
     pub heartbeat_interval: Duration,
-    /// Fetched records waiting per partition number before its fetches pause;
-    /// they resume when half of them are processed. Default 20,000.
-    pub max_buffered: usize,
+    /// Bytes of fetched records (keys, values, headers, plus 64 per record)
+    /// waiting per partition number before its fetches pause; they resume
+    /// when half of that is processed. Default 4 MiB.
+    pub max_buffered_bytes: usize,
 }
 
 impl WorkerConfig {
@@ -150,7 +151,7 @@ impl WorkerConfig {
             commit_interval: Duration::from_secs(1),
             session_timeout: Duration::from_secs(10),
             heartbeat_interval: Duration::from_secs(3),
-            max_buffered: 20_000,
+            max_buffered_bytes: 4 * 1024 * 1024,
         }
     }
 }
@@ -338,7 +339,7 @@ impl Worker {
         let runtime = Arc::new(Runtime {
             spec,
             standbys: Mutex::new(HashMap::new()),
-            max_buffered: config.max_buffered.max(1),
+            max_buffered: config.max_buffered_bytes.max(1),
             drained: Arc::new(Notify::new()),
             tasks: Mutex::new(HashMap::new()),
             commits: tokio::sync::Mutex::new(()),
@@ -457,7 +458,7 @@ struct Task {
 /// group listener, fed by the poll loop.
 struct Runtime {
     spec: Arc<Spec>,
-    /// Records waiting per partition number before its fetches pause.
+    /// Bytes of records waiting per partition number before its fetches pause.
     max_buffered: usize,
     /// Notified when a partition task's queue drains below half the bound.
     drained: Arc<Notify>,

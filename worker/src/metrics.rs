@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
-use prometheus_client::metrics::counter::Counter;
+pub(crate) use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
@@ -62,8 +62,8 @@ fn latency() -> Histogram {
 ///
 /// ```
 /// let metrics = strom_worker::Metrics::default();
-/// metrics.event_in("orders", 0);
-/// assert!(metrics.render().contains("strom_events_in_total{topic=\"orders\",partition=\"0\"} 1"));
+/// metrics.rebalanced();
+/// assert!(metrics.render().contains("strom_rebalances_total 1"));
 /// ```
 #[derive(Clone)]
 pub struct Metrics {
@@ -87,6 +87,17 @@ struct Inner {
     decode_errors: Family<TopicLabels, Counter>,
     agent_errors: Family<TopicLabels, Counter>,
     dead_lettered: Family<TopicLabels, Counter>,
+}
+
+/// The per-event metrics of one topic partition, resolved once by the
+/// partition task.
+#[derive(Debug, Clone)]
+pub(crate) struct EventMeters {
+    pub events_in: Counter,
+    pub processing: Histogram,
+    pub decode_errors: Counter,
+    pub agent_errors: Counter,
+    pub dead_lettered: Counter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -201,28 +212,37 @@ impl Metrics {
         out
     }
 
-    /// An event of `topic`/`partition` was handed to an agent.
-    pub fn event_in(&self, topic: &str, partition: i32) {
+    /// The counter of records sent to `topic` (a handle: count with `inc`).
+    pub(crate) fn events_out(&self, topic: &str) -> Counter {
         self.inner
-            .events_in
-            .get_or_create(&PartitionLabels {
+            .events_out
+            .get_or_create_owned(&self::topic(topic))
+    }
+
+    /// The read and write counters of `table`.
+    pub(crate) fn table_counters(&self, table: &str) -> (Counter, Counter) {
+        let labels = TableLabels {
+            table: table.to_owned(),
+        };
+        (
+            self.inner.table_reads.get_or_create_owned(&labels),
+            self.inner.table_writes.get_or_create_owned(&labels),
+        )
+    }
+
+    /// The per-event handles of `topic`/`partition`.
+    pub(crate) fn event_meters(&self, topic: &str, partition: i32) -> EventMeters {
+        let of = self::topic(topic);
+        EventMeters {
+            events_in: self.inner.events_in.get_or_create_owned(&PartitionLabels {
                 topic: topic.to_owned(),
                 partition,
-            })
-            .inc();
-    }
-
-    /// An agent sent a record to `topic`.
-    pub fn event_out(&self, to: &str) {
-        self.inner.events_out.get_or_create(&topic(to)).inc();
-    }
-
-    /// Processing one event of `topic` took `took`.
-    pub fn processed(&self, of: &str, took: Duration) {
-        self.inner
-            .processing
-            .get_or_create(&topic(of))
-            .observe(took.as_secs_f64());
+            }),
+            processing: self.inner.processing.get_or_create_owned(&of),
+            decode_errors: self.inner.decode_errors.get_or_create_owned(&of),
+            agent_errors: self.inner.agent_errors.get_or_create_owned(&of),
+            dead_lettered: self.inner.dead_lettered.get_or_create_owned(&of),
+        }
     }
 
     /// The lag of `topic`/`partition` is `lag` records.
@@ -282,40 +302,5 @@ impl Metrics {
     /// Forgets a partition number this worker no longer owns.
     pub fn forget_partition(&self, partition: i32) {
         self.inner.ready.remove(&NumberLabels { partition });
-    }
-
-    /// A read of `table`.
-    pub fn table_read(&self, table: &str) {
-        self.inner
-            .table_reads
-            .get_or_create(&TableLabels {
-                table: table.to_owned(),
-            })
-            .inc();
-    }
-
-    /// A write (set or delete) of `table`.
-    pub fn table_write(&self, table: &str) {
-        self.inner
-            .table_writes
-            .get_or_create(&TableLabels {
-                table: table.to_owned(),
-            })
-            .inc();
-    }
-
-    /// An event of `topic` did not decode.
-    pub fn decode_error(&self, of: &str) {
-        self.inner.decode_errors.get_or_create(&topic(of)).inc();
-    }
-
-    /// An agent failed on an event of `topic`.
-    pub fn agent_error(&self, of: &str) {
-        self.inner.agent_errors.get_or_create(&topic(of)).inc();
-    }
-
-    /// An event of `topic` went to its dead-letter topic.
-    pub fn dead_lettered(&self, of: &str) {
-        self.inner.dead_lettered.get_or_create(&topic(of)).inc();
     }
 }

@@ -20,9 +20,9 @@ use tokio::time::{sleep_until, Instant};
 use tracing::{info, warn};
 
 use crate::error::WorkerError;
-use crate::metrics::Metrics;
+use crate::metrics::{EventMeters, Metrics};
 use crate::policy;
-use crate::processor::{Context, ErrorPolicy, PartitionState, Processor};
+use crate::processor::{Context, ErrorPolicy, Processor};
 use crate::StoreKind;
 
 /// Next offsets to commit: everything before them is processed and acknowledged.
@@ -118,9 +118,9 @@ pub(crate) struct Inbox {
 }
 
 impl Inbox {
-    /// Queues fetched records; returns how many records now wait.
+    /// Queues fetched records; returns how many bytes of records now wait.
     pub fn records(&self, records: Vec<ConsumerRecord>) -> usize {
-        let n = records.len();
+        let n = buffered_bytes(&records);
         let queued = self.queued.fetch_add(n, Ordering::AcqRel) + n;
         if self.tx.send(Msg::Records(records)).is_err() {
             self.queued.fetch_sub(n, Ordering::AcqRel);
@@ -128,7 +128,7 @@ impl Inbox {
         queued
     }
 
-    /// Records queued and not yet taken by the task.
+    /// Bytes of records queued and not yet taken by the task.
     pub fn queued(&self) -> usize {
         self.queued.load(Ordering::Acquire)
     }
@@ -175,7 +175,25 @@ pub(crate) fn start(
     (inbox, task)
 }
 
-/// The task's side of the queued-records count.
+/// What `records` cost in memory, roughly: their keys, values and headers
+/// plus a fixed overhead per record.
+fn buffered_bytes(records: &[ConsumerRecord]) -> usize {
+    records
+        .iter()
+        .map(|r| {
+            let fields =
+                r.key.as_ref().map_or(0, |k| k.len()) + r.value.as_ref().map_or(0, |v| v.len());
+            let headers: usize = r
+                .headers
+                .iter()
+                .map(|h| h.key.len() + h.value.as_ref().map_or(0, |v| v.len()))
+                .sum();
+            fields + headers + 64
+        })
+        .sum()
+}
+
+/// The task's side of the queued-bytes count.
 struct Backlog {
     queued: Arc<AtomicUsize>,
     low: usize,
@@ -209,6 +227,9 @@ impl Progress {
     }
 }
 
+/// The agents of a topic and its per-event metric handles.
+type Route = (Arc<[usize]>, Arc<EventMeters>);
+
 /// An event processed on its own task (a processor with concurrency > 1).
 struct Running {
     tp: TopicPartition,
@@ -224,6 +245,9 @@ struct Partition {
     running: HashMap<tokio::task::Id, Running>,
     /// Events running per processor.
     load: Vec<usize>,
+    /// Per topic: its agents (indexes into the processors) and its per-event
+    /// metric handles.
+    routes: HashMap<Arc<str>, Route>,
 }
 
 async fn run(
@@ -259,16 +283,13 @@ async fn run(
     for p in &spec.processors {
         p.reset(partition);
     }
-    let ctx = Context {
+    let ctx = Context::new(
         partition,
-        partitions: spec.partitions,
-        state: Arc::new(tokio::sync::Mutex::new(PartitionState {
-            tables,
-            deliveries: Vec::new(),
-        })),
-        producer: spec.producer.clone(),
-        metrics: spec.metrics.clone(),
-    };
+        spec.partitions,
+        tables,
+        spec.producer.clone(),
+        spec.metrics.clone(),
+    );
     let _ = ready.set(ctx.clone());
     spec.metrics.partition_ready(partition, true);
     let mut task = Partition {
@@ -278,6 +299,7 @@ async fn run(
         progress: BTreeMap::new(),
         tasks: JoinSet::new(),
         running: HashMap::new(),
+        routes: HashMap::new(),
     };
     loop {
         let deadline = task.deadline();
@@ -285,9 +307,10 @@ async fn run(
             msg = rx.recv() => match msg {
                 None => return Ok(()),
                 Some(Msg::Records(records)) => {
-                    let n = records.len();
+                    let n = buffered_bytes(&records);
+                    let mut started = Instant::now();
                     for record in records {
-                        task.process(record).await?;
+                        started = task.process(record, started).await?;
                     }
                     backlog.taken(n);
                 }
@@ -312,17 +335,38 @@ async fn run(
 impl Partition {
     /// Hands one event to each processor of its topic: inline when it keeps
     /// order, else on its own task once the processor has room.
-    async fn process(&mut self, record: ConsumerRecord) -> Result<(), WorkerError> {
-        let tp = TopicPartition::new(&record.topic, record.partition);
+    ///
+    /// `started` is when the previous inline event ended (one clock read per
+    /// event); returns when this one ended.
+    async fn process(
+        &mut self,
+        record: ConsumerRecord,
+        mut started: Instant,
+    ) -> Result<Instant, WorkerError> {
+        let tp = TopicPartition {
+            topic: record.topic.clone(),
+            partition: record.partition,
+        };
         let offset = record.offset;
         let spec = self.spec.clone();
-        let agents = spec
-            .by_topic
-            .get(&*record.topic)
-            .map_or(&[][..], Vec::as_slice);
-        if agents.is_empty() {
-            warn!(topic = %tp.topic, "no agent for this topic; event skipped");
-        }
+        let route = match self.routes.get(&*tp.topic) {
+            Some(r) => r.clone(),
+            None => {
+                let agents: Arc<[usize]> = spec
+                    .by_topic
+                    .get(&*tp.topic)
+                    .map_or_else(Vec::new, Clone::clone)
+                    .into();
+                if agents.is_empty() {
+                    warn!(topic = %tp.topic, "no agent for this topic; its events are skipped");
+                }
+                let meters = Arc::new(spec.metrics.event_meters(&tp.topic, tp.partition));
+                self.routes
+                    .insert(tp.topic.clone(), (agents.clone(), meters.clone()));
+                (agents, meters)
+            }
+        };
+        let (agents, meters) = (&*route.0, &route.1);
         let mut record = Some(record);
         for (i, &index) in agents.iter().enumerate() {
             let record = if i + 1 == agents.len() {
@@ -335,16 +379,20 @@ impl Partition {
             let concurrency = p.concurrency();
             if concurrency <= 1 {
                 let policy = p.error_policy().unwrap_or(&spec.on_error);
-                policy::handle(p.clone(), policy, self.ctx.clone(), record).await?;
+                started =
+                    policy::handle(p.clone(), policy, self.ctx.clone(), record, meters, started)
+                        .await?;
                 continue;
             }
             while self.load[index] >= concurrency {
                 self.finish_one().await;
             }
-            let (ctx, spec) = (self.ctx.clone(), spec.clone());
+            let (ctx, spec, meters) = (self.ctx.clone(), spec.clone(), meters.clone());
             let handle = self.tasks.spawn(async move {
                 let policy = p.error_policy().unwrap_or(&spec.on_error);
-                policy::handle(p.clone(), policy, ctx, record).await
+                policy::handle(p.clone(), policy, ctx, record, &meters, Instant::now())
+                    .await
+                    .map(drop)
             });
             self.load[index] += 1;
             *self
@@ -364,7 +412,7 @@ impl Partition {
             );
         }
         self.progress.entry(tp).or_default().next = offset + 1;
-        Ok(())
+        Ok(started)
     }
 
     /// Waits for one concurrently processed event; false when none runs.
@@ -411,7 +459,7 @@ impl Partition {
         self.spec
             .processors
             .iter()
-            .filter_map(|p| p.deadline(self.ctx.partition))
+            .filter_map(|p| p.deadline(self.ctx.partition()))
             .min()
     }
 
@@ -421,7 +469,7 @@ impl Partition {
             .spec
             .processors
             .iter()
-            .filter(|p| p.deadline(self.ctx.partition).is_some_and(|d| d <= now))
+            .filter(|p| p.deadline(self.ctx.partition()).is_some_and(|d| d <= now))
             .cloned()
             .collect();
         for p in due {
@@ -437,8 +485,12 @@ impl Partition {
         let Err(e) = p.flush(self.ctx.clone()).await else {
             return Ok(());
         };
-        let partition = self.ctx.partition;
-        self.spec.metrics.agent_error(p.topic());
+        let partition = self.ctx.partition();
+        self.spec
+            .metrics
+            .event_meters(p.topic(), partition)
+            .agent_errors
+            .inc();
         if p.error_policy().unwrap_or(&self.spec.on_error) == &ErrorPolicy::Stop {
             let offset = p.held_from(partition).unwrap_or(-1);
             return Err(WorkerError::Agent {
@@ -464,7 +516,7 @@ impl Partition {
     /// every other record sent, and returns the offsets that may now be
     /// committed: below the first event still running or held back.
     async fn checkpoint(&mut self, durability: Durability) -> Result<Offsets, WorkerError> {
-        let partition = self.ctx.partition;
+        let partition = self.ctx.partition();
         let offsets = self
             .progress
             .iter()
@@ -536,16 +588,16 @@ async fn recover_reporting(
 /// Flushes the tables (waiting for their changelog records) and waits for
 /// every other record sent.
 async fn flush_outputs(ctx: &Context, durability: Durability) -> Result<(), WorkerError> {
-    let mut state = ctx.state.lock().await;
+    let mut state = ctx.state().await;
     for table in state.tables.values_mut() {
-        table.flush(durability).await?;
+        table.store.flush(durability).await?;
     }
     if !state.deliveries.is_empty() {
-        ctx.producer.flush().await?;
+        ctx.producer().flush().await?;
         for d in state.deliveries.drain(..) {
             if let Some(Err(source)) = d.try_result() {
                 return Err(WorkerError::Delivery {
-                    partition: ctx.partition,
+                    partition: ctx.partition(),
                     source,
                 });
             }

@@ -7,7 +7,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context as TaskContext, Poll};
-use std::time::Instant;
+use tokio::time::Instant;
 
 use strom_client::consumer::ConsumerRecord;
 use strom_client::producer::ProducerRecord;
@@ -15,49 +15,66 @@ use strom_client::Header;
 use tracing::warn;
 
 use crate::error::WorkerError;
+use crate::metrics::EventMeters;
 use crate::processor::{AgentError, Context, DecodeError, ErrorPolicy, ProcessFuture, Processor};
 
-/// Processes `record` with `p` under `policy`. `Err` only when the policy is
+/// Processes `record` with `p` under `policy`, counting its time from
+/// `started`; returns when it ended. `Err` only when the policy is
 /// [`ErrorPolicy::Stop`] (or a dead letter cannot be sent): the worker stops.
 pub(crate) async fn handle(
     p: Arc<dyn Processor>,
     policy: &ErrorPolicy,
     ctx: Context,
     record: ConsumerRecord,
-) -> Result<(), WorkerError> {
-    let started = Instant::now();
-    let metrics = ctx.metrics.clone();
-    metrics.event_in(&record.topic, record.partition);
+    meters: &EventMeters,
+    started: Instant,
+) -> Result<Instant, WorkerError> {
+    meters.events_in.inc();
+    let (topic, partition, offset) = (record.topic.clone(), record.partition, record.offset);
+    // The record itself is needed after a failure only to retry or
+    // dead-letter it: copy it (cheap handles) only then.
+    let keep = matches!(
+        policy,
+        ErrorPolicy::Retry { .. } | ErrorPolicy::DeadLetter(_)
+    );
+    let spare = keep.then(|| record.clone());
     let mut attempt = 0u32;
+    let mut this = record;
     let error = loop {
-        let Err(e) = guarded(&*p, ctx.clone(), record.clone()).await else {
-            metrics.processed(&record.topic, started.elapsed());
-            return Ok(());
+        let Err(e) = guarded(&*p, ctx.clone(), this).await else {
+            let ended = Instant::now();
+            meters.processing.observe((ended - started).as_secs_f64());
+            return Ok(ended);
         };
         let undecodable = e.is::<DecodeError>();
         if undecodable {
-            metrics.decode_error(&record.topic);
+            meters.decode_errors.inc();
         } else {
-            metrics.agent_error(&record.topic);
+            meters.agent_errors.inc();
         }
-        match policy {
-            ErrorPolicy::Retry { attempts, backoff } if !undecodable && attempt < *attempts => {
+        match (policy, &spare) {
+            (ErrorPolicy::Retry { attempts, backoff }, Some(spare))
+                if !undecodable && attempt < *attempts =>
+            {
                 let wait = backoff.saturating_mul(1 << attempt.min(16));
                 attempt += 1;
-                warn!(topic = %record.topic, partition = record.partition, offset = record.offset,
-                    error = %e, attempt, ?wait, "agent failed on an event; retrying");
+                warn!(%topic, partition, offset, error = %e, attempt, ?wait,
+                    "agent failed on an event; retrying");
                 tokio::time::sleep(wait).await;
+                this = spare.clone();
             }
             _ => break e,
         }
     };
-    let (topic, partition, offset) = (&*record.topic, record.partition, record.offset);
-    match policy {
-        ErrorPolicy::Skip | ErrorPolicy::Retry { .. } => {
-            warn!(topic, partition, offset, error = %error, "event skipped");
-            Ok(())
-        }
-        ErrorPolicy::DeadLetter(to) => {
+    let topic = &*topic;
+    match (policy, spare) {
+        (ErrorPolicy::Stop, _) => Err(WorkerError::Agent {
+            topic: topic.to_owned(),
+            partition,
+            offset,
+            error: error.to_string(),
+        }),
+        (ErrorPolicy::DeadLetter(to), Some(record)) => {
             let mut headers = record.headers.clone();
             headers.extend([
                 Header::new("strom.error.topic", topic.to_owned()),
@@ -71,16 +88,14 @@ pub(crate) async fn handle(
             letter.headers = &headers;
             letter.timestamp = Some(record.timestamp);
             ctx.send(letter).await?;
-            metrics.dead_lettered(topic);
+            meters.dead_lettered.inc();
             warn!(topic, partition, offset, error = %error, dead_letter_topic = %to, "event sent to the dead-letter topic");
-            Ok(())
+            Ok(Instant::now())
         }
-        ErrorPolicy::Stop => Err(WorkerError::Agent {
-            topic: topic.to_owned(),
-            partition,
-            offset,
-            error: error.to_string(),
-        }),
+        _ => {
+            warn!(topic, partition, offset, error = %error, "event skipped");
+            Ok(Instant::now())
+        }
     }
 }
 

@@ -1,7 +1,7 @@
 //! What the runtime runs: processors (the streams crate's agents, compiled down
 //! to bytes) and the context they run in.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -12,7 +12,7 @@ use strom_state::LoggedStore;
 use tokio::sync::{MappedMutexGuard, Mutex, MutexGuard};
 
 use crate::error::WorkerError;
-use crate::metrics::Metrics;
+use crate::metrics::{Counter, Metrics};
 
 /// What an agent's failure looks like to the runtime.
 pub type AgentError = Box<dyn std::error::Error + Send + Sync>;
@@ -104,11 +104,21 @@ pub trait Processor: Send + Sync {
     fn reset(&self, _partition: i32) {}
 }
 
+/// One table of a partition with its access counters.
+#[derive(Debug)]
+pub(crate) struct TableSlot {
+    pub store: LoggedStore,
+    pub reads: Counter,
+    pub writes: Counter,
+}
+
 /// The tables and pending sends of one partition.
 #[derive(Debug)]
 pub(crate) struct PartitionState {
-    pub tables: BTreeMap<String, LoggedStore>,
+    pub tables: BTreeMap<String, TableSlot>,
     pub deliveries: Vec<DeliveryFuture>,
+    /// Records sent, by topic.
+    pub sent: HashMap<String, Counter>,
 }
 
 /// What a processor sees while it handles an event of one partition: that
@@ -118,45 +128,131 @@ pub(crate) struct PartitionState {
 /// A cheap handle: clone it into the futures an agent spawns.
 #[derive(Debug, Clone)]
 pub struct Context {
-    pub(crate) partition: i32,
-    pub(crate) partitions: usize,
-    pub(crate) state: Arc<Mutex<PartitionState>>,
-    pub(crate) producer: Producer,
-    pub(crate) metrics: Metrics,
+    inner: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    partition: i32,
+    partitions: usize,
+    state: Mutex<PartitionState>,
+    producer: Producer,
+    metrics: Metrics,
 }
 
 impl Context {
+    pub(crate) fn new(
+        partition: i32,
+        partitions: usize,
+        tables: BTreeMap<String, LoggedStore>,
+        producer: Producer,
+        metrics: Metrics,
+    ) -> Context {
+        let tables = tables
+            .into_iter()
+            .map(|(name, store)| {
+                let (reads, writes) = metrics.table_counters(&name);
+                (
+                    name,
+                    TableSlot {
+                        store,
+                        reads,
+                        writes,
+                    },
+                )
+            })
+            .collect();
+        Context {
+            inner: Arc::new(Shared {
+                partition,
+                partitions,
+                state: Mutex::new(PartitionState {
+                    tables,
+                    deliveries: Vec::new(),
+                    sent: HashMap::new(),
+                }),
+                producer,
+                metrics,
+            }),
+        }
+    }
+
     /// The partition being processed.
     pub fn partition(&self) -> i32 {
-        self.partition
+        self.inner.partition
     }
 
     /// The partition count of the source topics (and the tables).
     pub fn partitions(&self) -> usize {
-        self.partitions
+        self.inner.partitions
     }
 
-    /// The worker's metrics (e.g. to count table reads and writes).
-    pub fn metrics(&self) -> &Metrics {
-        &self.metrics
+    pub(crate) fn producer(&self) -> &Producer {
+        &self.inner.producer
     }
 
-    /// This partition of table `name`, locked for the caller.
+    pub(crate) async fn state(&self) -> MutexGuard<'_, PartitionState> {
+        self.inner.state.lock().await
+    }
+
+    /// This partition of table `name`, locked for the caller (reads and
+    /// writes through it are not counted in the metrics; [`Context::get`],
+    /// [`Context::put`] and [`Context::delete`] are).
     pub async fn table(
         &self,
         name: &str,
     ) -> Result<MappedMutexGuard<'_, LoggedStore>, WorkerError> {
-        MutexGuard::try_map(self.state.lock().await, |s| s.tables.get_mut(name))
-            .map_err(|_| WorkerError::Config(format!("no table named {name:?} is declared")))
+        MutexGuard::try_map(self.state().await, |s| {
+            s.tables.get_mut(name).map(|t| &mut t.store)
+        })
+        .map_err(|_| no_table(name))
+    }
+
+    /// The value of `key` in this partition of table `name`.
+    pub async fn get(&self, name: &str, key: &[u8]) -> Result<Option<Vec<u8>>, WorkerError> {
+        let state = self.state().await;
+        let table = state.tables.get(name).ok_or_else(|| no_table(name))?;
+        table.reads.inc();
+        Ok(table.store.get(key)?)
+    }
+
+    /// Sets `key` to `value` in this partition of table `name`.
+    pub async fn put(&self, name: &str, key: Vec<u8>, value: Vec<u8>) -> Result<(), WorkerError> {
+        let mut state = self.state().await;
+        let table = state.tables.get_mut(name).ok_or_else(|| no_table(name))?;
+        table.writes.inc();
+        Ok(table.store.put(key, value).await?)
+    }
+
+    /// Deletes `key` from this partition of table `name`.
+    pub async fn delete(&self, name: &str, key: Vec<u8>) -> Result<(), WorkerError> {
+        let mut state = self.state().await;
+        let table = state.tables.get_mut(name).ok_or_else(|| no_table(name))?;
+        table.writes.inc();
+        Ok(table.store.delete(key).await?)
     }
 
     /// Sends a record; its acknowledgement is awaited before the current
     /// event's offset is committed.
     pub async fn send(&self, record: ProducerRecord<'_>) -> Result<(), WorkerError> {
         let topic = record.topic;
-        let delivery = self.producer.send(record).await?;
-        self.metrics.event_out(topic);
-        self.state.lock().await.deliveries.push(delivery);
+        let delivery = self.inner.producer.send(record).await?;
+        let mut state = self.state().await;
+        match state.sent.get(topic) {
+            Some(c) => {
+                c.inc();
+            }
+            None => {
+                let c = self.inner.metrics.events_out(topic);
+                c.inc();
+                state.sent.insert(topic.to_owned(), c);
+            }
+        }
+        state.deliveries.push(delivery);
         Ok(())
     }
+}
+
+fn no_table(name: &str) -> WorkerError {
+    WorkerError::Config(format!("no table named {name:?} is declared"))
 }

@@ -150,7 +150,6 @@ async fn table_value(
         Ok(t) => t.get(&key_bytes),
         Err(e) => return error(StatusCode::NOT_FOUND, e.to_string()),
     };
-    web.metrics.table_read(&table);
     match stored {
         Ok(Some(bytes)) => match serde_json::from_slice::<serde_json::Value>(&bytes) {
             Ok(value) => Json(value).into_response(),
