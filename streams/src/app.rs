@@ -51,7 +51,7 @@ pub struct App {
     pub(crate) repartitions: Vec<(String, String)>,
     pub(crate) tables: Vec<(String, KeyParser)>,
     pub(crate) processors: Vec<Arc<dyn Processor>>,
-    /// What each processor is, for `APP agents`.
+    /// What each processor does (same order as `processors`), for `APP agents`.
     pub(crate) agents: Vec<String>,
     pages: Vec<strom_worker::axum::Router>,
     timers: Vec<Timer>,
@@ -315,22 +315,8 @@ impl App {
 
     /// Adds a stage's processor; `what` says what it does, for `APP agents`.
     pub(crate) fn add_processor(&mut self, processor: Arc<dyn Processor>, what: String) {
-        let policy = match processor.error_policy() {
-            Some(p) => format!("{p:?}"),
-            None => format!("{:?} (the app's)", self.config.on_error),
-        };
-        self.agents.push(format!(
-            "{:<40} {what}  concurrency={}  on_error={policy}",
-            processor.topic(),
-            processor.concurrency()
-        ));
+        self.agents.push(what);
         self.processors.push(processor);
-    }
-
-    /// The partition count of the topics the app creates unless declared
-    /// otherwise.
-    pub(crate) fn default_partitions(&self) -> i32 {
-        self.partitions
     }
 
     /// Creates missing topics, then runs a worker until `shutdown` completes.

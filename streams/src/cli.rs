@@ -127,9 +127,7 @@ pub(crate) fn main(app: App) -> ExitCode {
             Ok(())
         }
         Command::Agents => {
-            for line in &app.agents {
-                println!("{line}");
-            }
+            agents(&app);
             Ok(())
         }
         Command::Topics => {
@@ -241,11 +239,27 @@ async fn send(
 }
 
 fn tables(app: &App) {
-    let partitions = app.default_partitions();
+    let partitions = app.partitions;
     for (table, _) in &app.tables {
         println!(
             "{table:<30} changelog={}  partitions={partitions} (as the source topics it is co-partitioned with)",
             changelog::topic_name(app.id(), table)
+        );
+    }
+}
+
+/// One line per agent stage: its topic, what it does, its concurrency and its
+/// error policy (read now, so a policy set after the agent shows).
+fn agents(app: &App) {
+    for (p, what) in app.processors.iter().zip(&app.agents) {
+        let policy = match p.error_policy() {
+            Some(policy) => format!("{policy:?}"),
+            None => format!("{:?} (the app's)", app.config.on_error),
+        };
+        println!(
+            "{:<40} {what}  concurrency={}  on_error={policy}",
+            p.topic(),
+            p.concurrency()
         );
     }
 }
@@ -256,7 +270,7 @@ fn topics(app: &App) {
         let partitions = d
             .settings
             .partitions
-            .map_or(format!("{} (app default)", app.default_partitions()), |p| {
+            .map_or(format!("{} (app default)", app.partitions), |p| {
                 p.to_string()
             });
         let replicas = d
