@@ -20,6 +20,7 @@ use kafka_protocol::messages::{
 use kafka_protocol::protocol::StrBytes;
 use tracing::{debug, warn};
 
+use crate::backoff::Backoff;
 use crate::connection::{Connection, ConnectionConfig};
 use crate::error::{Error, Result};
 
@@ -39,9 +40,11 @@ pub struct ClientConfig {
     /// How long [`Client::connect`] keeps trying the bootstrap brokers before it
     /// gives up. Default 10 s.
     pub bootstrap_timeout: Duration,
-    /// Pause between retries, doubled each time up to 1 s (Java's
-    /// `retry.backoff.ms`). Default 100 ms.
+    /// Pause before the first retry, doubled each time up to
+    /// `retry_backoff_max`, ±20% (Java's `retry.backoff.ms`). Default 100 ms.
     pub retry_backoff: Duration,
+    /// Longest pause between retries (Java's `retry.backoff.max.ms`). Default 1 s.
+    pub retry_backoff_max: Duration,
     /// How long [`Client::retry`] keeps retrying a retriable failure. Default 30 s.
     pub retry_timeout: Duration,
 }
@@ -54,8 +57,16 @@ impl ClientConfig {
             connection: ConnectionConfig::default(),
             bootstrap_timeout: Duration::from_secs(10),
             retry_backoff: Duration::from_millis(100),
+            retry_backoff_max: Duration::from_secs(1),
             retry_timeout: Duration::from_secs(30),
         }
+    }
+}
+
+impl ClientConfig {
+    /// The retry schedule these settings describe.
+    pub fn backoff(&self) -> Backoff {
+        Backoff::new(self.retry_backoff, self.retry_backoff_max)
     }
 }
 
@@ -251,7 +262,7 @@ impl Client {
         }
         let config = &self.inner.config;
         let started = Instant::now();
-        let mut backoff = config.retry_backoff;
+        let mut backoff = config.backoff();
         loop {
             let mut last = None;
             for addr in &config.bootstrap {
@@ -275,8 +286,7 @@ impl Client {
                     last: Box::new(last.unwrap_or(Error::Config("no bootstrap broker".into()))),
                 });
             }
-            tokio::time::sleep(backoff.min(config.bootstrap_timeout - elapsed)).await;
-            backoff = (backoff * 2).min(Duration::from_secs(1));
+            tokio::time::sleep(backoff.next_delay().min(config.bootstrap_timeout - elapsed)).await;
         }
     }
 
@@ -427,19 +437,18 @@ impl Client {
     {
         let config = &self.inner.config;
         let started = Instant::now();
-        let mut backoff = config.retry_backoff;
+        let mut backoff = config.backoff();
         loop {
             let err = match op().await {
                 Ok(v) => return Ok(v),
                 Err(e) => e,
             };
-            let retriable = err.is_retriable();
-            if !retriable || started.elapsed() + backoff > config.retry_timeout {
+            let pause = backoff.next_delay();
+            if !err.is_retriable() || started.elapsed() + pause > config.retry_timeout {
                 return Err(err);
             }
-            debug!(error = %err, ?backoff, "retrying");
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_secs(1));
+            debug!(error = %err, ?pause, "retrying");
+            tokio::time::sleep(pause).await;
             if err.needs_metadata_refresh() {
                 for t in topics {
                     self.invalidate_topic(t);

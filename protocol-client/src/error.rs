@@ -269,6 +269,48 @@ impl Error {
         }
     }
 
+    /// Whether the error can never go away by trying again, so whatever met it
+    /// must stop and report it: failed authentication or authorization, an API
+    /// version the broker does not speak, a fenced producer or static member,
+    /// an invalid setting (a session timeout the broker refuses, a bad group
+    /// id), or a partition without a committed offset under reset policy none.
+    ///
+    /// ```
+    /// use strom_client::Error;
+    /// assert!(Error::Config("acks must be 0, 1 or all".into()).is_fatal());
+    /// assert!(!Error::Closed("producer").is_fatal());
+    /// ```
+    pub fn is_fatal(&self) -> bool {
+        match self {
+            Error::ProducerFenced { .. }
+            | Error::Config(_)
+            | Error::UnsupportedVersion { .. }
+            | Error::NoCommittedOffset { .. } => true,
+            Error::NoBrokerReachable { last, .. } => last.is_fatal(),
+            Error::Broker { code, .. } => matches!(
+                code,
+                ResponseError::SaslAuthenticationFailed
+                    | ResponseError::UnsupportedSaslMechanism
+                    | ResponseError::IllegalSaslState
+                    | ResponseError::TopicAuthorizationFailed
+                    | ResponseError::GroupAuthorizationFailed
+                    | ResponseError::ClusterAuthorizationFailed
+                    | ResponseError::TransactionalIdAuthorizationFailed
+                    | ResponseError::UnsupportedVersion
+                    | ResponseError::InvalidSessionTimeout
+                    | ResponseError::InconsistentGroupProtocol
+                    | ResponseError::GroupMaxSizeReached
+                    | ResponseError::InvalidGroupId
+                    | ResponseError::FencedInstanceId
+                    | ResponseError::ProducerFenced
+                    | ResponseError::InvalidProducerEpoch
+                    | ResponseError::InvalidTransactionTimeout
+                    | ResponseError::InvalidRequiredAcks
+            ),
+            _ => false,
+        }
+    }
+
     /// Whether the error means the client's metadata (leaders, partitions) is stale
     /// and should be refreshed before retrying.
     pub fn needs_metadata_refresh(&self) -> bool {
@@ -356,6 +398,29 @@ mod tests {
         assert!(text.contains("leader moved"), "{text}");
         assert!(e.is_retriable());
         assert!(e.needs_metadata_refresh());
+    }
+
+    /// Authorization, fencing and refused settings are fatal; lost
+    /// connections and leader moves are not.
+    #[test]
+    fn fatal_errors_are_told_apart() {
+        for code in [
+            ResponseError::GroupAuthorizationFailed,
+            ResponseError::InvalidSessionTimeout,
+            ResponseError::FencedInstanceId,
+        ] {
+            let e = Error::broker(ApiKey::JoinGroup, code, None, None, None);
+            assert!(e.is_fatal() && !e.is_retriable(), "{e}");
+        }
+        let moved = Error::broker(
+            ApiKey::Produce,
+            ResponseError::NotLeaderOrFollower,
+            None,
+            None,
+            None,
+        );
+        assert!(!moved.is_fatal());
+        assert!(!Error::io("b:1", std::io::Error::other("reset")).is_fatal());
     }
 
     /// Fatal broker codes are not retried.

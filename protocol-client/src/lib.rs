@@ -17,6 +17,7 @@
 //!   pause/resume, read-committed filtering.
 //! - [`group`]: consumer groups — coordinator, join/sync/heartbeat, assignors,
 //!   rebalance listener, committed offsets.
+//! - [`backoff`]: the retry schedule every retry loop uses.
 //! - [`error`]: the one [`Error`] type.
 //!
 //! Message types come from the `kafka-protocol` crate; everything above the
@@ -53,6 +54,7 @@
 #![deny(rustdoc::broken_intra_doc_links)]
 
 pub mod admin;
+pub mod backoff;
 pub mod cluster;
 pub mod connection;
 pub mod consumer;

@@ -85,6 +85,8 @@ pub(super) struct Accumulator {
     pub bump_epoch: bool,
     /// Partitions added to the open transaction.
     pub txn_partitions: HashSet<(Arc<str>, i32)>,
+    /// Consumer offsets were added to the current transaction.
+    pub txn_group_added: bool,
     /// An error that ends this producer (fenced): everything fails with it.
     pub fatal: Option<Error>,
 }
@@ -112,6 +114,7 @@ impl Accumulator {
             identity: None,
             bump_epoch: false,
             txn_partitions: HashSet::new(),
+            txn_group_added: false,
             fatal: None,
         }
     }

@@ -484,9 +484,19 @@ impl Producer {
     /// waits until all of them are acknowledged or failed.
     ///
     /// Records sent by other tasks while `flush` waits are waited for too.
+    /// Cancel-safe: dropping the future ends the flush and nothing else.
     pub async fn flush(&self) -> Result<()> {
         let inner = self.inner();
+        // Linger is off while any flush waits; the guard turns it back on even
+        // if this future is dropped halfway (cancel-safe).
+        struct Flushing<'a>(&'a Inner);
+        impl Drop for Flushing<'_> {
+            fn drop(&mut self) {
+                self.0.accumulator().flushes -= 1;
+            }
+        }
         inner.accumulator().flushes += 1;
+        let _flushing = Flushing(inner);
         inner.wake_sink.notify_one();
         loop {
             let idle = inner.idle.notified();
@@ -497,7 +507,6 @@ impl Producer {
             }
             idle.await;
         }
-        inner.accumulator().flushes -= 1;
         Ok(())
     }
 
@@ -570,6 +579,9 @@ impl Producer {
             return Err(self.txn_misuse("send_offsets_to_transaction outside a transaction".into()));
         }
         let result = txn::send_offsets(self.inner(), identity, offsets, group).await;
+        if result.is_ok() {
+            self.inner().accumulator().txn_group_added = true;
+        }
         self.note_txn_error(&result);
         result
     }
@@ -609,10 +621,23 @@ impl Producer {
                 )));
             }
         }
-        let result = txn::end(self.inner(), identity, commit).await;
+        let empty = {
+            let acc = self.inner().accumulator();
+            acc.txn_partitions.is_empty() && !acc.txn_group_added
+        };
+        // A transaction that wrote nothing has nothing at the coordinator to
+        // end (Kafka answers EndTxn for it with INVALID_TXN_STATE).
+        let result = if empty {
+            Ok(())
+        } else {
+            txn::end(self.inner(), identity, commit).await
+        };
         self.note_txn_error(&result);
         if result.is_ok() {
-            self.inner().accumulator().txn_partitions.clear();
+            let mut acc = self.inner().accumulator();
+            acc.txn_partitions.clear();
+            acc.txn_group_added = false;
+            drop(acc);
             *self.txn_state() = txn::TxnState::Ready;
         }
         result

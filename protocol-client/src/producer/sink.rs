@@ -35,6 +35,7 @@ pub(super) async fn run(inner: Arc<Inner>) {
     let mut refresh: HashSet<Arc<str>> = HashSet::new();
     let mut last_refresh = Instant::now() - Duration::from_secs(60);
     let mut identity_retry_at: Option<Instant> = None;
+    let mut identity_backoff = inner.client.config().backoff();
     loop {
         // A fenced producer fails everything that waits.
         let fatal = inner.accumulator().fatal.clone();
@@ -61,12 +62,12 @@ pub(super) async fn run(inner: Arc<Inner>) {
                         acc.identity = Some(id);
                         acc.bump_epoch = false;
                         identity_retry_at = None;
+                        identity_backoff.reset();
                     }
                     Err(e @ Error::ProducerFenced { .. }) => inner.fence(e),
                     Err(e) => {
                         warn!(error = %e, "cannot get a producer id; retrying");
-                        identity_retry_at =
-                            Some(Instant::now() + inner.client.config().retry_backoff);
+                        identity_retry_at = Some(Instant::now() + identity_backoff.next_delay());
                     }
                 }
                 continue;
@@ -446,8 +447,13 @@ fn retry_or_fail(inner: &Inner, mut out: Outgoing, err: Error, refresh: &mut Has
         inner.client.invalidate_topic(&out.topic);
         refresh.insert(out.topic.clone());
     }
+    let config = inner.client.config();
+    let backoff = crate::backoff::delay(
+        config.retry_backoff,
+        config.retry_backoff_max,
+        out.batch.attempts,
+    );
     out.batch.attempts += 1;
-    let backoff = inner.client.config().retry_backoff * out.batch.attempts.min(10);
     out.batch.retry_at = Some(Instant::now() + backoff);
     debug!(topic = %out.topic, partition = out.partition, attempt = out.batch.attempts, error = %err, "retrying batch");
     inner.accumulator().requeue(out);

@@ -23,6 +23,7 @@ use kafka_protocol::protocol::StrBytes;
 use tracing::{debug, info};
 
 use super::Inner;
+use crate::backoff::Backoff;
 use crate::cluster::{ConnectionClass, CoordinatorKind};
 use crate::connection::Connection;
 use crate::consumer::TopicPartition;
@@ -86,7 +87,7 @@ where
 {
     let config = inner.client.config();
     let started = Instant::now();
-    let mut backoff = Duration::from_millis(20);
+    let mut backoff = Backoff::new(Duration::from_millis(20), config.retry_backoff * 5);
     loop {
         let attempt = async { op(coordinator(inner).await?).await }.await;
         match attempt {
@@ -103,8 +104,7 @@ where
                         .lock()
                         .unwrap_or_else(|p| p.into_inner()) = None;
                 }
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(config.retry_backoff * 5);
+                backoff.wait().await;
             }
             Err(e) => return Err(e),
         }
@@ -275,6 +275,7 @@ pub(super) async fn send_offsets(
         );
     let client = &inner.client;
     let started = Instant::now();
+    let mut backoff = client.config().backoff();
     loop {
         let attempt = async {
             let coordinator = client
@@ -317,7 +318,7 @@ pub(super) async fn send_offsets(
         match attempt {
             Err(e) if retriable(&e) && started.elapsed() < client.config().retry_timeout => {
                 debug!(error = %e, "TxnOffsetCommit retried");
-                tokio::time::sleep(client.config().retry_backoff).await;
+                backoff.wait().await;
             }
             other => return other,
         }
