@@ -16,6 +16,8 @@
 //! [`crate::cluster`] then opens a new one.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -23,8 +25,7 @@ use std::time::Duration;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use kafka_protocol::messages::*;
 use kafka_protocol::protocol::{Decodable, Encodable, HeaderVersion, Message, StrBytes};
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -35,16 +36,43 @@ use crate::error::{Error, Result};
 /// Largest response frame accepted; anything larger is treated as corruption.
 const MAX_FRAME_SIZE: usize = 256 * 1024 * 1024;
 
+/// A byte stream to a broker that a [`Connector`] opens: TLS over TCP, a
+/// tunnel, or an in-memory broker in tests.
+pub trait Transport: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
+
+impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Transport for T {}
+
+/// The future a [`Connector`] returns.
+pub type ConnectFuture = Pin<Box<dyn Future<Output = std::io::Result<Box<dyn Transport>>> + Send>>;
+
+/// Opens the byte stream to a broker address (`host:port`) in place of a
+/// plain TCP connection.
+pub type Connector = Arc<dyn Fn(&str) -> ConnectFuture + Send + Sync>;
+
 /// Settings of a connection.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ConnectionConfig {
     /// Sent as `client_id` in every request header. Default `"strom"`.
     pub client_id: String,
-    /// How long opening the TCP connection may take. Default 10 s.
+    /// How long opening the connection may take. Default 10 s.
     pub connect_timeout: Duration,
     /// How long a request may wait for its response. Default 30 s (Java's
     /// `request.timeout.ms`).
     pub request_timeout: Duration,
+    /// Opens connections instead of plain TCP; `None` (the default) connects
+    /// with TCP, Nagle off.
+    pub connector: Option<Connector>,
+}
+
+impl std::fmt::Debug for ConnectionConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnectionConfig")
+            .field("client_id", &self.client_id)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("request_timeout", &self.request_timeout)
+            .field("connector", &self.connector.as_ref().map(|_| "custom"))
+            .finish()
+    }
 }
 
 impl Default for ConnectionConfig {
@@ -53,6 +81,7 @@ impl Default for ConnectionConfig {
             client_id: "strom".to_owned(),
             connect_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(30),
+            connector: None,
         }
     }
 }
@@ -220,21 +249,40 @@ impl Connection {
     ///
     /// Cancel-safe: dropping the future closes the half-open socket.
     pub async fn connect(broker: &str, config: &ConnectionConfig) -> Result<Connection> {
-        let stream = tokio::time::timeout(config.connect_timeout, TcpStream::connect(broker))
-            .await
-            .map_err(|_| Error::ConnectTimeout {
-                broker: broker.to_owned(),
-                after: config.connect_timeout,
-            })?
-            .map_err(|e| Error::io(broker, e))?;
-        stream.set_nodelay(true).map_err(|e| Error::io(broker, e))?;
-        let mut conn = Connection::from_stream(stream, broker, config);
+        let timed_out = |_| Error::ConnectTimeout {
+            broker: broker.to_owned(),
+            after: config.connect_timeout,
+        };
+        let mut conn = match &config.connector {
+            None => {
+                let stream =
+                    tokio::time::timeout(config.connect_timeout, TcpStream::connect(broker))
+                        .await
+                        .map_err(timed_out)?
+                        .map_err(|e| Error::io(broker, e))?;
+                stream.set_nodelay(true).map_err(|e| Error::io(broker, e))?;
+                let (read, write) = stream.into_split();
+                Connection::start(read, write, broker, config)
+            }
+            Some(connect) => {
+                let stream = tokio::time::timeout(config.connect_timeout, connect(broker))
+                    .await
+                    .map_err(timed_out)?
+                    .map_err(|e| Error::io(broker, e))?;
+                let (read, write) = tokio::io::split(stream);
+                Connection::start(read, write, broker, config)
+            }
+        };
         conn.negotiate_versions().await?;
         Ok(conn)
     }
 
-    fn from_stream(stream: TcpStream, broker: &str, config: &ConnectionConfig) -> Connection {
-        let (read, write) = stream.into_split();
+    /// Starts the reader and writer tasks on the two halves of a stream.
+    fn start<R, W>(read: R, write: W, broker: &str, config: &ConnectionConfig) -> Connection
+    where
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
         let shared = Arc::new(Shared {
             broker: broker.to_owned(),
             state: Mutex::new(State::Open(HashMap::new())),
@@ -462,7 +510,11 @@ fn api_key<R: Request>() -> ApiKey {
     R::API
 }
 
-async fn write_loop(write: OwnedWriteHalf, mut rx: mpsc::Receiver<Bytes>, shared: Arc<Shared>) {
+async fn write_loop<W: AsyncWrite + Unpin>(
+    write: W,
+    mut rx: mpsc::Receiver<Bytes>,
+    shared: Arc<Shared>,
+) {
     let mut w = BufWriter::with_capacity(64 * 1024, write);
     while let Some(frame) = rx.recv().await {
         let mut result = w.write_all(&frame).await;
@@ -482,7 +534,7 @@ async fn write_loop(write: OwnedWriteHalf, mut rx: mpsc::Receiver<Bytes>, shared
     let _ = w.shutdown().await;
 }
 
-async fn read_loop(mut read: OwnedReadHalf, shared: Arc<Shared>) {
+async fn read_loop<R: AsyncRead + Unpin>(mut read: R, shared: Arc<Shared>) {
     let mut buf = BytesMut::with_capacity(64 * 1024);
     let err = loop {
         match split_frame(&mut buf) {
@@ -592,7 +644,7 @@ fn skip_tagged_fields(buf: &mut Bytes) -> std::result::Result<(), String> {
 
 /// A complete response frame as a broker would send it: size, response header
 /// of the version `T` and `version` call for, body. For tests that play a broker.
-#[cfg(test)]
+#[cfg(any(test, feature = "testing"))]
 pub(crate) fn response_frame<T: Encodable + HeaderVersion>(
     correlation_id: i32,
     version: i16,

@@ -19,6 +19,7 @@
 //!   rebalance listener, committed offsets.
 //! - [`backoff`]: the retry schedule every retry loop uses.
 //! - [`error`]: the one [`Error`] type.
+//! - `mock` (feature `testing`): an in-memory cluster for tests.
 //!
 //! Message types come from the `kafka-protocol` crate; everything above the
 //! message level is here.
@@ -60,6 +61,8 @@ pub mod connection;
 pub mod consumer;
 pub mod error;
 pub mod group;
+#[cfg(any(test, feature = "testing"))]
+pub mod mock;
 pub mod partitioner;
 pub mod producer;
 pub mod records;

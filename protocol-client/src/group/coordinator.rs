@@ -25,7 +25,6 @@ use kafka_protocol::messages::{
     ApiKey, GroupId, HeartbeatRequest, JoinGroupRequest, LeaveGroupRequest, SyncGroupRequest,
 };
 use kafka_protocol::protocol::StrBytes;
-use tokio::sync::oneshot;
 use tracing::{debug, info, warn};
 
 use super::assignor::{
@@ -33,6 +32,7 @@ use super::assignor::{
     RebalanceProtocol,
 };
 use super::{GroupHandle, GroupInner};
+use crate::backoff::Backoff;
 use crate::cluster::{ConnectionClass, CoordinatorKind};
 use crate::connection::Connection;
 use crate::consumer::{AutoOffsetReset, Offset, TopicPartition};
@@ -126,26 +126,6 @@ async fn member_connection(inner: &GroupInner, id: i32) -> Result<Arc<Connection
     Ok(c)
 }
 
-/// Errors after which retrying cannot help: the member stops and reports them.
-fn is_fatal(e: &Error) -> bool {
-    match e {
-        Error::Broker { code, .. } => matches!(
-            code,
-            ResponseError::FencedInstanceId
-                | ResponseError::GroupAuthorizationFailed
-                | ResponseError::InvalidSessionTimeout
-                | ResponseError::InconsistentGroupProtocol
-                | ResponseError::GroupMaxSizeReached
-                | ResponseError::InvalidGroupId
-                | ResponseError::UnsupportedVersion
-        ),
-        Error::UnsupportedVersion { .. } | Error::NoCommittedOffset { .. } | Error::Config(_) => {
-            true
-        }
-        _ => false,
-    }
-}
-
 struct Joined {
     generation: i32,
     member_id: String,
@@ -179,8 +159,11 @@ async fn pause(inner: &GroupInner, d: Duration) -> bool {
 pub(super) async fn run(group: GroupHandle) {
     let inner = group.inner.clone();
     let protocol = inner.config.protocol();
-    let base_backoff = inner.client.config().retry_backoff;
-    let mut backoff = base_backoff;
+    let mut backoff = Backoff::new(inner.client.config().retry_backoff, Duration::from_secs(2));
+    // Heartbeats of the current generation: from its SyncGroup until the next
+    // JoinGroup (which keeps the session itself) or the loss of membership, so
+    // slow rebalance callbacks never let the session expire.
+    let mut heartbeats: Option<Heartbeats> = None;
     loop {
         if inner.state().closing {
             break;
@@ -189,18 +172,22 @@ pub(super) async fn run(group: GroupHandle) {
             let owned: Vec<_> = inner.state().owned.iter().cloned().collect();
             revoke(&group, &owned).await;
         }
+        heartbeats = None;
         let step = match join(&group, protocol).await {
-            Ok(joined) => apply(&group, joined, protocol).await,
+            Ok(joined) => {
+                heartbeats = Some(Heartbeats::start(&group));
+                apply(&group, joined, protocol).await
+            }
             Err(e) => Err(e),
         };
         match step {
             Ok(follow_up) => {
-                backoff = base_backoff;
+                backoff.reset();
                 if follow_up {
                     continue; // cooperative: rejoin to hand out what was revoked
                 }
             }
-            Err(e) if is_fatal(&e) => {
+            Err(e) if e.is_fatal() => {
                 warn!(group = %inner.config.group_id, error = %e, "group membership failed");
                 inner.state().fatal = Some(e);
                 inner.changed.notify_waiters();
@@ -208,16 +195,19 @@ pub(super) async fn run(group: GroupHandle) {
             }
             Err(e) => {
                 debug!(group = %inner.config.group_id, error = %e, "join failed; retrying");
-                if pause(&inner, backoff).await {
+                if pause(&inner, backoff.next_delay()).await {
                     break;
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(2));
                 continue;
             }
         }
-        match stable(&group).await {
+        let Some(beating) = heartbeats.as_mut() else {
+            continue;
+        };
+        match stable(&group, beating).await {
             Event::Rejoin => {}
             Event::Lost { unknown_member } => {
+                heartbeats = None;
                 lose(&group).await;
                 if unknown_member {
                     inner.state().member_id.clear();
@@ -233,6 +223,7 @@ pub(super) async fn run(group: GroupHandle) {
         }
     }
     leave(&group).await;
+    drop(heartbeats);
 }
 
 async fn join(group: &GroupHandle, protocol: RebalanceProtocol) -> Result<Joined> {
@@ -439,7 +430,10 @@ async fn apply(group: &GroupHandle, joined: Joined, protocol: RebalanceProtocol)
         // The listener hears of the partitions before any of their records
         // can be polled: it can set up what processing them needs.
         inner.state().owned.extend(added.iter().cloned());
-        inner.listener.on_assigned(group, &added).await;
+        let listener = inner.listener.on_assigned(group, &added);
+        if bounded(inner, "on_assigned", listener).await.is_err() {
+            warn!(group = %inner.config.group_id, "reading the new partitions anyway");
+        }
         inner.consumer.add_partitions(starts);
     }
     let mut s = inner.state();
@@ -469,12 +463,42 @@ async fn revoke(group: &GroupHandle, partitions: &[TopicPartition]) {
             warn!(group = %inner.config.group_id, error = %e, "commit on revoke failed");
         }
     }
-    inner.listener.on_revoked(group, partitions).await;
+    let done = bounded(
+        inner,
+        "on_revoked",
+        inner.listener.on_revoked(group, partitions),
+    )
+    .await;
     inner.consumer.remove_partitions(partitions);
-    let mut s = inner.state();
-    for tp in partitions {
-        s.owned.remove(tp);
+    {
+        let mut s = inner.state();
+        for tp in partitions {
+            s.owned.remove(tp);
+        }
     }
+    if done.is_err() {
+        // The callback was cut short: whatever it did not finish (a commit,
+        // say) did not happen, so the partitions count as lost.
+        let lost = inner.listener.on_lost(group, partitions);
+        let _ = bounded(inner, "on_lost", lost).await;
+    }
+}
+
+/// Runs a rebalance callback for at most the rebalance timeout: the group
+/// waits no longer than that for this member, so a callback that overruns it
+/// is cut off (with an error in the log) rather than holding the group up.
+async fn bounded(
+    inner: &GroupInner,
+    callback: &str,
+    run: crate::group::ListenerFuture<'_>,
+) -> std::result::Result<(), tokio::time::error::Elapsed> {
+    let limit = inner.config.rebalance_timeout;
+    tokio::time::timeout(limit, run).await.inspect_err(|_| {
+        tracing::error!(
+            group = %inner.config.group_id, callback, ?limit,
+            "rebalance callback ran past the rebalance timeout and was cut off"
+        );
+    })
 }
 
 /// Membership is gone: stop reading everything, then tell the listener.
@@ -486,17 +510,14 @@ async fn lose(group: &GroupHandle) {
     inner.consumer.remove_partitions(&lost);
     warn!(group = %inner.config.group_id, partitions = lost.len(), "group membership lost");
     if !lost.is_empty() {
-        inner.listener.on_lost(group, &lost).await;
+        let _ = bounded(inner, "on_lost", inner.listener.on_lost(group, &lost)).await;
     }
 }
 
-/// The stable phase: heartbeats on their own task, auto-commits here, until the
-/// heartbeat reports a rebalance or a loss, or the member closes.
-async fn stable(group: &GroupHandle) -> Event {
+/// The stable phase: auto-commits here, until the heartbeats report a
+/// rebalance or a loss, or the member closes.
+async fn stable(group: &GroupHandle, heartbeats: &mut Heartbeats) -> Event {
     let inner = &group.inner;
-    let (tx, mut rx) = oneshot::channel();
-    let heartbeats = tokio::spawn(heartbeat(group.clone(), tx));
-    let _stop = AbortOnDrop(heartbeats);
     loop {
         let changed = inner.changed.notified();
         tokio::pin!(changed);
@@ -506,13 +527,30 @@ async fn stable(group: &GroupHandle) -> Event {
         }
         let auto_commit = inner.config.auto_commit_interval;
         tokio::select! {
-            event = &mut rx => return event.unwrap_or(Event::Rejoin),
+            event = heartbeats.events.recv() => return event.unwrap_or(Event::Rejoin),
             _ = &mut changed => {}
             _ = tokio::time::sleep(auto_commit.unwrap_or(Duration::MAX)), if auto_commit.is_some() => {
                 if let Err(e) = group.commit_consumed().await {
                     debug!(group = %inner.config.group_id, error = %e, "auto-commit failed");
                 }
             }
+        }
+    }
+}
+
+/// The heartbeat task of one generation and what it reports.
+struct Heartbeats {
+    events: tokio::sync::mpsc::UnboundedReceiver<Event>,
+    _task: AbortOnDrop,
+}
+
+impl Heartbeats {
+    fn start(group: &GroupHandle) -> Heartbeats {
+        let (tx, events) = tokio::sync::mpsc::unbounded_channel();
+        let task = tokio::spawn(heartbeat(group.clone(), tx));
+        Heartbeats {
+            events,
+            _task: AbortOnDrop(task),
         }
     }
 }
@@ -525,14 +563,17 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// Sends a heartbeat every `heartbeat_interval` until the coordinator says
-/// something other than "fine"; reports that once and ends. If no heartbeat
+/// Sends a heartbeat every `heartbeat_interval` for as long as the generation
+/// lasts. A rebalance is reported once and heartbeats go on (they keep the
+/// session while the member finishes its callbacks and rejoins); a lost
+/// membership or a fatal error is reported and ends the task. If no heartbeat
 /// succeeds for a whole session timeout the member counts itself gone: the
 /// coordinator has dropped it by then.
-async fn heartbeat(group: GroupHandle, tx: oneshot::Sender<Event>) {
+async fn heartbeat(group: GroupHandle, tx: tokio::sync::mpsc::UnboundedSender<Event>) {
     let inner = &group.inner;
     let mut last_ok = Instant::now();
-    let event = loop {
+    let mut rebalancing = false;
+    let last = loop {
         tokio::time::sleep(inner.config.heartbeat_interval).await;
         if last_ok.elapsed() > inner.config.session_timeout {
             break Event::Lost {
@@ -561,7 +602,14 @@ async fn heartbeat(group: GroupHandle, tx: oneshot::Sender<Event>) {
         };
         match ResponseError::try_from_code(resp.error_code) {
             None => last_ok = Instant::now(),
-            Some(ResponseError::RebalanceInProgress) => break Event::Rejoin,
+            Some(ResponseError::RebalanceInProgress) => {
+                // The session is alive; the group waits for this member.
+                last_ok = Instant::now();
+                if !rebalancing {
+                    rebalancing = true;
+                    let _ = tx.send(Event::Rejoin);
+                }
+            }
             Some(ResponseError::IllegalGeneration) => {
                 break Event::Lost {
                     unknown_member: false,
@@ -581,7 +629,7 @@ async fn heartbeat(group: GroupHandle, tx: oneshot::Sender<Event>) {
             Some(code) => debug!(group = %inner.config.group_id, %code, "heartbeat error"),
         }
     };
-    let _ = tx.send(event);
+    let _ = tx.send(last);
 }
 
 /// Leaves the group on close: a clean revoke and LeaveGroup (dynamic members
@@ -621,4 +669,145 @@ async fn leave(group: &GroupHandle) {
     let mut s = inner.state();
     s.member_id.clear();
     s.generation = -1;
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use kafka_protocol::messages::ApiKey;
+
+    use crate::group::assignor::CooperativeSticky;
+    use crate::group::{GroupConfig, GroupConsumer, ListenerFuture, RebalanceListener};
+    use crate::mock::MockCluster;
+    use crate::{Client, TopicPartition};
+
+    /// A listener whose `on_revoked` takes `revoke_for` (forever when `None`)
+    /// and which counts `on_lost` calls.
+    struct Slow {
+        revoke_for: Option<Duration>,
+        revoked: AtomicUsize,
+        lost: AtomicUsize,
+    }
+
+    impl RebalanceListener for Slow {
+        fn on_revoked<'a>(
+            &'a self,
+            _group: &'a crate::GroupHandle,
+            partitions: &'a [TopicPartition],
+        ) -> ListenerFuture<'a> {
+            Box::pin(async move {
+                self.revoked.fetch_add(partitions.len(), Ordering::SeqCst);
+                match self.revoke_for {
+                    Some(d) => tokio::time::sleep(d).await,
+                    None => std::future::pending().await,
+                }
+            })
+        }
+
+        fn on_lost<'a>(
+            &'a self,
+            _group: &'a crate::GroupHandle,
+            _partitions: &'a [TopicPartition],
+        ) -> ListenerFuture<'a> {
+            self.lost.fetch_add(1, Ordering::SeqCst);
+            Box::pin(async {})
+        }
+    }
+
+    fn config() -> GroupConfig {
+        let mut c = GroupConfig::new("g");
+        c.session_timeout = Duration::from_secs(6);
+        c.heartbeat_interval = Duration::from_secs(1);
+        c.rebalance_timeout = Duration::from_secs(60);
+        c.assignors = vec![Arc::new(CooperativeSticky)];
+        c
+    }
+
+    async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+        for _ in 0..2_000 {
+            if done() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("never happened: {what}");
+    }
+
+    /// Starts member A (slow on_revoked) alone, then member B, which takes
+    /// half of A's partitions away: A's `on_revoked` runs while B waits.
+    async fn two_members(cluster: &MockCluster, slow: Arc<Slow>) -> (GroupConsumer, GroupConsumer) {
+        cluster.create_topic("t", 4);
+        let client = Client::connect(cluster.client_config()).await.unwrap();
+        let a = GroupConsumer::new(client.clone(), config(), &["t"], slow).unwrap();
+        wait_until("A owns everything", || a.group().assignment().len() == 4).await;
+        let b = GroupConsumer::new(
+            client,
+            config(),
+            &["t"],
+            Arc::new(super::super::NoopListener),
+        )
+        .unwrap();
+        (a, b)
+    }
+
+    /// A member whose `on_revoked` takes 20 s (three session timeouts) keeps
+    /// heartbeating meanwhile, so the coordinator never drops it.
+    #[tokio::test(start_paused = true)]
+    async fn heartbeats_continue_during_a_slow_on_revoked() {
+        let cluster = MockCluster::new();
+        let slow = Arc::new(Slow {
+            revoke_for: Some(Duration::from_secs(20)),
+            revoked: AtomicUsize::new(0),
+            lost: AtomicUsize::new(0),
+        });
+        let (a, b) = two_members(&cluster, slow.clone()).await;
+        wait_until("A revokes", || slow.revoked.load(Ordering::SeqCst) > 0).await;
+        let beats = cluster.received(ApiKey::Heartbeat);
+        tokio::time::sleep(Duration::from_secs(15)).await;
+        assert!(
+            cluster.received(ApiKey::Heartbeat) >= beats + 10,
+            "no heartbeats while on_revoked ran"
+        );
+        assert_eq!(
+            cluster.members("g").len(),
+            2,
+            "A was dropped from the group"
+        );
+        wait_until("the partitions move", || {
+            a.group().assignment().len() == 2 && b.group().assignment().len() == 2
+        })
+        .await;
+        assert_eq!(slow.lost.load(Ordering::SeqCst), 0, "A lost its partitions");
+    }
+
+    /// An `on_revoked` that never returns is cut off at the rebalance timeout:
+    /// its partitions count as lost and the group moves on.
+    #[tokio::test(start_paused = true)]
+    async fn a_hung_on_revoked_is_cut_off_at_the_rebalance_timeout() {
+        let cluster = MockCluster::new();
+        let slow = Arc::new(Slow {
+            revoke_for: None,
+            revoked: AtomicUsize::new(0),
+            lost: AtomicUsize::new(0),
+        });
+        let (a, b) = two_members(&cluster, slow.clone()).await;
+        wait_until("A revokes", || slow.revoked.load(Ordering::SeqCst) > 0).await;
+        let started = tokio::time::Instant::now();
+        wait_until("on_lost after the cut-off", || {
+            slow.lost.load(Ordering::SeqCst) == 1
+        })
+        .await;
+        let waited = started.elapsed();
+        assert!(
+            waited >= Duration::from_secs(59) && waited <= Duration::from_secs(62),
+            "cut off after {waited:?}, not at the 60 s rebalance timeout"
+        );
+        wait_until("the partitions move", || {
+            a.group().assignment().len() == 2 && b.group().assignment().len() == 2
+        })
+        .await;
+    }
 }
