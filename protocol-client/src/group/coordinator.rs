@@ -439,6 +439,7 @@ async fn apply(group: &GroupHandle, joined: Joined, protocol: RebalanceProtocol)
     let mut s = inner.state();
     s.rebalances += 1;
     s.assigned_at = Some(Instant::now());
+    s.confirmed_at = s.assigned_at;
     info!(
         group = %inner.config.group_id, generation = s.generation, owned = s.owned.len(),
         added = added.len(), revoked = revoked.len(), "assignment applied"
@@ -504,9 +505,11 @@ async fn bounded(
 /// Membership is gone: stop reading everything, then tell the listener.
 async fn lose(group: &GroupHandle) {
     let inner = &group.inner;
-    let lost: Vec<TopicPartition> = std::mem::take(&mut inner.state().owned)
-        .into_iter()
-        .collect();
+    let lost: Vec<TopicPartition> = {
+        let mut s = inner.state();
+        s.confirmed_at = None;
+        std::mem::take(&mut s.owned).into_iter().collect()
+    };
     inner.consumer.remove_partitions(&lost);
     warn!(group = %inner.config.group_id, partitions = lost.len(), "group membership lost");
     if !lost.is_empty() {
@@ -601,10 +604,14 @@ async fn heartbeat(group: GroupHandle, tx: tokio::sync::mpsc::UnboundedSender<Ev
             }
         };
         match ResponseError::try_from_code(resp.error_code) {
-            None => last_ok = Instant::now(),
+            None => {
+                last_ok = Instant::now();
+                inner.state().confirmed_at = Some(last_ok);
+            }
             Some(ResponseError::RebalanceInProgress) => {
                 // The session is alive; the group waits for this member.
                 last_ok = Instant::now();
+                inner.state().confirmed_at = Some(last_ok);
                 if !rebalancing {
                     rebalancing = true;
                     let _ = tx.send(Event::Rejoin);

@@ -202,6 +202,9 @@ struct GroupState {
     rebalances: u64,
     /// When the last assignment was applied.
     assigned_at: Option<Instant>,
+    /// When the coordinator last confirmed the membership (SyncGroup or a
+    /// heartbeat); `None` once it is lost.
+    confirmed_at: Option<Instant>,
 }
 
 struct GroupInner {
@@ -272,6 +275,20 @@ impl GroupHandle {
     /// When this member last received an assignment.
     pub fn assigned_at(&self) -> Option<Instant> {
         self.inner.state().assigned_at
+    }
+
+    /// Whether this member may still act for its generation: it has one, and
+    /// the coordinator confirmed it (SyncGroup or a heartbeat) less than a
+    /// session timeout ago. A member frozen longer than that has been dropped
+    /// by the coordinator even if it has not heard so yet; transactional
+    /// commits check this before they go out, so a zombie does not commit on
+    /// brokers that do not check the generation themselves.
+    pub fn session_alive(&self) -> bool {
+        let s = self.inner.state();
+        s.generation >= 0
+            && !s.member_id.is_empty()
+            && s.confirmed_at
+                .is_some_and(|t| t.elapsed() < self.inner.config.session_timeout)
     }
 
     /// Commits `offsets` (the next offset to read, i.e. last processed + 1) and
@@ -590,6 +607,12 @@ impl GroupConsumer {
     /// The next offset [`GroupConsumer::poll`] returns for `tp`.
     pub fn position(&self, tp: &TopicPartition) -> Option<i64> {
         self.consumer.position(tp)
+    }
+
+    /// Moves the next read of `tp` (owned by this member) to `offset`;
+    /// records fetched beyond it are dropped (see [`Consumer::seek`]).
+    pub fn seek(&mut self, tp: &TopicPartition, offset: i64) -> Result<()> {
+        self.consumer.seek(tp, crate::consumer::Offset::At(offset))
     }
 
     /// Leaves the group: commits consumed positions if auto-commit is on, calls
