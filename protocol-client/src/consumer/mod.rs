@@ -162,6 +162,9 @@ struct PartitionState {
     /// Stopped by an error until the next seek.
     failed: bool,
     high_watermark: i64,
+    /// The last fetch's last stable offset, or its high watermark when the
+    /// broker sent none; -1 before the first fetch.
+    last_stable_offset: i64,
     max_bytes: i32,
 }
 
@@ -374,6 +377,18 @@ impl Consumer {
             .map_or(-1, |s| s.high_watermark)
     }
 
+    /// The last stable offset of `tp` from the last fetch: the first offset of
+    /// a transaction still open, which a read-committed consumer does not read
+    /// past. When the broker sent none, the high watermark; -1 before the
+    /// first fetch.
+    pub fn last_stable_offset(&self, tp: &TopicPartition) -> i64 {
+        self.handle
+            .lock()
+            .partitions
+            .get(tp)
+            .map_or(-1, |s| s.last_stable_offset)
+    }
+
     /// The next record. Cancel-safe: a record is only removed when returned.
     pub async fn recv(&mut self) -> Result<ConsumerRecord> {
         loop {
@@ -542,6 +557,7 @@ fn new_state(offset: Offset, epoch: u64, config: &ConsumerConfig) -> PartitionSt
         in_flight: false,
         failed: false,
         high_watermark: -1,
+        last_stable_offset: -1,
         max_bytes: config.max_partition_fetch_bytes,
     }
 }
