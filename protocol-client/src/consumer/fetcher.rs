@@ -381,6 +381,7 @@ async fn handle_done(
                     s.fetch_position = None;
                     s.position = None;
                     s.epoch = epoch;
+                    s.committed = None;
                 }
                 Some(code) => {
                     let err = Error::broker(
