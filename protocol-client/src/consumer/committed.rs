@@ -15,14 +15,18 @@
 //! marker when transactions interleave).
 //!
 //! ```text
-//!  fetched batches ──► data, non-transactional ─┐
-//!                      data, txn, decided ──────┼─► held is empty? ─ yes ─► handed out
-//!                      data, txn, undecided ────┘        │ no
-//!                      marker ── decides held ──┐        ▼
-//!                                               └─► held (FIFO, offset order)
-//!                                                        │ front decided
+//!  batch read ──► marker ──► decides its producer's held batches ──► release the front
+//!      │
+//!      ▼ data
+//!  aborted (named by the list, or its ABORT marker read) ──► dropped
+//!  committed (COMMIT marker read) or not transactional ──┐
+//!  undecided (marker not read yet) ──────────────────────┤
 //!                                                        ▼
-//!                                         visible: handed out / aborted: dropped
+//!                   nothing held and decided? ── yes ──► handed out
+//!                                                        │ no
+//!                                                        ▼
+//!                   held behind the rest, in offset order; while the front is
+//!                   decided: visible ──► handed out, aborted ──► dropped
 //! ```
 //!
 //! Once one batch is held, everything after it in the partition (any producer,
@@ -44,7 +48,8 @@
 //! state) and decides the re-read batches from the recorded markers. So past the
 //! cap the consumer costs a second read of the scanned range instead of memory;
 //! each scan moves the front of the partition forward by at least one batch, so
-//! it always ends. The recorded markers (a few dozen bytes each) are not counted
+//! scans cannot repeat forever (a transaction that never ends holds the
+//! partition, at the bound as below it). The recorded markers (a few dozen bytes each) are not counted
 //! in the cap; they are pruned once they lie before everything that may still
 //! need them.
 
@@ -502,6 +507,8 @@ impl MarkerLog {
 /// The broker's aborted-transaction lists, as Kafka sends them with each
 /// read-committed Fetch: a transactional batch of producer P at or after one
 /// of P's listed first offsets, and before P's next marker, was aborted.
+/// Like Kafka, this assumes a list names only transactions whose marker is at
+/// or after the fetch offset (a repeated entry is harmless until then).
 #[derive(Debug, Default)]
 struct AbortedList {
     /// (first offset, producer id) not reached yet.
@@ -741,6 +748,61 @@ mod tests {
         let out = push(&mut f, 15, &[txn_batch(15, 7, &[], COMMIT)]);
         assert_eq!(values(&out.records), ["t11", "t12", "p13", "p14"]);
         assert_eq!(out.next, Some(16));
+    }
+
+    /// A batch with a bad CRC after a held one: the error names the bad batch,
+    /// the position stays at the held record, and reading on from the bad
+    /// offset (the consumer fetches it again) keeps what was held.
+    #[test]
+    fn corrupt_batch_after_a_held_one_keeps_the_held_records() {
+        let (mut f, _) = filter(usize::MAX);
+        let mut bad = BytesMut::from(&txn_batch(1, 8, &["x"], None)[..]);
+        let n = bad.len();
+        bad[n - 2] ^= 0xff;
+        let out = f.push(
+            &tp(),
+            concat(&[txn_batch(0, 7, &["a"], None), bad.freeze()]),
+            0,
+            true,
+            &[],
+        );
+        assert!(out.records.is_empty());
+        assert_eq!(out.error.as_ref().map(|e| e.0), Some(1));
+        assert_eq!(out.next, Some(0), "position at the held record");
+        let out = push(
+            &mut f,
+            1,
+            &[txn_batch(1, 8, &["x"], None), txn_batch(2, 7, &[], COMMIT)],
+        );
+        assert_eq!(values(&out.records), ["a"]);
+        assert_eq!(out.next, Some(1), "pid 8 still open");
+    }
+
+    /// A held batch whose records turn out not to decode when its COMMIT
+    /// marker releases it: the error names it, nothing is handed out past it,
+    /// and reading it again gives the error again.
+    #[test]
+    fn undecodable_record_in_a_released_batch_is_reported_at_its_offset() {
+        let (mut f, budget) = filter(usize::MAX);
+        let mut bad = BytesMut::from(&txn_batch(0, 7, &["a"], None)[..]);
+        bad[61] = 0x01; // record length -1 (zigzag); the CRC still matches
+        let crc = crc32c::crc32c(&bad[21..]);
+        bad[17..21].copy_from_slice(&crc.to_be_bytes());
+        let bad = bad.freeze();
+        let data = [
+            bad.clone(),
+            txn_batch(1, 7, &[], COMMIT),
+            plain_batch(2, &["p2"], Compression::None),
+        ];
+        for _ in 0..2 {
+            let out = f.push(&tp(), concat(&data), 0, true, &[]);
+            assert!(out.records.is_empty());
+            let (offset, e) = out.error.expect("the bad record is reported");
+            assert_eq!(offset, 0);
+            assert!(e.to_string().contains("t-0"), "{e}");
+            assert_eq!(out.next, Some(0));
+            assert_eq!(budget.used(), 0);
+        }
     }
 
     /// Held batches give their bytes back when their partition's filter goes
