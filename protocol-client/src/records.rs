@@ -343,6 +343,20 @@ impl Batch {
         }
     }
 
+    /// Bytes this batch keeps in memory: its header and its (decompressed) records.
+    pub(crate) fn held_size(&self) -> usize {
+        BATCH_HEADER_LEN + self.records.len()
+    }
+
+    /// Copies the records of an uncompressed batch out of the buffer they were
+    /// decoded from, so keeping this batch does not keep that whole buffer
+    /// alive. (A compressed batch's records are already its own buffer.)
+    pub(crate) fn detach(&mut self) {
+        if self.attributes & COMPRESSION_MASK == 0 {
+            self.records = Bytes::copy_from_slice(&self.records);
+        }
+    }
+
     fn corrupt(&self, what: impl Into<String>) -> Error {
         Error::CorruptRecord {
             topic: None,

@@ -12,7 +12,7 @@ use strom_client::group::assignor::Range;
 use strom_client::group::{GroupConfig, GroupConsumer, NoopListener};
 use strom_client::producer::{Producer, ProducerConfig, ProducerRecord};
 use strom_client::{Client, Error, NewTopic};
-use strom_it::{unique_topic, BrokerKind, TestBroker};
+use strom_it::{unique_topic, TestBroker};
 
 async fn topic_with(client: &Client, prefix: &str, partitions: i32) -> String {
     let topic = unique_topic(prefix);
@@ -210,23 +210,107 @@ async fn committed_transactions_are_visible_and_aborted_ones_are_not() {
         .iter()
         .map(value)
         .collect();
-    for v in numbered("first", 50).iter().chain(&numbered("second", 50)) {
-        assert!(committed.contains(v), "committed record {v} not visible");
+    // Checked on every broker: the consumer filters from the transaction
+    // markers when the broker sends no aborted-transaction list (tansu).
+    let mut expected: Vec<String> = numbered("first", 50);
+    expected.extend(numbered("second", 50));
+    expected.sort();
+    let mut seen = committed.clone();
+    seen.sort();
+    assert_eq!(
+        seen, expected,
+        "read_committed on {:?}: every committed record once, no aborted record, no marker",
+        broker.kind
+    );
+    eprintln!(
+        "committed_transactions…: read_committed checked on {:?}: {} committed records, no aborted ones, no markers",
+        broker.kind,
+        committed.len()
+    );
+}
+
+/// Two producers' transactions interleaved in one partition, the aborted one
+/// between the committed one's batches, read with fetches too small to hold a
+/// transaction and its marker together: a read-committed consumer gets exactly
+/// the committed records, in order, on any broker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interleaved_transactions_read_committed_with_small_fetches() {
+    let broker = TestBroker::start().await;
+    let client = broker.client().await;
+    let topic = topic_with(&client, "txn-interleaved", 1).await;
+    let producer = |id: &str| {
+        Producer::new(
+            client.clone(),
+            ProducerConfig {
+                transactional_id: Some(unique_topic(id)),
+                ..ProducerConfig::default()
+            },
+        )
+        .unwrap()
+    };
+    let (kept, dropped) = (producer("kept"), producer("dropped"));
+    kept.init_transactions().await.unwrap();
+    dropped.init_transactions().await.unwrap();
+    kept.begin_transaction().unwrap();
+    dropped.begin_transaction().unwrap();
+    let part = |prefix: &str, from: usize| -> Vec<String> {
+        (from..from + 20)
+            .map(|i| format!("{prefix}-{i:03}"))
+            .collect()
+    };
+    for f in send_values(&kept, &topic, &part("kept", 0)).await {
+        f.await.unwrap();
     }
-    if broker.kind == BrokerKind::Tansu {
-        // tansu returns no aborted-transaction list (DESIGN.md): the filter is
-        // proven by consumer::tests::aborted_transactions_are_filtered_and_markers_skipped.
-        eprintln!(
-            "committed_transactions…: abort filtering NOT checked end to end (tansu sends no aborted-transaction list); read_committed saw {} records",
-            committed.len()
-        );
-    } else {
-        assert_eq!(
-            committed.len(),
-            100,
-            "aborted records visible: {committed:?}"
-        );
+    for f in send_values(&dropped, &topic, &part("dropped", 0)).await {
+        f.await.unwrap();
     }
+    for f in send_values(&kept, &topic, &part("kept", 20)).await {
+        f.await.unwrap();
+    }
+    dropped.abort_transaction().await.unwrap();
+    for f in send_values(&kept, &topic, &part("kept", 40)).await {
+        f.await.unwrap();
+    }
+    kept.commit_transaction().await.unwrap();
+
+    let mut consumer = Consumer::new(
+        client.clone(),
+        ConsumerConfig {
+            isolation: IsolationLevel::ReadCommitted,
+            // About one batch per fetch: data and markers arrive apart.
+            max_partition_fetch_bytes: 512,
+            ..ConsumerConfig::default()
+        },
+    );
+    let tp = TopicPartition::new(&topic, 0);
+    consumer.assign([(tp.clone(), Offset::Earliest)]).unwrap();
+    let mut got = vec![];
+    let mut last_offset = -1;
+    while let Ok(batch) = tokio::time::timeout(Duration::from_secs(3), consumer.poll()).await {
+        let batch = batch.unwrap();
+        last_offset = batch.last().map_or(last_offset, |r| r.offset);
+        got.extend(batch.iter().map(value));
+    }
+    let mut expected = part("kept", 0);
+    expected.extend(part("kept", 20));
+    expected.extend(part("kept", 40));
+    assert_eq!(got, expected, "read_committed on {:?}", broker.kind);
+    let end = consumer.high_watermark(&tp);
+    assert!(
+        consumer.position(&tp).is_some_and(|p| p > last_offset),
+        "position {:?} not past the last record {last_offset} (high watermark {end})",
+        consumer.position(&tp)
+    );
+    assert!(
+        consumer.last_stable_offset(&tp) >= 0,
+        "no last stable offset after fetching"
+    );
+    eprintln!(
+        "interleaved_transactions…: read_committed checked on {:?}: {} records in order; last stable offset {}, high watermark {end}",
+        broker.kind,
+        got.len(),
+        consumer.last_stable_offset(&tp)
+    );
 }
 
 /// A second producer with the same transactional id fences the first: the

@@ -323,6 +323,11 @@ async fn handle_done(
                         continue;
                     };
                     s.high_watermark = p.high_watermark;
+                    s.last_stable_offset = if p.last_stable_offset >= 0 {
+                        p.last_stable_offset
+                    } else {
+                        p.high_watermark
+                    };
                     match next {
                         Some(next) => {
                             s.fetch_position = Some(next);
@@ -376,6 +381,7 @@ async fn handle_done(
                     s.fetch_position = None;
                     s.position = None;
                     s.epoch = epoch;
+                    s.committed = None;
                 }
                 Some(code) => {
                     let err = Error::broker(

@@ -14,7 +14,12 @@
 //!
 //! A seek, assign or reset bumps the partition's epoch; data fetched under an older
 //! epoch is dropped when polled, so nothing from before a seek leaks after it.
+//!
+//! A read-committed consumer passes each partition's data through its
+//! [`committed`] filter, which holds transactional records until their
+//! transaction's marker is read.
 
+mod committed;
 mod fetcher;
 
 use std::collections::{HashMap, VecDeque};
@@ -26,7 +31,8 @@ use tokio::sync::{mpsc, Notify};
 
 use crate::cluster::Client;
 use crate::error::{Error, Result};
-use crate::records::{BatchDecoder, Header};
+use crate::records::{Batch, BatchDecoder, Header};
+use committed::{CommittedFilter, Filtered, HeldBudget};
 
 /// A topic and a partition.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -83,8 +89,28 @@ pub enum IsolationLevel {
     /// Everything written, including records of open and aborted transactions.
     #[default]
     ReadUncommitted,
-    /// Only committed records: reads stop at the last stable offset and records
-    /// of aborted transactions are dropped.
+    /// Only committed records, and control records never.
+    ///
+    /// Fetches ask the broker for read-committed data, so they stop at the last
+    /// stable offset (the first offset of a transaction still open). On top of
+    /// that the consumer decides each transactional batch itself from its
+    /// producer's next transaction marker in the log: a batch is handed out
+    /// once its COMMIT marker has been read and dropped at its ABORT marker.
+    /// A broker that sends aborted-transaction lists (Apache Kafka) gets
+    /// aborted batches it names dropped at once; a broker that sends empty
+    /// lists (tansu 0.6) is filtered from the markers alone, with the same
+    /// result.
+    ///
+    /// Until a batch's marker is read (possibly several fetches later: a fetch
+    /// may end between data and marker, and on Kafka a committed transaction's
+    /// marker can lie past the last stable offset when transactions
+    /// interleave), it and every record after it in the partition are held
+    /// back, so records still come out in offset order and
+    /// [`Consumer::position`] stays at the first held record. Held records of
+    /// all partitions are capped at half of
+    /// [`ConsumerConfig::max_buffered_bytes`]; past that a partition drops
+    /// them, reads ahead for the markers only, and reads the dropped range
+    /// again (more reading, not more memory).
     ReadCommitted,
 }
 
@@ -104,6 +130,9 @@ pub struct ConsumerConfig {
     /// Default 1 MiB.
     pub max_partition_fetch_bytes: i32,
     /// Bytes fetched ahead of the caller before the fetcher pauses. Default 64 MiB.
+    /// A read-committed consumer may also hold up to half as much again in
+    /// records waiting for their transaction's marker (see
+    /// [`IsolationLevel::ReadCommitted`]).
     pub max_buffered_bytes: usize,
     /// Verify each batch's CRC-32C. Default true.
     pub check_crcs: bool,
@@ -162,7 +191,13 @@ struct PartitionState {
     /// Stopped by an error until the next seek.
     failed: bool,
     high_watermark: i64,
+    /// The last fetch's last stable offset, or its high watermark when the
+    /// broker sent none; -1 before the first fetch.
+    last_stable_offset: i64,
     max_bytes: i32,
+    /// Read-committed state (held records, markers), carried across fetches;
+    /// created at the first read-committed fetch, dropped by a seek or reset.
+    committed: Option<CommittedFilter>,
 }
 
 #[derive(Debug, Default)]
@@ -193,6 +228,8 @@ pub(crate) struct Handle {
     shared: Mutex<Shared>,
     wake_fetcher: Notify,
     config: ConsumerConfig,
+    /// Bytes held by the read-committed filters of all partitions.
+    held: Arc<HeldBudget>,
 }
 
 impl Handle {
@@ -280,6 +317,7 @@ impl Consumer {
             shared: Mutex::new(Shared::default()),
             wake_fetcher: Notify::new(),
             config: config.clone(),
+            held: Arc::new(HeldBudget::new(config.max_buffered_bytes / 2)),
         });
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(fetcher::run(client, config.clone(), handle.clone(), tx));
@@ -374,6 +412,18 @@ impl Consumer {
             .map_or(-1, |s| s.high_watermark)
     }
 
+    /// The last stable offset of `tp` from the last fetch: the first offset of
+    /// a transaction still open, which a read-committed consumer does not read
+    /// past. When the broker sent none, the high watermark; -1 before the
+    /// first fetch.
+    pub fn last_stable_offset(&self, tp: &TopicPartition) -> i64 {
+        self.handle
+            .lock()
+            .partitions
+            .get(tp)
+            .map_or(-1, |s| s.last_stable_offset)
+    }
+
     /// The next record. Cancel-safe: a record is only removed when returned.
     pub async fn recv(&mut self) -> Result<ConsumerRecord> {
         loop {
@@ -440,6 +490,7 @@ impl Consumer {
         if let Some(e) = self.pending_error.take() {
             return Err(e);
         }
+        let committed = self.config.isolation == IsolationLevel::ReadCommitted;
         loop {
             let Some(fetched) = self.rx.recv().await else {
                 return Err(Error::Closed("consumer fetcher"));
@@ -455,48 +506,85 @@ impl Consumer {
                 }
                 shared
                     .partitions
-                    .get(&fetched.tp)
+                    .get_mut(&fetched.tp)
                     .filter(|s| s.epoch == fetched.epoch)
-                    .map(|s| s.position)
+                    .map(|s| {
+                        // Read committed: the filter is taken out while it
+                        // reads (outside the lock) and put back after.
+                        let filter = (committed && fetched.result.is_ok()).then(|| {
+                            s.committed
+                                .take()
+                                .unwrap_or_else(|| CommittedFilter::new(self.handle.held.clone()))
+                        });
+                        (s.position, filter)
+                    })
             };
-            let Some(position) = current else {
+            let Some((position, mut filter)) = current else {
                 continue; // fetched before a seek or unassign
             };
             let data = fetched.result?;
             let start = position
                 .unwrap_or(fetched.fetch_offset)
                 .max(fetched.fetch_offset);
-            let (records, next, error) = decode(
-                &fetched.tp,
-                data,
-                start,
-                self.config.check_crcs,
-                &fetched.aborted,
-            );
+            let Filtered {
+                records,
+                next,
+                error,
+                rewind,
+            } = match &mut filter {
+                Some(filter) => filter.push(
+                    &fetched.tp,
+                    data,
+                    start,
+                    self.config.check_crcs,
+                    &fetched.aborted,
+                ),
+                None => {
+                    let (records, next, error) =
+                        decode(&fetched.tp, data, start, self.config.check_crcs);
+                    let next = error.as_ref().map_or(next, |&(bad, _)| Some(bad));
+                    Filtered {
+                        records,
+                        next,
+                        error,
+                        rewind: None,
+                    }
+                }
+            };
             let mut epoch = fetched.epoch;
-            let mut next = next;
-            if let Some((bad, e)) = error {
-                // Fetch again from the bad batch: nothing after it is skipped.
-                // The new epoch drops data already fetched beyond it; the good
-                // records before it stay valid under that epoch.
+            // Fetch again from a bad batch (nothing after it is skipped), or
+            // from the first record a read-committed scan dropped. The new
+            // epoch drops data already fetched beyond it; the good records
+            // before it stay valid under that epoch, and so does the
+            // read-committed filter, which has read exactly up to it.
+            let refetch = error.as_ref().map(|&(bad, _)| bad).or(rewind);
+            if filter.is_some() || refetch.is_some() {
                 let mut shared = self.handle.lock();
-                let new_epoch = bump(&mut shared);
-                if let Some(state) = shared.partitions.get_mut(&fetched.tp) {
-                    if state.epoch == fetched.epoch {
-                        state.fetch_position = Some(bad);
+                let new_epoch = refetch.map(|_| bump(&mut shared));
+                if let Some(state) = shared
+                    .partitions
+                    .get_mut(&fetched.tp)
+                    .filter(|s| s.epoch == fetched.epoch)
+                {
+                    state.committed = filter;
+                    if let (Some(from), Some(new_epoch)) = (refetch, new_epoch) {
+                        state.fetch_position = Some(from);
                         state.epoch = new_epoch;
                         if records.is_empty() {
-                            state.position = Some(bad);
+                            state.position = next.or(Some(from));
                         }
                         epoch = new_epoch;
                     }
                 }
                 drop(shared);
-                self.handle.wake_fetcher.notify_one();
+                if refetch.is_some() {
+                    self.handle.wake_fetcher.notify_one();
+                }
+            }
+            if let Some((_, e)) = error {
                 if records.is_empty() {
                     return Err(e);
                 }
-                next = Some(bad);
                 self.pending_error = Some(e);
             }
             if !records.is_empty() {
@@ -542,7 +630,9 @@ fn new_state(offset: Offset, epoch: u64, config: &ConsumerConfig) -> PartitionSt
         in_flight: false,
         failed: false,
         high_watermark: -1,
+        last_stable_offset: -1,
         max_bytes: config.max_partition_fetch_bytes,
+        committed: None,
     }
 }
 
@@ -550,37 +640,18 @@ fn not_assigned(tp: &TopicPartition) -> Error {
     Error::Config(format!("partition {tp} is not assigned to this consumer"))
 }
 
-/// Decodes one partition's fetched bytes: the records at or after `start`, the
-/// offset after the last batch read, and — if a batch was bad — its offset and
-/// the error.
-///
-/// `aborted` lists the aborted transactions of the data (producer id, first
-/// offset), as a read-committed Fetch returns them: a transactional batch of a
-/// producer whose aborted transaction has begun is dropped, until that
-/// producer's abort marker. Control batches are never handed out.
+/// Decodes one partition's fetched bytes, read uncommitted: the records at or
+/// after `start`, the offset after the last batch read, and — if a batch was
+/// bad — its offset and the error. Control batches are never handed out.
 #[allow(clippy::type_complexity)]
 fn decode(
     tp: &TopicPartition,
     data: Bytes,
     start: i64,
     check_crc: bool,
-    aborted: &[(i64, i64)],
 ) -> (Vec<ConsumerRecord>, Option<i64>, Option<(i64, Error)>) {
     let mut out = Vec::new();
     let mut next = None;
-    let mut upcoming: Vec<(i64, i64)> = aborted.iter().map(|&(pid, first)| (first, pid)).collect();
-    upcoming.sort_unstable();
-    let mut upcoming = upcoming.into_iter().peekable();
-    let mut aborting: std::collections::HashSet<i64> = std::collections::HashSet::new();
-    let locate = |e: Error, offset: i64| match e {
-        Error::CorruptRecord { what, .. } => Error::CorruptRecord {
-            topic: Some(tp.topic.to_string()),
-            partition: Some(tp.partition),
-            offset,
-            what,
-        },
-        other => other,
-    };
     for batch in BatchDecoder::new(data, check_crc) {
         let batch = match batch {
             Ok(b) => b,
@@ -590,30 +661,10 @@ fn decode(
                     _ => start,
                 };
                 let offset = next.unwrap_or(offset);
-                return (out, next, Some((offset, locate(e, offset))));
+                return (out, next, Some((offset, locate(tp, e, offset))));
             }
         };
         let after = batch.last_offset().saturating_add(1);
-        if !aborted.is_empty() && batch.is_transactional() {
-            while let Some(&(first, pid)) = upcoming.peek() {
-                if first > batch.last_offset() {
-                    break;
-                }
-                aborting.insert(pid);
-                upcoming.next();
-            }
-            if batch.is_control() {
-                if is_abort_marker(&batch) {
-                    aborting.remove(&batch.producer_id);
-                }
-                next = Some(after);
-                continue;
-            }
-            if aborting.contains(&batch.producer_id) {
-                next = Some(after);
-                continue;
-            }
-        }
         if after <= start {
             continue;
         }
@@ -621,25 +672,9 @@ fn decode(
             if out.capacity() == 0 {
                 out.reserve(batch.record_count.clamp(0, 100_000) as usize);
             }
-            for record in batch.records() {
-                match record {
-                    Ok(r) if r.offset < start => {}
-                    Ok(r) => out.push(ConsumerRecord {
-                        topic: tp.topic.clone(),
-                        partition: tp.partition,
-                        offset: r.offset,
-                        timestamp: r.timestamp,
-                        key: r.key,
-                        value: r.value,
-                        headers: r.headers,
-                    }),
-                    Err(e) => {
-                        // Hand out what came before; the bad batch is fetched again.
-                        out.retain(|r| r.offset < batch.base_offset);
-                        let offset = batch.base_offset.max(start);
-                        return (out, next, Some((offset, locate(e, offset))));
-                    }
-                }
+            if let Err(bad) = push_records(tp, &batch, start, &mut out) {
+                // Hand out what came before; the bad batch is fetched again.
+                return (out, next, Some(bad));
             }
         }
         next = Some(after);
@@ -647,15 +682,49 @@ fn decode(
     (out, next, None)
 }
 
-/// Whether a control batch holds an abort marker (control record key: version
-/// i16, type i16 with 0 = abort, 1 = commit).
-fn is_abort_marker(batch: &crate::records::Batch) -> bool {
-    batch
-        .records()
-        .next()
-        .and_then(|r| r.ok())
-        .and_then(|r| r.key)
-        .is_some_and(|k| k.len() >= 4 && i16::from_be_bytes([k[2], k[3]]) == 0)
+/// Appends the records of `batch` at or after `from` to `out`. On a record that
+/// does not decode, takes this batch's records out again and returns the
+/// batch's offset (at least `from`) with the error.
+fn push_records(
+    tp: &TopicPartition,
+    batch: &Batch,
+    from: i64,
+    out: &mut Vec<ConsumerRecord>,
+) -> std::result::Result<(), (i64, Error)> {
+    let before = out.len();
+    for record in batch.records() {
+        match record {
+            Ok(r) if r.offset < from => {}
+            Ok(r) => out.push(ConsumerRecord {
+                topic: tp.topic.clone(),
+                partition: tp.partition,
+                offset: r.offset,
+                timestamp: r.timestamp,
+                key: r.key,
+                value: r.value,
+                headers: r.headers,
+            }),
+            Err(e) => {
+                out.truncate(before);
+                let offset = batch.base_offset.max(from);
+                return Err((offset, locate(tp, e, offset)));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Names the partition and offset in a record error.
+fn locate(tp: &TopicPartition, e: Error, offset: i64) -> Error {
+    match e {
+        Error::CorruptRecord { what, .. } => Error::CorruptRecord {
+            topic: Some(tp.topic.to_string()),
+            partition: Some(tp.partition),
+            offset,
+            what,
+        },
+        other => other,
+    }
 }
 
 #[cfg(test)]
@@ -677,7 +746,7 @@ mod tests {
         bytes.freeze()
     }
 
-    fn concat(parts: &[Bytes]) -> Bytes {
+    pub(in crate::consumer) fn concat(parts: &[Bytes]) -> Bytes {
         let mut out = BytesMut::new();
         for p in parts {
             out.extend_from_slice(p);
@@ -687,7 +756,12 @@ mod tests {
 
     /// A batch at `base` of producer `pid`; `control` makes it a transaction
     /// marker (0 = abort, 1 = commit) instead of data.
-    fn txn_batch(base: i64, pid: i64, values: &[&str], control: Option<i16>) -> Bytes {
+    pub(in crate::consumer) fn txn_batch(
+        base: i64,
+        pid: i64,
+        values: &[&str],
+        control: Option<i16>,
+    ) -> Bytes {
         let mut b = BatchBuilder::new(64);
         match control {
             Some(kind) => {
@@ -717,16 +791,16 @@ mod tests {
         bytes.freeze()
     }
 
-    fn values(records: &[ConsumerRecord]) -> Vec<String> {
+    pub(in crate::consumer) fn values(records: &[ConsumerRecord]) -> Vec<String> {
         records
             .iter()
             .map(|r| String::from_utf8(r.value.clone().unwrap().to_vec()).unwrap())
             .collect()
     }
 
-    /// Read committed: the aborted transaction's records are dropped, the
-    /// committed one's kept, markers never handed out, and the position moves
-    /// past all of it.
+    /// Read committed with the broker's aborted list: the aborted
+    /// transaction's records are dropped, the committed one's kept, markers
+    /// never handed out, and the position moves past all of it.
     #[test]
     fn aborted_transactions_are_filtered_and_markers_skipped() {
         let tp = TopicPartition::new("t", 0);
@@ -740,12 +814,13 @@ mod tests {
             txn_batch(6, 7, &["c6"], None),
             txn_batch(7, 7, &[], Some(1)),
         ]);
-        let (records, next, err) = decode(&tp, data.clone(), 0, true, &[(7, 0)]);
-        assert!(err.is_none());
-        assert_eq!(values(&records), ["c3", "c4", "c6"]);
-        assert_eq!(next, Some(8));
+        let mut filter = CommittedFilter::new(Arc::new(HeldBudget::new(usize::MAX)));
+        let out = filter.push(&tp, data.clone(), 0, true, &[(7, 0)]);
+        assert!(out.error.is_none() && out.rewind.is_none());
+        assert_eq!(values(&out.records), ["c3", "c4", "c6"]);
+        assert_eq!(out.next, Some(8));
         // Read uncommitted: every data record, still no markers.
-        let (records, _, _) = decode(&tp, data, 0, true, &[]);
+        let (records, _, _) = decode(&tp, data, 0, true);
         assert_eq!(values(&records), ["a0", "a1", "c3", "c4", "c6"]);
     }
 
@@ -755,7 +830,7 @@ mod tests {
     fn decode_skips_records_below_start() {
         let tp = TopicPartition::new("t", 0);
         let data = concat(&[batch(0, 5), batch(5, 5)]);
-        let (records, next, err) = decode(&tp, data, 3, true, &[]);
+        let (records, next, err) = decode(&tp, data, 3, true);
         assert!(err.is_none());
         assert_eq!(
             records.iter().map(|r| r.offset).collect::<Vec<_>>(),
@@ -770,7 +845,7 @@ mod tests {
         let tp = TopicPartition::new("t", 0);
         let second = batch(5, 5);
         let data = concat(&[batch(0, 5), second.slice(..second.len() - 1)]);
-        let (records, next, err) = decode(&tp, data, 0, true, &[]);
+        let (records, next, err) = decode(&tp, data, 0, true);
         assert!(err.is_none());
         assert_eq!(records.len(), 5);
         assert_eq!(next, Some(5));
@@ -785,7 +860,7 @@ mod tests {
         let n = bad.len();
         bad[n - 2] ^= 0xff;
         let data = concat(&[batch(0, 5), bad.freeze()]);
-        let (records, next, err) = decode(&tp, data, 0, true, &[]);
+        let (records, next, err) = decode(&tp, data, 0, true);
         assert_eq!(records.len(), 5);
         assert_eq!(next, Some(5));
         let (offset, e) = err.unwrap();
@@ -911,6 +986,170 @@ mod tests {
                 matches!(err, Error::OffsetOutOfRange { offset: 1_000, .. }),
                 "{err}"
             );
+        }
+    }
+
+    mod read_committed {
+        use std::sync::Mutex;
+        use std::time::Duration;
+
+        use kafka_protocol::messages::fetch_response::{FetchableTopicResponse, PartitionData};
+        use kafka_protocol::messages::*;
+        use kafka_protocol::protocol::{Decodable, StrBytes};
+
+        use super::*;
+        use crate::connection::response_frame;
+        use crate::testing::scripted_broker;
+        use crate::{Client, ClientConfig};
+
+        /// The partition `t-0` of a scripted broker: its batches (base offset,
+        /// offset after, bytes), which a test may append to, and the offsets
+        /// fetched so far.
+        #[derive(Default)]
+        struct Log {
+            batches: Vec<(i64, i64, Bytes)>,
+            fetched_from: Vec<i64>,
+        }
+
+        /// A broker serving `log`: each Fetch gets at most two batches from the
+        /// fetch offset (so markers often come a fetch after their data), a
+        /// high watermark at the end of the log and a last stable offset of
+        /// `lso`, and an empty aborted list, as tansu sends.
+        async fn broker(log: Arc<Mutex<Log>>, lso: i64) -> String {
+            scripted_broker("t", 1, &[(ApiKey::Fetch, 12)], move |mut req| {
+                let fetch = FetchRequest::decode(&mut req.body, req.version).unwrap();
+                assert_eq!(fetch.isolation_level, 1, "a read-committed fetch");
+                let offset = fetch.topics[0].partitions[0].fetch_offset;
+                let mut log = log.lock().unwrap();
+                log.fetched_from.push(offset);
+                let end = log.batches.last().map_or(0, |b| b.1);
+                let mut records = BytesMut::new();
+                for b in log.batches.iter().filter(|b| b.1 > offset).take(2) {
+                    records.extend_from_slice(&b.2);
+                }
+                let data = PartitionData::default()
+                    .with_high_watermark(end)
+                    .with_last_stable_offset(lso)
+                    .with_aborted_transactions(Some(vec![]))
+                    .with_records(Some(records.freeze()));
+                response_frame(
+                    req.correlation_id,
+                    req.version,
+                    FetchResponse::default()
+                        .with_responses(vec![FetchableTopicResponse::default()
+                            .with_topic(TopicName(StrBytes::from_static_str("t")))
+                            .with_partitions(vec![data])]),
+                )
+            })
+            .await
+        }
+
+        fn append(log: &Mutex<Log>, batch: Bytes, n: i64) {
+            let mut log = log.lock().unwrap();
+            let base = log.batches.last().map_or(0, |b| b.1);
+            let mut bytes = BytesMut::from(&batch[..]);
+            bytes[..8].copy_from_slice(&base.to_be_bytes());
+            log.batches.push((base, base + n, bytes.freeze()));
+        }
+
+        /// A transactional data batch of `pid` with one record.
+        fn data(log: &Mutex<Log>, pid: i64, value: &str) {
+            append(log, txn_batch(0, pid, &[value], None), 1);
+        }
+
+        fn marker(log: &Mutex<Log>, pid: i64, commit: bool) {
+            append(log, txn_batch(0, pid, &[], Some(commit as i16)), 1);
+        }
+
+        fn plain(log: &Mutex<Log>, value: &str) {
+            let mut b = crate::records::BatchBuilder::new(64);
+            b.push(0, None, Some(value.as_bytes()), &[]);
+            let bytes = b
+                .seal(Compression::None, ProducerIdentity::default())
+                .unwrap();
+            append(log, bytes, 1);
+        }
+
+        async fn consumer(addr: String, max_buffered_bytes: usize) -> Consumer {
+            let client = Client::connect(ClientConfig::new([addr])).await.unwrap();
+            let mut c = Consumer::new(
+                client,
+                ConsumerConfig {
+                    isolation: IsolationLevel::ReadCommitted,
+                    max_buffered_bytes,
+                    ..ConsumerConfig::default()
+                },
+            );
+            c.assign([(TopicPartition::new("t", 0), Offset::At(0))])
+                .unwrap();
+            c
+        }
+
+        async fn take(c: &mut Consumer, n: usize) -> Vec<String> {
+            let mut out = Vec::new();
+            while out.len() < n {
+                let r = tokio::time::timeout(Duration::from_secs(10), c.recv())
+                    .await
+                    .expect("records in time")
+                    .unwrap();
+                out.extend(values(&[r]));
+            }
+            out
+        }
+
+        /// Through the real fetcher: an open transaction holds its records and
+        /// everything after it, the position stays at its first record, and the
+        /// COMMIT marker written later hands them all out in order; the last
+        /// stable offset is the broker's.
+        #[tokio::test]
+        async fn open_transaction_holds_the_partition_until_its_marker() {
+            let log = Arc::new(Mutex::new(Log::default()));
+            plain(&log, "p0");
+            data(&log, 1, "a1");
+            plain(&log, "p2");
+            let mut c = consumer(broker(log.clone(), 1).await, 64 * 1024 * 1024).await;
+            let tp = TopicPartition::new("t", 0);
+            assert_eq!(c.last_stable_offset(&tp), -1);
+            assert_eq!(take(&mut c, 1).await, ["p0"]);
+            let more = tokio::time::timeout(Duration::from_millis(500), c.recv()).await;
+            assert!(more.is_err(), "a held record came out: {more:?}");
+            assert_eq!(c.position(&tp), Some(1));
+            assert_eq!(c.last_stable_offset(&tp), 1);
+            assert_eq!(c.high_watermark(&tp), 3);
+            marker(&log, 1, true);
+            plain(&log, "p4");
+            assert_eq!(take(&mut c, 3).await, ["a1", "p2", "p4"]);
+            assert_eq!(c.position(&tp), Some(5));
+        }
+
+        /// Through the real fetcher at a tiny memory budget: the held records
+        /// are dropped, the partition scans ahead for the markers, fetches again
+        /// from the first dropped offset and hands out exactly the committed
+        /// and plain records, once each, in order.
+        #[tokio::test]
+        async fn over_the_budget_the_partition_is_read_again_from_the_first_held_record() {
+            let log = Arc::new(Mutex::new(Log::default()));
+            data(&log, 1, "a0");
+            plain(&log, "p1");
+            data(&log, 2, "b2");
+            data(&log, 1, "a3");
+            plain(&log, "p4");
+            marker(&log, 2, false);
+            plain(&log, "p6");
+            marker(&log, 1, true);
+            plain(&log, "p8");
+            // Half of 300 bytes holds two small batches, not three.
+            let mut c = consumer(broker(log.clone(), 9).await, 300).await;
+            assert_eq!(take(&mut c, 6).await, ["a0", "p1", "a3", "p4", "p6", "p8"]);
+            let more = tokio::time::timeout(Duration::from_millis(300), c.recv()).await;
+            assert!(more.is_err(), "a record twice or an aborted one: {more:?}");
+            assert_eq!(c.position(&TopicPartition::new("t", 0)), Some(9));
+            let fetched = log.lock().unwrap().fetched_from.clone();
+            assert!(
+                fetched.iter().filter(|&&o| o == 0).count() >= 2,
+                "offset 0 was not read again: {fetched:?}"
+            );
+            assert_eq!(c.handle.held.used(), 0);
         }
     }
 }

@@ -604,6 +604,11 @@ impl GroupConsumer {
         self.consumer.high_watermark(tp)
     }
 
+    /// The last stable offset seen for `tp` (see [`Consumer::last_stable_offset`]).
+    pub fn last_stable_offset(&self, tp: &TopicPartition) -> i64 {
+        self.consumer.last_stable_offset(tp)
+    }
+
     /// The next offset [`GroupConsumer::poll`] returns for `tp`.
     pub fn position(&self, tp: &TopicPartition) -> Option<i64> {
         self.consumer.position(tp)
