@@ -38,7 +38,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use kafka_protocol::error::ResponseError;
 use kafka_protocol::messages::add_partitions_to_txn_response::{
     AddPartitionsToTxnPartitionResult, AddPartitionsToTxnTopicResult,
 };
@@ -74,6 +73,9 @@ use crate::connection::{response_frame, ConnectionConfig, Connector, Transport};
 use crate::records::{BatchBuilder, BatchDecoder, Compression, ProducerIdentity, Record};
 use crate::{ClientConfig, TopicPartition};
 
+pub use kafka_protocol::error::ResponseError;
+pub use kafka_protocol::messages::ApiKey;
+
 /// The broker's address.
 pub const ADDRESS: &str = "mock:9092";
 const HOST: &str = "mock";
@@ -85,9 +87,11 @@ const PORT: i32 = 9092;
 pub struct Call {
     /// The API.
     pub api: ApiKey,
-    /// The partitions it is about (Produce, Fetch, ListOffsets, offset
-    /// commits and fetches, AddPartitionsToTxn); empty for the others.
+    /// The partitions it is about (Produce, Fetch, offset commits); empty
+    /// for the others.
     pub partitions: Vec<TopicPartition>,
+    /// The topics it asks about (Metadata).
+    pub topics: Vec<String>,
     /// The consumer group, for group requests.
     pub group: Option<String>,
     /// The member id, for group requests that carry one.
@@ -547,27 +551,31 @@ fn reap(inner: &Inner) {
     }
 }
 
-/// Serves one connection: one request at a time, as a broker does.
-async fn serve(inner: Arc<Inner>, mut stream: DuplexStream) {
+/// Serves one connection. Requests are answered concurrently (the client
+/// matches responses by correlation id), so a request the hook holds back
+/// holds back nothing else — unlike Kafka, which answers a connection's
+/// requests in order.
+async fn serve(inner: Arc<Inner>, stream: DuplexStream) {
+    let (mut read, write) = tokio::io::split(stream);
+    let write = Arc::new(tokio::sync::Mutex::new(write));
     loop {
-        let Ok(len) = stream.read_i32().await else {
+        let Ok(len) = read.read_i32().await else {
             return;
         };
         let Ok(len) = usize::try_from(len) else {
             return;
         };
         let mut frame = vec![0u8; len];
-        if stream.read_exact(&mut frame).await.is_err() {
+        if read.read_exact(&mut frame).await.is_err() {
             return;
         }
-        let Some(out) = handle(&inner, Bytes::from(frame)).await else {
-            // Hang: keep the connection, never answer.
-            std::future::pending::<()>().await;
-            return;
-        };
-        if stream.write_all(&out).await.is_err() {
-            return;
-        }
+        let (inner, write) = (inner.clone(), write.clone());
+        tokio::spawn(async move {
+            // `None`: never answer.
+            if let Some(out) = handle(&inner, Bytes::from(frame)).await {
+                let _ = write.lock().await.write_all(&out).await;
+            }
+        });
     }
 }
 
@@ -598,7 +606,18 @@ async fn handle(inner: &Arc<Inner>, mut body: Bytes) -> Option<Vec<u8>> {
     }
     match api {
         ApiKey::ApiVersions => reply!(api_versions()),
-        ApiKey::Metadata => reply!(metadata(inner, decode!(MetadataRequest))),
+        ApiKey::Metadata => {
+            let req = decode!(MetadataRequest);
+            let mut call = plain_call(api);
+            call.topics = req
+                .topics
+                .iter()
+                .flatten()
+                .filter_map(|t| t.name.as_ref().map(|n| n.0.as_str().to_owned()))
+                .collect();
+            let fail = act(inner, &call).await?;
+            reply!(metadata(inner, req, fail))
+        }
         ApiKey::FindCoordinator => reply!(FindCoordinatorResponse::default()
             .with_node_id(BrokerId(0))
             .with_host(StrBytes::from_static_str(HOST))
@@ -617,6 +636,7 @@ async fn handle(inner: &Arc<Inner>, mut body: Bytes) -> Option<Vec<u8>> {
                             .map(|p| TopicPartition::new(t.name.0.as_str(), p.index))
                     })
                     .collect(),
+                topics: Vec::new(),
                 group: None,
                 member: None,
             };
@@ -636,6 +656,7 @@ async fn handle(inner: &Arc<Inner>, mut body: Bytes) -> Option<Vec<u8>> {
                             .map(|p| TopicPartition::new(t.topic.0.as_str(), p.partition))
                     })
                     .collect(),
+                topics: Vec::new(),
                 group: None,
                 member: None,
             };
@@ -741,6 +762,7 @@ fn plain_call(api: ApiKey) -> Call {
     Call {
         api,
         partitions: Vec::new(),
+        topics: Vec::new(),
         group: None,
         member: None,
     }
@@ -750,6 +772,7 @@ fn group_call(api: ApiKey, group: &StrBytes, member: Option<&StrBytes>) -> Call 
     Call {
         api,
         partitions: Vec::new(),
+        topics: Vec::new(),
         group: Some(group.as_str().to_owned()),
         member: member.map(|m| m.as_str().to_owned()),
     }
@@ -800,7 +823,7 @@ fn api_versions() -> ApiVersionsResponse {
     )
 }
 
-fn metadata(inner: &Inner, req: MetadataRequest) -> MetadataResponse {
+fn metadata(inner: &Inner, req: MetadataRequest, fail: Option<ResponseError>) -> MetadataResponse {
     let state = lock(&inner.state);
     let names: Vec<String> = match &req.topics {
         Some(ts) => ts
@@ -811,10 +834,13 @@ fn metadata(inner: &Inner, req: MetadataRequest) -> MetadataResponse {
     };
     let topics = names
         .into_iter()
-        .map(|t| match state.topics.get(&t) {
+        .map(|t| match state.topics.get(&t).filter(|_| fail.is_none()) {
             None => MetadataResponseTopic::default()
                 .with_name(Some(name(&t)))
-                .with_error_code(ResponseError::UnknownTopicOrPartition.code()),
+                .with_error_code(
+                    fail.unwrap_or(ResponseError::UnknownTopicOrPartition)
+                        .code(),
+                ),
             Some(logs) => MetadataResponseTopic::default()
                 .with_name(Some(name(&t)))
                 .with_partitions(

@@ -27,7 +27,7 @@ pub mod store;
 pub mod table;
 
 pub use error::{Result, StateError};
-pub use logged::LoggedStore;
+pub use logged::{LoggedStore, Refused};
 pub use memory::MemoryStore;
 pub use recovery::{recover, recover_with_progress, Recovery, RecoveryProgress, Standby};
 pub use redb_store::{reset, store_path, RedbStore};

@@ -12,6 +12,17 @@ use strom_client::producer::{DeliveryFuture, Producer, ProducerRecord};
 use crate::error::{Result, StateError};
 use crate::store::{Durability, Store, WriteBatch};
 
+/// A write [`LoggedStore::write`] could not make, with what it was given.
+#[derive(Debug)]
+pub struct Refused {
+    /// Why.
+    pub error: StateError,
+    /// The key, handed back.
+    pub key: Vec<u8>,
+    /// The value (`None`: a delete), handed back.
+    pub value: Option<Vec<u8>>,
+}
+
 /// One table partition: a [`Store`] plus its changelog partition.
 ///
 /// Reads see the writes not yet flushed. The producer passed in decides how the
@@ -65,15 +76,29 @@ impl LoggedStore {
 
     /// Sets `key` to `value` (sent to the changelog now, stored at the next flush).
     pub async fn put(&mut self, key: Vec<u8>, value: Vec<u8>) -> Result<()> {
-        self.log(&key, Some(&value)).await?;
-        self.pending.put(key, value);
-        Ok(())
+        self.write(key, Some(value)).await.map_err(|r| r.error)
     }
 
     /// Deletes `key` (a tombstone in the changelog).
     pub async fn delete(&mut self, key: Vec<u8>) -> Result<()> {
-        self.log(&key, None).await?;
-        self.pending.delete(key);
+        self.write(key, None).await.map_err(|r| r.error)
+    }
+
+    /// Sets `key` to `value`, or deletes it when `value` is `None`. If the
+    /// changelog record cannot be sent, nothing changes and the key and value
+    /// come back with the error, so the caller can try again without copies.
+    pub async fn write(
+        &mut self,
+        key: Vec<u8>,
+        value: Option<Vec<u8>>,
+    ) -> std::result::Result<(), Refused> {
+        if let Err(error) = self.log(&key, value.as_deref()).await {
+            return Err(Refused { error, key, value });
+        }
+        match value {
+            Some(v) => self.pending.put(key, v),
+            None => self.pending.delete(key),
+        }
         Ok(())
     }
 
@@ -98,11 +123,23 @@ impl LoggedStore {
         self.flush(Durability::Durable).await
     }
 
-    /// Waits until the changelog has every pending change, then commits them
+    /// Forgets the pending changes and their changelog deliveries without
+    /// storing them: their Kafka transaction was aborted, so the changelog
+    /// holds none of them either (exactly-once).
+    pub fn discard(&mut self) {
+        self.pending.clear();
+        self.deliveries.clear();
+    }
+
+    /// Waits until the changelog has every pending change (their own
+    /// deliveries only, not the producer's other traffic), then commits them
     /// to the store together with the offset of the last one. A durable flush
-    /// also makes every earlier fast commit durable, pending changes or not. Returns that
-    /// offset (`None` when nothing was pending). If the changelog refused a
-    /// change, nothing is committed and the error says which.
+    /// also makes every earlier fast commit durable, pending changes or not.
+    /// Returns that offset (`None` when nothing was pending). If the changelog
+    /// refused a change, nothing is committed and the error says which.
+    ///
+    /// Under exactly-once it is called once the transaction holding the
+    /// changes has committed, so the store never holds an aborted change.
     pub async fn flush(&mut self, durability: Durability) -> Result<Option<i64>> {
         if self.deliveries.is_empty() {
             if durability == Durability::Durable {
@@ -118,18 +155,13 @@ impl LoggedStore {
             }
             return Ok(None);
         }
-        self.producer.flush().await?;
         let mut last = None;
         for d in &self.deliveries {
-            match d.try_result() {
-                Some(Ok(m)) => last = last.max(Some(m.offset)),
-                Some(Err(e)) => return Err(e.into()),
-                None => {
-                    return Err(StateError::Kafka(strom_client::Error::Closed(
-                        "changelog producer",
-                    )))
-                }
-            }
+            let written = match d.try_result() {
+                Some(done) => done?,
+                None => d.clone().await?,
+            };
+            last = last.max(Some(written.offset));
         }
         let batch = std::mem::take(&mut self.pending);
         let store = self.store.clone();

@@ -2,9 +2,12 @@
 
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
-use strom_client::consumer::{Consumer, ConsumerConfig, ConsumerRecord, Offset, TopicPartition};
+use strom_client::consumer::{
+    Consumer, ConsumerConfig, ConsumerRecord, IsolationLevel, Offset, TopicPartition,
+};
 use strom_client::{Client, OffsetSpec};
 use tokio::sync::watch;
 use tracing::info;
@@ -37,17 +40,35 @@ pub struct RecoveryProgress {
 
 /// Records applied per store transaction during replay.
 const REPLAY_BATCH: usize = 20_000;
-/// How long the log must stay quiet past the high watermark to count as read.
+/// How long the log must stay quiet at its end to count as read.
 const QUIET: Duration = Duration::from_millis(300);
+/// How long replay may make no progress below the end before it fails.
+const STALL: Duration = Duration::from_secs(30);
+/// How often a standby writes what it applied to disk: bounds both what a
+/// promotion after a crash replays and the memory redb keeps until a durable
+/// commit.
+const STANDBY_DURABLE_EVERY: Duration = Duration::from_secs(5);
 
-fn recovery_consumer(client: &Client) -> Consumer {
+fn recovery_consumer(client: &Client, isolation: IsolationLevel) -> Consumer {
     Consumer::new(
         client.clone(),
         ConsumerConfig {
             fetch_max_wait: Duration::from_millis(100),
+            isolation,
             ..ConsumerConfig::default()
         },
     )
+}
+
+/// Where the log of `tp` ends for `consumer`, as its last fetch said: the
+/// last stable offset when it reads committed records only (records of an
+/// open transaction are not there yet), else the high watermark; -1 before
+/// the first fetch.
+fn log_end(consumer: &Consumer, tp: &TopicPartition, isolation: IsolationLevel) -> i64 {
+    match isolation {
+        IsolationLevel::ReadCommitted => consumer.last_stable_offset(tp),
+        IsolationLevel::ReadUncommitted => consumer.high_watermark(tp),
+    }
 }
 
 /// The changelog offset the store reflects, read off the async runtime (redb blocks).
@@ -91,12 +112,14 @@ fn add_changes(batch: &mut WriteBatch, records: Vec<ConsumerRecord>) -> Option<i
 }
 
 /// Replays `topic`'s partition `partition` into `store` from the offset after
-/// the one it reflects (from the start for a fresh store) to the end of the log.
+/// the one it reflects (from the start for a fresh store) to the end of the
+/// log, reading every record (see [`recover_with_progress`] for only
+/// committed ones).
 ///
-/// "The end" is the high watermark found at the start, used as a hint only:
-/// reading goes on until the position is at or past it and the log has been
-/// quiet for a moment, so a broker that under-reports the watermark loses
-/// nothing. Progress is logged every few seconds.
+/// "The end" is where the last fetch response says the log ends, once the
+/// log has been quiet there for a moment; the high watermark that ListOffsets
+/// reports at the start is only a hint for progress reports (some brokers
+/// under-report it). Progress is logged every few seconds.
 pub async fn recover(
     client: &Client,
     store: Arc<dyn Store>,
@@ -108,17 +131,22 @@ pub async fn recover(
         store,
         topic,
         partition,
+        IsolationLevel::ReadUncommitted,
         &RecoveryProgress::default(),
     )
     .await
 }
 
-/// [`recover`], counting into `progress` as it goes.
+/// [`recover`], reading with `isolation` and counting into `progress` as it
+/// goes. With [`IsolationLevel::ReadCommitted`] (exactly-once) records of
+/// aborted transactions are never applied, and replay ends at the last
+/// stable offset: the records of a transaction still open are not there yet.
 pub async fn recover_with_progress(
     client: &Client,
     store: Arc<dyn Store>,
     topic: &str,
     partition: i32,
+    isolation: IsolationLevel,
     progress: &RecoveryProgress,
 ) -> Result<Recovery> {
     let started = Instant::now();
@@ -133,7 +161,7 @@ pub async fn recover_with_progress(
     let high_watermark = latest.get(&partition).copied().unwrap_or(0);
     let from = reflected.map_or(earliest, |o| (o + 1).max(earliest));
     let tp = TopicPartition::new(topic, partition);
-    let mut consumer = recovery_consumer(client);
+    let mut consumer = recovery_consumer(client, isolation);
     consumer.assign([(tp.clone(), Offset::At(from))])?;
     progress
         .to_replay
@@ -142,23 +170,30 @@ pub async fn recover_with_progress(
     let mut batch = WriteBatch::default();
     let (mut replayed, mut last) = (0u64, reflected.unwrap_or(-1));
     let mut next_report = Instant::now() + Duration::from_secs(2);
+    let mut last_news = Instant::now();
     loop {
+        let polled = tokio::time::timeout(Duration::from_millis(100), consumer.poll()).await;
         let position = consumer.position(&tp).unwrap_or(from);
-        let wait = if position >= high_watermark {
-            QUIET
-        } else {
-            Duration::from_secs(30)
-        };
-        let records = match tokio::time::timeout(wait, consumer.poll()).await {
+        let end = log_end(&consumer, &tp, isolation);
+        let records = match polled {
             Ok(records) => records?,
-            Err(_) if position >= high_watermark => break,
-            Err(_) => {
+            Err(_) if end >= 0 && position >= end => {
+                if last_news.elapsed() >= QUIET {
+                    break;
+                }
+                continue;
+            }
+            Err(_) if last_news.elapsed() >= STALL => {
                 return Err(StateError::Kafka(strom_client::Error::Disconnected {
                     broker: format!("leader of {tp}"),
-                    reason: format!("no changelog records for {wait:?} at offset {position}, below the high watermark {high_watermark}"),
+                    reason: format!(
+                        "no changelog records for {STALL:?} at offset {position}, below the end {end}"
+                    ),
                 }))
             }
+            Err(_) => continue,
         };
+        last_news = Instant::now();
         replayed += records.len() as u64;
         if let Some(offset) = add_changes(&mut batch, records) {
             last = offset;
@@ -194,11 +229,19 @@ pub struct Standby {
     task: tokio::task::JoinHandle<Result<()>>,
     topic: String,
     partition: i32,
+    isolation: IsolationLevel,
 }
 
 impl Standby {
-    /// Starts tailing `topic`'s partition `partition` into `store`.
-    pub fn start(client: &Client, store: Arc<dyn Store>, topic: &str, partition: i32) -> Standby {
+    /// Starts tailing `topic`'s partition `partition` into `store`, reading
+    /// with `isolation` (committed records only under exactly-once).
+    pub fn start(
+        client: &Client,
+        store: Arc<dyn Store>,
+        topic: &str,
+        partition: i32,
+        isolation: IsolationLevel,
+    ) -> Standby {
         let (stop, mut stopped) = watch::channel(false);
         let applied = Arc::new(AtomicI64::new(-1));
         let task = tokio::spawn({
@@ -212,9 +255,10 @@ impl Standby {
                 let reflected = reflected_offset(&store).await?;
                 applied.store(reflected.unwrap_or(-1), Ordering::SeqCst);
                 let tp = TopicPartition::new(&topic, partition);
-                let mut consumer = recovery_consumer(&client);
+                let mut consumer = recovery_consumer(&client, isolation);
                 let start = reflected.map_or(Offset::Earliest, |o| Offset::At(o + 1));
                 consumer.assign([(tp, start)])?;
+                let mut last_durable = Instant::now();
                 loop {
                     let records = tokio::select! {
                         r = consumer.poll() => r?,
@@ -222,7 +266,13 @@ impl Standby {
                     };
                     let mut batch = WriteBatch::default();
                     let last = add_changes(&mut batch, records).unwrap_or(-1);
-                    apply(&store, batch, last, Durability::Fast).await?;
+                    let durability = if last_durable.elapsed() >= STANDBY_DURABLE_EVERY {
+                        last_durable = Instant::now();
+                        Durability::Durable
+                    } else {
+                        Durability::Fast
+                    };
+                    apply(&store, batch, last, durability).await?;
                     applied.store(last, Ordering::SeqCst);
                 }
             }
@@ -234,6 +284,7 @@ impl Standby {
             task,
             topic: topic.to_owned(),
             partition,
+            isolation,
         }
     }
 
@@ -250,9 +301,18 @@ impl Standby {
     /// Stops tailing and replays whatever is left, making the store ready to
     /// serve as the active one.
     pub async fn promote(self, client: &Client) -> Result<(Arc<dyn Store>, Recovery)> {
-        let (topic, partition) = (self.topic.clone(), self.partition);
+        let (topic, partition, isolation) = (self.topic.clone(), self.partition, self.isolation);
         let store = self.stop().await?;
-        let recovery = recover(client, store.clone(), &topic, partition).await?;
+        let progress = RecoveryProgress::default();
+        let recovery = recover_with_progress(
+            client,
+            store.clone(),
+            &topic,
+            partition,
+            isolation,
+            &progress,
+        )
+        .await?;
         Ok((store, recovery))
     }
 

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use strom_client::{Client, ClientConfig, NewTopic};
+use strom_client::{Client, NewTopic};
 use strom_state::TableKey;
 use strom_worker::{
     AgentError, ErrorPolicy, KeyParser, ProcessingGuarantee, Processor, Schedule, StoreKind, Timer,
@@ -27,8 +27,10 @@ use crate::topic::{Declared, Topic};
 /// a worker. Start more workers with the same id and they share the partitions.
 ///
 /// Settings come from the builder methods, or from the environment:
-/// `STROM_BROKERS` (comma-separated, default `127.0.0.1:9092`) and
-/// `STROM_STATE_DIR` (default `./strom-state/<id>`).
+/// `STROM_BROKERS` (comma-separated, default `127.0.0.1:9092`),
+/// `STROM_STATE_DIR` (default `./strom-state/<id>`),
+/// `STROM_PROCESSING_GUARANTEE` (`at_least_once`, the default, or
+/// `exactly_once`) and `STROM_INSTANCE_ID`.
 ///
 /// ```no_run
 /// use strom::{App, codec::{NoKey, Utf8}};
@@ -45,6 +47,8 @@ use crate::topic::{Declared, Topic};
 /// ```
 pub struct App {
     pub(crate) config: WorkerConfig,
+    /// The commit interval was set explicitly (else it follows the guarantee).
+    commit_interval_set: bool,
     pub(crate) partitions: i32,
     pub(crate) topics: Vec<(String, Arc<Mutex<Declared>>)>,
     /// (repartition topic, its source topic)
@@ -81,8 +85,24 @@ impl App {
         if let Ok(dir) = std::env::var("STROM_STATE_DIR") {
             config.state_dir = PathBuf::from(dir);
         }
+        if let Ok(id) = std::env::var("STROM_INSTANCE_ID") {
+            config.instance_id = Some(id);
+        }
+        let guarantee = std::env::var("STROM_PROCESSING_GUARANTEE")
+            .ok()
+            .and_then(|g| match g.parse::<ProcessingGuarantee>() {
+                Ok(g) => Some(g),
+                Err(e) => {
+                    warn!("STROM_PROCESSING_GUARANTEE: {e}; using at_least_once");
+                    None
+                }
+            });
+        if let Some(g) = guarantee {
+            config.guarantee = g;
+        }
         App {
             config,
+            commit_interval_set: false,
             partitions: 8,
             topics: Vec::new(),
             repartitions: Vec::new(),
@@ -101,7 +121,7 @@ impl App {
 
     /// Bootstrap brokers (overrides `STROM_BROKERS`).
     pub fn with_brokers<S: Into<String>>(mut self, brokers: impl IntoIterator<Item = S>) -> Self {
-        self.config.brokers = brokers.into_iter().map(Into::into).collect();
+        self.config.client.bootstrap = brokers.into_iter().map(Into::into).collect();
         self
     }
 
@@ -130,16 +150,35 @@ impl App {
         self
     }
 
-    /// The processing guarantee (at-least-once, the default and for now the
-    /// only one).
+    /// The processing guarantee (overrides `STROM_PROCESSING_GUARANTEE`):
+    /// at-least-once (the default) or exactly-once, Kafka Streams'
+    /// `exactly_once_v2` (see [`ProcessingGuarantee`]).
+    ///
+    /// ```no_run
+    /// use strom::ProcessingGuarantee;
+    /// let app = strom::App::new("payments").with_processing_guarantee(ProcessingGuarantee::ExactlyOnce);
+    /// # let _ = app;
+    /// ```
     pub fn with_processing_guarantee(mut self, guarantee: ProcessingGuarantee) -> Self {
         self.config.guarantee = guarantee;
         self
     }
 
-    /// How often processed offsets are committed. Default 1 s.
+    /// This worker's stable identity (overrides `STROM_INSTANCE_ID`; default:
+    /// an id kept in the state directory). Under exactly-once it names the
+    /// worker's transactional producer, so a restarted worker fences its
+    /// previous run: give each worker of an app its own, and keep it across
+    /// restarts.
+    pub fn with_instance_id(mut self, id: impl Into<String>) -> Self {
+        self.config.instance_id = Some(id.into());
+        self
+    }
+
+    /// How often processed offsets are committed. Default 1 s at least once,
+    /// 100 ms exactly once (Kafka Streams' defaults).
     pub fn with_commit_interval(mut self, interval: Duration) -> Self {
         self.config.commit_interval = interval;
+        self.commit_interval_set = true;
         self
     }
 
@@ -321,8 +360,7 @@ impl App {
 
     /// Creates missing topics, then runs a worker until `shutdown` completes.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<()> {
-        let client =
-            Client::connect(ClientConfig::new(self.config.brokers.iter().cloned())).await?;
+        let client = Client::connect(self.config.client.clone()).await?;
         let replication = self.config.replication;
         for (topic, declared) in &self.topics {
             let settings = declared
@@ -342,7 +380,11 @@ impl App {
             let partitions = client.topic_metadata(source).await?.partitions.len() as i32;
             ensure(&client, NewTopic::new(topic, partitions, replication), true).await?;
         }
-        let mut worker = Worker::new(self.config);
+        let mut config = self.config;
+        if config.guarantee == ProcessingGuarantee::ExactlyOnce && !self.commit_interval_set {
+            config.commit_interval = Duration::from_millis(100);
+        }
+        let mut worker = Worker::new(config);
         for (t, parse) in self.tables {
             worker = worker.table_with_key(t, parse);
         }

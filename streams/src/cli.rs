@@ -8,7 +8,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use strom_client::producer::{Producer, ProducerConfig, ProducerRecord};
-use strom_client::{Client, ClientConfig};
+use strom_client::Client;
 use strom_state::changelog;
 use tracing::info;
 
@@ -52,6 +52,12 @@ enum Command {
         /// Log filter, e.g. `info` or `strom_worker=debug`.
         #[arg(long, default_value = "info")]
         log_level: String,
+        /// `at_least_once` (the default) or `exactly_once` (default: STROM_PROCESSING_GUARANTEE).
+        #[arg(long)]
+        processing_guarantee: Option<strom_worker::ProcessingGuarantee>,
+        /// This worker's stable identity (default: STROM_INSTANCE_ID, else one kept in the state directory).
+        #[arg(long)]
+        instance_id: Option<String>,
     },
     /// Sends VALUE (and --key) to TOPIC, checked with the topic's codecs: JSON text for JSON topics, text for UTF-8 ones.
     Send {
@@ -108,12 +114,23 @@ pub(crate) fn main(app: App) -> ExitCode {
             web_host,
             without_web,
             log_level: _,
-        } => worker(
-            app,
-            brokers,
-            state_dir,
-            web(web_port, web_bind, web_host, without_web),
-        ),
+            processing_guarantee,
+            instance_id,
+        } => {
+            let mut app = app;
+            if let Some(g) = processing_guarantee {
+                app = app.with_processing_guarantee(g);
+            }
+            if let Some(id) = instance_id {
+                app = app.with_instance_id(id);
+            }
+            worker(
+                app,
+                brokers,
+                state_dir,
+                web(web_port, web_bind, web_host, without_web),
+            )
+        }
         Command::Send {
             topic,
             value,
@@ -221,7 +238,7 @@ async fn send(
             source,
         }
     })?;
-    let client = Client::connect(ClientConfig::new(app.config.brokers.iter().cloned())).await?;
+    let client = Client::connect(app.config.client.clone()).await?;
     let producer = Producer::new(client, ProducerConfig::default())?;
     let mut deliveries = Vec::with_capacity(repeat);
     for _ in 0..repeat {

@@ -77,15 +77,31 @@ impl Ctx {
     }
 
     /// Replaces the value of `key` with `f(old or default)` and returns it.
+    /// Atomic: no other event of this partition reads or writes `table` in
+    /// between, so agents with [`concurrency`](crate::Stream::concurrency)
+    /// lose no update.
     pub async fn update<K, V, F>(&self, table: &Table<K, V>, key: &K, f: F) -> Result<V>
     where
         K: TableKey,
         V: Serialize + DeserializeOwned,
         F: FnOnce(V) -> V,
     {
-        let new = f(self.get(table, key).await?);
-        self.set(table, key, &new).await?;
-        Ok(new)
+        let bytes = self.check_partition(&table.name, key)?;
+        let updated: Result<V> = self
+            .inner
+            .update(&table.name, bytes, |old| {
+                let old = match old {
+                    Some(v) => {
+                        serde_json::from_slice(&v).map_err(|e| value_error(&table.name, e))?
+                    }
+                    None => (table.default)(),
+                };
+                let new = f(old);
+                let encoded = serde_json::to_vec(&new).map_err(|e| value_error(&table.name, e))?;
+                Ok::<_, Error>((encoded, new))
+            })
+            .await?;
+        updated
     }
 
     /// Deletes `key` from `table`.

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use std::sync::atomic::Ordering;
 use strom_client::producer::{Producer, ProducerConfig};
-use strom_client::Client;
+use strom_client::{Client, IsolationLevel};
 use strom_it::{unique_topic, TestBroker};
 
 use strom_state::{
@@ -70,14 +70,27 @@ async fn changelog_recovers_exactly_and_replays_only_the_gap() {
     // A standby starts tailing now.
     let standby_store: Arc<dyn Store> =
         Arc::new(RedbStore::open(dir.join("standby.redb")).unwrap());
-    let standby = Standby::start(&client, standby_store, &topic, 0);
+    let standby = Standby::start(
+        &client,
+        standby_store,
+        &topic,
+        0,
+        IsolationLevel::ReadUncommitted,
+    );
 
     // Lose the local state completely: a fresh store recovers it all.
     let fresh: Arc<dyn Store> = Arc::new(RedbStore::open(dir.join("fresh.redb")).unwrap());
     let progress = RecoveryProgress::default();
-    let full = recover_with_progress(&client, fresh.clone(), &topic, 0, &progress)
-        .await
-        .unwrap();
+    let full = recover_with_progress(
+        &client,
+        fresh.clone(),
+        &topic,
+        0,
+        IsolationLevel::ReadUncommitted,
+        &progress,
+    )
+    .await
+    .unwrap();
     assert_eq!(progress.replayed.load(Ordering::Relaxed), full.replayed);
     assert!(progress.to_replay.load(Ordering::Relaxed) > 0);
     assert_eq!(full.to, last);

@@ -28,6 +28,32 @@ pub enum WorkerError {
         /// What the agent said (or the panic message).
         error: String,
     },
+    /// A call of the framework itself while processing an event (a send, a
+    /// table write and its changelog record) still failed after retries. It
+    /// is not the agent's error and no error policy skips it: the event is
+    /// not committed and the worker stops.
+    #[error(
+        "partition {partition}: {what} failed {attempts} time(s), the last time with: {error}"
+    )]
+    Framework {
+        /// The partition number.
+        partition: i32,
+        /// What failed.
+        what: String,
+        /// How often it was tried.
+        attempts: u32,
+        /// The last error.
+        error: String,
+    },
+    /// Another worker uses this worker's transactional id (exactly-once):
+    /// two workers share an instance id or a state directory.
+    #[error("transactional id {transactional_id:?} was taken over by another worker ({reason}); give each worker its own --instance-id or state directory")]
+    Fenced {
+        /// The transactional id.
+        transactional_id: String,
+        /// What the broker said.
+        reason: String,
+    },
     /// A record that processing an event caused was not acknowledged: the
     /// event's offset is not committed and the worker stops, so a restart
     /// processes it again (at-least-once).
@@ -39,4 +65,16 @@ pub enum WorkerError {
         #[source]
         source: strom_client::Error,
     },
+}
+
+impl WorkerError {
+    /// Whether trying the same call again may succeed (a lost connection, a
+    /// leader moving, a timeout).
+    pub fn is_retriable(&self) -> bool {
+        match self {
+            WorkerError::Client(e) => e.is_retriable(),
+            WorkerError::State(strom_state::StateError::Kafka(e)) => e.is_retriable(),
+            _ => false,
+        }
+    }
 }

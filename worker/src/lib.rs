@@ -2,159 +2,90 @@
 //!
 //! # Layout
 //!
+//! - [`config`]: [`WorkerConfig`], [`StoreKind`], [`ProcessingGuarantee`].
 //! - [`assignor`]: [`CopartitionedAssignor`] — partition number `p` of every
 //!   source topic goes to one worker, with the tables of `p`; sticky.
 //! - [`processor`]: the [`Processor`] contract agents compile down to, and the
 //!   [`Context`] they see (tables, sends).
-//! - `partition`: one task per partition number — recover its tables, process
-//!   its events in order, checkpoint on request.
-//! - [`Worker`]: joins the group, routes events to partition tasks, commits.
+//! - `task`: one task per partition number — restore its tables, process its
+//!   events in order, answer checkpoints and commit rounds ahead of its data.
+//! - `manager`: the task manager — starts, routes to, commits and closes the
+//!   tasks; derives readiness from their states.
+//! - `eos`: exactly-once — the worker's transactional producer.
+//! - `listener`, `standby`, `policy`: rebalance callbacks, standby replicas,
+//!   error policies.
+//! - [`timer`], [`web`], [`metrics`]: timers, the web server, `/metrics`.
+//! - [`Worker`]: joins the group, runs the poll loop, the committer and the
+//!   timers until shutdown.
 //!
 //! ```text
-//!  GroupConsumer ──poll──► route by partition number ──► partition task p
-//!       │ listener                                         (tables of p,
-//!       ├─ assigned: start task p (recovers tables)         events in order)
-//!       └─ revoked: close task p → flush tables, await sends → commit
-//!  every commit interval: checkpoint every task → commit
+//!  GroupConsumer ──poll──► route by partition number ──► task p (tables of p,
+//!       │ listener                                         events in order)
+//!       ├─ assigned: start task p (restores its tables)        ▲ control first
+//!       ├─ revoked: last commit → close task p                 │
+//!       └─ lost: drop task p (nothing committed)               │
+//!  committer, every commit interval: checkpoint / commit round ─┘ → commit
 //! ```
 //!
-//! # Guarantee: at-least-once
+//! # Guarantees
 //!
-//! An offset is committed only after everything that processing the events
-//! before it caused — records sent, changelog records of table writes — is
-//! acknowledged by the broker, and the tables are flushed. A crash replays the
-//! events after the last commit; nothing is lost.
+//! At least once (the default): an offset is committed only after everything
+//! that processing the events before it caused — records sent, changelog
+//! records of table writes — is acknowledged by the broker, and the tables
+//! have stored it. A crash replays the events after the last commit; nothing
+//! is lost.
+//!
+//! Exactly once: the outputs, changelog records and input offsets of a commit
+//! interval commit in one Kafka transaction; a table applies its writes to its
+//! store only after their transaction commits, so a store never holds an
+//! aborted write and recovery (read-committed) replays exactly the committed
+//! ones. See `eos` for fencing.
 #![warn(missing_docs, missing_debug_implementations)]
 #![deny(rustdoc::broken_intra_doc_links)]
 
 pub mod assignor;
+pub mod config;
+mod eos;
 mod error;
+mod listener;
+mod manager;
 pub mod metrics;
-mod partition;
 mod policy;
 pub mod processor;
+mod standby;
+mod task;
+#[cfg(test)]
+mod tests;
 pub mod timer;
 pub mod web;
 
 use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use strom_client::consumer::{AutoOffsetReset, TopicPartition};
-use strom_client::group::{
-    GroupConfig, GroupConsumer, GroupHandle, ListenerFuture, RebalanceListener,
-};
+use strom_client::consumer::AutoOffsetReset;
+use strom_client::group::{GroupConfig, GroupConsumer, GroupHandle};
 use strom_client::producer::{Producer, ProducerConfig};
-use strom_client::{Client, ClientConfig};
-use strom_state::{changelog, Standby};
-use tokio::sync::{oneshot, Notify};
+use strom_client::Client;
+use strom_state::changelog;
+use tokio::sync::Notify;
 use tracing::{info, warn};
 
 pub use assignor::{CopartitionedAssignor, MemberPlacement, Placement};
 pub use axum;
+pub use config::{ProcessingGuarantee, StoreKind, WorkerConfig};
 pub use error::WorkerError;
 pub use metrics::Metrics;
 pub use processor::{AgentError, Context, DecodeError, ErrorPolicy, ProcessFuture, Processor};
 pub use timer::{Schedule, Timer, TimerContext};
 pub use web::KeyParser;
 
-use partition::{Inbox, Msg, Offsets, Spec};
-
-/// Where tables keep their data.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum StoreKind {
-    /// One redb file per table partition under the state directory: a restart
-    /// replays only the changelog records since the last flush.
-    #[default]
-    Redb,
-    /// In memory: every start replays the whole changelog.
-    Memory,
-}
-
-/// What a worker guarantees about events and their effects across crashes
-/// and rebalances.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-#[non_exhaustive]
-pub enum ProcessingGuarantee {
-    /// Every event's effects (sends, table writes) are acknowledged before its
-    /// offset is committed: after a crash, the events since the last commit
-    /// are processed again, so an effect may happen twice but never not at all.
-    /// The one commit path is `checkpoint` → `commit`; exactly-once will put
-    /// that checkpoint in a transaction.
-    #[default]
-    AtLeastOnce,
-}
-
-/// Settings of a worker.
-#[derive(Debug, Clone)]
-pub struct WorkerConfig {
-    /// The app id: the consumer group, and the prefix of internal topics.
-    pub app_id: String,
-    /// Bootstrap brokers.
-    pub brokers: Vec<String>,
-    /// Where redb tables live. Default `./strom-state/<app-id>`.
-    pub state_dir: PathBuf,
-    /// Table storage. Default redb.
-    pub store: StoreKind,
-    /// What survives a crash. Default (and for now only) at-least-once.
-    pub guarantee: ProcessingGuarantee,
-    /// Standby replicas: how many other workers keep each partition's tables
-    /// warm by tailing their changelogs, so a failover replays little. Default 0.
-    pub standby_replicas: usize,
-    /// Where the web server listens; `None` (the default) runs none. The app
-    /// binary's `worker` command listens on `0.0.0.0:6066` (Faust's port)
-    /// unless told otherwise.
-    pub web: Option<SocketAddr>,
-    /// The URL other workers and clients reach this worker's web server at,
-    /// shared with the group in the assignment. Default
-    /// `http://<hostname>:<port>` (or `127.0.0.1` when the server listens
-    /// there).
-    pub advertised_url: Option<String>,
-    /// The error policy of agents without their own. Default skip.
-    pub on_error: ErrorPolicy,
-    /// Replication factor of the topics the app creates (changelogs,
-    /// repartition topics, declared topics without their own). Default 1.
-    pub replication: i16,
-    /// How often processed offsets are committed. Default 1 s.
-    pub commit_interval: Duration,
-    /// Group session timeout. Default 10 s.
-    pub session_timeout: Duration,
-    /// Group heartbeat interval. Default 3 s.
-    pub heartbeat_interval: Duration,
-    /// Bytes of fetched records (keys, values, headers, plus 64 per record)
-    /// waiting per partition number before its fetches pause; they resume
-    /// when half of that is processed. Default 4 MiB.
-    pub max_buffered_bytes: usize,
-}
-
-impl WorkerConfig {
-    /// Defaults for app `app_id` on `brokers`.
-    pub fn new<S: Into<String>>(
-        app_id: impl Into<String>,
-        brokers: impl IntoIterator<Item = S>,
-    ) -> Self {
-        let app_id = app_id.into();
-        WorkerConfig {
-            state_dir: PathBuf::from("strom-state").join(&app_id),
-            app_id,
-            brokers: brokers.into_iter().map(Into::into).collect(),
-            store: StoreKind::Redb,
-            replication: 1,
-            standby_replicas: 0,
-            web: None,
-            advertised_url: None,
-            on_error: ErrorPolicy::Skip,
-            guarantee: ProcessingGuarantee::AtLeastOnce,
-            commit_interval: Duration::from_secs(1),
-            session_timeout: Duration::from_secs(10),
-            heartbeat_interval: Duration::from_secs(3),
-            max_buffered_bytes: 4 * 1024 * 1024,
-        }
-    }
-}
+use eos::Transactions;
+use listener::Listener;
+use manager::TaskManager;
+use task::Spec;
 
 /// A worker: the agents (processors) and tables of one app, run as a member
 /// of the app's consumer group.
@@ -265,452 +196,346 @@ impl Worker {
         self
     }
 
-    /// Runs until `shutdown` completes, then stops cleanly: finishes queued
-    /// events, flushes tables, commits, leaves the group, closes stores.
+    /// Runs until `shutdown` completes, then stops cleanly: stops fetching,
+    /// finishes queued events, commits, closes stores, leaves the group.
+    /// Returns the error that stopped it early, if one did (a fatal client
+    /// error, an agent under the stop policy, a framework call that failed
+    /// for good); nothing of the event that met it is committed.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), WorkerError> {
-        let config = self.config;
-        let client = Client::connect(ClientConfig::new(config.brokers.iter().cloned())).await?;
-        let sources: Vec<String> = self
-            .processors
-            .iter()
-            .map(|p| p.topic().to_owned())
-            .collect::<BTreeSet<_>>()
-            .into_iter()
-            .collect();
-        if sources.is_empty() {
-            return Err(WorkerError::Config("the app has no agents".into()));
-        }
-        let mut partitions = None;
-        for topic in &sources {
-            let n = client.topic_metadata(topic).await?.partitions.len();
-            match partitions {
-                Some((first, m)) if m != n => {
-                    return Err(WorkerError::Config(format!(
-                        "topic {topic:?} has {n} partitions but {first:?} has {m}: co-partitioned topics need the same count"
-                    )))
-                }
-                None => partitions = Some((topic.clone(), n)),
-                _ => {}
-            }
-        }
-        let partitions = partitions.map_or(0, |(_, n)| n);
+        let Worker {
+            config,
+            processors,
+            tables: table_names,
+            keys,
+            pages,
+            timers,
+            assignor,
+            metrics,
+        } = self;
+        let client = Client::connect(config.client.clone()).await?;
+        let sources = sources(&processors)?;
+        let partitions = copartitioned_count(&client, &sources).await?;
         let mut tables = Vec::new();
-        for table in &self.tables {
+        for table in &table_names {
             let topic = changelog::topic_name(&config.app_id, table);
             changelog::ensure_topic(&client, &topic, partitions, config.replication).await?;
             tables.push((table.clone(), topic));
         }
-        let dead_letters: BTreeSet<&str> = self
-            .processors
-            .iter()
-            .filter_map(|p| p.error_policy())
-            .chain([&config.on_error])
-            .filter_map(|policy| match policy {
-                ErrorPolicy::DeadLetter(topic) => Some(topic.as_str()),
-                _ => None,
-            })
-            .collect();
-        for topic in dead_letters {
+        for topic in dead_letter_topics(&processors, &config) {
             let new = strom_client::NewTopic::new(topic, partitions as i32, config.replication);
             client.ensure_topic(new).await?;
         }
-        let producer = Producer::new(client.clone(), ProducerConfig::default())?;
+        let txn = match config.guarantee {
+            ProcessingGuarantee::ExactlyOnce => {
+                let instance = instance_id(&config)?;
+                Some(Arc::new(
+                    Transactions::start(client.clone(), &config, &instance).await?,
+                ))
+            }
+            _ => None,
+        };
+        let producer = match &txn {
+            Some(t) => t.producer().clone(),
+            None => Producer::new(client.clone(), ProducerConfig::default())?,
+        };
         let spec = Arc::new(Spec {
             client: client.clone(),
             producer,
-            by_topic: self.processors.iter().enumerate().fold(
+            by_topic: processors.iter().enumerate().fold(
                 HashMap::new(),
                 |mut by: HashMap<String, Vec<usize>>, (i, p)| {
                     by.entry(p.topic().to_owned()).or_default().push(i);
                     by
                 },
             ),
-            processors: self.processors.clone(),
+            processors,
             tables,
             state_dir: config.state_dir.clone(),
             store: config.store,
+            guarantee: config.guarantee,
             partitions,
-            fatal: Mutex::new(None),
-            metrics: self.metrics.clone(),
+            metrics: metrics.clone(),
             on_error: config.on_error.clone(),
+            durable_interval: config.durable_checkpoint_interval,
+            durable_changes: config.durable_checkpoint_changes,
+            fatal: Mutex::new(None),
+            stopped: Notify::new(),
         });
-        let assignor = self.assignor;
-        let mut placement = assignor.placement();
-        let runtime = Arc::new(Runtime {
-            spec,
-            standbys: Mutex::new(HashMap::new()),
-            max_buffered: config.max_buffered_bytes.max(1),
-            drained: Arc::new(Notify::new()),
-            tasks: Mutex::new(HashMap::new()),
-            commits: tokio::sync::Mutex::new(()),
-        });
-
+        let manager = Arc::new(TaskManager::new(
+            spec.clone(),
+            config.max_buffered_bytes,
+            txn.clone(),
+        ));
         let web = match config.web {
-            Some(addr) => {
-                let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
-                    WorkerError::Config(format!("cannot listen for the web server on {addr}: {e}"))
-                })?;
-                let bound = listener
-                    .local_addr()
-                    .map_err(|e| WorkerError::Config(format!("web server address unknown: {e}")))?;
-                let url = config
-                    .advertised_url
-                    .clone()
-                    .unwrap_or_else(|| default_url(bound));
-                assignor.set_url(Some(url.clone()));
-                let state = web::WebState {
-                    runtime: runtime.clone(),
-                    placement: assignor.placement(),
-                    metrics: self.metrics.clone(),
-                    tables: Arc::new(self.keys),
-                };
-                let app = web::router(state, self.pages);
-                info!(%bound, %url, "web server listening");
-                Some(tokio::spawn(async move {
-                    if let Err(e) = axum::serve(listener, app).await {
-                        warn!(error = %e, "web server stopped");
-                    }
-                }))
-            }
+            Some(addr) => Some(
+                web::serve(
+                    addr,
+                    &config,
+                    &assignor,
+                    manager.clone(),
+                    metrics.clone(),
+                    keys,
+                    pages,
+                )
+                .await?,
+            ),
             None => None,
         };
-
-        let mut group = GroupConfig::new(&config.app_id);
-        group.assignors = vec![Arc::new(assignor)];
-        group.session_timeout = config.session_timeout;
-        group.heartbeat_interval = config.heartbeat_interval;
-        group.rebalance_timeout = config.session_timeout * 3;
-        group.consumer.auto_offset_reset = AutoOffsetReset::Earliest;
-        let source_refs: Vec<&str> = sources.iter().map(String::as_str).collect();
+        let mut group_config = GroupConfig::new(config.app_id.clone());
+        group_config.session_timeout = config.session_timeout;
+        group_config.heartbeat_interval = config.heartbeat_interval;
+        group_config.rebalance_timeout = config.rebalance_timeout;
+        group_config.assignors = vec![Arc::new(assignor.clone())];
+        group_config.consumer.auto_offset_reset = AutoOffsetReset::Earliest;
+        group_config.consumer.isolation = spec.isolation();
+        let topics: Vec<&str> = sources.iter().map(String::as_str).collect();
         let mut consumer = GroupConsumer::new(
-            client,
-            group,
-            &source_refs,
-            Arc::new(Listener(runtime.clone())),
+            client.clone(),
+            group_config,
+            &topics,
+            Arc::new(Listener(manager.clone())),
         )?;
-        info!(app = %config.app_id, topics = ?sources, partitions, "worker started");
-        let timers: Vec<_> = self
-            .timers
+        info!(
+            app = %config.app_id, topics = ?sources, partitions, guarantee = %config.guarantee,
+            "worker started"
+        );
+        let placement = assignor.placement();
+        let timers: Vec<_> = timers
             .into_iter()
-            .map(|t| timer::spawn(t, runtime.spec.producer.clone(), placement.clone()))
+            .map(|t| {
+                let sender = match &txn {
+                    Some(txn) => timer::Sender::Transactional(txn.clone()),
+                    None => timer::Sender::Plain(spec.producer.clone()),
+                };
+                timer::spawn(t, sender, placement.clone())
+            })
             .collect();
+        let committer = Committer::start(
+            manager.clone(),
+            consumer.group().clone(),
+            placement.clone(),
+            config.commit_interval,
+        );
 
-        tokio::pin!(shutdown);
-        let mut tick = tokio::time::interval(config.commit_interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut paused = BTreeSet::new();
-        let outcome = loop {
-            if let Some(e) = runtime.take_fatal() {
-                break Err(e);
-            }
-            tokio::select! {
-                _ = &mut shutdown => break Ok(()),
-                _ = runtime.drained.notified() => runtime.resume(&mut consumer, &mut paused),
-                _ = tick.tick() => {
-                    if let Err(e) = runtime.commit_all(consumer.group()).await {
-                        break Err(e);
-                    }
-                    let now = placement.borrow().clone();
-                    runtime.reconcile_standbys(&now).await;
-                    runtime.measure_lag(&consumer);
-                }
-                Ok(()) = placement.changed() => {
-                    self.metrics.rebalanced();
-                    let now = placement.borrow_and_update().clone();
-                    runtime.reconcile_standbys(&now).await;
-                }
-                polled = consumer.poll() => match polled {
-                    Ok(records) => runtime.route(records, &mut consumer, &mut paused),
-                    Err(e @ (strom_client::Error::ProducerFenced { .. } | strom_client::Error::Config(_))) => break Err(e.into()),
-                    Err(e) => {
-                        warn!(error = %e, "poll failed; going on");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
-                },
-            }
-        };
+        let outcome = poll_loop(&manager, &mut consumer, placement, txn.is_some(), shutdown).await;
         info!(app = %config.app_id, "worker stopping");
+        committer.stop().await;
         for t in timers {
             t.abort();
         }
-        // Leaving the group revokes every partition: tasks close, tables flush,
-        // offsets commit (see Listener::on_revoked).
+        // Leaving the group revokes every partition: a last commit, then the
+        // tasks close their tables (see Listener::on_revoked).
         let left = consumer.close().await;
-        runtime.reconcile_standbys(&Placement::default()).await;
+        manager.stop_standbys().await;
         if let Some(web) = web {
             web.abort();
         }
         outcome?;
         left?;
-        match runtime.take_fatal() {
+        match spec.take_fatal() {
             Some(e) => Err(e),
             None => Ok(()),
         }
     }
 }
 
-struct Task {
-    inbox: Inbox,
-    join: tokio::task::JoinHandle<()>,
-}
-
-/// The worker's shared state: the partition tasks, started and stopped by the
-/// group listener, fed by the poll loop.
-struct Runtime {
-    spec: Arc<Spec>,
-    /// Bytes of records waiting per partition number before its fetches pause.
-    max_buffered: usize,
-    /// Notified when a partition task's queue drains below half the bound.
-    drained: Arc<Notify>,
-    tasks: Mutex<HashMap<i32, Task>>,
-    /// Warm tables of partition numbers other workers process, by table name.
-    standbys: Mutex<HashMap<i32, Vec<(String, Standby)>>>,
-    /// One commit at a time.
-    commits: tokio::sync::Mutex<()>,
-}
-
-impl Runtime {
-    fn tasks(&self) -> std::sync::MutexGuard<'_, HashMap<i32, Task>> {
-        self.tasks.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Partition numbers assigned here whose tables are still recovering.
-    fn recovering(&self) -> Vec<i32> {
-        let mut numbers: Vec<i32> = self
-            .tasks()
-            .iter()
-            .filter(|(_, t)| t.inbox.ready().is_none())
-            .map(|(n, _)| *n)
-            .collect();
-        numbers.sort_unstable();
-        numbers
-    }
-
-    /// The context of partition number `n`, once it is recovered.
-    fn context(&self, n: i32) -> Option<Context> {
-        self.tasks().get(&n).and_then(|t| t.inbox.ready().cloned())
-    }
-
-    /// Updates the lag of every partition being read.
-    fn measure_lag(&self, consumer: &GroupConsumer) {
-        for tp in consumer.group().assignment() {
-            if let Some(position) = consumer.position(&tp) {
-                let end = consumer.high_watermark(&tp);
-                self.spec
-                    .metrics
-                    .lag(&tp.topic, tp.partition, (end - position).max(0));
-            }
-        }
-    }
-
-    fn take_fatal(&self) -> Option<WorkerError> {
-        self.spec.take_fatal()
-    }
-
-    fn set_fatal(&self, e: WorkerError) {
-        self.spec.fail(e);
-    }
-
-    /// Hands fetched records to their partition's task, and pauses fetching
-    /// that partition while too many wait (backpressure; heartbeats and the
-    /// other partitions go on). Records of a partition without a task (being
-    /// revoked) are dropped: they come after the offset its revocation
-    /// committed, so the next owner processes them.
-    fn route(
-        &self,
-        records: Vec<strom_client::ConsumerRecord>,
-        consumer: &mut GroupConsumer,
-        paused: &mut BTreeSet<TopicPartition>,
-    ) {
-        let Some(first) = records.first() else { return };
-        let tp = TopicPartition::new(&first.topic, first.partition);
-        let queued = match self.tasks().get(&tp.partition) {
-            Some(task) => task.inbox.records(records),
-            None => {
-                tracing::debug!(
-                    partition = tp.partition,
-                    "records of a partition no longer owned dropped"
-                );
-                return;
-            }
-        };
-        if queued > self.max_buffered && consumer.pause(&tp).is_ok() {
-            tracing::debug!(topic = %tp.topic, partition = tp.partition, queued, "fetching paused");
-            paused.insert(tp);
-        }
-    }
-
-    /// Starts standbys for the numbers the placement gives this worker to keep
-    /// warm, and stops those it no longer does (a number this worker now
-    /// processes has had its standby taken over by its partition task).
-    async fn reconcile_standbys(&self, placement: &Placement) {
-        let (wanted, active_soon): (BTreeSet<i32>, BTreeSet<i32>) = placement
-            .mine()
-            .map(|m| {
-                (
-                    m.standby.iter().copied().collect(),
-                    m.active.iter().copied().collect(),
-                )
-            })
-            .unwrap_or_default();
-        let stale: Vec<(i32, Vec<(String, Standby)>)> = {
-            let mut standbys = self.standbys();
-            // A number about to be processed here keeps its standby for the
-            // partition task to take over.
-            let stale: Vec<i32> = standbys
-                .keys()
-                .filter(|n| !wanted.contains(n) && !active_soon.contains(n))
-                .copied()
-                .collect();
-            stale
-                .into_iter()
-                .filter_map(|n| standbys.remove(&n).map(|s| (n, s)))
-                .collect()
-        };
-        for (n, tables) in stale {
-            for (table, standby) in tables {
-                if let Err(e) = standby.stop().await {
-                    warn!(partition = n, %table, error = %e, "standby stopped with an error");
-                }
-            }
-            info!(partition = n, "standby stopped");
-        }
-        // Both locks, tasks first as the listener takes them: a partition task
-        // cannot start for a number while its standby is being started.
-        let tasks = self.tasks();
-        let mut standbys = self.standbys();
-        for &n in wanted.iter().filter(|n| !tasks.contains_key(n)) {
-            for (table, changelog) in &self.spec.tables {
-                let warm = standbys.entry(n).or_default();
-                if warm.iter().any(|(t, _)| t == table) {
-                    continue;
-                }
-                match partition::open_store(&self.spec, table, n) {
-                    Ok(store) => {
-                        info!(partition = n, %table, "standby started");
-                        let standby = Standby::start(&self.spec.client, store, changelog, n);
-                        warm.push((table.clone(), standby));
-                    }
-                    // Still open by a task closing: the next tick tries again.
-                    Err(e) => warn!(partition = n, %table, error = %e, "standby not started yet"),
-                }
-            }
-        }
-    }
-
-    fn standbys(&self) -> std::sync::MutexGuard<'_, HashMap<i32, Vec<(String, Standby)>>> {
-        self.standbys.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Resumes fetching the paused partitions whose tasks have caught up.
-    fn resume(&self, consumer: &mut GroupConsumer, paused: &mut BTreeSet<TopicPartition>) {
-        let low = self.max_buffered / 2;
-        let tasks = self.tasks();
-        paused.retain(|tp| {
-            let caught_up = tasks
-                .get(&tp.partition)
-                .is_none_or(|t| t.inbox.queued() <= low);
-            if caught_up {
-                // A partition moved away meanwhile has no pause left to lift.
-                let _ = consumer.resume(tp);
-                tracing::debug!(topic = %tp.topic, partition = tp.partition, "fetching resumed");
-            }
-            !caught_up
-        });
-    }
-
-    async fn request(&self, numbers: &[i32], close: bool) -> Result<Offsets, WorkerError> {
-        let mut replies = Vec::new();
-        let mut joins = Vec::new();
-        {
-            let mut tasks = self.tasks();
-            for n in numbers {
-                let task = if close { tasks.remove(n) } else { None };
-                let Some(inbox) = task
-                    .as_ref()
-                    .map(|t| &t.inbox)
-                    .or_else(|| tasks.get(n).map(|t| &t.inbox))
-                else {
-                    continue;
-                };
-                let (reply, rx) = oneshot::channel();
-                let msg = if close {
-                    Msg::Close(reply)
-                } else {
-                    Msg::Checkpoint(reply)
-                };
-                let sent = inbox.send(msg);
-                replies.push((n, sent, rx));
-                joins.extend(task.map(|t| t.join));
-            }
-        }
-        let mut offsets = Vec::new();
-        for (n, sent, rx) in replies {
-            if !sent {
-                warn!(partition = n, "partition task is gone; its events since the last commit will be processed again");
-                continue;
-            }
-            match rx.await {
-                Ok(Ok(o)) => offsets.extend(o),
-                Ok(Err(e)) => return Err(e),
-                Err(_) => warn!(
-                    partition = n,
-                    "partition task stopped before its checkpoint"
-                ),
-            }
-        }
-        for j in joins {
-            let _ = j.await;
-        }
-        Ok(offsets)
-    }
-
-    /// Checkpoints every task and commits what they report.
-    async fn commit_all(&self, group: &GroupHandle) -> Result<(), WorkerError> {
-        let _one = self.commits.lock().await;
-        let started = std::time::Instant::now();
-        let numbers: Vec<i32> = self.tasks().keys().copied().collect();
-        let offsets = self.request(&numbers, false).await?;
-        if commit(group, offsets).await {
-            self.spec.metrics.committed(started.elapsed());
-        }
-        Ok(())
-    }
-}
-
-/// Commits what this member still owns; a refusal (the group moved on) only
-/// means those events are processed again by their next owner.
-async fn commit(group: &GroupHandle, offsets: Offsets) -> bool {
-    let owned: BTreeSet<TopicPartition> = group.assignment().into_iter().collect();
-    let offsets: Offsets = offsets
+/// The topics the agents read, sorted, once each.
+fn sources(processors: &[Arc<dyn Processor>]) -> Result<Vec<String>, WorkerError> {
+    let sources: Vec<String> = processors
+        .iter()
+        .map(|p| p.topic().to_owned())
+        .collect::<BTreeSet<_>>()
         .into_iter()
-        .filter(|(tp, _)| owned.contains(tp))
         .collect();
-    if offsets.is_empty() {
-        return false;
+    if sources.is_empty() {
+        return Err(WorkerError::Config("the app has no agents".into()));
     }
-    match group.commit(&offsets).await {
-        Ok(()) => true,
-        Err(e) => {
-            warn!(error = %e, "commit failed; the events since the last commit will be processed again");
-            false
+    Ok(sources)
+}
+
+/// The dead-letter topics of every error policy in use.
+fn dead_letter_topics<'a>(
+    processors: &'a [Arc<dyn Processor>],
+    config: &'a WorkerConfig,
+) -> BTreeSet<&'a str> {
+    processors
+        .iter()
+        .filter_map(|p| p.error_policy())
+        .chain([&config.on_error])
+        .filter_map(|policy| match policy {
+            ErrorPolicy::DeadLetter(topic) => Some(topic.as_str()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The partition count every source topic shares (co-partitioning).
+async fn copartitioned_count(client: &Client, sources: &[String]) -> Result<usize, WorkerError> {
+    let mut first: Option<(&String, usize)> = None;
+    for topic in sources {
+        let n = client.topic_metadata(topic).await?.partitions.len();
+        match first {
+            Some((other, m)) if m != n => {
+                return Err(WorkerError::Config(format!(
+                    "topic {topic:?} has {n} partitions but {other:?} has {m}: co-partitioned topics need the same count"
+                )))
+            }
+            None => first = Some((topic, n)),
+            _ => {}
+        }
+    }
+    Ok(first.map_or(0, |(_, n)| n))
+}
+
+/// This worker's stable identity: the configured one, or the one kept in
+/// `<state_dir>/worker.id` (made on the first start).
+fn instance_id(config: &WorkerConfig) -> Result<String, WorkerError> {
+    if let Some(id) = &config.instance_id {
+        return Ok(id.clone());
+    }
+    let path = config.state_dir.join("worker.id");
+    let io = |e: std::io::Error| {
+        WorkerError::Config(format!("worker identity file {}: {e}", path.display()))
+    };
+    match std::fs::read_to_string(&path) {
+        Ok(id) if !id.trim().is_empty() => return Ok(id.trim().to_owned()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io(e)),
+    }
+    std::fs::create_dir_all(&config.state_dir).map_err(io)?;
+    let id = format!("w{:016x}", random_u64());
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, &id).map_err(io)?;
+    std::fs::rename(&tmp, &path).map_err(io)?;
+    info!(instance_id = %id, path = %path.display(), "made this worker's identity");
+    Ok(id)
+}
+
+/// 64 random bits without a random-number crate: std's hasher keys are
+/// random per process, and the time tells two ids of one process apart.
+fn random_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    h.write_u128(now);
+    h.finish()
+}
+
+/// The poll loop: fetched records to their tasks, backpressure, rewinds after
+/// aborted transactions, lag. Ends on `shutdown` or an error that stops the
+/// worker.
+async fn poll_loop(
+    manager: &Arc<TaskManager>,
+    consumer: &mut GroupConsumer,
+    mut placement: tokio::sync::watch::Receiver<Placement>,
+    exactly_once: bool,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), WorkerError> {
+    let spec = &manager.spec;
+    let (rewind_tx, mut rewinds) = tokio::sync::mpsc::unbounded_channel();
+    if exactly_once {
+        manager.set_rewinds(Some(rewind_tx));
+    }
+    tokio::pin!(shutdown);
+    let mut lag = tokio::time::interval(Duration::from_secs(1));
+    lag.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut paused = BTreeSet::new();
+    let mut failing_since: Option<std::time::Instant> = None;
+    let outcome = loop {
+        let stopped = spec.stopped.notified();
+        tokio::pin!(stopped);
+        stopped.as_mut().enable();
+        if spec.fatal_message().is_some() {
+            break Ok(());
+        }
+        tokio::select! {
+            _ = &mut shutdown => break Ok(()),
+            _ = &mut stopped => {}
+            Some(rewind) = rewinds.recv() => manager.apply_rewind(rewind, consumer),
+            _ = manager.drained.notified() => manager.resume(consumer, &mut paused),
+            _ = lag.tick() => measure_lag(&spec.metrics, consumer),
+            Ok(()) = placement.changed() => {
+                placement.borrow_and_update();
+                spec.metrics.rebalanced();
+            }
+            polled = consumer.poll() => match polled {
+                Ok(records) => {
+                    failing_since = None;
+                    manager.route(records, consumer, &mut paused);
+                }
+                Err(e) if e.is_fatal() => break Err(e.into()),
+                Err(e) => {
+                    // Logged once per incident, then quietly retried.
+                    if failing_since.is_none() {
+                        warn!(error = %e, "polling failed; retrying");
+                        failing_since = Some(std::time::Instant::now());
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+        }
+    };
+    manager.set_rewinds(None);
+    outcome
+}
+
+/// Updates the lag of every partition being read.
+fn measure_lag(metrics: &Metrics, consumer: &GroupConsumer) {
+    for tp in consumer.group().assignment() {
+        if let Some(position) = consumer.position(&tp) {
+            let end = consumer.high_watermark(&tp);
+            metrics.lag(&tp.topic, tp.partition, (end - position).max(0));
         }
     }
 }
 
-/// Drops the per-partition metrics of partitions this worker gave up.
-fn forget(metrics: &Metrics, partitions: &[TopicPartition]) {
-    for tp in partitions {
-        metrics.forget_lag(&tp.topic, tp.partition);
+/// The committer: a commit every commit interval, off the poll loop, and the
+/// standbys kept in line with the placement. Stopped between commits.
+struct Committer {
+    stop: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Committer {
+    fn start(
+        manager: Arc<TaskManager>,
+        group: GroupHandle,
+        placement: tokio::sync::watch::Receiver<Placement>,
+        interval: Duration,
+    ) -> Committer {
+        let (stop, mut stopped) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = stopped.changed() => return,
+                    _ = tick.tick() => {}
+                }
+                if let Err(e) = manager.commit(&group).await {
+                    manager.spec.fail(e);
+                    return;
+                }
+                let now = placement.borrow().clone();
+                manager.reconcile_standbys(&now).await;
+            }
+        });
+        Committer { stop, task }
     }
-    for n in numbers(partitions) {
-        metrics.forget_partition(n);
+
+    /// Stops after the commit under way, if any.
+    async fn stop(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
     }
 }
 
 /// `http://<host>:<port>` for a server bound to `bound`: its own address, or
 /// the machine's host name when it listens on every interface.
-fn default_url(bound: SocketAddr) -> String {
+pub(crate) fn default_url(bound: SocketAddr) -> String {
     let host = if bound.ip().is_unspecified() {
         std::env::var("HOSTNAME")
             .ok()
@@ -722,83 +547,4 @@ fn default_url(bound: SocketAddr) -> String {
         bound.ip().to_string()
     };
     format!("http://{host}:{}", bound.port())
-}
-
-fn numbers(partitions: &[TopicPartition]) -> Vec<i32> {
-    partitions
-        .iter()
-        .map(|tp| tp.partition)
-        .collect::<BTreeSet<_>>()
-        .into_iter()
-        .collect()
-}
-
-/// Starts and stops partition tasks as the group assigns and revokes.
-struct Listener(Arc<Runtime>);
-
-impl RebalanceListener for Listener {
-    fn on_assigned<'a>(
-        &'a self,
-        _group: &'a GroupHandle,
-        partitions: &'a [TopicPartition],
-    ) -> ListenerFuture<'a> {
-        let runtime = &self.0;
-        let mut tasks = runtime.tasks();
-        for n in numbers(partitions) {
-            tasks.entry(n).or_insert_with(|| {
-                info!(partition = n, "partition assigned");
-                let warm = runtime.standbys().remove(&n).unwrap_or_default();
-                let (inbox, join) = partition::start(
-                    runtime.spec.clone(),
-                    n,
-                    runtime.max_buffered / 2,
-                    runtime.drained.clone(),
-                    warm,
-                );
-                Task { inbox, join }
-            });
-        }
-        Box::pin(async {})
-    }
-
-    fn on_revoked<'a>(
-        &'a self,
-        group: &'a GroupHandle,
-        partitions: &'a [TopicPartition],
-    ) -> ListenerFuture<'a> {
-        Box::pin(async move {
-            let runtime = &self.0;
-            let _one = runtime.commits.lock().await;
-            let numbers = numbers(partitions);
-            forget(&runtime.spec.metrics, partitions);
-            match runtime.request(&numbers, true).await {
-                Ok(offsets) => {
-                    commit(group, offsets).await;
-                }
-                Err(e) => runtime.set_fatal(e),
-            }
-            info!(partitions = ?numbers, "partitions revoked");
-        })
-    }
-
-    fn on_lost<'a>(
-        &'a self,
-        _group: &'a GroupHandle,
-        partitions: &'a [TopicPartition],
-    ) -> ListenerFuture<'a> {
-        let runtime = &self.0;
-        let mut tasks = runtime.tasks();
-        forget(&runtime.spec.metrics, partitions);
-        for n in numbers(partitions) {
-            if let Some(task) = tasks.remove(&n) {
-                // Another member may own it already: stop without committing.
-                task.join.abort();
-                warn!(
-                    partition = n,
-                    "partition lost; its events since the last commit will be processed again"
-                );
-            }
-        }
-        Box::pin(async {})
-    }
 }

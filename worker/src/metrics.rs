@@ -7,7 +7,8 @@
 //! | `strom_events_out_total` | topic | records agents sent (not changelogs) |
 //! | `strom_processing_seconds` | topic | time to process one event |
 //! | `strom_consumer_lag` | topic, partition | high watermark − position |
-//! | `strom_commits_total`, `strom_commit_seconds` | | offset commits |
+//! | `strom_commits_total`, `strom_commit_seconds` | | offset commits (transactions under exactly-once) |
+//! | `strom_aborted_transactions_total` | | transactions aborted (exactly-once) |
 //! | `strom_rebalances_total` | | rebalances this worker took part in |
 //! | `strom_recovery_replayed`, `strom_recovery_to_replay` | table, partition | changelog replay progress |
 //! | `strom_partition_ready` | partition | 0 recovering, 1 processing |
@@ -77,6 +78,7 @@ struct Inner {
     processing: HistogramFamily<TopicLabels>,
     lag: Family<PartitionLabels, Gauge>,
     commits: Counter,
+    aborted: Counter,
     commit_seconds: Histogram,
     rebalances: Counter,
     replayed: Family<TablePartitionLabels, Gauge>,
@@ -115,6 +117,7 @@ impl Default for Metrics {
             processing: Family::new_with_constructor(latency),
             lag: Family::default(),
             commits: Counter::default(),
+            aborted: Counter::default(),
             commit_seconds: latency(),
             rebalances: Counter::default(),
             replayed: Family::default(),
@@ -149,6 +152,11 @@ impl Default for Metrics {
             inner.lag.clone(),
         );
         r.register("commits", "Offset commits", inner.commits.clone());
+        r.register(
+            "aborted_transactions",
+            "Transactions aborted (exactly-once)",
+            inner.aborted.clone(),
+        );
         r.register(
             "commit_seconds",
             "Time to checkpoint and commit",
@@ -268,6 +276,11 @@ impl Metrics {
     pub fn committed(&self, took: Duration) {
         self.inner.commits.inc();
         self.inner.commit_seconds.observe(took.as_secs_f64());
+    }
+
+    /// A transaction was aborted.
+    pub fn aborted(&self) {
+        self.inner.aborted.inc();
     }
 
     /// The group rebalanced.

@@ -19,8 +19,10 @@ use crate::metrics::EventMeters;
 use crate::processor::{AgentError, Context, DecodeError, ErrorPolicy, ProcessFuture, Processor};
 
 /// Processes `record` with `p` under `policy`, counting its time from
-/// `started`; returns when it ended. `Err` only when the policy is
-/// [`ErrorPolicy::Stop`] (or a dead letter cannot be sent): the worker stops.
+/// `started`; returns when it ended. `Err` when the policy is
+/// [`ErrorPolicy::Stop`], or when a call of the framework failed for good (a
+/// send, a table write, the dead letter itself): the worker stops and the
+/// event is not committed.
 pub(crate) async fn handle(
     p: Arc<dyn Processor>,
     policy: &ErrorPolicy,
@@ -41,7 +43,13 @@ pub(crate) async fn handle(
     let mut attempt = 0u32;
     let mut this = record;
     let error = loop {
-        let Err(e) = guarded(&*p, ctx.clone(), this).await else {
+        let outcome = guarded(&*p, ctx.clone(), this).await;
+        // A framework call that failed for good is not the agent's error,
+        // whatever the agent made of it: the event stays uncommitted.
+        if let Some(failure) = ctx.take_failure() {
+            return Err(failure);
+        }
+        let Err(e) = outcome else {
             let ended = Instant::now();
             meters.processing.observe((ended - started).as_secs_f64());
             return Ok(ended);

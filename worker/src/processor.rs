@@ -6,9 +6,10 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
+use strom_client::backoff::Backoff;
 use strom_client::consumer::ConsumerRecord;
 use strom_client::producer::{DeliveryFuture, Producer, ProducerRecord};
-use strom_state::LoggedStore;
+use strom_state::{Durability, LoggedStore};
 use tokio::sync::{MappedMutexGuard, Mutex, MutexGuard};
 
 use crate::error::WorkerError;
@@ -116,14 +117,24 @@ pub(crate) struct TableSlot {
 #[derive(Debug)]
 pub(crate) struct PartitionState {
     pub tables: BTreeMap<String, TableSlot>,
+    /// Deliveries of the records sent since the last checkpoint.
     pub deliveries: Vec<DeliveryFuture>,
     /// Records sent, by topic.
     pub sent: HashMap<String, Counter>,
 }
 
+/// Attempts a framework call (a send, a table write) gets before the worker
+/// gives up on it.
+const ATTEMPTS: u32 = 3;
+
 /// What a processor sees while it handles an event of one partition: that
 /// partition's tables and a producer. Everything sent or written through it
-/// is acknowledged before the event's offset is committed.
+/// is acknowledged before the event's offset is committed (or, under
+/// exactly-once, commits in the same transaction as the offset).
+///
+/// Its own calls are retried when the failure is retriable; one that still
+/// fails is not the agent's error: the event is not committed, whatever the
+/// agent's error policy, and the worker stops.
 ///
 /// A cheap handle: clone it into the futures an agent spawns.
 #[derive(Debug, Clone)]
@@ -138,6 +149,9 @@ struct Shared {
     state: Mutex<PartitionState>,
     producer: Producer,
     metrics: Metrics,
+    /// The first framework call that failed for good since the last event
+    /// boundary the task looked at.
+    failure: std::sync::Mutex<Option<WorkerError>>,
 }
 
 impl Context {
@@ -173,6 +187,7 @@ impl Context {
                 }),
                 producer,
                 metrics,
+                failure: std::sync::Mutex::new(None),
             }),
         }
     }
@@ -187,12 +202,47 @@ impl Context {
         self.inner.partitions
     }
 
-    pub(crate) fn producer(&self) -> &Producer {
-        &self.inner.producer
-    }
-
     pub(crate) async fn state(&self) -> MutexGuard<'_, PartitionState> {
         self.inner.state.lock().await
+    }
+
+    /// The framework failure met since the last call, if any (see [`Context`]).
+    pub(crate) fn take_failure(&self) -> Option<WorkerError> {
+        self.inner
+            .failure
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+    }
+
+    /// After a framework call failed with `e`: `Ok` to try it again (after a
+    /// pause) when the failure is retriable and attempts are left; otherwise
+    /// the failure is recorded (see [`Context::take_failure`]) and returned.
+    async fn retry(
+        &self,
+        what: &str,
+        attempts: &mut Backoff,
+        e: WorkerError,
+    ) -> Result<(), WorkerError> {
+        let attempt = attempts.attempts() + 1;
+        if e.is_retriable() && attempt < ATTEMPTS {
+            tracing::warn!(partition = self.partition(), what, attempt, error = %e, "retrying");
+            attempts.wait().await;
+            return Ok(());
+        }
+        let failed = |error: String| WorkerError::Framework {
+            partition: self.partition(),
+            what: what.to_owned(),
+            attempts: attempt,
+            error,
+        };
+        let text = e.to_string();
+        self.inner
+            .failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_or_insert_with(|| failed(text.clone()));
+        Err(failed(text))
     }
 
     /// This partition of table `name`, locked for the caller (reads and
@@ -218,25 +268,91 @@ impl Context {
 
     /// Sets `key` to `value` in this partition of table `name`.
     pub async fn put(&self, name: &str, key: Vec<u8>, value: Vec<u8>) -> Result<(), WorkerError> {
-        let mut state = self.state().await;
-        let table = state.tables.get_mut(name).ok_or_else(|| no_table(name))?;
-        table.writes.inc();
-        Ok(table.store.put(key, value).await?)
+        self.write(name, key, Some(value)).await
     }
 
     /// Deletes `key` from this partition of table `name`.
     pub async fn delete(&self, name: &str, key: Vec<u8>) -> Result<(), WorkerError> {
+        self.write(name, key, None).await
+    }
+
+    async fn write(
+        &self,
+        name: &str,
+        key: Vec<u8>,
+        value: Option<Vec<u8>>,
+    ) -> Result<(), WorkerError> {
         let mut state = self.state().await;
         let table = state.tables.get_mut(name).ok_or_else(|| no_table(name))?;
         table.writes.inc();
-        Ok(table.store.delete(key).await?)
+        let (mut key, mut value) = (key, value);
+        let mut attempts = attempts();
+        loop {
+            match table.store.write(key, value).await {
+                Ok(()) => return Ok(()),
+                Err(refused) => {
+                    self.retry("a table write", &mut attempts, refused.error.into())
+                        .await?;
+                    (key, value) = (refused.key, refused.value);
+                }
+            }
+        }
+    }
+
+    /// Replaces the value of `key` in table `name` with the bytes `f` makes
+    /// of the old value, atomically: no other event of this partition reads or
+    /// writes the table in between (so concurrent events lose no update).
+    /// Returns the rest of what `f` returned; when `f` fails nothing is written.
+    ///
+    /// ```no_run
+    /// # async fn f(ctx: strom_worker::Context) -> Result<(), strom_worker::WorkerError> {
+    /// let n = ctx
+    ///     .update("counts", b"word".to_vec(), |old| {
+    ///         let n = old.map_or(0, |b| b.len() as u64) + 1;
+    ///         Ok::<_, String>((vec![0; n as usize], n))
+    ///     })
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn update<R, E>(
+        &self,
+        name: &str,
+        key: Vec<u8>,
+        f: impl FnOnce(Option<Vec<u8>>) -> Result<(Vec<u8>, R), E>,
+    ) -> Result<Result<R, E>, WorkerError> {
+        let mut state = self.state().await;
+        let table = state.tables.get_mut(name).ok_or_else(|| no_table(name))?;
+        table.reads.inc();
+        let (new, out) = match f(table.store.get(&key)?) {
+            Ok(v) => v,
+            Err(e) => return Ok(Err(e)),
+        };
+        table.writes.inc();
+        let (mut key, mut value) = (key, Some(new));
+        let mut attempts = attempts();
+        loop {
+            match table.store.write(key, value).await {
+                Ok(()) => return Ok(Ok(out)),
+                Err(refused) => {
+                    self.retry("a table write", &mut attempts, refused.error.into())
+                        .await?;
+                    (key, value) = (refused.key, refused.value);
+                }
+            }
+        }
     }
 
     /// Sends a record; its acknowledgement is awaited before the current
     /// event's offset is committed.
     pub async fn send(&self, record: ProducerRecord<'_>) -> Result<(), WorkerError> {
         let topic = record.topic;
-        let delivery = self.inner.producer.send(record).await?;
+        let mut attempts = attempts();
+        let delivery = loop {
+            match self.inner.producer.send(record).await {
+                Ok(d) => break d,
+                Err(e) => self.retry("a send", &mut attempts, e.into()).await?,
+            }
+        };
         let mut state = self.state().await;
         match state.sent.get(topic) {
             Some(c) => {
@@ -251,6 +367,54 @@ impl Context {
         state.deliveries.push(delivery);
         Ok(())
     }
+
+    /// Waits for every record this partition sent since the last checkpoint,
+    /// then commits the tables' pending writes (with their changelog offsets)
+    /// to their stores. Waits for nothing of other partitions.
+    pub(crate) async fn checkpoint(&self, durability: Durability) -> Result<(), WorkerError> {
+        let mut state = self.state().await;
+        for d in std::mem::take(&mut state.deliveries) {
+            let done = match d.try_result() {
+                Some(done) => done,
+                None => d.await,
+            };
+            if let Err(source) = done {
+                return Err(WorkerError::Delivery {
+                    partition: self.partition(),
+                    source,
+                });
+            }
+        }
+        for table in state.tables.values_mut() {
+            table.store.flush(durability).await?;
+        }
+        Ok(())
+    }
+
+    /// Forgets everything written since the last checkpoint (its transaction
+    /// was aborted): pending table writes and deliveries.
+    pub(crate) async fn discard(&self) {
+        let mut state = self.state().await;
+        state.deliveries.clear();
+        for table in state.tables.values_mut() {
+            table.store.discard();
+        }
+        self.take_failure();
+    }
+
+    /// Table changes waiting for the next checkpoint.
+    pub(crate) async fn pending_changes(&self) -> usize {
+        let state = self.state().await;
+        state.tables.values().map(|t| t.store.pending()).sum()
+    }
+}
+
+/// The pauses between attempts of a framework call.
+fn attempts() -> Backoff {
+    Backoff::new(
+        std::time::Duration::from_millis(100),
+        std::time::Duration::from_secs(1),
+    )
 }
 
 fn no_table(name: &str) -> WorkerError {

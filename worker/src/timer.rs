@@ -101,18 +101,34 @@ impl std::fmt::Debug for Timer {
     }
 }
 
-/// What a timer's function can do: send records (each acknowledged before
-/// `send` returns).
+/// How a timer's records go out.
+#[derive(Debug, Clone)]
+pub(crate) enum Sender {
+    /// At least once: the worker's producer.
+    Plain(Producer),
+    /// Exactly once: in the worker's open transaction.
+    Transactional(Arc<crate::eos::Transactions>),
+}
+
+/// What a timer's function can do: send records (each acknowledged, or under
+/// exactly-once committed, before `send` returns).
 #[derive(Debug, Clone)]
 pub struct TimerContext {
-    producer: Producer,
+    sender: Sender,
     leader: bool,
 }
 
 impl TimerContext {
-    /// Sends a record and waits for the broker's acknowledgement.
+    /// Sends a record and waits for the broker's acknowledgement; under
+    /// exactly-once, until the transaction holding it has committed (an
+    /// aborted one is an error).
     pub async fn send(&self, record: ProducerRecord<'_>) -> Result<(), WorkerError> {
-        self.producer.send(record).await?.await?;
+        match &self.sender {
+            Sender::Plain(producer) => {
+                producer.send(record).await?.await?;
+            }
+            Sender::Transactional(txn) => txn.send_and_commit(record).await?,
+        }
         Ok(())
     }
 
@@ -133,7 +149,7 @@ impl Placement {
 /// Runs `timer` until the task is aborted.
 pub(crate) fn spawn(
     timer: Timer,
-    producer: Producer,
+    sender: Sender,
     placement: watch::Receiver<Placement>,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
@@ -149,7 +165,7 @@ pub(crate) fn spawn(
                 continue;
             }
             let ctx = TimerContext {
-                producer: producer.clone(),
+                sender: sender.clone(),
                 leader,
             };
             if let Err(e) = (timer.run)(ctx).await {

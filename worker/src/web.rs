@@ -3,8 +3,8 @@
 //!
 //! | route | answer |
 //! |---|---|
-//! | `GET /health` | 200 while the process runs |
-//! | `GET /ready` | 200 once every assigned partition is recovered and processing, else 503 |
+//! | `GET /health` | 200 while the worker runs; 503 with the cause once an error stops it |
+//! | `GET /ready` | 200 when the worker is in the group with its assignment registered and every partition it owns is processing; else 503 and why |
 //! | `GET /metrics` | the [`Metrics`] in the OpenMetrics text format |
 //! | `GET /assignment` | this worker's active and standby partition numbers, and the group's placement |
 //! | `GET /tables/{table}/{key}` | the value as JSON; 404 when absent; 307 to the owner's URL when another worker owns the key |
@@ -23,9 +23,11 @@ use serde_json::json;
 use strom_client::partitioner::partition_for_key;
 use tokio::sync::watch;
 
-use crate::assignor::Placement;
+use crate::assignor::{CopartitionedAssignor, Placement};
+use crate::config::WorkerConfig;
+use crate::error::WorkerError;
+use crate::manager::TaskManager;
 use crate::metrics::Metrics;
-use crate::Runtime;
 
 /// Turns the text of a URL path segment into a table's key bytes.
 pub type KeyParser = Arc<dyn Fn(&str) -> Result<Vec<u8>, String> + Send + Sync>;
@@ -33,16 +35,53 @@ pub type KeyParser = Arc<dyn Fn(&str) -> Result<Vec<u8>, String> + Send + Sync>;
 /// What the routes read.
 #[derive(Clone)]
 pub(crate) struct WebState {
-    pub runtime: Arc<Runtime>,
+    pub manager: Arc<TaskManager>,
     pub placement: watch::Receiver<Placement>,
     pub metrics: Metrics,
     pub tables: Arc<HashMap<String, KeyParser>>,
 }
 
+/// Binds `addr` and serves the routes (and the app's `pages`) in the
+/// background; tells the assignor the URL to advertise.
+pub(crate) async fn serve(
+    addr: std::net::SocketAddr,
+    config: &WorkerConfig,
+    assignor: &CopartitionedAssignor,
+    manager: Arc<TaskManager>,
+    metrics: Metrics,
+    tables: HashMap<String, KeyParser>,
+    pages: Vec<Router>,
+) -> Result<tokio::task::JoinHandle<()>, WorkerError> {
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+        WorkerError::Config(format!("cannot listen for the web server on {addr}: {e}"))
+    })?;
+    let bound = listener
+        .local_addr()
+        .map_err(|e| WorkerError::Config(format!("web server address unknown: {e}")))?;
+    let url = config
+        .advertised_url
+        .clone()
+        .unwrap_or_else(|| crate::default_url(bound));
+    assignor.set_url(Some(url.clone()));
+    let state = WebState {
+        manager,
+        placement: assignor.placement(),
+        metrics,
+        tables: Arc::new(tables),
+    };
+    let app = router(state, pages);
+    tracing::info!(%bound, %url, "web server listening");
+    Ok(tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::warn!(error = %e, "web server stopped");
+        }
+    }))
+}
+
 /// The built-in routes merged with the app's own.
 pub(crate) fn router(state: WebState, pages: Vec<Router>) -> Router {
     let builtin = Router::new()
-        .route("/health", get(|| async { "ok" }))
+        .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
         .route("/assignment", get(assignment))
@@ -51,18 +90,22 @@ pub(crate) fn router(state: WebState, pages: Vec<Router>) -> Router {
     pages.into_iter().fold(builtin, Router::merge)
 }
 
+async fn health(State(web): State<WebState>) -> Response {
+    match web.manager.spec.fatal_message() {
+        None => "ok".into_response(),
+        Some(why) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"healthy": false, "stopping": why})),
+        )
+            .into_response(),
+    }
+}
+
 async fn ready(State(web): State<WebState>) -> Response {
     let placement = web.placement.borrow().clone();
-    if placement.generation < 0 {
-        let body = json!({"ready": false, "why": "not yet in the group"});
-        return (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
-    }
-    let recovering = web.runtime.recovering();
-    if recovering.is_empty() {
-        (StatusCode::OK, Json(json!({"ready": true}))).into_response()
-    } else {
-        let body = json!({"ready": false, "recovering": recovering});
-        (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
+    match web.manager.readiness(&placement) {
+        Ok(()) => (StatusCode::OK, Json(json!({"ready": true}))).into_response(),
+        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, Json(why)).into_response(),
     }
 }
 
@@ -111,7 +154,7 @@ async fn table_value(
             )
         }
     };
-    let partitions = web.runtime.spec.partitions;
+    let partitions = web.manager.spec.partitions;
     if partitions == 0 {
         return error(StatusCode::SERVICE_UNAVAILABLE, "no partitions".into());
     }
@@ -140,7 +183,7 @@ async fn table_value(
         )
             .into_response();
     }
-    let Some(ctx) = web.runtime.context(partition) else {
+    let Some(ctx) = web.manager.context(partition) else {
         return error(
             StatusCode::SERVICE_UNAVAILABLE,
             format!("partition {partition} is still recovering; try again"),

@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
-use std::time::Instant;
+use tokio::time::Instant;
 
 use bytes::Bytes;
 use kafka_protocol::error::ResponseError;
@@ -68,7 +68,7 @@ pub(super) async fn run(
         }
         tokio::select! {
             _ = handle.wake_fetcher.notified() => {}
-            _ = tokio::time::sleep_until(pause_until.unwrap_or(now).into()), if pause_until.is_some() => {}
+            _ = tokio::time::sleep_until(pause_until.unwrap_or(now)), if pause_until.is_some() => {}
             Some(done) = fetches.join_next(), if !fetches.is_empty() => {
                 // A fetch task that died has lost nothing: its partitions are
                 // fetched again from the same positions once unmarked.

@@ -22,7 +22,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 use kafka_protocol::error::ResponseError;
 use kafka_protocol::messages::offset_commit_request::{
@@ -273,8 +274,8 @@ impl GroupHandle {
     }
 
     /// When this member last received an assignment.
-    pub fn assigned_at(&self) -> Option<Instant> {
-        self.inner.state().assigned_at
+    pub fn assigned_at(&self) -> Option<std::time::Instant> {
+        self.inner.state().assigned_at.map(Instant::into_std)
     }
 
     /// Whether this member may still act for its generation: it has one, and

@@ -658,6 +658,13 @@ impl Producer {
         }
     }
 
+    /// Whether the open transaction holds nothing yet: no record sent or
+    /// waiting, no offsets added. Committing it would change nothing.
+    pub fn transaction_is_empty(&self) -> bool {
+        let acc = self.inner().accumulator();
+        acc.txn_partitions.is_empty() && !acc.txn_group_added && acc.pending_records == 0
+    }
+
     /// Bytes of records waiting in the producer (for metrics and tests).
     pub fn buffered_bytes(&self) -> usize {
         self.inner().config.buffer_memory - self.inner().memory.available_permits()

@@ -1,0 +1,522 @@
+//! The task manager: owns the partition tasks, routes fetched records to them,
+//! and commits — as Kafka Streams' `TaskManager` does.
+//!
+//! - Tasks start when the group assigns their partition number and restore
+//!   their tables on their own: a restoring task never delays the commits of
+//!   the others (a commit covers running tasks only) nor the poll loop.
+//! - Commits run on their own task, one per commit interval, never on the
+//!   poll loop: at least once, every running task checkpoints (its own
+//!   deliveries, its tables) concurrently and one OffsetCommit covers them all;
+//!   exactly once, every running task stops at an event boundary, and the
+//!   worker's transaction commits their outputs, changelogs and offsets
+//!   together (or aborts, and the tasks read again from the last commit).
+//! - A revoke closes the revoked tasks after a last commit; a revoke of a
+//!   restoring task cancels its restoration at once. A lost partition's task
+//!   is dropped without committing.
+//! - `/ready` is derived from the task states.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::{Arc, Mutex};
+
+use serde_json::json;
+use strom_client::consumer::TopicPartition;
+use strom_client::group::{GroupConsumer, GroupHandle};
+use strom_client::ConsumerRecord;
+use tokio::sync::{mpsc, oneshot, Notify};
+use tracing::{debug, info, warn};
+
+use crate::assignor::Placement;
+use crate::eos::{CommitError, Transactions};
+use crate::error::WorkerError;
+use crate::processor::Context;
+use crate::standby::Standbys;
+use crate::task::{self, Control, Offsets, Outcome, Spec, TaskHandle, TaskState};
+
+/// A request to the poll loop, which owns the consumer: move these partitions
+/// back to these offsets and start a new epoch for these tasks (records routed
+/// before it are dropped by the tasks). Answers each task's new epoch.
+pub(crate) struct Rewind {
+    pub seeks: Vec<(TopicPartition, i64)>,
+    pub numbers: Vec<i32>,
+    pub reply: oneshot::Sender<HashMap<i32, u64>>,
+}
+
+/// The worker's tasks and how they commit.
+pub(crate) struct TaskManager {
+    pub spec: Arc<Spec>,
+    /// Bytes of records waiting per partition number before its fetches pause.
+    max_buffered: usize,
+    /// Notified when a task's queue drains below half the bound.
+    pub drained: Arc<Notify>,
+    tasks: Mutex<HashMap<i32, TaskHandle>>,
+    standbys: Standbys,
+    /// One commit (or revoke, or loss) at a time.
+    commits: tokio::sync::Mutex<()>,
+    /// Exactly-once: the worker's transactions.
+    txn: Option<Arc<Transactions>>,
+    /// Exactly-once: the way to the poll loop, while it runs.
+    rewinds: Mutex<Option<mpsc::UnboundedSender<Rewind>>>,
+    /// The group generation whose membership was lost last (-1: none).
+    lost_generation: AtomicI32,
+    /// The offsets committed last, so a commit sends only what moved.
+    committed: Mutex<HashMap<TopicPartition, i64>>,
+}
+
+/// Whether the worker serves: `Ok` or why not (for `/ready`).
+pub(crate) type Readiness = Result<(), serde_json::Value>;
+
+impl TaskManager {
+    pub fn new(
+        spec: Arc<Spec>,
+        max_buffered: usize,
+        txn: Option<Arc<Transactions>>,
+    ) -> TaskManager {
+        TaskManager {
+            spec,
+            max_buffered: max_buffered.max(1),
+            drained: Arc::new(Notify::new()),
+            tasks: Mutex::new(HashMap::new()),
+            standbys: Standbys::default(),
+            commits: tokio::sync::Mutex::new(()),
+            txn,
+            rewinds: Mutex::new(None),
+            lost_generation: AtomicI32::new(-1),
+            committed: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn tasks(&self) -> std::sync::MutexGuard<'_, HashMap<i32, TaskHandle>> {
+        self.tasks.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Connects the poll loop's rewind queue (exactly-once).
+    pub fn set_rewinds(&self, tx: Option<mpsc::UnboundedSender<Rewind>>) {
+        *self.rewinds.lock().unwrap_or_else(|e| e.into_inner()) = tx;
+    }
+
+    /// Starts the tasks of newly assigned partition numbers (each takes over
+    /// its warm standby, if there is one, and restores its tables).
+    pub fn assign(&self, numbers: &[i32]) {
+        let mut tasks = self.tasks();
+        for &n in numbers {
+            tasks.entry(n).or_insert_with(|| {
+                info!(partition = n, "partition assigned");
+                task::spawn(
+                    self.spec.clone(),
+                    n,
+                    self.max_buffered / 2,
+                    self.drained.clone(),
+                    self.standbys.take(n),
+                )
+            });
+        }
+    }
+
+    /// Gives up partition numbers cleanly: a last commit covering them, then
+    /// their tasks close their stores. A task still restoring stops at once.
+    pub async fn revoke(&self, group: &GroupHandle, numbers: &[i32]) {
+        let _one = self.commits.lock().await;
+        let result = match &self.txn {
+            None => self.close_at_least_once(group, numbers).await,
+            Some(txn) => self.round(txn, group, numbers).await,
+        };
+        if let Err(e) = result {
+            self.spec.fail(e);
+        }
+        let joins: Vec<_> = {
+            let mut tasks = self.tasks();
+            numbers
+                .iter()
+                .filter_map(|n| tasks.remove(n))
+                .map(|t| t.join)
+                .collect()
+        };
+        for j in joins {
+            let _ = j.await;
+        }
+        self.forget_committed(numbers);
+        info!(partitions = ?numbers, "partitions revoked");
+    }
+
+    /// Membership was lost: the tasks stop without committing (another
+    /// worker may own their partitions already), and under exactly-once the
+    /// open transaction aborts.
+    pub async fn lose(&self, group: &GroupHandle, numbers: &[i32]) {
+        let _one = self.commits.lock().await;
+        self.lost_generation
+            .fetch_max(group.metadata().generation_id, Ordering::AcqRel);
+        let lost: Vec<TaskHandle> = {
+            let mut tasks = self.tasks();
+            numbers.iter().filter_map(|n| tasks.remove(n)).collect()
+        };
+        for t in lost {
+            t.join.abort();
+            let _ = t.join.await;
+        }
+        self.forget_committed(numbers);
+        for n in numbers {
+            warn!(
+                partition = n,
+                "partition lost; its events since the last commit will be processed again"
+            );
+        }
+        if let Some(txn) = &self.txn {
+            if let Err(e) = txn.abort().await {
+                self.spec.fail(e);
+            }
+        }
+    }
+
+    /// The periodic commit.
+    pub async fn commit(&self, group: &GroupHandle) -> Result<(), WorkerError> {
+        let _one = self.commits.lock().await;
+        match &self.txn {
+            None => self.commit_at_least_once(group).await,
+            Some(txn) => self.round(txn, group, &[]).await,
+        }
+    }
+
+    /// The running tasks (those a commit covers).
+    fn running(&self) -> Vec<i32> {
+        self.tasks()
+            .iter()
+            .filter(|(_, t)| t.status.state() == TaskState::Running)
+            .map(|(n, _)| *n)
+            .collect()
+    }
+
+    /// Sends `make(reply)` to each task of `numbers`; answers come back in
+    /// the same order (a task that is gone answers nothing).
+    fn ask(
+        &self,
+        numbers: &[i32],
+        mut make: impl FnMut(i32, oneshot::Sender<Result<Offsets, WorkerError>>) -> Control,
+    ) -> Vec<(i32, oneshot::Receiver<Result<Offsets, WorkerError>>)> {
+        let tasks = self.tasks();
+        let mut asked = Vec::new();
+        for n in numbers {
+            let Some(task) = tasks.get(n) else { continue };
+            let (reply, rx) = oneshot::channel();
+            if task.send(make(*n, reply)) {
+                asked.push((*n, rx));
+            } else {
+                warn!(partition = n, "partition task is gone; its events since the last commit will be processed again");
+            }
+        }
+        asked
+    }
+
+    /// Gathers the answers of [`TaskManager::ask`]: the offsets, or the first
+    /// error.
+    async fn gather(
+        asked: Vec<(i32, oneshot::Receiver<Result<Offsets, WorkerError>>)>,
+    ) -> Result<Offsets, WorkerError> {
+        let mut offsets = Vec::new();
+        let mut failed = None;
+        for (n, rx) in asked {
+            match rx.await {
+                Ok(Ok(o)) => offsets.extend(o),
+                Ok(Err(e)) => {
+                    failed.get_or_insert(e);
+                }
+                Err(_) => warn!(partition = n, "partition task stopped before answering"),
+            }
+        }
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(offsets),
+        }
+    }
+
+    /// At least once: every running task checkpoints (concurrently), then one
+    /// OffsetCommit.
+    async fn commit_at_least_once(&self, group: &GroupHandle) -> Result<(), WorkerError> {
+        let started = std::time::Instant::now();
+        let asked = self.ask(&self.running(), |_, reply| Control::Checkpoint(reply));
+        let offsets = self.moved(group, Self::gather(asked).await?);
+        if commit_offsets(group, &offsets).await {
+            self.booked(&offsets);
+            self.spec.metrics.committed(started.elapsed());
+        }
+        Ok(())
+    }
+
+    /// At least once: the revoked tasks close (durable checkpoint), then their
+    /// offsets are committed.
+    async fn close_at_least_once(
+        &self,
+        group: &GroupHandle,
+        numbers: &[i32],
+    ) -> Result<(), WorkerError> {
+        let asked = self.ask(numbers, |_, reply| Control::Close(reply));
+        let offsets = self.moved(group, Self::gather(asked).await?);
+        if commit_offsets(group, &offsets).await {
+            self.booked(&offsets);
+        }
+        Ok(())
+    }
+
+    /// The offsets of partitions this member still owns that moved since
+    /// they were last committed.
+    fn moved(&self, group: &GroupHandle, offsets: Offsets) -> Offsets {
+        let owned: BTreeSet<TopicPartition> = group.assignment().into_iter().collect();
+        let committed = self.committed.lock().unwrap_or_else(|e| e.into_inner());
+        offsets
+            .into_iter()
+            .filter(|(tp, o)| owned.contains(tp) && committed.get(tp) != Some(o))
+            .collect()
+    }
+
+    /// Forgets what was committed for partitions given up: their next owner
+    /// commits them from then on.
+    fn forget_committed(&self, numbers: &[i32]) {
+        let mut committed = self.committed.lock().unwrap_or_else(|e| e.into_inner());
+        committed.retain(|tp, _| !numbers.contains(&tp.partition));
+    }
+
+    /// Books `offsets` as committed.
+    fn booked(&self, offsets: &Offsets) {
+        let mut committed = self.committed.lock().unwrap_or_else(|e| e.into_inner());
+        for (tp, o) in offsets {
+            committed.insert(tp.clone(), *o);
+        }
+    }
+
+    /// Exactly once: one commit round. Every running task (and every task of
+    /// `closing`) stops at an event boundary and reports its offsets; the
+    /// transaction commits them with everything sent since the last round;
+    /// the tasks then apply their table writes, or, if it aborted, read again
+    /// from the last commit. The tasks of `closing` end after the round.
+    async fn round(
+        &self,
+        txn: &Transactions,
+        group: &GroupHandle,
+        closing: &[i32],
+    ) -> Result<(), WorkerError> {
+        let started = std::time::Instant::now();
+        let mut numbers = self.running();
+        for &n in closing {
+            if !numbers.contains(&n) {
+                numbers.push(n);
+            }
+        }
+        let mut outcomes = HashMap::new();
+        let asked = self.ask(&numbers, |n, reply| {
+            let (tx, outcome) = oneshot::channel();
+            outcomes.insert(n, tx);
+            Control::Prepare {
+                close: closing.contains(&n),
+                reply,
+                outcome,
+            }
+        });
+        let prepared = Self::gather(asked).await;
+        let result = match (prepared, self.spec.fatal_message()) {
+            (Err(e), _) => {
+                let _ = txn.abort().await;
+                Err(CommitError::Fatal(e))
+            }
+            // A worker that stops commits nothing more.
+            (Ok(_), Some(why)) => match txn.abort().await {
+                Ok(()) => Err(CommitError::Aborted(format!("the worker stops: {why}"))),
+                Err(e) => Err(CommitError::Fatal(e)),
+            },
+            (Ok(offsets), None) => {
+                let offsets = self.moved(group, offsets);
+                let done = txn.commit(&offsets, group).await;
+                if done.is_ok() {
+                    self.booked(&offsets);
+                }
+                done
+            }
+        };
+        match result {
+            Ok(()) => {
+                for tx in outcomes.into_values() {
+                    let _ = tx.send(Outcome::Committed);
+                }
+                self.spec.metrics.committed(started.elapsed());
+                Ok(())
+            }
+            Err(CommitError::Aborted(reason)) => {
+                debug!(%reason, "commit round aborted");
+                self.spec.metrics.aborted();
+                let epochs = self.rewind(&numbers).await;
+                for (n, tx) in outcomes {
+                    let epoch = epochs.get(&n).copied().unwrap_or(u64::MAX);
+                    let _ = tx.send(Outcome::Aborted { epoch });
+                }
+                Ok(())
+            }
+            Err(CommitError::Fatal(e)) => {
+                for tx in outcomes.into_values() {
+                    let _ = tx.send(Outcome::Aborted { epoch: u64::MAX });
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Moves the tasks of `numbers` back to where their last commit left them
+    /// (through the poll loop); their new epochs. Without a poll loop (the
+    /// worker is closing) nothing is read again, and the epochs drop
+    /// everything queued.
+    async fn rewind(&self, numbers: &[i32]) -> HashMap<i32, u64> {
+        let seeks: Vec<(TopicPartition, i64)> = {
+            let tasks = self.tasks();
+            numbers
+                .iter()
+                .filter_map(|n| tasks.get(n))
+                .flat_map(|t| t.restart_points())
+                .collect()
+        };
+        let (reply, rx) = oneshot::channel();
+        let sent = self
+            .rewinds
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .is_some_and(|tx| {
+                tx.send(Rewind {
+                    seeks,
+                    numbers: numbers.to_vec(),
+                    reply,
+                })
+                .is_ok()
+            });
+        if !sent {
+            return HashMap::new();
+        }
+        rx.await.unwrap_or_default()
+    }
+
+    /// The poll loop's side of a rewind: seek, then new epochs.
+    pub fn apply_rewind(&self, rewind: Rewind, consumer: &mut GroupConsumer) {
+        for (tp, offset) in &rewind.seeks {
+            // A partition revoked meanwhile has nothing to rewind.
+            if consumer.seek(tp, *offset).is_ok() {
+                debug!(%tp, offset, "rewound after an aborted transaction");
+            }
+        }
+        let tasks = self.tasks();
+        let epochs = rewind
+            .numbers
+            .iter()
+            .filter_map(|n| tasks.get(n).map(|t| (*n, t.bump_epoch())))
+            .collect();
+        let _ = rewind.reply.send(epochs);
+    }
+
+    /// Hands fetched records to their partition's task, and pauses fetching
+    /// that partition while too many wait (backpressure; heartbeats and the
+    /// other partitions go on). Records of a partition without a task (being
+    /// revoked) are dropped: they come after the offset its revocation
+    /// committed, so the next owner processes them.
+    pub fn route(
+        &self,
+        records: Vec<ConsumerRecord>,
+        consumer: &mut GroupConsumer,
+        paused: &mut BTreeSet<TopicPartition>,
+    ) {
+        let Some(first) = records.first() else { return };
+        let tp = TopicPartition::new(&first.topic, first.partition);
+        let queued = match self.tasks().get(&tp.partition) {
+            Some(task) => task.route(records),
+            None => {
+                debug!(
+                    partition = tp.partition,
+                    "records of a partition no longer owned dropped"
+                );
+                return;
+            }
+        };
+        if queued > self.max_buffered && consumer.pause(&tp).is_ok() {
+            debug!(topic = %tp.topic, partition = tp.partition, queued, "fetching paused");
+            paused.insert(tp);
+        }
+    }
+
+    /// Resumes fetching the paused partitions whose tasks have caught up.
+    pub fn resume(&self, consumer: &mut GroupConsumer, paused: &mut BTreeSet<TopicPartition>) {
+        let low = self.max_buffered / 2;
+        let tasks = self.tasks();
+        paused.retain(|tp| {
+            let caught_up = tasks.get(&tp.partition).is_none_or(|t| t.queued() <= low);
+            if caught_up {
+                // A partition moved away meanwhile has no pause left to lift.
+                let _ = consumer.resume(tp);
+                debug!(topic = %tp.topic, partition = tp.partition, "fetching resumed");
+            }
+            !caught_up
+        });
+    }
+
+    /// The context of partition number `n`, once its task runs.
+    pub fn context(&self, n: i32) -> Option<Context> {
+        self.tasks()
+            .get(&n)
+            .and_then(|t| t.status.context().cloned())
+    }
+
+    /// Ready when the worker is in the group with its current assignment
+    /// registered and every partition number it owns is running.
+    pub fn readiness(&self, placement: &Placement) -> Readiness {
+        if let Some(why) = self.spec.fatal_message() {
+            return Err(json!({"ready": false, "stopping": why}));
+        }
+        if placement.generation < 0 {
+            return Err(json!({"ready": false, "why": "not yet in the group"}));
+        }
+        if placement.generation <= self.lost_generation.load(Ordering::Acquire) {
+            return Err(json!({"ready": false, "why": "group membership lost; rejoining"}));
+        }
+        let tasks = self.tasks();
+        let mut recovering = Vec::new();
+        let mut not_started = Vec::new();
+        for &n in placement.mine().map_or(&[][..], |m| &m.active[..]) {
+            match tasks.get(&n).map(|t| t.status.state()) {
+                Some(TaskState::Running) => {}
+                Some(TaskState::Restoring) => recovering.push(n),
+                _ => not_started.push(n),
+            }
+        }
+        if recovering.is_empty() && not_started.is_empty() {
+            Ok(())
+        } else {
+            Err(json!({"ready": false, "recovering": recovering, "not_started": not_started}))
+        }
+    }
+
+    /// Keeps standbys for the numbers the placement gives this worker to keep
+    /// warm, and stops those it no longer does.
+    pub async fn reconcile_standbys(&self, placement: &Placement) {
+        let stale = self.standbys.stale(placement);
+        Standbys::stop(stale).await;
+        // Under the tasks lock: a task cannot start for a number while its
+        // standby is being started.
+        let tasks = self.tasks();
+        let active: BTreeSet<i32> = tasks.keys().copied().collect();
+        self.standbys.start_wanted(&self.spec, placement, &active);
+    }
+
+    /// Stops every standby (at shutdown).
+    pub async fn stop_standbys(&self) {
+        self.reconcile_standbys(&Placement::default()).await;
+    }
+}
+
+/// Commits `offsets`; a refusal (the group moved on) only means those events
+/// are processed again by their next owner.
+async fn commit_offsets(group: &GroupHandle, offsets: &Offsets) -> bool {
+    if offsets.is_empty() {
+        return false;
+    }
+    match group.commit(offsets).await {
+        Ok(()) => true,
+        Err(e) => {
+            warn!(error = %e, "commit failed; the events since the last commit will be processed again");
+            false
+        }
+    }
+}

@@ -1,0 +1,971 @@
+//! One task per partition number: it restores the number's tables from their
+//! changelogs, then processes the number's events in order, and answers the
+//! task manager's control messages ahead of its data.
+//!
+//! ```text
+//!  Restoring ──tables ready──► Running ──Close / Prepare{close}──► Closed
+//!      │                          │
+//!      └──Close (revoked): restoration cancelled, nothing committed
+//!  any state ──error──► Failed (the worker stops; nothing of the failed
+//!                        event is committed)
+//! ```
+//!
+//! A task reads two queues: control messages (checkpoints, commit rounds,
+//! close) and fetched records. Control always goes first, also between the
+//! records of one fetched batch, so a checkpoint never waits behind megabytes
+//! of queued records, and a restoring task still answers at once.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use strom_client::consumer::{ConsumerRecord, IsolationLevel, TopicPartition};
+use strom_client::producer::Producer;
+use strom_client::Client;
+use strom_state::{
+    recover_with_progress, Durability, LoggedStore, MemoryStore, Recovery, RecoveryProgress,
+    RedbStore, Standby, Store,
+};
+use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::task::JoinSet;
+use tokio::time::{sleep_until, Instant};
+use tracing::{info, warn};
+
+use crate::config::{ProcessingGuarantee, StoreKind};
+use crate::error::WorkerError;
+use crate::metrics::{EventMeters, Metrics};
+use crate::policy;
+use crate::processor::{Context, ErrorPolicy, Processor};
+
+/// Next offsets to commit: everything before them is processed (and, at
+/// least once, acknowledged).
+pub(crate) type Offsets = Vec<(TopicPartition, i64)>;
+
+/// Where a task stands (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub(crate) enum TaskState {
+    Restoring = 0,
+    Running = 1,
+    Closed = 2,
+    Failed = 3,
+}
+
+/// A task's state and, once it runs, its context (for table reads from the
+/// web server), shared with the task manager.
+#[derive(Debug)]
+pub(crate) struct TaskStatus {
+    state: AtomicU8,
+    ctx: OnceLock<Context>,
+}
+
+impl TaskStatus {
+    pub fn state(&self) -> TaskState {
+        match self.state.load(Ordering::Acquire) {
+            0 => TaskState::Restoring,
+            1 => TaskState::Running,
+            2 => TaskState::Closed,
+            _ => TaskState::Failed,
+        }
+    }
+
+    fn set(&self, state: TaskState) {
+        self.state.store(state as u8, Ordering::Release);
+    }
+
+    /// The task's context once it runs.
+    pub fn context(&self) -> Option<&Context> {
+        self.ctx.get()
+    }
+}
+
+/// What the task manager asks of a task.
+pub(crate) enum Control {
+    /// At least once: wait for this task's deliveries, commit its tables'
+    /// writes, answer the offsets that may be committed.
+    Checkpoint(oneshot::Sender<Result<Offsets, WorkerError>>),
+    /// Exactly once: stop at an event boundary (finishing events in flight;
+    /// with `close`, handing on batches held back first), answer the offsets,
+    /// then do nothing until the transaction's outcome arrives.
+    Prepare {
+        close: bool,
+        reply: oneshot::Sender<Result<Offsets, WorkerError>>,
+        outcome: oneshot::Receiver<Outcome>,
+    },
+    /// At least once: hand on batches held back, finish events in flight,
+    /// checkpoint durably, answer the offsets and end.
+    Close(oneshot::Sender<Result<Offsets, WorkerError>>),
+}
+
+/// How the transaction a task prepared for ended.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Outcome {
+    /// Committed: the task's table writes go to its stores.
+    Committed,
+    /// Aborted: the task forgets everything since the last commit and reads
+    /// again from it; records queued under older epochs are dropped.
+    Aborted { epoch: u64 },
+}
+
+/// What a partition task needs to know about the app.
+pub(crate) struct Spec {
+    pub client: Client,
+    /// The worker's producer: transactional under exactly-once.
+    pub producer: Producer,
+    /// Every agent, and which of them take each topic.
+    pub processors: Vec<Arc<dyn Processor>>,
+    pub by_topic: HashMap<String, Vec<usize>>,
+    /// (table name, changelog topic).
+    pub tables: Vec<(String, String)>,
+    pub state_dir: PathBuf,
+    pub store: StoreKind,
+    pub guarantee: ProcessingGuarantee,
+    /// Partition count of the source topics.
+    pub partitions: usize,
+    pub metrics: Metrics,
+    /// The policy of agents without their own.
+    pub on_error: ErrorPolicy,
+    pub durable_interval: Duration,
+    pub durable_changes: u64,
+    /// The first error that stops the worker.
+    pub fatal: std::sync::Mutex<Option<WorkerError>>,
+    /// Woken when `fatal` is set.
+    pub stopped: Notify,
+}
+
+impl Spec {
+    /// Records an error that stops the worker (the first one wins).
+    pub fn fail(&self, e: WorkerError) {
+        warn!(error = %e, "worker stops");
+        self.fatal
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_or_insert(e);
+        self.stopped.notify_waiters();
+        self.stopped.notify_one();
+    }
+
+    pub fn take_fatal(&self) -> Option<WorkerError> {
+        self.fatal.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+
+    /// The error that stops the worker, as text, if there is one.
+    pub fn fatal_message(&self) -> Option<String> {
+        self.fatal
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(ToString::to_string)
+    }
+
+    /// How tables read their changelogs: only committed records under
+    /// exactly-once.
+    pub fn isolation(&self) -> IsolationLevel {
+        match self.guarantee {
+            ProcessingGuarantee::ExactlyOnce => IsolationLevel::ReadCommitted,
+            _ => IsolationLevel::ReadUncommitted,
+        }
+    }
+}
+
+/// Opens the local store of `table`'s partition `partition`.
+pub(crate) fn open_store(
+    spec: &Spec,
+    table: &str,
+    partition: i32,
+) -> Result<Arc<dyn Store>, WorkerError> {
+    Ok(match spec.store {
+        StoreKind::Redb => Arc::new(RedbStore::open(strom_state::store_path(
+            &spec.state_dir,
+            table,
+            partition,
+        ))?),
+        StoreKind::Memory => Arc::new(MemoryStore::new()),
+    })
+}
+
+/// Opens a store that a standby or an earlier task of this partition may
+/// still be closing: retries for a few seconds before giving up.
+async fn open_store_retrying(
+    spec: &Spec,
+    table: &str,
+    partition: i32,
+) -> Result<Arc<dyn Store>, WorkerError> {
+    let mut attempts = 0;
+    loop {
+        match open_store(spec, table, partition) {
+            Ok(store) => return Ok(store),
+            Err(e) if attempts < 50 => {
+                attempts += 1;
+                tracing::debug!(partition, table, error = %e, "store not openable yet; retrying");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Fetched records of one partition, routed under a task epoch, with their
+/// size in the backpressure count.
+pub(crate) struct Batch {
+    epoch: u64,
+    bytes: usize,
+    records: Vec<ConsumerRecord>,
+}
+
+/// The task manager's handle on a task.
+pub(crate) struct TaskHandle {
+    control: mpsc::UnboundedSender<Control>,
+    data: mpsc::UnboundedSender<Batch>,
+    pub status: Arc<TaskStatus>,
+    /// Bytes of records queued and not yet taken by the task.
+    queued: Arc<AtomicUsize>,
+    /// Bumped by a rewind: records routed before it are dropped.
+    epoch: Arc<AtomicU64>,
+    /// Per source partition, the offset reading restarts from after an
+    /// aborted transaction: the last committed offset, or the first offset
+    /// routed to the task before any commit.
+    restart: Arc<Mutex<HashMap<TopicPartition, i64>>>,
+    pub join: tokio::task::JoinHandle<()>,
+}
+
+impl TaskHandle {
+    /// Queues fetched records; returns how many bytes of records now wait.
+    pub fn route(&self, records: Vec<ConsumerRecord>) -> usize {
+        if let Some(first) = records.first() {
+            let mut restart = self.restart.lock().unwrap_or_else(|e| e.into_inner());
+            if !restart
+                .keys()
+                .any(|tp| *tp.topic == *first.topic && tp.partition == first.partition)
+            {
+                restart.insert(
+                    TopicPartition::new(&first.topic, first.partition),
+                    first.offset,
+                );
+            }
+        }
+        let bytes = buffered_bytes(&records);
+        let queued = self.queued.fetch_add(bytes, Ordering::AcqRel) + bytes;
+        let batch = Batch {
+            epoch: self.epoch.load(Ordering::Acquire),
+            bytes,
+            records,
+        };
+        if self.data.send(batch).is_err() {
+            self.queued.fetch_sub(bytes, Ordering::AcqRel);
+        }
+        queued
+    }
+
+    /// Bytes of records queued and not yet taken by the task.
+    pub fn queued(&self) -> usize {
+        self.queued.load(Ordering::Acquire)
+    }
+
+    /// Sends a control message; false if the task is gone.
+    pub fn send(&self, msg: Control) -> bool {
+        self.control.send(msg).is_ok()
+    }
+
+    /// Where each source partition restarts after an aborted transaction.
+    pub fn restart_points(&self) -> Vec<(TopicPartition, i64)> {
+        let restart = self.restart.lock().unwrap_or_else(|e| e.into_inner());
+        restart.iter().map(|(tp, o)| (tp.clone(), *o)).collect()
+    }
+
+    /// Starts a new epoch: records routed from now on are the ones read
+    /// after a rewind. Returns it.
+    pub fn bump_epoch(&self) -> u64 {
+        self.epoch.fetch_add(1, Ordering::AcqRel) + 1
+    }
+}
+
+/// Starts the task of partition number `partition`. When its queue drains to
+/// `low` bytes it notifies `drained`, so the worker resumes fetching.
+pub(crate) fn spawn(
+    spec: Arc<Spec>,
+    partition: i32,
+    low: usize,
+    drained: Arc<Notify>,
+    warm: Vec<(String, Standby)>,
+) -> TaskHandle {
+    let (control, control_rx) = mpsc::unbounded_channel();
+    let (data, data_rx) = mpsc::unbounded_channel();
+    let status = Arc::new(TaskStatus {
+        state: AtomicU8::new(TaskState::Restoring as u8),
+        ctx: OnceLock::new(),
+    });
+    let queued = Arc::new(AtomicUsize::new(0));
+    let restart = Arc::new(Mutex::new(HashMap::new()));
+    let backlog = Backlog {
+        queued: queued.clone(),
+        low,
+        drained,
+    };
+    let inboxes = Inboxes {
+        control: control_rx,
+        data: data_rx,
+    };
+    let (st, rs) = (status.clone(), restart.clone());
+    let join = tokio::spawn(async move {
+        match run(spec.clone(), partition, inboxes, backlog, warm, &st, rs).await {
+            Ok(()) => st.set(TaskState::Closed),
+            Err(e) => {
+                st.set(TaskState::Failed);
+                warn!(partition, error = %e, "partition task failed");
+                spec.fail(e);
+            }
+        }
+    });
+    TaskHandle {
+        control,
+        data,
+        status,
+        queued,
+        epoch: Arc::new(AtomicU64::new(0)),
+        restart,
+        join,
+    }
+}
+
+/// What `records` cost in memory, roughly: their keys, values and headers
+/// plus a fixed overhead per record.
+fn buffered_bytes(records: &[ConsumerRecord]) -> usize {
+    records
+        .iter()
+        .map(|r| {
+            let fields =
+                r.key.as_ref().map_or(0, |k| k.len()) + r.value.as_ref().map_or(0, |v| v.len());
+            let headers: usize = r
+                .headers
+                .iter()
+                .map(|h| h.key.len() + h.value.as_ref().map_or(0, |v| v.len()))
+                .sum();
+            fields + headers + 64
+        })
+        .sum()
+}
+
+/// The task's side of the queued-bytes count.
+struct Backlog {
+    queued: Arc<AtomicUsize>,
+    low: usize,
+    drained: Arc<Notify>,
+}
+
+impl Backlog {
+    fn taken(&self, n: usize) {
+        let before = self.queued.fetch_sub(n, Ordering::AcqRel);
+        if before > self.low && before - n <= self.low {
+            self.drained.notify_one();
+        }
+    }
+}
+
+struct Inboxes {
+    control: mpsc::UnboundedReceiver<Control>,
+    data: mpsc::UnboundedReceiver<Batch>,
+}
+
+async fn run(
+    spec: Arc<Spec>,
+    partition: i32,
+    mut inboxes: Inboxes,
+    backlog: Backlog,
+    warm: Vec<(String, Standby)>,
+    status: &TaskStatus,
+    restart: Arc<Mutex<HashMap<TopicPartition, i64>>>,
+) -> Result<(), WorkerError> {
+    spec.metrics.partition_ready(partition, false);
+    let Some(tables) = restore(&spec, partition, warm, &mut inboxes.control).await? else {
+        info!(
+            partition,
+            "restoration cancelled: the partition was revoked"
+        );
+        return Ok(());
+    };
+    for p in &spec.processors {
+        p.reset(partition);
+    }
+    let ctx = Context::new(
+        partition,
+        spec.partitions,
+        tables,
+        spec.producer.clone(),
+        spec.metrics.clone(),
+    );
+    let _ = status.ctx.set(ctx.clone());
+    status.set(TaskState::Running);
+    spec.metrics.partition_ready(partition, true);
+    let mut task = Task {
+        load: vec![0; spec.processors.len()],
+        spec,
+        ctx,
+        progress: BTreeMap::new(),
+        concurrent: JoinSet::new(),
+        running: HashMap::new(),
+        routes: HashMap::new(),
+        epoch: 0,
+        current: VecDeque::new(),
+        current_bytes: 0,
+        backlog,
+        restart,
+        last_durable: Instant::now(),
+        changes: 0,
+    };
+    task.run(inboxes).await
+}
+
+/// Restores every table of `partition` (from a warm standby when there is
+/// one), answering control messages meanwhile. `None` when the task was
+/// closed before it finished: the stores are left as restoration last wrote
+/// them, which is consistent.
+async fn restore(
+    spec: &Spec,
+    partition: i32,
+    mut warm: Vec<(String, Standby)>,
+    control: &mut mpsc::UnboundedReceiver<Control>,
+) -> Result<Option<BTreeMap<String, LoggedStore>>, WorkerError> {
+    let mut tables = BTreeMap::new();
+    for (name, changelog) in &spec.tables {
+        let standby = warm
+            .iter()
+            .position(|(t, _)| t == name)
+            .map(|i| warm.swap_remove(i).1);
+        let restored = async {
+            match standby {
+                Some(standby) => Ok(standby.promote(&spec.client).await?),
+                None => {
+                    let store = open_store_retrying(spec, name, partition).await?;
+                    let recovery =
+                        recover_reporting(spec, store.clone(), name, changelog, partition).await?;
+                    Ok::<_, WorkerError>((store, recovery))
+                }
+            }
+        };
+        tokio::pin!(restored);
+        let (store, recovery) = loop {
+            tokio::select! {
+                biased;
+                msg = control.recv() => match msg {
+                    None => return Ok(None),
+                    Some(Control::Close(reply)) => {
+                        let _ = reply.send(Ok(Vec::new()));
+                        return Ok(None);
+                    }
+                    Some(Control::Prepare { close, reply, .. }) => {
+                        let _ = reply.send(Ok(Vec::new()));
+                        if close {
+                            return Ok(None);
+                        }
+                    }
+                    Some(Control::Checkpoint(reply)) => {
+                        let _ = reply.send(Ok(Vec::new()));
+                    }
+                },
+                done = &mut restored => break done?,
+            }
+        };
+        info!(partition, table = %name, replayed = recovery.replayed, "table ready");
+        tables.insert(
+            name.clone(),
+            LoggedStore::new(store, spec.producer.clone(), changelog.clone(), partition),
+        );
+    }
+    Ok(Some(tables))
+}
+
+/// Where a source partition stands: the next offset after the last event
+/// handed to a processor, and the events still being processed concurrently.
+#[derive(Default)]
+struct Progress {
+    next: i64,
+    /// Offset → processors still working on it.
+    running: BTreeMap<i64, usize>,
+}
+
+impl Progress {
+    /// Everything before this offset is done.
+    fn done_below(&self) -> i64 {
+        self.running
+            .first_key_value()
+            .map_or(self.next, |(&o, _)| o)
+    }
+}
+
+/// The agents of a topic and its per-event metric handles.
+type Route = (Arc<[usize]>, Arc<EventMeters>);
+
+/// An event processed on its own task (a processor with concurrency > 1).
+struct Running {
+    tp: TopicPartition,
+    offset: i64,
+    processor: usize,
+}
+
+/// Records processed before the task looks at its control queue again.
+const BURST: usize = 64;
+
+/// A running task.
+struct Task {
+    spec: Arc<Spec>,
+    ctx: Context,
+    progress: BTreeMap<TopicPartition, Progress>,
+    concurrent: JoinSet<Result<(), WorkerError>>,
+    running: HashMap<tokio::task::Id, Running>,
+    /// Events running per processor.
+    load: Vec<usize>,
+    /// Per topic: its agents (indexes into the processors) and its per-event
+    /// metric handles.
+    routes: HashMap<Arc<str>, Route>,
+    /// Batches routed under an older epoch were read before a rewind.
+    epoch: u64,
+    /// The records of the batch being processed, and its size.
+    current: VecDeque<ConsumerRecord>,
+    current_bytes: usize,
+    backlog: Backlog,
+    restart: Arc<Mutex<HashMap<TopicPartition, i64>>>,
+    last_durable: Instant,
+    /// Table changes since the last durable checkpoint.
+    changes: u64,
+}
+
+/// What the run loop does next.
+enum Step {
+    Go,
+    End,
+}
+
+impl Task {
+    async fn run(&mut self, mut inboxes: Inboxes) -> Result<(), WorkerError> {
+        loop {
+            if !self.current.is_empty() && inboxes.control.is_empty() {
+                self.burst(&inboxes.control).await?;
+            }
+            let deadline = self.deadline();
+            let busy = !self.current.is_empty();
+            tokio::select! {
+                biased;
+                msg = inboxes.control.recv() => match msg {
+                    None => return Ok(()),
+                    Some(msg) => if let Step::End = self.control(msg).await? {
+                        return Ok(());
+                    },
+                },
+                Some(done) = self.concurrent.join_next_with_id(), if !self.concurrent.is_empty() => {
+                    self.finished(done)?;
+                }
+                _ = sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
+                    self.flush_due().await?;
+                }
+                _ = std::future::ready(()), if busy => {}
+                batch = inboxes.data.recv(), if !busy => match batch {
+                    None => return Ok(()),
+                    Some(batch) if batch.epoch < self.epoch => self.backlog.taken(batch.bytes),
+                    Some(batch) => {
+                        self.current = batch.records.into();
+                        self.current_bytes = batch.bytes;
+                    }
+                },
+            }
+        }
+    }
+
+    /// Processes up to [`BURST`] records of the current batch, stopping early
+    /// when a control message arrives.
+    async fn burst(
+        &mut self,
+        control: &mpsc::UnboundedReceiver<Control>,
+    ) -> Result<(), WorkerError> {
+        let mut started = Instant::now();
+        for _ in 0..BURST {
+            let Some(record) = self.current.pop_front() else {
+                break;
+            };
+            started = self.process(record, started).await?;
+            if !control.is_empty() {
+                break;
+            }
+        }
+        if self.current.is_empty() {
+            self.backlog.taken(std::mem::take(&mut self.current_bytes));
+        }
+        Ok(())
+    }
+
+    async fn control(&mut self, msg: Control) -> Result<Step, WorkerError> {
+        match msg {
+            Control::Checkpoint(reply) => {
+                let _ = reply.send(self.checkpoint(false).await);
+                Ok(Step::Go)
+            }
+            Control::Close(reply) => {
+                let closed = match self.drain(true).await {
+                    Ok(()) => self.checkpoint(true).await,
+                    Err(e) => Err(e),
+                };
+                let _ = reply.send(closed);
+                Ok(Step::End)
+            }
+            Control::Prepare {
+                close,
+                reply,
+                outcome,
+            } => {
+                let prepared = match self.drain(close).await {
+                    Ok(()) => Ok(self.offsets()),
+                    Err(e) => Err(e),
+                };
+                let ok = prepared.is_ok();
+                let offsets = prepared.as_ref().map(Clone::clone).unwrap_or_default();
+                let _ = reply.send(prepared);
+                if !ok {
+                    return Ok(Step::End);
+                }
+                match outcome.await {
+                    Ok(Outcome::Committed) => {
+                        self.committed(&offsets, close).await?;
+                        Ok(if close { Step::End } else { Step::Go })
+                    }
+                    Ok(Outcome::Aborted { epoch }) => {
+                        self.aborted(epoch).await;
+                        Ok(if close { Step::End } else { Step::Go })
+                    }
+                    // The round was given up (its partitions are lost).
+                    Err(_) => {
+                        self.aborted(self.epoch).await;
+                        Ok(Step::End)
+                    }
+                }
+            }
+        }
+    }
+
+    /// Brings the task to an event boundary: with `hand_on`, processors hand
+    /// on what they hold back first; then every event in flight finishes.
+    async fn drain(&mut self, hand_on: bool) -> Result<(), WorkerError> {
+        if hand_on {
+            for p in self.spec.processors.clone() {
+                self.flush_processor(&p).await?;
+            }
+        }
+        while self.finish_one().await? {}
+        match self.ctx.take_failure() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Hands one event to each processor of its topic: inline when it keeps
+    /// order, else on its own task once the processor has room.
+    ///
+    /// `started` is when the previous inline event ended (one clock read per
+    /// event); returns when this one ended.
+    async fn process(
+        &mut self,
+        record: ConsumerRecord,
+        mut started: Instant,
+    ) -> Result<Instant, WorkerError> {
+        let tp = TopicPartition {
+            topic: record.topic.clone(),
+            partition: record.partition,
+        };
+        let offset = record.offset;
+        let route = self.route(&tp);
+        let (agents, meters) = (&*route.0, &route.1);
+        let mut record = Some(record);
+        for (i, &index) in agents.iter().enumerate() {
+            let record = if i + 1 == agents.len() {
+                record.take()
+            } else {
+                record.clone()
+            };
+            let Some(record) = record else { break };
+            let p = self.spec.processors[index].clone();
+            let concurrency = p.concurrency();
+            if concurrency <= 1 {
+                let policy = p.error_policy().unwrap_or(&self.spec.on_error);
+                started =
+                    policy::handle(p.clone(), policy, self.ctx.clone(), record, meters, started)
+                        .await?;
+                continue;
+            }
+            while self.load[index] >= concurrency && self.finish_one().await? {}
+            let (ctx, spec, meters) = (self.ctx.clone(), self.spec.clone(), meters.clone());
+            let handle = self.concurrent.spawn(async move {
+                let policy = p.error_policy().unwrap_or(&spec.on_error);
+                policy::handle(p.clone(), policy, ctx, record, &meters, Instant::now())
+                    .await
+                    .map(drop)
+            });
+            self.load[index] += 1;
+            *self
+                .progress
+                .entry(tp.clone())
+                .or_default()
+                .running
+                .entry(offset)
+                .or_default() += 1;
+            self.running.insert(
+                handle.id(),
+                Running {
+                    tp: tp.clone(),
+                    offset,
+                    processor: index,
+                },
+            );
+        }
+        self.progress.entry(tp).or_default().next = offset + 1;
+        Ok(started)
+    }
+
+    /// The agents of `tp`'s topic and its meters, resolved once per topic.
+    fn route(&mut self, tp: &TopicPartition) -> Route {
+        if let Some(r) = self.routes.get(&*tp.topic) {
+            return r.clone();
+        }
+        let agents: Arc<[usize]> = self
+            .spec
+            .by_topic
+            .get(&*tp.topic)
+            .map_or_else(Vec::new, Clone::clone)
+            .into();
+        if agents.is_empty() {
+            warn!(topic = %tp.topic, "no agent for this topic; its events are skipped");
+        }
+        let meters = Arc::new(self.spec.metrics.event_meters(&tp.topic, tp.partition));
+        let route = (agents, meters);
+        self.routes.insert(tp.topic.clone(), route.clone());
+        route
+    }
+
+    /// Waits for one concurrently processed event; false when none runs.
+    async fn finish_one(&mut self) -> Result<bool, WorkerError> {
+        match self.concurrent.join_next_with_id().await {
+            Some(done) => self.finished(done).map(|()| true),
+            None => Ok(false),
+        }
+    }
+
+    /// Books a concurrently processed event as done, whatever its outcome:
+    /// its slot is released and, if it failed in a way that stops the worker,
+    /// the error is returned (its offset stays uncommitted: the task ends).
+    fn finished(
+        &mut self,
+        done: Result<(tokio::task::Id, Result<(), WorkerError>), tokio::task::JoinError>,
+    ) -> Result<(), WorkerError> {
+        let (id, result) = match done {
+            Ok((id, result)) => (id, result),
+            // Panics of the agent are caught inside; this is one of the
+            // runtime's own code, or a cancellation: not to be skipped.
+            Err(e) => (
+                e.id(),
+                Err(WorkerError::Framework {
+                    partition: self.ctx.partition(),
+                    what: "processing an event on its own task".into(),
+                    attempts: 1,
+                    error: e.to_string(),
+                }),
+            ),
+        };
+        if let Some(r) = self.running.remove(&id) {
+            self.load[r.processor] = self.load[r.processor].saturating_sub(1);
+            if let Some(p) = self.progress.get_mut(&r.tp) {
+                if let Some(n) = p.running.get_mut(&r.offset) {
+                    *n -= 1;
+                    if *n == 0 {
+                        p.running.remove(&r.offset);
+                    }
+                }
+            }
+        }
+        result
+    }
+
+    /// The earliest time some processor must flush what it holds.
+    fn deadline(&self) -> Option<Instant> {
+        self.spec
+            .processors
+            .iter()
+            .filter_map(|p| p.deadline(self.ctx.partition()))
+            .min()
+    }
+
+    async fn flush_due(&mut self) -> Result<(), WorkerError> {
+        let now = Instant::now();
+        let due: Vec<_> = self
+            .spec
+            .processors
+            .iter()
+            .filter(|p| p.deadline(self.ctx.partition()).is_some_and(|d| d <= now))
+            .cloned()
+            .collect();
+        for p in due {
+            self.flush_processor(&p).await?;
+        }
+        Ok(())
+    }
+
+    /// Hands on what `p` holds back. A failure there has no single event to
+    /// dead-letter or retry: it is counted and skipped, or stops the worker
+    /// under [`ErrorPolicy::Stop`]; a framework failure always stops it.
+    async fn flush_processor(&self, p: &Arc<dyn Processor>) -> Result<(), WorkerError> {
+        let flushed = p.flush(self.ctx.clone()).await;
+        if let Some(e) = self.ctx.take_failure() {
+            return Err(e);
+        }
+        let Err(e) = flushed else {
+            return Ok(());
+        };
+        let partition = self.ctx.partition();
+        self.spec
+            .metrics
+            .event_meters(p.topic(), partition)
+            .agent_errors
+            .inc();
+        if p.error_policy().unwrap_or(&self.spec.on_error) == &ErrorPolicy::Stop {
+            let offset = p.held_from(partition).unwrap_or(-1);
+            return Err(WorkerError::Agent {
+                topic: p.topic().to_owned(),
+                partition,
+                offset,
+                error: e.to_string(),
+            });
+        }
+        warn!(topic = p.topic(), partition, error = %e, "agent failed on held-back events; skipped");
+        Ok(())
+    }
+
+    /// The offsets that may be committed: below the first event still running
+    /// or held back.
+    fn offsets(&self) -> Offsets {
+        let partition = self.ctx.partition();
+        self.progress
+            .iter()
+            .map(|(tp, p)| {
+                let held = self
+                    .spec
+                    .by_topic
+                    .get(&*tp.topic)
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|&i| self.spec.processors[i].held_from(partition))
+                    .min();
+                let done = p.done_below();
+                (tp.clone(), held.map_or(done, |h| h.min(done)))
+            })
+            .collect()
+    }
+
+    /// At least once: waits for this task's deliveries, commits its tables'
+    /// writes (durably when due, or with `durable`), and answers the offsets.
+    async fn checkpoint(&mut self, durable: bool) -> Result<Offsets, WorkerError> {
+        if let Some(e) = self.ctx.take_failure() {
+            return Err(e);
+        }
+        let offsets = self.offsets();
+        self.store(durable).await?;
+        Ok(offsets)
+    }
+
+    /// Commits the tables' pending writes to their stores: durably when the
+    /// last durable checkpoint is old enough or enough changes piled up.
+    async fn store(&mut self, durable: bool) -> Result<(), WorkerError> {
+        self.changes += self.ctx.pending_changes().await as u64;
+        let due = self.changes > 0
+            && (self.last_durable.elapsed() >= self.spec.durable_interval
+                || self.changes >= self.spec.durable_changes);
+        let durability = if durable || due {
+            Durability::Durable
+        } else {
+            Durability::Fast
+        };
+        self.ctx.checkpoint(durability).await?;
+        if durability == Durability::Durable {
+            self.last_durable = Instant::now();
+            self.changes = 0;
+        }
+        Ok(())
+    }
+
+    /// Exactly once, the transaction committed: the tables take its writes,
+    /// and reading would restart from the committed offsets.
+    async fn committed(&mut self, offsets: &Offsets, close: bool) -> Result<(), WorkerError> {
+        self.store(close).await?;
+        let mut restart = self.restart.lock().unwrap_or_else(|e| e.into_inner());
+        for (tp, offset) in offsets {
+            restart.insert(tp.clone(), *offset);
+        }
+        Ok(())
+    }
+
+    /// Exactly once, the transaction aborted: forget what happened since the
+    /// last commit; the records are read again under `epoch`.
+    async fn aborted(&mut self, epoch: u64) {
+        self.ctx.discard().await;
+        let partition = self.ctx.partition();
+        for p in &self.spec.processors {
+            p.reset(partition);
+        }
+        self.progress.clear();
+        self.current.clear();
+        self.backlog.taken(std::mem::take(&mut self.current_bytes));
+        self.epoch = epoch;
+    }
+}
+
+/// Recovers `table`'s partition from its changelog, logging progress every few
+/// seconds (records replayed / to replay, time left) and keeping the metrics
+/// current.
+async fn recover_reporting(
+    spec: &Spec,
+    store: Arc<dyn Store>,
+    table: &str,
+    changelog: &str,
+    partition: i32,
+) -> Result<Recovery, WorkerError> {
+    const LOG_EVERY: u32 = 5;
+    let progress = RecoveryProgress::default();
+    let recovery = recover_with_progress(
+        &spec.client,
+        store,
+        changelog,
+        partition,
+        spec.isolation(),
+        &progress,
+    );
+    tokio::pin!(recovery);
+    let started = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.tick().await;
+    let mut ticks = 0u32;
+    let report = |progress: &RecoveryProgress| {
+        let replayed = progress.replayed.load(Ordering::Relaxed);
+        let to_replay = progress.to_replay.load(Ordering::Relaxed);
+        spec.metrics
+            .recovery(table, partition, replayed, to_replay.max(replayed));
+        (replayed, to_replay)
+    };
+    loop {
+        tokio::select! {
+            done = &mut recovery => {
+                let done = done?;
+                report(&progress);
+                return Ok(done);
+            }
+            _ = tick.tick() => {
+                let (replayed, to_replay) = report(&progress);
+                ticks += 1;
+                if ticks % LOG_EVERY == 0 {
+                    let elapsed = started.elapsed().as_secs_f64();
+                    let rate = replayed as f64 / elapsed.max(0.001);
+                    let left = to_replay.saturating_sub(replayed) as f64;
+                    let eta = (rate > 0.0).then(|| Duration::from_secs_f64(left / rate));
+                    info!(partition, table, replayed, to_replay, eta = ?eta, "recovering");
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,392 @@
+//! Tests of the task state machine, the commit path and exactly-once, on the
+//! in-memory cluster (`strom_client::mock`) with tokio's clock paused: no
+//! broker, no sockets, no real sleeping.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use strom_client::consumer::ConsumerRecord;
+use strom_client::mock::{Action, ApiKey, Call, MockCluster, ResponseError};
+use strom_client::producer::ProducerRecord;
+use strom_client::TopicPartition;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use crate::{
+    Context, ErrorPolicy, ProcessFuture, ProcessingGuarantee, Processor, StoreKind, Worker,
+    WorkerConfig, WorkerError,
+};
+
+const APP: &str = "app";
+const CHANGELOG: &str = "app-counts-changelog";
+
+type Behaviour = Arc<dyn Fn(Context, ConsumerRecord) -> ProcessFuture<'static> + Send + Sync>;
+
+/// An agent of topic `in` made of a closure.
+struct Agent {
+    concurrency: usize,
+    policy: Option<ErrorPolicy>,
+    behave: Behaviour,
+}
+
+impl Processor for Agent {
+    fn topic(&self) -> &str {
+        "in"
+    }
+
+    fn process(&self, ctx: Context, record: ConsumerRecord) -> ProcessFuture<'_> {
+        (self.behave)(ctx, record)
+    }
+
+    fn concurrency(&self) -> usize {
+        self.concurrency
+    }
+
+    fn error_policy(&self) -> Option<&ErrorPolicy> {
+        self.policy.as_ref()
+    }
+}
+
+/// Counts each value in table `counts` and sends the new count to `out`
+/// (key: the value, value: the count in decimal).
+fn counter() -> Agent {
+    Agent {
+        concurrency: 1,
+        policy: None,
+        behave: Arc::new(|ctx, record| {
+            Box::pin(async move {
+                let key = record.value.clone().unwrap_or_default().to_vec();
+                let n = ctx
+                    .update("counts", key.clone(), |old| {
+                        let n = old
+                            .map_or(0, |b| u64::from_be_bytes(b.try_into().unwrap_or_default()))
+                            + 1;
+                        Ok::<_, String>((n.to_be_bytes().to_vec(), n))
+                    })
+                    .await??;
+                let count = n.to_string();
+                ctx.send(ProducerRecord::to("out").key(&key).value(count.as_bytes()))
+                    .await?;
+                Ok(())
+            })
+        }),
+    }
+}
+
+fn config(cluster: &MockCluster, guarantee: ProcessingGuarantee) -> WorkerConfig {
+    let mut config = WorkerConfig::new(APP, ["unused"]);
+    config.client = cluster.client_config();
+    config.store = StoreKind::Memory;
+    config.session_timeout = Duration::from_secs(6);
+    config.heartbeat_interval = Duration::from_secs(1);
+    config.state_dir = std::env::temp_dir().join(format!(
+        "strom-worker-test-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ));
+    config.commit_interval = Duration::from_millis(100);
+    if guarantee == ProcessingGuarantee::ExactlyOnce {
+        config = config.exactly_once();
+    }
+    config
+}
+
+static NEXT: AtomicUsize = AtomicUsize::new(0);
+
+/// Runs the worker until the sender fires.
+fn start(
+    config: WorkerConfig,
+    agent: Agent,
+) -> (
+    oneshot::Sender<()>,
+    JoinHandle<Result<(), WorkerError>>,
+    crate::Metrics,
+) {
+    let worker = Worker::new(config)
+        .table("counts")
+        .processor(Arc::new(agent));
+    let metrics = worker.metrics().clone();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let run = tokio::spawn(worker.run(async {
+        let _ = stopped.await;
+    }));
+    (stop, run, metrics)
+}
+
+async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    for _ in 0..6_000 {
+        if done() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("never happened within 60 s: {what}");
+}
+
+/// The worker's outcome within `limit` (of tokio's clock).
+async fn outcome(
+    run: JoinHandle<Result<(), WorkerError>>,
+    limit: Duration,
+) -> Result<(), WorkerError> {
+    tokio::time::timeout(limit, run)
+        .await
+        .unwrap_or_else(|_| panic!("the worker did not stop within {limit:?}"))
+        .unwrap_or_else(|e| panic!("the worker panicked: {e}"))
+}
+
+fn cluster() -> MockCluster {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    let cluster = MockCluster::new();
+    cluster.create_topic("in", 2);
+    cluster.create_topic("out", 2);
+    cluster
+}
+
+/// The committed `out` records of `cluster`: every count sent per key.
+fn committed_counts(cluster: &MockCluster) -> BTreeMap<String, Vec<u64>> {
+    let mut counts: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    for p in 0..2 {
+        for r in cluster.records("out", p) {
+            if r.committed != Some(true) {
+                continue;
+            }
+            let key = String::from_utf8_lossy(r.key.as_deref().unwrap_or_default()).into_owned();
+            let n = String::from_utf8_lossy(r.value.as_deref().unwrap_or_default())
+                .parse()
+                .unwrap_or_else(|e| panic!("count of {key:?} is not a number: {e}"));
+            counts.entry(key).or_default().push(n);
+        }
+    }
+    counts
+}
+
+/// A partition whose table cannot restore (its changelog fetch never
+/// answers) delays neither the commits of the other partition nor the
+/// worker's shutdown: a revoke during restoration returns at once.
+#[tokio::test(start_paused = true)]
+async fn a_restoring_partition_does_not_delay_the_others() {
+    let cluster = cluster();
+    let stuck = TopicPartition::new(CHANGELOG, 0);
+    cluster.set_hook(move |call: &Call| {
+        if call.api == ApiKey::Fetch && call.partitions.contains(&stuck) {
+            Action::Hang
+        } else {
+            Action::Answer
+        }
+    });
+    let (stop, run, metrics) = start(
+        config(&cluster, ProcessingGuarantee::AtLeastOnce),
+        counter(),
+    );
+    for word in ["a", "b", "c", "d", "e"] {
+        cluster.append("in", 1, None, Some(word.as_bytes()));
+    }
+    cluster.append("in", 0, None, Some(b"never"));
+    wait_until("partition 1 commits", || {
+        cluster.committed(APP, "in", 1) == Some(5)
+    })
+    .await;
+    let text = metrics.render();
+    assert!(
+        text.contains("strom_partition_ready{partition=\"0\"} 0"),
+        "partition 0 is not restoring:\n{text}"
+    );
+    assert_eq!(
+        cluster.committed(APP, "in", 0),
+        None,
+        "partition 0 committed while restoring"
+    );
+    let asked = tokio::time::Instant::now();
+    let _ = stop.send(());
+    outcome(run, Duration::from_secs(5)).await.unwrap();
+    assert!(
+        asked.elapsed() < Duration::from_secs(2),
+        "shutdown waited {:?} for the restoring partition",
+        asked.elapsed()
+    );
+}
+
+/// A fatal group error (the coordinator refuses the session timeout) stops
+/// the worker with that error instead of being retried forever.
+#[tokio::test(start_paused = true)]
+async fn a_fatal_group_error_stops_the_worker() {
+    let cluster = cluster();
+    cluster.set_hook(|call: &Call| match call.api {
+        ApiKey::JoinGroup => Action::Fail(ResponseError::InvalidSessionTimeout),
+        _ => Action::Answer,
+    });
+    let (_stop, run, _) = start(
+        config(&cluster, ProcessingGuarantee::AtLeastOnce),
+        counter(),
+    );
+    let err = outcome(run, Duration::from_secs(30)).await.unwrap_err();
+    assert!(
+        matches!(&err, WorkerError::Client(e) if e.is_fatal()),
+        "not the fatal group error: {err}"
+    );
+}
+
+/// A send that keeps failing (the output topic's metadata never comes: three
+/// request timeouts) is not the agent's error: even under the skip
+/// policy the worker stops, and the event is not committed.
+#[tokio::test(start_paused = true)]
+async fn a_send_failing_three_times_stops_the_worker_without_committing() {
+    let cluster = cluster();
+    cluster.set_hook(|call: &Call| {
+        if call.api == ApiKey::Metadata && call.topics.iter().any(|t| t == "out") {
+            Action::Hang
+        } else {
+            Action::Answer
+        }
+    });
+    let mut config = config(&cluster, ProcessingGuarantee::AtLeastOnce);
+    config.client.retry_timeout = Duration::from_secs(2);
+    config.client.connection.request_timeout = Duration::from_secs(5);
+    let (_stop, run, _) = start(config, counter());
+    cluster.append("in", 0, None, Some(b"word"));
+    let err = outcome(run, Duration::from_secs(120)).await.unwrap_err();
+    assert!(
+        matches!(&err, WorkerError::Framework { attempts: 3, what, .. } if what == "a send"),
+        "not a send failing three times: {err}"
+    );
+    assert_eq!(
+        cluster.committed(APP, "in", 0),
+        None,
+        "the failed event was committed"
+    );
+}
+
+/// With `concurrency(4)` and the stop policy, four (and more) failing events
+/// end the worker with the agent's error; nothing hangs.
+#[tokio::test(start_paused = true)]
+async fn failing_concurrent_events_under_stop_end_the_worker() {
+    let cluster = cluster();
+    let agent = Agent {
+        concurrency: 4,
+        policy: Some(ErrorPolicy::Stop),
+        behave: Arc::new(|_, record| {
+            Box::pin(async move {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                Err(format!("refused {}", record.offset).into())
+            })
+        }),
+    };
+    let (_stop, run, _) = start(config(&cluster, ProcessingGuarantee::AtLeastOnce), agent);
+    for i in 0..8 {
+        cluster.append("in", 0, None, Some(format!("{i}").as_bytes()));
+    }
+    let err = outcome(run, Duration::from_secs(30)).await.unwrap_err();
+    assert!(
+        matches!(err, WorkerError::Agent { partition: 0, .. }),
+        "{err}"
+    );
+    assert_eq!(cluster.committed(APP, "in", 0), None);
+}
+
+/// Concurrent events updating one key lose no update: `Context::update` is
+/// atomic per partition.
+#[tokio::test(start_paused = true)]
+async fn concurrent_updates_of_one_key_lose_nothing() {
+    let cluster = cluster();
+    let mut agent = counter();
+    agent.concurrency = 8;
+    let (stop, run, _) = start(config(&cluster, ProcessingGuarantee::AtLeastOnce), agent);
+    for _ in 0..40 {
+        cluster.append("in", 0, None, Some(b"same"));
+    }
+    wait_until("all 40 committed", || {
+        cluster.committed(APP, "in", 0) == Some(40)
+    })
+    .await;
+    let _ = stop.send(());
+    outcome(run, Duration::from_secs(10)).await.unwrap();
+    let mut counts = committed_counts(&cluster)
+        .remove("same")
+        .unwrap_or_default();
+    counts.sort_unstable();
+    assert_eq!(counts, (1..=40).collect::<Vec<_>>());
+}
+
+/// Exactly once: when a transaction cannot commit (TxnOffsetCommit refused
+/// twice), it aborts, the tasks forget their uncommitted table writes and
+/// read again from the last commit: the committed output holds each count
+/// exactly once, 1..=n, and the aborted records are there but never
+/// committed.
+#[tokio::test(start_paused = true)]
+async fn an_aborted_transaction_is_processed_again_exactly_once() {
+    let cluster = cluster();
+    let refusals = Arc::new(AtomicUsize::new(0));
+    let r = refusals.clone();
+    cluster.set_hook(move |call: &Call| {
+        let refuse = call.api == ApiKey::TxnOffsetCommit
+            && r.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < 2).then_some(n + 1)
+            })
+            .is_ok();
+        if refuse {
+            Action::Fail(ResponseError::IllegalGeneration)
+        } else {
+            Action::Answer
+        }
+    });
+    let (stop, run, metrics) = start(
+        config(&cluster, ProcessingGuarantee::ExactlyOnce),
+        counter(),
+    );
+    // A word keeps to one partition, as a table's key does.
+    for i in 0..30 {
+        let word = ["x", "y", "z"][i % 3];
+        cluster.append("in", i32::from(word == "z"), None, Some(word.as_bytes()));
+    }
+    wait_until("everything committed", || {
+        cluster.committed(APP, "in", 0) == Some(20) && cluster.committed(APP, "in", 1) == Some(10)
+    })
+    .await;
+    let _ = stop.send(());
+    outcome(run, Duration::from_secs(10)).await.unwrap();
+    assert_eq!(
+        refusals.load(Ordering::SeqCst),
+        2,
+        "the refusals never happened"
+    );
+    let text = metrics.render();
+    assert!(
+        text.contains("strom_aborted_transactions_total 2"),
+        "two aborts not counted:\n{text}"
+    );
+    let aborted = (0..2)
+        .flat_map(|p| cluster.records("out", p))
+        .filter(|r| r.committed == Some(false))
+        .count();
+    assert!(
+        aborted > 0,
+        "no aborted output: the transactions aborted before sending anything"
+    );
+    for (word, counts) in committed_counts(&cluster) {
+        assert_eq!(counts, (1..=10).collect::<Vec<_>>(), "counts of {word:?}");
+    }
+    // The changelog's committed records end at the true counts too.
+    for p in 0..2 {
+        let mut last = BTreeMap::new();
+        for r in cluster.records(CHANGELOG, p) {
+            if r.committed == Some(true) {
+                last.insert(r.key.clone(), r.value.clone());
+            }
+        }
+        for (key, value) in last {
+            let n = u64::from_be_bytes(
+                value
+                    .unwrap_or_default()
+                    .as_ref()
+                    .try_into()
+                    .unwrap_or_default(),
+            );
+            assert_eq!(n, 10, "changelog count of {key:?}");
+        }
+    }
+}
