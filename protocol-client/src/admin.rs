@@ -16,8 +16,9 @@ use kafka_protocol::protocol::StrBytes;
 
 use crate::cluster::{Client, ConnectionClass, CoordinatorKind};
 use crate::connection::Connection;
-use crate::consumer::TopicPartition;
 use crate::error::{check_code, Error, Result};
+pub use crate::types::OffsetSpec;
+use crate::types::TopicPartition;
 
 /// A topic to create.
 ///
@@ -53,28 +54,6 @@ impl NewTopic {
     pub fn config(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
         self.configs.push((key.into(), value.into()));
         self
-    }
-}
-
-/// Which offset [`Client::list_offsets`] looks up.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OffsetSpec {
-    /// The log start offset.
-    Earliest,
-    /// The log end offset (high watermark): the offset the next record gets.
-    Latest,
-    /// The first offset whose timestamp is at or after this many ms since the epoch
-    /// (-1 in the result when there is none).
-    Timestamp(i64),
-}
-
-impl OffsetSpec {
-    fn timestamp(self) -> i64 {
-        match self {
-            OffsetSpec::Earliest => -2,
-            OffsetSpec::Latest => -1,
-            OffsetSpec::Timestamp(t) => t,
-        }
     }
 }
 

@@ -18,6 +18,7 @@
 //! - [`group`]: consumer groups — coordinator, join/sync/heartbeat, assignors,
 //!   rebalance listener, committed offsets.
 //! - [`backoff`]: the retry schedule every retry loop uses.
+//! - `types`: the shared vocabulary, [`TopicPartition`] and [`OffsetSpec`].
 //! - [`error`]: the one [`Error`] type.
 //! - `mock` (feature `testing`): an in-memory cluster for tests.
 //!
@@ -68,6 +69,7 @@ pub mod producer;
 pub mod records;
 #[cfg(test)]
 mod testing;
+mod types;
 
 pub use admin::{NewTopic, OffsetSpec};
 pub use cluster::{Client, ClientConfig, ConnectionClass};

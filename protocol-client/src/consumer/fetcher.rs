@@ -16,9 +16,9 @@ use tokio::task::JoinSet;
 use tracing::debug;
 
 use super::{bump, AutoOffsetReset, ConsumerConfig, Fetched, Handle, Offset, TopicPartition};
-use crate::admin::OffsetSpec;
 use crate::cluster::{Client, ConnectionClass};
 use crate::error::{Error, Result};
+use crate::types::OffsetSpec;
 
 /// One partition of an outstanding Fetch: which epoch and offset it asked for.
 struct Asked {

@@ -32,32 +32,8 @@ use tokio::sync::{mpsc, Notify};
 use crate::cluster::Client;
 use crate::error::{Error, Result};
 use crate::records::{Batch, BatchDecoder, Header};
+pub use crate::types::TopicPartition;
 use committed::{CommittedFilter, Filtered, HeldBudget};
-
-/// A topic and a partition.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct TopicPartition {
-    /// The topic.
-    pub topic: Arc<str>,
-    /// The partition.
-    pub partition: i32,
-}
-
-impl TopicPartition {
-    /// `topic`-`partition`.
-    pub fn new(topic: &str, partition: i32) -> Self {
-        TopicPartition {
-            topic: Arc::from(topic),
-            partition,
-        }
-    }
-}
-
-impl std::fmt::Display for TopicPartition {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}-{}", self.topic, self.partition)
-    }
-}
 
 /// Where to start reading a partition.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

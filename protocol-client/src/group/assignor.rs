@@ -19,8 +19,8 @@ use kafka_protocol::messages::{
 };
 use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
 
-use crate::consumer::TopicPartition;
 use crate::error::{Error, Result};
+use crate::types::TopicPartition;
 
 /// How a group moves partitions between members.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

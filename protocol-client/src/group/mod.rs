@@ -35,8 +35,9 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
 use crate::cluster::Client;
-use crate::consumer::{Consumer, ConsumerConfig, ConsumerRecord, TopicPartition};
+use crate::consumer::{Consumer, ConsumerConfig, ConsumerRecord};
 use crate::error::{check_code, Error, Result};
+use crate::types::TopicPartition;
 use assignor::{Assignor, RebalanceProtocol};
 
 /// Settings of a group member.

@@ -571,7 +571,7 @@ impl Producer {
     /// is over (KIP-447), so a zombie cannot commit.
     pub async fn send_offsets_to_transaction(
         &self,
-        offsets: &[(crate::consumer::TopicPartition, i64)],
+        offsets: &[(crate::types::TopicPartition, i64)],
         group: &crate::group::GroupMetadata,
     ) -> Result<()> {
         let identity = self.identity()?;

@@ -27,9 +27,9 @@ use super::Inner;
 use crate::backoff::Backoff;
 use crate::cluster::{ConnectionClass, CoordinatorKind};
 use crate::connection::Connection;
-use crate::consumer::TopicPartition;
 use crate::error::{Error, Result};
 use crate::group::GroupMetadata;
+use crate::types::TopicPartition;
 
 /// Where a transactional producer stands.
 #[derive(Debug, Clone)]
