@@ -572,6 +572,21 @@ impl Consumer {
                 });
                 return Ok(());
             }
+            // Nothing to hand out (transaction markers, aborted or held
+            // records): the position still moves past what was read, so a
+            // reader waiting for the end of the log sees it reached.
+            if let Some(next) = next {
+                let mut shared = self.handle.lock();
+                if let Some(state) = shared
+                    .partitions
+                    .get_mut(&fetched.tp)
+                    .filter(|s| s.epoch == epoch)
+                {
+                    if state.position.is_none_or(|p| p < next) {
+                        state.position = Some(next);
+                    }
+                }
+            }
         }
     }
 }
@@ -1127,5 +1142,43 @@ mod tests {
             );
             assert_eq!(c.handle.held.used(), 0);
         }
+    }
+
+    /// A marker that arrives in a fetch of its own (its data was read
+    /// before): the position moves past it, so a reader waiting for the end
+    /// of the log sees it reached.
+    #[tokio::test(start_paused = true)]
+    async fn position_moves_past_a_marker_fetched_alone() {
+        use crate::mock::MockCluster;
+        use crate::producer::{Producer, ProducerConfig, ProducerRecord};
+        let cluster = MockCluster::new();
+        cluster.create_topic("t", 1);
+        let client = crate::Client::connect(cluster.client_config())
+            .await
+            .unwrap();
+        let producer = Producer::new(
+            client.clone(),
+            ProducerConfig {
+                transactional_id: Some("tx".into()),
+                ..ProducerConfig::default()
+            },
+        )
+        .unwrap();
+        producer.init_transactions().await.unwrap();
+        producer.begin_transaction().unwrap();
+        producer
+            .send(ProducerRecord::to("t").partition(0).value(b"v"))
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        let tp = TopicPartition::new("t", 0);
+        let mut c = Consumer::new(client.clone(), ConsumerConfig::default());
+        c.assign([(tp.clone(), Offset::At(0))]).unwrap();
+        assert_eq!(c.recv().await.unwrap().offset, 0);
+        producer.commit_transaction().await.unwrap();
+        assert_eq!(cluster.end_offset("t", 0), 2, "record at 0, marker at 1");
+        let _ = tokio::time::timeout(Duration::from_secs(5), c.recv()).await;
+        assert_eq!(c.position(&tp), Some(2), "not past the marker");
     }
 }

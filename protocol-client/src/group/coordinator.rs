@@ -36,8 +36,9 @@ use super::{GroupHandle, GroupInner};
 use crate::backoff::Backoff;
 use crate::cluster::{ConnectionClass, CoordinatorKind};
 use crate::connection::Connection;
-use crate::consumer::{AutoOffsetReset, Offset, TopicPartition};
+use crate::consumer::{AutoOffsetReset, Offset};
 use crate::error::{check_code, Error, Result};
+use crate::types::TopicPartition;
 
 /// Whether an error code means the coordinator moved or is not ready.
 pub(super) fn coordinator_moved(code: i16) -> bool {
@@ -435,6 +436,7 @@ async fn apply(group: &GroupHandle, joined: Joined, protocol: RebalanceProtocol)
         if bounded(inner, "on_assigned", listener).await.is_err() {
             warn!(group = %inner.config.group_id, "reading the new partitions anyway");
         }
+        debug!(group = %inner.config.group_id, ?starts, "reading new partitions from");
         inner.consumer.add_partitions(starts);
     }
     let mut s = inner.state();
