@@ -23,7 +23,8 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use strom_client::group::GroupHandle;
 use strom_client::producer::{Producer, ProducerConfig, ProducerRecord};
@@ -34,6 +35,9 @@ use tracing::{info, warn};
 use crate::config::WorkerConfig;
 use crate::error::WorkerError;
 use crate::task::Offsets;
+
+/// How long a commit waits for the broker to show its offsets.
+const APPLY_WAIT: Duration = Duration::from_secs(10);
 
 /// Why a commit did not happen.
 #[derive(Debug)]
@@ -49,15 +53,18 @@ pub(crate) enum CommitError {
 pub(crate) struct Transactions {
     producer: Producer,
     id: String,
-    /// Timers' sends (shared) against the end of a transaction (exclusive): a
-    /// record is never added while a transaction ends.
-    gate: RwLock<()>,
+    /// Shared by whatever may add to the open transaction from outside a
+    /// commit round (timers' sends, a task starting to run); exclusive for a
+    /// whole commit round, so nothing joins a transaction while it ends.
+    gate: Arc<RwLock<()>>,
     /// Number of the open transaction.
     open: AtomicU64,
     /// How many transactions have ended.
     ended: watch::Sender<u64>,
     /// Numbers of the last transactions that aborted.
     aborted: Mutex<VecDeque<u64>>,
+    /// Why the last transaction aborted (`None` after a commit).
+    last_reason: Mutex<Option<String>>,
 }
 
 impl std::fmt::Debug for Transactions {
@@ -102,10 +109,11 @@ impl Transactions {
         Ok(Transactions {
             producer,
             id,
-            gate: RwLock::new(()),
+            gate: Arc::new(RwLock::new(())),
             open: AtomicU64::new(0),
             ended: watch::channel(0).0,
             aborted: Mutex::new(VecDeque::new()),
+            last_reason: Mutex::new(None),
         })
     }
 
@@ -114,13 +122,20 @@ impl Transactions {
         &self.producer
     }
 
+    /// The round gate (see the field): a commit round holds it exclusively
+    /// from before it asks the tasks to prepare until the next transaction
+    /// has begun.
+    pub fn gate(&self) -> &Arc<RwLock<()>> {
+        &self.gate
+    }
+
     /// Commits the open transaction with `offsets` as the group's committed
-    /// offsets (skipped when empty), then opens the next one. Any failure
+    /// offsets (skipped when empty), then opens the next one. The caller holds
+    /// the [gate](Transactions::gate) exclusively. Any failure
     /// before EndTxn aborts the transaction instead; a failure of EndTxn
     /// itself leaves its outcome unknown and is fatal (a restart's
     /// InitProducerId completes it either way).
     pub async fn commit(&self, offsets: &Offsets, group: &GroupHandle) -> Result<(), CommitError> {
-        let _ending = self.gate.write().await;
         if offsets.is_empty() && self.producer.transaction_is_empty() {
             return Ok(());
         }
@@ -150,7 +165,9 @@ impl Transactions {
         }
         match self.producer.commit_transaction().await {
             Ok(()) => {
+                self.until_applied(offsets, group).await;
                 self.next(true)?;
+                *self.last_reason.lock().unwrap_or_else(|e| e.into_inner()) = None;
                 Ok(())
             }
             // Refused before EndTxn went out (a record of it failed): abort.
@@ -169,6 +186,50 @@ impl Transactions {
         }
     }
 
+    /// Waits until the group's committed offsets show what the transaction
+    /// just committed, before the next transaction begins.
+    ///
+    /// On Kafka they do once EndTxn's markers are written (OffsetFetch with
+    /// `require_stable` waits for that), so this costs one round trip. It
+    /// matters on brokers whose EndTxn answers before the offsets are applied:
+    /// tansu 0.6 defers them while another producer's transaction on a
+    /// partition this one wrote is still open, applies them when a later
+    /// EndTxn finds every overlapping transaction prepared, and drops them
+    /// for good if this producer's next transaction aborts first (read in its
+    /// `dynostore::txn_end`). Not beginning the next transaction until they
+    /// show keeps a crash from losing committed offsets there, which would
+    /// make the next owner process the same events again.
+    async fn until_applied(&self, offsets: &Offsets, group: &GroupHandle) {
+        if offsets.is_empty() {
+            return;
+        }
+        let partitions: Vec<_> = offsets.iter().map(|(tp, _)| tp.clone()).collect();
+        let started = tokio::time::Instant::now();
+        let mut pause = Duration::from_millis(2);
+        loop {
+            match group.committed(&partitions).await {
+                Ok(now) => {
+                    let applied = offsets
+                        .iter()
+                        .all(|(tp, o)| now.get(tp).copied().flatten().is_some_and(|c| c >= *o));
+                    if applied {
+                        return;
+                    }
+                }
+                Err(e) => tracing::debug!(error = %e, "reading committed offsets back failed"),
+            }
+            if started.elapsed() > APPLY_WAIT {
+                warn!(
+                    transactional_id = %self.id, waited = ?APPLY_WAIT,
+                    "the broker has not applied the committed transaction's offsets yet; going on"
+                );
+                return;
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(50));
+        }
+    }
+
     /// An error before EndTxn: the transaction can still be aborted unless
     /// the producer was fenced.
     fn before_end(&self, e: Error) -> CommitError {
@@ -183,7 +244,19 @@ impl Transactions {
         let CommitError::Aborted(reason) = why else {
             return why;
         };
-        warn!(transactional_id = %self.id, %reason, "transaction aborted");
+        // Once per incident at WARN: a member out of its group aborts every
+        // round until it has rejoined.
+        let repeated = self
+            .last_reason
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .replace(reason.clone())
+            == Some(reason.clone());
+        if repeated {
+            tracing::debug!(transactional_id = %self.id, %reason, "transaction aborted");
+        } else {
+            warn!(transactional_id = %self.id, %reason, "transaction aborted");
+        }
         match self.abort_open().await {
             Ok(()) => CommitError::Aborted(reason),
             Err(e) => CommitError::Fatal(e),
@@ -191,10 +264,13 @@ impl Transactions {
     }
 
     /// Aborts the open transaction (its records never become visible to
-    /// read-committed readers) and opens the next one.
-    pub async fn abort(&self) -> Result<(), WorkerError> {
-        let _ending = self.gate.write().await;
-        self.abort_open().await
+    /// read-committed readers) and opens the next one. True when it held
+    /// something. The caller holds the [gate](Transactions::gate)
+    /// exclusively.
+    pub async fn abort(&self) -> Result<bool, WorkerError> {
+        let held = !self.producer.transaction_is_empty();
+        self.abort_open().await?;
+        Ok(held)
     }
 
     async fn abort_open(&self) -> Result<(), WorkerError> {

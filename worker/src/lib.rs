@@ -258,6 +258,7 @@ impl Worker {
             on_error: config.on_error.clone(),
             durable_interval: config.durable_checkpoint_interval,
             durable_changes: config.durable_checkpoint_changes,
+            round_gate: txn.as_ref().map(|t| t.gate().clone()),
             fatal: Mutex::new(None),
             stopped: Notify::new(),
         });

@@ -162,8 +162,11 @@ impl TaskManager {
             );
         }
         if let Some(txn) = &self.txn {
-            if let Err(e) = txn.abort().await {
-                self.spec.fail(e);
+            let _round = txn.gate().write().await;
+            match txn.abort().await {
+                Ok(true) => self.spec.metrics.aborted(),
+                Ok(false) => {}
+                Err(e) => self.spec.fail(e),
             }
         }
     }
@@ -295,6 +298,10 @@ impl TaskManager {
         closing: &[i32],
     ) -> Result<(), WorkerError> {
         let started = std::time::Instant::now();
+        // Taken before the running tasks are listed: a task that starts
+        // running from here on waits for the round to end (see task::run),
+        // so nothing joins the transaction while it ends.
+        let _round = txn.gate().write().await;
         let mut numbers = self.running();
         for &n in closing {
             if !numbers.contains(&n) {
@@ -319,13 +326,14 @@ impl TaskManager {
             }
             // A worker that stops commits nothing more.
             (Ok(_), Some(why)) => match txn.abort().await {
-                Ok(()) => Err(CommitError::Aborted(format!("the worker stops: {why}"))),
+                Ok(_) => Err(CommitError::Aborted(format!("the worker stops: {why}"))),
                 Err(e) => Err(CommitError::Fatal(e)),
             },
             (Ok(offsets), None) => {
                 let offsets = self.moved(group, offsets);
                 let done = txn.commit(&offsets, group).await;
                 if done.is_ok() {
+                    debug!(?offsets, "transaction committed");
                     self.booked(&offsets);
                 }
                 done

@@ -56,8 +56,11 @@ pub type ProcessFuture<'a> = Pin<Box<dyn Future<Output = Result<(), AgentError>>
 /// Processes the events of one source topic: in order per partition, or up
 /// to [`Processor::concurrency`] at once.
 ///
-/// An error is logged with the event's topic, partition and offset, and the
-/// partition goes on with the next event (the event counts as processed).
+/// An error (or a panic) is handled by the processor's [`ErrorPolicy`]: skip,
+/// dead-letter, retry or stop. A failure of the framework's own calls made
+/// through the [`Context`] (a send, a table write) is not the processor's
+/// error: no policy skips it, and the worker stops without committing the
+/// event.
 ///
 /// A processor may hold events back (batching): it reports the earliest one in
 /// [`Processor::held_from`], so no offset is committed past an event still

@@ -129,6 +129,8 @@ pub(crate) struct Spec {
     pub on_error: ErrorPolicy,
     pub durable_interval: Duration,
     pub durable_changes: u64,
+    /// Exactly-once: the transactions' round gate (see `eos`).
+    pub round_gate: Option<Arc<tokio::sync::RwLock<()>>>,
     /// The first error that stops the worker.
     pub fatal: std::sync::Mutex<Option<WorkerError>>,
     /// Woken when `fatal` is set.
@@ -397,7 +399,15 @@ async fn run(
         spec.metrics.clone(),
     );
     let _ = status.ctx.set(ctx.clone());
-    status.set(TaskState::Running);
+    {
+        // Exactly once: not while a commit round runs, which did not ask this
+        // task to prepare; the next one will.
+        let _entering = match &spec.round_gate {
+            Some(gate) => Some(gate.read().await),
+            None => None,
+        };
+        status.set(TaskState::Running);
+    }
     spec.metrics.partition_ready(partition, true);
     let mut task = Task {
         load: vec![0; spec.processors.len()],

@@ -126,6 +126,10 @@ enum Command {
     Pipeline {
         #[command(flatten)]
         state: StateArgs,
+        /// `at-least-once` or `exactly-once` (commits every 100 ms in one
+        /// transaction).
+        #[arg(long, default_value = "at-least-once")]
+        guarantee: strom::ProcessingGuarantee,
     },
     /// Sends each line of standard input as one record value (no key), once the
     /// topic exists (waits up to 60 s for an app to create it).
@@ -225,7 +229,7 @@ fn main() -> ExitCode {
                 )
                 .await
             }
-            Command::Pipeline { state } => pipeline::run(&state).await,
+            Command::Pipeline { state, guarantee } => pipeline::run(&state, guarantee).await,
             Command::SendLines { brokers, topic } => demo::send_lines(&brokers, &topic).await,
             Command::TopCounts {
                 brokers,
@@ -756,12 +760,16 @@ mod pipeline {
     use strom::codec::{NoKey, Utf8};
     use strom::{App, StoreKind};
     use strom_client::producer::{Producer, ProducerConfig, ProducerRecord};
+    use strom_client::IsolationLevel;
     use strom_client::{Client, Error, NewTopic};
-    use strom_state::{changelog, recover, MemoryStore, Store};
+    use strom_state::{changelog, recover_with_progress, MemoryStore, RecoveryProgress, Store};
 
     use super::{client_config, StateArgs};
 
-    pub(super) async fn run(args: &StateArgs) -> Result<bool, Error> {
+    pub(super) async fn run(
+        args: &StateArgs,
+        guarantee: strom::ProcessingGuarantee,
+    ) -> Result<bool, Error> {
         let n = args.messages;
         let run_id = std::process::id();
         let (id, input, output) = (
@@ -791,6 +799,7 @@ mod pipeline {
             .with_state_dir(&state_dir)
             .with_store(StoreKind::Redb)
             .with_partitions(6)
+            .with_processing_guarantee(guarantee)
             .with_session_timeout(Duration::from_secs(6), Duration::from_secs(1));
         let words = app
             .topic::<(), String>(&input)
@@ -847,7 +856,9 @@ mod pipeline {
         let mut table = BTreeMap::new();
         for p in 0..6 {
             let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
-            recover(&client, store.clone(), &topic, p)
+            let progress = RecoveryProgress::default();
+            let isolation = IsolationLevel::ReadCommitted;
+            recover_with_progress(&client, store.clone(), &topic, p, isolation, &progress)
                 .await
                 .map_err(|e| Error::Config(e.to_string()))?;
             for (k, v) in store
@@ -872,6 +883,7 @@ mod pipeline {
             "seconds": seconds,
             "events_per_s": n as f64 / seconds,
             "peak_rss_mb": super::state_bench::peak_rss_mb(),
+            "guarantee": guarantee.to_string(),
             "correct": correct,
         }));
         Ok(correct)

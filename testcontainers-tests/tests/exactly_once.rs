@@ -1,0 +1,574 @@
+//! Exactly-once under failure. The wordcount worker runs as separate processes
+//! (the test binary runs itself as the worker) killed with SIGKILL mid-stream
+//! and restarted, or in a runtime frozen past its session timeout. The output
+//! and the changelog are read back with read_committed by Strom's own
+//! consumer, which decides every transaction from its markers, so the checks
+//! hold on brokers without aborted-transaction lists (tansu) too.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::sync::Arc;
+use std::time::Duration;
+
+use strom::{App, ProcessingGuarantee, StoreKind};
+use strom_client::consumer::{Consumer, ConsumerConfig, IsolationLevel, Offset, TopicPartition};
+use strom_client::producer::{Producer, ProducerConfig, ProducerRecord};
+use strom_client::Client;
+use strom_it::{unique_topic, TestBroker};
+use strom_state::{changelog, recover_with_progress, MemoryStore, RecoveryProgress, Store};
+
+const CHILD: &str = "STROM_IT_EOS_WORKER";
+const PARTITIONS: i32 = 4;
+
+/// What a worker process needs to know, passed through the environment.
+#[derive(Clone)]
+struct Names {
+    id: String,
+    input: String,
+    output: String,
+}
+
+impl Names {
+    fn new() -> Self {
+        Names {
+            id: unique_topic("eos-wc"),
+            input: unique_topic("eos-sentences"),
+            output: unique_topic("eos-counts"),
+        }
+    }
+}
+
+fn wordcount(
+    bootstrap: &str,
+    names: &Names,
+    state_dir: &Path,
+    guarantee: ProcessingGuarantee,
+) -> App {
+    let app = App::new(&names.id)
+        .with_brokers([bootstrap.to_owned()])
+        .with_state_dir(state_dir)
+        .with_store(StoreKind::Redb)
+        .with_partitions(PARTITIONS)
+        .with_processing_guarantee(guarantee)
+        .with_session_timeout(Duration::from_secs(6), Duration::from_secs(1));
+    strom_it::wordcount(app, &names.input, &names.output)
+}
+
+/// In a child process: run the worker until SIGTERM, exit 0 when it stopped cleanly.
+async fn child_worker() -> ! {
+    strom_it::init_tracing();
+    let var = |k: &str| std::env::var(k).unwrap_or_else(|_| panic!("{k} not set"));
+    let names = Names {
+        id: var("STROM_IT_APP"),
+        input: var("STROM_IT_INPUT"),
+        output: var("STROM_IT_OUTPUT"),
+    };
+    let guarantee = var("STROM_IT_GUARANTEE").parse().unwrap();
+    let web: u16 = var("STROM_IT_WEB").parse().unwrap();
+    let app = wordcount(
+        &var("STROM_IT_BROKER"),
+        &names,
+        Path::new(&var("STROM_IT_STATE")),
+        guarantee,
+    )
+    .with_web(Some(([127, 0, 0, 1], web).into()));
+    let result = app
+        .run(async {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).unwrap();
+            term.recv().await;
+        })
+        .await;
+    if let Err(e) = &result {
+        eprintln!("worker process failed: {e}");
+    }
+    std::process::exit(if result.is_ok() { 0 } else { 3 });
+}
+
+fn spawn_worker(
+    test: &str,
+    broker: &TestBroker,
+    names: &Names,
+    state: &Path,
+    guarantee: ProcessingGuarantee,
+    web: u16,
+) -> Child {
+    Command::new(std::env::current_exe().unwrap())
+        .args([test, "--exact", "--nocapture"])
+        .env(CHILD, "1")
+        .env("STROM_IT_BROKER", &broker.bootstrap)
+        .env("STROM_IT_APP", &names.id)
+        .env("STROM_IT_INPUT", &names.input)
+        .env("STROM_IT_OUTPUT", &names.output)
+        .env("STROM_IT_STATE", state)
+        .env("STROM_IT_GUARANTEE", guarantee.to_string())
+        .env("STROM_IT_WEB", web.to_string())
+        .spawn()
+        .unwrap()
+}
+
+fn terminate(child: &mut Child) -> bool {
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    child.wait().unwrap().success()
+}
+
+fn state_dir() -> PathBuf {
+    std::env::temp_dir().join(unique_topic("eos-state"))
+}
+
+/// A small pseudo-random generator (xorshift), seeded and printed by the test.
+struct Rng(u64);
+
+impl Rng {
+    fn seeded() -> Rng {
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64)
+            | 1;
+        eprintln!("random seed {seed}");
+        Rng(seed)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
+/// Sends sentences steadily, `per_second` of them, until `done` says so and
+/// at least `min` went out; returns the true counts.
+async fn feed(
+    client: Client,
+    input: String,
+    min: u64,
+    per_second: u64,
+    mut done: tokio::sync::watch::Receiver<bool>,
+) -> BTreeMap<String, u64> {
+    strom_it::wait_for_topic(&client, &input).await;
+    let producer = Producer::new(client, ProducerConfig::default()).unwrap();
+    let mut truth = BTreeMap::new();
+    let per_tick = per_second / 10;
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    let mut i = 0u64;
+    while i < min || !*done.borrow_and_update() {
+        tick.tick().await;
+        for _ in 0..per_tick {
+            let line = format!("w{} w{} w{}", i % 13, i % 37, (i * 7) % 61);
+            for w in line.split_whitespace() {
+                *truth.entry(w.to_owned()).or_default() += 1;
+            }
+            producer
+                .send(ProducerRecord::to(&input).value(line.as_bytes()))
+                .await
+                .unwrap();
+            i += 1;
+        }
+    }
+    producer.flush().await.unwrap();
+    eprintln!("fed {i} sentences");
+    truth
+}
+
+/// Waits until the worker answering at `web` processes: ready (in the
+/// group, every partition it owns running) and owning some partitions.
+async fn wait_processing(web: u16) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    let (ready_url, assignment_url) = (
+        format!("http://127.0.0.1:{web}/ready"),
+        format!("http://127.0.0.1:{web}/assignment"),
+    );
+    loop {
+        let ready = strom_it::http_get(&ready_url)
+            .await
+            .is_some_and(|r| r.status == 200);
+        let owns = strom_it::http_get(&assignment_url).await.is_some_and(|r| {
+            serde_json::from_str::<serde_json::Value>(&r.body)
+                .ok()
+                .and_then(|v| v["active"].as_array().map(|a| !a.is_empty()))
+                .unwrap_or(false)
+        });
+        if ready && owns {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "worker at port {web} never got partitions to process"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Every count `topic` holds per word, in offset order, read with
+/// `isolation` until nothing new arrives for 3 s.
+async fn counts(
+    client: &Client,
+    topic: &str,
+    isolation: IsolationLevel,
+) -> BTreeMap<String, Vec<u64>> {
+    let mut consumer = Consumer::new(
+        client.clone(),
+        ConsumerConfig {
+            isolation,
+            ..ConsumerConfig::default()
+        },
+    );
+    consumer
+        .assign((0..PARTITIONS).map(|p| (TopicPartition::new(topic, p), Offset::Earliest)))
+        .unwrap();
+    let mut out: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    while let Ok(batch) = tokio::time::timeout(Duration::from_secs(3), consumer.poll()).await {
+        for r in batch.unwrap() {
+            let word = String::from_utf8_lossy(r.key.as_deref().unwrap_or_default()).into_owned();
+            let n = serde_json::from_slice(r.value.as_deref().unwrap_or_default()).unwrap();
+            out.entry(word).or_default().push(n);
+        }
+    }
+    out
+}
+
+/// Waits until every word's last committed count reaches its true count.
+async fn wait_counted(
+    client: &Client,
+    output: &str,
+    truth: &BTreeMap<String, u64>,
+    isolation: IsolationLevel,
+) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(240);
+    loop {
+        let got = counts(client, output, isolation).await;
+        let short: Vec<_> = truth
+            .iter()
+            .filter(|(w, n)| {
+                got.get(*w)
+                    .and_then(|v| v.iter().max())
+                    .is_none_or(|m| m < *n)
+            })
+            .collect();
+        if short.is_empty() {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "words still under-counted: {short:?}"
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// The table as a fresh worker restores it: the changelog replayed with
+/// `isolation` into empty stores.
+async fn restored_table(
+    client: &Client,
+    names: &Names,
+    isolation: IsolationLevel,
+) -> BTreeMap<String, u64> {
+    let topic = changelog::topic_name(&names.id, "word-counts");
+    let mut out = BTreeMap::new();
+    for p in 0..PARTITIONS {
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+        recover_with_progress(
+            client,
+            store.clone(),
+            &topic,
+            p,
+            isolation,
+            &RecoveryProgress::default(),
+        )
+        .await
+        .unwrap();
+        for (k, v) in store
+            .range(
+                std::ops::Bound::Unbounded,
+                std::ops::Bound::Unbounded,
+                usize::MAX,
+            )
+            .unwrap()
+        {
+            out.insert(
+                String::from_utf8(k).unwrap(),
+                serde_json::from_slice(&v).unwrap(),
+            );
+        }
+    }
+    out
+}
+
+/// Panics, showing where, unless `got` is exactly 1, 2, …, n.
+fn assert_exact(word: &str, got: &[u64], n: u64) {
+    let expected: Vec<u64> = (1..=n).collect();
+    if got == expected {
+        return;
+    }
+    let at = got
+        .iter()
+        .zip(&expected)
+        .position(|(g, e)| g != e)
+        .unwrap_or(got.len().min(expected.len()));
+    let window = |v: &[u64]| v[at.saturating_sub(3)..(at + 4).min(v.len())].to_vec();
+    panic!(
+        "committed counts of {word} are not 1..={n}: {} values, first difference at position {at}: got {:?}, expected {:?}",
+        got.len(),
+        window(got),
+        window(&expected)
+    );
+}
+
+/// What one run with kills produced.
+struct Run {
+    truth: BTreeMap<String, u64>,
+    committed: BTreeMap<String, Vec<u64>>,
+    everything: BTreeMap<String, Vec<u64>>,
+    table: BTreeMap<String, u64>,
+}
+
+/// Two worker processes count sentences fed steadily (at least 50,000); one
+/// of them is killed with SIGKILL five times, each time at a random moment
+/// once it is processing again, and restarted on the same state directory
+/// (the same identity).
+async fn run_with_kills(test: &str, guarantee: ProcessingGuarantee) -> Run {
+    let broker = TestBroker::start().await;
+    eprintln!("broker: {:?}, guarantee: {guarantee}", broker.kind);
+    let client = broker.client().await;
+    let names = Names::new();
+    let (dir_a, dir_b) = (state_dir(), state_dir());
+    let (web_a, web_b) = (strom_it::free_port(), strom_it::free_port());
+    let mut a = spawn_worker(test, &broker, &names, &dir_a, guarantee, web_a);
+    let mut b = spawn_worker(test, &broker, &names, &dir_b, guarantee, web_b);
+    let (done, feeding_done) = tokio::sync::watch::channel(false);
+    let feeding = tokio::spawn(feed(
+        client.clone(),
+        names.input.clone(),
+        50_000,
+        1_500,
+        feeding_done,
+    ));
+    let mut rng = Rng::seeded();
+    for kill in 1..=5 {
+        wait_processing(web_a).await;
+        tokio::time::sleep(Duration::from_millis(300 + rng.below(2_000))).await;
+        a.kill().unwrap(); // SIGKILL
+        a.wait().unwrap();
+        eprintln!("kill {kill}: worker A killed");
+        tokio::time::sleep(Duration::from_millis(500 + rng.below(1_500))).await;
+        a = spawn_worker(test, &broker, &names, &dir_a, guarantee, web_a);
+    }
+    let _ = done.send(true);
+    let truth = feeding.await.unwrap();
+    let isolation = IsolationLevel::ReadCommitted;
+    wait_counted(&client, &names.output, &truth, isolation).await;
+    assert!(
+        terminate(&mut a),
+        "worker A did not stop cleanly on SIGTERM"
+    );
+    assert!(
+        terminate(&mut b),
+        "worker B did not stop cleanly on SIGTERM"
+    );
+    Run {
+        committed: counts(&client, &names.output, isolation).await,
+        everything: counts(&client, &names.output, IsolationLevel::ReadUncommitted).await,
+        table: restored_table(&client, &names, isolation).await,
+        truth,
+    }
+}
+
+/// Exactly once: through five SIGKILLs of one of two workers, every word's
+/// committed counts are exactly 1, 2, …, n — no repeat, no gap — and the
+/// table restored from its changelog (read-committed) equals the truth. The
+/// records of the killed workers' open transactions are in the logs (read
+/// uncommitted sees them) but never in a read-committed read or a table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exactly_once_wordcount_survives_sigkill() {
+    if std::env::var(CHILD).is_ok() {
+        child_worker().await;
+    }
+    let run = run_with_kills(
+        "exactly_once_wordcount_survives_sigkill",
+        ProcessingGuarantee::ExactlyOnce,
+    )
+    .await;
+    for (w, n) in &run.truth {
+        assert_exact(w, run.committed.get(w).map_or(&[][..], Vec::as_slice), *n);
+    }
+    assert_eq!(run.table, run.truth, "the restored table is not exact");
+    let committed: usize = run.committed.values().map(Vec::len).sum();
+    let written: usize = run.everything.values().map(Vec::len).sum();
+    eprintln!(
+        "exactly once: {committed} committed output records, {} aborted ones filtered by read_committed",
+        written - committed
+    );
+    assert!(
+        written > committed,
+        "no aborted output at all: the kills never caught an open transaction, so the abort path was not shown"
+    );
+}
+
+/// The control: the same run at least once repeats counts (a killed
+/// worker's events since its last commit are processed again) but never
+/// under-counts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_least_once_wordcount_repeats_but_never_undercounts() {
+    if std::env::var(CHILD).is_ok() {
+        child_worker().await;
+    }
+    let run = run_with_kills(
+        "at_least_once_wordcount_repeats_but_never_undercounts",
+        ProcessingGuarantee::AtLeastOnce,
+    )
+    .await;
+    let mut repeats = 0;
+    for (w, n) in &run.truth {
+        let got = run.everything.get(w).cloned().unwrap_or_default();
+        assert!(
+            got.iter().max().is_some_and(|m| m >= n),
+            "{w} under-counted: {got:?}"
+        );
+        assert!(run.table[w] >= *n, "{w} under-counted in the table");
+        repeats += got.len() - *n as usize;
+    }
+    eprintln!(
+        "at least once: {repeats} repeated output records over {} words",
+        run.truth.len()
+    );
+}
+
+/// The wordcount of `strom_it::wordcount`, except that the first time it
+/// counts a word starting with `freeze`, after sending the count (so its
+/// transaction holds records), it blocks its thread for 12 s: a
+/// current-thread runtime running it stops entirely (no heartbeat, no
+/// commit), as a stalled VM or a long GC pause would.
+fn freezing_wordcount(mut app: App, names: &Names) -> App {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use strom::codec::{NoKey, Utf8};
+    let sentences = app
+        .topic::<(), String>(&names.input)
+        .with_key_codec(NoKey)
+        .with_value_codec(Utf8);
+    let counts_out = app.topic::<String, u64>(&names.output).with_key_codec(Utf8);
+    let counts = app.table::<String, u64>("word-counts", 0);
+    let frozen = Arc::new(AtomicBool::new(false));
+    app.agent(&sentences)
+        .flat_map(|line: String| {
+            line.split_whitespace()
+                .map(str::to_lowercase)
+                .collect::<Vec<_>>()
+        })
+        .group_by(|event| event.value.clone(), "words")
+        .for_each(move |ctx, event| {
+            let (counts, counts_out, frozen) = (counts.clone(), counts_out.clone(), frozen.clone());
+            async move {
+                let n = ctx.update(&counts, &event.key, |n| n + 1).await?;
+                ctx.send(&counts_out, &event.key, &n).await?;
+                if event.key.starts_with("freeze") && !frozen.swap(true, Ordering::SeqCst) {
+                    eprintln!("worker A freezes after counting {:?}", event.key);
+                    std::thread::sleep(Duration::from_secs(12));
+                    eprintln!("worker A wakes up");
+                }
+                Ok(())
+            }
+        });
+    app
+}
+
+/// A worker frozen past its session timeout (its whole runtime blocked for
+/// 12 s with a 6 s session) while its open transaction holds records: the
+/// group gives its partitions to the other worker, and when it wakes it
+/// aborts instead of committing. Every committed count is still exactly 1,
+/// 2, …, n: nothing the frozen worker wrote is visible to read_committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_worker_cannot_commit_its_transaction() {
+    let broker = TestBroker::start().await;
+    eprintln!("broker: {:?}", broker.kind);
+    let client = broker.client().await;
+    let names = Names::new();
+    let web_a = strom_it::free_port();
+    let settings = |app: App| {
+        app.with_brokers([broker.bootstrap.clone()])
+            .with_store(StoreKind::Redb)
+            .with_partitions(PARTITIONS)
+            .with_processing_guarantee(ProcessingGuarantee::ExactlyOnce)
+            .with_session_timeout(Duration::from_secs(6), Duration::from_secs(1))
+    };
+    let app_a = freezing_wordcount(settings(App::new(&names.id)), &names)
+        .with_state_dir(state_dir())
+        .with_web(Some(([127, 0, 0, 1], web_a).into()));
+    let (stop_a, stopped_a) = tokio::sync::oneshot::channel::<()>();
+    let frozen = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(app_a.run(async {
+            let _ = stopped_a.await;
+        }))
+    });
+    let app_b = wordcount(
+        &broker.bootstrap,
+        &names,
+        &state_dir(),
+        ProcessingGuarantee::ExactlyOnce,
+    );
+    let (stop_b, worker_b) = strom_it::spawn_app(app_b);
+    let (done, feeding_done) = tokio::sync::watch::channel(false);
+    let feeding = tokio::spawn(feed(
+        client.clone(),
+        names.input.clone(),
+        20_000,
+        1_000,
+        feeding_done,
+    ));
+    wait_processing(web_a).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Words in every partition: the first one worker A counts freezes it.
+    let freezers: Vec<String> = (0..40).map(|i| format!("freeze{i}")).collect();
+    let producer = Producer::new(client.clone(), ProducerConfig::default()).unwrap();
+    producer
+        .send(ProducerRecord::to(&names.input).value(freezers.join(" ").as_bytes()))
+        .await
+        .unwrap();
+    producer.flush().await.unwrap();
+    let _ = done.send(true);
+    let mut truth = feeding.await.unwrap();
+    for f in freezers {
+        truth.insert(f, 1);
+    }
+    wait_counted(
+        &client,
+        &names.output,
+        &truth,
+        IsolationLevel::ReadCommitted,
+    )
+    .await;
+    let metrics = strom_it::http_get(&format!("http://127.0.0.1:{web_a}/metrics"))
+        .await
+        .expect("worker A's web server answers after the freeze");
+    let samples = strom_it::parse_metrics(&metrics.body);
+    let aborted: f64 = samples
+        .iter()
+        .filter(|(n, _, _)| n == "strom_aborted_transactions_total")
+        .map(|(_, _, v)| v)
+        .sum();
+    let _ = stop_a.send(());
+    let _ = stop_b.send(());
+    let a_result = tokio::task::spawn_blocking(move || frozen.join().unwrap())
+        .await
+        .unwrap();
+    worker_b.await.unwrap();
+    eprintln!(
+        "worker A after the freeze: {aborted} transaction(s) aborted; stopped with {a_result:?}"
+    );
+    let committed = counts(&client, &names.output, IsolationLevel::ReadCommitted).await;
+    for (w, n) in &truth {
+        assert_exact(w, committed.get(w).map_or(&[][..], Vec::as_slice), *n);
+    }
+    assert!(
+        aborted >= 1.0,
+        "worker A never aborted after waking: its frozen transaction was not refused"
+    );
+}
