@@ -19,6 +19,10 @@ use strom_it::{unique_topic, TestBroker};
 use strom_state::{changelog, recover_with_progress, MemoryStore, RecoveryProgress, Store};
 
 const CHILD: &str = "STROM_IT_EOS_WORKER";
+
+/// The tests of this file run one at a time: each runs two workers that must
+/// keep their timing (session timeouts, kills) on a small machine.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 const PARTITIONS: i32 = 4;
 
 /// What a worker process needs to know, passed through the environment.
@@ -332,6 +336,7 @@ struct Run {
 /// once it is processing again, and restarted on the same state directory
 /// (the same identity).
 async fn run_with_kills(test: &str, guarantee: ProcessingGuarantee) -> Run {
+    let _one = ONE_AT_A_TIME.lock().await;
     let broker = TestBroker::start().await;
     eprintln!("broker: {:?}, guarantee: {guarantee}", broker.kind);
     let client = broker.client().await;
@@ -483,6 +488,7 @@ fn freezing_wordcount(mut app: App, names: &Names) -> App {
 /// 2, …, n: nothing the frozen worker wrote is visible to read_committed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_worker_cannot_commit_its_transaction() {
+    let _one = ONE_AT_A_TIME.lock().await;
     let broker = TestBroker::start().await;
     eprintln!("broker: {:?}", broker.kind);
     let client = broker.client().await;
