@@ -390,3 +390,161 @@ async fn an_aborted_transaction_is_processed_again_exactly_once() {
         }
     }
 }
+
+/// Per partition, the events held back: (offset, value).
+type Held = std::sync::Mutex<BTreeMap<i32, Vec<(i64, Vec<u8>)>>>;
+
+/// Holds events of a partition until it has three, then sends their values
+/// joined to `batches` (a minimal `take(3, …)`); fails on the value `bad`.
+struct Batcher {
+    held: Held,
+    policy: ErrorPolicy,
+}
+
+impl Processor for Batcher {
+    fn topic(&self) -> &str {
+        "in"
+    }
+
+    fn process(&self, ctx: Context, record: ConsumerRecord) -> ProcessFuture<'_> {
+        let value = record.value.clone().unwrap_or_default().to_vec();
+        if value == b"bad" {
+            return Box::pin(async { Err("bad event".into()) });
+        }
+        let full = {
+            let mut held = self.held.lock().unwrap();
+            let batch = held.entry(ctx.partition()).or_default();
+            batch.push((record.offset, value));
+            (batch.len() == 3).then(|| std::mem::take(batch))
+        };
+        Box::pin(async move {
+            if let Some(batch) = full {
+                let joined: Vec<u8> = batch
+                    .iter()
+                    .flat_map(|(_, v)| v.iter().copied().chain([b',']))
+                    .collect();
+                ctx.send(
+                    ProducerRecord::to("batches")
+                        .partition(ctx.partition())
+                        .value(&joined),
+                )
+                .await?;
+            }
+            Ok(())
+        })
+    }
+
+    fn held_from(&self, partition: i32) -> Option<i64> {
+        let held = self.held.lock().unwrap();
+        held.get(&partition)
+            .and_then(|b| b.first().map(|(o, _)| *o))
+    }
+
+    fn error_policy(&self) -> Option<&ErrorPolicy> {
+        Some(&self.policy)
+    }
+
+    fn reset(&self, partition: i32) {
+        self.held.lock().unwrap().remove(&partition);
+    }
+}
+
+/// Exactly once, across an aborted transaction: batches held back are
+/// emptied and built again from the re-read events (each event in exactly
+/// one committed batch, nothing committed past a held event), a dead letter
+/// is part of the transaction (exactly one committed per bad event), and a
+/// timer's send returns once its transaction committed.
+#[tokio::test(start_paused = true)]
+async fn dead_letters_held_batches_and_timers_are_exactly_once() {
+    let cluster = cluster();
+    cluster.create_topic("batches", 2);
+    cluster.create_topic("dead", 2);
+    cluster.create_topic("ticks", 1);
+    let refusals = Arc::new(AtomicUsize::new(0));
+    let r = refusals.clone();
+    cluster.set_hook(move |call: &Call| {
+        let refuse = call.api == ApiKey::TxnOffsetCommit
+            && r.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < 2).then_some(n + 1)
+            })
+            .is_ok();
+        if refuse {
+            Action::Fail(ResponseError::IllegalGeneration)
+        } else {
+            Action::Answer
+        }
+    });
+    let ticks = Arc::new(AtomicUsize::new(0));
+    let t = ticks.clone();
+    let timer = crate::Timer {
+        name: "tick".into(),
+        schedule: crate::Schedule::Every(Duration::from_millis(250)),
+        on_leader: false,
+        run: Arc::new(move |ctx| {
+            let t = t.clone();
+            Box::pin(async move {
+                ctx.send(ProducerRecord::to("ticks").partition(0).value(b"tick"))
+                    .await?;
+                t.fetch_add(1, Ordering::SeqCst);
+                Ok(())
+            })
+        }),
+    };
+    let agent = Batcher {
+        held: std::sync::Mutex::new(BTreeMap::new()),
+        policy: ErrorPolicy::DeadLetter("dead".into()),
+    };
+    let worker = Worker::new(config(&cluster, ProcessingGuarantee::ExactlyOnce))
+        .processor(Arc::new(agent))
+        .timer(timer);
+    let (stop, stopped) = oneshot::channel::<()>();
+    let run = tokio::spawn(worker.run(async {
+        let _ = stopped.await;
+    }));
+    // Partition 0: 9 good events and one bad; partition 1: 4 good (one held).
+    for v in ["a", "b", "bad", "c", "d", "e", "f", "g", "h", "i"] {
+        cluster.append("in", 0, None, Some(v.as_bytes()));
+    }
+    for v in ["p", "q", "r", "s"] {
+        cluster.append("in", 1, None, Some(v.as_bytes()));
+    }
+    wait_until("partition 0 committed", || {
+        cluster.committed(APP, "in", 0) == Some(10)
+    })
+    .await;
+    wait_until("three ticks", || ticks.load(Ordering::SeqCst) >= 3).await;
+    assert_eq!(
+        cluster.committed(APP, "in", 1),
+        Some(3),
+        "committed past the event still held back"
+    );
+    let _ = stop.send(());
+    outcome(run, Duration::from_secs(10)).await.unwrap();
+    assert_eq!(
+        refusals.load(Ordering::SeqCst),
+        2,
+        "the refusals never happened"
+    );
+    let committed = |topic: &str, p: i32| -> Vec<String> {
+        cluster
+            .records(topic, p)
+            .into_iter()
+            .filter(|r| r.committed == Some(true))
+            .map(|r| String::from_utf8_lossy(r.value.as_deref().unwrap_or_default()).into_owned())
+            .collect()
+    };
+    assert_eq!(committed("batches", 0), ["a,b,c,", "d,e,f,", "g,h,i,"]);
+    assert_eq!(committed("batches", 1), ["p,q,r,"]);
+    assert_eq!(committed("dead", 0), ["bad"], "dead letters of partition 0");
+    let aborted = ["batches", "dead"]
+        .iter()
+        .flat_map(|t| cluster.records(t, 0))
+        .filter(|r| r.committed == Some(false))
+        .count();
+    assert!(
+        aborted > 0,
+        "nothing was aborted: the refusals came before any send"
+    );
+    // Every tick the timer saw return is committed.
+    assert!(committed("ticks", 0).len() >= ticks.load(Ordering::SeqCst));
+}
