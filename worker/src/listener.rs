@@ -41,7 +41,8 @@ impl RebalanceListener for Listener {
     ) -> ListenerFuture<'a> {
         Box::pin(async move {
             forget(&self.0.spec.metrics, partitions);
-            self.0.lose(group, &numbers(partitions)).await;
+            let generation = group.metadata().generation_id;
+            self.0.lose(generation, &numbers(partitions)).await;
         })
     }
 }

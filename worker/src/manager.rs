@@ -142,10 +142,10 @@ impl TaskManager {
     /// Membership was lost: the tasks stop without committing (another
     /// worker may own their partitions already), and under exactly-once the
     /// open transaction aborts.
-    pub async fn lose(&self, group: &GroupHandle, numbers: &[i32]) {
+    /// `generation` is the group generation whose membership was lost.
+    pub async fn lose(&self, generation: i32, numbers: &[i32]) {
         let _one = self.commits.lock().await;
-        self.lost_generation
-            .fetch_max(group.metadata().generation_id, Ordering::AcqRel);
+        self.lost_generation.fetch_max(generation, Ordering::AcqRel);
         let lost: Vec<TaskHandle> = {
             let mut tasks = self.tasks();
             numbers.iter().filter_map(|n| tasks.remove(n)).collect()
@@ -526,5 +526,91 @@ async fn commit_offsets(group: &GroupHandle, offsets: &Offsets) -> bool {
             warn!(error = %e, "commit failed; the events since the last commit will be processed again");
             false
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use strom_client::mock::MockCluster;
+    use strom_client::producer::{Producer, ProducerConfig};
+
+    use super::*;
+    use crate::assignor::MemberPlacement;
+    use crate::config::{ProcessingGuarantee, StoreKind};
+    use crate::metrics::Metrics;
+    use crate::processor::ErrorPolicy;
+
+    fn placement(generation: i32, active: Vec<i32>) -> Placement {
+        Placement {
+            generation,
+            me: "me".into(),
+            members: vec![MemberPlacement {
+                member_id: "me".into(),
+                active,
+                ..MemberPlacement::default()
+            }],
+        }
+    }
+
+    /// /ready follows the task states: not before the group's first
+    /// assignment, not while an owned partition has no running task, not
+    /// after the membership was lost until a newer generation.
+    #[tokio::test]
+    async fn readiness_follows_the_task_states() {
+        let cluster = MockCluster::new();
+        let client = strom_client::Client::connect(cluster.client_config())
+            .await
+            .unwrap();
+        let spec = Arc::new(Spec {
+            producer: Producer::new(client.clone(), ProducerConfig::default()).unwrap(),
+            client,
+            processors: Vec::new(),
+            by_topic: HashMap::new(),
+            tables: Vec::new(),
+            state_dir: std::env::temp_dir(),
+            store: StoreKind::Memory,
+            guarantee: ProcessingGuarantee::AtLeastOnce,
+            partitions: 1,
+            metrics: Metrics::default(),
+            on_error: ErrorPolicy::Skip,
+            durable_interval: std::time::Duration::from_secs(5),
+            durable_changes: 1,
+            round_gate: None,
+            fatal: std::sync::Mutex::new(None),
+            stopped: Notify::new(),
+        });
+        let manager = TaskManager::new(spec.clone(), 1 << 20, None);
+        assert!(
+            manager.readiness(&placement(-1, vec![])).is_err(),
+            "ready before joining"
+        );
+        let joined = placement(3, vec![0]);
+        let not_started = manager.readiness(&joined).unwrap_err();
+        assert_eq!(not_started["not_started"], serde_json::json!([0]));
+        manager.assign(&[0]);
+        for _ in 0..100 {
+            if manager.readiness(&joined).is_ok() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert!(
+            manager.readiness(&joined).is_ok(),
+            "not ready with its task running"
+        );
+        manager.lose(3, &[0]).await;
+        let lost = manager.readiness(&joined).unwrap_err();
+        assert!(lost["why"].as_str().unwrap().contains("lost"), "{lost}");
+        assert!(
+            manager.readiness(&placement(4, vec![])).is_ok(),
+            "not ready in a new generation"
+        );
+        spec.fail(WorkerError::Config("stop".into()));
+        assert!(
+            manager.readiness(&placement(4, vec![])).is_err(),
+            "ready while stopping"
+        );
     }
 }
