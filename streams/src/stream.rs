@@ -1,7 +1,7 @@
 //! Agents: a stream of typed events from one topic, shaped by operators and
 //! consumed by an async handler. Each stage compiles to a worker processor.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -395,6 +395,7 @@ where
                 f,
                 stage: stream.stage,
                 held: std::sync::Mutex::new(HashMap::new()),
+                handing_on: Arc::default(),
             }),
             format!("take({}, {:?}).for_each", self.n, self.within),
         );
@@ -407,6 +408,10 @@ struct Held<K, V> {
     since: Instant,
 }
 
+/// Per partition, the first offsets of batches being handed on (their
+/// handler still runs), with how many start there.
+type HandingOn = Arc<std::sync::Mutex<HashMap<i32, BTreeMap<i64, usize>>>>;
+
 struct TakeForEach<K, V, F> {
     source: Arc<str>,
     step: Step<K, V>,
@@ -415,11 +420,53 @@ struct TakeForEach<K, V, F> {
     f: F,
     stage: Stage,
     held: std::sync::Mutex<HashMap<i32, Held<K, V>>>,
+    /// Batches taken out of `held` whose handler has not finished: they still
+    /// count as held, so no offset is committed past them — with
+    /// `concurrency`, the event that completes a batch may finish long after
+    /// the events in it.
+    handing_on: HandingOn,
 }
 
 impl<K, V, F> TakeForEach<K, V, F> {
     fn held(&self) -> std::sync::MutexGuard<'_, HashMap<i32, Held<K, V>>> {
         self.held.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Books a batch starting at `first` as being handed on until the guard
+    /// drops (the handler ended, failed, panicked or was cancelled).
+    fn handing_on(&self, partition: i32, first: i64) -> HandedOn {
+        let mut flying = self.handing_on.lock().unwrap_or_else(|e| e.into_inner());
+        *flying
+            .entry(partition)
+            .or_default()
+            .entry(first)
+            .or_default() += 1;
+        HandedOn {
+            map: self.handing_on.clone(),
+            partition,
+            first,
+        }
+    }
+}
+
+/// Keeps a batch booked as being handed on while it lives.
+struct HandedOn {
+    map: HandingOn,
+    partition: i32,
+    first: i64,
+}
+
+impl Drop for HandedOn {
+    fn drop(&mut self) {
+        let mut flying = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(batches) = flying.get_mut(&self.partition) {
+            if let Some(n) = batches.get_mut(&self.first) {
+                *n -= 1;
+                if *n == 0 {
+                    batches.remove(&self.first);
+                }
+            }
+        }
     }
 }
 
@@ -463,9 +510,15 @@ where
             }
         }
         let ctx = Ctx { inner: ctx };
-        let work: Vec<Fut> = full.into_iter().map(|b| (self.f)(ctx.clone(), b)).collect();
+        let work: Vec<(HandedOn, Fut)> = full
+            .into_iter()
+            .map(|b| {
+                let first = b.iter().map(|e| e.offset).min().unwrap_or(i64::MAX);
+                (self.handing_on(partition, first), (self.f)(ctx.clone(), b))
+            })
+            .collect();
         Box::pin(async move {
-            for w in work {
+            for (_handing_on, w) in work {
                 w.await?;
             }
             Ok(())
@@ -473,20 +526,35 @@ where
     }
 
     fn flush(&self, ctx: Context) -> ProcessFuture<'_> {
-        let batch = self.held().remove(&ctx.partition());
-        let work = batch.map(|b| (self.f)(Ctx { inner: ctx }, b.events));
+        let partition = ctx.partition();
+        let batch = self.held().remove(&partition);
+        let work = batch.map(|b| {
+            let first = b.events.iter().map(|e| e.offset).min().unwrap_or(i64::MAX);
+            (
+                self.handing_on(partition, first),
+                (self.f)(Ctx { inner: ctx }, b.events),
+            )
+        });
         Box::pin(async move {
             match work {
-                Some(w) => w.await,
+                Some((_handing_on, w)) => w.await,
                 None => Ok(()),
             }
         })
     }
 
     fn held_from(&self, partition: i32) -> Option<i64> {
-        self.held()
+        let held = self
+            .held()
             .get(&partition)
-            .and_then(|b| b.events.iter().map(|e| e.offset).min())
+            .and_then(|b| b.events.iter().map(|e| e.offset).min());
+        let flying = self
+            .handing_on
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&partition)
+            .and_then(|b| b.keys().next().copied());
+        held.into_iter().chain(flying).min()
     }
 
     fn deadline(&self, partition: i32) -> Option<Instant> {

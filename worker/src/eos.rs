@@ -166,7 +166,7 @@ impl Transactions {
         match self.producer.commit_transaction().await {
             Ok(()) => {
                 self.until_applied(offsets, group).await;
-                self.next(true)?;
+                self.next(true).map_err(CommitError::Fatal)?;
                 *self.last_reason.lock().unwrap_or_else(|e| e.into_inner()) = None;
                 Ok(())
             }
@@ -286,14 +286,11 @@ impl Transactions {
                     error: e.to_string(),
                 },
             })?;
-        self.next(false).map_err(|e| match e {
-            CommitError::Fatal(e) => e,
-            CommitError::Aborted(why) => WorkerError::Config(why),
-        })
+        self.next(false)
     }
 
     /// Books the end of the open transaction and opens the next.
-    fn next(&self, committed: bool) -> Result<(), CommitError> {
+    fn next(&self, committed: bool) -> Result<(), WorkerError> {
         let number = self.open.fetch_add(1, Ordering::AcqRel);
         if !committed {
             let mut aborted = self.aborted.lock().unwrap_or_else(|e| e.into_inner());
@@ -303,9 +300,7 @@ impl Transactions {
             }
         }
         self.ended.send_replace(number + 1);
-        self.producer
-            .begin_transaction()
-            .map_err(|e| CommitError::Fatal(e.into()))
+        Ok(self.producer.begin_transaction()?)
     }
 
     /// Sends a timer's record in the open transaction and waits until that
@@ -317,9 +312,15 @@ impl Transactions {
             self.open.load(Ordering::Acquire)
         };
         let mut ended = self.ended.subscribe();
-        ended.wait_for(|&n| n > number).await.map_err(|_| {
-            WorkerError::Config("the worker stopped before the timer's transaction ended".into())
-        })?;
+        ended
+            .wait_for(|&n| n > number)
+            .await
+            .map_err(|_| WorkerError::Framework {
+                partition: -1,
+                what: "a timer's send".into(),
+                attempts: 1,
+                error: "the worker stopped before its transaction ended".into(),
+            })?;
         let aborted = self
             .aborted
             .lock()

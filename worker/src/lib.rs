@@ -215,16 +215,7 @@ impl Worker {
         let client = Client::connect(config.client.clone()).await?;
         let sources = sources(&processors)?;
         let partitions = copartitioned_count(&client, &sources).await?;
-        let mut tables = Vec::new();
-        for table in &table_names {
-            let topic = changelog::topic_name(&config.app_id, table);
-            changelog::ensure_topic(&client, &topic, partitions, config.replication).await?;
-            tables.push((table.clone(), topic));
-        }
-        for topic in dead_letter_topics(&processors, &config) {
-            let new = strom_client::NewTopic::new(topic, partitions as i32, config.replication);
-            client.ensure_topic(new).await?;
-        }
+        let tables = ensure_topics(&client, &config, &processors, &table_names, partitions).await?;
         let txn = match config.guarantee {
             ProcessingGuarantee::ExactlyOnce => {
                 let instance = instance_id(&config)?;
@@ -234,34 +225,15 @@ impl Worker {
             }
             _ => None,
         };
-        let producer = match &txn {
-            Some(t) => t.producer().clone(),
-            None => Producer::new(client.clone(), ProducerConfig::default())?,
-        };
-        let spec = Arc::new(Spec {
-            client: client.clone(),
-            producer,
-            by_topic: processors.iter().enumerate().fold(
-                HashMap::new(),
-                |mut by: HashMap<String, Vec<usize>>, (i, p)| {
-                    by.entry(p.topic().to_owned()).or_default().push(i);
-                    by
-                },
-            ),
+        let spec = Arc::new(spec(
+            &config,
+            client.clone(),
             processors,
             tables,
-            state_dir: config.state_dir.clone(),
-            store: config.store,
-            guarantee: config.guarantee,
             partitions,
-            metrics: metrics.clone(),
-            on_error: config.on_error.clone(),
-            durable_interval: config.durable_checkpoint_interval,
-            durable_changes: config.durable_checkpoint_changes,
-            round_gate: txn.as_ref().map(|t| t.gate().clone()),
-            fatal: Mutex::new(None),
-            stopped: Notify::new(),
-        });
+            txn.as_deref(),
+            metrics.clone(),
+        )?);
         let manager = Arc::new(TaskManager::new(
             spec.clone(),
             config.max_buffered_bytes,
@@ -282,18 +254,10 @@ impl Worker {
             ),
             None => None,
         };
-        let mut group_config = GroupConfig::new(config.app_id.clone());
-        group_config.session_timeout = config.session_timeout;
-        group_config.heartbeat_interval = config.heartbeat_interval;
-        group_config.rebalance_timeout = config.rebalance_timeout;
-        group_config.assignors = vec![Arc::new(assignor.clone())];
-        group_config.consumer.auto_offset_reset = AutoOffsetReset::Earliest;
-        group_config.consumer.isolation = spec.isolation();
-        let topics: Vec<&str> = sources.iter().map(String::as_str).collect();
         let mut consumer = GroupConsumer::new(
             client.clone(),
-            group_config,
-            &topics,
+            group_config(&config, &assignor, &spec),
+            &sources.iter().map(String::as_str).collect::<Vec<_>>(),
             Arc::new(Listener(manager.clone())),
         )?;
         info!(
@@ -301,16 +265,7 @@ impl Worker {
             "worker started"
         );
         let placement = assignor.placement();
-        let timers: Vec<_> = timers
-            .into_iter()
-            .map(|t| {
-                let sender = match &txn {
-                    Some(txn) => timer::Sender::Transactional(txn.clone()),
-                    None => timer::Sender::Plain(spec.producer.clone()),
-                };
-                timer::spawn(t, sender, placement.clone())
-            })
-            .collect();
+        let timers = start_timers(timers, txn.as_ref(), &spec, &placement);
         let committer = Committer::start(
             manager.clone(),
             consumer.group().clone(),
@@ -368,6 +323,104 @@ fn dead_letter_topics<'a>(
             _ => None,
         })
         .collect()
+}
+
+/// Starts the app's timers; under exactly-once their sends join the
+/// worker's transactions.
+fn start_timers(
+    timers: Vec<Timer>,
+    txn: Option<&Arc<Transactions>>,
+    spec: &Spec,
+    placement: &tokio::sync::watch::Receiver<Placement>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    timers
+        .into_iter()
+        .map(|t| {
+            let sender = match txn {
+                Some(txn) => timer::Sender::Transactional(txn.clone()),
+                None => timer::Sender::Plain(spec.producer.clone()),
+            };
+            timer::spawn(t, sender, placement.clone())
+        })
+        .collect()
+}
+
+/// What the partition tasks need to know about the app.
+fn spec(
+    config: &WorkerConfig,
+    client: Client,
+    processors: Vec<Arc<dyn Processor>>,
+    tables: Vec<(String, String)>,
+    partitions: usize,
+    txn: Option<&Transactions>,
+    metrics: Metrics,
+) -> Result<Spec, WorkerError> {
+    let producer = match txn {
+        Some(t) => t.producer().clone(),
+        None => Producer::new(client.clone(), ProducerConfig::default())?,
+    };
+    let mut by_topic: HashMap<String, Vec<usize>> = HashMap::new();
+    for (i, p) in processors.iter().enumerate() {
+        by_topic.entry(p.topic().to_owned()).or_default().push(i);
+    }
+    Ok(Spec {
+        client,
+        producer,
+        by_topic,
+        processors,
+        tables,
+        state_dir: config.state_dir.clone(),
+        store: config.store,
+        guarantee: config.guarantee,
+        partitions,
+        metrics,
+        on_error: config.on_error.clone(),
+        durable_interval: config.durable_checkpoint_interval,
+        durable_changes: config.durable_checkpoint_changes,
+        round_gate: txn.map(|t| t.gate().clone()),
+        fatal: Mutex::new(None),
+        stopped: Notify::new(),
+    })
+}
+
+/// Creates the changelog topics (returned with their tables) and the
+/// dead-letter topics the app needs, with the sources' partition count.
+async fn ensure_topics(
+    client: &Client,
+    config: &WorkerConfig,
+    processors: &[Arc<dyn Processor>],
+    tables: &[String],
+    partitions: usize,
+) -> Result<Vec<(String, String)>, WorkerError> {
+    let mut changelogs = Vec::new();
+    for table in tables {
+        let topic = changelog::topic_name(&config.app_id, table);
+        changelog::ensure_topic(client, &topic, partitions, config.replication).await?;
+        changelogs.push((table.clone(), topic));
+    }
+    for topic in dead_letter_topics(processors, config) {
+        let new = strom_client::NewTopic::new(topic, partitions as i32, config.replication);
+        client.ensure_topic(new).await?;
+    }
+    Ok(changelogs)
+}
+
+/// The worker's group membership: the app's group, the co-partitioning
+/// assignor, new partitions read from the start, read-committed under
+/// exactly-once.
+fn group_config(
+    config: &WorkerConfig,
+    assignor: &CopartitionedAssignor,
+    spec: &Spec,
+) -> GroupConfig {
+    let mut group = GroupConfig::new(config.app_id.clone());
+    group.session_timeout = config.session_timeout;
+    group.heartbeat_interval = config.heartbeat_interval;
+    group.rebalance_timeout = config.rebalance_timeout;
+    group.assignors = vec![Arc::new(assignor.clone())];
+    group.consumer.auto_offset_reset = AutoOffsetReset::Earliest;
+    group.consumer.isolation = spec.isolation();
+    group
 }
 
 /// The partition count every source topic shares (co-partitioning).

@@ -41,8 +41,10 @@ impl RebalanceListener for Listener {
     ) -> ListenerFuture<'a> {
         Box::pin(async move {
             forget(&self.0.spec.metrics, partitions);
-            let generation = group.metadata().generation_id;
-            self.0.lose(generation, &numbers(partitions)).await;
+            // The membership itself is gone (else a revoke was cut off and
+            // only these partitions went).
+            let lost = (!group.session_alive()).then(|| group.metadata().generation_id);
+            self.0.lose(lost, &numbers(partitions)).await;
         })
     }
 }

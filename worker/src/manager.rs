@@ -63,6 +63,14 @@ pub(crate) struct TaskManager {
     committed: Mutex<HashMap<TopicPartition, i64>>,
 }
 
+/// How a commit round ends.
+enum Decision<'a> {
+    /// Commit, with the offsets, as a member of this group.
+    Commit(&'a GroupHandle),
+    /// Abort, for this reason.
+    Abort(String),
+}
+
 /// Whether the worker serves: `Ok` or why not (for `/ready`).
 pub(crate) type Readiness = Result<(), serde_json::Value>;
 
@@ -100,75 +108,97 @@ impl TaskManager {
     pub fn assign(&self, numbers: &[i32]) {
         let mut tasks = self.tasks();
         for &n in numbers {
-            tasks.entry(n).or_insert_with(|| {
-                info!(partition = n, "partition assigned");
-                task::spawn(
-                    self.spec.clone(),
-                    n,
-                    self.max_buffered / 2,
-                    self.drained.clone(),
-                    self.standbys.take(n),
-                )
+            // A task that has ended (closed, or failed: the worker stops) is
+            // replaced, never kept as a dead end for the partition's records.
+            let alive = tasks.get(&n).is_some_and(|t| {
+                !t.join.is_finished()
+                    && matches!(t.status.state(), TaskState::Restoring | TaskState::Running)
             });
+            if alive {
+                continue;
+            }
+            info!(partition = n, "partition assigned");
+            let task = task::spawn(
+                self.spec.clone(),
+                n,
+                self.max_buffered / 2,
+                self.drained.clone(),
+                self.standbys.take(n),
+            );
+            tasks.insert(n, task);
         }
     }
 
     /// Gives up partition numbers cleanly: a last commit covering them, then
     /// their tasks close their stores. A task still restoring stops at once.
-    pub async fn revoke(&self, group: &GroupHandle, numbers: &[i32]) {
-        let _one = self.commits.lock().await;
-        let result = match &self.txn {
-            None => self.close_at_least_once(group, numbers).await,
-            Some(txn) => self.round(txn, group, numbers).await,
-        };
-        if let Err(e) = result {
-            self.spec.fail(e);
-        }
-        let joins: Vec<_> = {
-            let mut tasks = self.tasks();
-            numbers
-                .iter()
-                .filter_map(|n| tasks.remove(n))
-                .map(|t| t.join)
-                .collect()
-        };
-        for j in joins {
-            let _ = j.await;
-        }
-        self.forget_committed(numbers);
-        info!(partitions = ?numbers, "partitions revoked");
+    ///
+    /// The work runs on its own task: if the caller gives up waiting (the
+    /// group cut `on_revoked` off at the rebalance timeout), it still
+    /// finishes, and a commit round is never left half done.
+    pub async fn revoke(self: &Arc<Self>, group: &GroupHandle, numbers: &[i32]) {
+        let (manager, group, numbers) = (self.clone(), group.clone(), numbers.to_vec());
+        let work = tokio::spawn(async move {
+            let _one = manager.commits.lock().await;
+            let result = match &manager.txn {
+                None => manager.close_at_least_once(&group, &numbers).await,
+                Some(txn) => manager.round(txn, Decision::Commit(&group), &numbers).await,
+            };
+            if let Err(e) = result {
+                manager.spec.fail(e);
+            }
+            manager.remove(&numbers, false).await;
+            info!(partitions = ?numbers, "partitions revoked");
+        });
+        let _ = work.await;
     }
 
-    /// Membership was lost: the tasks stop without committing (another
-    /// worker may own their partitions already), and under exactly-once the
-    /// open transaction aborts.
-    /// `generation` is the group generation whose membership was lost.
-    pub async fn lose(&self, generation: i32, numbers: &[i32]) {
-        let _one = self.commits.lock().await;
-        self.lost_generation.fetch_max(generation, Ordering::AcqRel);
-        let lost: Vec<TaskHandle> = {
+    /// Partitions were lost (another worker may own them already): their
+    /// tasks stop without committing. Under exactly-once the open transaction
+    /// aborts, and the tasks that remain read again from their last commit.
+    /// `lost_generation` is the group generation whose membership was lost,
+    /// if it was (else only these partitions went, a revoke cut off).
+    ///
+    /// Runs on its own task, as [`TaskManager::revoke`] does.
+    pub async fn lose(self: &Arc<Self>, lost_generation: Option<i32>, numbers: &[i32]) {
+        let (manager, numbers) = (self.clone(), numbers.to_vec());
+        let work = tokio::spawn(async move {
+            let _one = manager.commits.lock().await;
+            if let Some(generation) = lost_generation {
+                manager
+                    .lost_generation
+                    .fetch_max(generation, Ordering::AcqRel);
+            }
+            manager.remove(&numbers, true).await;
+            for n in &numbers {
+                warn!(
+                    partition = n,
+                    "partition lost; its events since the last commit will be processed again"
+                );
+            }
+            if let Some(txn) = &manager.txn {
+                let why = "partitions of this worker were lost".to_owned();
+                if let Err(e) = manager.round(txn, Decision::Abort(why), &[]).await {
+                    manager.spec.fail(e);
+                }
+            }
+        });
+        let _ = work.await;
+    }
+
+    /// Takes the tasks of `numbers` out and waits for them to end (aborting
+    /// them first with `abort`); forgets what was committed for them.
+    async fn remove(&self, numbers: &[i32], abort: bool) {
+        let gone: Vec<TaskHandle> = {
             let mut tasks = self.tasks();
             numbers.iter().filter_map(|n| tasks.remove(n)).collect()
         };
-        for t in lost {
-            t.join.abort();
+        for t in gone {
+            if abort {
+                t.join.abort();
+            }
             let _ = t.join.await;
         }
         self.forget_committed(numbers);
-        for n in numbers {
-            warn!(
-                partition = n,
-                "partition lost; its events since the last commit will be processed again"
-            );
-        }
-        if let Some(txn) = &self.txn {
-            let _round = txn.gate().write().await;
-            match txn.abort().await {
-                Ok(true) => self.spec.metrics.aborted(),
-                Ok(false) => {}
-                Err(e) => self.spec.fail(e),
-            }
-        }
     }
 
     /// The periodic commit.
@@ -176,7 +206,7 @@ impl TaskManager {
         let _one = self.commits.lock().await;
         match &self.txn {
             None => self.commit_at_least_once(group).await,
-            Some(txn) => self.round(txn, group, &[]).await,
+            Some(txn) => self.round(txn, Decision::Commit(group), &[]).await,
         }
     }
 
@@ -211,10 +241,25 @@ impl TaskManager {
     }
 
     /// Gathers the answers of [`TaskManager::ask`]: the offsets, or the first
-    /// error.
+    /// error. With `expected` (exactly once), a task that could not be asked
+    /// or stopped before answering is an error too: whatever it sent since
+    /// the last commit is in the transaction.
     async fn gather(
         asked: Vec<(i32, oneshot::Receiver<Result<Offsets, WorkerError>>)>,
+        expected: Option<usize>,
     ) -> Result<Offsets, WorkerError> {
+        let gone = |what: String| WorkerError::Framework {
+            partition: -1,
+            what: "a commit round".into(),
+            attempts: 1,
+            error: what,
+        };
+        if let Some(n) = expected.filter(|n| asked.len() < *n) {
+            return Err(gone(format!(
+                "{} of {n} partition tasks were gone",
+                n - asked.len()
+            )));
+        }
         let mut offsets = Vec::new();
         let mut failed = None;
         for (n, rx) in asked {
@@ -222,6 +267,11 @@ impl TaskManager {
                 Ok(Ok(o)) => offsets.extend(o),
                 Ok(Err(e)) => {
                     failed.get_or_insert(e);
+                }
+                Err(_) if expected.is_some() => {
+                    failed.get_or_insert(gone(format!(
+                        "the task of partition {n} stopped before answering"
+                    )));
                 }
                 Err(_) => warn!(partition = n, "partition task stopped before answering"),
             }
@@ -237,7 +287,7 @@ impl TaskManager {
     async fn commit_at_least_once(&self, group: &GroupHandle) -> Result<(), WorkerError> {
         let started = std::time::Instant::now();
         let asked = self.ask(&self.running(), |_, reply| Control::Checkpoint(reply));
-        let offsets = self.moved(group, Self::gather(asked).await?);
+        let (offsets, _) = self.moved(group, Self::gather(asked, None).await?);
         if commit_offsets(group, &offsets).await {
             self.booked(&offsets);
             self.spec.metrics.committed(started.elapsed());
@@ -253,22 +303,29 @@ impl TaskManager {
         numbers: &[i32],
     ) -> Result<(), WorkerError> {
         let asked = self.ask(numbers, |_, reply| Control::Close(reply));
-        let offsets = self.moved(group, Self::gather(asked).await?);
+        let (offsets, _) = self.moved(group, Self::gather(asked, None).await?);
         if commit_offsets(group, &offsets).await {
             self.booked(&offsets);
         }
         Ok(())
     }
 
-    /// The offsets of partitions this member still owns that moved since
-    /// they were last committed.
-    fn moved(&self, group: &GroupHandle, offsets: Offsets) -> Offsets {
+    /// The offsets that moved since they were last committed, of partitions
+    /// this member still owns; and the first partition among `offsets` it no
+    /// longer owns, if any (at least once its events are processed again by
+    /// the next owner; exactly once its outputs must not commit without it).
+    fn moved(&self, group: &GroupHandle, offsets: Offsets) -> (Offsets, Option<TopicPartition>) {
         let owned: BTreeSet<TopicPartition> = group.assignment().into_iter().collect();
+        let unowned = offsets
+            .iter()
+            .find(|(tp, _)| !owned.contains(tp))
+            .map(|(tp, _)| tp.clone());
         let committed = self.committed.lock().unwrap_or_else(|e| e.into_inner());
-        offsets
+        let moved = offsets
             .into_iter()
             .filter(|(tp, o)| owned.contains(tp) && committed.get(tp) != Some(o))
-            .collect()
+            .collect();
+        (moved, unowned)
     }
 
     /// Forgets what was committed for partitions given up: their next owner
@@ -294,7 +351,7 @@ impl TaskManager {
     async fn round(
         &self,
         txn: &Transactions,
-        group: &GroupHandle,
+        decision: Decision<'_>,
         closing: &[i32],
     ) -> Result<(), WorkerError> {
         let started = std::time::Instant::now();
@@ -318,26 +375,35 @@ impl TaskManager {
                 outcome,
             }
         });
-        let prepared = Self::gather(asked).await;
-        let result = match (prepared, self.spec.fatal_message()) {
-            (Err(e), _) => {
+        let prepared = Self::gather(asked, Some(numbers.len())).await;
+        // An abort of a transaction that held nothing changes nothing: the
+        // tasks go on as after a commit.
+        let abort = |why: String| async move {
+            match txn.abort().await {
+                Ok(true) => Err(CommitError::Aborted(why)),
+                Ok(false) => Ok(()),
+                Err(e) => Err(CommitError::Fatal(e)),
+            }
+        };
+        let result = match (prepared, self.spec.fatal_message(), decision) {
+            (Err(e), _, _) => {
                 let _ = txn.abort().await;
                 Err(CommitError::Fatal(e))
             }
             // A worker that stops commits nothing more.
-            (Ok(_), Some(why)) => match txn.abort().await {
-                Ok(_) => Err(CommitError::Aborted(format!("the worker stops: {why}"))),
-                Err(e) => Err(CommitError::Fatal(e)),
-            },
-            (Ok(offsets), None) => {
-                let offsets = self.moved(group, offsets);
-                let done = txn.commit(&offsets, group).await;
-                if done.is_ok() {
-                    debug!(?offsets, "transaction committed");
-                    self.booked(&offsets);
+            (Ok(_), Some(why), _) => abort(format!("the worker stops: {why}")).await,
+            (Ok(_), None, Decision::Abort(why)) => abort(why).await,
+            (Ok(offsets), None, Decision::Commit(group)) => match self.moved(group, offsets) {
+                (offsets, None) => {
+                    let done = txn.commit(&offsets, group).await;
+                    if done.is_ok() {
+                        debug!(?offsets, "transaction committed");
+                        self.booked(&offsets);
+                    }
+                    done
                 }
-                done
-            }
+                (_, Some(tp)) => abort(format!("{tp} is no longer assigned to this worker")).await,
+            },
         };
         match result {
             Ok(()) => {
@@ -352,14 +418,16 @@ impl TaskManager {
                 self.spec.metrics.aborted();
                 let epochs = self.rewind(&numbers).await;
                 for (n, tx) in outcomes {
-                    let epoch = epochs.get(&n).copied().unwrap_or(u64::MAX);
+                    let epoch = epochs.get(&n).copied().unwrap_or(task::DROP_ALL);
                     let _ = tx.send(Outcome::Aborted { epoch });
                 }
                 Ok(())
             }
             Err(CommitError::Fatal(e)) => {
                 for tx in outcomes.into_values() {
-                    let _ = tx.send(Outcome::Aborted { epoch: u64::MAX });
+                    let _ = tx.send(Outcome::Aborted {
+                        epoch: task::DROP_ALL,
+                    });
                 }
                 Err(e)
             }
@@ -581,7 +649,7 @@ mod tests {
             fatal: std::sync::Mutex::new(None),
             stopped: Notify::new(),
         });
-        let manager = TaskManager::new(spec.clone(), 1 << 20, None);
+        let manager = Arc::new(TaskManager::new(spec.clone(), 1 << 20, None));
         assert!(
             manager.readiness(&placement(-1, vec![])).is_err(),
             "ready before joining"
@@ -600,7 +668,7 @@ mod tests {
             manager.readiness(&joined).is_ok(),
             "not ready with its task running"
         );
-        manager.lose(3, &[0]).await;
+        manager.lose(Some(3), &[0]).await;
         let lost = manager.readiness(&joined).unwrap_err();
         assert!(lost["why"].as_str().unwrap().contains("lost"), "{lost}");
         assert!(

@@ -124,6 +124,16 @@ async fn guarded(
     }
 }
 
+/// Hands on what `p` holds back for `ctx`'s partition (the agent's code runs
+/// there too), turning a panic into an error.
+pub(crate) async fn guarded_flush(p: &dyn Processor, ctx: Context) -> Result<(), AgentError> {
+    // AssertUnwindSafe: as in `guarded`.
+    match catch_unwind(AssertUnwindSafe(|| p.flush(ctx))) {
+        Ok(future) => CatchUnwind(future).await,
+        Err(panic) => Err(panicked(panic)),
+    }
+}
+
 /// A processing future whose panics become errors.
 struct CatchUnwind<'a>(ProcessFuture<'a>);
 

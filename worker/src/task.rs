@@ -99,6 +99,10 @@ pub(crate) enum Control {
     Close(oneshot::Sender<Result<Offsets, WorkerError>>),
 }
 
+/// The epoch of [`Outcome::Aborted`] when nothing is read again (the worker
+/// is stopping): every batch queued or routed later is dropped.
+pub(crate) const DROP_ALL: u64 = u64::MAX;
+
 /// How the transaction a task prepared for ended.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Outcome {
@@ -312,7 +316,15 @@ pub(crate) fn spawn(
     };
     let (st, rs) = (status.clone(), restart.clone());
     let join = tokio::spawn(async move {
-        match run(spec.clone(), partition, inboxes, backlog, warm, &st, rs).await {
+        let mut ending = Ending {
+            spec: spec.clone(),
+            status: st.clone(),
+            partition,
+            ended: false,
+        };
+        let outcome = run(spec.clone(), partition, inboxes, backlog, warm, &st, rs).await;
+        ending.ended = true;
+        match outcome {
             Ok(()) => st.set(TaskState::Closed),
             Err(e) => {
                 st.set(TaskState::Failed);
@@ -329,6 +341,36 @@ pub(crate) fn spawn(
         epoch: Arc::new(AtomicU64::new(0)),
         restart,
         join,
+    }
+}
+
+/// Notices a task that ends without returning: aborted (its partition was
+/// lost: closed quietly) or panicked in the runtime's own code (the worker
+/// stops; a task that vanished would stall its partition and, under
+/// exactly-once, let a round commit without its offsets).
+struct Ending {
+    spec: Arc<Spec>,
+    status: Arc<TaskStatus>,
+    partition: i32,
+    ended: bool,
+}
+
+impl Drop for Ending {
+    fn drop(&mut self) {
+        if self.ended {
+            return;
+        }
+        if std::thread::panicking() {
+            self.status.set(TaskState::Failed);
+            self.spec.fail(WorkerError::Framework {
+                partition: self.partition,
+                what: "the partition task".into(),
+                attempts: 1,
+                error: "it panicked".into(),
+            });
+        } else {
+            self.status.set(TaskState::Closed);
+        }
     }
 }
 
@@ -399,14 +441,9 @@ async fn run(
         spec.metrics.clone(),
     );
     let _ = status.ctx.set(ctx.clone());
-    {
-        // Exactly once: not while a commit round runs, which did not ask this
-        // task to prepare; the next one will.
-        let _entering = match &spec.round_gate {
-            Some(gate) => Some(gate.read().await),
-            None => None,
-        };
-        status.set(TaskState::Running);
+    if !enter(&spec, status, &mut inboxes.control).await {
+        info!(partition, "closed before it ran: the partition was revoked");
+        return Ok(());
     }
     spec.metrics.partition_ready(partition, true);
     let mut task = Task {
@@ -426,6 +463,48 @@ async fn run(
         changes: 0,
     };
     task.run(inboxes).await
+}
+
+/// Turns the task running. Exactly once, not while a commit round runs
+/// (that round did not ask this task to prepare; the next one will): it waits
+/// for the round gate, answering meanwhile what a round may ask of a task that
+/// is not running — to close. False when it was closed.
+async fn enter(
+    spec: &Spec,
+    status: &TaskStatus,
+    control: &mut mpsc::UnboundedReceiver<Control>,
+) -> bool {
+    let Some(gate) = &spec.round_gate else {
+        status.set(TaskState::Running);
+        return true;
+    };
+    let entering = gate.read();
+    tokio::pin!(entering);
+    loop {
+        tokio::select! {
+            biased;
+            msg = control.recv() => match msg {
+                None => return false,
+                Some(Control::Close(reply)) => {
+                    let _ = reply.send(Ok(Vec::new()));
+                    return false;
+                }
+                Some(Control::Prepare { close, reply, .. }) => {
+                    let _ = reply.send(Ok(Vec::new()));
+                    if close {
+                        return false;
+                    }
+                }
+                Some(Control::Checkpoint(reply)) => {
+                    let _ = reply.send(Ok(Vec::new()));
+                }
+            },
+            _guard = &mut entering => {
+                status.set(TaskState::Running);
+                return true;
+            }
+        }
+    }
 }
 
 /// Restores every table of `partition` (from a warm standby when there is
@@ -643,11 +722,14 @@ impl Task {
                         self.aborted(epoch).await;
                         Ok(if close { Step::End } else { Step::Go })
                     }
-                    // The round was given up (its partitions are lost).
-                    Err(_) => {
-                        self.aborted(self.epoch).await;
-                        Ok(Step::End)
-                    }
+                    // Cannot happen while rounds run to the end on their own
+                    // task; if it does, how the transaction ended is unknown.
+                    Err(_) => Err(WorkerError::Framework {
+                        partition: self.ctx.partition(),
+                        what: "a commit round".into(),
+                        attempts: 1,
+                        error: "it ended without saying how its transaction ended".into(),
+                    }),
                 }
             }
         }
@@ -822,7 +904,7 @@ impl Task {
     /// dead-letter or retry: it is counted and skipped, or stops the worker
     /// under [`ErrorPolicy::Stop`]; a framework failure always stops it.
     async fn flush_processor(&self, p: &Arc<dyn Processor>) -> Result<(), WorkerError> {
-        let flushed = p.flush(self.ctx.clone()).await;
+        let flushed = policy::guarded_flush(&**p, self.ctx.clone()).await;
         if let Some(e) = self.ctx.take_failure() {
             return Err(e);
         }

@@ -595,6 +595,10 @@ async fn heartbeat(group: GroupHandle, tx: tokio::sync::mpsc::UnboundedSender<Ev
             .with_generation_id(generation)
             .with_member_id(StrBytes::from_string(member_id))
             .with_group_instance_id(instance_id(inner));
+        // A good answer confirms the session as of when the request left: a
+        // member frozen with its heartbeat in flight is not alive on waking
+        // just because that old answer arrives then.
+        let sent_at = Instant::now();
         let sent = async { connection(inner, Via::Member).await?.send(&req).await }.await;
         let resp = match sent {
             Ok(r) => r,
@@ -608,13 +612,13 @@ async fn heartbeat(group: GroupHandle, tx: tokio::sync::mpsc::UnboundedSender<Ev
         };
         match ResponseError::try_from_code(resp.error_code) {
             None => {
-                last_ok = Instant::now();
-                inner.state().confirmed_at = Some(last_ok);
+                last_ok = sent_at;
+                inner.state().confirmed_at = Some(sent_at);
             }
             Some(ResponseError::RebalanceInProgress) => {
                 // The session is alive; the group waits for this member.
-                last_ok = Instant::now();
-                inner.state().confirmed_at = Some(last_ok);
+                last_ok = sent_at;
+                inner.state().confirmed_at = Some(sent_at);
                 if !rebalancing {
                     rebalancing = true;
                     let _ = tx.send(Event::Rejoin);

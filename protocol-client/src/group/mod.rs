@@ -280,17 +280,23 @@ impl GroupHandle {
     }
 
     /// Whether this member may still act for its generation: it has one, and
-    /// the coordinator confirmed it (SyncGroup or a heartbeat) less than a
-    /// session timeout ago. A member frozen longer than that has been dropped
-    /// by the coordinator even if it has not heard so yet; transactional
-    /// commits check this before they go out, so a zombie does not commit on
-    /// brokers that do not check the generation themselves.
+    /// the coordinator confirmed it (SyncGroup, or a heartbeat counted from
+    /// when it was sent) less than a session timeout ago, less one heartbeat
+    /// interval of margin for what is sent next to arrive. A member frozen
+    /// longer than that has been dropped by the coordinator even if it has not
+    /// heard so yet; transactional commits check this before they go out, so
+    /// a zombie does not commit on brokers that do not check the generation
+    /// themselves. A healthy member, confirmed every heartbeat interval,
+    /// always passes.
     pub fn session_alive(&self) -> bool {
+        let config = &self.inner.config;
+        let limit = config
+            .session_timeout
+            .saturating_sub(config.heartbeat_interval);
         let s = self.inner.state();
         s.generation >= 0
             && !s.member_id.is_empty()
-            && s.confirmed_at
-                .is_some_and(|t| t.elapsed() < self.inner.config.session_timeout)
+            && s.confirmed_at.is_some_and(|t| t.elapsed() < limit)
     }
 
     /// Commits `offsets` (the next offset to read, i.e. last processed + 1) and
