@@ -153,6 +153,15 @@ pub enum Error {
         what: String,
     },
 
+    /// Records could not be compressed for a batch being written.
+    #[error("{codec} compression failed: {what}")]
+    Compression {
+        /// The codec's name.
+        codec: &'static str,
+        /// What went wrong.
+        what: String,
+    },
+
     /// A consumer's fetch position is outside the log and the reset policy is `None`.
     #[error(
         "offset {offset} is out of range for {topic}-{partition} and the reset policy is none"

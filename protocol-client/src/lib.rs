@@ -58,6 +58,7 @@
 pub mod admin;
 pub mod backoff;
 pub mod cluster;
+pub mod compression;
 pub mod connection;
 pub mod consumer;
 pub mod error;
