@@ -421,6 +421,22 @@ impl MockCluster {
         offset
     }
 
+    /// Appends the bytes of one record batch as they are, whatever they hold
+    /// (a damaged batch, say); returns its offset.
+    pub fn append_raw(&self, topic: &str, partition: i32, batch: Bytes) -> i64 {
+        let offset = {
+            let mut state = lock(&self.inner.state);
+            let log = state
+                .topics
+                .get_mut(topic)
+                .and_then(|t| t.get_mut(partition as usize))
+                .unwrap_or_else(|| panic!("mock: no partition {topic}-{partition}"));
+            append_batch(log, batch, -1, false)
+        };
+        self.inner.appended.notify_waiters();
+        offset
+    }
+
     /// Every data record of a partition, in offset order, with its
     /// transaction's outcome.
     pub fn records(&self, topic: &str, partition: i32) -> Vec<LoggedRecord> {

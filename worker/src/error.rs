@@ -45,6 +45,22 @@ pub enum WorkerError {
         /// The last error.
         error: String,
     },
+    /// A fetched record batch does not decode, fetched again and again (its
+    /// bytes are damaged, or its codec is unknown). No error policy skips
+    /// it: skipping would lose its records without a trace.
+    #[error("the record batch of {topic}-{partition} at offset {offset} does not decode ({attempts} fetches): {what}; the worker stops rather than skip its records")]
+    CorruptBatch {
+        /// The topic.
+        topic: String,
+        /// The partition.
+        partition: i32,
+        /// The batch's offset.
+        offset: i64,
+        /// How often it was fetched.
+        attempts: u32,
+        /// What is wrong with it.
+        what: String,
+    },
     /// Another worker uses this worker's transactional id (exactly-once):
     /// two workers share an instance id or a state directory.
     #[error("transactional id {transactional_id:?} was taken over by another worker ({reason}); give each worker its own --instance-id or state directory")]

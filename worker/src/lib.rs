@@ -498,6 +498,8 @@ async fn poll_loop(
     lag.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut paused = BTreeSet::new();
     let mut failing_since: Option<std::time::Instant> = None;
+    // Per partition: the batch that did not decode, and how often in a row.
+    let mut corrupt: HashMap<(String, i32), (i64, u32)> = HashMap::new();
     let outcome = loop {
         let stopped = spec.stopped.notified();
         tokio::pin!(stopped);
@@ -518,9 +520,26 @@ async fn poll_loop(
             polled = consumer.poll() => match polled {
                 Ok(records) => {
                     failing_since = None;
+                    if let Some(r) = records.first() {
+                        corrupt.remove(&(r.topic.to_string(), r.partition));
+                    }
                     manager.route(records, consumer, &mut paused);
                 }
                 Err(e) if e.is_fatal() => break Err(e.into()),
+                Err(strom_client::Error::CorruptRecord { topic: Some(topic), partition: Some(partition), offset, what }) => {
+                    spec.metrics.corrupt_batch(&topic, partition);
+                    let seen = corrupt.entry((topic.clone(), partition)).or_insert((offset, 0));
+                    if seen.0 != offset {
+                        *seen = (offset, 0);
+                    }
+                    seen.1 += 1;
+                    let attempts = seen.1;
+                    if attempts >= CORRUPT_BATCH_FETCHES {
+                        break Err(WorkerError::CorruptBatch { topic, partition, offset, attempts, what });
+                    }
+                    warn!(%topic, partition, offset, %what, "a fetched batch does not decode; fetching it again");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
                 Err(e) => {
                     // Logged once per incident, then quietly retried.
                     if failing_since.is_none() {
@@ -535,6 +554,10 @@ async fn poll_loop(
     manager.set_rewinds(None);
     outcome
 }
+
+/// How often in a row a batch is fetched and found not to decode before the
+/// worker stops: a batch damaged in transit decodes when fetched again.
+const CORRUPT_BATCH_FETCHES: u32 = 3;
 
 /// Updates the lag of every partition being read.
 fn measure_lag(metrics: &Metrics, consumer: &GroupConsumer) {

@@ -14,6 +14,7 @@
 //! | `strom_partition_ready` | partition | 0 recovering, 1 processing |
 //! | `strom_table_reads_total`, `strom_table_writes_total` | table | table access |
 //! | `strom_decode_errors_total`, `strom_agent_errors_total`, `strom_dead_lettered_total` | topic | bad input |
+//! | `strom_corrupt_batches_total` | topic, partition | fetched batches that did not decode (the worker stops on one that stays so) |
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -89,6 +90,7 @@ struct Inner {
     decode_errors: Family<TopicLabels, Counter>,
     agent_errors: Family<TopicLabels, Counter>,
     dead_lettered: Family<TopicLabels, Counter>,
+    corrupt_batches: Family<PartitionLabels, Counter>,
 }
 
 /// The per-event metrics of one topic partition, resolved once by the
@@ -128,6 +130,7 @@ impl Default for Metrics {
             decode_errors: Family::default(),
             agent_errors: Family::default(),
             dead_lettered: Family::default(),
+            corrupt_batches: Family::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -193,6 +196,11 @@ impl Default for Metrics {
             "agent_errors",
             "Events an agent failed on (errors and panics)",
             inner.agent_errors.clone(),
+        );
+        r.register(
+            "corrupt_batches",
+            "Fetched record batches that did not decode (damaged, or an unknown codec)",
+            inner.corrupt_batches.clone(),
         );
         r.register(
             "dead_lettered",
@@ -276,6 +284,17 @@ impl Metrics {
     pub fn committed(&self, took: Duration) {
         self.inner.commits.inc();
         self.inner.commit_seconds.observe(took.as_secs_f64());
+    }
+
+    /// A batch of `topic`/`partition` did not decode.
+    pub fn corrupt_batch(&self, topic: &str, partition: i32) {
+        self.inner
+            .corrupt_batches
+            .get_or_create(&PartitionLabels {
+                topic: topic.to_owned(),
+                partition,
+            })
+            .inc();
     }
 
     /// A transaction was aborted.

@@ -231,6 +231,48 @@ async fn a_fatal_group_error_stops_the_worker() {
     );
 }
 
+/// A batch that does not decode (here: a codec id no client knows, under a
+/// valid CRC) is fetched again, counted in the metrics, and then stops the
+/// worker with its coordinates; it is never skipped, and the records before
+/// it are processed and committed.
+#[tokio::test(start_paused = true)]
+async fn a_batch_that_does_not_decode_stops_the_worker() {
+    let cluster = cluster();
+    let config = config(&cluster, ProcessingGuarantee::AtLeastOnce);
+    let mut b = strom_client::records::BatchBuilder::new(64);
+    b.push(0, None, Some(b"lost"), &[]);
+    let sealed = b
+        .seal(
+            strom_client::Compression::None,
+            strom_client::records::ProducerIdentity::default(),
+        )
+        .unwrap();
+    let mut damaged = bytes::BytesMut::from(&sealed[..]);
+    damaged[22] = 5; // the codec bits of the attributes
+    let crc = crc32c::crc32c(&damaged[21..]);
+    damaged[17..21].copy_from_slice(&crc.to_be_bytes());
+    cluster.append("in", 0, None, Some(b"word"));
+    let bad = cluster.append_raw("in", 0, damaged.freeze());
+    let (_stop, run, metrics) = start(config, counter());
+    let err = outcome(run, Duration::from_secs(60)).await.unwrap_err();
+    assert!(
+        matches!(&err, WorkerError::CorruptBatch { topic, partition: 0, offset, attempts: 3, .. }
+            if topic == "in" && *offset == bad),
+        "not the corrupt batch: {err}"
+    );
+    assert!(err.to_string().contains("codec 5 is unknown"), "{err}");
+    assert_eq!(
+        cluster.committed(APP, "in", 0),
+        Some(bad),
+        "the record before it is committed"
+    );
+    let text = metrics.render();
+    assert!(
+        text.contains(r#"strom_corrupt_batches_total{topic="in",partition="0"} 3"#),
+        "{text}"
+    );
+}
+
 /// A send that keeps failing (the output topic's metadata never comes: three
 /// request timeouts) is not the agent's error: even under the skip
 /// policy the worker stops, and the event is not committed.
