@@ -16,6 +16,7 @@
 
 use std::collections::HashMap;
 use std::net::TcpListener;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -115,6 +116,60 @@ fn ensure_tansu_image() -> Result<(), String> {
             }
         })
         .clone()
+}
+
+/// The version of Python's `confluent-kafka` (librdkafka) the interop tests
+/// run as the second client.
+pub const CONFLUENT_KAFKA: &str = "confluent-kafka==2.6.1";
+
+/// A Python interpreter with [`CONFLUENT_KAFKA`]: a virtual environment in
+/// the target directory, made on first use (`python3 -m venv`, then pip from
+/// PyPI). Panics, saying why, when it cannot be made: an interop test never
+/// passes without its second client.
+pub fn librdkafka_python() -> PathBuf {
+    static PYTHON: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    let made = PYTHON.get_or_init(|| {
+        let venv = PathBuf::from(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../target/strom-it-librdkafka"
+        ));
+        let python = venv.join("bin/python");
+        let works = |python: &Path| {
+            Command::new(python)
+                .args(["-c", "import confluent_kafka"])
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        if works(&python) {
+            return Ok(python);
+        }
+        eprintln!(
+            "strom-it: installing {CONFLUENT_KAFKA} into {}",
+            venv.display()
+        );
+        let run = |cmd: &mut Command| {
+            let status = cmd.status().map_err(|e| format!("{cmd:?}: {e}"))?;
+            if status.success() {
+                Ok(())
+            } else {
+                Err(format!("{cmd:?} failed ({status})"))
+            }
+        };
+        run(Command::new("python3").arg("-m").arg("venv").arg(&venv))?;
+        run(Command::new(&python).args(["-m", "pip", "install", "--quiet", CONFLUENT_KAFKA]))?;
+        if works(&python) {
+            Ok(python)
+        } else {
+            Err(format!(
+                "{} cannot import confluent_kafka after installing it",
+                python.display()
+            ))
+        }
+    });
+    match made {
+        Ok(python) => python.clone(),
+        Err(e) => panic!("no librdkafka for the interop tests: {e}"),
+    }
 }
 
 /// Decides, once per process, which image `auto` uses.
