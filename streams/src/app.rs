@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use strom_client::{Client, NewTopic};
+use strom_client::{Client, Compression, NewTopic};
 use strom_state::TableKey;
 use strom_worker::{
     AgentError, ErrorPolicy, KeyParser, ProcessingGuarantee, Processor, Schedule, StoreKind, Timer,
@@ -30,7 +30,8 @@ use crate::topic::{Declared, Topic};
 /// `STROM_BROKERS` (comma-separated, default `127.0.0.1:9092`),
 /// `STROM_STATE_DIR` (default `./strom-state/<id>`),
 /// `STROM_PROCESSING_GUARANTEE` (`at_least_once`, the default, or
-/// `exactly_once`) and `STROM_INSTANCE_ID`.
+/// `exactly_once`), `STROM_INSTANCE_ID` and `STROM_COMPRESSION_TYPE`
+/// (`none`, the default, `gzip`, `snappy`, `lz4` or `zstd`).
 ///
 /// ```no_run
 /// use strom::{App, codec::{NoKey, Utf8}};
@@ -99,6 +100,12 @@ impl App {
             });
         if let Some(g) = guarantee {
             config.guarantee = g;
+        }
+        if let Ok(c) = std::env::var("STROM_COMPRESSION_TYPE") {
+            match c.parse::<Compression>() {
+                Ok(c) => config.compression = c,
+                Err(e) => warn!("STROM_COMPRESSION_TYPE: {e}; using none"),
+            }
         }
         App {
             config,
@@ -171,6 +178,20 @@ impl App {
     /// restarts.
     pub fn with_instance_id(mut self, id: impl Into<String>) -> Self {
         self.config.instance_id = Some(id.into());
+        self
+    }
+
+    /// How the app's records are compressed — outputs, repartition records,
+    /// changelogs (Kafka's `compression.type`; overrides
+    /// `STROM_COMPRESSION_TYPE`). Default none. Sources may be written with
+    /// any codec: every one is read.
+    ///
+    /// ```
+    /// let app = strom::App::new("clicks").with_compression(strom::Compression::Zstd);
+    /// # let _ = app;
+    /// ```
+    pub fn with_compression(mut self, compression: Compression) -> Self {
+        self.config.compression = compression;
         self
     }
 

@@ -58,6 +58,9 @@ enum Command {
         /// This worker's stable identity (default: STROM_INSTANCE_ID, else one kept in the state directory).
         #[arg(long)]
         instance_id: Option<String>,
+        /// How the worker compresses what it writes: none, gzip, snappy, lz4 or zstd (default: STROM_COMPRESSION_TYPE, else none).
+        #[arg(long)]
+        compression_type: Option<strom_client::Compression>,
     },
     /// Sends VALUE (and --key) to TOPIC, checked with the topic's codecs: JSON text for JSON topics, text for UTF-8 ones.
     Send {
@@ -116,10 +119,14 @@ pub(crate) fn main(app: App) -> ExitCode {
             log_level: _,
             processing_guarantee,
             instance_id,
+            compression_type,
         } => {
             let mut app = app;
             if let Some(g) = processing_guarantee {
                 app = app.with_processing_guarantee(g);
+            }
+            if let Some(c) = compression_type {
+                app = app.with_compression(c);
             }
             if let Some(id) = instance_id {
                 app = app.with_instance_id(id);

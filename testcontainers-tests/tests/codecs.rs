@@ -253,7 +253,8 @@ async fn strom_reads_what_librdkafka_writes_with_every_codec() {
 }
 
 /// A zstd-compressed source topic, written by librdkafka, through the
-/// wordcount worker: every word is counted exactly.
+/// wordcount worker: every word is counted exactly. The worker, told to
+/// compress with snappy, writes its outputs and its changelog in snappy.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wordcount_counts_a_zstd_topic_exactly() {
     let broker = TestBroker::start().await;
@@ -267,7 +268,9 @@ async fn wordcount_counts_a_zstd_topic_exactly() {
     let line = "the quick brown fox jumps over the lazy dog";
     librdkafka(&["produce", &broker.bootstrap, &input, "2000", "zstd", line]);
     assert_eq!(codecs_in(&client, &input).await, BTreeSet::from([4]));
-    let app = App::new(&unique_topic("zstd-wc"))
+    let id = unique_topic("zstd-wc");
+    let app = App::new(&id)
+        .with_compression(Compression::Snappy)
         .with_brokers([broker.bootstrap.clone()])
         .with_partitions(PARTITIONS)
         .with_processing_guarantee(ProcessingGuarantee::AtLeastOnce)
@@ -294,4 +297,12 @@ async fn wordcount_counts_a_zstd_topic_exactly() {
     let _ = stop.send(());
     worker.await.unwrap();
     eprintln!("the wordcount worker counted 2000 zstd-compressed lines exactly");
+    let changelog = strom_state::changelog::topic_name(&id, "word-counts");
+    for topic in [&output, &changelog] {
+        assert_eq!(
+            codecs_in(&client, topic).await,
+            BTreeSet::from([Compression::Snappy.id()]),
+            "{topic} is not written with the worker's codec"
+        );
+    }
 }

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use strom_client::ClientConfig;
+use strom_client::{ClientConfig, Compression};
 
 use crate::processor::ErrorPolicy;
 
@@ -134,6 +134,9 @@ pub struct WorkerConfig {
     /// waiting per partition number before its fetches pause; they resume
     /// when half of that is processed. Default 4 MiB.
     pub max_buffered_bytes: usize,
+    /// How the worker's records are compressed: outputs, repartition
+    /// records, changelogs (Kafka's `compression.type`). Default none.
+    pub compression: Compression,
 }
 
 impl WorkerConfig {
@@ -163,6 +166,7 @@ impl WorkerConfig {
             rebalance_timeout: Duration::from_secs(60),
             transaction_timeout: Duration::from_secs(10),
             max_buffered_bytes: 4 * 1024 * 1024,
+            compression: Compression::None,
         }
     }
 

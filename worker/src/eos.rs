@@ -97,6 +97,7 @@ impl Transactions {
             ProducerConfig {
                 transactional_id: Some(id.clone()),
                 transaction_timeout: config.transaction_timeout,
+                compression: config.compression,
                 ..ProducerConfig::default()
             },
         )?;

@@ -357,7 +357,13 @@ fn spec(
 ) -> Result<Spec, WorkerError> {
     let producer = match txn {
         Some(t) => t.producer().clone(),
-        None => Producer::new(client.clone(), ProducerConfig::default())?,
+        None => Producer::new(
+            client.clone(),
+            ProducerConfig {
+                compression: config.compression,
+                ..ProducerConfig::default()
+            },
+        )?,
     };
     let mut by_topic: HashMap<String, Vec<usize>> = HashMap::new();
     for (i, p) in processors.iter().enumerate() {

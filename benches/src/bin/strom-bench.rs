@@ -36,7 +36,7 @@ struct Cli {
 #[derive(clap::Args)]
 struct Target {
     /// Bootstrap brokers, `host:port[,host:port…]`.
-    #[arg(long)]
+    #[arg(long, env = "STROM_BROKERS")]
     brokers: String,
     #[arg(long)]
     topic: String,
@@ -65,7 +65,8 @@ enum Command {
         target: Target,
         #[arg(long, default_value_t = 100)]
         size: usize,
-        #[arg(long, default_value = "none")]
+        /// none, gzip, snappy, lz4 or zstd.
+        #[arg(long, env = "STROM_COMPRESSION_TYPE", default_value = "none")]
         compression: String,
         /// Partitions of the topic when it has to be created.
         #[arg(long, default_value_t = 6)]
