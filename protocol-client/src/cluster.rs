@@ -24,6 +24,7 @@ use tracing::{debug, warn};
 use crate::backoff::Backoff;
 use crate::connection::{Connection, ConnectionConfig};
 use crate::error::{Error, Result};
+use crate::security::{SaslConfig, SaslMechanism, Security};
 
 /// Settings of a [`Client`].
 ///
@@ -64,7 +65,97 @@ impl ClientConfig {
     }
 }
 
+/// The settings [`ClientConfig::set`] takes, by Kafka's names (plus
+/// `ssl.server.name`, Strom's own: the name brokers' certificates must carry
+/// in place of their host).
+pub const SETTINGS: &[&str] = &[
+    "bootstrap.servers",
+    "client.id",
+    "security.protocol",
+    "sasl.mechanism",
+    "sasl.username",
+    "sasl.password",
+    "ssl.ca.location",
+    "ssl.certificate.location",
+    "ssl.key.location",
+    "ssl.server.name",
+    "request.timeout.ms",
+];
+
+/// The environment variable of a setting: `STROM_` and the name upper-cased,
+/// dots as underscores (`security.protocol` → `STROM_SECURITY_PROTOCOL`).
+pub fn env_var(setting: &str) -> String {
+    format!("STROM_{}", setting.to_ascii_uppercase().replace('.', "_"))
+}
+
 impl ClientConfig {
+    /// Sets one setting by its Kafka name (see [`SETTINGS`]).
+    ///
+    /// ```
+    /// let mut config = strom_client::ClientConfig::new(["broker:9093"]);
+    /// config.set("security.protocol", "SASL_SSL").unwrap();
+    /// config.set("sasl.mechanism", "SCRAM-SHA-512").unwrap();
+    /// config.set("sasl.username", "alice").unwrap();
+    /// config.set("sasl.password", "s3cret").unwrap();
+    /// assert!(!format!("{config:?}").contains("s3cret"));
+    /// assert!(config.set("sasl.mechanism", "GSSAPI").is_err());
+    /// ```
+    pub fn set(&mut self, name: &str, value: &str) -> Result<()> {
+        fn sasl(security: &mut Security) -> &mut SaslConfig {
+            security
+                .sasl
+                .get_or_insert_with(|| SaslConfig::password(SaslMechanism::Plain, "", ""))
+        }
+        let security = &mut self.connection.security;
+        match name {
+            "bootstrap.servers" => {
+                self.bootstrap = value
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_owned)
+                    .collect();
+            }
+            "client.id" => self.connection.client_id = value.to_owned(),
+            "security.protocol" => security.protocol = value.parse()?,
+            "sasl.mechanism" | "sasl.mechanisms" => sasl(security).mechanism = value.parse()?,
+            "sasl.username" => sasl(security).username = value.to_owned(),
+            "sasl.password" => sasl(security).password = value.to_owned(),
+            "ssl.ca.location" => security.tls.ca_location = Some(value.into()),
+            "ssl.certificate.location" => security.tls.certificate_location = Some(value.into()),
+            "ssl.key.location" => security.tls.key_location = Some(value.into()),
+            "ssl.server.name" => security.tls.server_name = Some(value.to_owned()),
+            "request.timeout.ms" => {
+                let ms: u64 = value.parse().map_err(|_| {
+                    Error::Config(format!("request.timeout.ms {value:?} is not a number"))
+                })?;
+                self.connection.request_timeout = Duration::from_millis(ms);
+            }
+            other => {
+                return Err(Error::Config(format!(
+                    "unknown setting {other:?}; known: {}",
+                    SETTINGS.join(", ")
+                )))
+            }
+        }
+        Ok(())
+    }
+
+    /// Sets every setting whose environment variable ([`env_var`]) is set.
+    /// The error names the variable.
+    pub fn apply_env(&mut self) -> Result<()> {
+        for name in SETTINGS {
+            let var = env_var(name);
+            if let Ok(value) = std::env::var(&var) {
+                self.set(name, &value).map_err(|e| match e {
+                    Error::Config(what) => Error::Config(format!("{var}: {what}")),
+                    e => e,
+                })?;
+            }
+        }
+        Ok(())
+    }
+
     /// The retry schedule these settings describe.
     pub fn backoff(&self) -> Backoff {
         Backoff::new(self.retry_backoff, self.retry_backoff_max)
@@ -172,6 +263,7 @@ impl Client {
         if config.bootstrap.is_empty() {
             return Err(Error::Config("the bootstrap broker list is empty".into()));
         }
+        config.connection.security.validate()?;
         let client = Client {
             inner: Arc::new(Inner {
                 config,

@@ -29,9 +29,11 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 use tracing::{debug, trace};
 
 use crate::error::{Error, Result};
+use crate::security::{self, Security};
 
 /// Largest response frame accepted; anything larger is treated as corruption.
 const MAX_FRAME_SIZE: usize = 256 * 1024 * 1024;
@@ -62,6 +64,9 @@ pub struct ConnectionConfig {
     /// Opens connections instead of plain TCP; `None` (the default) connects
     /// with TCP, Nagle off.
     pub connector: Option<Connector>,
+    /// TLS and SASL (`security.protocol`, `ssl.*`, `sasl.*`). Default plain
+    /// TCP, no authentication.
+    pub security: Security,
 }
 
 impl std::fmt::Debug for ConnectionConfig {
@@ -71,6 +76,7 @@ impl std::fmt::Debug for ConnectionConfig {
             .field("connect_timeout", &self.connect_timeout)
             .field("request_timeout", &self.request_timeout)
             .field("connector", &self.connector.as_ref().map(|_| "custom"))
+            .field("security", &self.security)
             .finish()
     }
 }
@@ -82,6 +88,7 @@ impl Default for ConnectionConfig {
             connect_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(30),
             connector: None,
+            security: Security::default(),
         }
     }
 }
@@ -126,6 +133,8 @@ requests! {
     AddOffsetsToTxnRequest => AddOffsetsToTxnResponse: AddOffsetsToTxn,
     TxnOffsetCommitRequest => TxnOffsetCommitResponse: TxnOffsetCommit,
     EndTxnRequest => EndTxnResponse: EndTxn,
+    SaslHandshakeRequest => SaslHandshakeResponse: SaslHandshake,
+    SaslAuthenticateRequest => SaslAuthenticateResponse: SaslAuthenticate,
 }
 
 /// The highest version of each API this client's code is written for. The version
@@ -151,6 +160,8 @@ fn our_max_version(api: ApiKey) -> Option<i16> {
         ApiKey::AddOffsetsToTxn => 3,
         ApiKey::TxnOffsetCommit => 3,
         ApiKey::EndTxn => 3,
+        ApiKey::SaslHandshake => 1,
+        ApiKey::SaslAuthenticate => 2,
         _ => return None,
     })
 }
@@ -227,6 +238,8 @@ pub struct Connection {
     client_id: StrBytes,
     request_timeout: Duration,
     reader: JoinHandle<()>,
+    /// When a SASL session ends soon, so the connection is to be replaced.
+    retire_at: Option<Instant>,
 }
 
 impl std::fmt::Debug for Connection {
@@ -253,6 +266,7 @@ impl Connection {
             broker: broker.to_owned(),
             after: config.connect_timeout,
         };
+        let security = &config.security;
         let mut conn = match &config.connector {
             None => {
                 let stream =
@@ -261,8 +275,17 @@ impl Connection {
                         .map_err(timed_out)?
                         .map_err(|e| Error::io(broker, e))?;
                 stream.set_nodelay(true).map_err(|e| Error::io(broker, e))?;
-                let (read, write) = stream.into_split();
-                Connection::start(read, write, broker, config)
+                if security.protocol.tls() {
+                    let handshake = security::handshake(stream, broker, &security.tls);
+                    let stream = tokio::time::timeout(config.connect_timeout, handshake)
+                        .await
+                        .map_err(timed_out)??;
+                    let (read, write) = tokio::io::split(stream);
+                    Connection::start(read, write, broker, config)
+                } else {
+                    let (read, write) = stream.into_split();
+                    Connection::start(read, write, broker, config)
+                }
             }
             Some(connect) => {
                 let stream = tokio::time::timeout(config.connect_timeout, connect(broker))
@@ -274,6 +297,15 @@ impl Connection {
             }
         };
         conn.negotiate_versions().await?;
+        if let (true, Some(sasl)) = (security.protocol.sasl(), &security.sasl) {
+            let lifetime =
+                tokio::time::timeout(config.connect_timeout, security::authenticate(&conn, sasl))
+                    .await
+                    .map_err(timed_out)??;
+            // Retire the connection well before the broker would end the
+            // session (KIP-368): the pool opens a new, authenticated one.
+            conn.retire_at = lifetime.map(|l| Instant::now() + l.mul_f64(0.85));
+        }
         Ok(conn)
     }
 
@@ -298,6 +330,7 @@ impl Connection {
             client_id: StrBytes::from_string(config.client_id.clone()),
             request_timeout: config.request_timeout,
             reader,
+            retire_at: None,
         }
     }
 
@@ -306,10 +339,12 @@ impl Connection {
         &self.shared.broker
     }
 
-    /// Whether the connection has failed or been closed; a closed connection
-    /// fails every request at once.
+    /// Whether the connection has failed or been closed (a closed connection
+    /// fails every request at once), or its authenticated session is about
+    /// to end: either way the pool replaces it.
     pub fn is_closed(&self) -> bool {
-        matches!(*lock(&self.shared.state), State::Closed(_))
+        self.retire_at.is_some_and(|at| Instant::now() >= at)
+            || matches!(*lock(&self.shared.state), State::Closed(_))
     }
 
     async fn negotiate_versions(&mut self) -> Result<()> {

@@ -162,6 +162,26 @@ pub enum Error {
         what: String,
     },
 
+    /// The TLS handshake with a broker failed.
+    #[error("TLS with {broker}: {what}")]
+    Tls {
+        /// The broker's address.
+        broker: String,
+        /// Why.
+        what: String,
+    },
+
+    /// SASL authentication with a broker failed.
+    #[error("{mechanism} authentication with {broker} failed: {what}")]
+    Authentication {
+        /// The broker's address.
+        broker: String,
+        /// The SASL mechanism.
+        mechanism: &'static str,
+        /// Why.
+        what: String,
+    },
+
     /// A consumer's fetch position is outside the log and the reset policy is `None`.
     #[error(
         "offset {offset} is out of range for {topic}-{partition} and the reset policy is none"
@@ -292,6 +312,8 @@ impl Error {
     pub fn is_fatal(&self) -> bool {
         match self {
             Error::ProducerFenced { .. }
+            | Error::Tls { .. }
+            | Error::Authentication { .. }
             | Error::Config(_)
             | Error::UnsupportedVersion { .. }
             | Error::NoCommittedOffset { .. } => true,

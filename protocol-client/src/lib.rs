@@ -68,6 +68,7 @@ pub mod mock;
 pub mod partitioner;
 pub mod producer;
 pub mod records;
+pub mod security;
 #[cfg(test)]
 mod testing;
 mod types;

@@ -31,7 +31,12 @@ use crate::topic::{Declared, Topic};
 /// `STROM_STATE_DIR` (default `./strom-state/<id>`),
 /// `STROM_PROCESSING_GUARANTEE` (`at_least_once`, the default, or
 /// `exactly_once`), `STROM_INSTANCE_ID` and `STROM_COMPRESSION_TYPE`
-/// (`none`, the default, `gzip`, `snappy`, `lz4` or `zstd`).
+/// (`none`, the default, `gzip`, `snappy`, `lz4` or `zstd`), and every client
+/// setting of [`strom_client::cluster::SETTINGS`] as `STROM_` plus its name
+/// upper-cased with dots as underscores: `STROM_SECURITY_PROTOCOL`,
+/// `STROM_SASL_MECHANISM`, `STROM_SASL_USERNAME`, `STROM_SASL_PASSWORD`,
+/// `STROM_SSL_CA_LOCATION`, … (these override `STROM_BROKERS` too, through
+/// `STROM_BOOTSTRAP_SERVERS`).
 ///
 /// ```no_run
 /// use strom::{App, codec::{NoKey, Utf8}};
@@ -60,6 +65,9 @@ pub struct App {
     pub(crate) agents: Vec<String>,
     pages: Vec<strom_worker::axum::Router>,
     timers: Vec<Timer>,
+    /// A client setting from the environment that does not parse; `run`
+    /// returns it.
+    env_error: Option<strom_client::Error>,
 }
 
 impl std::fmt::Debug for App {
@@ -101,6 +109,7 @@ impl App {
         if let Some(g) = guarantee {
             config.guarantee = g;
         }
+        let env_error = config.client.apply_env().err();
         if let Ok(c) = std::env::var("STROM_COMPRESSION_TYPE") {
             match c.parse::<Compression>() {
                 Ok(c) => config.compression = c,
@@ -118,6 +127,7 @@ impl App {
             agents: Vec::new(),
             pages: Vec::new(),
             timers: Vec::new(),
+            env_error,
         }
     }
 
@@ -179,6 +189,23 @@ impl App {
     pub fn with_instance_id(mut self, id: impl Into<String>) -> Self {
         self.config.instance_id = Some(id.into());
         self
+    }
+
+    /// Sets a client setting by its Kafka name (`security.protocol`,
+    /// `sasl.mechanism`, `ssl.ca.location`, …; see
+    /// [`strom_client::ClientConfig::set`]).
+    ///
+    /// ```
+    /// let app = strom::App::new("orders")
+    ///     .with_client_setting("security.protocol", "SASL_SSL")
+    ///     .unwrap()
+    ///     .with_client_setting("sasl.mechanism", "SCRAM-SHA-256")
+    ///     .unwrap();
+    /// # let _ = app;
+    /// ```
+    pub fn with_client_setting(mut self, name: &str, value: &str) -> Result<Self> {
+        self.config.client.set(name, value)?;
+        Ok(self)
     }
 
     /// How the app's records are compressed — outputs, repartition records,
@@ -381,6 +408,9 @@ impl App {
 
     /// Creates missing topics, then runs a worker until `shutdown` completes.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<()> {
+        if let Some(e) = self.env_error {
+            return Err(e.into());
+        }
         let client = Client::connect(self.config.client.clone()).await?;
         let replication = self.config.replication;
         for (topic, declared) in &self.topics {

@@ -61,6 +61,10 @@ enum Command {
         /// How the worker compresses what it writes: none, gzip, snappy, lz4 or zstd (default: STROM_COMPRESSION_TYPE, else none).
         #[arg(long)]
         compression_type: Option<strom_client::Compression>,
+        /// A client setting by its Kafka name, e.g. `-X security.protocol=SASL_SSL -X sasl.mechanism=SCRAM-SHA-512`
+        /// (repeatable; each also read from STROM_<NAME>, e.g. STROM_SASL_PASSWORD, which keeps secrets off the command line).
+        #[arg(short = 'X', value_name = "NAME=VALUE")]
+        settings: Vec<String>,
     },
     /// Sends VALUE (and --key) to TOPIC, checked with the topic's codecs: JSON text for JSON topics, text for UTF-8 ones.
     Send {
@@ -120,8 +124,22 @@ pub(crate) fn main(app: App) -> ExitCode {
             processing_guarantee,
             instance_id,
             compression_type,
+            settings,
         } => {
             let mut app = app;
+            for setting in settings {
+                let Some((name, value)) = setting.split_once('=') else {
+                    eprintln!("-X {setting:?}: expected NAME=VALUE");
+                    return ExitCode::from(2);
+                };
+                app = match app.with_client_setting(name.trim(), value.trim()) {
+                    Ok(app) => app,
+                    Err(e) => {
+                        eprintln!("-X {name}: {e}");
+                        return ExitCode::from(2);
+                    }
+                };
+            }
             if let Some(g) = processing_guarantee {
                 app = app.with_processing_guarantee(g);
             }

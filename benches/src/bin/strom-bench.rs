@@ -265,8 +265,12 @@ fn main() -> ExitCode {
     }
 }
 
-fn client_config(brokers: &str) -> ClientConfig {
-    ClientConfig::new(brokers.split(',').map(str::trim))
+/// The client settings: `brokers`, then every `STROM_<SETTING>` of the
+/// environment (security, TLS, SASL).
+fn client_config(brokers: &str) -> Result<ClientConfig, strom_client::Error> {
+    let mut config = ClientConfig::new(brokers.split(',').map(str::trim));
+    config.apply_env()?;
+    Ok(config)
 }
 
 /// The value of record `i`: `{i}:` padded with `x` to `size` bytes.
@@ -290,7 +294,7 @@ async fn produce(
     per_txn: Option<u64>,
 ) -> Result<bool, Error> {
     let (topic, messages) = (target.topic.as_str(), target.messages);
-    let client = Client::connect(client_config(&target.brokers)).await?;
+    let client = Client::connect(client_config(&target.brokers)?).await?;
     match client
         .create_topic(NewTopic::new(topic, partitions, 1))
         .await
@@ -470,7 +474,7 @@ impl Tally {
 
 async fn consume(target: &Target, timeout: Duration, quiet: Duration) -> Result<bool, Error> {
     let topic = target.topic.as_str();
-    let client = Client::connect(client_config(&target.brokers)).await?;
+    let client = Client::connect(client_config(&target.brokers)?).await?;
     let meta = client.topic_metadata(topic).await?;
     let mut consumer = Consumer::new(client, ConsumerConfig::default());
     consumer.assign(
@@ -508,7 +512,7 @@ async fn group_consume(
     quiet: Duration,
 ) -> Result<bool, Error> {
     let topic = target.topic.as_str();
-    let partitions = Client::connect(client_config(&target.brokers))
+    let partitions = Client::connect(client_config(&target.brokers)?)
         .await?
         .topic_metadata(topic)
         .await?
@@ -519,7 +523,7 @@ async fn group_consume(
     let mut readers = Vec::with_capacity(members);
     let started = Instant::now();
     for _ in 0..members {
-        let client = Client::connect(client_config(&target.brokers)).await?;
+        let client = Client::connect(client_config(&target.brokers)?).await?;
         let mut member =
             GroupConsumer::new(client, group.clone(), &[topic], Arc::new(NoopListener))?;
         handles.push(member.group().clone());
@@ -639,7 +643,7 @@ mod state_bench {
     }
 
     pub(super) async fn write(args: &StateArgs) -> Result<bool, Error> {
-        let client = Client::connect(client_config(&args.brokers)).await?;
+        let client = Client::connect(client_config(&args.brokers)?).await?;
         let topic = changelog::topic_name(&format!("strom-bench-{}", std::process::id()), "write");
         changelog::ensure_topic(&client, &topic, 1, 1)
             .await
@@ -720,7 +724,7 @@ mod state_bench {
     }
 
     pub(super) async fn recover(args: &StateArgs) -> Result<bool, Error> {
-        let client = Client::connect(client_config(&args.brokers)).await?;
+        let client = Client::connect(client_config(&args.brokers)?).await?;
         let topic =
             changelog::topic_name(&format!("strom-bench-{}", std::process::id()), "recover");
         changelog::ensure_topic(&client, &topic, 1, 1)
@@ -778,7 +782,7 @@ mod pipeline {
             format!("pipeline-words-{run_id}"),
             format!("pipeline-counts-{run_id}"),
         );
-        let client = Client::connect(client_config(&args.brokers)).await?;
+        let client = Client::connect(client_config(&args.brokers)?).await?;
         client.create_topic(NewTopic::new(&input, 6, 1)).await?;
         let producer = Producer::new(client.clone(), ProducerConfig::default())?;
         let mut truth: BTreeMap<String, u64> = BTreeMap::new();
@@ -904,7 +908,7 @@ mod demo {
     use super::client_config;
 
     pub(super) async fn send_lines(brokers: &str, topic: &str) -> Result<bool, Error> {
-        let client = Client::connect(client_config(brokers)).await?;
+        let client = Client::connect(client_config(brokers)?).await?;
         let started = Instant::now();
         while let Err(e) = client.topic_metadata(topic).await {
             if started.elapsed() > Duration::from_secs(60) {
@@ -933,7 +937,7 @@ mod demo {
         expect_total: u64,
         top: usize,
     ) -> Result<bool, Error> {
-        let client = Client::connect(client_config(brokers)).await?;
+        let client = Client::connect(client_config(brokers)?).await?;
         let started = Instant::now();
         loop {
             let mut last: HashMap<String, u64> = HashMap::new();

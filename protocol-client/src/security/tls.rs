@@ -1,0 +1,149 @@
+//! TLS with rustls: the client configuration from `ssl.*` files, and the
+//! handshake with errors that say why it failed.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::{CertificateError, RootCertStore};
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
+
+use super::TlsConfig;
+use crate::error::{Error, Result};
+
+/// The rustls configuration `config` describes; errors name the file and
+/// what is wrong with it.
+pub(crate) fn client_config(config: &TlsConfig) -> Result<Arc<rustls::ClientConfig>> {
+    let mut roots = RootCertStore::empty();
+    match &config.ca_location {
+        Some(path) => {
+            for cert in certificates(path, "ssl.ca.location")? {
+                roots.add(cert).map_err(|e| {
+                    Error::Config(format!(
+                        "ssl.ca.location {}: a certificate is not usable as a CA: {e}",
+                        path.display()
+                    ))
+                })?;
+            }
+        }
+        None => {
+            let found = rustls_native_certs::load_native_certs();
+            for cert in found.certs {
+                let _ = roots.add(cert);
+            }
+            if roots.is_empty() {
+                return Err(Error::Config(format!(
+                    "no CA certificates found in the system's store{}; set ssl.ca.location",
+                    found
+                        .errors
+                        .first()
+                        .map(|e| format!(" ({e})"))
+                        .unwrap_or_default()
+                )));
+            }
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| Error::Config(format!("TLS: {e}")))?
+        .with_root_certificates(roots);
+    let config = match (&config.certificate_location, &config.key_location) {
+        (Some(cert), Some(key)) => {
+            let chain = certificates(cert, "ssl.certificate.location")?;
+            let key = PrivateKeyDer::from_pem_file(key).map_err(|e| {
+                Error::Config(format!(
+                    "ssl.key.location {}: no private key read: {e}",
+                    key.display()
+                ))
+            })?;
+            builder.with_client_auth_cert(chain, key).map_err(|e| {
+                Error::Config(format!(
+                    "ssl.certificate.location and ssl.key.location do not make a client identity: {e}"
+                ))
+            })?
+        }
+        (None, None) => builder.with_no_client_auth(),
+        _ => {
+            return Err(Error::Config(
+                "mutual TLS needs both ssl.certificate.location and ssl.key.location".into(),
+            ))
+        }
+    };
+    Ok(Arc::new(config))
+}
+
+fn certificates(path: &Path, setting: &str) -> Result<Vec<CertificateDer<'static>>> {
+    let certs: Vec<_> = CertificateDer::pem_file_iter(path)
+        .and_then(|it| it.collect::<std::result::Result<Vec<_>, _>>())
+        .map_err(|e| Error::Config(format!("{setting} {}: {e}", path.display())))?;
+    if certs.is_empty() {
+        return Err(Error::Config(format!(
+            "{setting} {}: no PEM certificate in it",
+            path.display()
+        )));
+    }
+    Ok(certs)
+}
+
+/// The TLS handshake with `broker` (`host:port`) over `tcp`.
+pub(crate) async fn handshake(
+    tcp: TcpStream,
+    broker: &str,
+    config: &TlsConfig,
+) -> Result<TlsStream<TcpStream>> {
+    let host = match &config.server_name {
+        Some(name) => name.as_str(),
+        None => broker
+            .rsplit_once(':')
+            .map_or(broker, |(host, _)| host)
+            .trim_start_matches('[')
+            .trim_end_matches(']'),
+    };
+    let name = ServerName::try_from(host.to_owned()).map_err(|e| Error::Tls {
+        broker: broker.to_owned(),
+        what: format!("{host:?} is not a valid server name: {e}"),
+    })?;
+    TlsConnector::from(client_config(config)?)
+        .connect(name, tcp)
+        .await
+        .map_err(|e| Error::Tls {
+            broker: broker.to_owned(),
+            what: explain(&e, host),
+        })
+}
+
+/// Why a handshake failed, in words.
+fn explain(e: &std::io::Error, host: &str) -> String {
+    let Some(tls) = e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    else {
+        return format!("the TLS handshake failed: {e}");
+    };
+    match tls {
+        rustls::Error::InvalidCertificate(cert) => match cert {
+            CertificateError::Expired | CertificateError::ExpiredContext { .. } => {
+                "the broker's certificate has expired".into()
+            }
+            CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
+                "the broker's certificate is not valid yet".into()
+            }
+            CertificateError::UnknownIssuer => {
+                "the broker's certificate is not signed by a trusted CA (see ssl.ca.location)"
+                    .into()
+            }
+            CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. } => {
+                format!("the broker's certificate is not valid for the name {host:?}")
+            }
+            other => format!("the broker's certificate was refused: {other:?}"),
+        },
+        rustls::Error::AlertReceived(alert) => {
+            format!("the broker refused the handshake ({alert:?}; a client certificate it does not accept?)")
+        }
+        other => format!("the TLS handshake failed: {other}"),
+    }
+}
