@@ -365,6 +365,9 @@ impl Client {
                         *slot = Some(c.clone());
                         return Ok(c);
                     }
+                    // A refused certificate or password is refused by every
+                    // broker, and again later: say so at once.
+                    Err(e) if e.is_fatal() => return Err(e),
                     Err(e) => {
                         debug!(broker = %addr, error = %e, "bootstrap broker unreachable");
                         last = Some(e);

@@ -350,3 +350,25 @@ fn settings_fit_together_or_say_why_not() {
     );
     assert!("TLS".parse::<SecurityProtocol>().is_err());
 }
+
+/// A client refused by its bootstrap broker says so at once, not after
+/// retrying for the bootstrap timeout.
+#[tokio::test]
+async fn a_refused_client_fails_at_once() {
+    let (addr, _) = broker(SaslMechanism::ScramSha256, 0).await;
+    let mut client = crate::ClientConfig::new([addr.clone()]);
+    client.connection = config(SaslConfig::password(
+        SaslMechanism::ScramSha256,
+        USER,
+        "wrong",
+    ));
+    client.bootstrap_timeout = Duration::from_secs(30);
+    let started = std::time::Instant::now();
+    let err = crate::Client::connect(client).await.unwrap_err();
+    assert!(matches!(err, Error::Authentication { .. }), "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+}
