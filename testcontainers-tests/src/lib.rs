@@ -771,3 +771,229 @@ pub fn metric_sum(
         .map(|(_, _, v)| v)
         .sum()
 }
+
+/// PEM files for the TLS tests, made fresh by each run with rcgen.
+#[derive(Debug)]
+pub struct TestCerts {
+    /// The CA that signs the broker's certificate.
+    pub ca: PathBuf,
+    /// The broker's certificate (for `localhost` and 127.0.0.1) and key.
+    pub server_cert: PathBuf,
+    /// The broker's key.
+    pub server_key: PathBuf,
+    /// A certificate for `localhost`, signed by the CA, that expired in 2001,
+    /// and its key.
+    pub expired_cert: PathBuf,
+    /// The expired certificate's key.
+    pub expired_key: PathBuf,
+    /// Another CA, which signed nothing the broker shows.
+    pub other_ca: PathBuf,
+}
+
+impl TestCerts {
+    /// Makes the files in a new directory under the system's temp dir.
+    pub fn make() -> TestCerts {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+        let dir = std::env::temp_dir().join(unique_topic("strom-certs"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ca = |name: &str| {
+            let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            params.distinguished_name.push(DnType::CommonName, name);
+            let key = KeyPair::generate().unwrap();
+            let cert = params.self_signed(&key).unwrap();
+            (cert, key)
+        };
+        let (ca_cert, ca_key) = ca("strom test CA");
+        let (other_cert, _) = ca("some other CA");
+        let leaf = |expired: bool| {
+            let mut params =
+                CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
+                    .unwrap();
+            params
+                .distinguished_name
+                .push(DnType::CommonName, "localhost");
+            if expired {
+                params.not_before = rcgen::date_time_ymd(2000, 1, 1);
+                params.not_after = rcgen::date_time_ymd(2001, 1, 1);
+            }
+            let key = KeyPair::generate().unwrap();
+            let cert = params.signed_by(&key, &ca_cert, &ca_key).unwrap();
+            (cert.pem(), key.serialize_pem())
+        };
+        let (server_cert, server_key) = leaf(false);
+        let (expired_cert, expired_key) = leaf(true);
+        let write = |name: &str, pem: &str| {
+            let path = dir.join(name);
+            std::fs::write(&path, pem).unwrap();
+            path
+        };
+        TestCerts {
+            ca: write("ca.pem", &ca_cert.pem()),
+            server_cert: write("server.pem", &server_cert),
+            server_key: write("server.key", &server_key),
+            expired_cert: write("expired.pem", &expired_cert),
+            expired_key: write("expired.key", &expired_key),
+            other_ca: write("other-ca.pem", &other_cert.pem()),
+        }
+    }
+}
+
+/// The image of the broker for the TLS and SASL tests (tansu cannot do
+/// either): nisshi 0.8.1, built by `scripts/build-secure-test-broker.sh`.
+pub const NISSHI_IMAGE: (&str, &str) = ("strom/nisshi", "0.8.1");
+
+/// SCRAM users of a [`SecureBroker`]: (mechanism, user, password).
+pub const SCRAM_USERS: [(&str, &str, &str); 2] = [
+    ("SCRAM-SHA-256", "alice256", "pässword-256"),
+    ("SCRAM-SHA-512", "alice512", "pässword-512"),
+];
+
+/// A broker that accepts only TLS (the certificate of [`TestCerts`], for
+/// `localhost`) and SCRAM-authenticated clients (the users of
+/// [`SCRAM_USERS`]): nisshi with its SQLite engine, in a container.
+pub struct SecureBroker {
+    /// `localhost:port`: the name the broker's certificate is for.
+    pub bootstrap: String,
+    _container: ContainerAsync<GenericImage>,
+}
+
+fn ensure_nisshi_image() -> Result<(), String> {
+    static BUILT: OnceLock<Result<(), String>> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let image = format!("{}:{}", NISSHI_IMAGE.0, NISSHI_IMAGE.1);
+            if image_present(&image) {
+                return Ok(());
+            }
+            let script = concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../scripts/build-secure-test-broker.sh"
+            );
+            eprintln!("strom-it: building the secure test broker image {image} with {script} (about 15 minutes, once)");
+            let status = Command::new("bash")
+                .arg(script)
+                .arg(&image)
+                .status()
+                .map_err(|e| format!("cannot run {script}: {e}"))?;
+            if status.success() {
+                Ok(())
+            } else {
+                Err(format!("{script} failed ({status}); see its output above"))
+            }
+        })
+        .clone()
+}
+
+impl SecureBroker {
+    /// Starts the broker with `certs`: first without authentication, to
+    /// create the SCRAM users in its database, then again on that database
+    /// with TLS and authentication required. Panics, saying why, when that
+    /// is impossible.
+    pub async fn start(certs: &TestCerts) -> SecureBroker {
+        Self::start_with(certs, "server").await
+    }
+
+    /// [`SecureBroker::start`] showing the certificate that expired in 2001.
+    pub async fn start_expired(certs: &TestCerts) -> SecureBroker {
+        Self::start_with(certs, "expired").await
+    }
+
+    async fn start_with(certs: &TestCerts, cert: &str) -> SecureBroker {
+        init_tracing();
+        if let Err(e) = ensure_nisshi_image() {
+            panic!("strom-it: {e}");
+        }
+        let dir = certs
+            .server_cert
+            .parent()
+            .expect("the certificates' directory");
+        let port = free_port();
+        let image = || {
+            GenericImage::new(NISSHI_IMAGE.0, NISSHI_IMAGE.1)
+                .with_wait_for(WaitFor::message_on_either_std("ready in"))
+                .with_mapped_port(port, ContainerPort::Tcp(port))
+                .with_mount(testcontainers::core::Mount::bind_mount(
+                    dir.to_string_lossy().into_owned(),
+                    "/data",
+                ))
+                .with_startup_timeout(Duration::from_secs(60))
+        };
+        let listen = [
+            "broker".to_owned(),
+            "--listener-url".to_owned(),
+            format!("tcp://0.0.0.0:{port}"),
+            "--advertised-listener-url".to_owned(),
+            format!("tcp://localhost:{port}"),
+            "--storage-engine".to_owned(),
+            "sqlite://broker.db".to_owned(),
+        ];
+        let open = image()
+            .with_cmd(listen.clone())
+            .start()
+            .await
+            .unwrap_or_else(|e| panic!("strom-it: cannot start nisshi: {e}"));
+        for (mechanism, user, password) in SCRAM_USERS {
+            let scram = if mechanism.ends_with("256") {
+                "scram256"
+            } else {
+                "scram512"
+            };
+            let cmd = testcontainers::core::ExecCommand::new([
+                "/nisshi",
+                "user",
+                "create",
+                "--broker",
+                &format!("tcp://127.0.0.1:{port}"),
+                "--mechanism",
+                scram,
+                user,
+                password,
+            ])
+            .with_cmd_ready_condition(testcontainers::core::CmdWaitFor::exit_code(0));
+            open.exec(cmd)
+                .await
+                .unwrap_or_else(|e| panic!("strom-it: nisshi user create {user}: {e}"));
+        }
+        open.stop()
+            .await
+            .unwrap_or_else(|e| panic!("strom-it: stopping nisshi: {e}"));
+        drop(open);
+        let mut secure = listen.to_vec();
+        secure.extend([
+            "--authentication".to_owned(),
+            "--cert".to_owned(),
+            format!("/data/{cert}.pem"),
+            "--key".to_owned(),
+            format!("/data/{cert}.key"),
+        ]);
+        let container = image()
+            .with_cmd(secure)
+            .start()
+            .await
+            .unwrap_or_else(|e| panic!("strom-it: cannot start nisshi with TLS: {e}"));
+        SecureBroker {
+            bootstrap: format!("localhost:{port}"),
+            _container: container,
+        }
+    }
+
+    /// Client settings for `mechanism`'s user over TLS, trusting `ca`.
+    pub fn client_config(&self, mechanism: &str, ca: &Path) -> ClientConfig {
+        let (_, user, password) = SCRAM_USERS
+            .iter()
+            .find(|(m, _, _)| *m == mechanism)
+            .unwrap_or_else(|| panic!("no test user for {mechanism}"));
+        let mut config = ClientConfig::new([self.bootstrap.clone()]);
+        for (name, value) in [
+            ("security.protocol", "SASL_SSL"),
+            ("sasl.mechanism", mechanism),
+            ("sasl.username", user),
+            ("sasl.password", password),
+            ("ssl.ca.location", &ca.to_string_lossy()),
+        ] {
+            config.set(name, value).unwrap();
+        }
+        config
+    }
+}

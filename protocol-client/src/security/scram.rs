@@ -143,7 +143,12 @@ impl Scram {
         let text = std::str::from_utf8(server_final)
             .map_err(|_| "the server's final message is not UTF-8".to_owned())?;
         if let Some(e) = text.strip_prefix("e=") {
-            return Err(format!("the server says: {e}"));
+            return Err(match e {
+                "invalid-proof" | "unknown-user" => {
+                    format!("wrong user name or password (the server says: {e})")
+                }
+                e => format!("the server says: {e}"),
+            });
         }
         let v = text
             .split(',')
