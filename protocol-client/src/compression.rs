@@ -4,7 +4,7 @@
 //! | codec | id | written as | read |
 //! |---|---|---|---|
 //! | none | 0 | | |
-//! | gzip | 1 | one gzip member (level 6, as Java and librdkafka) | any number of members |
+//! | gzip | 1 | one gzip member (level 6, as Java and librdkafka; zlib-rs) | any number of members |
 //! | snappy | 2 | the xerial framing of snappy-java, 32 KiB blocks, as the Java producer | xerial framing, or a raw snappy block (librdkafka writes raw) |
 //! | lz4 | 3 | an LZ4 frame | LZ4 frames |
 //! | zstd | 4 | one zstd frame (ruzstd's fastest level, about zstd's level 1) | any number of frames |
