@@ -242,10 +242,12 @@ async fn strom_reads_what_librdkafka_writes_with_every_codec() {
             &RECORDS.to_string(),
             codec.name(),
         ]);
-        assert_eq!(
-            codecs_in(&client, &topic).await,
-            BTreeSet::from([codec.id()]),
-            "{codec}: librdkafka's batches do not carry the codec"
+        // librdkafka sends a batch uncompressed when compressing does not
+        // make it smaller (a lone record, say): most carry the codec.
+        let codecs = codecs_in(&client, &topic).await;
+        assert!(
+            codecs.contains(&codec.id()) && codecs.iter().all(|&c| c == codec.id() || c == 0),
+            "{codec}: librdkafka's batches carry codecs {codecs:?}"
         );
         assert_exact(codec, &strom_reads(&client, &topic, RECORDS).await);
         eprintln!("{codec}: Strom read all {RECORDS} records librdkafka wrote");
@@ -267,7 +269,8 @@ async fn wordcount_counts_a_zstd_topic_exactly() {
         .unwrap();
     let line = "the quick brown fox jumps over the lazy dog";
     librdkafka(&["produce", &broker.bootstrap, &input, "2000", "zstd", line]);
-    assert_eq!(codecs_in(&client, &input).await, BTreeSet::from([4]));
+    let codecs = codecs_in(&client, &input).await;
+    assert!(codecs.contains(&4), "the input is not zstd: {codecs:?}");
     let id = unique_topic("zstd-wc");
     let app = App::new(&id)
         .with_compression(Compression::Snappy)
