@@ -204,6 +204,14 @@ fn unsnappy(input: &[u8], limit: usize) -> std::result::Result<Vec<u8>, String> 
         if out.len() + len > limit {
             return Err(too_big(limit));
         }
+        // Snappy expands at most about 21:1 (a 2-byte copy of 64 bytes):
+        // a header promising more is forged; do not allocate for it.
+        if len > block.len().saturating_mul(22).saturating_add(64) {
+            return Err(format!(
+                "a snappy block of {} bytes claims {len} bytes decompressed",
+                block.len()
+            ));
+        }
         let start = out.len();
         out.resize(start + len, 0);
         decoder

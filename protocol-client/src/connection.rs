@@ -292,8 +292,17 @@ impl Connection {
                     .await
                     .map_err(timed_out)?
                     .map_err(|e| Error::io(broker, e))?;
-                let (read, write) = tokio::io::split(stream);
-                Connection::start(read, write, broker, config)
+                if security.protocol.tls() {
+                    let handshake = security::handshake(stream, broker, &security.tls);
+                    let stream = tokio::time::timeout(config.connect_timeout, handshake)
+                        .await
+                        .map_err(timed_out)??;
+                    let (read, write) = tokio::io::split(stream);
+                    Connection::start(read, write, broker, config)
+                } else {
+                    let (read, write) = tokio::io::split(stream);
+                    Connection::start(read, write, broker, config)
+                }
             }
         };
         conn.negotiate_versions().await?;

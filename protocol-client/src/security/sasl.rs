@@ -76,15 +76,24 @@ pub(crate) async fn authenticate(
                 .token_provider
                 .as_ref()
                 .ok_or_else(|| failed("no token provider is set".into()))?;
-            let token = provider()
-                .await
-                .map_err(|e| failed(format!("the token provider failed: {e}")))?;
-            let mut message = format!("n,,\x01auth=Bearer {}", token.value);
-            for (k, v) in &token.extensions {
-                message.push_str(&format!("\x01{k}={v}"));
+            // A provider that fails (its identity service down) may work
+            // on the next connection: an I/O error, retried, not fatal.
+            let token = provider().await.map_err(|e| {
+                Error::io(
+                    conn.broker(),
+                    std::io::Error::other(format!("the OAUTHBEARER token provider failed: {e}")),
+                )
+            })?;
+            let reply = round(oauth_message(&token).map_err(&failed)?).await?;
+            if !reply.is_empty() {
+                // Kafka refuses a token with error code 0 and a JSON error,
+                // then waits for a lone 0x01 before it fails the exchange.
+                let _ = round(vec![0x01]).await;
+                return Err(failed(format!(
+                    "the broker refused the token: {}",
+                    String::from_utf8_lossy(&reply)
+                )));
             }
-            message.push_str("\x01\x01");
-            round(message.into_bytes()).await?;
         }
     }
     tracing::debug!(
@@ -94,4 +103,31 @@ pub(crate) async fn authenticate(
         "authenticated"
     );
     Ok(lifetime)
+}
+
+/// The client's OAUTHBEARER message (RFC 7628, KIP-342): GS2 header, the
+/// token, extensions, each ended by 0x01. Extension keys are letters only and
+/// `auth` is reserved; values and the token are printable.
+fn oauth_message(token: &super::OAuthToken) -> std::result::Result<Vec<u8>, String> {
+    let printable = |s: &str| s.bytes().all(|b| (0x21..=0x7e).contains(&b));
+    if token.value.is_empty() || !printable(&token.value) {
+        return Err("the token is empty or holds characters a bearer token cannot".into());
+    }
+    let mut message = format!("n,,\x01auth=Bearer {}", token.value);
+    for (k, v) in &token.extensions {
+        if k.is_empty() || !k.bytes().all(|b| b.is_ascii_alphabetic()) || k == "auth" {
+            return Err(format!("the SASL extension name {k:?} is not allowed"));
+        }
+        if !v
+            .bytes()
+            .all(|b| (0x21..=0x7e).contains(&b) || b" \t\r\n".contains(&b))
+        {
+            return Err(format!(
+                "the SASL extension {k:?} has a value with control characters"
+            ));
+        }
+        message.push_str(&format!("\x01{k}={v}"));
+    }
+    message.push_str("\x01\x01");
+    Ok(message.into_bytes())
 }

@@ -56,8 +56,10 @@ impl Hash {
     }
 }
 
-/// Iterations a server may ask for: Kafka allows 4096 to 16384; more than
-/// this would only burn the client's CPU.
+/// Iterations a server may ask for: Kafka allows 4096 to 16384. Fewer would
+/// make the proof cheap to attack offline (RFC 7677 asks for at least 4096,
+/// and so does Java's client); more would only burn the client's CPU.
+const MIN_ITERATIONS: u32 = 4096;
 const MAX_ITERATIONS: u32 = 100_000;
 
 /// A SCRAM exchange in progress.
@@ -115,9 +117,9 @@ impl Scram {
             .ok_or("the server's first message has no iteration count")?
             .parse()
             .map_err(|_| "the server's iteration count is not a number".to_owned())?;
-        if !(1..=MAX_ITERATIONS).contains(&iterations) {
+        if !(MIN_ITERATIONS..=MAX_ITERATIONS).contains(&iterations) {
             return Err(format!(
-                "the server asks for {iterations} iterations (at most {MAX_ITERATIONS} accepted)"
+                "the server asks for {iterations} iterations ({MIN_ITERATIONS} to {MAX_ITERATIONS} accepted)"
             ));
         }
         let h = self.hash;
@@ -213,6 +215,8 @@ mod tests {
             b"r=abc,s=AAAA,i=4096",
             b"r=abcd,s=!!,i=4096",
             b"r=abcd,s=AAAA,i=0",
+            b"r=abcd,s=AAAA,i=1",
+            b"r=abcd,s=AAAA,i=4095",
             b"r=abcd,s=AAAA,i=999999999",
             b"s=AAAA,i=4096",
             b"e=unknown-user",

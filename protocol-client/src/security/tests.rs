@@ -150,13 +150,16 @@ fn check(
                 Err("Authentication failed: Invalid username or password".into())
             }
         }
+        // As Kafka: a refused token gets error code 0 and a JSON error;
+        // the client's lone 0x01 then ends the exchange with an error.
+        SaslMechanism::OAuthBearer if bytes == [0x01] => Err("invalid token".into()),
         SaslMechanism::OAuthBearer => {
             lock(seen).oauth_message = Some(bytes.to_vec());
             let text = String::from_utf8_lossy(bytes);
             if text.contains(&format!("auth=Bearer {TOKEN}\x01")) {
                 Ok((vec![], true))
             } else {
-                Err("invalid token".into())
+                Ok((br#"{"status":"invalid_token"}"#.to_vec(), false))
             }
         }
         SaslMechanism::ScramSha256 | SaslMechanism::ScramSha512 => {
@@ -271,6 +274,31 @@ async fn wrong_credentials_are_a_fatal_error_naming_the_broker() {
         );
         assert!(!lock(&seen).authenticated);
     }
+}
+
+/// A token provider that fails is retried on the next connection (its
+/// identity service may be back), unlike a token the broker refuses.
+#[tokio::test]
+async fn a_failing_token_provider_is_not_fatal() {
+    let (addr, _) = broker(SaslMechanism::OAuthBearer, 0).await;
+    let provider: TokenProvider = Arc::new(|| Box::pin(async { Err("503 from the IdP".into()) }));
+    let err = Connection::connect(&addr, &config(SaslConfig::oauth_bearer(provider)))
+        .await
+        .unwrap_err();
+    assert!(!err.is_fatal() && err.is_retriable(), "{err}");
+    assert!(err.to_string().contains("503 from the IdP"), "{err}");
+    let bad: TokenProvider = Arc::new(|| {
+        Box::pin(async {
+            Ok(OAuthToken {
+                value: TOKEN.to_owned(),
+                extensions: vec![("auth".into(), "x".into())],
+            })
+        })
+    });
+    let err = Connection::connect(&addr, &config(SaslConfig::oauth_bearer(bad)))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("extension name \"auth\""), "{err}");
 }
 
 #[tokio::test]

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::{CertificateError, RootCertStore};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
@@ -89,12 +89,14 @@ fn certificates(path: &Path, setting: &str) -> Result<Vec<CertificateDer<'static
     Ok(certs)
 }
 
-/// The TLS handshake with `broker` (`host:port`) over `tcp`.
-pub(crate) async fn handshake(
-    tcp: TcpStream,
+/// The TLS handshake with `broker` (`host:port`) over `stream`. A refusal
+/// (a certificate, an alert) is [`Error::Tls`], which is fatal; the stream
+/// failing under it (a reset, an early end) is an I/O error, retried.
+pub(crate) async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: S,
     broker: &str,
     config: &TlsConfig,
-) -> Result<TlsStream<TcpStream>> {
+) -> Result<TlsStream<S>> {
     let host = match &config.server_name {
         Some(name) => name.as_str(),
         None => broker
@@ -108,22 +110,24 @@ pub(crate) async fn handshake(
         what: format!("{host:?} is not a valid server name: {e}"),
     })?;
     TlsConnector::from(client_config(config)?)
-        .connect(name, tcp)
+        .connect(name, stream)
         .await
-        .map_err(|e| Error::Tls {
-            broker: broker.to_owned(),
-            what: explain(&e, host),
+        .map_err(|e| {
+            match e
+                .get_ref()
+                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+            {
+                Some(tls) => Error::Tls {
+                    broker: broker.to_owned(),
+                    what: explain(tls, host),
+                },
+                None => Error::io(broker, e),
+            }
         })
 }
 
-/// Why a handshake failed, in words.
-fn explain(e: &std::io::Error, host: &str) -> String {
-    let Some(tls) = e
-        .get_ref()
-        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-    else {
-        return format!("the TLS handshake failed: {e}");
-    };
+/// Why the TLS layer refused the handshake, in words.
+fn explain(tls: &rustls::Error, host: &str) -> String {
     match tls {
         rustls::Error::InvalidCertificate(cert) => match cert {
             CertificateError::Expired | CertificateError::ExpiredContext { .. } => {
