@@ -408,17 +408,7 @@ impl MockCluster {
         let bytes = b
             .seal(Compression::None, ProducerIdentity::default())
             .unwrap_or_else(|e| panic!("mock: cannot build a batch: {e}"));
-        let offset = {
-            let mut state = lock(&self.inner.state);
-            let log = state
-                .topics
-                .get_mut(topic)
-                .and_then(|t| t.get_mut(partition as usize))
-                .unwrap_or_else(|| panic!("mock: no partition {topic}-{partition}"));
-            append_batch(log, bytes, -1, false)
-        };
-        self.inner.appended.notify_waiters();
-        offset
+        self.append_raw(topic, partition, bytes)
     }
 
     /// Appends the bytes of one record batch as they are, whatever they hold

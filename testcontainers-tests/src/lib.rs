@@ -93,29 +93,29 @@ fn image_present(image: &str) -> bool {
 /// Builds the local tansu image unless present; once per test process.
 fn ensure_tansu_image() -> Result<(), String> {
     static BUILT: OnceLock<Result<(), String>> = OnceLock::new();
+    let image = format!("{}:{}", TANSU_IMAGE.0, TANSU_IMAGE.1);
     BUILT
-        .get_or_init(|| {
-            let image = format!("{}:{}", TANSU_IMAGE.0, TANSU_IMAGE.1);
-            if image_present(&image) {
-                return Ok(());
-            }
-            let script = concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/../scripts/build-test-broker.sh"
-            );
-            eprintln!("strom-it: building the local broker image {image} with {script}");
-            let status = Command::new("bash")
-                .arg(script)
-                .arg(&image)
-                .status()
-                .map_err(|e| format!("cannot run {script}: {e}"))?;
-            if status.success() {
-                Ok(())
-            } else {
-                Err(format!("{script} failed ({status}); see its output above"))
-            }
-        })
+        .get_or_init(|| ensure_image(&image, "build-test-broker.sh"))
         .clone()
+}
+
+/// Builds `image` with `scripts/<script>` unless it is present.
+fn ensure_image(image: &str, script: &str) -> Result<(), String> {
+    if image_present(image) {
+        return Ok(());
+    }
+    let script = format!("{}/../scripts/{script}", env!("CARGO_MANIFEST_DIR"));
+    eprintln!("strom-it: building the local broker image {image} with {script}");
+    let status = Command::new("bash")
+        .arg(&script)
+        .arg(image)
+        .status()
+        .map_err(|e| format!("cannot run {script}: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("{script} failed ({status}); see its output above"))
+    }
 }
 
 /// The version of Python's `confluent-kafka` (librdkafka) the interop tests
@@ -858,30 +858,13 @@ pub struct SecureBroker {
     _container: ContainerAsync<GenericImage>,
 }
 
+/// Builds the secure test broker's image unless present (about 15 minutes
+/// on 2 cores, once); once per test process.
 fn ensure_nisshi_image() -> Result<(), String> {
     static BUILT: OnceLock<Result<(), String>> = OnceLock::new();
+    let image = format!("{}:{}", NISSHI_IMAGE.0, NISSHI_IMAGE.1);
     BUILT
-        .get_or_init(|| {
-            let image = format!("{}:{}", NISSHI_IMAGE.0, NISSHI_IMAGE.1);
-            if image_present(&image) {
-                return Ok(());
-            }
-            let script = concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/../scripts/build-secure-test-broker.sh"
-            );
-            eprintln!("strom-it: building the secure test broker image {image} with {script} (about 15 minutes, once)");
-            let status = Command::new("bash")
-                .arg(script)
-                .arg(&image)
-                .status()
-                .map_err(|e| format!("cannot run {script}: {e}"))?;
-            if status.success() {
-                Ok(())
-            } else {
-                Err(format!("{script} failed ({status}); see its output above"))
-            }
-        })
+        .get_or_init(|| ensure_image(&image, "build-secure-test-broker.sh"))
         .clone()
 }
 
