@@ -267,7 +267,9 @@ impl Connection {
             after: config.connect_timeout,
         };
         let security = &config.security;
-        let mut conn = match &config.connector {
+        // Plain TCP keeps its own halves; anything else (TLS, a custom
+        // connector) is split generically.
+        let stream: Box<dyn Transport> = match &config.connector {
             None => {
                 let stream =
                     tokio::time::timeout(config.connect_timeout, TcpStream::connect(broker))
@@ -275,47 +277,51 @@ impl Connection {
                         .map_err(timed_out)?
                         .map_err(|e| Error::io(broker, e))?;
                 stream.set_nodelay(true).map_err(|e| Error::io(broker, e))?;
-                if security.protocol.tls() {
-                    let handshake = security::handshake(stream, broker, &security.tls);
-                    let stream = tokio::time::timeout(config.connect_timeout, handshake)
-                        .await
-                        .map_err(timed_out)??;
-                    let (read, write) = tokio::io::split(stream);
-                    Connection::start(read, write, broker, config)
-                } else {
+                if !security.protocol.tls() {
                     let (read, write) = stream.into_split();
-                    Connection::start(read, write, broker, config)
+                    let conn = Connection::start(read, write, broker, config);
+                    return conn.ready(config, timed_out).await;
                 }
+                Box::new(stream)
             }
-            Some(connect) => {
-                let stream = tokio::time::timeout(config.connect_timeout, connect(broker))
-                    .await
-                    .map_err(timed_out)?
-                    .map_err(|e| Error::io(broker, e))?;
-                if security.protocol.tls() {
-                    let handshake = security::handshake(stream, broker, &security.tls);
-                    let stream = tokio::time::timeout(config.connect_timeout, handshake)
-                        .await
-                        .map_err(timed_out)??;
-                    let (read, write) = tokio::io::split(stream);
-                    Connection::start(read, write, broker, config)
-                } else {
-                    let (read, write) = tokio::io::split(stream);
-                    Connection::start(read, write, broker, config)
-                }
-            }
+            Some(connect) => tokio::time::timeout(config.connect_timeout, connect(broker))
+                .await
+                .map_err(timed_out)?
+                .map_err(|e| Error::io(broker, e))?,
         };
-        conn.negotiate_versions().await?;
+        let stream: Box<dyn Transport> = if security.protocol.tls() {
+            let handshake = security::handshake(stream, broker, &security.tls);
+            Box::new(
+                tokio::time::timeout(config.connect_timeout, handshake)
+                    .await
+                    .map_err(timed_out)??,
+            )
+        } else {
+            stream
+        };
+        let (read, write) = tokio::io::split(stream);
+        let conn = Connection::start(read, write, broker, config);
+        conn.ready(config, timed_out).await
+    }
+
+    /// Negotiates API versions and authenticates a started connection.
+    async fn ready(
+        mut self,
+        config: &ConnectionConfig,
+        timed_out: impl Fn(tokio::time::error::Elapsed) -> Error,
+    ) -> Result<Connection> {
+        let security = &config.security;
+        self.negotiate_versions().await?;
         if let (true, Some(sasl)) = (security.protocol.sasl(), &security.sasl) {
             let lifetime =
-                tokio::time::timeout(config.connect_timeout, security::authenticate(&conn, sasl))
+                tokio::time::timeout(config.connect_timeout, security::authenticate(&self, sasl))
                     .await
                     .map_err(timed_out)??;
             // Retire the connection well before the broker would end the
             // session (KIP-368): the pool opens a new, authenticated one.
-            conn.retire_at = lifetime.map(|l| Instant::now() + l.mul_f64(0.85));
+            self.retire_at = lifetime.map(|l| Instant::now() + l.mul_f64(0.85));
         }
-        Ok(conn)
+        Ok(self)
     }
 
     /// Starts the reader and writer tasks on the two halves of a stream.

@@ -12,7 +12,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use strom::{App, ProcessingGuarantee, StoreKind};
-use strom_client::consumer::{Consumer, ConsumerConfig, IsolationLevel, Offset, TopicPartition};
+use strom_client::consumer::{
+    Consumer, ConsumerConfig, ConsumerRecord, IsolationLevel, Offset, TopicPartition,
+};
 use strom_client::producer::{Producer, ProducerConfig, ProducerRecord};
 use strom_client::Client;
 use strom_it::{unique_topic, TestBroker};
@@ -247,13 +249,9 @@ async fn wait_events_in(web: u16) {
     }
 }
 
-/// Every count `topic` holds per word, in offset order, read with
-/// `isolation` until nothing new arrives for 3 s.
-async fn counts(
-    client: &Client,
-    topic: &str,
-    isolation: IsolationLevel,
-) -> BTreeMap<String, Vec<u64>> {
+/// Every record `topic` holds for a reader with `isolation`, in offset order
+/// per partition, read until nothing new arrives for 3 s.
+async fn read_all(client: &Client, topic: &str, isolation: IsolationLevel) -> Vec<ConsumerRecord> {
     let mut consumer = Consumer::new(
         client.clone(),
         ConsumerConfig {
@@ -264,34 +262,32 @@ async fn counts(
     consumer
         .assign((0..PARTITIONS).map(|p| (TopicPartition::new(topic, p), Offset::Earliest)))
         .unwrap();
-    let mut out: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    let mut out = Vec::new();
     while let Ok(batch) = tokio::time::timeout(Duration::from_secs(3), consumer.poll()).await {
-        for r in batch.unwrap() {
-            let word = String::from_utf8_lossy(r.key.as_deref().unwrap_or_default()).into_owned();
-            let n = serde_json::from_slice(r.value.as_deref().unwrap_or_default()).unwrap();
-            out.entry(word).or_default().push(n);
-        }
+        out.extend(batch.unwrap());
+    }
+    out
+}
+
+/// Every count `topic` holds per word, in offset order, read with
+/// `isolation`.
+async fn counts(
+    client: &Client,
+    topic: &str,
+    isolation: IsolationLevel,
+) -> BTreeMap<String, Vec<u64>> {
+    let mut out: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    for r in read_all(client, topic, isolation).await {
+        let word = String::from_utf8_lossy(r.key.as_deref().unwrap_or_default()).into_owned();
+        let n = serde_json::from_slice(r.value.as_deref().unwrap_or_default()).unwrap();
+        out.entry(word).or_default().push(n);
     }
     out
 }
 
 /// How many records `topic` holds for a reader with `isolation`.
 async fn records(client: &Client, topic: &str, isolation: IsolationLevel) -> usize {
-    let mut consumer = Consumer::new(
-        client.clone(),
-        ConsumerConfig {
-            isolation,
-            ..ConsumerConfig::default()
-        },
-    );
-    consumer
-        .assign((0..PARTITIONS).map(|p| (TopicPartition::new(topic, p), Offset::Earliest)))
-        .unwrap();
-    let mut n = 0;
-    while let Ok(batch) = tokio::time::timeout(Duration::from_secs(3), consumer.poll()).await {
-        n += batch.unwrap().len();
-    }
-    n
+    read_all(client, topic, isolation).await.len()
 }
 
 /// Waits until every word's last committed count reaches its true count.
