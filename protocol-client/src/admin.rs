@@ -4,13 +4,14 @@
 use std::collections::{BTreeMap, HashMap};
 
 use kafka_protocol::error::ResponseError;
+use kafka_protocol::messages::create_partitions_request::CreatePartitionsTopic;
 use kafka_protocol::messages::create_topics_request::{CreatableTopic, CreatableTopicConfig};
 use kafka_protocol::messages::delete_topics_request::DeleteTopicState;
 use kafka_protocol::messages::list_offsets_request::{ListOffsetsPartition, ListOffsetsTopic};
 use kafka_protocol::messages::offset_fetch_request::OffsetFetchRequestTopic;
 use kafka_protocol::messages::{
-    ApiKey, BrokerId, CreateTopicsRequest, DeleteTopicsRequest, GroupId, ListOffsetsRequest,
-    OffsetFetchRequest, TopicName,
+    ApiKey, BrokerId, CreatePartitionsRequest, CreateTopicsRequest, DeleteTopicsRequest, GroupId,
+    ListOffsetsRequest, OffsetFetchRequest, TopicName,
 };
 use kafka_protocol::protocol::StrBytes;
 
@@ -134,6 +135,39 @@ impl Client {
             }
             Err(e) => Err(e),
         }
+    }
+
+    /// Grows `topic` to `partitions` partitions in all (CreatePartitions).
+    /// Producers and group consumers pick the new partitions up at their next
+    /// metadata refresh (`metadata_max_age`).
+    ///
+    /// ```no_run
+    /// # async fn f(client: strom_client::Client) -> strom_client::Result<()> {
+    /// client.create_partitions("orders", 12).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn create_partitions(&self, topic: &str, partitions: i32) -> Result<()> {
+        let timeout_ms = self.config().connection.request_timeout.as_millis() as i32;
+        let req = CreatePartitionsRequest::default()
+            .with_timeout_ms(timeout_ms)
+            .with_topics(vec![CreatePartitionsTopic::default()
+                .with_name(topic_name(topic))
+                .with_count(partitions)]);
+        let resp = self
+            .retry(&[], || async { self.controller().await?.send(&req).await })
+            .await?;
+        for t in &resp.results {
+            check_code(
+                ApiKey::CreatePartitions,
+                t.error_code,
+                Some(t.name.0.as_str()),
+                None,
+                t.error_message.as_ref().map(StrBytes::as_str),
+            )?;
+        }
+        self.invalidate_topic(topic);
+        self.topic_metadata(topic).await?;
+        Ok(())
     }
 
     /// Deletes topics by name.

@@ -4,8 +4,10 @@
 //! [`Client`] is the entry point: cheap to clone, shared by producers, consumers
 //! and admin calls. Connections are opened lazily, one per broker and
 //! [`ConnectionClass`], and replaced when they fail. Metadata is refreshed when an
-//! operation reports a stale leader or a lost connection; [`Client::retry`] wraps
-//! an operation in that refresh-and-backoff loop.
+//! operation reports a stale leader or a lost connection ([`Client::retry`] wraps
+//! an operation in that refresh-and-backoff loop), and every
+//! `metadata_max_age` in the background, so partitions added to a topic and
+//! brokers that move are picked up ([`Client::metadata_changes`] says when).
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -19,7 +21,7 @@ use kafka_protocol::messages::{
     ApiKey, FindCoordinatorRequest, MetadataRequest, MetadataResponse, TopicName,
 };
 use kafka_protocol::protocol::StrBytes;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use crate::backoff::Backoff;
 use crate::connection::{Connection, ConnectionConfig};
@@ -49,6 +51,9 @@ pub struct ClientConfig {
     pub retry_backoff_max: Duration,
     /// How long [`Client::retry`] keeps retrying a retriable failure. Default 30 s.
     pub retry_timeout: Duration,
+    /// How often the cached metadata of every known topic is reloaded even
+    /// when nothing failed (Java's `metadata.max.age.ms`). Default 5 min.
+    pub metadata_max_age: Duration,
 }
 
 impl ClientConfig {
@@ -61,6 +66,7 @@ impl ClientConfig {
             retry_backoff: Duration::from_millis(100),
             retry_backoff_max: Duration::from_secs(1),
             retry_timeout: Duration::from_secs(30),
+            metadata_max_age: Duration::from_secs(300),
         }
     }
 }
@@ -80,7 +86,17 @@ pub const SETTINGS: &[&str] = &[
     "ssl.key.location",
     "ssl.server.name",
     "request.timeout.ms",
+    "metadata.max.age.ms",
 ];
+
+fn millis(name: &str, value: &str) -> Result<Duration> {
+    match value.parse::<u64>() {
+        Ok(ms) if ms > 0 => Ok(Duration::from_millis(ms)),
+        _ => Err(Error::Config(format!(
+            "{name} {value:?} is not a positive number of milliseconds"
+        ))),
+    }
+}
 
 /// The environment variable of a setting: `STROM_` and the name upper-cased,
 /// dots as underscores (`security.protocol` → `STROM_SECURITY_PROTOCOL`).
@@ -125,12 +141,8 @@ impl ClientConfig {
             "ssl.certificate.location" => security.tls.certificate_location = Some(value.into()),
             "ssl.key.location" => security.tls.key_location = Some(value.into()),
             "ssl.server.name" => security.tls.server_name = Some(value.to_owned()),
-            "request.timeout.ms" => {
-                let ms: u64 = value.parse().map_err(|_| {
-                    Error::Config(format!("request.timeout.ms {value:?} is not a number"))
-                })?;
-                self.connection.request_timeout = Duration::from_millis(ms);
-            }
+            "request.timeout.ms" => self.connection.request_timeout = millis(name, value)?,
+            "metadata.max.age.ms" => self.metadata_max_age = millis(name, value)?,
             other => {
                 return Err(Error::Config(format!(
                     "unknown setting {other:?}; known: {}",
@@ -222,6 +234,9 @@ struct Inner {
     bootstrap: Slot,
     /// Single-flight metadata refreshes.
     refresh: tokio::sync::Mutex<()>,
+    /// Bumped whenever a refresh changes a topic's partition count or the
+    /// broker list.
+    changes: tokio::sync::watch::Sender<u64>,
 }
 
 /// A handle to a Kafka cluster: metadata and connections, shared by the
@@ -271,10 +286,29 @@ impl Client {
                 pool: Mutex::default(),
                 bootstrap: Slot::default(),
                 refresh: tokio::sync::Mutex::new(()),
+                changes: tokio::sync::watch::Sender::new(0),
             }),
         };
         client.refresh_metadata(&[]).await?;
+        tokio::spawn(refresh_periodically(Arc::downgrade(&client.inner)));
         Ok(client)
+    }
+
+    /// A receiver that sees a new value whenever a metadata refresh changed
+    /// the partition count of a cached topic, added a topic to the cache, or
+    /// changed the broker list (ids or addresses).
+    ///
+    /// ```no_run
+    /// # async fn example(client: strom_client::Client) {
+    /// let mut changes = client.metadata_changes();
+    /// while changes.changed().await.is_ok() {
+    ///     let orders = client.cached_topic("orders").map(|t| t.partitions.len());
+    ///     println!("orders now has {orders:?} partitions");
+    /// }
+    /// # }
+    /// ```
+    pub fn metadata_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.changes.subscribe()
     }
 
     /// The configuration this client was built with.
@@ -422,11 +456,16 @@ impl Client {
 
     fn apply_metadata(&self, resp: MetadataResponse) {
         let mut md = write(&self.inner.metadata);
-        md.brokers = resp
+        let brokers: HashMap<i32, String> = resp
             .brokers
             .iter()
             .map(|b| (b.node_id.0, format!("{}:{}", b.host.as_str(), b.port)))
             .collect();
+        let mut changed = !md.brokers.is_empty() && md.brokers != brokers;
+        if changed {
+            info!(before = ?md.brokers, after = ?brokers, "the cluster's brokers changed");
+        }
+        md.brokers = brokers;
         md.controller = (resp.controller_id.0 >= 0).then_some(resp.controller_id.0);
         for t in resp.topics {
             let Some(name) = t.name.map(|n| n.0.as_str().to_owned()) else {
@@ -459,8 +498,19 @@ impl Client {
                 warn!(topic = %name, "metadata lists partitions with gaps; ignoring it");
                 continue;
             }
+            let before = md.topics.get(&name).map(|t| t.partitions.len());
+            if before != Some(partitions.len()) {
+                if let Some(before) = before {
+                    info!(topic = %name, before, after = partitions.len(), "partition count changed");
+                }
+                changed = true;
+            }
             md.topics
                 .insert(name.clone(), Arc::new(TopicMetadata { name, partitions }));
+        }
+        drop(md);
+        if changed {
+            self.inner.changes.send_modify(|v| *v += 1);
         }
     }
 
@@ -554,5 +604,160 @@ impl Client {
                 }
             }
         }
+    }
+}
+
+/// Reloads the metadata of every cached topic each `metadata_max_age`, for as
+/// long as a [`Client`] handle exists.
+async fn refresh_periodically(inner: std::sync::Weak<Inner>) {
+    loop {
+        let Some(age) = inner.upgrade().map(|i| i.config.metadata_max_age) else {
+            return;
+        };
+        tokio::time::sleep(age).await;
+        let Some(inner) = inner.upgrade() else {
+            return;
+        };
+        let client = Client { inner };
+        let topics: Vec<String> = read(&client.inner.metadata)
+            .topics
+            .keys()
+            .cloned()
+            .collect();
+        let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+        if let Err(e) = client.refresh_metadata(&names).await {
+            debug!(error = %e, "periodic metadata refresh failed");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use super::*;
+    use crate::connection::Connector;
+    use crate::group::{GroupConfig, GroupConsumer, NoopListener};
+    use crate::mock::MockCluster;
+    use crate::producer::{Producer, ProducerConfig, ProducerRecord};
+
+    fn config(cluster: &MockCluster) -> ClientConfig {
+        let mut config = cluster.client_config();
+        config.metadata_max_age = Duration::from_secs(5);
+        config
+    }
+
+    async fn send_keyed(producer: &Producer, n: usize) {
+        for i in 0..n {
+            let key = format!("key-{i}");
+            producer
+                .send(ProducerRecord::to("t").key(key.as_bytes()).value(b"v"))
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+        }
+    }
+
+    /// Partitions added to a topic are used by the producer's partitioner
+    /// after the next periodic refresh, without any error to provoke one.
+    #[tokio::test(start_paused = true)]
+    async fn the_producer_uses_partitions_added_within_the_metadata_max_age() {
+        let cluster = MockCluster::new();
+        cluster.create_topic("t", 1);
+        let client = Client::connect(config(&cluster)).await.unwrap();
+        let producer = Producer::new(client.clone(), ProducerConfig::default()).unwrap();
+        send_keyed(&producer, 20).await;
+        assert_eq!(cluster.records("t", 0).len(), 20);
+        let mut changes = client.metadata_changes();
+
+        // Another client adds the partitions, as an operator would.
+        let admin = Client::connect(config(&cluster)).await.unwrap();
+        admin.create_partitions("t", 4).await.unwrap();
+        assert!(admin.create_partitions("t", 2).await.is_err(), "shrunk");
+        send_keyed(&producer, 20).await;
+        assert_eq!(cluster.records("t", 0).len(), 40, "used before any refresh");
+
+        tokio::time::timeout(Duration::from_secs(6), changes.changed())
+            .await
+            .expect("no refresh within the metadata max age")
+            .unwrap();
+        send_keyed(&producer, 100).await;
+        let spread: Vec<usize> = (0..4).map(|p| cluster.records("t", p).len()).collect();
+        assert!(
+            spread[1..].iter().all(|&n| n > 0),
+            "new partitions unused: {spread:?}"
+        );
+        assert_eq!(spread.iter().sum::<usize>(), 140);
+    }
+
+    /// The group leader sees a subscribed topic grow and rejoins, so the new
+    /// partitions are assigned and read.
+    #[tokio::test(start_paused = true)]
+    async fn the_group_leader_rebalances_when_partitions_are_added() {
+        let cluster = MockCluster::new();
+        cluster.create_topic("t", 2);
+        let client = Client::connect(config(&cluster)).await.unwrap();
+        let mut group = GroupConfig::new("g");
+        group.heartbeat_interval = Duration::from_secs(1);
+        group.consumer.auto_offset_reset = crate::AutoOffsetReset::Earliest;
+        let mut member = GroupConsumer::new(client, group, &["t"], Arc::new(NoopListener)).unwrap();
+        for _ in 0..100 {
+            if member.group().assignment().len() == 2 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(member.group().assignment().len(), 2);
+        let generation = cluster.generation("g");
+
+        cluster.create_partitions("t", 3);
+        cluster.append("t", 2, None, Some(b"new"));
+        let records = tokio::time::timeout(Duration::from_secs(10), member.poll())
+            .await
+            .expect("the new partition was never read")
+            .unwrap();
+        assert_eq!(records[0].partition, 2);
+        assert_eq!(records[0].value.as_deref(), Some(&b"new"[..]));
+        assert!(cluster.generation("g") > generation);
+        assert_eq!(member.group().assignment().len(), 3);
+    }
+
+    /// A broker that moves to a new address (the old one refusing
+    /// connections) is used at the new one after the next refresh.
+    #[tokio::test(start_paused = true)]
+    async fn a_broker_that_moved_is_reached_at_its_new_address() {
+        let cluster = MockCluster::new();
+        cluster.create_topic("t", 1);
+        let dead: Arc<Mutex<HashSet<String>>> = Arc::default();
+        let mock = cluster.connector();
+        let refusing = dead.clone();
+        let connector: Connector = Arc::new(move |addr: &str| {
+            if refusing.lock().unwrap().contains(addr) {
+                return Box::pin(async {
+                    Err(std::io::Error::from(std::io::ErrorKind::ConnectionRefused))
+                });
+            }
+            mock(addr)
+        });
+        let mut config = config(&cluster);
+        config.bootstrap = vec!["bootstrap:9092".into()];
+        config.connection.connector = Some(connector);
+        let client = Client::connect(config).await.unwrap();
+        let producer = Producer::new(client.clone(), ProducerConfig::default()).unwrap();
+        send_keyed(&producer, 1).await;
+        assert_eq!(
+            client.broker_address(0).as_deref(),
+            Some(crate::mock::ADDRESS)
+        );
+
+        cluster.move_broker("moved", 9093);
+        dead.lock().unwrap().insert(crate::mock::ADDRESS.to_owned());
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        send_keyed(&producer, 1).await;
+        assert_eq!(client.broker_address(0).as_deref(), Some("moved:9093"));
+        assert_eq!(cluster.records("t", 0).len(), 2);
     }
 }

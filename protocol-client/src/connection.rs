@@ -120,6 +120,7 @@ requests! {
     MetadataRequest => MetadataResponse: Metadata,
     ApiVersionsRequest => ApiVersionsResponse: ApiVersions,
     CreateTopicsRequest => CreateTopicsResponse: CreateTopics,
+    CreatePartitionsRequest => CreatePartitionsResponse: CreatePartitions,
     DeleteTopicsRequest => DeleteTopicsResponse: DeleteTopics,
     FindCoordinatorRequest => FindCoordinatorResponse: FindCoordinator,
     JoinGroupRequest => JoinGroupResponse: JoinGroup,
@@ -148,6 +149,7 @@ fn our_max_version(api: ApiKey) -> Option<i16> {
         ApiKey::Metadata => 12,
         ApiKey::ListOffsets => 8,
         ApiKey::CreateTopics => 7,
+        ApiKey::CreatePartitions => 3,
         ApiKey::DeleteTopics => 6,
         // v4+ batch coordinator keys; v8+ of OffsetFetch batch groups; v9 of
         // OffsetCommit belongs to the KIP-848 protocol.

@@ -42,6 +42,7 @@ use kafka_protocol::messages::add_partitions_to_txn_response::{
     AddPartitionsToTxnPartitionResult, AddPartitionsToTxnTopicResult,
 };
 use kafka_protocol::messages::api_versions_response::ApiVersion;
+use kafka_protocol::messages::create_partitions_response::CreatePartitionsTopicResult;
 use kafka_protocol::messages::create_topics_response::CreatableTopicResult;
 use kafka_protocol::messages::fetch_response::{
     AbortedTransaction, FetchableTopicResponse, PartitionData,
@@ -177,6 +178,17 @@ struct State {
     /// Requests received, by API.
     received: HashMap<i16, usize>,
     next_member: u64,
+    /// The broker's advertised `host:port` when moved from [`ADDRESS`].
+    advertised: Option<(String, i32)>,
+}
+
+impl State {
+    /// The broker's advertised host and port.
+    fn address(&self) -> (String, i32) {
+        self.advertised
+            .clone()
+            .unwrap_or_else(|| (HOST.to_owned(), PORT))
+    }
 }
 
 #[derive(Default)]
@@ -393,6 +405,21 @@ impl MockCluster {
             .topics
             .entry(topic.to_owned())
             .or_insert_with(|| (0..partitions).map(|_| Log::default()).collect());
+    }
+
+    /// Grows `topic` to `partitions` partitions (as CreatePartitions does).
+    pub fn create_partitions(&self, topic: &str, partitions: i32) {
+        let mut state = lock(&self.inner.state);
+        let logs = state.topics.entry(topic.to_owned()).or_default();
+        while logs.len() < partitions.max(0) as usize {
+            logs.push(Log::default());
+        }
+    }
+
+    /// Makes the broker advertise `host:port` instead of [`ADDRESS`] in
+    /// metadata and coordinator answers, as a broker that moved does.
+    pub fn move_broker(&self, host: &str, port: i32) {
+        lock(&self.inner.state).advertised = Some((host.to_owned(), port));
     }
 
     /// Appends a plain (non-transactional) record; returns its offset.
@@ -624,11 +651,17 @@ async fn handle(inner: &Arc<Inner>, mut body: Bytes) -> Option<Vec<u8>> {
             let fail = act(inner, &call).await?;
             reply!(metadata(inner, req, fail))
         }
-        ApiKey::FindCoordinator => reply!(FindCoordinatorResponse::default()
-            .with_node_id(BrokerId(0))
-            .with_host(StrBytes::from_static_str(HOST))
-            .with_port(PORT)),
+        ApiKey::FindCoordinator => {
+            let (host, port) = lock(&inner.state).address();
+            reply!(FindCoordinatorResponse::default()
+                .with_node_id(BrokerId(0))
+                .with_host(StrBytes::from_string(host))
+                .with_port(port))
+        }
         ApiKey::CreateTopics => reply!(create_topics(inner, decode!(CreateTopicsRequest))),
+        ApiKey::CreatePartitions => {
+            reply!(create_partitions(inner, decode!(CreatePartitionsRequest)))
+        }
         ApiKey::Produce => {
             let req = decode!(ProduceRequest);
             let call = Call {
@@ -812,6 +845,7 @@ fn api_versions() -> ApiVersionsResponse {
         (ApiKey::SyncGroup, 5),
         (ApiKey::ApiVersions, 3),
         (ApiKey::CreateTopics, 7),
+        (ApiKey::CreatePartitions, 3),
         (ApiKey::InitProducerId, 4),
         (ApiKey::AddPartitionsToTxn, 3),
         (ApiKey::AddOffsetsToTxn, 3),
@@ -862,11 +896,12 @@ fn metadata(inner: &Inner, req: MetadataRequest, fail: Option<ResponseError>) ->
                 ),
         })
         .collect();
+    let (host, port) = state.address();
     MetadataResponse::default()
         .with_brokers(vec![MetadataResponseBroker::default()
             .with_node_id(BrokerId(0))
-            .with_host(StrBytes::from_static_str(HOST))
-            .with_port(PORT)])
+            .with_host(StrBytes::from_string(host))
+            .with_port(port)])
         .with_controller_id(BrokerId(0))
         .with_topics(topics)
 }
@@ -895,6 +930,30 @@ fn create_topics(inner: &Inner, req: CreateTopicsRequest) -> CreateTopicsRespons
         })
         .collect();
     CreateTopicsResponse::default().with_topics(topics)
+}
+
+fn create_partitions(inner: &Inner, req: CreatePartitionsRequest) -> CreatePartitionsResponse {
+    let mut state = lock(&inner.state);
+    let results = req
+        .topics
+        .into_iter()
+        .map(|t| {
+            let code = match state.topics.get_mut(t.name.0.as_str()) {
+                None => ResponseError::UnknownTopicOrPartition.code(),
+                Some(logs) if t.count as usize <= logs.len() => {
+                    ResponseError::InvalidPartitions.code()
+                }
+                Some(logs) => {
+                    logs.resize_with(t.count as usize, Log::default);
+                    0
+                }
+            };
+            CreatePartitionsTopicResult::default()
+                .with_name(t.name)
+                .with_error_code(code)
+        })
+        .collect();
+    CreatePartitionsResponse::default().with_results(results)
 }
 
 /// Appends a batch at the log end; returns its base offset.

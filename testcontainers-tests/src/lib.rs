@@ -389,15 +389,25 @@ pub fn unique_topic(prefix: &str) -> String {
     )
 }
 
-/// A TCP proxy in front of a broker that can lose a Produce response: the
+/// A TCP proxy in front of a broker that can lose a Produce response (the
 /// broker has written the records, the client never hears so, and the
-/// connection drops, just as when a network fails at the wrong moment.
+/// connection drops, just as when a network fails at the wrong moment), and
+/// can hide a topic's upper partitions from Metadata answers, so revealing
+/// them looks to clients exactly like partitions added by CreatePartitions
+/// (which neither test broker implements).
 pub struct FaultProxy {
     /// `host:port` clients connect to.
     pub addr: String,
-    drop_produce: Arc<AtomicU32>,
-    dropped: Arc<AtomicU32>,
+    faults: Arc<Faults>,
     task: tokio::task::JoinHandle<()>,
+}
+
+#[derive(Default)]
+struct Faults {
+    drop_produce: AtomicU32,
+    dropped: AtomicU32,
+    /// Metadata answers list only the first N partitions of this topic.
+    visible: std::sync::Mutex<Option<(String, i32)>>,
 }
 
 impl std::fmt::Debug for FaultProxy {
@@ -419,36 +429,66 @@ impl FaultProxy {
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
             .await
             .unwrap_or_else(|e| panic!("strom-it: cannot listen on proxy port {port}: {e}"));
-        let drop_produce = Arc::new(AtomicU32::new(0));
-        let dropped = Arc::new(AtomicU32::new(0));
-        let (d, n) = (drop_produce.clone(), dropped.clone());
+        let faults = Arc::new(Faults::default());
+        let shared = faults.clone();
         let task = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
-                let (broker, d, n) = (broker.clone(), d.clone(), n.clone());
+                let (broker, faults) = (broker.clone(), shared.clone());
                 tokio::spawn(async move {
                     if let Ok(upstream) = tokio::net::TcpStream::connect(&broker).await {
-                        relay(client, upstream, d, n).await;
+                        relay(client, upstream, faults).await;
                     }
                 });
             }
         });
         FaultProxy {
             addr: format!("127.0.0.1:{port}"),
-            drop_produce,
-            dropped,
+            faults,
             task,
         }
     }
 
     /// Loses the next Produce response (and closes that connection).
     pub fn drop_next_produce_response(&self) {
-        self.drop_produce.fetch_add(1, Ordering::SeqCst);
+        self.faults.drop_produce.fetch_add(1, Ordering::SeqCst);
     }
 
     /// How many Produce responses were lost so far.
     pub fn dropped(&self) -> u32 {
-        self.dropped.load(Ordering::SeqCst)
+        self.faults.dropped.load(Ordering::SeqCst)
     }
+
+    /// From now on Metadata answers list only partitions `0..partitions` of
+    /// `topic`; `None` lists every partition again.
+    pub fn show_partitions(&self, topic_partitions: Option<(&str, i32)>) {
+        *self
+            .faults
+            .visible
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = topic_partitions.map(|(t, n)| (t.to_owned(), n));
+    }
+}
+
+/// `frame` (a Metadata response of `version`, size prefix included) with the
+/// partitions of `topic` from `visible` on left out.
+fn hide_partitions(frame: &[u8], version: i16, topic: &str, visible: i32) -> Option<Vec<u8>> {
+    use kafka_protocol::messages::{ApiKey, MetadataResponse, ResponseHeader};
+    use kafka_protocol::protocol::{Decodable, Encodable};
+    let header_version = ApiKey::Metadata.response_header_version(version);
+    let mut body = bytes::Bytes::copy_from_slice(&frame[4..]);
+    let header = ResponseHeader::decode(&mut body, header_version).ok()?;
+    let mut resp = MetadataResponse::decode(&mut body, version).ok()?;
+    for t in &mut resp.topics {
+        if t.name.as_ref().is_some_and(|n| n.0.as_str() == topic) {
+            t.partitions.retain(|p| p.partition_index < visible);
+        }
+    }
+    let mut out = bytes::BytesMut::new();
+    header.encode(&mut out, header_version).ok()?;
+    resp.encode(&mut out, version).ok()?;
+    let mut framed = (out.len() as i32).to_be_bytes().to_vec();
+    framed.extend_from_slice(&out);
+    Some(framed)
 }
 
 async fn read_frame(r: &mut (impl AsyncReadExt + Unpin)) -> Option<Vec<u8>> {
@@ -460,27 +500,28 @@ async fn read_frame(r: &mut (impl AsyncReadExt + Unpin)) -> Option<Vec<u8>> {
     Some(frame)
 }
 
-/// Copies frames both ways, noting each request's API by correlation id so a
-/// Produce response can be recognised and lost.
+/// Copies frames both ways, noting each request's API and version by
+/// correlation id so a Produce response can be recognised and lost and a
+/// Metadata response rewritten.
 async fn relay(
     client: tokio::net::TcpStream,
     upstream: tokio::net::TcpStream,
-    drop_produce: Arc<AtomicU32>,
-    dropped: Arc<AtomicU32>,
+    faults: Arc<Faults>,
 ) {
     let (mut cr, mut cw) = client.into_split();
     let (mut ur, mut uw) = upstream.into_split();
-    let apis: Arc<std::sync::Mutex<HashMap<i32, i16>>> = Arc::default();
+    let apis: Arc<std::sync::Mutex<HashMap<i32, (i16, i16)>>> = Arc::default();
     let requests = {
         let apis = apis.clone();
         async move {
             while let Some(frame) = read_frame(&mut cr).await {
                 if frame.len() >= 12 {
                     let api = i16::from_be_bytes([frame[4], frame[5]]);
+                    let version = i16::from_be_bytes([frame[6], frame[7]]);
                     let cid = i32::from_be_bytes([frame[8], frame[9], frame[10], frame[11]]);
                     apis.lock()
                         .unwrap_or_else(|e| e.into_inner())
-                        .insert(cid, api);
+                        .insert(cid, (api, version));
                 }
                 if uw.write_all(&frame).await.is_err() {
                     return;
@@ -489,17 +530,32 @@ async fn relay(
         }
     };
     let responses = async move {
-        while let Some(frame) = read_frame(&mut ur).await {
+        while let Some(mut frame) = read_frame(&mut ur).await {
             if frame.len() >= 8 {
                 let cid = i32::from_be_bytes([frame[4], frame[5], frame[6], frame[7]]);
                 let api = apis.lock().unwrap_or_else(|e| e.into_inner()).remove(&cid);
-                let take = api == Some(0)
-                    && drop_produce
+                let take = api.is_some_and(|(api, _)| api == 0)
+                    && faults
+                        .drop_produce
                         .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
                         .is_ok();
                 if take {
-                    dropped.fetch_add(1, Ordering::SeqCst);
+                    faults.dropped.fetch_add(1, Ordering::SeqCst);
                     return; // lose it, and the connection with it
+                }
+                let hide = faults
+                    .visible
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone();
+                if let (Some((3, version)), Some((topic, visible))) = (api, hide) {
+                    match hide_partitions(&frame, version, &topic, visible) {
+                        Some(rewritten) => frame = rewritten,
+                        None => {
+                            eprintln!("strom-it: fault proxy: a Metadata v{version} answer does not decode; dropping the connection");
+                            return;
+                        }
+                    }
                 }
             }
             if cw.write_all(&frame).await.is_err() {

@@ -789,3 +789,129 @@ async fn auto_commit_commits_consumed_positions_on_close() {
     );
     next.close().await.unwrap();
 }
+
+/// Polls for `d`, counting each (partition, offset) received.
+async fn poll_for(
+    consumer: &mut GroupConsumer,
+    received: &mut BTreeMap<(i32, i64), usize>,
+    d: Duration,
+) {
+    let until = tokio::time::Instant::now() + d;
+    while let Ok(batch) = tokio::time::timeout_at(until, consumer.poll()).await {
+        for r in batch.unwrap() {
+            *received.entry((r.partition, r.offset)).or_default() += 1;
+        }
+    }
+}
+
+/// Partitions added to a topic while a producer and a group consumer run:
+/// the producer's partitioner uses them and the group's leader reassigns
+/// them within the metadata refresh interval, and every record sent is
+/// consumed once. Neither test broker implements CreatePartitions, so the
+/// topic has 4 partitions from the start and the proxy in front of the
+/// broker lists only 2 in Metadata answers until it reveals the others,
+/// which is what clients see when partitions are added.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitions_added_while_running_are_produced_to_and_consumed() {
+    let Some((broker, proxy)) = TestBroker::start_behind_proxy().await else {
+        println!("SKIPPED partitions_added_while_running: an external broker cannot be put behind the proxy");
+        return;
+    };
+    let mut client_config = broker.client_config();
+    client_config.metadata_max_age = Duration::from_secs(2);
+    let client = Client::connect(client_config).await.unwrap();
+    let topic = unique_topic("grow");
+    proxy.show_partitions(Some((&topic, 2)));
+    client
+        .create_topic(NewTopic::new(&topic, 4, 1))
+        .await
+        .unwrap();
+    assert_eq!(
+        client
+            .topic_metadata(&topic)
+            .await
+            .unwrap()
+            .partitions
+            .len(),
+        2
+    );
+
+    let sent: Arc<Mutex<BTreeMap<i32, usize>>> = Arc::default();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let producing = {
+        let (client, topic, sent, stop) =
+            (client.clone(), topic.clone(), sent.clone(), stop.clone());
+        tokio::spawn(async move {
+            let producer = Producer::new(client, ProducerConfig::default()).unwrap();
+            let mut i = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let key = format!("key-{i}");
+                let meta = producer
+                    .send(ProducerRecord::to(&topic).key(key.as_bytes()).value(b"v"))
+                    .await
+                    .unwrap()
+                    .await
+                    .unwrap();
+                *sent.lock().unwrap().entry(meta.partition).or_default() += 1;
+                i += 1;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            i
+        })
+    };
+    let mut consumer = GroupConsumer::new(
+        client.clone(),
+        config(&unique_topic("grow-group"), Arc::new(CooperativeSticky)),
+        &[topic.as_str()],
+        Arc::new(strom_client::group::NoopListener),
+    )
+    .unwrap();
+    let mut received: BTreeMap<(i32, i64), usize> = BTreeMap::new();
+    poll_for(&mut consumer, &mut received, Duration::from_secs(3)).await;
+    assert!(
+        sent.lock().unwrap().keys().all(|&p| p < 2) && received.keys().all(|&(p, _)| p < 2),
+        "hidden partitions were used"
+    );
+    proxy.show_partitions(None);
+    let grown = tokio::time::Instant::now();
+    let mut used = Duration::ZERO;
+    while grown.elapsed() < Duration::from_secs(30) {
+        poll_for(&mut consumer, &mut received, Duration::from_millis(500)).await;
+        let produced_new = sent.lock().unwrap().keys().any(|&p| p >= 2);
+        let consumed_new = received.keys().any(|&(p, _)| p >= 2);
+        if produced_new && consumed_new {
+            used = grown.elapsed();
+            break;
+        }
+    }
+    assert!(
+        used > Duration::ZERO,
+        "new partitions unused 30 s after they appeared: sent {:?}, consumed from {:?}",
+        sent.lock().unwrap(),
+        received.keys().map(|&(p, _)| p).collect::<BTreeSet<_>>()
+    );
+    println!(
+        "new partitions produced to and consumed {used:?} after they appeared (refresh every 2 s)"
+    );
+    assert!(
+        used < Duration::from_secs(15),
+        "took {used:?} with a 2 s refresh"
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let total = producing.await.unwrap() as usize;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while received.len() < total && tokio::time::Instant::now() < deadline {
+        poll_for(&mut consumer, &mut received, Duration::from_millis(500)).await;
+    }
+    assert_eq!(
+        received.len(),
+        total,
+        "records lost; sent per partition {:?}",
+        sent.lock().unwrap()
+    );
+    assert!(
+        received.values().all(|&n| n == 1),
+        "a record was consumed twice"
+    );
+    consumer.close().await.unwrap();
+}

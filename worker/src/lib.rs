@@ -506,6 +506,7 @@ async fn poll_loop(
     let mut failing_since: Option<std::time::Instant> = None;
     // Per partition: the batch that did not decode, and how often in a row.
     let mut corrupt: HashMap<(String, i32), (i64, u32)> = HashMap::new();
+    let mut metadata = spec.client.metadata_changes();
     let outcome = loop {
         let stopped = spec.stopped.notified();
         tokio::pin!(stopped);
@@ -522,6 +523,11 @@ async fn poll_loop(
             Ok(()) = placement.changed() => {
                 placement.borrow_and_update();
                 spec.metrics.rebalanced();
+            }
+            Ok(()) = metadata.changed() => {
+                if let Err(e) = check_source_partitions(spec) {
+                    break Err(e);
+                }
             }
             polled = consumer.poll() => match polled {
                 Ok(records) => {
@@ -559,6 +565,35 @@ async fn poll_loop(
     };
     manager.set_rewinds(None);
     outcome
+}
+
+/// Source topics that gained partitions while the worker runs: the group
+/// reassigns and a stateless app reads the new partitions, but the keys of a
+/// stateful app's tables would move away from their state (their changelogs
+/// keep the old count), so it stops — as Kafka Streams does, this needs an
+/// application reset.
+fn check_source_partitions(spec: &Spec) -> Result<(), WorkerError> {
+    for topic in spec.by_topic.keys() {
+        let Some(now) = spec.client.cached_topic(topic).map(|t| t.partitions.len()) else {
+            continue;
+        };
+        if now == spec.partitions {
+            continue;
+        }
+        if spec.tables.is_empty() {
+            info!(%topic, before = spec.partitions, now, "source topic gained partitions; the group reassigns them");
+            continue;
+        }
+        let tables: Vec<&str> = spec.tables.iter().map(|(t, _)| t.as_str()).collect();
+        return Err(WorkerError::Config(format!(
+            "source topic {topic:?} now has {now} partitions, not {}: keys would move to \
+             partitions whose tables {tables:?} do not hold their state. Adding partitions \
+             to a stateful app's topics needs a reset: stop every worker, delete the app's \
+             changelog topics and state directories, and start again",
+            spec.partitions
+        )));
+    }
+    Ok(())
 }
 
 /// How often in a row a batch is fetched and found not to decode before the

@@ -273,6 +273,29 @@ async fn a_batch_that_does_not_decode_stops_the_worker() {
     );
 }
 
+/// A source topic that gains partitions under a stateful app stops the
+/// worker with an error saying why (the keys would leave their state), and
+/// nothing after the change is processed into the wrong partition's table.
+#[tokio::test(start_paused = true)]
+async fn a_stateful_worker_stops_when_its_source_gains_partitions() {
+    let cluster = cluster();
+    let mut config = config(&cluster, ProcessingGuarantee::AtLeastOnce);
+    config.client.metadata_max_age = Duration::from_secs(5);
+    cluster.append("in", 0, None, Some(b"word"));
+    let (_stop, run, _metrics) = start(config, counter());
+    wait_until("the first count", || {
+        !cluster.records("out", 0).is_empty() || !cluster.records("out", 1).is_empty()
+    })
+    .await;
+    cluster.create_partitions("in", 3);
+    let err = outcome(run, Duration::from_secs(30)).await.unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.contains(r#"source topic "in" now has 3 partitions, not 2"#) && text.contains("reset"),
+        "{text}"
+    );
+}
+
 /// A send that keeps failing (the output topic's metadata never comes: three
 /// request timeouts) is not the agent's error: even under the skip
 /// policy the worker stops, and the event is not committed.

@@ -294,6 +294,7 @@ async fn join(group: &GroupHandle, protocol: RebalanceProtocol) -> Result<Joined
     let assignments = if leader {
         leader_assign(inner, &resp.members, &protocol_name).await?
     } else {
+        inner.state().assigned_counts.clear();
         Vec::new()
     };
     let sync = SyncGroupRequest::default()
@@ -380,6 +381,7 @@ async fn leader_assign(
         }
     }
     let plan = assignor.assign(&subscriptions, &counts)?;
+    inner.state().assigned_counts = counts;
     info!(
         group = %inner.config.group_id, assignor = %protocol_name, members = subscriptions.len(),
         "computed assignment"
@@ -521,9 +523,11 @@ async fn lose(group: &GroupHandle) {
 }
 
 /// The stable phase: auto-commits here, until the heartbeats report a
-/// rebalance or a loss, or the member closes.
+/// rebalance or a loss, the leader sees the partition count of a subscribed
+/// topic change, or the member closes.
 async fn stable(group: &GroupHandle, heartbeats: &mut Heartbeats) -> Event {
     let inner = &group.inner;
+    let mut metadata = inner.client.metadata_changes();
     loop {
         let changed = inner.changed.notified();
         tokio::pin!(changed);
@@ -531,10 +535,14 @@ async fn stable(group: &GroupHandle, heartbeats: &mut Heartbeats) -> Event {
         if inner.state().closing {
             return Event::Close;
         }
+        if partitions_changed(inner) {
+            return Event::Rejoin;
+        }
         let auto_commit = inner.config.auto_commit_interval;
         tokio::select! {
             event = heartbeats.events.recv() => return event.unwrap_or(Event::Rejoin),
             _ = &mut changed => {}
+            _ = metadata.changed() => {}
             _ = tokio::time::sleep(auto_commit.unwrap_or(Duration::MAX)), if auto_commit.is_some() => {
                 if let Err(e) = group.commit_consumed().await {
                     debug!(group = %inner.config.group_id, error = %e, "auto-commit failed");
@@ -542,6 +550,27 @@ async fn stable(group: &GroupHandle, heartbeats: &mut Heartbeats) -> Event {
             }
         }
     }
+}
+
+/// Whether the cached partition count of a topic the leader assigned differs
+/// from the count it assigned (Java's leader does the same): the group must
+/// rebalance to hand out the new partitions. Topics not in the cache right now
+/// say nothing.
+fn partitions_changed(inner: &GroupInner) -> bool {
+    let counts = inner.state().assigned_counts.clone();
+    for (topic, &assigned) in &counts {
+        let Some(now) = inner.client.cached_topic(topic) else {
+            continue;
+        };
+        if now.partitions.len() as i32 != assigned {
+            info!(
+                group = %inner.config.group_id, %topic, assigned, now = now.partitions.len(),
+                "partition count changed; rejoining to reassign"
+            );
+            return true;
+        }
+    }
+    false
 }
 
 /// The heartbeat task of one generation and what it reports.

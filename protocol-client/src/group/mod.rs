@@ -207,6 +207,9 @@ struct GroupState {
     /// When the coordinator last confirmed the membership (SyncGroup or a
     /// heartbeat); `None` once it is lost.
     confirmed_at: Option<Instant>,
+    /// The partition counts the last assignment was computed from, when this
+    /// member is the leader (empty otherwise): a change means rejoin.
+    assigned_counts: BTreeMap<String, i32>,
 }
 
 struct GroupInner {

@@ -120,32 +120,34 @@ impl Accumulator {
         }
     }
 
-    pub fn partition_count(&self, topic: &str) -> Option<usize> {
-        self.topics.get(topic).map(|t| t.partitions.len())
-    }
-
-    /// Registers a topic's partition count (first use wins) and returns its queues.
+    /// Registers a topic and returns its queues, growing them when the
+    /// topic has gained partitions (partition counts only grow in Kafka).
     fn topic(&mut self, topic: &str, partitions: usize) -> &mut TopicQueues {
         if !self.topics.contains_key(topic) {
             let name: Arc<str> = Arc::from(topic);
             let queues = TopicQueues {
                 name: name.clone(),
-                partitions: (0..partitions).map(|_| PartitionQueue::default()).collect(),
+                partitions: Vec::new(),
                 sticky: Sticky::new(),
             };
             self.topics.insert(name, queues);
         }
-        match self.topics.get_mut(topic) {
-            Some(t) => t,
-            None => unreachable!("inserted above"),
+        let Some(queues) = self.topics.get_mut(topic) else {
+            unreachable!("inserted above")
+        };
+        if queues.partitions.len() < partitions {
+            queues
+                .partitions
+                .resize_with(partitions, PartitionQueue::default);
         }
+        queues
     }
 
     /// Encodes `record` into its partition's open batch. Returns its future and
     /// whether the sink should wake (a batch started or closed).
     ///
-    /// `partitions` is the topic's partition count, used the first time the
-    /// topic is seen; the caller has checked an explicit partition is below it.
+    /// `partitions` is the topic's partition count as the client's metadata
+    /// knows it now; the caller has checked an explicit partition is below it.
     pub fn append(
         &mut self,
         record: &ProducerRecord<'_>,

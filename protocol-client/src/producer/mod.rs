@@ -441,10 +441,11 @@ impl Producer {
                 inner.config.buffer_memory
             )));
         }
-        let known = inner.accumulator().partition_count(record.topic);
-        let partitions = match known {
-            Some(n) => n,
-            None => inner
+        // The client's metadata cache, refreshed in the background, so
+        // partitions added to the topic are used once the cache knows them.
+        let partitions = match inner.client.cached_topic(record.topic) {
+            Some(t) if !t.partitions.is_empty() => t.partitions.len(),
+            _ => inner
                 .client
                 .topic_metadata(record.topic)
                 .await?
