@@ -149,6 +149,10 @@ pub enum Error {
         partition: Option<i32>,
         /// The batch's base offset (or the record's offset).
         offset: i64,
+        /// The offset of the batch's last record, when its header passed the
+        /// CRC check: the batch can then be stepped over. `None` when the
+        /// header itself may be damaged.
+        last_offset: Option<i64>,
         /// What is wrong.
         what: String,
     },

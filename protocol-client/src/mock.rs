@@ -137,6 +137,8 @@ pub struct LoggedRecord {
     pub key: Option<Bytes>,
     /// Its value.
     pub value: Option<Bytes>,
+    /// Its headers.
+    pub headers: Vec<crate::Header>,
     /// Committed or not transactional (`Some(true)`), aborted (`Some(false)`),
     /// or in a transaction still open (`None`).
     pub committed: Option<bool>,
@@ -488,12 +490,17 @@ impl MockCluster {
                 };
                 for r in batch.records().flatten() {
                     let Record {
-                        offset, key, value, ..
+                        offset,
+                        key,
+                        value,
+                        headers,
+                        ..
                     } = r;
                     out.push(LoggedRecord {
                         offset,
                         key,
                         value,
+                        headers,
                         committed,
                     });
                 }

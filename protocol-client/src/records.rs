@@ -312,6 +312,7 @@ impl Batch {
             topic: None,
             partition: None,
             offset: self.base_offset,
+            last_offset: Some(self.last_offset()),
             what: what.into(),
         }
     }
@@ -494,6 +495,7 @@ impl BatchDecoder {
             topic: None,
             partition: None,
             offset: base_offset,
+            last_offset: None,
             what,
         };
         if batch_len < (BATCH_HEADER_LEN - LOG_OVERHEAD) as i32 {
@@ -524,6 +526,15 @@ impl BatchDecoder {
         }
         let attributes = hdr.get_i16();
         let last_offset_delta = hdr.get_i32();
+        // The header is trusted from here when its CRC was checked.
+        let checked = self.check_crc;
+        let corrupt = |what: String| Error::CorruptRecord {
+            topic: None,
+            partition: None,
+            offset: base_offset,
+            last_offset: checked.then(|| base_offset.saturating_add(i64::from(last_offset_delta))),
+            what,
+        };
         let base_timestamp = hdr.get_i64();
         let max_timestamp = hdr.get_i64();
         let producer_id = hdr.get_i64();

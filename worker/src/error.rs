@@ -46,9 +46,10 @@ pub enum WorkerError {
         error: String,
     },
     /// A fetched record batch does not decode, fetched again and again (its
-    /// bytes are damaged, or its codec is unknown). No error policy skips
-    /// it: skipping would lose its records without a trace.
-    #[error("the record batch of {topic}-{partition} at offset {offset} does not decode ({attempts} fetches): {what}; the worker stops rather than skip its records")]
+    /// bytes are damaged, or its codec is unknown), and an agent of its topic
+    /// has the [`crate::ErrorPolicy::Stop`] policy, or its header is damaged
+    /// too so its offsets are unknown and it cannot be stepped over.
+    #[error("the record batch of {topic}-{partition} at offset {offset} does not decode ({attempts} fetches): {what}")]
     CorruptBatch {
         /// The topic.
         topic: String,

@@ -65,7 +65,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use strom_client::consumer::AutoOffsetReset;
+use strom_client::consumer::{AutoOffsetReset, TopicPartition};
 use strom_client::group::{GroupConfig, GroupConsumer, GroupHandle};
 use strom_client::producer::{Producer, ProducerConfig};
 use strom_client::Client;
@@ -85,6 +85,7 @@ pub use web::KeyParser;
 use eos::Transactions;
 use listener::Listener;
 use manager::TaskManager;
+use policy::Undecodable;
 use task::Spec;
 
 /// A worker: the agents (processors) and tables of one app, run as a member
@@ -538,7 +539,7 @@ async fn poll_loop(
                     manager.route(records, consumer, &mut paused);
                 }
                 Err(e) if e.is_fatal() => break Err(e.into()),
-                Err(strom_client::Error::CorruptRecord { topic: Some(topic), partition: Some(partition), offset, what }) => {
+                Err(strom_client::Error::CorruptRecord { topic: Some(topic), partition: Some(partition), offset, last_offset, what }) => {
                     spec.metrics.corrupt_batch(&topic, partition);
                     let seen = corrupt.entry((topic.clone(), partition)).or_insert((offset, 0));
                     if seen.0 != offset {
@@ -546,11 +547,19 @@ async fn poll_loop(
                     }
                     seen.1 += 1;
                     let attempts = seen.1;
-                    if attempts >= CORRUPT_BATCH_FETCHES {
-                        break Err(WorkerError::CorruptBatch { topic, partition, offset, attempts, what });
+                    if attempts < CORRUPT_BATCH_FETCHES {
+                        warn!(%topic, partition, offset, %what, "a fetched batch does not decode; fetching it again");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
                     }
-                    warn!(%topic, partition, offset, %what, "a fetched batch does not decode; fetching it again");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    corrupt.remove(&(topic.clone(), partition));
+                    let Some(last) = last_offset else {
+                        let what = format!("{what}; its header is damaged too, so it cannot be stepped over");
+                        break Err(WorkerError::CorruptBatch { topic, partition, offset, attempts, what });
+                    };
+                    let tp = TopicPartition::new(&topic, partition);
+                    let to = last.saturating_add(1).max(offset + 1);
+                    manager.step_over(Undecodable { tp, from: offset, to, attempts, what }, consumer);
                 }
                 Err(e) => {
                     // Logged once per incident, then quietly retried.

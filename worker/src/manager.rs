@@ -29,6 +29,7 @@ use tracing::{debug, info, warn};
 use crate::assignor::Placement;
 use crate::eos::{CommitError, Transactions};
 use crate::error::WorkerError;
+use crate::policy::Undecodable;
 use crate::processor::Context;
 use crate::standby::Standbys;
 use crate::task::{self, Control, Offsets, Outcome, Spec, TaskHandle, TaskState};
@@ -510,6 +511,19 @@ impl TaskManager {
         if queued > self.max_buffered && consumer.pause(&tp).is_ok() {
             debug!(topic = %tp.topic, partition = tp.partition, queued, "fetching paused");
             paused.insert(tp);
+        }
+    }
+
+    /// Hands a batch that does not decode to its partition's task, which
+    /// applies the agents' error policies to it in order, and reads on after
+    /// it. Nothing happens for a partition without a task (being revoked).
+    pub fn step_over(&self, batch: Undecodable, consumer: &mut GroupConsumer) {
+        let tasks = self.tasks();
+        let Some(task) = tasks.get(&batch.tp.partition) else {
+            return;
+        };
+        if consumer.seek(&batch.tp, batch.to).is_ok() {
+            task.route_undecodable(batch);
         }
     }
 

@@ -9,10 +9,10 @@ use std::sync::Arc;
 use std::task::{Context as TaskContext, Poll};
 use tokio::time::Instant;
 
-use strom_client::consumer::ConsumerRecord;
+use strom_client::consumer::{ConsumerRecord, TopicPartition};
 use strom_client::producer::ProducerRecord;
 use strom_client::Header;
-use tracing::warn;
+use tracing::{error, warn};
 
 use crate::error::WorkerError;
 use crate::metrics::EventMeters;
@@ -105,6 +105,73 @@ pub(crate) async fn handle(
             Ok(Instant::now())
         }
     }
+}
+
+/// A batch of a source partition that does not decode however often it is
+/// fetched, but whose header is intact, so its offsets are known.
+#[derive(Debug, Clone)]
+pub(crate) struct Undecodable {
+    pub tp: TopicPartition,
+    /// Its first offset at or after the position.
+    pub from: i64,
+    /// The offset after its last record.
+    pub to: i64,
+    /// How often it was fetched.
+    pub attempts: u32,
+    /// What is wrong with it.
+    pub what: String,
+}
+
+/// Applies the policies of the agents reading `batch`'s topic to it: `Err`
+/// if one of them is [`ErrorPolicy::Stop`]; else a dead letter (no key, no
+/// value, the batch's coordinates in headers, `strom.error.last_offset`
+/// among them) to each dead-letter topic, and the batch is stepped over.
+pub(crate) async fn undecodable(
+    policies: &[&ErrorPolicy],
+    ctx: &Context,
+    batch: &Undecodable,
+    meters: &EventMeters,
+) -> Result<(), WorkerError> {
+    let (topic, partition, offset) = (&*batch.tp.topic, batch.tp.partition, batch.from);
+    let last = batch.to - 1;
+    if policies.iter().any(|p| matches!(p, ErrorPolicy::Stop)) {
+        return Err(WorkerError::CorruptBatch {
+            topic: topic.to_owned(),
+            partition,
+            offset,
+            attempts: batch.attempts,
+            what: batch.what.clone(),
+        });
+    }
+    let mut letters: Vec<&str> = policies
+        .iter()
+        .filter_map(|p| match p {
+            ErrorPolicy::DeadLetter(to) => Some(to.as_str()),
+            _ => None,
+        })
+        .collect();
+    letters.dedup();
+    let headers = [
+        Header::new("strom.error.topic", topic.to_owned()),
+        Header::new("strom.error.partition", partition.to_string()),
+        Header::new("strom.error.offset", offset.to_string()),
+        Header::new("strom.error.last_offset", last.to_string()),
+        Header::new(
+            "strom.error.message",
+            format!("record batch does not decode: {}", batch.what),
+        ),
+    ];
+    for to in &letters {
+        let mut letter = ProducerRecord::to(to);
+        letter.headers = &headers;
+        ctx.send(letter).await?;
+        meters.dead_lettered.inc();
+    }
+    error!(
+        topic, partition, offset, last_offset = last, what = %batch.what, dead_letter_topics = ?letters,
+        "a record batch that does not decode was stepped over: its records are not processed"
+    );
+    Ok(())
 }
 
 /// Runs `p` on `record`, turning a panic (while building the future or while

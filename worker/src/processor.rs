@@ -25,7 +25,16 @@ pub type AgentError = Box<dyn std::error::Error + Send + Sync>;
 pub struct DecodeError(pub String);
 
 /// What happens to an event an agent fails on (an error, a panic, or an
-/// undecodable key or value).
+/// undecodable key or value), and to a record batch of its topic that does
+/// not decode however often it is fetched (a damaged batch, an unknown
+/// codec): `Stop` stops the worker at it; `DeadLetter` sends one record
+/// without key or value whose headers give the batch's coordinates
+/// (`strom.error.topic`, `strom.error.partition`, `strom.error.offset`,
+/// `strom.error.last_offset`, `strom.error.message`) and steps over it;
+/// `Skip` and `Retry` log it and step over it. `/metrics` counts such
+/// batches in `strom_corrupt_batches_total`. A batch whose header is damaged
+/// too cannot be stepped over (its offsets are unknown) and always stops the
+/// worker.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum ErrorPolicy {
     /// Log it, count it, go on with the next event (its offset is committed).

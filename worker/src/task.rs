@@ -36,7 +36,7 @@ use tracing::{info, warn};
 use crate::config::{ProcessingGuarantee, StoreKind};
 use crate::error::WorkerError;
 use crate::metrics::{EventMeters, Metrics};
-use crate::policy;
+use crate::policy::{self, Undecodable};
 use crate::processor::{Context, ErrorPolicy, Processor};
 
 /// Next offsets to commit: everything before them is processed (and, at
@@ -219,6 +219,9 @@ pub(crate) struct Batch {
     epoch: u64,
     bytes: usize,
     records: Vec<ConsumerRecord>,
+    /// A batch that does not decode, to be stepped over after the records
+    /// before it (then `records` is empty).
+    undecodable: Option<Undecodable>,
 }
 
 /// The task manager's handle on a task.
@@ -241,23 +244,42 @@ impl TaskHandle {
     /// Queues fetched records; returns how many bytes of records now wait.
     pub fn route(&self, records: Vec<ConsumerRecord>) -> usize {
         if let Some(first) = records.first() {
-            let mut restart = self.restart.lock().unwrap_or_else(|e| e.into_inner());
-            if !restart
-                .keys()
-                .any(|tp| *tp.topic == *first.topic && tp.partition == first.partition)
-            {
-                restart.insert(
-                    TopicPartition::new(&first.topic, first.partition),
-                    first.offset,
-                );
-            }
+            self.restart_at(&first.topic, first.partition, first.offset);
         }
         let bytes = buffered_bytes(&records);
+        self.queue(records, bytes, None)
+    }
+
+    /// Queues a batch that does not decode, to be stepped over in order.
+    pub fn route_undecodable(&self, batch: Undecodable) {
+        self.restart_at(&batch.tp.topic, batch.tp.partition, batch.from);
+        self.queue(Vec::new(), 0, Some(batch));
+    }
+
+    /// Notes where a partition restarts after an aborted transaction, if
+    /// nothing was routed from it before.
+    fn restart_at(&self, topic: &str, partition: i32, offset: i64) {
+        let mut restart = self.restart.lock().unwrap_or_else(|e| e.into_inner());
+        if !restart
+            .keys()
+            .any(|tp| *tp.topic == *topic && tp.partition == partition)
+        {
+            restart.insert(TopicPartition::new(topic, partition), offset);
+        }
+    }
+
+    fn queue(
+        &self,
+        records: Vec<ConsumerRecord>,
+        bytes: usize,
+        undecodable: Option<Undecodable>,
+    ) -> usize {
         let queued = self.queued.fetch_add(bytes, Ordering::AcqRel) + bytes;
         let batch = Batch {
             epoch: self.epoch.load(Ordering::Acquire),
             bytes,
             records,
+            undecodable,
         };
         if self.data.send(batch).is_err() {
             self.queued.fetch_sub(bytes, Ordering::AcqRel);
@@ -654,6 +676,9 @@ impl Task {
                     None => return Ok(()),
                     Some(batch) if batch.epoch < self.epoch => self.backlog.taken(batch.bytes),
                     Some(batch) => {
+                        if let Some(bad) = batch.undecodable {
+                            self.step_over(bad).await?;
+                        }
                         self.current = batch.records.into();
                         self.current_bytes = batch.bytes;
                     }
@@ -811,6 +836,24 @@ impl Task {
         }
         self.progress.entry(tp).or_default().next = offset + 1;
         Ok(started)
+    }
+
+    /// Applies the agents' policies to a batch that does not decode and, unless
+    /// one says stop, moves the partition's progress past it.
+    async fn step_over(&mut self, batch: Undecodable) -> Result<(), WorkerError> {
+        let (agents, meters) = self.route(&batch.tp);
+        let policies: Vec<&ErrorPolicy> = agents
+            .iter()
+            .map(|&i| {
+                self.spec.processors[i]
+                    .error_policy()
+                    .unwrap_or(&self.spec.on_error)
+            })
+            .collect();
+        policy::undecodable(&policies, &self.ctx, &batch, &meters).await?;
+        let progress = self.progress.entry(batch.tp).or_default();
+        progress.next = progress.next.max(batch.to);
+        Ok(())
     }
 
     /// The agents of `tp`'s topic and its meters, resolved once per topic.

@@ -231,16 +231,12 @@ async fn a_fatal_group_error_stops_the_worker() {
     );
 }
 
-/// A batch that does not decode (here: a codec id no client knows, under a
-/// valid CRC) is fetched again, counted in the metrics, and then stops the
-/// worker with its coordinates; it is never skipped, and the records before
-/// it are processed and committed.
-#[tokio::test(start_paused = true)]
-async fn a_batch_that_does_not_decode_stops_the_worker() {
-    let cluster = cluster();
-    let config = config(&cluster, ProcessingGuarantee::AtLeastOnce);
+/// A one-record batch of `value` whose codec bits say 5 (no client knows
+/// it); with `fix_crc` the CRC is made valid again, so only the codec is
+/// wrong and the header can be trusted.
+fn undecodable_batch(value: &[u8], fix_crc: bool) -> bytes::Bytes {
     let mut b = strom_client::records::BatchBuilder::new(64);
-    b.push(0, None, Some(b"lost"), &[]);
+    b.push(0, None, Some(value), &[]);
     let sealed = b
         .seal(
             strom_client::Compression::None,
@@ -249,11 +245,39 @@ async fn a_batch_that_does_not_decode_stops_the_worker() {
         .unwrap();
     let mut damaged = bytes::BytesMut::from(&sealed[..]);
     damaged[22] = 5; // the codec bits of the attributes
-    let crc = crc32c::crc32c(&damaged[21..]);
-    damaged[17..21].copy_from_slice(&crc.to_be_bytes());
+    if fix_crc {
+        let crc = crc32c::crc32c(&damaged[21..]);
+        damaged[17..21].copy_from_slice(&crc.to_be_bytes());
+    }
+    damaged.freeze()
+}
+
+/// `word`, a batch that does not decode, then `after`, on partition 0 of
+/// `in`; returns the bad batch's offset.
+fn words_around_a_bad_batch(cluster: &MockCluster, fix_crc: bool) -> i64 {
     cluster.append("in", 0, None, Some(b"word"));
-    let bad = cluster.append_raw("in", 0, damaged.freeze());
-    let (_stop, run, metrics) = start(config, counter());
+    let bad = cluster.append_raw("in", 0, undecodable_batch(b"lost", fix_crc));
+    cluster.append("in", 0, None, Some(b"after"));
+    bad
+}
+
+fn counter_with(policy: ErrorPolicy) -> Agent {
+    Agent {
+        policy: Some(policy),
+        ..counter()
+    }
+}
+
+/// A batch that does not decode (a codec id no client knows, under a valid
+/// CRC) is fetched again, counted in the metrics, and then, under the Stop
+/// policy, stops the worker with its coordinates; the records before it are
+/// processed and committed, it is not.
+#[tokio::test(start_paused = true)]
+async fn a_batch_that_does_not_decode_stops_a_worker_under_the_stop_policy() {
+    let cluster = cluster();
+    let bad = words_around_a_bad_batch(&cluster, true);
+    let config = config(&cluster, ProcessingGuarantee::AtLeastOnce);
+    let (_stop, run, metrics) = start(config, counter_with(ErrorPolicy::Stop));
     let err = outcome(run, Duration::from_secs(60)).await.unwrap_err();
     assert!(
         matches!(&err, WorkerError::CorruptBatch { topic, partition: 0, offset, attempts: 3, .. }
@@ -271,6 +295,84 @@ async fn a_batch_that_does_not_decode_stops_the_worker() {
         text.contains(r#"strom_corrupt_batches_total{topic="in",partition="0"} 3"#),
         "{text}"
     );
+}
+
+/// Under the Skip policy the batch is stepped over after its fetches: the
+/// records after it are processed and the committed offset moves past it.
+#[tokio::test(start_paused = true)]
+async fn a_batch_that_does_not_decode_is_stepped_over_under_the_skip_policy() {
+    let cluster = cluster();
+    let bad = words_around_a_bad_batch(&cluster, true);
+    let config = config(&cluster, ProcessingGuarantee::AtLeastOnce);
+    let (stop, run, metrics) = start(config, counter_with(ErrorPolicy::Skip));
+    wait_until("the record after it is committed", || {
+        cluster.committed(APP, "in", 0) == Some(bad + 2)
+    })
+    .await;
+    let counts = committed_counts(&cluster);
+    assert_eq!(counts.get("after"), Some(&vec![1]), "{counts:?}");
+    assert_eq!(counts.get("lost"), None, "{counts:?}");
+    let _ = stop.send(());
+    outcome(run, Duration::from_secs(10)).await.unwrap();
+    assert!(metrics
+        .render()
+        .contains(r#"strom_corrupt_batches_total{topic="in",partition="0"} 3"#));
+}
+
+/// Under the dead-letter policy, exactly once: one dead letter carries the
+/// batch's coordinates, it is committed with the offsets past the batch, and
+/// processing goes on.
+#[tokio::test(start_paused = true)]
+async fn a_batch_that_does_not_decode_is_dead_lettered_with_its_coordinates() {
+    let cluster = cluster();
+    cluster.create_topic("dlq", 1);
+    let bad = words_around_a_bad_batch(&cluster, true);
+    let config = config(&cluster, ProcessingGuarantee::ExactlyOnce);
+    let (stop, run, _metrics) = start(config, counter_with(ErrorPolicy::DeadLetter("dlq".into())));
+    wait_until("the record after it is committed", || {
+        cluster.committed(APP, "in", 0) == Some(bad + 2)
+    })
+    .await;
+    let letters: Vec<_> = cluster
+        .records("dlq", 0)
+        .into_iter()
+        .filter(|r| r.committed == Some(true))
+        .collect();
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    let header = |name: &str| {
+        letters[0]
+            .headers
+            .iter()
+            .find(|h| h.key == name)
+            .and_then(|h| h.value.as_deref())
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+    };
+    assert_eq!(header("strom.error.topic").as_deref(), Some("in"));
+    assert_eq!(header("strom.error.partition").as_deref(), Some("0"));
+    assert_eq!(header("strom.error.offset"), Some(bad.to_string()));
+    assert_eq!(header("strom.error.last_offset"), Some(bad.to_string()));
+    assert!(header("strom.error.message").is_some_and(|m| m.contains("codec 5")));
+    assert_eq!(committed_counts(&cluster).get("after"), Some(&vec![1]));
+    let _ = stop.send(());
+    outcome(run, Duration::from_secs(10)).await.unwrap();
+}
+
+/// A batch whose header is damaged too (its CRC does not match) cannot be
+/// stepped over, since its offsets are unknown: even under Skip the worker
+/// stops, committing nothing past the records before it.
+#[tokio::test(start_paused = true)]
+async fn a_batch_with_a_damaged_header_stops_the_worker_even_under_skip() {
+    let cluster = cluster();
+    let bad = words_around_a_bad_batch(&cluster, false);
+    let config = config(&cluster, ProcessingGuarantee::AtLeastOnce);
+    let (_stop, run, _metrics) = start(config, counter_with(ErrorPolicy::Skip));
+    let err = outcome(run, Duration::from_secs(60)).await.unwrap_err();
+    assert!(
+        matches!(&err, WorkerError::CorruptBatch { offset, .. } if *offset == bad),
+        "{err}"
+    );
+    assert!(err.to_string().contains("cannot be stepped over"), "{err}");
+    assert_eq!(cluster.committed(APP, "in", 0), Some(bad));
 }
 
 /// A source topic that gains partitions under a stateful app stops the

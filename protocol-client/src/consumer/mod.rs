@@ -708,10 +708,13 @@ fn push_records(
 /// Names the partition and offset in a record error.
 fn locate(tp: &TopicPartition, e: Error, offset: i64) -> Error {
     match e {
-        Error::CorruptRecord { what, .. } => Error::CorruptRecord {
+        Error::CorruptRecord {
+            what, last_offset, ..
+        } => Error::CorruptRecord {
             topic: Some(tp.topic.to_string()),
             partition: Some(tp.partition),
             offset,
+            last_offset,
             what,
         },
         other => other,
