@@ -4,6 +4,7 @@
 //! strom-bench produce --brokers 127.0.0.1:9092 --topic t --messages 1000000 --size 100 --compression lz4
 //! strom-bench consume --brokers 127.0.0.1:9092 --topic t --messages 1000000
 //! strom-bench group-consume --brokers 127.0.0.1:9092 --topic t --messages 1000000 --members 3
+//! strom-bench delay-proxy --listen 127.0.0.1:19092 --upstream 127.0.0.1:9092 --delay-ms 10
 //! ```
 //!
 //! Each command prints one JSON line. `consume` checks every value against its key
@@ -152,6 +153,21 @@ enum Command {
         #[arg(long, default_value_t = 10)]
         top: usize,
     },
+    /// A TCP proxy that delays every chunk by D ms each way (a network with
+    /// latency and no bandwidth limit, where there is no netem). Start the
+    /// broker advertising the proxy's address so every connection of every
+    /// client goes through it. Runs until killed.
+    DelayProxy {
+        /// `host:port` to listen on.
+        #[arg(long)]
+        listen: String,
+        /// `host:port` of the broker.
+        #[arg(long)]
+        upstream: String,
+        /// Delay added in each direction.
+        #[arg(long)]
+        delay_ms: u64,
+    },
     /// Read every partition from the earliest offset until N records arrived.
     Consume {
         #[command(flatten)]
@@ -238,6 +254,11 @@ fn main() -> ExitCode {
                 expect_total,
                 top,
             } => demo::top_counts(&brokers, &topic, expect_total, top).await,
+            Command::DelayProxy {
+                listen,
+                upstream,
+                delay_ms,
+            } => delay_proxy::run(&listen, &upstream, Duration::from_millis(delay_ms)).await,
             Command::StateWrite { state } => state_bench::write(&state).await,
             Command::StateRead { state } => state_bench::read(&state).await,
             Command::StateRecover { state } => state_bench::recover(&state).await,
@@ -972,5 +993,76 @@ mod demo {
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
+    }
+}
+
+mod delay_proxy {
+    use std::time::Duration;
+
+    use strom_client::Error;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+    use tokio::net::{TcpListener, TcpStream};
+    use tokio::time::{sleep_until, Instant};
+
+    /// Chunks in flight per direction (of up to 64 KiB each): enough for
+    /// hundreds of MB/s at tens of ms without being the bottleneck.
+    const IN_FLIGHT: usize = 4096;
+
+    pub(super) async fn run(listen: &str, upstream: &str, delay: Duration) -> Result<bool, Error> {
+        let io = |e: std::io::Error| Error::Io {
+            broker: listen.to_owned(),
+            source: std::sync::Arc::new(e),
+        };
+        let listener = TcpListener::bind(listen).await.map_err(io)?;
+        eprintln!("strom-bench: delaying {listen} -> {upstream} by {delay:?} each way");
+        loop {
+            let (client, _) = listener.accept().await.map_err(io)?;
+            let upstream = upstream.to_owned();
+            tokio::spawn(async move {
+                match TcpStream::connect(&upstream).await {
+                    Ok(server) => relay(client, server, delay).await,
+                    Err(e) => eprintln!("strom-bench: cannot reach {upstream}: {e}"),
+                }
+            });
+        }
+    }
+
+    async fn relay(client: TcpStream, server: TcpStream, delay: Duration) {
+        let _ = client.set_nodelay(true);
+        let _ = server.set_nodelay(true);
+        let (cr, cw) = client.into_split();
+        let (sr, sw) = server.into_split();
+        tokio::join!(direction(cr, sw, delay), direction(sr, cw, delay));
+    }
+
+    /// Copies `from` to `to`, each chunk sent `delay` after it arrived; the
+    /// reading side never waits for the delay, so throughput is not capped.
+    async fn direction(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, delay: Duration) {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<(Instant, Vec<u8>)>(IN_FLIGHT);
+        let reader = async move {
+            loop {
+                let mut buf = vec![0u8; 64 * 1024];
+                match from.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => {
+                        buf.truncate(n);
+                        if tx.send((Instant::now() + delay, buf)).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        };
+        let writer = async move {
+            while let Some((due, chunk)) = rx.recv().await {
+                sleep_until(due).await;
+                if to.write_all(&chunk).await.is_err() {
+                    return;
+                }
+            }
+            let _ = to.shutdown().await;
+        };
+        tokio::join!(reader, writer);
     }
 }

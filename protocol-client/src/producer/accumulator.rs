@@ -210,17 +210,24 @@ impl Accumulator {
     /// Closes open batches whose linger has passed (all of them when `force`).
     /// Returns the earliest instant at which something becomes due: an open
     /// batch's linger or a retry's backoff.
+    ///
+    /// A partition with a batch in flight or waiting could not send a batch
+    /// closed now any sooner: its open batch goes on filling (up to
+    /// `batch_size`) until the partition is free, as in Java's accumulator.
+    /// Over a slow link that is what keeps throughput up: one big batch per
+    /// round trip instead of one linger's worth.
     pub fn collect_ready(&mut self, now: Instant, force: bool) -> Option<Instant> {
         let mut next: Option<Instant> = None;
         let mut due = |t: Instant| next = Some(next.map_or(t, |n: Instant| n.min(t)));
         for topic in self.topics.values_mut() {
             let n = topic.partitions.len();
             for (p, queue) in topic.partitions.iter_mut().enumerate() {
+                let busy = queue.in_flight || !queue.ready.is_empty();
                 if let Some(open) = &queue.open {
                     let deadline = open.created + self.linger;
-                    if force || deadline <= now {
+                    if force || (deadline <= now && !busy) {
                         close(queue, &mut topic.sticky, p as i32, n);
-                    } else {
+                    } else if !busy {
                         due(deadline);
                     }
                 }
