@@ -68,12 +68,19 @@ impl std::fmt::Debug for RedbStore {
     }
 }
 
+/// The file beside a store that says it is damaged (see
+/// [`Store::mark_damaged`]).
+fn damage_marker(path: &Path) -> PathBuf {
+    PathBuf::from(format!("{}.damaged", path.display()))
+}
+
 impl RedbStore {
     /// Opens the store at `path`, creating it if missing.
     ///
-    /// A file redb cannot open (corrupt, truncated, not a database) is moved
-    /// aside to `<path>.corrupt-<unix seconds>` — never deleted — and a fresh
-    /// store is created; recovery then rebuilds it from the changelog.
+    /// Every page's checksum is verified first. A file that fails (damaged,
+    /// truncated, not a database) is moved aside to
+    /// `<path>.corrupt-<unix seconds>` — never deleted — and a fresh store is
+    /// created; recovery then rebuilds it from the changelog.
     pub fn open(path: impl AsRef<Path>) -> Result<RedbStore> {
         Self::open_with_cache(path, DEFAULT_CACHE_BYTES)
     }
@@ -88,12 +95,23 @@ impl RedbStore {
                 source,
             })?;
         }
+        // Every page's checksum is verified at open, so a file changed
+        // behind redb's back (a bad disk, a stray write) is found before its
+        // values are served or logged to the changelog.
         let create = |path: &Path| {
             redb::Builder::new()
                 .set_cache_size(cache_bytes)
+                .set_check_integrity_on_open(true)
                 .create(path)
         };
-        let db = match create(&path).and_then(|db| Self::check(db, &path)) {
+        let marker = damage_marker(&path);
+        let opened = match std::fs::read_to_string(&marker) {
+            Ok(why) => Err(redb::DatabaseError::Storage(redb::StorageError::Corrupted(
+                format!("marked damaged while in use: {}", why.trim()),
+            ))),
+            Err(_) => create(&path),
+        };
+        let db = match opened {
             Ok(db) => db,
             Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
                 return Err(StateError::storage(
@@ -109,10 +127,26 @@ impl RedbStore {
                 let aside = PathBuf::from(format!("{}.corrupt-{stamp}", path.display()));
                 warn!(path = %path.display(), moved_to = %aside.display(), error = %e,
                     "state store unreadable; moved aside, it will be rebuilt from the changelog");
-                std::fs::rename(&path, &aside).map_err(|source| StateError::Io {
-                    path: path.clone(),
-                    source,
-                })?;
+                match std::fs::rename(&path, &aside) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(source) => {
+                        return Err(StateError::Io {
+                            path: path.clone(),
+                            source,
+                        })
+                    }
+                }
+                match std::fs::remove_file(&marker) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(source) => {
+                        return Err(StateError::Io {
+                            path: marker,
+                            source,
+                        })
+                    }
+                }
                 create(&path).map_err(|e| StateError::storage(&path, e))?
             }
         };
@@ -142,32 +176,6 @@ impl RedbStore {
         };
         *self.reader.write().unwrap_or_else(|e| e.into_inner()) = Some(table.clone());
         Ok(Some(table))
-    }
-
-    /// Reads both tables once so damage shows at open, not at first use.
-    fn check(db: Database, path: &Path) -> std::result::Result<Database, redb::DatabaseError> {
-        let readable = db
-            .begin_read()
-            .map_err(|e| redb::StorageError::Corrupted(e.to_string()))?;
-        for name in ["data", "meta"] {
-            let result = match name {
-                "data" => readable.open_table(DATA).map(|t| t.len().map(|_| ())),
-                _ => readable.open_table(META).map(|t| t.len().map(|_| ())),
-            };
-            match result {
-                Ok(Ok(())) | Err(redb::TableError::TableDoesNotExist(_)) => {}
-                Ok(Err(e)) => return Err(e.into()),
-                Err(e) => {
-                    return Err(redb::StorageError::Corrupted(format!(
-                        "{}: table {name}: {e}",
-                        path.display()
-                    ))
-                    .into())
-                }
-            }
-        }
-        drop(readable);
-        Ok(db)
     }
 
     /// The store's file.
@@ -277,6 +285,14 @@ impl Store for RedbStore {
             .map(|v| v.value()))
     }
 
+    fn mark_damaged(&self, why: &str) -> Result<()> {
+        let marker = damage_marker(&self.path);
+        std::fs::write(&marker, why).map_err(|source| StateError::Io {
+            path: marker,
+            source,
+        })
+    }
+
     fn len(&self) -> Result<u64> {
         let txn = self.db.begin_read().map_err(|e| self.err(e))?;
         match txn.open_table(DATA) {
@@ -358,6 +374,73 @@ mod tests {
             .collect();
         assert_eq!(aside.len(), 1, "the damaged file was not kept");
         assert_eq!(std::fs::read(aside[0].path()).unwrap(), vec![0x5a; 8192]);
+        std::fs::remove_dir_all(dir).ok();
+    }
+
+    /// Stored counts changed in a data page (a few digits, as a bad disk or
+    /// a stray write would) are found at open, though every page still
+    /// parses: the file is moved aside and the store starts empty, to be
+    /// rebuilt from the changelog, instead of serving the wrong counts.
+    #[test]
+    fn a_changed_data_page_is_found_at_open() {
+        let dir = temp_dir("page");
+        let path = dir.join("t-0.redb");
+        {
+            let store = RedbStore::open(&path).unwrap();
+            let mut b = WriteBatch::default();
+            for i in 0..1_000u32 {
+                b.put(
+                    format!("word-{i:04}").into_bytes(),
+                    format!("count={:06}", 500_000 + i).into_bytes(),
+                );
+            }
+            store.apply(&b, Some(999), Durability::Durable).unwrap();
+        }
+        let mut bytes = std::fs::read(&path).unwrap();
+        let needle = b"count=500500";
+        let at = bytes
+            .windows(needle.len())
+            .position(|w| w == needle)
+            .expect("the value is stored as written");
+        bytes[at + 6..at + 9].copy_from_slice(b"100"); // count=100500
+        std::fs::write(&path, &bytes).unwrap();
+
+        let store = RedbStore::open(&path).unwrap();
+        assert_eq!(
+            store.get(b"word-0500").unwrap(),
+            None,
+            "the damaged value was served"
+        );
+        assert_eq!(store.changelog_offset().unwrap(), None);
+        let aside = std::fs::read_dir(&dir)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().contains(".corrupt-"))
+            .count();
+        assert_eq!(aside, 1, "the damaged file was not kept");
+        std::fs::remove_dir_all(dir).ok();
+    }
+
+    /// A store marked damaged while in use is moved aside at its next open
+    /// and starts empty; the marker goes with it.
+    #[test]
+    fn a_store_marked_damaged_is_moved_aside_at_its_next_open() {
+        let dir = temp_dir("marked");
+        let path = dir.join("t-0.redb");
+        {
+            let store = RedbStore::open(&path).unwrap();
+            let mut b = WriteBatch::default();
+            b.put(b"k".to_vec(), b"\"xx".to_vec());
+            store.apply(&b, Some(7), Durability::Durable).unwrap();
+            store.mark_damaged("a value does not decode").unwrap();
+        }
+        let store = RedbStore::open(&path).unwrap();
+        assert_eq!(store.get(b"k").unwrap(), None);
+        assert_eq!(store.changelog_offset().unwrap(), None);
+        assert!(!damage_marker(&path).exists(), "the marker stayed");
+        drop(store);
+        let again = RedbStore::open(&path).unwrap();
+        assert_eq!(again.changelog_offset().unwrap(), None, "reopened fine");
         std::fs::remove_dir_all(dir).ok();
     }
 }

@@ -102,6 +102,14 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     fn is_empty(&self) -> Result<bool> {
         Ok(self.len()? == 0)
     }
+
+    /// Records that the store holds something it should not (a value that
+    /// does not decode): its next open moves it aside and starts empty, so
+    /// it is rebuilt from the changelog. Nothing to do for a store that does
+    /// not outlive the process.
+    fn mark_damaged(&self, _why: &str) -> Result<()> {
+        Ok(())
+    }
 }
 
 #[cfg(test)]

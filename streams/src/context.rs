@@ -57,9 +57,18 @@ impl Ctx {
         let bytes = key.encode_key();
         let stored = self.inner.get(&table.name, &bytes).await?;
         match stored {
-            Some(v) => serde_json::from_slice(&v).map_err(|e| value_error(&table.name, e)),
+            Some(v) => match serde_json::from_slice(&v) {
+                Ok(v) => Ok(v),
+                Err(e) => Err(self.damaged(&table.name, &bytes, e).await),
+            },
             None => Ok((table.default)()),
         }
+    }
+
+    /// A stored value that does not decode is damaged state, not the
+    /// agent's error (see [`strom_worker::Context::damaged`]).
+    async fn damaged(&self, table: &str, key: &[u8], e: serde_json::Error) -> Error {
+        self.inner.damaged(table, key, &e.to_string()).await.into()
     }
 
     /// Sets `key` in `table` to `value`. The key must belong to this event's
@@ -87,21 +96,31 @@ impl Ctx {
         F: FnOnce(V) -> V,
     {
         let bytes = self.check_partition(&table.name, key)?;
-        let updated: Result<V> = self
+        /// Why an update wrote nothing.
+        enum Refused {
+            /// The stored value does not decode.
+            Stored(serde_json::Error),
+            /// The new value does not encode.
+            New(Error),
+        }
+        let updated = self
             .inner
-            .update(&table.name, bytes, |old| {
+            .update(&table.name, bytes.clone(), |old| {
                 let old = match old {
-                    Some(v) => {
-                        serde_json::from_slice(&v).map_err(|e| value_error(&table.name, e))?
-                    }
+                    Some(v) => serde_json::from_slice(&v).map_err(Refused::Stored)?,
                     None => (table.default)(),
                 };
                 let new = f(old);
-                let encoded = serde_json::to_vec(&new).map_err(|e| value_error(&table.name, e))?;
-                Ok::<_, Error>((encoded, new))
+                let encoded = serde_json::to_vec(&new)
+                    .map_err(|e| Refused::New(value_error(&table.name, e)))?;
+                Ok::<_, Refused>((encoded, new))
             })
             .await?;
-        updated
+        match updated {
+            Ok(v) => Ok(v),
+            Err(Refused::Stored(e)) => Err(self.damaged(&table.name, &bytes, e).await),
+            Err(Refused::New(e)) => Err(e),
+        }
     }
 
     /// Deletes `key` from `table`.

@@ -28,6 +28,22 @@ pub enum WorkerError {
         /// What the agent said (or the panic message).
         error: String,
     },
+    /// A table holds a value that does not decode as the table's type: the
+    /// store is damaged (or was written by another version of the app). Not
+    /// the agent's error: the event is not committed, the worker stops, and
+    /// the store is moved aside at its next open and rebuilt from the
+    /// changelog.
+    #[error("table {table:?} partition {partition} holds a value at key {key:?} that does not decode ({what}); the store will be moved aside and rebuilt from its changelog when the worker starts again")]
+    DamagedState {
+        /// The table.
+        table: String,
+        /// The partition number.
+        partition: i32,
+        /// The key, as text where it is (lossy UTF-8).
+        key: String,
+        /// What the decoder said.
+        what: String,
+    },
     /// A call of the framework itself while processing an event (a send, a
     /// table write and its changelog record) still failed after retries. It
     /// is not the agent's error and no error policy skips it: the event is

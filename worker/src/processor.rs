@@ -278,6 +278,38 @@ impl Context {
         Ok(table.store.get(key)?)
     }
 
+    /// Reports that table `name` holds a value at `key` that does not decode
+    /// (`what` says why): damaged state, not the agent's error. The store is
+    /// marked so that its next open moves it aside and rebuilds it from the
+    /// changelog, and the failure is recorded like a framework call that
+    /// failed for good: the event is not committed and the worker stops,
+    /// whatever the agent's error policy. Returns that failure for the agent
+    /// to pass on.
+    pub async fn damaged(&self, name: &str, key: &[u8], what: &str) -> WorkerError {
+        let damaged = || WorkerError::DamagedState {
+            table: name.to_owned(),
+            partition: self.partition(),
+            key: String::from_utf8_lossy(key).into_owned(),
+            what: what.to_owned(),
+        };
+        let error = damaged();
+        let state = self.state().await;
+        if let Some(table) = state.tables.get(name) {
+            if let Err(e) = table.store.store().mark_damaged(&error.to_string()) {
+                tracing::warn!(table = name, partition = self.partition(), error = %e,
+                    "cannot mark the damaged store; it is checked again at its next open");
+            }
+        }
+        drop(state);
+        tracing::error!(error = %error, "damaged table state");
+        self.inner
+            .failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_or_insert_with(damaged);
+        error
+    }
+
     /// Sets `key` to `value` in this partition of table `name`.
     pub async fn put(&self, name: &str, key: Vec<u8>, value: Vec<u8>) -> Result<(), WorkerError> {
         self.write(name, key, Some(value)).await

@@ -375,6 +375,51 @@ async fn a_batch_with_a_damaged_header_stops_the_worker_even_under_skip() {
     assert_eq!(cluster.committed(APP, "in", 0), Some(bad));
 }
 
+/// A stored value that does not decode is damaged state, not the agent's
+/// error: even under Skip the worker stops at that event without committing
+/// it, and the redb store is marked so its next open moves it aside.
+#[tokio::test(start_paused = true)]
+async fn a_stored_value_that_does_not_decode_stops_the_worker_and_marks_the_store() {
+    let cluster = cluster();
+    let mut config = config(&cluster, ProcessingGuarantee::AtLeastOnce);
+    config.store = StoreKind::Redb;
+    let state_dir = config.state_dir.clone();
+    let agent = Agent {
+        concurrency: 1,
+        policy: Some(ErrorPolicy::Skip),
+        behave: Arc::new(|ctx, record| {
+            Box::pin(async move {
+                let key = b"word".to_vec();
+                if record.value.as_deref() == Some(&b"damage"[..]) {
+                    ctx.put("counts", key, b"xx".to_vec()).await?;
+                    return Ok(());
+                }
+                let stored = ctx.get("counts", &key).await?.unwrap_or_default();
+                if stored.len() != 8 {
+                    return Err(ctx.damaged("counts", &key, "not 8 bytes").await.into());
+                }
+                Ok(())
+            })
+        }),
+    };
+    cluster.append("in", 0, None, Some(b"damage"));
+    let read = cluster.append("in", 0, None, Some(b"read"));
+    let (_stop, run, _metrics) = start(config, agent);
+    let err = outcome(run, Duration::from_secs(30)).await.unwrap_err();
+    assert!(
+        matches!(&err, WorkerError::DamagedState { table, partition: 0, .. } if table == "counts"),
+        "{err}"
+    );
+    assert!(
+        cluster.committed(APP, "in", 0) <= Some(read),
+        "the damaged event was committed"
+    );
+    let marker = strom_state::redb_store::store_path(&state_dir, "counts", 0);
+    let marker = std::path::PathBuf::from(format!("{}.damaged", marker.display()));
+    assert!(marker.exists(), "{} is missing", marker.display());
+    std::fs::remove_dir_all(state_dir).ok();
+}
+
 /// A source topic that gains partitions under a stateful app stops the
 /// worker with an error saying why (the keys would leave their state), and
 /// nothing after the change is processed into the wrong partition's table.
