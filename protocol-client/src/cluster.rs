@@ -237,6 +237,10 @@ struct Inner {
     /// Bumped whenever a refresh changes a topic's partition count or the
     /// broker list.
     changes: tokio::sync::watch::Sender<u64>,
+    /// The same count, cheap to read on every record.
+    epoch: std::sync::atomic::AtomicU64,
+    /// Brokers that cannot be reached right now, for logging once per incident.
+    incidents: crate::health::Incidents,
 }
 
 /// A handle to a Kafka cluster: metadata and connections, shared by the
@@ -287,6 +291,8 @@ impl Client {
                 bootstrap: Slot::default(),
                 refresh: tokio::sync::Mutex::new(()),
                 changes: tokio::sync::watch::Sender::new(0),
+                epoch: std::sync::atomic::AtomicU64::new(0),
+                incidents: crate::health::Incidents::default(),
             }),
         };
         client.refresh_metadata(&[]).await?;
@@ -309,6 +315,13 @@ impl Client {
     /// ```
     pub fn metadata_changes(&self) -> tokio::sync::watch::Receiver<u64> {
         self.inner.changes.subscribe()
+    }
+
+    /// How many times a refresh changed the metadata (see
+    /// [`Client::metadata_changes`]): what was derived from the cache under
+    /// the same value still holds. One atomic load.
+    pub fn metadata_epoch(&self) -> u64 {
+        self.inner.epoch.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// The configuration this client was built with.
@@ -336,9 +349,25 @@ impl Client {
             }
         }
         debug!(broker = %addr, id, ?class, "connecting");
-        let conn = Arc::new(Connection::connect(&addr, &self.inner.config.connection).await?);
+        let conn = Arc::new(self.connect_to(&addr).await?);
         *slot = Some(conn.clone());
         Ok(conn)
+    }
+
+    /// Opens a connection to `addr`, noting how the attempt went (see
+    /// [`crate::health`]).
+    async fn connect_to(&self, addr: &str) -> Result<Connection> {
+        let incidents = &self.inner.incidents;
+        match Connection::connect(addr, &self.inner.config.connection).await {
+            Ok(conn) => {
+                incidents.connected(addr);
+                Ok(conn)
+            }
+            Err(e) => {
+                incidents.failed(addr, &e);
+                Err(e)
+            }
+        }
     }
 
     /// The broker id of the coordinator for a consumer group or a
@@ -393,7 +422,7 @@ impl Client {
         loop {
             let mut last = None;
             for addr in &config.bootstrap {
-                match Connection::connect(addr, &config.connection).await {
+                match self.connect_to(addr).await {
                     Ok(c) => {
                         let c = Arc::new(c);
                         *slot = Some(c.clone());
@@ -510,6 +539,9 @@ impl Client {
         }
         drop(md);
         if changed {
+            self.inner
+                .epoch
+                .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
             self.inner.changes.send_modify(|v| *v += 1);
         }
     }

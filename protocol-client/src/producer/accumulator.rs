@@ -46,12 +46,17 @@ struct PartitionQueue {
     /// in `sequence_owner`; it restarts at 0 under a new id or epoch.
     next_sequence: i32,
     sequence_owner: Option<(i64, i16)>,
+    /// Bytes of the last batch closed here: the next one starts with room
+    /// for as much, so a busy partition's batches do not grow by copying.
+    last_size: usize,
 }
 
 #[derive(Debug)]
 struct TopicQueues {
     name: Arc<str>,
     partitions: Vec<PartitionQueue>,
+    /// The client's metadata epoch when `partitions` was last sized.
+    epoch: u64,
     sticky: Sticky,
 }
 
@@ -120,14 +125,24 @@ impl Accumulator {
         }
     }
 
+    /// The partition count of `topic` known under metadata `epoch`, if the
+    /// topic was sized under that epoch (the cache has not changed since).
+    pub fn partition_count(&self, topic: &str, epoch: u64) -> Option<usize> {
+        self.topics
+            .get(topic)
+            .filter(|t| t.epoch == epoch)
+            .map(|t| t.partitions.len())
+    }
+
     /// Registers a topic and returns its queues, growing them when the
     /// topic has gained partitions (partition counts only grow in Kafka).
-    fn topic(&mut self, topic: &str, partitions: usize) -> &mut TopicQueues {
+    fn topic(&mut self, topic: &str, partitions: usize, epoch: u64) -> &mut TopicQueues {
         if !self.topics.contains_key(topic) {
             let name: Arc<str> = Arc::from(topic);
             let queues = TopicQueues {
                 name: name.clone(),
                 partitions: Vec::new(),
+                epoch,
                 sticky: Sticky::new(),
             };
             self.topics.insert(name, queues);
@@ -140,6 +155,7 @@ impl Accumulator {
                 .partitions
                 .resize_with(partitions, PartitionQueue::default);
         }
+        queues.epoch = epoch;
         queues
     }
 
@@ -147,16 +163,17 @@ impl Accumulator {
     /// whether the sink should wake (a batch started or closed).
     ///
     /// `partitions` is the topic's partition count as the client's metadata
-    /// knows it now; the caller has checked an explicit partition is below it.
+    /// knows it under `epoch`; the caller has checked an explicit partition
+    /// is below it.
     pub fn append(
         &mut self,
         record: &ProducerRecord<'_>,
-        partitions: usize,
+        (partitions, epoch): (usize, u64),
         timestamp: i64,
         size: usize,
     ) -> (DeliveryFuture, bool) {
         let batch_size = self.batch_size;
-        let topic = self.topic(record.topic, partitions);
+        let topic = self.topic(record.topic, partitions, epoch);
         let n = topic.partitions.len();
         let partition = match (record.partition, record.key) {
             (Some(p), _) => p,
@@ -175,7 +192,9 @@ impl Accumulator {
         let open = queue.open.get_or_insert_with(|| {
             new_batch = true;
             ProducerBatch {
-                builder: BatchBuilder::new(size.max(batch_size.min(64 * 1024))),
+                builder: BatchBuilder::new(
+                    size.max(batch_size.min(queue.last_size.max(64 * 1024))),
+                ),
                 completion: Completion::new(topic.name.clone(), partition),
                 reserved: 0,
                 records: 0,
@@ -395,6 +414,7 @@ impl Accumulator {
 
 fn close(queue: &mut PartitionQueue, sticky: &mut Sticky, partition: i32, partitions: usize) {
     if let Some(batch) = queue.open.take() {
+        queue.last_size = batch.builder.size();
         queue.ready.push_back(batch);
         sticky.batch_closed(partition, partitions);
     }

@@ -442,15 +442,22 @@ impl Producer {
             )));
         }
         // The client's metadata cache, refreshed in the background, so
-        // partitions added to the topic are used once the cache knows them.
-        let partitions = match inner.client.cached_topic(record.topic) {
-            Some(t) if !t.partitions.is_empty() => t.partitions.len(),
-            _ => inner
-                .client
-                .topic_metadata(record.topic)
-                .await?
-                .partitions
-                .len(),
+        // partitions added to the topic are used once the cache knows them;
+        // the count the accumulator holds is used while the cache is
+        // unchanged (one atomic load instead of a cache look-up per record).
+        let epoch = inner.client.metadata_epoch();
+        let known = inner.accumulator().partition_count(record.topic, epoch);
+        let partitions = match known {
+            Some(n) => n,
+            None => match inner.client.cached_topic(record.topic) {
+                Some(t) if !t.partitions.is_empty() => t.partitions.len(),
+                _ => inner
+                    .client
+                    .topic_metadata(record.topic)
+                    .await?
+                    .partitions
+                    .len(),
+            },
         };
         if let Some(p) = record.partition {
             if p < 0 || p as usize >= partitions {
@@ -472,9 +479,10 @@ impl Producer {
             Err(tokio::sync::TryAcquireError::Closed) => return Err(Error::Closed("producer")),
         }
         let timestamp = record.timestamp.unwrap_or_else(now_ms);
-        let (future, wake) = inner
-            .accumulator()
-            .append(&record, partitions, timestamp, size);
+        let (future, wake) =
+            inner
+                .accumulator()
+                .append(&record, (partitions, epoch), timestamp, size);
         if wake {
             inner.wake_sink.notify_one();
         }
