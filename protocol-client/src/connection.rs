@@ -197,7 +197,7 @@ impl Shared {
     fn close(&self, err: Error) {
         let mut state = lock(&self.state);
         if let State::Open(pending) = std::mem::replace(&mut *state, State::Closed(err.clone())) {
-            debug!(broker = %self.broker, error = %err, waiters = pending.len(), "connection closed");
+            crate::health::connection_ended(&self.broker, &err, pending.len());
             for (_, p) in pending {
                 let _ = p.tx.send(Err(err.clone()));
             }

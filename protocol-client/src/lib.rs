@@ -63,6 +63,7 @@ pub mod connection;
 pub mod consumer;
 pub mod error;
 pub mod group;
+pub mod health;
 #[cfg(any(test, feature = "testing"))]
 pub mod mock;
 pub mod partitioner;

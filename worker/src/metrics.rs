@@ -14,7 +14,9 @@
 //! | `strom_partition_ready` | partition | 0 recovering, 1 processing |
 //! | `strom_table_reads_total`, `strom_table_writes_total` | table | table access |
 //! | `strom_decode_errors_total`, `strom_agent_errors_total`, `strom_dead_lettered_total` | topic | bad input |
-//! | `strom_corrupt_batches_total` | topic, partition | fetched batches that did not decode (the worker stops on one that stays so) |
+//! | `strom_corrupt_batches_total` | topic, partition | fetched batches that did not decode (stepped over or stopped at by the error policy) |
+//! | `strom_client_connects_total`, `strom_client_connect_failures_total` | | connections opened to brokers, attempts that failed |
+//! | `strom_client_connections_lost_total`, `strom_client_request_timeouts_total` | | open connections that failed, requests unanswered within the request timeout |
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -91,6 +93,13 @@ struct Inner {
     agent_errors: Family<TopicLabels, Counter>,
     dead_lettered: Family<TopicLabels, Counter>,
     corrupt_batches: Family<PartitionLabels, Counter>,
+    /// The client's connection health ([`strom_client::health`]), brought up
+    /// to date at each render, and the counts it was last brought to.
+    connects: Counter,
+    connect_failures: Counter,
+    connections_lost: Counter,
+    request_timeouts: Counter,
+    health_seen: std::sync::Mutex<strom_client::health::ConnectionStats>,
 }
 
 /// The per-event metrics of one topic partition, resolved once by the
@@ -131,6 +140,11 @@ impl Default for Metrics {
             agent_errors: Family::default(),
             dead_lettered: Family::default(),
             corrupt_batches: Family::default(),
+            connects: Counter::default(),
+            connect_failures: Counter::default(),
+            connections_lost: Counter::default(),
+            request_timeouts: Counter::default(),
+            health_seen: std::sync::Mutex::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -207,6 +221,26 @@ impl Default for Metrics {
             "Events sent to a dead-letter topic",
             inner.dead_lettered.clone(),
         );
+        r.register(
+            "client_connects",
+            "Connections opened to brokers",
+            inner.connects.clone(),
+        );
+        r.register(
+            "client_connect_failures",
+            "Attempts to connect to a broker that failed",
+            inner.connect_failures.clone(),
+        );
+        r.register(
+            "client_connections_lost",
+            "Open broker connections that failed (reset, closed, write error)",
+            inner.connections_lost.clone(),
+        );
+        r.register(
+            "client_request_timeouts",
+            "Requests a broker did not answer within the request timeout",
+            inner.request_timeouts.clone(),
+        );
         Metrics {
             inner: Arc::new(Inner { registry, ..inner }),
         }
@@ -222,10 +256,31 @@ fn topic(topic: &str) -> TopicLabels {
 impl Metrics {
     /// The metrics in the text exposition format.
     pub fn render(&self) -> String {
+        self.catch_up_on_connections();
         let mut out = String::new();
         // Writing to a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.inner.registry);
         out
+    }
+
+    /// Brings the connection counters up to the client's counts.
+    fn catch_up_on_connections(&self) {
+        let inner = &self.inner;
+        let now = strom_client::health::stats();
+        let mut seen = inner.health_seen.lock().unwrap_or_else(|e| e.into_inner());
+        inner
+            .connects
+            .inc_by(now.connects.saturating_sub(seen.connects));
+        inner
+            .connect_failures
+            .inc_by(now.connect_failures.saturating_sub(seen.connect_failures));
+        inner
+            .connections_lost
+            .inc_by(now.lost.saturating_sub(seen.lost));
+        inner
+            .request_timeouts
+            .inc_by(now.request_timeouts.saturating_sub(seen.request_timeouts));
+        *seen = now;
     }
 
     /// The counter of records sent to `topic` (a handle: count with `inc`).
@@ -334,5 +389,37 @@ impl Metrics {
     /// Forgets a partition number this worker no longer owns.
     pub fn forget_partition(&self, partition: i32) {
         self.inner.ready.remove(&NumberLabels { partition });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The client's connection counts appear in `/metrics` and follow it.
+    #[test]
+    fn connection_health_is_rendered() {
+        let metrics = Metrics::default();
+        let value = |text: &str, name: &str| -> u64 {
+            text.lines()
+                .find_map(|l| l.strip_prefix(&format!("{name} ")))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or_else(|| panic!("{name} missing:\n{text}"))
+        };
+        let before = strom_client::health::stats().connects;
+        let first = metrics.render();
+        let after = strom_client::health::stats().connects;
+        let seen = value(&first, "strom_client_connects_total");
+        assert!(
+            before <= seen && seen <= after,
+            "{before} <= {seen} <= {after}"
+        );
+        for name in [
+            "strom_client_connect_failures_total",
+            "strom_client_connections_lost_total",
+            "strom_client_request_timeouts_total",
+        ] {
+            value(&first, name);
+        }
     }
 }
