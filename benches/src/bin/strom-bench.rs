@@ -117,6 +117,16 @@ enum Command {
         #[command(flatten)]
         state: StateArgs,
     },
+    /// Writes a store of `--megabytes` of 1 KiB values (no Kafka), closes
+    /// it, and times opening it again: the integrity check at open reads
+    /// every page.
+    StateOpen {
+        #[arg(long, default_value_t = 1024)]
+        megabytes: u64,
+        /// Where the store file goes; a fresh temporary directory by default.
+        #[arg(long)]
+        state_dir: Option<std::path::PathBuf>,
+    },
     /// Recovers N changelog records into an empty store.
     StateRecover {
         #[command(flatten)]
@@ -262,6 +272,10 @@ fn main() -> ExitCode {
             Command::StateWrite { state } => state_bench::write(&state).await,
             Command::StateRead { state } => state_bench::read(&state).await,
             Command::StateRecover { state } => state_bench::recover(&state).await,
+            Command::StateOpen {
+                megabytes,
+                state_dir,
+            } => state_bench::open(megabytes, state_dir),
             Command::Consume {
                 target,
                 timeout_secs,
@@ -693,6 +707,48 @@ mod state_bench {
             .ok()
             .filter(|_| args.state_dir.is_none());
         Ok(report("state-write", args.messages, seconds, correct))
+    }
+
+    pub(super) fn open(megabytes: u64, dir: Option<std::path::PathBuf>) -> Result<bool, Error> {
+        let dir = dir.unwrap_or_else(|| {
+            std::env::temp_dir().join(format!("strom-bench-open-{}", std::process::id()))
+        });
+        let path = dir.join("open.redb");
+        let failed = |e: strom_state::StateError| Error::Config(e.to_string());
+        let n = megabytes * 1024;
+        let started = Instant::now();
+        {
+            let store = RedbStore::open(&path).map_err(failed)?;
+            let mut batch = WriteBatch::default();
+            for i in 0..n {
+                let mut v = value(i);
+                v.resize(1024, b'x');
+                batch.put(i.to_be_bytes().to_vec(), v);
+                if batch.len() == 50_000 || i + 1 == n {
+                    store
+                        .apply(&batch, Some(i as i64), Durability::Durable)
+                        .map_err(failed)?;
+                    batch.clear();
+                }
+            }
+        }
+        let wrote = started.elapsed().as_secs_f64();
+        let bytes = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        let started = Instant::now();
+        let store = RedbStore::open(&path).map_err(failed)?;
+        let opened = started.elapsed().as_secs_f64();
+        let correct = store.len().ok() == Some(n);
+        drop(store);
+        let _ = std::fs::remove_dir_all(&dir);
+        super::print(json!({
+            "op": "state-open",
+            "records": n,
+            "file_bytes": bytes,
+            "write_seconds": wrote,
+            "open_seconds": opened,
+            "correct": correct,
+        }));
+        Ok(correct)
     }
 
     pub(super) async fn read(args: &StateArgs) -> Result<bool, Error> {
