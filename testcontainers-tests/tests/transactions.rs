@@ -71,7 +71,8 @@ fn numbered(prefix: &str, n: usize) -> Vec<String> {
 
 /// A Produce response lost on the network makes a plain producer write its
 /// batch twice; an idempotent producer's resend (same sequence) is recognised
-/// by the broker and the topic holds each record once.
+/// by the broker and the topic holds each record once. The lost connection
+/// is counted (`strom_client::health`, behind `/metrics`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lost_produce_response_duplicates_only_without_idempotence() {
     let Some((broker, proxy)) = TestBroker::start_behind_proxy().await else {
@@ -90,6 +91,7 @@ async fn lost_produce_response_duplicates_only_without_idempotence() {
         )
         .unwrap();
         let dropped_before = proxy.dropped();
+        let health_before = strom_client::health::stats();
         proxy.drop_next_produce_response();
         let futures = send_values(&producer, &topic, &numbered("v", 100)).await;
         producer.flush().await.unwrap();
@@ -100,6 +102,11 @@ async fn lost_produce_response_duplicates_only_without_idempotence() {
             proxy.dropped(),
             dropped_before + 1,
             "the proxy did not lose a response"
+        );
+        let health = strom_client::health::stats();
+        assert!(
+            health.lost > health_before.lost && health.connects > health_before.connects,
+            "the lost connection was not counted: {health_before:?} -> {health:?}"
         );
         let mut seen: HashMap<String, usize> = HashMap::new();
         for r in read_all(&client, &topic, IsolationLevel::ReadUncommitted).await {
