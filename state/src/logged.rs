@@ -108,7 +108,12 @@ impl LoggedStore {
             .key(key);
         record.value = value;
         let delivery = self.producer.send(record).await?;
-        self.deliveries.push(delivery);
+        // One future per batch is enough to wait for it; the latest one
+        // gives the highest offset.
+        match self.deliveries.last_mut() {
+            Some(last) if last.same_batch(&delivery) => *last = delivery,
+            _ => self.deliveries.push(delivery),
+        }
         Ok(())
     }
 

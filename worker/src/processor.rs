@@ -135,6 +135,10 @@ pub(crate) struct PartitionState {
     pub sent: HashMap<String, Counter>,
 }
 
+/// How many of the latest deliveries a send looks through for one of its
+/// batch (see [`Context::send`]).
+const RECENT_BATCHES: usize = 16;
+
 /// Attempts a framework call (a send, a table write) gets before the worker
 /// gives up on it.
 const ATTEMPTS: u32 = 3;
@@ -408,7 +412,19 @@ impl Context {
                 state.sent.insert(topic.to_owned(), c);
             }
         }
-        state.deliveries.push(delivery);
+        // Waiting for one record of a batch waits for all of it: keep one
+        // future per batch (sends spread over partitions interleave, so look
+        // a few back), so an event that sends millions of records holds
+        // futures for its batches, not its records.
+        let known = state
+            .deliveries
+            .iter()
+            .rev()
+            .take(RECENT_BATCHES)
+            .any(|d| d.same_batch(&delivery));
+        if !known {
+            state.deliveries.push(delivery);
+        }
         Ok(())
     }
 
@@ -463,4 +479,38 @@ fn attempts() -> Backoff {
 
 fn no_table(name: &str) -> WorkerError {
     WorkerError::Config(format!("no table named {name:?} is declared"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use strom_client::mock::MockCluster;
+    use strom_client::producer::ProducerConfig;
+
+    /// An event that sends many records holds a future per batch, not per
+    /// record, and its checkpoint still waits for every one of them.
+    #[tokio::test]
+    async fn one_future_per_batch_is_kept() {
+        let cluster = MockCluster::new();
+        cluster.create_topic("out", 2);
+        let client = strom_client::Client::connect(cluster.client_config())
+            .await
+            .unwrap();
+        let producer = Producer::new(client, ProducerConfig::default()).unwrap();
+        let ctx = Context::new(0, 2, BTreeMap::new(), producer, Metrics::default());
+        for i in 0..20_000u32 {
+            let key = i.to_string();
+            ctx.send(ProducerRecord::to("out").key(key.as_bytes()).value(b"v"))
+                .await
+                .unwrap();
+        }
+        let held = ctx.state().await.deliveries.len();
+        assert!(held < 200, "{held} futures held for 20,000 records");
+        ctx.checkpoint(Durability::Fast).await.unwrap();
+        let written = cluster.records("out", 0).len() + cluster.records("out", 1).len();
+        assert_eq!(
+            written, 20_000,
+            "the checkpoint returned before every record was written"
+        );
+    }
 }

@@ -270,6 +270,12 @@ pub struct DeliveryFuture {
 }
 
 impl DeliveryFuture {
+    /// Whether both records are in the same batch: they are written, or
+    /// fail, together (so waiting for one of them waits for both).
+    pub fn same_batch(&self, other: &DeliveryFuture) -> bool {
+        Arc::ptr_eq(&self.completion, &other.completion)
+    }
+
     /// The outcome if the record's batch has completed, without waiting.
     pub fn try_result(&self) -> Option<Result<RecordMetadata>> {
         self.completion.result.get().map(|r| self.metadata(r))
