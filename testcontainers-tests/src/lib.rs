@@ -306,6 +306,28 @@ impl TestBroker {
         }
     }
 
+    /// Freezes the broker (`docker pause`): connections stay open and nothing
+    /// answers, as with a broker stuck in a long GC or a stalled VM. False
+    /// for an external broker, which cannot be frozen.
+    pub async fn freeze(&self) -> bool {
+        let Some(c) = &self.container else {
+            return false;
+        };
+        c.pause()
+            .await
+            .unwrap_or_else(|e| panic!("strom-it: cannot pause the broker: {e}"));
+        true
+    }
+
+    /// Lets a broker frozen by [`TestBroker::freeze`] go on.
+    pub async fn thaw(&self) {
+        if let Some(c) = &self.container {
+            c.unpause()
+                .await
+                .unwrap_or_else(|e| panic!("strom-it: cannot unpause the broker: {e}"));
+        }
+    }
+
     /// Starts the broker's container again after [`TestBroker::stop`], on the same port.
     pub async fn restart(&self) {
         if let Some(c) = &self.container {

@@ -551,3 +551,103 @@ async fn retry_policy_retries_then_skips() {
     );
     stop(worker).await;
 }
+
+/// The broker frozen (`docker pause`) for longer than the session timeout
+/// while words keep coming: the worker counts itself out of the group, so
+/// `/ready` answers 503; once the broker is back it rejoins, `/ready` is 200
+/// again, and no word is under-counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_broker_makes_the_worker_unready_then_it_recovers_exactly() {
+    let broker = TestBroker::start().await;
+    let client = broker.client().await;
+    let (id, input, output) = (
+        unique_topic("frozen"),
+        unique_topic("frozen-in"),
+        unique_topic("frozen-out"),
+    );
+    let port = free_port();
+    let worker = strom_it::spawn_app(strom_it::wordcount(
+        app(&id, &broker, port, 2),
+        &input,
+        &output,
+    ));
+    strom_it::wait_for_topic(&client, &input).await;
+    let ready = || async move {
+        http_get(&format!("http://127.0.0.1:{port}/ready"))
+            .await
+            .map(|r| r.status)
+    };
+    eventually("the worker is ready", || async {
+        ready().await == Some(200)
+    })
+    .await;
+
+    let producer = Producer::new(client.clone(), ProducerConfig::default()).unwrap();
+    let mut truth: BTreeMap<String, u64> = BTreeMap::new();
+    let mut send = |from: u64, to: u64| {
+        let mut lines = Vec::new();
+        for i in from..to {
+            let line = format!("f{} g{}", i % 13, i % 7);
+            for w in line.split_whitespace() {
+                *truth.entry(w.to_owned()).or_default() += 1;
+            }
+            lines.push(line);
+        }
+        lines
+    };
+    for line in send(0, 2_000) {
+        producer
+            .send(ProducerRecord::to(&input).value(line.as_bytes()))
+            .await
+            .unwrap();
+    }
+    producer.flush().await.unwrap();
+    let later = send(2_000, 4_000);
+
+    if !broker.freeze().await {
+        println!("a_frozen_broker…: NOT checked (an external broker cannot be frozen)");
+        stop(worker).await;
+        return;
+    }
+    let frozen = Instant::now();
+    // The session (6 s) runs out without heartbeats: the worker owns nothing.
+    let mut unready = false;
+    while frozen.elapsed() < Duration::from_secs(15) {
+        if ready().await == Some(503) {
+            unready = true;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    broker.thaw().await;
+    assert!(
+        unready,
+        "/ready never answered 503 while the broker was frozen for 15 s"
+    );
+    for line in later {
+        producer
+            .send(ProducerRecord::to(&input).value(line.as_bytes()))
+            .await
+            .unwrap();
+    }
+    producer.flush().await.unwrap();
+    eventually("the worker is ready again", || async {
+        ready().await == Some(200)
+    })
+    .await;
+    eventually("every word counted", || async {
+        let last = strom_it::last_counts(&client, &output).await;
+        truth
+            .iter()
+            .all(|(w, n)| last.get(w).is_some_and(|c| c >= n))
+    })
+    .await;
+    stop(worker).await;
+    let table = strom_it::last_counts(&client, &format!("{id}-word-counts-changelog")).await;
+    for (w, n) in &truth {
+        assert!(
+            table.get(w).is_some_and(|c| c >= n),
+            "{w}: {:?} < {n}",
+            table.get(w)
+        );
+    }
+}

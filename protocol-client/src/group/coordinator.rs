@@ -628,7 +628,26 @@ async fn heartbeat(group: GroupHandle, tx: tokio::sync::mpsc::UnboundedSender<Ev
         // member frozen with its heartbeat in flight is not alive on waking
         // just because that old answer arrives then.
         let sent_at = Instant::now();
-        let sent = async { connection(inner, Via::Member).await?.send(&req).await }.await;
+        // A broker that stops answering (frozen, partitioned away) must not
+        // hold this heartbeat past the session: the member has to find
+        // itself dropped when the coordinator drops it, not a request
+        // timeout later.
+        let left = inner
+            .config
+            .session_timeout
+            .saturating_sub(last_ok.elapsed())
+            .max(Duration::from_millis(10));
+        let sent = tokio::time::timeout(left, async {
+            connection(inner, Via::Member).await?.send(&req).await
+        })
+        .await
+        .unwrap_or_else(|_| {
+            Err(Error::RequestTimeout {
+                broker: "group coordinator".into(),
+                api: ApiKey::Heartbeat,
+                after: left,
+            })
+        });
         let resp = match sent {
             Ok(r) => r,
             Err(e) => {
@@ -794,6 +813,38 @@ mod tests {
         )
         .unwrap();
         (a, b)
+    }
+
+    /// A coordinator that stops answering (a frozen broker) does not hold
+    /// the member's heartbeat for the request timeout (30 s): the member
+    /// counts its partitions lost once its session has run out.
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_coordinator_loses_the_member_at_the_session_timeout() {
+        let cluster = MockCluster::new();
+        cluster.create_topic("t", 2);
+        let client = Client::connect(cluster.client_config()).await.unwrap();
+        let slow = Arc::new(Slow {
+            revoke_for: Some(Duration::ZERO),
+            revoked: AtomicUsize::new(0),
+            lost: AtomicUsize::new(0),
+        });
+        let a = GroupConsumer::new(client, config(), &["t"], slow.clone()).unwrap();
+        wait_until("A owns everything", || a.group().assignment().len() == 2).await;
+        cluster.set_hook(|call: &crate::mock::Call| match call.api {
+            ApiKey::Heartbeat | ApiKey::JoinGroup => crate::mock::Action::Hang,
+            _ => crate::mock::Action::Answer,
+        });
+        let silent = tokio::time::Instant::now();
+        wait_until("A loses its partitions", || {
+            slow.lost.load(Ordering::SeqCst) > 0
+        })
+        .await;
+        assert!(
+            silent.elapsed() <= Duration::from_secs(8),
+            "lost only after {:?} with a 6 s session",
+            silent.elapsed()
+        );
+        assert!(!a.group().session_alive());
     }
 
     /// A member whose `on_revoked` takes 20 s (three session timeouts) keeps
