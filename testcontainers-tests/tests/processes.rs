@@ -296,3 +296,41 @@ async fn sigkill_crash_undercounts_nothing_and_stores_match_changelog() {
         }
     }
 }
+
+/// A worker process killed with SIGKILL some seconds after its last input:
+/// its durable checkpoints (every 5 s by default) have already put every
+/// table write on disk, so each partition's store file holds the changelog's
+/// last offset and a restart would replay nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_after_a_durable_checkpoint_leaves_nothing_to_replay() {
+    if std::env::var(CHILD).is_ok() {
+        child_worker().await;
+    }
+    let broker = TestBroker::start().await;
+    let client = broker.client().await;
+    let names = Names::new();
+    let test = "sigkill_after_a_durable_checkpoint_leaves_nothing_to_replay";
+    let dir = state_dir();
+    let mut worker = spawn_worker(test, &broker, &names, &dir);
+    let truth = feed(client.clone(), names.input.clone(), 10_000).await;
+    wait_counted(&client, &names.output, &truth).await;
+    // Longer than the durable checkpoint interval, with changes pending.
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    worker.kill().unwrap(); // SIGKILL
+    worker.wait().unwrap();
+
+    let topic = changelog::topic_name(&names.id, "word-counts");
+    for p in 0..4 {
+        let log: Arc<dyn Store> = Arc::new(MemoryStore::new());
+        recover(&client, log.clone(), &topic, p).await.unwrap();
+        let path = strom_state::store_path(&dir, "word-counts", p);
+        let store = RedbStore::open(&path).unwrap();
+        assert_eq!(
+            store.changelog_offset().unwrap(),
+            log.changelog_offset().unwrap(),
+            "partition {p}: the store on disk is behind its changelog after SIGKILL"
+        );
+        assert_eq!(contents(&store), contents(log.as_ref()), "partition {p}");
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
