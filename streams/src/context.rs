@@ -105,7 +105,7 @@ impl Ctx {
         }
         let updated = self
             .inner
-            .update(&table.name, bytes.clone(), |old| {
+            .update(&table.name, bytes, |old| {
                 let old = match old {
                     Some(v) => serde_json::from_slice(&v).map_err(Refused::Stored)?,
                     None => (table.default)(),
@@ -118,7 +118,8 @@ impl Ctx {
             .await?;
         match updated {
             Ok(v) => Ok(v),
-            Err(Refused::Stored(e)) => Err(self.damaged(&table.name, &bytes, e).await),
+            // The key went into the update; encode it again only here.
+            Err(Refused::Stored(e)) => Err(self.damaged(&table.name, &key.encode_key(), e).await),
             Err(Refused::New(e)) => Err(e),
         }
     }

@@ -268,18 +268,22 @@ impl Metrics {
         let inner = &self.inner;
         let now = strom_client::health::stats();
         let mut seen = inner.health_seen.lock().unwrap_or_else(|e| e.into_inner());
-        inner
-            .connects
-            .inc_by(now.connects.saturating_sub(seen.connects));
-        inner
-            .connect_failures
-            .inc_by(now.connect_failures.saturating_sub(seen.connect_failures));
-        inner
-            .connections_lost
-            .inc_by(now.lost.saturating_sub(seen.lost));
-        inner
-            .request_timeouts
-            .inc_by(now.request_timeouts.saturating_sub(seen.request_timeouts));
+        for (counter, now, before) in [
+            (&inner.connects, now.connects, seen.connects),
+            (
+                &inner.connect_failures,
+                now.connect_failures,
+                seen.connect_failures,
+            ),
+            (&inner.connections_lost, now.lost, seen.lost),
+            (
+                &inner.request_timeouts,
+                now.request_timeouts,
+                seen.request_timeouts,
+            ),
+        ] {
+            counter.inc_by(now.saturating_sub(before));
+        }
         *seen = now;
     }
 
