@@ -290,6 +290,7 @@ impl Batch {
             batch: self,
             pos: 0,
             remaining: self.record_count,
+            prev: self.base_offset.saturating_sub(1),
         }
     }
 
@@ -324,6 +325,8 @@ pub struct RecordIter<'a> {
     batch: &'a Batch,
     pos: usize,
     remaining: i32,
+    /// Offset of the record before (`base_offset - 1` at the start).
+    prev: i64,
 }
 
 impl Iterator for RecordIter<'_> {
@@ -402,6 +405,17 @@ impl RecordIter<'_> {
             .base_offset
             .checked_add(offset_delta)
             .ok_or_else(|| batch.corrupt(format!("offset delta {offset_delta} overflows")))?;
+        // Offsets ascend inside the batch and end at its last offset; the
+        // consumer's position is taken from the batch, so a record outside
+        // that range would be handed out twice or skipped over.
+        if offset <= self.prev || offset > batch.last_offset() {
+            return Err(batch.corrupt(format!(
+                "record offset {offset} outside {}..={} of the batch",
+                self.prev.saturating_add(1),
+                batch.last_offset()
+            )));
+        }
+        self.prev = offset;
         Ok(Record {
             offset,
             timestamp,
@@ -465,6 +479,8 @@ pub struct BatchDecoder {
     buf: Bytes,
     check_crc: bool,
     truncated: bool,
+    /// The offset after the last batch decoded: the next must not start before.
+    next_offset: Option<i64>,
 }
 
 impl BatchDecoder {
@@ -474,6 +490,7 @@ impl BatchDecoder {
             buf,
             check_crc,
             truncated: false,
+            next_offset: None,
         }
     }
 
@@ -500,6 +517,12 @@ impl BatchDecoder {
         };
         if batch_len < (BATCH_HEADER_LEN - LOG_OVERHEAD) as i32 {
             return Err(corrupt(format!("batch length {batch_len} is too small")));
+        }
+        // The base offset is outside the CRC; offsets handed out must ascend.
+        if let Some(next) = self.next_offset.filter(|&next| base_offset < next) {
+            return Err(corrupt(format!(
+                "batch at offset {base_offset} starts before {next}, where the batch before it ended"
+            )));
         }
         let total = LOG_OVERHEAD + batch_len as usize;
         if buf.len() < total {
@@ -544,6 +567,11 @@ impl BatchDecoder {
         if record_count < 0 {
             return Err(corrupt(format!("negative record count {record_count}")));
         }
+        if last_offset_delta < 0 {
+            return Err(corrupt(format!(
+                "negative last offset delta {last_offset_delta}"
+            )));
+        }
         let body = this.slice(BATCH_HEADER_LEN..);
         let records = match Compression::from_id(attributes & COMPRESSION_MASK) {
             Some(Compression::None) => body,
@@ -555,6 +583,11 @@ impl BatchDecoder {
                 )))
             }
         };
+        self.next_offset = Some(
+            base_offset
+                .saturating_add(i64::from(last_offset_delta))
+                .saturating_add(1),
+        );
         Ok(Some(Batch {
             base_offset,
             partition_leader_epoch,

@@ -17,7 +17,7 @@ use kafka_protocol::messages::consumer_protocol_subscription as wire_subscriptio
 use kafka_protocol::messages::{
     ConsumerProtocolAssignment, ConsumerProtocolSubscription, TopicName,
 };
-use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
+use kafka_protocol::protocol::{Encodable, StrBytes};
 
 use crate::error::{Error, Result};
 use crate::types::TopicPartition;
@@ -352,37 +352,115 @@ pub(crate) fn encode_subscription(
     Ok(buf.freeze())
 }
 
-/// Decodes a member's JoinGroup metadata.
+/// Decodes a member's JoinGroup metadata (any subscription version; fields
+/// of versions after 3 are ignored, as Java does).
+///
+/// The bytes come from another member of the group, so they are read here with
+/// every count checked against the bytes left (kafka-protocol's decoder
+/// reserves memory for a declared count before reading it: one bad member
+/// could make the leader abort).
 pub(crate) fn decode_subscription(
     member_id: &str,
     instance_id: Option<&str>,
-    mut data: Bytes,
+    data: Bytes,
 ) -> Result<MemberSubscription> {
-    if data.len() < 2 {
-        return Err(corrupt(format!(
-            "subscription of {member_id} is {} bytes",
-            data.len()
-        )));
+    let what = |e: String| corrupt(format!("subscription of {member_id}: {e}"));
+    let mut r = WireReader(data);
+    let version = r.i16().map_err(what)?;
+    let read = |r: &mut WireReader| -> std::result::Result<MemberSubscription, String> {
+        let topics = r.array(|r| r.string())?;
+        let user_data = r.nullable_bytes()?;
+        let owned = if version >= 1 {
+            r.topic_partitions()?
+        } else {
+            Vec::new()
+        };
+        let generation = if version >= 2 { r.i32()? } else { -1 };
+        Ok(MemberSubscription {
+            member_id: member_id.to_owned(),
+            instance_id: instance_id.map(str::to_owned),
+            topics,
+            owned,
+            generation,
+            user_data,
+        })
+    };
+    if version < 0 {
+        return Err(what(format!("version {version}")));
     }
-    let version = data.get_i16().clamp(0, 3);
-    let sub = ConsumerProtocolSubscription::decode(&mut data, version)
-        .map_err(|e| corrupt(format!("subscription of {member_id}: {e}")))?;
-    Ok(MemberSubscription {
-        member_id: member_id.to_owned(),
-        instance_id: instance_id.map(str::to_owned),
-        topics: sub.topics.iter().map(|t| t.as_str().to_owned()).collect(),
-        owned: sub
-            .owned_partitions
-            .iter()
-            .flat_map(|t| {
-                t.partitions
-                    .iter()
-                    .map(|&p| TopicPartition::new(t.topic.0.as_str(), p))
+    read(&mut r).map_err(what)
+}
+
+/// Reads the consumer protocol's (non-flexible) wire types from bytes of
+/// another member: every length and count is checked against what is left.
+struct WireReader(Bytes);
+
+impl WireReader {
+    fn need(&self, n: usize) -> std::result::Result<(), String> {
+        if self.0.remaining() < n {
+            return Err(format!("{n} bytes wanted, {} left", self.0.remaining()));
+        }
+        Ok(())
+    }
+
+    fn i16(&mut self) -> std::result::Result<i16, String> {
+        self.need(2)?;
+        Ok(self.0.get_i16())
+    }
+
+    fn i32(&mut self) -> std::result::Result<i32, String> {
+        self.need(4)?;
+        Ok(self.0.get_i32())
+    }
+
+    /// An array: its count, then each element (of at least one byte).
+    fn array<T>(
+        &mut self,
+        mut element: impl FnMut(&mut Self) -> std::result::Result<T, String>,
+    ) -> std::result::Result<Vec<T>, String> {
+        let n = self.i32()?;
+        if n < 0 || n as usize > self.0.remaining() {
+            return Err(format!(
+                "array of {n} elements in {} bytes",
+                self.0.remaining()
+            ));
+        }
+        (0..n).map(|_| element(self)).collect()
+    }
+
+    fn string(&mut self) -> std::result::Result<String, String> {
+        let n = self.i16()?;
+        if n < 0 {
+            return Err("null string".into());
+        }
+        self.need(n as usize)?;
+        let bytes = self.0.split_to(n as usize);
+        String::from_utf8(bytes.to_vec()).map_err(|_| "string is not UTF-8".to_owned())
+    }
+
+    fn nullable_bytes(&mut self) -> std::result::Result<Option<Bytes>, String> {
+        let n = self.i32()?;
+        if n < 0 {
+            return Ok(None);
+        }
+        self.need(n as usize)?;
+        Ok(Some(self.0.split_to(n as usize)))
+    }
+
+    /// `[topic string, [partition i32]]`, flattened.
+    fn topic_partitions(&mut self) -> std::result::Result<Vec<TopicPartition>, String> {
+        let topics = self.array(|r| Ok((r.string()?, r.array(|r| r.i32())?)))?;
+        Ok(topics
+            .into_iter()
+            .flat_map(|(t, ps)| {
+                let t: Arc<str> = t.into();
+                ps.into_iter().map(move |p| TopicPartition {
+                    topic: t.clone(),
+                    partition: p,
+                })
             })
-            .collect(),
-        generation: if version >= 2 { sub.generation_id } else { -1 },
-        user_data: sub.user_data,
-    })
+            .collect())
+    }
 }
 
 /// SyncGroup assignment bytes for one member.
@@ -406,28 +484,24 @@ pub(crate) fn encode_assignment(a: &MemberAssignment) -> Result<Bytes> {
     Ok(buf.freeze())
 }
 
-/// Decodes this member's SyncGroup assignment (empty bytes: no partitions).
-pub(crate) fn decode_assignment(mut data: Bytes) -> Result<MemberAssignment> {
+/// Decodes this member's SyncGroup assignment (empty bytes: no partitions;
+/// any version, as for subscriptions). The leader is another member, so the
+/// bytes are read as carefully as a subscription's.
+pub(crate) fn decode_assignment(data: Bytes) -> Result<MemberAssignment> {
     if data.is_empty() {
         return Ok(MemberAssignment::default());
     }
-    if data.len() < 2 {
-        return Err(corrupt("assignment of 1 byte".into()));
+    let what = |e: String| corrupt(format!("cannot decode assignment: {e}"));
+    let mut r = WireReader(data);
+    let version = r.i16().map_err(what)?;
+    if version < 0 {
+        return Err(what(format!("version {version}")));
     }
-    let version = data.get_i16().clamp(0, 3);
-    let wire = ConsumerProtocolAssignment::decode(&mut data, version)
-        .map_err(|e| corrupt(format!("cannot decode assignment: {e}")))?;
+    let partitions = r.topic_partitions().map_err(what)?;
+    let user_data = r.nullable_bytes().map_err(what)?;
     Ok(MemberAssignment {
-        partitions: wire
-            .assigned_partitions
-            .iter()
-            .flat_map(|t| {
-                t.partitions
-                    .iter()
-                    .map(|&p| TopicPartition::new(t.topic.0.as_str(), p))
-            })
-            .collect(),
-        user_data: wire.user_data,
+        partitions,
+        user_data,
     })
 }
 
@@ -590,5 +664,31 @@ mod tests {
             MemberAssignment::default()
         );
         assert!(decode_assignment(Bytes::from_static(&[0, 1, 0xff])).is_err());
+    }
+
+    /// Counts larger than the bytes left are errors, not reservations: a
+    /// member claiming two billion topics cannot make the leader abort.
+    #[test]
+    fn impossible_counts_are_errors() {
+        let mut sub = vec![0, 3];
+        sub.extend(i32::MAX.to_be_bytes());
+        sub.extend([0, 1, b'a']);
+        let err = decode_subscription("m-1", None, Bytes::from(sub)).unwrap_err();
+        assert!(err.to_string().contains("subscription of m-1"), "{err}");
+        assert!(
+            err.to_string().contains("array of 2147483647 elements"),
+            "{err}"
+        );
+        let mut assignment = vec![0, 1];
+        assignment.extend(0x7fff_0000i32.to_be_bytes());
+        assert!(decode_assignment(Bytes::from(assignment)).is_err());
+        // Versions after 3 are read as 3, their extra fields ignored.
+        let mut v9 = encode_subscription(&["t".into()], &[], 4, None)
+            .unwrap()
+            .to_vec();
+        v9[..2].copy_from_slice(&9i16.to_be_bytes());
+        v9.extend([0xde, 0xad]);
+        let read = decode_subscription("m", None, Bytes::from(v9)).unwrap();
+        assert_eq!((read.topics, read.generation), (vec!["t".to_owned()], 4));
     }
 }
