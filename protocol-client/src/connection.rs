@@ -482,7 +482,7 @@ impl Connection {
                 return Err(err);
             }
         };
-        self.decode::<R::Response>(body, api, version)
+        decode_response::<R::Response>(&self.shared.broker, body, api, version)
     }
 
     /// Sends a request that gets no response (Produce with acks=0). Returns once
@@ -539,23 +539,30 @@ impl Connection {
             what: format!("cannot encode {:?} v{version}: {e}", api_key::<R>()),
         }
     }
+}
 
-    fn decode<T: Decodable>(&self, mut body: Bytes, api: ApiKey, version: i16) -> Result<T> {
-        let resp = T::decode(&mut body, version).map_err(|e| Error::Protocol {
-            broker: self.shared.broker.clone(),
-            what: format!("cannot decode {api:?} v{version} response: {e}"),
-        })?;
-        if body.has_remaining() {
-            return Err(Error::Protocol {
-                broker: self.shared.broker.clone(),
-                what: format!(
-                    "{} bytes left over after decoding {api:?} v{version} response",
-                    body.remaining()
-                ),
-            });
-        }
-        Ok(resp)
+/// Decodes a response body (after its header) as `T` of `version`; bytes left
+/// over are a protocol error too, naming `broker`.
+pub(crate) fn decode_response<T: Decodable>(
+    broker: &str,
+    mut body: Bytes,
+    api: ApiKey,
+    version: i16,
+) -> Result<T> {
+    let resp = T::decode(&mut body, version).map_err(|e| Error::Protocol {
+        broker: broker.to_owned(),
+        what: format!("cannot decode {api:?} v{version} response: {e}"),
+    })?;
+    if body.has_remaining() {
+        return Err(Error::Protocol {
+            broker: broker.to_owned(),
+            what: format!(
+                "{} bytes left over after decoding {api:?} v{version} response",
+                body.remaining()
+            ),
+        });
     }
+    Ok(resp)
 }
 
 fn api_key<R: Request>() -> ApiKey {
@@ -653,17 +660,23 @@ fn dispatch(shared: &Shared, mut frame: Bytes) {
         debug!(broker = %shared.broker, correlation_id, "response for a request nobody waits for");
         return;
     };
-    let result = if pending.header_version >= 1 {
-        skip_tagged_fields(&mut frame)
-            .map(|()| frame)
-            .map_err(|what| Error::Protocol {
-                broker: shared.broker.clone(),
-                what,
-            })
-    } else {
-        Ok(frame)
-    };
+    let result = strip_header_rest(frame, pending.header_version).map_err(|what| Error::Protocol {
+        broker: shared.broker.clone(),
+        what,
+    });
     let _ = pending.tx.send(result);
+}
+
+/// The body of a response frame whose correlation id was read: what follows
+/// the rest of its header (tagged fields from header version 1 on).
+pub(crate) fn strip_header_rest(
+    mut frame: Bytes,
+    header_version: i16,
+) -> std::result::Result<Bytes, String> {
+    if header_version >= 1 {
+        skip_tagged_fields(&mut frame)?;
+    }
+    Ok(frame)
 }
 
 fn read_unsigned_varint(buf: &mut Bytes) -> std::result::Result<u64, String> {

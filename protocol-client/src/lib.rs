@@ -62,6 +62,9 @@ pub mod compression;
 pub mod connection;
 pub mod consumer;
 pub mod error;
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod group;
 pub mod health;
 #[cfg(any(test, feature = "testing"))]

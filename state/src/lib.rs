@@ -19,6 +19,9 @@
 
 pub mod changelog;
 pub mod error;
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod logged;
 pub mod memory;
 pub mod recovery;

@@ -97,7 +97,7 @@ async fn apply(
 
 /// Adds changelog records to `batch` (a null value deletes its key); returns
 /// the offset of the last one.
-fn add_changes(batch: &mut WriteBatch, records: Vec<ConsumerRecord>) -> Option<i64> {
+pub(crate) fn add_changes(batch: &mut WriteBatch, records: Vec<ConsumerRecord>) -> Option<i64> {
     let mut last = None;
     for r in records {
         if let Some(key) = r.key {

@@ -157,6 +157,23 @@ impl RedbStore {
         })
     }
 
+    /// A store on `backend` instead of a file (the fuzz targets' simulated
+    /// disk), integrity checked at open like a file.
+    #[cfg(any(test, feature = "fuzzing"))]
+    pub(crate) fn on_backend(
+        backend: impl redb::StorageBackend,
+        label: &str,
+    ) -> std::result::Result<RedbStore, redb::DatabaseError> {
+        let db = redb::Builder::new()
+            .set_check_integrity_on_open(true)
+            .create_with_backend(backend)?;
+        Ok(RedbStore {
+            db,
+            path: PathBuf::from(label),
+            reader: std::sync::RwLock::new(None),
+        })
+    }
+
     /// The cached read snapshot, opened if there is none; `None` while the
     /// data table does not exist yet.
     fn reader(&self) -> Result<Option<Arc<Snapshot>>> {

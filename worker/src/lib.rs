@@ -47,6 +47,9 @@ pub mod assignor;
 pub mod config;
 mod eos;
 mod error;
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+pub mod fuzzing;
 mod listener;
 mod manager;
 pub mod metrics;

@@ -673,6 +673,60 @@ fn decode(
     (out, next, None)
 }
 
+/// One partition's fetched bytes through both read paths, as a fuzz target
+/// drives them (see `crate::fuzzing`), panicking where they break what the
+/// consumer relies on: records ascend from `start`; read committed hands out
+/// nothing read uncommitted does not; a filter gives back every byte it held.
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) fn read_fetched(
+    data: Bytes,
+    start: i64,
+    check_crc: bool,
+    aborted: &[(i64, i64)],
+    held_cap: usize,
+) {
+    let tp = TopicPartition::new("fuzz", 0);
+    let ascending = |records: &[ConsumerRecord], path: &str| {
+        let mut last = start - 1;
+        for r in records {
+            assert!(r.offset > last, "{path}: offset {} after {last}", r.offset);
+            last = r.offset;
+        }
+    };
+    let (plain, next, error) = decode(&tp, data.clone(), start, check_crc);
+    ascending(&plain, "read uncommitted");
+    if let (Some(next), Some(last)) = (next, plain.last()) {
+        assert!(
+            next > last.offset,
+            "position {next} not after {}",
+            last.offset
+        );
+    }
+    let stop = error.as_ref().map_or(i64::MAX, |(offset, _)| *offset);
+    let budget = Arc::new(HeldBudget::new(held_cap));
+    let mut filter = CommittedFilter::new(budget.clone());
+    let out = filter.push(&tp, data, start, check_crc, aborted);
+    ascending(&out.records, "read committed");
+    let seen: std::collections::HashMap<i64, &ConsumerRecord> =
+        plain.iter().map(|r| (r.offset, r)).collect();
+    for r in out.records.iter().filter(|r| r.offset < stop) {
+        let Some(p) = seen.get(&r.offset) else {
+            panic!(
+                "read committed handed out offset {} that read uncommitted did not",
+                r.offset
+            );
+        };
+        assert_eq!(
+            (&p.key, &p.value),
+            (&r.key, &r.value),
+            "offset {}",
+            r.offset
+        );
+    }
+    drop(filter);
+    assert_eq!(budget.used(), 0, "a dropped filter kept held bytes");
+}
+
 /// Appends the records of `batch` at or after `from` to `out`. On a record that
 /// does not decode, takes this batch's records out again and returns the
 /// batch's offset (at least `from`) with the error.
