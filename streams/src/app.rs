@@ -30,7 +30,8 @@ use crate::topic::{Declared, Topic};
 /// `STROM_BROKERS` (comma-separated, default `127.0.0.1:9092`),
 /// `STROM_STATE_DIR` (default `./strom-state/<id>`),
 /// `STROM_PROCESSING_GUARANTEE` (`at_least_once`, the default, or
-/// `exactly_once`), `STROM_INSTANCE_ID` and `STROM_COMPRESSION_TYPE`
+/// `exactly_once`), `STROM_INSTANCE_ID`, `STROM_STATIC_MEMBERSHIP` (`true`,
+/// the default, or `false`) and `STROM_COMPRESSION_TYPE`
 /// (`none`, the default, `gzip`, `snappy`, `lz4` or `zstd`), and every client
 /// setting of [`strom_client::cluster::SETTINGS`] as `STROM_` plus its name
 /// upper-cased with dots as underscores: `STROM_SECURITY_PROTOCOL`,
@@ -96,6 +97,13 @@ impl App {
         }
         if let Ok(id) = std::env::var("STROM_INSTANCE_ID") {
             config.instance_id = Some(id);
+        }
+        match std::env::var("STROM_STATIC_MEMBERSHIP").as_deref() {
+            Ok("true") | Err(_) => {}
+            Ok("false") => config.static_membership = false,
+            Ok(other) => {
+                warn!("STROM_STATIC_MEMBERSHIP={other:?} is not true or false; using true")
+            }
         }
         let guarantee = std::env::var("STROM_PROCESSING_GUARANTEE")
             .ok()
@@ -188,6 +196,20 @@ impl App {
     /// restarts.
     pub fn with_instance_id(mut self, id: impl Into<String>) -> Self {
         self.config.instance_id = Some(id.into());
+        self
+    }
+
+    /// Whether the worker joins its group as a static member named by its
+    /// instance id (overrides `STROM_STATIC_MEMBERSHIP`; default true): a
+    /// worker restarted after a crash then gets its partitions back without
+    /// waiting for the session timeout. Turn it off only for a broker that
+    /// does not implement static membership (KIP-345), such as tansu 0.6.
+    ///
+    /// ```
+    /// let app = strom::App::new("orders").with_static_membership(false);
+    /// ```
+    pub fn with_static_membership(mut self, on: bool) -> Self {
+        self.config.static_membership = on;
         self
     }
 

@@ -41,6 +41,9 @@ pub enum BrokerKind {
     /// tansu, the Kafka-compatible broker of the local image (see DESIGN.md for
     /// its known limits).
     Tansu,
+    /// nisshi 0.8.1 (tansu renamed) without TLS or SASL: for what tansu 0.6
+    /// does not do, such as static membership (see DESIGN.md).
+    Nisshi,
     /// A broker started outside the tests.
     External,
 }
@@ -233,6 +236,28 @@ impl TestBroker {
         broker
     }
 
+    /// Starts a plain nisshi broker in a container, whatever
+    /// `STROM_TEST_BROKER` says (unless it names an external broker: then that
+    /// one, which must do what the test needs). Builds its image first if
+    /// missing. Panics, saying why, when that is impossible.
+    pub async fn start_nisshi() -> TestBroker {
+        let broker = match choose() {
+            Err(addr) => TestBroker {
+                bootstrap: addr,
+                kind: BrokerKind::External,
+                container: None,
+            },
+            Ok(_) => {
+                if let Err(e) = ensure_nisshi_image() {
+                    panic!("strom-it: {e}");
+                }
+                Self::start_container(BrokerKind::Nisshi, None).await
+            }
+        };
+        broker.wait_ready().await;
+        broker
+    }
+
     /// Starts a container listening on a free port and advertising
     /// `advertised` (its own port when `None`).
     async fn start_container(kind: BrokerKind, advertised: Option<u16>) -> TestBroker {
@@ -241,7 +266,8 @@ impl TestBroker {
             let port = free_port();
             let advertised = advertised.unwrap_or(port);
             let result = match kind {
-                BrokerKind::Tansu => start_tansu(port, advertised).await,
+                BrokerKind::Tansu => start_tansu(TANSU_IMAGE, port, advertised).await,
+                BrokerKind::Nisshi => start_tansu(NISSHI_IMAGE, port, advertised).await,
                 _ => start_kafka(port, advertised).await,
             };
             match result {
@@ -257,6 +283,26 @@ impl TestBroker {
             }
         }
         panic!("strom-it: cannot start a {kind:?} broker container: {last}");
+    }
+
+    /// Whether this broker implements static group membership (KIP-345):
+    /// tansu 0.6 does not (it keeps a departed static member as leader and
+    /// gives the restarted one a new member id), so workers on it join as
+    /// dynamic members. Set on every worker the tests start, in-process with
+    /// `App::with_static_membership`, in child processes through
+    /// [`TestBroker::static_membership_env`].
+    pub fn static_membership(&self) -> bool {
+        self.kind != BrokerKind::Tansu
+    }
+
+    /// `STROM_STATIC_MEMBERSHIP` and its value for a worker process on this broker.
+    pub fn static_membership_env(&self) -> (&'static str, &'static str) {
+        let on = if self.static_membership() {
+            "true"
+        } else {
+            "false"
+        };
+        ("STROM_STATIC_MEMBERSHIP", on)
     }
 
     /// A broker whose advertised address is a [`FaultProxy`] in front of it, so
@@ -340,10 +386,11 @@ impl TestBroker {
 }
 
 async fn start_tansu(
+    image: (&str, &str),
     port: u16,
     advertised: u16,
 ) -> testcontainers::core::error::Result<ContainerAsync<GenericImage>> {
-    GenericImage::new(TANSU_IMAGE.0, TANSU_IMAGE.1)
+    GenericImage::new(image.0, image.1)
         .with_wait_for(WaitFor::message_on_either_std("ready in"))
         .with_mapped_port(port, ContainerPort::Tcp(port))
         .with_cmd([

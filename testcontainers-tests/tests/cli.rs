@@ -33,7 +33,8 @@ impl Names {
             .env("STROM_IT_APP_ID", &self.id)
             .env("STROM_IT_INPUT", &self.input)
             .env("STROM_IT_OUTPUT", &self.output)
-            .env("STROM_BROKERS", &broker.bootstrap);
+            .env("STROM_BROKERS", &broker.bootstrap)
+            .envs([broker.static_membership_env()]);
         c
     }
 

@@ -275,6 +275,7 @@ async fn wordcount_counts_a_zstd_topic_exactly() {
     let app = App::new(&id)
         .with_compression(Compression::Snappy)
         .with_brokers([broker.bootstrap.clone()])
+        .with_static_membership(broker.static_membership())
         .with_partitions(PARTITIONS)
         .with_processing_guarantee(ProcessingGuarantee::AtLeastOnce)
         .with_state_dir(std::env::temp_dir().join(unique_topic("zstd-state")));

@@ -118,6 +118,7 @@ fn spawn_worker(
         .args([test, "--exact", "--nocapture"])
         .env(CHILD, "1")
         .env("STROM_IT_BROKER", &broker.bootstrap)
+        .envs([broker.static_membership_env()])
         .env("STROM_IT_APP", &names.id)
         .env("STROM_IT_INPUT", &names.input)
         .env("STROM_IT_OUTPUT", &names.output)
@@ -659,6 +660,7 @@ async fn a_frozen_worker_cannot_commit_its_transaction() {
     let web_a = strom_it::free_port();
     let settings = |app: App| {
         app.with_brokers([broker.bootstrap.clone()])
+            .with_static_membership(broker.static_membership())
             .with_store(StoreKind::Redb)
             .with_partitions(PARTITIONS)
             .with_processing_guarantee(ProcessingGuarantee::ExactlyOnce)
@@ -682,7 +684,8 @@ async fn a_frozen_worker_cannot_commit_its_transaction() {
         &names,
         &state_dir(),
         ProcessingGuarantee::ExactlyOnce,
-    );
+    )
+    .with_static_membership(broker.static_membership());
     let (stop_b, worker_b) = strom_it::spawn_app(app_b);
     let (done, feeding_done) = tokio::sync::watch::channel(false);
     let feeding = tokio::spawn(feed(

@@ -14,7 +14,7 @@ use strom_client::group::{
 };
 use strom_client::producer::{Producer, ProducerConfig, ProducerRecord};
 use strom_client::{Client, Error, NewTopic};
-use strom_it::{unique_topic, BrokerKind, TestBroker};
+use strom_it::{unique_topic, TestBroker};
 
 /// Short timeouts: the test broker holds a second JoinGroup for about half the
 /// session timeout.
@@ -584,27 +584,26 @@ async fn frozen_member_is_replaced_and_cannot_commit_into_the_new_generation() {
     awake.close().await.unwrap();
 }
 
+/// The test settings for static member `id` of `group` (range assignor).
+fn static_member(group: &str, id: &str, leave_on_close: bool) -> GroupConfig {
+    let mut c = config(group, Arc::new(Range));
+    c.group_instance_id = Some(id.to_owned());
+    c.leave_on_close = leave_on_close;
+    c
+}
+
 /// A static member that restarts within the session timeout gets its
 /// partitions back, and the other member sees no rebalance.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn static_member_restarts_without_a_rebalance() {
-    let broker = TestBroker::start().await;
-    if broker.kind == BrokerKind::Tansu {
-        // Measured: tansu 0.6 gives a restarted static member a new member id,
-        // keeps the departed one as leader, and answers SyncGroup with
-        // REBALANCE_IN_PROGRESS for longer than the session timeout, so static
-        // membership can only be proven against Apache Kafka.
-        eprintln!("static_member_restarts_without_a_rebalance: NOT checked (tansu does not implement static membership)");
-        return;
-    }
+    // tansu 0.6 gives a restarted static member a new member id, keeps the
+    // departed one as leader, and answers SyncGroup with REBALANCE_IN_PROGRESS
+    // for longer than the session timeout; nisshi implements KIP-345.
+    let broker = TestBroker::start_nisshi().await;
     let client = broker.client().await;
     let topic = topic_with(&client, "static", 4).await;
     let group = unique_topic("g-static");
-    let with_id = |id: &str| {
-        let mut c = config(&group, Arc::new(Range));
-        c.group_instance_id = Some(id.to_owned());
-        c
-    };
+    let with_id = |id: &str| static_member(&group, id, false);
     let a = GroupConsumer::new(
         client.clone(),
         with_id("a"),
@@ -647,6 +646,49 @@ async fn static_member_restarts_without_a_rebalance() {
     );
     assert_eq!(b.group().metadata().generation_id, b_generation);
     a.close().await.unwrap();
+    b.close().await.unwrap();
+}
+
+/// A static member set to leave on close (as workers are) gives its
+/// partitions up at once: the other member has them all long before the
+/// departed member's session would have timed out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn static_member_leaving_on_close_hands_over_at_once() {
+    let broker = TestBroker::start_nisshi().await;
+    let client = broker.client().await;
+    let topic = topic_with(&client, "static-leave", 4).await;
+    let group = unique_topic("g-static-leave");
+    let with_id = |id: &str| static_member(&group, id, true);
+    let a = GroupConsumer::new(
+        client.clone(),
+        with_id("a"),
+        &[&topic],
+        Arc::new(Recorder::default()),
+    )
+    .unwrap();
+    let b = GroupConsumer::new(
+        client.clone(),
+        with_id("b"),
+        &[&topic],
+        Arc::new(Recorder::default()),
+    )
+    .unwrap();
+    wait_for("2 static members to split 4 partitions", 60, || {
+        balanced(&[&a, &b], 4)
+    })
+    .await;
+    let closed = tokio::time::Instant::now();
+    a.close().await.unwrap();
+    wait_for("the other member to hold all 4 partitions", 30, || {
+        b.group().assignment().len() == 4
+    })
+    .await;
+    let took = closed.elapsed();
+    eprintln!("handed over {took:?} after close (session timeout 6 s)");
+    assert!(
+        took < Duration::from_secs(4),
+        "the hand-over took {took:?}: the departed member's session ran out instead of it leaving"
+    );
     b.close().await.unwrap();
 }
 

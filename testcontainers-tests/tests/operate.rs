@@ -21,6 +21,7 @@ use tokio::time::Instant;
 fn app(id: &str, broker: &TestBroker, port: u16, partitions: i32) -> App {
     App::new(id)
         .with_brokers([broker.bootstrap.clone()])
+        .with_static_membership(broker.static_membership())
         .with_state_dir(std::env::temp_dir().join(unique_topic("operate-state")))
         .with_store(StoreKind::Redb)
         .with_partitions(partitions)

@@ -17,6 +17,7 @@ use strom_it::{unique_topic, TestBroker};
 fn wordcount(id: &str, broker: &TestBroker, input: &str, output: &str) -> App {
     let app = App::new(id)
         .with_brokers([broker.bootstrap.clone()])
+        .with_static_membership(broker.static_membership())
         .with_state_dir(std::env::temp_dir().join(unique_topic("wc-state")))
         .with_store(StoreKind::Redb)
         .with_partitions(4)
@@ -29,6 +30,7 @@ fn wordcount(id: &str, broker: &TestBroker, input: &str, output: &str) -> App {
 fn one_partition_app(id: &str, broker: &TestBroker) -> App {
     App::new(id)
         .with_brokers([broker.bootstrap.clone()])
+        .with_static_membership(broker.static_membership())
         .with_store(StoreKind::Memory)
         .with_partitions(1)
         .with_commit_interval(Duration::from_millis(100))
@@ -366,6 +368,8 @@ async fn a_damaged_table_file_is_rebuilt_and_counts_stay_exact() {
     let app = || {
         let app = App::new(&id)
             .with_brokers([broker.bootstrap.clone()])
+            .with_static_membership(broker.static_membership())
+            .with_static_membership(broker.static_membership())
             .with_state_dir(&state_dir)
             .with_store(StoreKind::Redb)
             .with_partitions(2)

@@ -89,6 +89,7 @@ fn worker(broker: &TestBroker, app: &App, n: usize, standbys: usize) -> (Worker,
     config.state_dir = std::env::temp_dir().join(unique_topic(&format!("worker{n}")));
     config.store = StoreKind::Redb;
     config.session_timeout = Duration::from_secs(6);
+    config.static_membership = broker.static_membership();
     config.heartbeat_interval = Duration::from_secs(1);
     config.commit_interval = Duration::from_millis(200);
     config.standby_replicas = standbys;

@@ -85,6 +85,14 @@ pub struct WorkerConfig {
     /// its own. Default: an id kept in `<state_dir>/worker.id`, made on the
     /// first start.
     pub instance_id: Option<String>,
+    /// Static membership (KIP-345): the worker joins its group as
+    /// `instance_id`, so a worker restarted after a crash gets its partitions
+    /// back at once instead of after the dead run's session timeout, and the
+    /// other workers see no rebalance. A clean shutdown still leaves the
+    /// group, so its partitions move at once. Default on; turn it off for a
+    /// broker that does not implement it (tansu 0.6 keeps the dead member and
+    /// makes the restarted one wait longer).
+    pub static_membership: bool,
     /// Table storage. Default redb.
     pub store: StoreKind,
     /// What survives a crash. Default at-least-once.
@@ -151,6 +159,7 @@ impl WorkerConfig {
             app_id,
             client: ClientConfig::new(brokers),
             instance_id: None,
+            static_membership: true,
             store: StoreKind::Redb,
             replication: 1,
             standby_replicas: 0,

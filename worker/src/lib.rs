@@ -220,13 +220,11 @@ impl Worker {
         let sources = sources(&processors)?;
         let partitions = copartitioned_count(&client, &sources).await?;
         let tables = ensure_topics(&client, &config, &processors, &table_names, partitions).await?;
+        let instance = instance_id(&config)?;
         let txn = match config.guarantee {
-            ProcessingGuarantee::ExactlyOnce => {
-                let instance = instance_id(&config)?;
-                Some(Arc::new(
-                    Transactions::start(client.clone(), &config, &instance).await?,
-                ))
-            }
+            ProcessingGuarantee::ExactlyOnce => Some(Arc::new(
+                Transactions::start(client.clone(), &config, &instance).await?,
+            )),
             _ => None,
         };
         let spec = Arc::new(spec(
@@ -260,7 +258,7 @@ impl Worker {
         };
         let mut consumer = GroupConsumer::new(
             client.clone(),
-            group_config(&config, &assignor, &spec),
+            group_config(&config, &instance, &assignor, &spec),
             &sources.iter().map(String::as_str).collect::<Vec<_>>(),
             Arc::new(Listener(manager.clone())),
         )?;
@@ -415,15 +413,21 @@ async fn ensure_topics(
     Ok(changelogs)
 }
 
-/// The worker's group membership: the app's group, the co-partitioning
+/// The worker's group membership: the app's group, static as `instance`
+/// (leaving on a clean shutdown) unless turned off, the co-partitioning
 /// assignor, new partitions read from the start, read-committed under
 /// exactly-once.
 fn group_config(
     config: &WorkerConfig,
+    instance: &str,
     assignor: &CopartitionedAssignor,
     spec: &Spec,
 ) -> GroupConfig {
     let mut group = GroupConfig::new(config.app_id.clone());
+    if config.static_membership {
+        group.group_instance_id = Some(instance.to_owned());
+        group.leave_on_close = true;
+    }
     group.session_timeout = config.session_timeout;
     group.heartbeat_interval = config.heartbeat_interval;
     group.rebalance_timeout = config.rebalance_timeout;

@@ -694,8 +694,8 @@ async fn heartbeat(group: GroupHandle, tx: tokio::sync::mpsc::UnboundedSender<Ev
     let _ = tx.send(last);
 }
 
-/// Leaves the group on close: a clean revoke and LeaveGroup (dynamic members
-/// only), or just dropping everything after a fatal error.
+/// Leaves the group on close: a clean revoke and LeaveGroup (static members
+/// only with `leave_on_close`), or just dropping everything after a fatal error.
 async fn leave(group: &GroupHandle) {
     let inner = &group.inner;
     if inner.state().fatal.is_some() {
@@ -705,16 +705,18 @@ async fn leave(group: &GroupHandle) {
     let owned: Vec<_> = inner.state().owned.iter().cloned().collect();
     revoke(group, &owned).await;
     let member_id = inner.state().member_id.clone();
-    if member_id.is_empty() || inner.config.group_instance_id.is_some() {
+    if member_id.is_empty()
+        || (inner.config.group_instance_id.is_some() && !inner.config.leave_on_close)
+    {
         return;
     }
     let sent = async {
         let conn = connection(inner, Via::Member).await?;
         let mut req = LeaveGroupRequest::default().with_group_id(group_id(inner));
         if conn.version::<LeaveGroupRequest>()? >= 3 {
-            req.members =
-                vec![MemberIdentity::default()
-                    .with_member_id(StrBytes::from_string(member_id.clone()))];
+            req.members = vec![MemberIdentity::default()
+                .with_member_id(StrBytes::from_string(member_id.clone()))
+                .with_group_instance_id(instance_id(inner))];
         } else {
             req.member_id = StrBytes::from_string(member_id.clone());
         }

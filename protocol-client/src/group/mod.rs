@@ -57,6 +57,13 @@ pub struct GroupConfig {
     /// with the same id within the session timeout gets its partitions back
     /// without a rebalance. Default none.
     pub group_instance_id: Option<String>,
+    /// Whether a static member sends LeaveGroup when it closes, so its
+    /// partitions move to the other members at once (KIP-812). Default false,
+    /// as in Java: a static member that restarts within the session timeout
+    /// then gets its partitions back without a rebalance, and one that stays
+    /// away holds them until the session times out. Dynamic members always
+    /// leave.
+    pub leave_on_close: bool,
     /// Assignors offered, in preference order. Default range, then
     /// cooperative-sticky (Java's default).
     pub assignors: Vec<Arc<dyn Assignor>>,
@@ -74,6 +81,7 @@ impl std::fmt::Debug for GroupConfig {
             .field("session_timeout", &self.session_timeout)
             .field("heartbeat_interval", &self.heartbeat_interval)
             .field("group_instance_id", &self.group_instance_id)
+            .field("leave_on_close", &self.leave_on_close)
             .field(
                 "assignors",
                 &self
@@ -95,6 +103,7 @@ impl GroupConfig {
             rebalance_timeout: Duration::from_secs(60),
             heartbeat_interval: Duration::from_secs(3),
             group_instance_id: None,
+            leave_on_close: false,
             assignors: assignor::default_assignors(),
             auto_commit_interval: None,
             consumer: ConsumerConfig::default(),
