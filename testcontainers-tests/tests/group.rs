@@ -692,6 +692,49 @@ async fn static_member_leaving_on_close_hands_over_at_once() {
     b.close().await.unwrap();
 }
 
+/// Two live members must not share an instance id: the broker keeps the one
+/// that joined last, and the other stops with FENCED_INSTANCE_ID instead of
+/// reading the same partitions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_member_with_the_same_instance_id_fences_the_first() {
+    let broker = TestBroker::start_nisshi().await;
+    let client = broker.client().await;
+    let topic = topic_with(&client, "static-twin", 2).await;
+    let group = unique_topic("g-static-twin");
+    let mut first = GroupConsumer::new(
+        client.clone(),
+        static_member(&group, "twin", true),
+        &[&topic],
+        Arc::new(Recorder::default()),
+    )
+    .unwrap();
+    wait_for("the first member's partitions", 60, || {
+        first.group().assignment().len() == 2
+    })
+    .await;
+    let second = GroupConsumer::new(
+        client.clone(),
+        static_member(&group, "twin", true),
+        &[&topic],
+        Arc::new(Recorder::default()),
+    )
+    .unwrap();
+    wait_for("the second member's partitions", 60, || {
+        second.group().assignment().len() == 2
+    })
+    .await;
+    let err = tokio::time::timeout(Duration::from_secs(30), first.recv())
+        .await
+        .expect("the fenced member still reads after 30 s")
+        .expect_err("the fenced member read a record");
+    assert!(
+        err.to_string().contains("FENCED_INSTANCE_ID")
+            || err.to_string().contains("FencedInstanceId"),
+        "{err}"
+    );
+    second.close().await.unwrap();
+}
+
 /// A caller-supplied assignor: each member's user data reaches the leader, and
 /// the leader's user data reaches each member through `on_assignment`.
 #[derive(Debug)]
