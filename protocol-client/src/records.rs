@@ -518,16 +518,16 @@ impl BatchDecoder {
         if batch_len < (BATCH_HEADER_LEN - LOG_OVERHEAD) as i32 {
             return Err(corrupt(format!("batch length {batch_len} is too small")));
         }
+        let total = LOG_OVERHEAD + batch_len as usize;
+        if buf.len() < total {
+            self.truncated = true;
+            return Ok(None);
+        }
         // The base offset is outside the CRC; offsets handed out must ascend.
         if let Some(next) = self.next_offset.filter(|&next| base_offset < next) {
             return Err(corrupt(format!(
                 "batch at offset {base_offset} starts before {next}, where the batch before it ended"
             )));
-        }
-        let total = LOG_OVERHEAD + batch_len as usize;
-        if buf.len() < total {
-            self.truncated = true;
-            return Ok(None);
         }
         let this = self.buf.split_to(total);
         let mut hdr = &this[LOG_OVERHEAD..];
