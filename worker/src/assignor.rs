@@ -208,8 +208,10 @@ impl Assignor for CopartitionedAssignor {
             .map(|m| {
                 let mut assignment = MemberAssignment::default();
                 let mine = placed.iter().find(|p| p.member_id == m.member_id);
+                // A topic named twice in a subscription is still one topic.
+                let topics: BTreeSet<&String> = m.topics.iter().collect();
                 for &number in mine.map(|p| p.active.as_slice()).unwrap_or_default() {
-                    for topic in &m.topics {
+                    for &topic in &topics {
                         if partitions.get(topic).is_some_and(|&n| number < n) {
                             assignment
                                 .partitions
