@@ -406,8 +406,8 @@ impl App {
     /// Starts defining an agent over `topic`'s events.
     pub fn agent<K, V>(&mut self, topic: &Topic<K, V>) -> Stream<'_, K, V>
     where
-        K: 'static,
-        V: 'static,
+        K: Send + 'static,
+        V: Send + 'static,
     {
         Stream {
             source: topic.name.clone(),

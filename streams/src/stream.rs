@@ -56,14 +56,19 @@ impl<K, V> Event<K, V> {
 }
 
 /// Turns one record into the events a stage yields (decoding, then operators).
-type Step<K, V> = Arc<dyn Fn(ConsumerRecord) -> Result<Vec<Event<K, V>>, CodecError> + Send + Sync>;
+type Step<K, V> = Arc<dyn Fn(ConsumerRecord) -> Result<Events<K, V>, CodecError> + Send + Sync>;
 
-pub(crate) fn decode_step<K: 'static, V: 'static>(
+/// The events of one record, made as they are taken: a stage sends or
+/// handles each before the next is made, so one record that becomes many
+/// events (a `flat_map` of a huge line) never holds them all in memory.
+type Events<K, V> = Box<dyn Iterator<Item = Event<K, V>> + Send>;
+
+pub(crate) fn decode_step<K: Send + 'static, V: Send + 'static>(
     key: Arc<dyn Codec<K>>,
     value: Arc<dyn Codec<V>>,
 ) -> Step<K, V> {
     Arc::new(move |r: ConsumerRecord| {
-        Ok(vec![Event {
+        Ok(Box::new(std::iter::once(Event {
             key: key.decode(r.key.as_deref())?,
             value: value.decode(r.value.as_deref())?,
             topic: r.topic,
@@ -71,7 +76,7 @@ pub(crate) fn decode_step<K: 'static, V: 'static>(
             offset: r.offset,
             timestamp: r.timestamp,
             headers: r.headers,
-        }])
+        })) as Events<K, V>)
     })
 }
 
@@ -128,7 +133,7 @@ where
 {
     fn then<K2, V2>(
         self,
-        f: impl Fn(Vec<Event<K, V>>) -> Vec<Event<K2, V2>> + Send + Sync + 'static,
+        f: impl Fn(Events<K, V>) -> Events<K2, V2> + Send + Sync + 'static,
     ) -> Stream<'a, K2, V2> {
         let step = self.step;
         Stream {
@@ -172,7 +177,11 @@ where
         self,
         f: impl Fn(&Event<K, V>) -> bool + Send + Sync + 'static,
     ) -> Stream<'a, K, V> {
-        self.then(move |events| events.into_iter().filter(|e| f(e)).collect())
+        let f = Arc::new(f);
+        self.then(move |events| {
+            let f = f.clone();
+            Box::new(events.filter(move |e| f(e)))
+        })
     }
 
     /// Replaces each value with `f(value)`.
@@ -180,15 +189,14 @@ where
         self,
         f: impl Fn(V) -> V2 + Send + Sync + 'static,
     ) -> Stream<'a, K, V2> {
+        let f = Arc::new(f);
         self.then(move |events| {
-            events
-                .into_iter()
-                .map(|e| {
-                    let meta = e.with_value(());
-                    let value = f(e.value);
-                    meta.with_value(value)
-                })
-                .collect()
+            let f = f.clone();
+            Box::new(events.map(move |e| {
+                let meta = e.with_value(());
+                let value = f(e.value);
+                meta.with_value(value)
+            }))
         })
     }
 
@@ -197,18 +205,15 @@ where
     where
         V2: Send + Sync + 'static,
         I: IntoIterator<Item = V2>,
+        I::IntoIter: Send + 'static,
     {
+        let f = Arc::new(f);
         self.then(move |events| {
-            events
-                .into_iter()
-                .flat_map(|e| {
-                    let meta = e.with_value(());
-                    f(e.value)
-                        .into_iter()
-                        .map(move |v| meta.with_value(v))
-                        .collect::<Vec<_>>()
-                })
-                .collect()
+            let f = f.clone();
+            Box::new(events.flat_map(move |e| {
+                let meta = e.with_value(());
+                f(e.value).into_iter().map(move |v| meta.with_value(v))
+            }))
         })
     }
 
@@ -216,10 +221,11 @@ where
     /// partition, counted from when this worker started processing it.
     pub fn enumerate(self) -> Stream<'a, K, (u64, V)> {
         let counters: Arc<std::sync::Mutex<std::collections::HashMap<i32, u64>>> = Arc::default();
+        // Numbered when the record is handed over, in offset order, whatever
+        // the concurrency; so this stage holds a record's events at once.
         self.then(move |events| {
             let mut counters = counters.lock().unwrap_or_else(|e| e.into_inner());
-            events
-                .into_iter()
+            let numbered: Vec<_> = events
                 .map(|e| {
                     let n = counters.entry(e.partition).or_default();
                     let i = *n;
@@ -227,7 +233,8 @@ where
                     let meta = e.with_value(());
                     meta.with_value((i, e.value))
                 })
-                .collect()
+                .collect();
+            Box::new(numbered.into_iter())
         })
     }
 
@@ -323,7 +330,7 @@ where
                     what: e.to_string(),
                 })?;
                 let value = Codec::<V>::decode(&Json, r.value.as_deref())?;
-                Ok(vec![Event {
+                Ok(Box::new(std::iter::once(Event {
                     key,
                     value,
                     topic: r.topic,
@@ -331,7 +338,7 @@ where
                     offset: r.offset,
                     timestamp: r.timestamp,
                     headers: r.headers,
-                }])
+                })) as Events<K2, V>)
             }),
         }
     }
@@ -568,7 +575,7 @@ where
 
 /// Decodes a record into events; an undecodable one is a [`DecodeError`],
 /// which the runtime handles by the agent's error policy.
-fn events<K, V>(step: &Step<K, V>, record: ConsumerRecord) -> Result<Vec<Event<K, V>>, AgentError> {
+fn events<K, V>(step: &Step<K, V>, record: ConsumerRecord) -> Result<Events<K, V>, AgentError> {
     step(record).map_err(|e| Box::new(DecodeError(e.to_string())) as AgentError)
 }
 
@@ -609,13 +616,9 @@ where
             Ok(events) => events,
             Err(e) => return failed(e),
         };
-        let work: Vec<Fut> = decoded
-            .into_iter()
-            .map(|e| (self.f)(ctx.clone(), e))
-            .collect();
         Box::pin(async move {
-            for w in work {
-                w.await?;
+            for e in decoded {
+                (self.f)(ctx.clone(), e).await?;
             }
             Ok(())
         })
@@ -624,9 +627,6 @@ where
 
 /// Computes an event's new key.
 type KeyFn<K, V, K2> = Box<dyn Fn(&Event<K, V>) -> K2 + Send + Sync>;
-
-/// A repartitioned record: key bytes and value bytes.
-type Rekeyed = (Vec<u8>, Vec<u8>);
 
 struct Repartition<K, V, K2> {
     source: Arc<str>,
@@ -655,12 +655,10 @@ where
             Ok(events) => events,
             Err(e) => return failed(e),
         };
-        let out: Result<Vec<Rekeyed>, AgentError> = decoded
-            .into_iter()
-            .map(|e| Ok(((self.key)(&e).encode_key(), serde_json::to_vec(&e.value)?)))
-            .collect();
         Box::pin(async move {
-            for (key, value) in out? {
+            for e in decoded {
+                let key = (self.key)(&e).encode_key();
+                let value = serde_json::to_vec(&e.value)?;
                 ctx.send(ProducerRecord::to(&self.target).key(&key).value(&value))
                     .await?;
             }
@@ -700,22 +698,13 @@ where
             Ok(events) => events,
             Err(e) => return failed(e),
         };
-        let out: Result<Vec<_>, CodecError> = decoded
-            .into_iter()
-            .map(|e| {
-                Ok((
-                    self.key.encode(&e.key)?,
-                    self.value.encode(&e.value)?,
-                    e.headers,
-                ))
-            })
-            .collect();
         Box::pin(async move {
-            for (key, value, headers) in out? {
+            for e in decoded {
+                let (key, value) = (self.key.encode(&e.key)?, self.value.encode(&e.value)?);
                 let mut record = ProducerRecord::to(&self.target);
                 record.key = key.as_deref();
                 record.value = value.as_deref();
-                record.headers = &headers;
+                record.headers = &e.headers;
                 ctx.send(record).await?;
             }
             Ok(())

@@ -138,9 +138,10 @@ pub struct WorkerConfig {
     /// stay open before aborting it (exactly-once). Default 10 s (Kafka
     /// Streams' default under exactly-once).
     pub transaction_timeout: Duration,
-    /// Bytes of fetched records (keys, values, headers, plus 64 per record)
-    /// waiting per partition number before its fetches pause; they resume
-    /// when half of that is processed. Default 4 MiB.
+    /// Bytes of fetched records (keys, values, headers, plus the record
+    /// itself, 128 bytes) waiting per partition number before its fetches
+    /// pause; they resume when half of that is processed. Also the bound of
+    /// fetched bytes read ahead for all partitions. Default 4 MiB.
     pub max_buffered_bytes: usize,
     /// How the worker's records are compressed: outputs, repartition
     /// records, changelogs (Kafka's `compression.type`). Default none.

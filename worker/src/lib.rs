@@ -415,8 +415,8 @@ async fn ensure_topics(
 
 /// The worker's group membership: the app's group, static as `instance`
 /// (leaving on a clean shutdown) unless turned off, the co-partitioning
-/// assignor, new partitions read from the start, read-committed under
-/// exactly-once.
+/// assignor, new partitions read from the start, read-ahead bounded like the
+/// tasks' queues, read-committed under exactly-once.
 fn group_config(
     config: &WorkerConfig,
     instance: &str,
@@ -433,6 +433,11 @@ fn group_config(
     group.rebalance_timeout = config.rebalance_timeout;
     group.assignors = vec![Arc::new(assignor.clone())];
     group.consumer.auto_offset_reset = AutoOffsetReset::Earliest;
+    // Fetched bytes not yet handed to the tasks are bounded as tightly as
+    // the tasks' queues: the consumer hands out what it buffered even for a
+    // partition the worker paused, so a larger read-ahead (the client's
+    // 64 MiB) would pass the tasks' bound by that much.
+    group.consumer.max_buffered_bytes = config.max_buffered_bytes;
     group.consumer.isolation = spec.isolation();
     group
 }

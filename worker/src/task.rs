@@ -397,7 +397,7 @@ impl Drop for Ending {
 }
 
 /// What `records` cost in memory, roughly: their keys, values and headers
-/// plus a fixed overhead per record.
+/// plus the record itself (for small records the record is most of it).
 fn buffered_bytes(records: &[ConsumerRecord]) -> usize {
     records
         .iter()
@@ -409,7 +409,7 @@ fn buffered_bytes(records: &[ConsumerRecord]) -> usize {
                 .iter()
                 .map(|h| h.key.len() + h.value.as_ref().map_or(0, |v| v.len()))
                 .sum();
-            fields + headers + 64
+            fields + headers + std::mem::size_of::<ConsumerRecord>()
         })
         .sum()
 }

@@ -267,6 +267,10 @@ pub struct Consumer {
     config: ConsumerConfig,
     /// Decoded records not yet handed out.
     ready: Option<Ready>,
+    /// The rest of a fetched slice after the part decoded into `ready` (a
+    /// slice is decoded [`DECODE_CHUNK`] bytes at a time); its bytes still
+    /// count as buffered.
+    leftover: Option<Fetched>,
     /// An error found after records that were returned first.
     pending_error: Option<Error>,
 }
@@ -302,6 +306,7 @@ impl Consumer {
             rx,
             config,
             ready: None,
+            leftover: None,
             pending_error: None,
         }
     }
@@ -468,9 +473,24 @@ impl Consumer {
         }
         let committed = self.config.isolation == IsolationLevel::ReadCommitted;
         loop {
-            let Some(fetched) = self.rx.recv().await else {
-                return Err(Error::Closed("consumer fetcher"));
+            let mut fetched = match self.leftover.take() {
+                Some(rest) => rest,
+                None => match self.rx.recv().await {
+                    Some(fetched) => fetched,
+                    None => return Err(Error::Closed("consumer fetcher")),
+                },
             };
+            if let Ok(data) = &mut fetched.result {
+                if let Some(rest) = split_after(data, DECODE_CHUNK) {
+                    self.leftover = Some(Fetched {
+                        tp: fetched.tp.clone(),
+                        epoch: fetched.epoch,
+                        fetch_offset: fetched.fetch_offset,
+                        aborted: Vec::new(),
+                        result: Ok(rest),
+                    });
+                }
+            }
             let len = fetched.result.as_ref().map_or(0, Bytes::len);
             let current = {
                 let mut shared = self.handle.lock();
@@ -589,6 +609,29 @@ impl Consumer {
             }
         }
     }
+}
+
+/// Fetched bytes decoded at a time: a slice of many small records decodes to
+/// several times its size, so a whole slice at once would hold far more than
+/// the bytes counted against `max_buffered_bytes`.
+const DECODE_CHUNK: usize = 256 * 1024;
+
+/// Cuts `data` after the first whole batches that reach `limit` bytes (at
+/// least one batch, however big) and returns the rest, if any. Batches are
+/// only measured here; anything odd is left in `data` for the decoder to
+/// report.
+fn split_after(data: &mut Bytes, limit: usize) -> Option<Bytes> {
+    let mut end = 0usize;
+    while end < limit {
+        let header = data.get(end..end + 12)?;
+        let batch_len = i32::from_be_bytes([header[8], header[9], header[10], header[11]]);
+        let next = usize::try_from(batch_len)
+            .ok()
+            .and_then(|n| (end + 12).checked_add(n))
+            .filter(|&next| next <= data.len())?;
+        end = next;
+    }
+    (end < data.len()).then(|| data.split_off(end))
 }
 
 /// Decoded records of one partition waiting to be handed out.
@@ -901,6 +944,36 @@ mod tests {
 
     /// A corrupt batch after good ones: the good records come out and the error
     /// points at the bad batch's offset, so nothing after it is skipped.
+    /// A fetched slice is cut after whole batches, at least one, once the
+    /// limit is reached; a truncated or odd tail is left to the decoder.
+    #[test]
+    fn slices_are_cut_after_whole_batches() {
+        let parts: Vec<Bytes> = (0..4).map(|i| batch(i * 10, 10)).collect();
+        let one = parts[0].len();
+        let mut data = concat(&parts);
+        let rest = split_after(&mut data, 1).expect("cut after the first batch");
+        assert_eq!((data.len(), rest.len()), (one, 3 * one));
+        let mut data = concat(&parts);
+        let rest = split_after(&mut data, one + 1).expect("cut after two batches");
+        assert_eq!(data.len(), 2 * one);
+        let (records, next, err) = decode(&TopicPartition::new("t", 0), rest, 0, true);
+        assert!(err.is_none());
+        assert_eq!(records.first().map(|r| r.offset), Some(20));
+        assert_eq!(next, Some(40));
+        let mut whole = concat(&parts);
+        assert!(split_after(&mut whole, 10 * one).is_none());
+        let truncated = concat(&parts).slice(..2 * one + 20);
+        let mut cut = truncated.clone();
+        let rest = split_after(&mut cut, one).expect("cut after the first batch");
+        assert_eq!(rest.len(), one + 20);
+        let mut tail = truncated.clone();
+        assert!(
+            split_after(&mut tail, 3 * one).is_none(),
+            "a truncated batch is not measured"
+        );
+        assert_eq!(tail.len(), truncated.len());
+    }
+
     #[test]
     fn decode_reports_corrupt_batch_at_its_offset() {
         let tp = TopicPartition::new("orders", 2);
