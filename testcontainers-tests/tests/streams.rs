@@ -26,11 +26,13 @@ fn wordcount(id: &str, broker: &TestBroker, input: &str, output: &str) -> App {
     strom_it::wordcount(app, input, output)
 }
 
-/// An app with in-memory tables and one partition per topic it creates.
+/// An app with in-memory tables and one partition per topic it creates (its
+/// state directory holds only the worker's identity).
 fn one_partition_app(id: &str, broker: &TestBroker) -> App {
     App::new(id)
         .with_brokers([broker.bootstrap.clone()])
         .with_static_membership(broker.static_membership())
+        .with_state_dir(std::env::temp_dir().join(unique_topic("one-partition-state")))
         .with_store(StoreKind::Memory)
         .with_partitions(1)
         .with_commit_interval(Duration::from_millis(100))

@@ -79,11 +79,12 @@ pub struct WorkerConfig {
     /// Where redb tables live (and the worker's identity file). Default
     /// `./strom-state/<app-id>`.
     pub state_dir: PathBuf,
-    /// This worker's stable identity, e.g. `worker-1`: it names the
-    /// transactional producer under exactly-once, so a restarted worker fences
-    /// and aborts what its previous run left open. Each worker of an app needs
-    /// its own. Default: an id kept in `<state_dir>/worker.id`, made on the
-    /// first start.
+    /// This worker's stable identity, e.g. `worker-1`: its static group
+    /// membership (see `static_membership`) and, under exactly-once, its
+    /// transactional producer, so a restarted worker takes its partitions
+    /// back at once and fences and aborts what its previous run left open.
+    /// Each worker of an app needs its own. Default: an id kept in
+    /// `<state_dir>/worker.id`, made on the first start.
     pub instance_id: Option<String>,
     /// Static membership (KIP-345): the worker joins its group as
     /// `instance_id`, so a worker restarted after a crash gets its partitions
