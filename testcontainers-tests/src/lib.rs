@@ -460,8 +460,9 @@ pub fn unique_topic(prefix: &str) -> String {
 
 /// A TCP proxy in front of a broker that can lose a Produce response (the
 /// broker has written the records, the client never hears so, and the
-/// connection drops, just as when a network fails at the wrong moment), and
-/// can hide a topic's upper partitions from Metadata answers, so revealing
+/// connection drops, just as when a network fails at the wrong moment), reset
+/// every connection, stall every connection (bytes held, connections open),
+/// and hide a topic's upper partitions from Metadata answers, so revealing
 /// them looks to clients exactly like partitions added by CreatePartitions
 /// (which neither test broker implements).
 pub struct FaultProxy {
@@ -477,6 +478,20 @@ struct Faults {
     dropped: AtomicU32,
     /// Metadata answers list only the first N partitions of this topic.
     visible: std::sync::Mutex<Option<(String, i32)>>,
+    /// Wakes every relay to close its connection.
+    reset: tokio::sync::Notify,
+    /// No byte is passed on before this instant.
+    stalled_until: std::sync::Mutex<Option<tokio::time::Instant>>,
+}
+
+impl Faults {
+    /// Waits out a stall, if one is on.
+    async fn pass(&self) {
+        let until = *self.stalled_until.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(until) = until {
+            tokio::time::sleep_until(until).await;
+        }
+    }
 }
 
 impl std::fmt::Debug for FaultProxy {
@@ -520,6 +535,22 @@ impl FaultProxy {
     /// Loses the next Produce response (and closes that connection).
     pub fn drop_next_produce_response(&self) {
         self.faults.drop_produce.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Closes every connection through the proxy now: clients see them
+    /// reset and connect again.
+    pub fn reset_connections(&self) {
+        self.faults.reset.notify_waiters();
+    }
+
+    /// Holds every byte in both directions for `how_long` from now; the
+    /// connections stay open, so clients see requests go unanswered.
+    pub fn stall(&self, how_long: Duration) {
+        *self
+            .faults
+            .stalled_until
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(tokio::time::Instant::now() + how_long);
     }
 
     /// How many Produce responses were lost so far.
@@ -579,9 +610,12 @@ async fn relay(
 ) {
     let (mut cr, mut cw) = client.into_split();
     let (mut ur, mut uw) = upstream.into_split();
+    let resets = faults.clone();
+    let reset = resets.reset.notified();
     let apis: Arc<std::sync::Mutex<HashMap<i32, (i16, i16)>>> = Arc::default();
     let requests = {
         let apis = apis.clone();
+        let faults_in = faults.clone();
         async move {
             while let Some(frame) = read_frame(&mut cr).await {
                 if frame.len() >= 12 {
@@ -592,6 +626,7 @@ async fn relay(
                         .unwrap_or_else(|e| e.into_inner())
                         .insert(cid, (api, version));
                 }
+                faults_in.pass().await;
                 if uw.write_all(&frame).await.is_err() {
                     return;
                 }
@@ -627,6 +662,7 @@ async fn relay(
                     }
                 }
             }
+            faults.pass().await;
             if cw.write_all(&frame).await.is_err() {
                 return;
             }
@@ -635,6 +671,7 @@ async fn relay(
     tokio::select! {
         _ = requests => {}
         _ = responses => {}
+        _ = reset => {}
     }
 }
 
