@@ -7,8 +7,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use strom::codec::{NoKey, Utf8};
-use strom::{App, StoreKind};
-use strom_client::consumer::{Consumer, ConsumerConfig, Offset, TopicPartition};
+use strom::{App, ProcessingGuarantee, StoreKind};
+use strom_client::consumer::{Consumer, ConsumerConfig, IsolationLevel, Offset, TopicPartition};
 use strom_client::producer::{Producer, ProducerConfig, ProducerRecord};
 use strom_client::Header;
 use strom_it::{unique_topic, TestBroker};
@@ -297,8 +297,23 @@ async fn take_forward_concurrency_and_sink() {
 
 /// Every count written to `topic` per word, in offset order.
 async fn all_counts(client: &strom_client::Client, topic: &str) -> BTreeMap<String, Vec<u64>> {
+    all_counts_read(client, topic, IsolationLevel::ReadUncommitted).await
+}
+
+/// Every count of every word in `topic`, in order, as read with `isolation`.
+async fn all_counts_read(
+    client: &strom_client::Client,
+    topic: &str,
+    isolation: IsolationLevel,
+) -> BTreeMap<String, Vec<u64>> {
     let partitions = client.topic_metadata(topic).await.unwrap().partitions.len() as i32;
-    let mut consumer = Consumer::new(client.clone(), ConsumerConfig::default());
+    let mut consumer = Consumer::new(
+        client.clone(),
+        ConsumerConfig {
+            isolation,
+            ..ConsumerConfig::default()
+        },
+    );
     consumer
         .assign((0..partitions).map(|p| (TopicPartition::new(topic, p), Offset::Earliest)))
         .unwrap();
@@ -371,7 +386,6 @@ async fn a_damaged_table_file_is_rebuilt_and_counts_stay_exact() {
         let app = App::new(&id)
             .with_brokers([broker.bootstrap.clone()])
             .with_static_membership(broker.static_membership())
-            .with_static_membership(broker.static_membership())
             .with_state_dir(&state_dir)
             .with_store(StoreKind::Redb)
             .with_partitions(2)
@@ -443,4 +457,137 @@ async fn a_damaged_table_file_is_rebuilt_and_counts_stay_exact() {
     }
     assert_eq!(changelog.len(), truth.len());
     std::fs::remove_dir_all(&state_dir).ok();
+}
+
+/// A tmpfs mounted for one test, unmounted when dropped.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    /// A tmpfs of `size` (as mount takes it, e.g. `1m`) at a fresh
+    /// directory; `None` where mounting is not allowed (it needs root).
+    fn mount(size: &str) -> Option<Tmpfs> {
+        let dir = std::env::temp_dir().join(unique_topic("tmpfs"));
+        std::fs::create_dir_all(&dir).ok()?;
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&dir)
+            .status()
+            .is_ok_and(|s| s.success());
+        mounted.then_some(Tmpfs(dir))
+    }
+
+    /// Changes the size of the mounted tmpfs, keeping its files.
+    fn resize(&self, size: &str) {
+        let status = std::process::Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(&self.0)
+            .status()
+            .unwrap();
+        assert!(
+            status.success(),
+            "cannot resize the tmpfs at {}",
+            self.0.display()
+        );
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The state directory on a 1 MiB tmpfs that the table outgrows: the worker
+/// stops with an error that says the disk is full; once the tmpfs is bigger,
+/// a restart counts every word exactly (exactly-once: nothing past what the
+/// stopped worker stored and committed counts twice or goes missing).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_stops_the_worker_and_a_restart_counts_exactly() {
+    let Some(disk) = Tmpfs::mount("1m") else {
+        println!("a_full_disk…: NOT checked (cannot mount a tmpfs here; it needs root)");
+        return;
+    };
+    let broker = TestBroker::start().await;
+    let client = broker.client().await;
+    let (id, input, output) = (
+        unique_topic("full"),
+        unique_topic("full-in"),
+        unique_topic("full-out"),
+    );
+    let app = || {
+        let app = App::new(&id)
+            .with_brokers([broker.bootstrap.clone()])
+            .with_static_membership(broker.static_membership())
+            .with_state_dir(&disk.0)
+            .with_store(StoreKind::Redb)
+            .with_partitions(2)
+            .with_processing_guarantee(ProcessingGuarantee::ExactlyOnce)
+            .with_session_timeout(Duration::from_secs(6), Duration::from_secs(1));
+        strom_it::wordcount(app, &input, &output)
+    };
+    let producer = Producer::new(client.clone(), ProducerConfig::default()).unwrap();
+    // 60,000 distinct words, each counted twice: far more than 1 MiB of table.
+    let lines: Vec<String> = (0..2)
+        .flat_map(|_| (0..15_000).map(|i| format!("w{i}a w{i}b w{i}c w{i}d")))
+        .collect();
+    let mut truth: BTreeMap<String, u64> = BTreeMap::new();
+    for line in &lines {
+        for w in line.split_whitespace() {
+            *truth.entry(w.to_owned()).or_default() += 1;
+        }
+    }
+
+    let (_stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let first = tokio::spawn(app().run(async {
+        let _ = stopped.await;
+    }));
+    strom_it::wait_for_topic(&client, &input).await;
+    for line in &lines {
+        producer
+            .send(ProducerRecord::to(&input).value(line.as_bytes()))
+            .await
+            .unwrap();
+    }
+    producer.flush().await.unwrap();
+    let result = tokio::time::timeout(Duration::from_secs(180), first)
+        .await
+        .expect("the worker still runs on a full disk after 180 s")
+        .unwrap();
+    let err = result.expect_err("the worker stopped cleanly on a full disk");
+    println!("the worker stopped: {err}");
+    assert!(
+        err.to_string().contains("No space left") || err.to_string().contains("os error 28"),
+        "the error does not say the disk is full: {err}"
+    );
+
+    disk.resize("256m");
+    let (stop, task) = strom_it::spawn_app(app());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
+    loop {
+        let counts = all_counts_read(&client, &output, IsolationLevel::ReadCommitted).await;
+        if truth
+            .iter()
+            .all(|(w, n)| counts.get(w).and_then(|c| c.last()) == Some(n))
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the restarted worker never reached the true counts"
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let _ = stop.send(());
+    task.await.unwrap();
+    let changelog = all_counts_read(
+        &client,
+        &format!("{id}-word-counts-changelog"),
+        IsolationLevel::ReadCommitted,
+    )
+    .await;
+    assert_eq!(changelog.len(), truth.len());
+    for (word, counts) in &changelog {
+        assert_eq!(counts, &[1, 2], "{word}: committed counts");
+    }
 }
