@@ -142,6 +142,11 @@ enum Command {
         /// transaction).
         #[arg(long, default_value = "at-least-once")]
         guarantee: strom::ProcessingGuarantee,
+        /// Feed the words while the worker runs (instead of all before it
+        /// starts) and sample the process's resident memory every half
+        /// second: a soak run, to see whether memory stays flat.
+        #[arg(long)]
+        soak: bool,
     },
     /// Sends each line of standard input as one record value (no key), once the
     /// topic exists (waits up to 60 s for an app to create it).
@@ -256,7 +261,11 @@ fn main() -> ExitCode {
                 )
                 .await
             }
-            Command::Pipeline { state, guarantee } => pipeline::run(&state, guarantee).await,
+            Command::Pipeline {
+                state,
+                guarantee,
+                soak,
+            } => pipeline::run(&state, guarantee, soak).await,
             Command::SendLines { brokers, topic } => demo::send_lines(&brokers, &topic).await,
             Command::TopCounts {
                 brokers,
@@ -848,9 +857,42 @@ mod pipeline {
 
     use super::{client_config, StateArgs};
 
+    /// Sends the `n` words of the run (1,000-word vocabulary); returns the
+    /// true count of each.
+    async fn feed(
+        producer: Producer,
+        input: String,
+        n: u64,
+    ) -> Result<BTreeMap<String, u64>, Error> {
+        let mut truth: BTreeMap<String, u64> = BTreeMap::new();
+        for i in 0..n {
+            let word = format!("word{}", (i * 7919) % 1000);
+            producer
+                .send(ProducerRecord::to(&input).value(word.as_bytes()))
+                .await?;
+            *truth.entry(word).or_default() += 1;
+        }
+        producer.flush().await?;
+        Ok(truth)
+    }
+
+    /// This process's resident memory now, in MB.
+    fn rss_mb() -> f64 {
+        std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("VmRSS:"))
+                    .and_then(|l| l.split_whitespace().nth(1))
+                    .and_then(|kb| kb.parse::<f64>().ok())
+            })
+            .map_or(-1.0, |kb| kb / 1024.0)
+    }
+
     pub(super) async fn run(
         args: &StateArgs,
         guarantee: strom::ProcessingGuarantee,
+        soak: bool,
     ) -> Result<bool, Error> {
         let n = args.messages;
         let run_id = std::process::id();
@@ -861,16 +903,20 @@ mod pipeline {
         );
         let client = Client::connect(client_config(&args.brokers)?).await?;
         client.create_topic(NewTopic::new(&input, 6, 1)).await?;
-        let producer = Producer::new(client.clone(), ProducerConfig::default())?;
-        let mut truth: BTreeMap<String, u64> = BTreeMap::new();
-        for i in 0..n {
-            let word = format!("word{}", (i * 7919) % 1000);
-            producer
-                .send(ProducerRecord::to(&input).value(word.as_bytes()))
-                .await?;
-            *truth.entry(word).or_default() += 1;
-        }
-        producer.flush().await?;
+        // A soak run's feeder shares the process: its buffer is kept small.
+        let producer = Producer::new(
+            client.clone(),
+            ProducerConfig {
+                buffer_memory: if soak { 4 << 20 } else { 64 << 20 },
+                ..ProducerConfig::default()
+            },
+        )?;
+        let fed = if soak {
+            tokio::spawn(feed(producer, input.clone(), n))
+        } else {
+            let truth = feed(producer, input.clone(), n).await?;
+            tokio::spawn(async move { Ok(truth) })
+        };
 
         let state_dir = args
             .state_dir
@@ -919,12 +965,31 @@ mod pipeline {
                     }
                 });
         }
+        let samples: Arc<Mutex<Vec<(u64, f64)>>> = Arc::default();
+        let sampler = {
+            let (samples, processed, mut done) =
+                (samples.clone(), processed.clone(), done_rx.clone());
+            tokio::spawn(async move {
+                while !*done.borrow() {
+                    let at = processed.load(Ordering::Relaxed);
+                    samples
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push((at, rss_mb()));
+                    let _ = tokio::time::timeout(Duration::from_millis(500), done.changed()).await;
+                }
+            })
+        };
         let mut done = done_rx.clone();
         app.run(async move {
             let _ = done.wait_for(|d| *d).await;
         })
         .await
         .map_err(|e| Error::Config(e.to_string()))?;
+        let _ = sampler.await;
+        let truth = fed
+            .await
+            .map_err(|e| Error::Config(format!("the feeder failed: {e}")))??;
         // run() returns after the final checkpoint: tables flushed, every
         // output and changelog record acknowledged, offsets committed.
         let end = Instant::now();
@@ -959,12 +1024,26 @@ mod pipeline {
         let _ = std::fs::remove_dir_all(&state_dir)
             .ok()
             .filter(|_| args.state_dir.is_none());
+        let samples = samples.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        // Resident memory by quarter of the events processed (the largest
+        // sample in each): flat means the last quarters are no higher.
+        let quarters: Vec<f64> = (0..4)
+            .map(|q| {
+                samples
+                    .iter()
+                    .filter(|(at, _)| (*at * 4 / n.max(1)).min(3) == q)
+                    .map(|(_, mb)| *mb)
+                    .fold(f64::NAN, f64::max)
+            })
+            .collect();
         super::print(json!({
-            "op": "pipeline",
+            "op": if soak { "soak" } else { "pipeline" },
             "events": n,
             "seconds": seconds,
             "events_per_s": n as f64 / seconds,
             "peak_rss_mb": super::state_bench::peak_rss_mb(),
+            "rss_mb_by_quarter": quarters,
+            "rss_samples": samples.len(),
             "guarantee": guarantee.to_string(),
             "correct": correct,
         }));
