@@ -638,11 +638,17 @@ mod state_bench {
     }
 
     pub(super) fn peak_rss_mb() -> f64 {
+        status_mb("VmHWM:")
+    }
+
+    /// A memory figure of this process (`VmHWM:`, `VmRSS:`, …) in MB; -1
+    /// where /proc does not tell.
+    pub(super) fn status_mb(field: &str) -> f64 {
         std::fs::read_to_string("/proc/self/status")
             .ok()
             .and_then(|s| {
                 s.lines()
-                    .find(|l| l.starts_with("VmHWM:"))
+                    .find(|l| l.starts_with(field))
                     .and_then(|l| l.split_whitespace().nth(1))
                     .and_then(|kb| kb.parse::<f64>().ok())
             })
@@ -878,15 +884,7 @@ mod pipeline {
 
     /// This process's resident memory now, in MB.
     fn rss_mb() -> f64 {
-        std::fs::read_to_string("/proc/self/status")
-            .ok()
-            .and_then(|s| {
-                s.lines()
-                    .find(|l| l.starts_with("VmRSS:"))
-                    .and_then(|l| l.split_whitespace().nth(1))
-                    .and_then(|kb| kb.parse::<f64>().ok())
-            })
-            .map_or(-1.0, |kb| kb / 1024.0)
+        super::state_bench::status_mb("VmRSS:")
     }
 
     pub(super) async fn run(
