@@ -74,17 +74,7 @@ async fn child_worker() -> ! {
 }
 
 fn spawn_worker(test: &str, broker: &TestBroker, names: &Names, state: &Path) -> Child {
-    Command::new(std::env::current_exe().unwrap())
-        .args([test, "--exact", "--nocapture"])
-        .env(CHILD, "1")
-        .env("STROM_IT_BROKER", &broker.bootstrap)
-        .envs([broker.static_membership_env()])
-        .env("STROM_IT_APP", &names.id)
-        .env("STROM_IT_INPUT", &names.input)
-        .env("STROM_IT_OUTPUT", &names.output)
-        .env("STROM_IT_STATE", state)
-        .spawn()
-        .unwrap()
+    worker_command(test, broker, names, state).spawn().unwrap()
 }
 
 /// [`spawn_worker`] with the worker's web server on 127.0.0.1:`web`.
@@ -95,7 +85,16 @@ fn spawn_worker_with_web(
     state: &Path,
     web: u16,
 ) -> Child {
-    Command::new(std::env::current_exe().unwrap())
+    worker_command(test, broker, names, state)
+        .env("STROM_IT_WEB", web.to_string())
+        .spawn()
+        .unwrap()
+}
+
+/// This test binary run as the worker process of `test`.
+fn worker_command(test: &str, broker: &TestBroker, names: &Names, state: &Path) -> Command {
+    let mut command = Command::new(std::env::current_exe().unwrap());
+    command
         .args([test, "--exact", "--nocapture"])
         .env(CHILD, "1")
         .env("STROM_IT_BROKER", &broker.bootstrap)
@@ -103,10 +102,8 @@ fn spawn_worker_with_web(
         .env("STROM_IT_APP", &names.id)
         .env("STROM_IT_INPUT", &names.input)
         .env("STROM_IT_OUTPUT", &names.output)
-        .env("STROM_IT_STATE", state)
-        .env("STROM_IT_WEB", web.to_string())
-        .spawn()
-        .unwrap()
+        .env("STROM_IT_STATE", state);
+    command
 }
 
 /// A worker's `/assignment`: (generation, active partition numbers); `None`
