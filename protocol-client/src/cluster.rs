@@ -228,6 +228,8 @@ type Slot = Arc<tokio::sync::Mutex<Option<Arc<Connection>>>>;
 
 struct Inner {
     config: ClientConfig,
+    /// Read from the `ssl.*` files once, for every connection.
+    tls: Option<crate::security::TlsClientConfig>,
     metadata: RwLock<Metadata>,
     pool: Mutex<HashMap<(i32, ConnectionClass), Slot>>,
     /// Connections to bootstrap addresses, used until broker ids are known.
@@ -283,9 +285,11 @@ impl Client {
             return Err(Error::Config("the bootstrap broker list is empty".into()));
         }
         config.connection.security.validate()?;
+        let tls = config.connection.security.tls_client_config()?;
         let client = Client {
             inner: Arc::new(Inner {
                 config,
+                tls,
                 metadata: RwLock::default(),
                 pool: Mutex::default(),
                 bootstrap: Slot::default(),
@@ -356,9 +360,10 @@ impl Client {
 
     /// Opens a connection to `addr`, noting how the attempt went (see
     /// [`crate::health`]).
-    async fn connect_to(&self, addr: &str) -> Result<Connection> {
+    pub(crate) async fn connect_to(&self, addr: &str) -> Result<Connection> {
         let incidents = &self.inner.incidents;
-        match Connection::connect(addr, &self.inner.config.connection).await {
+        let (config, tls) = (&self.inner.config.connection, self.inner.tls.clone());
+        match Connection::open(addr, config, tls).await {
             Ok(conn) => {
                 incidents.connected(addr);
                 Ok(conn)

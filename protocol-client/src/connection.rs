@@ -264,6 +264,17 @@ impl Connection {
     ///
     /// Cancel-safe: dropping the future closes the half-open socket.
     pub async fn connect(broker: &str, config: &ConnectionConfig) -> Result<Connection> {
+        let tls = config.security.tls_client_config()?;
+        Connection::open(broker, config, tls).await
+    }
+
+    /// [`Connection::connect`] with the TLS configuration already read
+    /// (`Some` exactly when `config.security` asks for TLS).
+    pub(crate) async fn open(
+        broker: &str,
+        config: &ConnectionConfig,
+        tls: Option<security::TlsClientConfig>,
+    ) -> Result<Connection> {
         let timed_out = |_| Error::ConnectTimeout {
             broker: broker.to_owned(),
             after: config.connect_timeout,
@@ -279,7 +290,7 @@ impl Connection {
                         .map_err(timed_out)?
                         .map_err(|e| Error::io(broker, e))?;
                 stream.set_nodelay(true).map_err(|e| Error::io(broker, e))?;
-                if !security.protocol.tls() {
+                if tls.is_none() {
                     let (read, write) = stream.into_split();
                     let conn = Connection::start(read, write, broker, config);
                     return conn.ready(config, timed_out).await;
@@ -291,8 +302,8 @@ impl Connection {
                 .map_err(timed_out)?
                 .map_err(|e| Error::io(broker, e))?,
         };
-        let stream: Box<dyn Transport> = if security.protocol.tls() {
-            let handshake = security::handshake(stream, broker, &security.tls);
+        let stream: Box<dyn Transport> = if let Some(tls) = tls {
+            let handshake = security::handshake(stream, broker, &security.tls, tls);
             Box::new(
                 tokio::time::timeout(config.connect_timeout, handshake)
                     .await

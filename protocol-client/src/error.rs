@@ -391,7 +391,16 @@ impl Error {
         }
     }
 
+    /// An I/O error talking to `broker`; a refusal by the broker's TLS
+    /// layer carried in it (a client certificate it does not accept) is an
+    /// [`Error::Tls`], which is fatal.
     pub(crate) fn io(broker: &str, source: std::io::Error) -> Error {
+        if let Some(what) = crate::security::refusal(&source) {
+            return Error::Tls {
+                broker: broker.to_owned(),
+                what,
+            };
+        }
         Error::Io {
             broker: broker.to_owned(),
             source: Arc::new(source),

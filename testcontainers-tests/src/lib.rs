@@ -24,7 +24,10 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+pub use mutual_tls::MutualTlsProxy;
 use strom_client::{Client, ClientConfig};
+
+mod mutual_tls;
 use testcontainers::core::{ContainerPort, WaitFor};
 use testcontainers::runners::AsyncRunner;
 use testcontainers::{ContainerAsync, GenericImage, ImageExt};
@@ -303,6 +306,24 @@ impl TestBroker {
             "false"
         };
         ("STROM_STATIC_MEMBERSHIP", on)
+    }
+
+    /// A broker whose advertised address is a [`MutualTlsProxy`] in front of
+    /// it that demands client certificates signed by `certs.ca`. `None` for
+    /// an external broker (its advertised address cannot be changed).
+    pub async fn start_behind_mutual_tls(
+        certs: &TestCerts,
+    ) -> Option<(TestBroker, MutualTlsProxy)> {
+        let Ok(kind) = choose() else {
+            return None;
+        };
+        let proxy_port = free_port();
+        let mut broker = Self::start_container(kind, Some(proxy_port)).await;
+        // The broker answers on its own port before anyone uses the proxy.
+        broker.wait_ready().await;
+        let proxy = MutualTlsProxy::start(proxy_port, broker.bootstrap.clone(), certs).await;
+        broker.bootstrap = proxy.addr.clone();
+        Some((broker, proxy))
     }
 
     /// A broker whose advertised address is a [`FaultProxy`] in front of it, so
@@ -950,6 +971,14 @@ pub struct TestCerts {
     pub expired_key: PathBuf,
     /// Another CA, which signed nothing the broker shows.
     pub other_ca: PathBuf,
+    /// A client certificate signed by the CA (for mutual TLS), and its key.
+    pub client_cert: PathBuf,
+    /// The client certificate's key.
+    pub client_key: PathBuf,
+    /// A client certificate signed by the other CA, and its key.
+    pub stranger_cert: PathBuf,
+    /// The stranger's key.
+    pub stranger_key: PathBuf,
 }
 
 impl TestCerts {
@@ -967,24 +996,25 @@ impl TestCerts {
             (cert, key)
         };
         let (ca_cert, ca_key) = ca("strom test CA");
-        let (other_cert, _) = ca("some other CA");
-        let leaf = |expired: bool| {
+        let (other_cert, other_key) = ca("some other CA");
+        let leaf = |name: &str, expired: bool, (ca_cert, ca_key): (&_, &_)| {
             let mut params =
                 CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
                     .unwrap();
-            params
-                .distinguished_name
-                .push(DnType::CommonName, "localhost");
+            params.distinguished_name.push(DnType::CommonName, name);
             if expired {
                 params.not_before = rcgen::date_time_ymd(2000, 1, 1);
                 params.not_after = rcgen::date_time_ymd(2001, 1, 1);
             }
             let key = KeyPair::generate().unwrap();
-            let cert = params.signed_by(&key, &ca_cert, &ca_key).unwrap();
+            let cert = params.signed_by(&key, ca_cert, ca_key).unwrap();
             (cert.pem(), key.serialize_pem())
         };
-        let (server_cert, server_key) = leaf(false);
-        let (expired_cert, expired_key) = leaf(true);
+        let ours = (&ca_cert, &ca_key);
+        let (server_cert, server_key) = leaf("localhost", false, ours);
+        let (expired_cert, expired_key) = leaf("localhost", true, ours);
+        let (client_cert, client_key) = leaf("strom test client", false, ours);
+        let (stranger_cert, stranger_key) = leaf("stranger", false, (&other_cert, &other_key));
         let write = |name: &str, pem: &str| {
             let path = dir.join(name);
             std::fs::write(&path, pem).unwrap();
@@ -997,6 +1027,10 @@ impl TestCerts {
             expired_cert: write("expired.pem", &expired_cert),
             expired_key: write("expired.key", &expired_key),
             other_ca: write("other-ca.pem", &other_cert.pem()),
+            client_cert: write("client.pem", &client_cert),
+            client_key: write("client.key", &client_key),
+            stranger_cert: write("stranger.pem", &stranger_cert),
+            stranger_key: write("stranger.key", &stranger_key),
         }
     }
 }

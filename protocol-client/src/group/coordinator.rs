@@ -123,7 +123,7 @@ async fn member_connection(inner: &GroupInner, id: i32) -> Result<Arc<Connection
             return Ok(c.clone());
         }
     }
-    let c = Arc::new(Connection::connect(&addr, &inner.client.config().connection).await?);
+    let c = Arc::new(inner.client.connect_to(&addr).await?);
     *own = Some(c.clone());
     Ok(c)
 }

@@ -28,7 +28,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 pub(crate) use sasl::authenticate;
-pub(crate) use tls::handshake;
+pub(crate) use tls::{handshake, refusal, TlsClientConfig};
 
 use crate::error::{Error, Result};
 
@@ -272,9 +272,16 @@ impl Security {
                 self.protocol
             )));
         }
+        self.tls_client_config().map(|_| ())
+    }
+
+    /// The rustls configuration for TLS connections, read from the `ssl.*`
+    /// files once; `None` for plain TCP.
+    pub(crate) fn tls_client_config(&self) -> Result<Option<TlsClientConfig>> {
         if self.protocol.tls() {
-            tls::client_config(&self.tls)?;
+            tls::client_config(&self.tls).map(Some)
+        } else {
+            Ok(None)
         }
-        Ok(())
     }
 }

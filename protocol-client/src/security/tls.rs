@@ -14,9 +14,13 @@ use tokio_rustls::TlsConnector;
 use super::TlsConfig;
 use crate::error::{Error, Result};
 
+/// A rustls client configuration, built once per [`crate::Client`] and
+/// shared by its connections.
+pub(crate) type TlsClientConfig = Arc<rustls::ClientConfig>;
+
 /// The rustls configuration `config` describes; errors name the file and
 /// what is wrong with it.
-pub(crate) fn client_config(config: &TlsConfig) -> Result<Arc<rustls::ClientConfig>> {
+pub(crate) fn client_config(config: &TlsConfig) -> Result<TlsClientConfig> {
     let mut roots = RootCertStore::empty();
     match &config.ca_location {
         Some(path) => {
@@ -89,13 +93,15 @@ fn certificates(path: &Path, setting: &str) -> Result<Vec<CertificateDer<'static
     Ok(certs)
 }
 
-/// The TLS handshake with `broker` (`host:port`) over `stream`. A refusal
-/// (a certificate, an alert) is [`Error::Tls`], which is fatal; the stream
+/// The TLS handshake with `broker` (`host:port`) over `stream`, with the
+/// rustls configuration `client` built from `config`. A refusal (a
+/// certificate, an alert) is [`Error::Tls`], which is fatal; the stream
 /// failing under it (a reset, an early end) is an I/O error, retried.
 pub(crate) async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
     stream: S,
     broker: &str,
     config: &TlsConfig,
+    client: TlsClientConfig,
 ) -> Result<TlsStream<S>> {
     let host = match &config.server_name {
         Some(name) => name.as_str(),
@@ -109,7 +115,7 @@ pub(crate) async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
         broker: broker.to_owned(),
         what: format!("{host:?} is not a valid server name: {e}"),
     })?;
-    TlsConnector::from(client_config(config)?)
+    TlsConnector::from(client)
         .connect(name, stream)
         .await
         .map_err(|e| {
@@ -145,9 +151,41 @@ fn explain(tls: &rustls::Error, host: &str) -> String {
             }
             other => format!("the broker's certificate was refused: {other:?}"),
         },
-        rustls::Error::AlertReceived(alert) => {
-            format!("the broker refused the handshake ({alert:?}; a client certificate it does not accept?)")
-        }
+        rustls::Error::AlertReceived(alert) => refused_by_broker(*alert)
+            .unwrap_or_else(|| format!("the broker ended the handshake ({alert:?})")),
         other => format!("the TLS handshake failed: {other}"),
+    }
+}
+
+/// The broker's refusal of this client, in words, when `alert` is one. With
+/// TLS 1.3 a broker that checks client certificates says so only after the
+/// client has finished its side of the handshake, so this arrives on the
+/// first read of an open connection.
+fn refused_by_broker(alert: rustls::AlertDescription) -> Option<String> {
+    use rustls::AlertDescription as A;
+    match alert {
+        A::CertificateRequired => Some(
+            "the broker requires a client certificate (set ssl.certificate.location and ssl.key.location)"
+                .into(),
+        ),
+        A::BadCertificate
+        | A::UnsupportedCertificate
+        | A::CertificateRevoked
+        | A::CertificateExpired
+        | A::CertificateUnknown
+        | A::UnknownCA
+        | A::AccessDenied => Some(format!(
+            "the broker refused this client certificate ({alert:?}; is it signed by a CA the broker trusts, and still valid?)"
+        )),
+        _ => None,
+    }
+}
+
+/// Why the broker refused this client, when `e` (an I/O error on an open
+/// TLS connection) carries such a refusal; other TLS errors are `None`.
+pub(crate) fn refusal(e: &std::io::Error) -> Option<String> {
+    match e.get_ref()?.downcast_ref::<rustls::Error>()? {
+        rustls::Error::AlertReceived(alert) => refused_by_broker(*alert),
+        _ => None,
     }
 }
