@@ -31,8 +31,11 @@ use crate::topic::{Declared, Topic};
 /// `STROM_STATE_DIR` (default `./strom-state/<id>`),
 /// `STROM_PROCESSING_GUARANTEE` (`at_least_once`, the default, or
 /// `exactly_once`), `STROM_INSTANCE_ID`, `STROM_STATIC_MEMBERSHIP` (`true`,
-/// the default, or `false`) and `STROM_COMPRESSION_TYPE`
-/// (`none`, the default, `gzip`, `snappy`, `lz4` or `zstd`), and every client
+/// the default, or `false`), `STROM_COMPRESSION_TYPE`
+/// (`none`, the default, `gzip`, `snappy`, `lz4` or `zstd`),
+/// `STROM_DURABLE_CHECKPOINT_INTERVAL_MS` and
+/// `STROM_DURABLE_CHECKPOINT_CHANGES` (see [`App::with_durable_checkpoints`]),
+/// and every client
 /// setting of [`strom_client::cluster::SETTINGS`] as `STROM_` plus its name
 /// upper-cased with dots as underscores: `STROM_SECURITY_PROTOCOL`,
 /// `STROM_SASL_MECHANISM`, `STROM_SASL_USERNAME`, `STROM_SASL_PASSWORD`,
@@ -123,6 +126,12 @@ impl App {
                 Ok(c) => config.compression = c,
                 Err(e) => warn!("STROM_COMPRESSION_TYPE: {e}; using none"),
             }
+        }
+        if let Some(ms) = env_number("STROM_DURABLE_CHECKPOINT_INTERVAL_MS") {
+            config.durable_checkpoint_interval = Duration::from_millis(ms);
+        }
+        if let Some(changes) = env_number("STROM_DURABLE_CHECKPOINT_CHANGES") {
+            config.durable_checkpoint_changes = changes;
         }
         App {
             config,
@@ -249,6 +258,27 @@ impl App {
     pub fn with_commit_interval(mut self, interval: Duration) -> Self {
         self.config.commit_interval = interval;
         self.commit_interval_set = true;
+        self
+    }
+
+    /// How often checkpoints write the tables to disk (fsync): when
+    /// `interval` has passed since the last durable one, or when a
+    /// partition's tables took `changes` changes since then (overrides
+    /// `STROM_DURABLE_CHECKPOINT_INTERVAL_MS` and
+    /// `STROM_DURABLE_CHECKPOINT_CHANGES`; defaults 5 s and 100,000). Other
+    /// checkpoints commit in memory only. After a crash a partition replays
+    /// its changelog from the last durable checkpoint, so these bound the
+    /// replay; lower values cost more fsyncs.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// let app = strom::App::new("counts")
+    ///     .with_durable_checkpoints(Duration::from_secs(1), 20_000);
+    /// # let _ = app;
+    /// ```
+    pub fn with_durable_checkpoints(mut self, interval: Duration, changes: u64) -> Self {
+        self.config.durable_checkpoint_interval = interval;
+        self.config.durable_checkpoint_changes = changes;
         self
     }
 
@@ -496,4 +526,14 @@ async fn ensure(client: &Client, new: NewTopic, explicit_partitions: bool) -> Re
         warn!(%topic, declared = partitions, found, "topic exists with another partition count than declared; using it as it is");
     }
     Ok(())
+}
+
+/// The number environment variable `name` holds, if set; a value that is not
+/// one is logged and ignored (the default applies).
+fn env_number(name: &str) -> Option<u64> {
+    let value = std::env::var(name).ok()?;
+    value
+        .parse()
+        .map_err(|e| warn!("{name}={value:?}: {e}; using the default"))
+        .ok()
 }
