@@ -139,6 +139,11 @@ pub struct LoggedRecord {
     pub value: Option<Bytes>,
     /// Its headers.
     pub headers: Vec<crate::Header>,
+    /// Its timestamp (ms since the epoch).
+    pub timestamp: i64,
+    /// When its batch was appended, counted across every log of every
+    /// cluster in this process: orders records of different partitions.
+    pub appended: u64,
     /// Committed or not transactional (`Some(true)`), aborted (`Some(false)`),
     /// or in a transaction still open (`None`).
     pub committed: Option<bool>,
@@ -193,10 +198,21 @@ impl State {
     }
 }
 
+/// Counts batch appends across every log, for [`LoggedRecord::appended`].
+static APPENDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// One record batch of a log.
+struct Stored {
+    base: i64,
+    last: i64,
+    /// Its place in [`APPENDS`].
+    appended: u64,
+    bytes: Bytes,
+}
+
 #[derive(Default)]
 struct Log {
-    /// (base offset, last offset, batch bytes).
-    batches: Vec<(i64, i64, Bytes)>,
+    batches: Vec<Stored>,
     next: i64,
     /// Producer id → first offset of its open transaction here.
     open: BTreeMap<i64, i64>,
@@ -459,6 +475,12 @@ impl MockCluster {
     /// Every data record of a partition, in offset order, with its
     /// transaction's outcome.
     pub fn records(&self, topic: &str, partition: i32) -> Vec<LoggedRecord> {
+        self.records_from(topic, partition, 0)
+    }
+
+    /// The data records of a partition from offset `from` on, as
+    /// [`MockCluster::records`].
+    pub fn records_from(&self, topic: &str, partition: i32, from: i64) -> Vec<LoggedRecord> {
         let state = lock(&self.inner.state);
         let Some(log) = state
             .topics
@@ -468,8 +490,9 @@ impl MockCluster {
             return Vec::new();
         };
         let mut out = Vec::new();
-        for (_, _, bytes) in &log.batches {
-            for batch in BatchDecoder::new(bytes.clone(), true).flatten() {
+        let first = log.batches.partition_point(|b| b.last < from);
+        for stored in &log.batches[first..] {
+            for batch in BatchDecoder::new(stored.bytes.clone(), true).flatten() {
                 if batch.is_control() {
                     continue;
                 }
@@ -488,25 +511,35 @@ impl MockCluster {
                 } else {
                     Some(true)
                 };
-                for r in batch.records().flatten() {
+                for r in batch.records().flatten().filter(|r| r.offset >= from) {
                     let Record {
                         offset,
+                        timestamp,
                         key,
                         value,
                         headers,
-                        ..
                     } = r;
                     out.push(LoggedRecord {
                         offset,
                         key,
                         value,
                         headers,
+                        timestamp,
+                        appended: stored.appended,
                         committed,
                     });
                 }
             }
         }
         out
+    }
+
+    /// How many partitions `topic` has (`None`: no such topic).
+    pub fn partitions(&self, topic: &str) -> Option<i32> {
+        lock(&self.inner.state)
+            .topics
+            .get(topic)
+            .map(|t| t.len() as i32)
     }
 
     /// The offset after the last record of a partition (its high watermark).
@@ -973,7 +1006,12 @@ fn append_batch(log: &mut Log, mut bytes: Bytes, pid: i64, transactional: bool) 
     let mut owned = BytesMut::from(&bytes[..]);
     owned[..8].copy_from_slice(&base.to_be_bytes());
     bytes = owned.freeze();
-    log.batches.push((base, base + count - 1, bytes));
+    log.batches.push(Stored {
+        base,
+        last: base + count - 1,
+        appended: APPENDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+        bytes,
+    });
     log.next = base + count;
     if transactional {
         log.open.entry(pid).or_insert(base);
@@ -1090,16 +1128,14 @@ fn fetch_now(
                         log.next
                     };
                     let mut out = BytesMut::new();
-                    for (base, last, bytes) in &log.batches {
-                        if *last < p.fetch_offset || *base >= bound {
-                            continue;
-                        }
+                    let first = log.batches.partition_point(|b| b.last < p.fetch_offset);
+                    for b in log.batches[first..].iter().take_while(|b| b.base < bound) {
                         if !out.is_empty()
-                            && out.len() + bytes.len() > p.partition_max_bytes.max(0) as usize
+                            && out.len() + b.bytes.len() > p.partition_max_bytes.max(0) as usize
                         {
                             break;
                         }
-                        out.extend_from_slice(bytes);
+                        out.extend_from_slice(&b.bytes);
                     }
                     total += out.len();
                     if committed_only {
