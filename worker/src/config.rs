@@ -147,6 +147,9 @@ pub struct WorkerConfig {
     /// How the worker's records are compressed: outputs, repartition
     /// records, changelogs (Kafka's `compression.type`). Default none.
     pub compression: Compression,
+    /// How long the worker's producer waits to fill a batch (Kafka's
+    /// `linger.ms`). Default 5 ms.
+    pub linger: Duration,
 }
 
 impl WorkerConfig {
@@ -178,6 +181,7 @@ impl WorkerConfig {
             transaction_timeout: Duration::from_secs(10),
             max_buffered_bytes: 4 * 1024 * 1024,
             compression: Compression::None,
+            linger: Duration::from_millis(5),
         }
     }
 

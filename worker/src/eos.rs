@@ -98,6 +98,7 @@ impl Transactions {
                 transactional_id: Some(id.clone()),
                 transaction_timeout: config.transaction_timeout,
                 compression: config.compression,
+                linger: config.linger,
                 ..ProducerConfig::default()
             },
         )?;

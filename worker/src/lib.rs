@@ -363,6 +363,7 @@ fn spec(
             client.clone(),
             ProducerConfig {
                 compression: config.compression,
+                linger: config.linger,
                 ..ProducerConfig::default()
             },
         )?,
