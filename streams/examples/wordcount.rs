@@ -10,9 +10,18 @@
 use std::process::ExitCode;
 
 use strom::codec::{NoKey, Utf8};
-use strom::App;
+use strom::{App, Table, Topic};
 
-fn main() -> ExitCode {
+/// The word-count app, with the topics and the table its tests use.
+pub struct Wordcount {
+    pub app: App,
+    pub sentences: Topic<(), String>,
+    pub counts_out: Topic<String, u64>,
+    pub counts: Table<String, u64>,
+}
+
+/// Declares the word-count app.
+pub fn wordcount() -> Wordcount {
     let mut app = App::new("wordcount");
     let sentences = app
         .topic::<(), String>("sentences")
@@ -22,6 +31,7 @@ fn main() -> ExitCode {
         .topic::<String, u64>("word-counts-out")
         .with_key_codec(Utf8);
     let counts = app.table::<String, u64>("word-counts", 0);
+    let (table, out) = (counts.clone(), counts_out.clone());
     app.agent(&sentences)
         .flat_map(|line: String| {
             line.split_whitespace()
@@ -30,12 +40,22 @@ fn main() -> ExitCode {
         })
         .group_by(|event| event.value.clone(), "words")
         .for_each(move |ctx, event| {
-            let (counts, counts_out) = (counts.clone(), counts_out.clone());
+            let (counts, counts_out) = (table.clone(), out.clone());
             async move {
                 let n = ctx.update(&counts, &event.key, |n| n + 1).await?;
                 ctx.send(&counts_out, &event.key, &n).await?;
                 Ok(())
             }
         });
-    app.main()
+    Wordcount {
+        app,
+        sentences,
+        counts_out,
+        counts,
+    }
+}
+
+#[allow(dead_code)]
+fn main() -> ExitCode {
+    wordcount().app.main()
 }

@@ -459,11 +459,18 @@ impl App {
     }
 
     /// Creates missing topics, then runs a worker until `shutdown` completes.
-    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<()> {
-        if let Some(e) = self.env_error {
+    pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> Result<()> {
+        if let Some(e) = self.env_error.take() {
             return Err(e.into());
         }
         let client = Client::connect(self.config.client.clone()).await?;
+        self.create_topics(&client).await?;
+        Ok(self.worker(self.config.clone()).run(shutdown).await?)
+    }
+
+    /// Creates the declared topics and the repartition topics that are
+    /// missing.
+    pub(crate) async fn create_topics(&self, client: &Client) -> Result<()> {
         let replication = self.config.replication;
         for (topic, declared) in &self.topics {
             let settings = declared
@@ -477,30 +484,35 @@ impl App {
                 replication_factor: settings.replication.unwrap_or(replication),
                 configs: settings.configs,
             };
-            ensure(&client, new, settings.partitions.is_some()).await?;
+            ensure(client, new, settings.partitions.is_some()).await?;
         }
         for (topic, source) in &self.repartitions {
             let partitions = client.topic_metadata(source).await?.partitions.len() as i32;
-            ensure(&client, NewTopic::new(topic, partitions, replication), true).await?;
+            ensure(client, NewTopic::new(topic, partitions, replication), true).await?;
         }
-        let mut config = self.config;
+        Ok(())
+    }
+
+    /// A worker of this app's agents, tables, pages and timers, run with
+    /// `config` (the app's own, or the test driver's).
+    pub(crate) fn worker(&self, mut config: WorkerConfig) -> Worker {
         if config.guarantee == ProcessingGuarantee::ExactlyOnce && !self.commit_interval_set {
             config.commit_interval = Duration::from_millis(100);
         }
         let mut worker = Worker::new(config);
-        for (t, parse) in self.tables {
-            worker = worker.table_with_key(t, parse);
+        for (t, parse) in &self.tables {
+            worker = worker.table_with_key(t.clone(), parse.clone());
         }
-        for p in self.processors {
-            worker = worker.processor(p);
+        for p in &self.processors {
+            worker = worker.processor(p.clone());
         }
-        for page in self.pages {
-            worker = worker.page(page);
+        for page in &self.pages {
+            worker = worker.page(page.clone());
         }
-        for timer in self.timers {
-            worker = worker.timer(timer);
+        for timer in &self.timers {
+            worker = worker.timer(timer.clone());
         }
-        Ok(worker.run(shutdown).await?)
+        worker
     }
 
     /// The app's command line (see `APP --help`):

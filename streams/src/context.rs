@@ -161,7 +161,11 @@ impl Ctx {
 }
 
 /// `key` and `value` in `topic`'s codecs.
-fn encode<K, V>(topic: &Topic<K, V>, key: &K, value: &V) -> Result<(Option<Bytes>, Option<Bytes>)> {
+pub(crate) fn encode<K, V>(
+    topic: &Topic<K, V>,
+    key: &K,
+    value: &V,
+) -> Result<(Option<Bytes>, Option<Bytes>)> {
     let codec = |e| Error::Codec {
         topic: topic.name.to_string(),
         source: e,

@@ -32,6 +32,9 @@ pub enum Error {
     /// A table's store failed.
     #[error(transparent)]
     State(#[from] strom_state::StateError),
+    /// The app stopped earlier on this error (test driver).
+    #[error("the app stopped earlier: {0}")]
+    Stopped(String),
     /// The app is declared or configured inconsistently.
     #[error("{0}")]
     Config(String),

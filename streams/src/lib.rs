@@ -30,6 +30,8 @@
 //! - [`stream`]: agents — [`Stream`] operators (`filter`, `map`, `flat_map`,
 //!   `group_by` through a repartition topic) ending in `for_each`.
 //! - [`table`] and [`context`]: typed tables, read and written through [`Ctx`].
+//! - `testing` (feature `testing`): `TestDriver`, the app run in a test
+//!   without a broker.
 //!
 //! Underneath: `strom-worker` (the runtime), `strom-state` (tables),
 //! `strom-client` (Kafka).
@@ -43,6 +45,8 @@ pub mod context;
 pub mod error;
 pub mod stream;
 pub mod table;
+#[cfg(feature = "testing")]
+pub mod testing;
 pub mod topic;
 
 pub use app::App;

@@ -1,0 +1,517 @@
+//! Testing an app without a broker (feature `testing`): [`TestDriver`] runs
+//! the app's real worker — the same agents, operators, error policies,
+//! tables, changelogs and timers — against an in-memory Kafka cluster
+//! (`strom_client::mock`), on tokio's paused clock.
+//!
+//! ```
+//! use strom::codec::{NoKey, Utf8};
+//! use strom::testing::TestDriver;
+//! use strom::App;
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> strom::Result<()> {
+//! // The app, declared as in production.
+//! let mut app = App::new("wordcount");
+//! let sentences = app.topic::<(), String>("sentences").with_key_codec(NoKey).with_value_codec(Utf8);
+//! let counts = app.table::<String, u64>("word-counts", 0);
+//! let table = counts.clone();
+//! app.agent(&sentences)
+//!     .flat_map(|line: String| line.split_whitespace().map(str::to_lowercase).collect::<Vec<_>>())
+//!     .group_by(|event| event.value.clone(), "words")
+//!     .for_each(move |ctx, event| {
+//!         let counts = table.clone();
+//!         async move {
+//!             ctx.update(&counts, &event.key, |n| n + 1).await?;
+//!             Ok(())
+//!         }
+//!     });
+//!
+//! // The test: in `#[tokio::test] async fn ...`.
+//! let mut driver = TestDriver::new(app).await?;
+//! driver.send(&sentences, &(), &"the cat and the hat".to_string()).await?;
+//! assert_eq!(driver.table(&counts).get(&"the".to_string())?, 2);
+//! assert_eq!(driver.table(&counts).get(&"dog".to_string())?, 0);
+//! # Ok(()) }
+//! ```
+//!
+//! # What is the same as in production, and what is not
+//!
+//! Topics are created with their declared partition counts, keys are
+//! partitioned by Kafka's rule, `group_by` goes through its repartition
+//! topic, tables write their changelogs and [`TestDriver::restart`] restores
+//! them from there. The differences: one worker, stores in memory, the
+//! producer sends at once (no linger), and the app runs at least once
+//! whatever its guarantee (exactly-once commits on an interval, which would
+//! hide outputs until the clock moves; its outputs are the same).
+//!
+//! # Time
+//!
+//! The driver pauses tokio's clock (`tokio::time::pause`; the test runs on
+//! the current-thread runtime, `#[tokio::test]`'s default). Time moves only
+//! when the test says so ([`TestDriver::advance`]) and, by a millisecond,
+//! each time the driver waits for the app to settle ([`TestDriver::send`],
+//! [`TestDriver::run_until_idle`]). Interval timers, `take(n, within)`
+//! deadlines and retry back-offs run on that clock: advance it to let them
+//! fire. Records sent without a timestamp carry the driver's clock
+//! ([`TestDriver::now`]): the wall time when the driver started, plus the
+//! virtual time since.
+
+use std::collections::{BTreeMap, HashMap};
+use std::marker::PhantomData;
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde::de::DeserializeOwned;
+use strom_client::mock::{LoggedRecord, MockCluster};
+use strom_client::partitioner::partition_for_key;
+use strom_client::producer::{Producer, ProducerConfig, ProducerRecord};
+use strom_client::{Client, Header};
+use strom_state::TableKey;
+use strom_worker::{Metrics, ProcessingGuarantee, StoreKind, WorkerConfig, WorkerError};
+use tokio::runtime::RuntimeFlavor;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::app::App;
+use crate::error::{Error, Result};
+use crate::table::Table;
+use crate::topic::Topic;
+
+/// How long (of the virtual clock) the app may take to start: join its
+/// group and restore its tables.
+const START_LIMIT: Duration = Duration::from_secs(120);
+
+/// Runs an [`App`] in the test, without a broker (see the [module
+/// docs](self)).
+pub struct TestDriver {
+    app: App,
+    cluster: MockCluster,
+    client: Client,
+    input: Producer,
+    worker: Option<Running>,
+    /// Per topic partition, the offset [`TestDriver::read`] goes on from.
+    cursors: HashMap<(String, i32), i64>,
+    /// Why the worker stopped, once it stopped on an error.
+    stopped: Option<String>,
+    /// Wall time (ms since the epoch) when the driver started, and the
+    /// virtual instant it corresponds to.
+    epoch: (i64, Instant),
+}
+
+impl std::fmt::Debug for TestDriver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TestDriver")
+            .field("app", &self.app.id())
+            .field("running", &self.worker.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The worker the driver runs.
+struct Running {
+    stop: oneshot::Sender<()>,
+    join: JoinHandle<Result<(), WorkerError>>,
+    metrics: Metrics,
+}
+
+/// A record of a topic, as [`TestDriver::read`] returns it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TestRecord<K, V> {
+    /// The key.
+    pub key: K,
+    /// The value.
+    pub value: V,
+    /// Milliseconds since the epoch.
+    pub timestamp: i64,
+    /// The headers.
+    pub headers: Vec<Header>,
+    /// The partition it went to.
+    pub partition: i32,
+    /// Its offset there.
+    pub offset: i64,
+}
+
+/// A record's key and value as bytes (`None`: null), for
+/// [`TestDriver::read_raw`].
+pub type RawRecord = TestRecord<Option<Bytes>, Option<Bytes>>;
+
+impl TestDriver {
+    /// Starts `app` on an in-memory cluster and waits until it processes
+    /// every partition. Must be called on tokio's current-thread runtime
+    /// (`#[tokio::test]`); pauses its clock.
+    pub async fn new(app: App) -> Result<TestDriver> {
+        pause_clock()?;
+        let cluster = MockCluster::new();
+        let client = Client::connect(cluster.client_config()).await?;
+        app.create_topics(&client).await?;
+        let input = Producer::new(
+            client.clone(),
+            ProducerConfig {
+                linger: Duration::ZERO,
+                ..ProducerConfig::default()
+            },
+        )?;
+        let mut driver = TestDriver {
+            app,
+            cluster,
+            client,
+            input,
+            worker: None,
+            cursors: HashMap::new(),
+            stopped: None,
+            epoch: (wall_ms(), Instant::now()),
+        };
+        driver.start().await?;
+        Ok(driver)
+    }
+
+    /// The worker's settings: the app's, on the in-memory cluster.
+    fn config(&self) -> WorkerConfig {
+        let mut config = self.app.config.clone();
+        config.client = self.cluster.client_config();
+        config.store = StoreKind::Memory;
+        config.instance_id = Some(format!("{}-test-driver", self.app.id()));
+        config.static_membership = false;
+        config.standby_replicas = 0;
+        config.web = None;
+        config.linger = Duration::ZERO;
+        config.guarantee = ProcessingGuarantee::AtLeastOnce;
+        config
+    }
+
+    async fn start(&mut self) -> Result<()> {
+        let worker = self.app.worker(self.config());
+        let metrics = worker.metrics().clone();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let join = tokio::spawn(worker.run(async {
+            let _ = stopped.await;
+        }));
+        self.worker = Some(Running {
+            stop,
+            join,
+            metrics,
+        });
+        let partitions = self.source_partitions().await?;
+        let started = Instant::now();
+        while started.elapsed() < START_LIMIT {
+            self.run_until_idle().await?;
+            if self.ready_partitions() == partitions {
+                return Ok(());
+            }
+        }
+        Err(Error::Config(format!(
+            "the test driver's worker did not process all {partitions} partitions within {START_LIMIT:?} (of the virtual clock)"
+        )))
+    }
+
+    /// The partition count of the app's source topics.
+    async fn source_partitions(&self) -> Result<usize> {
+        let Some(topic) = self.app.processors.first().map(|p| p.topic().to_owned()) else {
+            return Err(Error::Config("the app has no agents".into()));
+        };
+        Ok(self.client.topic_metadata(&topic).await?.partitions.len())
+    }
+
+    /// Partition numbers the worker processes (done restoring).
+    fn ready_partitions(&self) -> usize {
+        let Some(running) = &self.worker else {
+            return 0;
+        };
+        running
+            .metrics
+            .render()
+            .lines()
+            .filter(|l| l.starts_with("strom_partition_ready{") && l.ends_with(" 1"))
+            .count()
+    }
+
+    /// Sends `key` → `value` to `topic`, partitioned by the key as a Kafka
+    /// producer does, and returns when the app has done everything it
+    /// caused (see [`TestDriver::run_until_idle`]). Its timestamp is
+    /// [`TestDriver::now`].
+    pub async fn send<K, V>(&mut self, topic: &Topic<K, V>, key: &K, value: &V) -> Result<()> {
+        self.send_with(topic, key, value, None, &[]).await
+    }
+
+    /// [`TestDriver::send`] with the record timestamp `timestamp` (ms since
+    /// the epoch): the event time of the event.
+    pub async fn send_at<K, V>(
+        &mut self,
+        topic: &Topic<K, V>,
+        key: &K,
+        value: &V,
+        timestamp: i64,
+    ) -> Result<()> {
+        self.send_with(topic, key, value, Some(timestamp), &[])
+            .await
+    }
+
+    /// [`TestDriver::send`] with a timestamp (`None`: [`TestDriver::now`])
+    /// and headers.
+    pub async fn send_with<K, V>(
+        &mut self,
+        topic: &Topic<K, V>,
+        key: &K,
+        value: &V,
+        timestamp: Option<i64>,
+        headers: &[Header],
+    ) -> Result<()> {
+        self.check().await?;
+        let (key, value) = crate::context::encode(topic, key, value)?;
+        let mut record = ProducerRecord::to(&topic.name);
+        record.key = key.as_deref();
+        record.value = value.as_deref();
+        record.headers = headers;
+        record.timestamp = Some(timestamp.unwrap_or_else(|| self.now()));
+        self.input.send(record).await?.await?;
+        self.run_until_idle().await
+    }
+
+    /// Lets the app run until it waits only for time to pass: every record
+    /// sent has been processed, with everything that caused — outputs,
+    /// repartitioned events and what they caused, table writes. An error
+    /// that stopped the app (an agent under [`ErrorPolicy::Stop`], a
+    /// framework failure) is returned here.
+    ///
+    /// [`ErrorPolicy::Stop`]: crate::ErrorPolicy::Stop
+    pub async fn run_until_idle(&mut self) -> Result<()> {
+        // The paused clock moves only when no task can run: once this
+        // millisecond passes, all that is left waits on a timer.
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        self.check().await
+    }
+
+    /// Moves the virtual clock by `by`, firing every timer, deadline and
+    /// back-off that falls due, in order, then runs until idle.
+    pub async fn advance(&mut self, by: Duration) -> Result<()> {
+        self.check().await?;
+        tokio::time::sleep(by).await;
+        self.run_until_idle().await
+    }
+
+    /// The driver's wall clock (ms since the epoch): the time it started
+    /// plus the virtual time since.
+    pub fn now(&self) -> i64 {
+        self.epoch.0 + self.epoch.1.elapsed().as_millis() as i64
+    }
+
+    /// The records sent to `topic` since the last `read` of it, decoded:
+    /// in order within a partition, and across partitions in the order they
+    /// were written.
+    pub fn read<K, V>(&mut self, topic: &Topic<K, V>) -> Result<Vec<TestRecord<K, V>>> {
+        let codec = |e| Error::Codec {
+            topic: topic.name.to_string(),
+            source: e,
+        };
+        self.read_raw(&topic.name)?
+            .into_iter()
+            .map(|r| {
+                Ok(TestRecord {
+                    key: topic.key.decode(r.key.as_deref()).map_err(codec)?,
+                    value: topic.value.decode(r.value.as_deref()).map_err(codec)?,
+                    timestamp: r.timestamp,
+                    headers: r.headers,
+                    partition: r.partition,
+                    offset: r.offset,
+                })
+            })
+            .collect()
+    }
+
+    /// [`TestDriver::read`] without decoding, by topic name: for dead-letter
+    /// topics, changelogs, or any topic the app writes.
+    pub fn read_raw(&mut self, topic: &str) -> Result<Vec<RawRecord>> {
+        let partitions = self.partitions(topic)?;
+        let mut out: Vec<(u64, RawRecord)> = Vec::new();
+        for partition in 0..partitions {
+            let cursor = self
+                .cursors
+                .entry((topic.to_owned(), partition))
+                .or_default();
+            for r in self.cluster.records_from(topic, partition, *cursor) {
+                *cursor = r.offset + 1;
+                if r.committed != Some(true) {
+                    continue;
+                }
+                out.push((r.appended, raw(r, partition)));
+            }
+        }
+        out.sort_by_key(|(appended, r)| (*appended, r.partition, r.offset));
+        Ok(out.into_iter().map(|(_, r)| r).collect())
+    }
+
+    fn partitions(&self, topic: &str) -> Result<i32> {
+        self.cluster
+            .partitions(topic)
+            .ok_or_else(|| Error::Config(format!("the test driver has no topic {topic:?}")))
+    }
+
+    /// Reads `table` (see [`TableView`]).
+    pub fn table<'a, K, V>(&'a self, table: &'a Table<K, V>) -> TableView<'a, K, V> {
+        TableView {
+            driver: self,
+            table,
+            types: PhantomData,
+        }
+    }
+
+    /// Stops the app cleanly (as on SIGTERM: its offsets committed, its
+    /// tables closed) and starts it again: every table is restored from its
+    /// changelog into new, empty stores.
+    pub async fn restart(&mut self) -> Result<()> {
+        self.stop().await?;
+        self.start().await
+    }
+
+    /// Stops the app cleanly; returns the error that stopped it earlier,
+    /// if one did.
+    pub async fn close(mut self) -> Result<()> {
+        self.stop().await
+    }
+
+    async fn stop(&mut self) -> Result<()> {
+        self.check().await?;
+        let Some(running) = self.worker.take() else {
+            return Ok(());
+        };
+        let _ = running.stop.send(());
+        joined(running.join.await)
+    }
+
+    /// The error that stopped the worker, if it stopped: the error itself
+    /// the first time, its text after that.
+    async fn check(&mut self) -> Result<()> {
+        if let Some(why) = &self.stopped {
+            return Err(Error::Stopped(why.clone()));
+        }
+        if !self.worker.as_ref().is_some_and(|r| r.join.is_finished()) {
+            return Ok(());
+        }
+        let Some(running) = self.worker.take() else {
+            return Ok(());
+        };
+        let e = match joined(running.join.await) {
+            Ok(()) => Error::Config("the app's worker stopped by itself".into()),
+            Err(e) => e,
+        };
+        self.stopped = Some(e.to_string());
+        Err(e)
+    }
+}
+
+/// The worker's result as the driver's.
+fn joined(
+    result: std::result::Result<std::result::Result<(), WorkerError>, tokio::task::JoinError>,
+) -> Result<()> {
+    match result {
+        Ok(outcome) => Ok(outcome?),
+        Err(e) => Err(Error::Config(format!("the app's worker panicked: {e}"))),
+    }
+}
+
+fn raw(r: LoggedRecord, partition: i32) -> RawRecord {
+    TestRecord {
+        key: r.key,
+        value: r.value,
+        timestamp: r.timestamp,
+        headers: r.headers,
+        partition,
+        offset: r.offset,
+    }
+}
+
+/// A table as the test sees it: every write the app made, read from the
+/// table's changelog (which each write goes to as it happens).
+pub struct TableView<'a, K, V> {
+    driver: &'a TestDriver,
+    table: &'a Table<K, V>,
+    types: PhantomData<fn() -> K>,
+}
+
+impl<K, V> std::fmt::Debug for TableView<'_, K, V> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TableView")
+            .field("table", &self.table.name)
+            .finish()
+    }
+}
+
+impl<K: TableKey, V: DeserializeOwned> TableView<'_, K, V> {
+    fn changelog(&self) -> String {
+        strom_state::changelog::topic_name(self.driver.app.id(), &self.table.name)
+    }
+
+    /// The value of `key`, or the table's default.
+    pub fn get(&self, key: &K) -> Result<V> {
+        let topic = self.changelog();
+        let partitions = self.driver.partitions(&topic)?;
+        let bytes = key.encode_key();
+        let partition = partition_for_key(&bytes, partitions as usize);
+        let last = self
+            .driver
+            .cluster
+            .records(&topic, partition)
+            .into_iter()
+            .filter(|r| r.committed == Some(true) && r.key.as_deref() == Some(&bytes[..]))
+            .last();
+        match last.and_then(|r| r.value) {
+            Some(v) => self.decode(&v),
+            None => Ok((self.table.default)()),
+        }
+    }
+
+    /// Every key the table holds, with its value, in the order of the
+    /// keys' bytes.
+    pub fn entries(&self) -> Result<Vec<(K, V)>> {
+        let topic = self.changelog();
+        let mut latest: BTreeMap<Bytes, Option<Bytes>> = BTreeMap::new();
+        for partition in 0..self.driver.partitions(&topic)? {
+            for r in self.driver.cluster.records(&topic, partition) {
+                if let (Some(true), Some(key)) = (r.committed, r.key) {
+                    latest.insert(key, r.value);
+                }
+            }
+        }
+        latest
+            .into_iter()
+            .filter_map(|(k, v)| v.map(|v| (k, v)))
+            .map(|(k, v)| {
+                let key = K::decode_key(&k)?;
+                Ok((key, self.decode(&v)?))
+            })
+            .collect()
+    }
+
+    fn decode(&self, value: &[u8]) -> Result<V> {
+        serde_json::from_slice(value).map_err(|e| Error::Codec {
+            topic: self.table.name.to_string(),
+            source: crate::codec::CodecError {
+                what: e.to_string(),
+            },
+        })
+    }
+}
+
+/// Pauses tokio's clock, unless the test started it paused.
+fn pause_clock() -> Result<()> {
+    let handle = tokio::runtime::Handle::try_current().map_err(|_| {
+        Error::Config("the test driver runs inside a tokio runtime: use #[tokio::test]".into())
+    })?;
+    if handle.runtime_flavor() != RuntimeFlavor::CurrentThread {
+        return Err(Error::Config(
+            "the test driver needs tokio's current-thread runtime (#[tokio::test]'s default) to pause its clock".into(),
+        ));
+    }
+    let before = Instant::now();
+    std::thread::sleep(Duration::from_millis(1));
+    if Instant::now() != before {
+        tokio::time::pause();
+    }
+    Ok(())
+}
+
+fn wall_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
