@@ -150,6 +150,9 @@ pub struct WorkerConfig {
     /// How long the worker's producer waits to fill a batch (Kafka's
     /// `linger.ms`). Default 5 ms.
     pub linger: Duration,
+    /// Where cron timers read the time of day: the system's clock (the
+    /// default), or tokio's (the test driver's virtual clock).
+    pub wall_clock: crate::timer::WallClock,
 }
 
 impl WorkerConfig {
@@ -182,6 +185,7 @@ impl WorkerConfig {
             max_buffered_bytes: 4 * 1024 * 1024,
             compression: Compression::None,
             linger: Duration::from_millis(5),
+            wall_clock: crate::timer::WallClock::System,
         }
     }
 

@@ -342,7 +342,7 @@ fn start_timers(
                 Some(txn) => timer::Sender::Transactional(txn.clone()),
                 None => timer::Sender::Plain(spec.producer.clone()),
             };
-            timer::spawn(t, sender, placement.clone())
+            timer::spawn(t, sender, placement.clone(), spec.wall_clock)
         })
         .collect()
 }
@@ -386,6 +386,7 @@ fn spec(
         on_error: config.on_error.clone(),
         durable_interval: config.durable_checkpoint_interval,
         durable_changes: config.durable_checkpoint_changes,
+        wall_clock: config.wall_clock,
         round_gate: txn.map(|t| t.gate().clone()),
         fatal: Mutex::new(None),
         stopped: Notify::new(),

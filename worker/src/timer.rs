@@ -14,6 +14,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use strom_client::producer::{Producer, ProducerRecord};
 use tokio::sync::watch;
+use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use crate::assignor::Placement;
@@ -67,6 +68,43 @@ impl Schedule {
                 let local = now.with_timezone(zone);
                 let next = cron.find_next_occurrence(&local, false).ok()?;
                 (next.with_timezone(&Utc) - now).to_std().ok()
+            }
+        }
+    }
+}
+
+/// Where cron timers read the time of day.
+///
+/// ```
+/// use strom_worker::timer::WallClock;
+/// # tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap().block_on(async {
+/// let clock = WallClock::Tokio { start: 1_700_000_000_000, at: tokio::time::Instant::now() };
+/// assert!(clock.now().timestamp() >= 1_700_000_000);
+/// # });
+/// ```
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum WallClock {
+    /// The system's clock.
+    #[default]
+    System,
+    /// `start` at tokio's instant `at`, moving with tokio's clock: with the
+    /// clock paused (the test driver), cron timers follow the virtual time.
+    Tokio {
+        /// The wall time at `at`, in ms since the epoch.
+        start: i64,
+        /// The tokio instant of `start`.
+        at: tokio::time::Instant,
+    },
+}
+
+impl WallClock {
+    /// The time now.
+    pub fn now(&self) -> DateTime<Utc> {
+        match self {
+            WallClock::System => Utc::now(),
+            WallClock::Tokio { start, at } => {
+                let elapsed = at.elapsed().as_millis() as i64;
+                DateTime::from_timestamp_millis(start.saturating_add(elapsed)).unwrap_or_default()
             }
         }
     }
@@ -151,14 +189,23 @@ pub(crate) fn spawn(
     timer: Timer,
     sender: Sender,
     placement: watch::Receiver<Placement>,
+    clock: WallClock,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
+        let mut due = Instant::now();
         loop {
-            let Some(wait) = timer.schedule.next_after(Utc::now()) else {
-                warn!(timer = %timer.name, "schedule has no next time; the timer stops");
-                return;
+            let now = Instant::now();
+            due = match &timer.schedule {
+                Schedule::Every(every) => next_on_grid(due, *every, now),
+                cron => match cron.next_after(clock.now()) {
+                    Some(wait) => now + wait,
+                    None => {
+                        warn!(timer = %timer.name, "schedule has no next time; the timer stops");
+                        return;
+                    }
+                },
             };
-            tokio::time::sleep(wait).await;
+            tokio::time::sleep_until(due).await;
             let leader = placement.borrow().is_leader();
             if timer.on_leader && !leader {
                 debug!(timer = %timer.name, "not the leader; skipped");
@@ -175,9 +222,38 @@ pub(crate) fn spawn(
     })
 }
 
+/// When an interval timer last due at `last` runs next: one interval
+/// later, so runs keep their grid however long each takes; a run that took
+/// longer than the interval skips the runs it missed.
+fn next_on_grid(last: Instant, every: Duration, now: Instant) -> Instant {
+    let next = last + every;
+    if next > now || every.is_zero() {
+        return next.max(now);
+    }
+    let missed = (now - next).as_nanos() / every.as_nanos() + 1;
+    match u32::try_from(missed)
+        .ok()
+        .and_then(|n| every.checked_mul(n))
+    {
+        Some(skipped) => next + skipped,
+        None => now + every,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn interval_runs_keep_their_grid_and_skip_what_they_missed() {
+        let t = Instant::now();
+        let s = Duration::from_secs(1);
+        assert_eq!(next_on_grid(t, s, t), t + s);
+        assert_eq!(next_on_grid(t, s, t + s / 2), t + s, "a short run");
+        assert_eq!(next_on_grid(t, s, t + s), t + 2 * s, "due now: the next");
+        assert_eq!(next_on_grid(t, s, t + s * 7 / 2), t + 4 * s, "3 missed");
+        assert_eq!(next_on_grid(t, Duration::ZERO, t + s), t + s);
+    }
 
     /// A cron pattern counts hours in its own zone: "at minute 0" in India
     /// (UTC+5:30) is at half past in UTC.
