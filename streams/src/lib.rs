@@ -53,7 +53,7 @@ pub use app::App;
 pub use context::{Ctx, TimerCtx};
 pub use error::{Error, Result};
 pub use stream::{Batches, Event, Stream};
-pub use strom_client::Compression;
+pub use strom_client::{Compression, Header};
 pub use strom_worker::{axum, AgentError, ErrorPolicy, ProcessingGuarantee, Schedule, StoreKind};
 pub use table::Table;
 pub use topic::{Topic, TopicSettings};

@@ -66,6 +66,7 @@ use strom_client::partitioner::partition_for_key;
 use strom_client::producer::{Producer, ProducerConfig, ProducerRecord};
 use strom_client::{Client, Header};
 use strom_state::TableKey;
+use strom_worker::timer::WallClock;
 use strom_worker::{Metrics, ProcessingGuarantee, StoreKind, WorkerConfig, WorkerError};
 use tokio::runtime::RuntimeFlavor;
 use tokio::sync::oneshot;
@@ -176,6 +177,10 @@ impl TestDriver {
         config.web = None;
         config.linger = Duration::ZERO;
         config.guarantee = ProcessingGuarantee::AtLeastOnce;
+        config.wall_clock = WallClock::Tokio {
+            start: self.epoch.0,
+            at: self.epoch.1,
+        };
         config
     }
 
@@ -214,12 +219,7 @@ impl TestDriver {
 
     /// Partition numbers the worker processes (done restoring).
     fn ready_partitions(&self) -> usize {
-        let Some(running) = &self.worker else {
-            return 0;
-        };
-        running
-            .metrics
-            .render()
+        self.metrics()
             .lines()
             .filter(|l| l.starts_with("strom_partition_ready{") && l.ends_with(" 1"))
             .count()
@@ -262,9 +262,41 @@ impl TestDriver {
         record.key = key.as_deref();
         record.value = value.as_deref();
         record.headers = headers;
-        record.timestamp = Some(timestamp.unwrap_or_else(|| self.now()));
+        record.timestamp = timestamp;
+        self.produce(record).await
+    }
+
+    /// Sends a record of bytes to `topic` by name (`None`: a null key or
+    /// value), partitioned by its key: for input that the topic's codecs
+    /// would refuse to encode, such as a value that does not decode.
+    pub async fn send_raw(
+        &mut self,
+        topic: &str,
+        key: Option<&[u8]>,
+        value: Option<&[u8]>,
+    ) -> Result<()> {
+        self.check().await?;
+        let mut record = ProducerRecord::to(topic);
+        record.key = key;
+        record.value = value;
+        self.produce(record).await
+    }
+
+    async fn produce(&mut self, mut record: ProducerRecord<'_>) -> Result<()> {
+        if record.timestamp.is_none() {
+            record.timestamp = Some(self.now());
+        }
         self.input.send(record).await?.await?;
         self.run_until_idle().await
+    }
+
+    /// The worker's metrics as its `/metrics` page shows them (Prometheus
+    /// text): events in and out, agent and decode errors, dead letters, ….
+    pub fn metrics(&self) -> String {
+        self.worker
+            .as_ref()
+            .map(|r| r.metrics.render())
+            .unwrap_or_default()
     }
 
     /// Lets the app run until it waits only for time to pass: every record

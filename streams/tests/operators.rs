@@ -1,0 +1,423 @@
+//! Operator, policy and timer semantics on the test driver: no broker, no
+//! real sleeping (the clock is tokio's, paused).
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use strom::codec::{NoKey, Utf8};
+use strom::testing::TestDriver;
+use strom::{App, ErrorPolicy, Header, Topic};
+
+/// An app with one partition per topic it creates.
+fn one_partition_app(id: &str) -> App {
+    App::new(id).with_partitions(1)
+}
+
+fn text_topic(app: &mut App, name: &str) -> Topic<(), String> {
+    app.topic::<(), String>(name)
+        .with_key_codec(NoKey)
+        .with_value_codec(Utf8)
+}
+
+/// The sum of metric `name`'s samples whose labels include `label`.
+fn metric(text: &str, name: &str, label: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) && l.contains(label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// filter, map, through and enumerate in one agent: empty lines are dropped,
+/// the rest upper-cased, written to an intermediate topic, numbered in order.
+#[tokio::test]
+async fn filter_map_through_enumerate_in_order() {
+    let mut app = one_partition_app("ops");
+    let lines = text_topic(&mut app, "ops-in");
+    let mid = text_topic(&mut app, "ops-mid");
+    let out = text_topic(&mut app, "ops-out");
+    let sent = out.clone();
+    app.agent(&lines)
+        .filter(|e| !e.value.is_empty())
+        .map(|v: String| v.to_uppercase())
+        .through(&mid)
+        .enumerate()
+        .for_each(move |ctx, e| {
+            let out = sent.clone();
+            async move {
+                let (i, v) = e.value;
+                ctx.send(&out, &(), &format!("{i}:{v}")).await?;
+                Ok(())
+            }
+        });
+    let mut driver = TestDriver::new(app).await.unwrap();
+    for line in ["a", "", "b", "c", "", "d"] {
+        driver.send(&lines, &(), &line.to_string()).await.unwrap();
+    }
+    let got: Vec<String> = driver
+        .read(&out)
+        .unwrap()
+        .into_iter()
+        .map(|r| r.value)
+        .collect();
+    assert_eq!(got, ["0:A", "1:B", "2:C", "3:D"]);
+    let middle: Vec<String> = driver
+        .read(&mid)
+        .unwrap()
+        .into_iter()
+        .map(|r| r.value)
+        .collect();
+    assert_eq!(middle, ["A", "B", "C", "D"]);
+    assert!(driver.read(&out).unwrap().is_empty(), "read does not drain");
+    driver.close().await.unwrap();
+}
+
+/// take(n, within) hands on full batches as they fill and the short tail
+/// only once `within` passes on the virtual clock; forward keeps key, value and
+/// headers; a concurrent agent works on several events at once, within its
+/// limit; a sink agent on the same topic sees every event too.
+#[tokio::test]
+async fn take_forward_concurrency_and_sink() {
+    let mut app = one_partition_app("batch");
+    let numbers = app.topic::<String, u64>("batch-in").with_key_codec(Utf8);
+    let fwd = app.topic::<String, u64>("batch-fwd").with_key_codec(Utf8);
+    let out = app
+        .topic::<String, u64>("batch-sunk")
+        .with_key_codec(Utf8)
+        .with_partitions(2);
+    let batches: Arc<Mutex<Vec<usize>>> = Arc::default();
+    app.agent(&numbers)
+        .take(10, Duration::from_secs(5))
+        .for_each({
+            let (batches, fwd) = (batches.clone(), fwd.clone());
+            move |ctx, batch| {
+                batches.lock().unwrap().push(batch.len());
+                let fwd = fwd.clone();
+                async move {
+                    for e in &batch {
+                        ctx.forward(&fwd, e).await?;
+                    }
+                    Ok(())
+                }
+            }
+        });
+    let (running, peak, handled) = (
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicUsize::new(0)),
+    );
+    app.agent(&fwd).concurrency(8).for_each({
+        let (running, peak, handled) = (running.clone(), peak.clone(), handled.clone());
+        move |_ctx, _e| {
+            let (running, peak, handled) = (running.clone(), peak.clone(), handled.clone());
+            async move {
+                let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                peak.fetch_max(now, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                running.fetch_sub(1, Ordering::SeqCst);
+                handled.fetch_add(1, Ordering::SeqCst);
+                Ok(())
+            }
+        }
+    });
+    app.agent(&fwd).map(|v: u64| v * 10).sink(&out);
+    let mut driver = TestDriver::new(app).await.unwrap();
+    let header = [Header::new("trace", "t-1")];
+    for i in 0..45u64 {
+        driver
+            .send_with(&numbers, &"k".to_string(), &i, None, &header)
+            .await
+            .unwrap();
+    }
+    // The concurrent agent sleeps 50 ms per event on the virtual clock, and
+    // with no slot free its partition waits: let a second pass.
+    driver.advance(Duration::from_secs(1)).await.unwrap();
+    assert_eq!(*batches.lock().unwrap(), [10, 10, 10, 10]);
+    let sunk = driver.read(&out).unwrap();
+    assert_eq!(sunk.len(), 40, "the tail of 5 went on before `within`");
+    driver.advance(Duration::from_secs(5)).await.unwrap();
+    assert_eq!(*batches.lock().unwrap(), [10, 10, 10, 10, 5]);
+    let sunk = [sunk, driver.read(&out).unwrap()].concat();
+    let values: Vec<u64> = sunk.iter().map(|r| r.value).collect();
+    assert_eq!(values, (0..45u64).map(|i| i * 10).collect::<Vec<_>>());
+    for r in &sunk {
+        assert_eq!(r.key, "k");
+        assert_eq!(r.headers, header, "headers lost on the way");
+    }
+    assert_eq!(handled.load(Ordering::SeqCst), 45);
+    let peak = peak.load(Ordering::SeqCst);
+    assert!(
+        peak > 1,
+        "the concurrent agent never ran two events at once"
+    );
+    assert!(peak <= 8, "concurrency limit exceeded: {peak}");
+    driver.close().await.unwrap();
+}
+
+/// The event's timestamp and headers reach the agent as sent; records sent
+/// without a timestamp carry the driver's clock.
+#[tokio::test]
+async fn event_time_and_headers_reach_the_agent() {
+    let mut app = one_partition_app("meta");
+    let input = app.topic::<String, u64>("meta-in").with_key_codec(Utf8);
+    type Seen = Vec<(i64, Vec<Header>)>;
+    let seen: Arc<Mutex<Seen>> = Arc::default();
+    app.agent(&input).for_each({
+        let seen = seen.clone();
+        move |_ctx, e| {
+            seen.lock().unwrap().push((e.timestamp, e.headers.clone()));
+            async { Ok(()) }
+        }
+    });
+    let mut driver = TestDriver::new(app).await.unwrap();
+    let key = "k".to_string();
+    driver.send_at(&input, &key, &1, 1_000).await.unwrap();
+    let header = [Header::new("h", "v")];
+    driver
+        .send_with(&input, &key, &2, Some(2_000), &header)
+        .await
+        .unwrap();
+    let before = driver.now();
+    driver.send(&input, &key, &3).await.unwrap();
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen[0], (1_000, vec![]));
+    assert_eq!(seen[1], (2_000, header.to_vec()));
+    assert!(
+        seen[2].0 >= before && seen[2].0 <= driver.now(),
+        "{} is not the driver's clock ({before}..)",
+        seen[2].0
+    );
+}
+
+/// Events seen per partition.
+type PerPartition = Arc<Mutex<BTreeMap<i32, u64>>>;
+
+/// An app whose agent on `policy-in` panics on key "boom" and counts the
+/// rest per partition, under `policy`.
+fn panicking_app(policy: ErrorPolicy) -> (App, Topic<String, u64>, PerPartition) {
+    let mut app = App::new("policy").with_partitions(3);
+    let input = app.topic::<String, u64>("policy-in").with_key_codec(Utf8);
+    let seen: PerPartition = Arc::default();
+    app.agent(&input).on_error(policy).for_each({
+        let seen = seen.clone();
+        move |_ctx, e| {
+            assert_ne!(e.key, "boom", "told to panic");
+            *seen.lock().unwrap().entry(e.partition).or_default() += 1;
+            async { Ok(()) }
+        }
+    });
+    (app, input, seen)
+}
+
+/// A panicking agent under each error policy: skip and retry (after its
+/// back-offs on the virtual clock) step over the event, dead-letter sends it
+/// on with its coordinates, stop stops the app with an error naming it.
+#[tokio::test]
+async fn a_panicking_agent_under_each_policy() {
+    let policies = [
+        ErrorPolicy::Skip,
+        ErrorPolicy::Retry {
+            attempts: 2,
+            backoff: Duration::from_secs(1),
+        },
+        ErrorPolicy::DeadLetter("policy-dead".into()),
+        ErrorPolicy::Stop,
+    ];
+    for policy in policies {
+        let (app, input, seen) = panicking_app(policy.clone());
+        let mut driver = TestDriver::new(app).await.unwrap();
+        let keys: Vec<String> = (0..30).map(|i| format!("k{i}")).collect();
+        for (i, key) in keys.iter().enumerate() {
+            driver.send(&input, key, &(i as u64)).await.unwrap();
+        }
+        let sent = driver.send(&input, &"boom".to_string(), &99).await;
+        if policy == ErrorPolicy::Stop {
+            let e = sent.expect_err("the stop policy did not stop the app");
+            let text = e.to_string();
+            assert!(
+                text.contains("policy-in") && text.contains("told to panic"),
+                "{text}"
+            );
+            let again = driver.send(&input, &"k1".to_string(), &1).await;
+            assert!(again.is_err(), "a stopped app took more input");
+            continue;
+        }
+        sent.unwrap();
+        if let ErrorPolicy::Retry { .. } = policy {
+            driver.advance(Duration::from_secs(3)).await.unwrap();
+        }
+        driver.send(&input, &"k0".to_string(), &100).await.unwrap();
+        let total: u64 = seen.lock().unwrap().values().sum();
+        assert_eq!(total, 31, "{policy:?}: {:?}", seen.lock().unwrap());
+        let errors = metric(
+            &driver.metrics(),
+            "strom_agent_errors_total",
+            "topic=\"policy-in\"",
+        );
+        let tries = if let ErrorPolicy::Retry { .. } = policy {
+            3.0
+        } else {
+            1.0
+        };
+        assert_eq!(errors, tries, "{policy:?}");
+        if let ErrorPolicy::DeadLetter(dead) = &policy {
+            let letters = driver.read_raw(dead).unwrap();
+            assert_eq!(letters.len(), 1, "{letters:?}");
+            let letter = &letters[0];
+            assert_eq!(letter.key.as_deref(), Some(&b"boom"[..]));
+            assert_eq!(letter.value.as_deref(), Some(&b"99"[..]));
+            let header = |k: &str| {
+                letter
+                    .headers
+                    .iter()
+                    .find(|h| &h.key[..] == k.as_bytes())
+                    .and_then(|h| h.value.clone())
+                    .map(|v| String::from_utf8(v.to_vec()).unwrap())
+            };
+            assert_eq!(header("strom.error.topic").as_deref(), Some("policy-in"));
+            assert!(header("strom.error.offset").is_some());
+        }
+        driver.close().await.unwrap();
+    }
+}
+
+/// Undecodable values land in the dead-letter topic with their
+/// coordinates; every good value is processed; the app keeps running.
+#[tokio::test]
+async fn dead_letters_keep_bad_input_and_the_app_going() {
+    let mut app =
+        one_partition_app("dlq").with_error_policy(ErrorPolicy::DeadLetter("dlq-dead".into()));
+    let numbers = app.topic::<String, u64>("dlq-in").with_key_codec(Utf8);
+    let sum = Arc::new(AtomicUsize::new(0));
+    app.agent(&numbers).for_each({
+        let sum = sum.clone();
+        move |_ctx, e| {
+            sum.fetch_add(e.value as usize, Ordering::SeqCst);
+            async { Ok(()) }
+        }
+    });
+    let mut driver = TestDriver::new(app).await.unwrap();
+    let mut bad = Vec::new();
+    for i in 1..=50u64 {
+        driver.send(&numbers, &"k".to_string(), &i).await.unwrap();
+        if i % 20 == 0 {
+            let junk = format!("not json {i}");
+            driver
+                .send_raw("dlq-in", Some(b"k"), Some(junk.as_bytes()))
+                .await
+                .unwrap();
+            bad.push(junk);
+        }
+    }
+    assert_eq!(sum.load(Ordering::SeqCst), 50 * 51 / 2);
+    let letters: Vec<String> = driver
+        .read_raw("dlq-dead")
+        .unwrap()
+        .into_iter()
+        .map(|r| String::from_utf8(r.value.unwrap().to_vec()).unwrap())
+        .collect();
+    assert_eq!(letters, bad);
+    let metrics = driver.metrics();
+    assert_eq!(metric(&metrics, "strom_dead_lettered_total", "dlq-in"), 2.0);
+    assert_eq!(metric(&metrics, "strom_decode_errors_total", "dlq-in"), 2.0);
+    driver.close().await.unwrap();
+}
+
+/// Under the retry policy an agent that fails twice on an event gets it a
+/// third time and succeeds; one that keeps failing is skipped after its
+/// retries (the back-offs pass on the virtual clock), and the events after
+/// it are processed, in order.
+#[tokio::test]
+async fn retry_policy_retries_then_skips() {
+    let mut app = one_partition_app("retry");
+    let numbers = app.topic::<String, u64>("retry-in").with_key_codec(Utf8);
+    let attempts: Arc<Mutex<BTreeMap<u64, u32>>> = Arc::default();
+    let done: Arc<Mutex<Vec<u64>>> = Arc::default();
+    app.agent(&numbers)
+        .on_error(ErrorPolicy::Retry {
+            attempts: 3,
+            backoff: Duration::from_millis(20),
+        })
+        .for_each({
+            let (attempts, done) = (attempts.clone(), done.clone());
+            move |_ctx, e| {
+                let tries = {
+                    let mut a = attempts.lock().unwrap();
+                    let n = a.entry(e.value).or_default();
+                    *n += 1;
+                    *n
+                };
+                let done = done.clone();
+                async move {
+                    // 7 fails twice then works; 9 never works.
+                    if (e.value == 7 && tries <= 2) || e.value == 9 {
+                        return Err(format!("{} failed on try {tries}", e.value).into());
+                    }
+                    done.lock().unwrap().push(e.value);
+                    Ok(())
+                }
+            }
+        });
+    let mut driver = TestDriver::new(app).await.unwrap();
+    for i in 5..=11u64 {
+        driver.send(&numbers, &"k".to_string(), &i).await.unwrap();
+    }
+    assert_eq!(*done.lock().unwrap(), [5, 6], "7 waits for its back-off");
+    driver.advance(Duration::from_secs(1)).await.unwrap();
+    assert_eq!(*done.lock().unwrap(), [5, 6, 7, 8, 10, 11], "order or set");
+    let attempts = attempts.lock().unwrap().clone();
+    assert_eq!(attempts.get(&7), Some(&3));
+    assert_eq!(attempts.get(&9), Some(&4), "9: one try and three retries");
+    let errors = metric(&driver.metrics(), "strom_agent_errors_total", "retry-in");
+    assert_eq!(errors, 6.0);
+    driver.close().await.unwrap();
+}
+
+/// Interval timers (plain and leader-only: one worker leads) and cron
+/// timers fire on the virtual clock, as often as it says, and their sends
+/// reach their topic.
+#[tokio::test]
+async fn timers_fire_on_the_virtual_clock() {
+    let mut app = one_partition_app("timers");
+    let input = app.topic::<String, u64>("timers-in").with_key_codec(Utf8);
+    let ticks = app
+        .topic::<String, u64>("timers-ticks")
+        .with_key_codec(Utf8);
+    app.agent(&input).for_each(|_ctx, _e| async { Ok(()) });
+    let sent = ticks.clone();
+    app.timer(Duration::from_secs(10), move |ctx| {
+        let ticks = sent.clone();
+        async move { Ok(ctx.send(&ticks, &"every".to_string(), &1).await?) }
+    });
+    let leader_runs = Arc::new(AtomicUsize::new(0));
+    let runs = leader_runs.clone();
+    app.leader_timer(Duration::from_secs(60), move |ctx| {
+        assert!(ctx.is_leader());
+        runs.fetch_add(1, Ordering::SeqCst);
+        async { Ok(()) }
+    });
+    let cron_runs = Arc::new(AtomicUsize::new(0));
+    let runs = cron_runs.clone();
+    app.crontab("*/20 * * * *", "Europe/Berlin", move |_ctx| {
+        runs.fetch_add(1, Ordering::SeqCst);
+        async { Ok(()) }
+    })
+    .unwrap();
+    let mut driver = TestDriver::new(app).await.unwrap();
+    assert!(driver.read(&ticks).unwrap().is_empty(), "fired at start");
+    driver.advance(Duration::from_secs(10)).await.unwrap();
+    assert_eq!(driver.read(&ticks).unwrap().len(), 1);
+    driver.advance(Duration::from_secs(50)).await.unwrap();
+    assert_eq!(driver.read(&ticks).unwrap().len(), 5);
+    assert_eq!(leader_runs.load(Ordering::SeqCst), 1);
+    driver.advance(Duration::from_secs(3600)).await.unwrap();
+    assert_eq!(
+        cron_runs.load(Ordering::SeqCst),
+        3,
+        "every 20 minutes for 1 h"
+    );
+    assert_eq!(leader_runs.load(Ordering::SeqCst), 1 + 60);
+    assert_eq!(driver.read(&ticks).unwrap().len(), 360);
+    driver.close().await.unwrap();
+}
