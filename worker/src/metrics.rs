@@ -320,6 +320,28 @@ impl Metrics {
         }
     }
 
+    /// Events of `topic`/`partition` handed to agents so far (each agent of
+    /// the topic counts each event once).
+    ///
+    /// ```
+    /// let metrics = strom_worker::Metrics::default();
+    /// assert_eq!(metrics.events_in("orders", 0), 0);
+    /// ```
+    pub fn events_in(&self, topic: &str, partition: i32) -> u64 {
+        let labels = PartitionLabels {
+            topic: topic.to_owned(),
+            partition,
+        };
+        self.inner.events_in.get(&labels).map_or(0, |c| c.get())
+    }
+
+    /// Whether partition number `partition` is processing (`Some(true)`),
+    /// recovering (`Some(false)`), or not this worker's (`None`).
+    pub fn is_ready(&self, partition: i32) -> Option<bool> {
+        let ready = self.inner.ready.get(&NumberLabels { partition })?;
+        Some(ready.get() == 1)
+    }
+
     /// The lag of `topic`/`partition` is `lag` records.
     pub fn lag(&self, topic: &str, partition: i32, lag: i64) {
         self.inner
