@@ -46,14 +46,16 @@
 //! # Time
 //!
 //! The driver pauses tokio's clock (`tokio::time::pause`; the test runs on
-//! the current-thread runtime, `#[tokio::test]`'s default). Time moves only
-//! when the test says so ([`TestDriver::advance`]) and, by a millisecond,
-//! each time the driver waits for the app to settle ([`TestDriver::send`],
-//! [`TestDriver::run_until_idle`]). Interval timers, `take(n, within)`
-//! deadlines and retry back-offs run on that clock: advance it to let them
-//! fire. Records sent without a timestamp carry the driver's clock
-//! ([`TestDriver::now`]): the wall time when the driver started, plus the
-//! virtual time since.
+//! the current-thread runtime, `#[tokio::test]`'s default). Time moves when
+//! the test says so ([`TestDriver::advance`]) and, by a millisecond or more,
+//! each time the driver waits for the app to take what was sent
+//! ([`TestDriver::send`], [`TestDriver::run_until_idle`]): as long as some
+//! record has not reached its agents — behind an agent that sleeps or
+//! retries — the clock goes on. Interval and cron timers, `take(n, within)`
+//! deadlines, and the back-offs of events nothing waits behind, run on that
+//! clock: advance it to let them fire. Records sent without a timestamp
+//! carry the driver's clock ([`TestDriver::now`]): the wall time when the
+//! driver started, plus the virtual time since.
 
 use std::collections::{BTreeMap, HashMap};
 use std::marker::PhantomData;
@@ -81,6 +83,10 @@ use crate::topic::Topic;
 /// How long (of the virtual clock) the app may take to start: join its
 /// group and restore its tables.
 const START_LIMIT: Duration = Duration::from_secs(120);
+
+/// How long (of the virtual clock) [`TestDriver::run_until_idle`] waits for
+/// the app to take the records sent.
+const SETTLE_LIMIT: Duration = Duration::from_secs(60);
 
 /// Runs an [`App`] in the test, without a broker (see the [module
 /// docs](self)).
@@ -113,6 +119,10 @@ struct Running {
     stop: oneshot::Sender<()>,
     join: JoinHandle<Result<(), WorkerError>>,
     metrics: Metrics,
+    /// Per topic partition the app reads, the offset it starts from (the
+    /// group's committed offset when it started): its metrics count the
+    /// events handed to agents from there.
+    start: HashMap<(String, i32), i64>,
 }
 
 /// A record of a topic, as [`TestDriver::read`] returns it.
@@ -191,16 +201,24 @@ impl TestDriver {
         let join = tokio::spawn(worker.run(async {
             let _ = stopped.await;
         }));
+        let mut start = HashMap::new();
+        for (topic, _) in self.agents() {
+            for p in 0..self.cluster.partitions(topic).unwrap_or(0) {
+                let committed = self.cluster.committed(self.app.id(), topic, p);
+                start.insert((topic.to_owned(), p), committed.unwrap_or(0));
+            }
+        }
         self.worker = Some(Running {
             stop,
             join,
             metrics,
+            start,
         });
         let partitions = self.source_partitions().await?;
         let started = Instant::now();
         while started.elapsed() < START_LIMIT {
             self.run_until_idle().await?;
-            if self.ready_partitions() == partitions {
+            if self.ready_partitions(partitions) == partitions {
                 return Ok(());
             }
         }
@@ -218,10 +236,12 @@ impl TestDriver {
     }
 
     /// Partition numbers the worker processes (done restoring).
-    fn ready_partitions(&self) -> usize {
-        self.metrics()
-            .lines()
-            .filter(|l| l.starts_with("strom_partition_ready{") && l.ends_with(" 1"))
+    fn ready_partitions(&self, partitions: usize) -> usize {
+        let Some(running) = &self.worker else {
+            return 0;
+        };
+        (0..partitions as i32)
+            .filter(|&p| running.metrics.is_ready(p) == Some(true))
             .count()
     }
 
@@ -266,6 +286,30 @@ impl TestDriver {
         self.produce(record).await
     }
 
+    /// Sends every (key, value) of `records` to `topic`, as [`TestDriver::send`]
+    /// does one, without waiting for the app in between: then returns when
+    /// it has done everything they caused. For large inputs.
+    pub async fn send_many<K, V>(
+        &mut self,
+        topic: &Topic<K, V>,
+        records: impl IntoIterator<Item = (K, V)>,
+    ) -> Result<()> {
+        self.check().await?;
+        let mut deliveries = Vec::new();
+        for (key, value) in records {
+            let (key, value) = crate::context::encode(topic, &key, &value)?;
+            let mut record = ProducerRecord::to(&topic.name);
+            record.key = key.as_deref();
+            record.value = value.as_deref();
+            record.timestamp = Some(self.now());
+            deliveries.push(self.input.send(record).await?);
+        }
+        for delivery in deliveries {
+            delivery.await?;
+        }
+        self.run_until_idle().await
+    }
+
     /// Sends a record of bytes to `topic` by name (`None`: a null key or
     /// value), partitioned by its key: for input that the topic's codecs
     /// would refuse to encode, such as a value that does not decode.
@@ -299,18 +343,60 @@ impl TestDriver {
             .unwrap_or_default()
     }
 
-    /// Lets the app run until it waits only for time to pass: every record
-    /// sent has been processed, with everything that caused — outputs,
-    /// repartitioned events and what they caused, table writes. An error
-    /// that stopped the app (an agent under [`ErrorPolicy::Stop`], a
-    /// framework failure) is returned here.
+    /// Lets the app run until every record sent to a topic it reads has
+    /// reached its agents and nothing is left to do but wait for time to
+    /// pass: outputs, repartitioned events and what they caused, table
+    /// writes — all done. An error that stopped the app (an agent under
+    /// [`ErrorPolicy::Stop`], a framework failure) is returned here.
+    ///
+    /// The paused clock moves only when no task can run, so once it moved,
+    /// what is left waits on a timer. Usually a millisecond does; when some
+    /// record has not reached its agents yet (an agent sleeping while events
+    /// queue behind it, a fetch waiting out its long poll after reading
+    /// paused for backpressure), the clock goes on, in growing steps, until
+    /// it has — up to a minute of virtual time, then this fails.
     ///
     /// [`ErrorPolicy::Stop`]: crate::ErrorPolicy::Stop
     pub async fn run_until_idle(&mut self) -> Result<()> {
-        // The paused clock moves only when no task can run: once this
-        // millisecond passes, all that is left waits on a timer.
-        tokio::time::sleep(Duration::from_millis(1)).await;
-        self.check().await
+        let started = Instant::now();
+        let mut step = Duration::from_millis(1);
+        loop {
+            tokio::time::sleep(step).await;
+            self.check().await?;
+            if self.caught_up() {
+                return Ok(());
+            }
+            if started.elapsed() > SETTLE_LIMIT {
+                return Err(Error::Config(format!(
+                    "the app did not take every record sent within {SETTLE_LIMIT:?} of the virtual clock"
+                )));
+            }
+            step = (step * 2).min(Duration::from_millis(100));
+        }
+    }
+
+    /// Whether every record of every topic the app reads was handed to
+    /// each of its agents.
+    fn caught_up(&self) -> bool {
+        let Some(running) = &self.worker else {
+            return true;
+        };
+        self.agents().into_iter().all(|(topic, agents)| {
+            (0..self.cluster.partitions(topic).unwrap_or(0)).all(|partition| {
+                let from = running.start.get(&(topic.to_owned(), partition));
+                let records = self.cluster.end_offset(topic, partition) - from.unwrap_or(&0);
+                running.metrics.events_in(topic, partition) >= records.max(0) as u64 * agents
+            })
+        })
+    }
+
+    /// The topics the app reads, with how many agents read each.
+    fn agents(&self) -> HashMap<&str, u64> {
+        let mut agents: HashMap<&str, u64> = HashMap::new();
+        for p in &self.app.processors {
+            *agents.entry(p.topic()).or_default() += 1;
+        }
+        agents
     }
 
     /// Moves the virtual clock by `by`, firing every timer, deadline and
