@@ -11,35 +11,47 @@ use std::process::ExitCode;
 
 use serde::{Deserialize, Serialize};
 use strom::codec::Utf8;
-use strom::App;
+use strom::{App, Table, Topic};
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
-struct Profile {
-    name: String,
-    country: String,
+pub struct Profile {
+    pub name: String,
+    pub country: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PageView {
+    pub url: String,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
-struct PageView {
-    url: String,
+pub struct EnrichedView {
+    pub user: String,
+    pub name: String,
+    pub country: String,
+    pub url: String,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
-struct EnrichedView {
-    user: String,
-    name: String,
-    country: String,
-    url: String,
+/// The enrich app, with the topics and the table its tests use.
+pub struct Enrich {
+    pub app: App,
+    pub users: Topic<String, Profile>,
+    pub views: Topic<String, PageView>,
+    pub enriched: Topic<String, EnrichedView>,
+    pub profiles: Table<String, Profile>,
 }
 
-fn main() -> ExitCode {
-    let mut app = App::new("enrich");
-    let users = app.topic::<String, Profile>("users").with_key_codec(Utf8);
+/// Declares the enrichment on `app`, with topics `<prefix>users`,
+/// `<prefix>page-views` and `<prefix>enriched-views`.
+pub fn enrich(mut app: App, prefix: &str) -> Enrich {
+    let users = app
+        .topic::<String, Profile>(&format!("{prefix}users"))
+        .with_key_codec(Utf8);
     let views = app
-        .topic::<String, PageView>("page-views")
+        .topic::<String, PageView>(&format!("{prefix}page-views"))
         .with_key_codec(Utf8);
     let enriched = app
-        .topic::<String, EnrichedView>("enriched-views")
+        .topic::<String, EnrichedView>(&format!("{prefix}enriched-views"))
         .with_key_codec(Utf8);
     let profiles = app.table::<String, Profile>("profiles", Profile::default());
 
@@ -51,8 +63,9 @@ fn main() -> ExitCode {
             Ok(())
         }
     });
+    let (table, out) = (profiles.clone(), enriched.clone());
     app.agent(&views).for_each(move |ctx, event| {
-        let (profiles, enriched) = (profiles.clone(), enriched.clone());
+        let (profiles, enriched) = (table.clone(), out.clone());
         async move {
             let profile = ctx.get(&profiles, &event.key).await?;
             let view = EnrichedView {
@@ -65,5 +78,16 @@ fn main() -> ExitCode {
             Ok(())
         }
     });
-    app.main()
+    Enrich {
+        app,
+        users,
+        views,
+        enriched,
+        profiles,
+    }
+}
+
+#[allow(dead_code)]
+fn main() -> ExitCode {
+    enrich(App::new("enrich"), "").app.main()
 }

@@ -20,16 +20,13 @@ pub struct Wordcount {
     pub counts: Table<String, u64>,
 }
 
-/// Declares the word-count app.
-pub fn wordcount() -> Wordcount {
-    let mut app = App::new("wordcount");
+/// Declares the word count on `app`, reading `input` and writing `output`.
+pub fn wordcount(mut app: App, input: &str, output: &str) -> Wordcount {
     let sentences = app
-        .topic::<(), String>("sentences")
+        .topic::<(), String>(input)
         .with_key_codec(NoKey)
         .with_value_codec(Utf8);
-    let counts_out = app
-        .topic::<String, u64>("word-counts-out")
-        .with_key_codec(Utf8);
+    let counts_out = app.topic::<String, u64>(output).with_key_codec(Utf8);
     let counts = app.table::<String, u64>("word-counts", 0);
     let (table, out) = (counts.clone(), counts_out.clone());
     app.agent(&sentences)
@@ -57,5 +54,7 @@ pub fn wordcount() -> Wordcount {
 
 #[allow(dead_code)]
 fn main() -> ExitCode {
-    wordcount().app.main()
+    wordcount(App::new("wordcount"), "sentences", "word-counts-out")
+        .app
+        .main()
 }

@@ -7,7 +7,7 @@ use strom::testing::TestDriver;
 
 #[tokio::test]
 async fn wordcount_counts_and_sends_each_new_count() {
-    let wc = wordcount::wordcount();
+    let wc = wordcount::wordcount(strom::App::new("wordcount"), "sentences", "word-counts-out");
     let mut driver = TestDriver::new(wc.app).await.unwrap();
     driver
         .send(&wc.sentences, &(), &"the cat and The hat".to_string())
@@ -30,5 +30,52 @@ async fn wordcount_counts_and_sends_each_new_count() {
     assert_eq!(driver.table(&wc.counts).get(&"the".into()).unwrap(), 3);
     let out = driver.read(&wc.counts_out).unwrap();
     assert_eq!(out.len(), 2, "{out:?}");
+    driver.close().await.unwrap();
+}
+
+#[path = "../examples/enrich.rs"]
+mod enrich;
+
+/// Page views are enriched with the profile their user had when the view
+/// was processed; a user without one gets the default profile; the table
+/// survives a restart.
+#[tokio::test]
+async fn enrich_joins_views_with_profiles() {
+    let e = enrich::enrich(strom::App::new("enrich"), "");
+    let mut driver = TestDriver::new(e.app).await.unwrap();
+    let ada = enrich::Profile {
+        name: "Ada".into(),
+        country: "UK".into(),
+    };
+    driver.send(&e.users, &"u1".into(), &ada).await.unwrap();
+    let view = |url: &str| enrich::PageView { url: url.into() };
+    driver
+        .send(&e.views, &"u1".into(), &view("/a"))
+        .await
+        .unwrap();
+    driver
+        .send(&e.views, &"u2".into(), &view("/b"))
+        .await
+        .unwrap();
+    driver.restart().await.unwrap();
+    driver
+        .send(&e.views, &"u1".into(), &view("/c"))
+        .await
+        .unwrap();
+    let got: Vec<(String, String, String)> = driver
+        .read(&e.enriched)
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.key, r.value.name, r.value.url))
+        .collect();
+    assert_eq!(
+        got,
+        [("u1", "Ada", "/a"), ("u2", "", "/b"), ("u1", "Ada", "/c")].map(|(a, b, c)| (
+            a.to_string(),
+            b.to_string(),
+            c.to_string()
+        ))
+    );
+    assert_eq!(driver.table(&e.profiles).entries().unwrap().len(), 1);
     driver.close().await.unwrap();
 }
