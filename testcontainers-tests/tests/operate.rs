@@ -1,5 +1,7 @@
 //! Operating workers: the web server (tables with redirects, readiness,
-//! metrics), dead letters, panicking agents, timers.
+//! metrics, the app's pages), timers across workers, a frozen broker, lost
+//! connections. Error policies and timers of one worker are tested without a
+//! broker, on the test driver (streams/tests/operators.rs).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -10,8 +12,7 @@ use std::time::Duration;
 use strom::axum::routing::get;
 use strom::axum::Router;
 use strom::codec::Utf8;
-use strom::{App, ErrorPolicy, StoreKind};
-use strom_client::consumer::{Consumer, ConsumerConfig, Offset, TopicPartition};
+use strom::{App, StoreKind};
 use strom_client::producer::{Producer, ProducerConfig, ProducerRecord};
 use strom_it::{free_port, http_get, metric_sum, parse_metrics, unique_topic, TestBroker};
 use tokio::sync::oneshot;
@@ -113,7 +114,8 @@ async fn lookup(port: u16, word: &str, other: u16) -> (bool, Option<u64>) {
 }
 
 /// Two workers answer table lookups with the true counts, one of them through
-/// a redirect to the owner; `/metrics` parses and counts every event in;
+/// a redirect to the owner; the app's own page answers; `/metrics` parses
+/// and counts every event in;
 /// a worker joining later is 503 on `/ready` while it recovers, 200 after.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn web_tables_redirect_readiness_and_metrics() {
@@ -126,7 +128,8 @@ async fn web_tables_redirect_readiness_and_metrics() {
     );
     let (pa, pb, pc) = (free_port(), free_port(), free_port());
     let a = strom_it::spawn_app(strom_it::wordcount(
-        app(&id, &broker, pa, 4),
+        app(&id, &broker, pa, 4)
+            .page(Router::new().route("/hello", get(|| async { "hello from the app" }))),
         &input,
         &output,
     ));
@@ -135,6 +138,13 @@ async fn web_tables_redirect_readiness_and_metrics() {
         .await
         .unwrap();
     assert_eq!((health.status, health.body.as_str()), (200, "ok"));
+    let page = http_get(&format!("http://127.0.0.1:{pa}/hello"))
+        .await
+        .unwrap();
+    assert_eq!(
+        (page.status, page.body.as_str()),
+        (200, "hello from the app")
+    );
 
     let producer = Producer::new(client.clone(), ProducerConfig::default()).unwrap();
     let mut truth: BTreeMap<String, u64> = BTreeMap::new();
@@ -260,162 +270,6 @@ async fn web_tables_redirect_readiness_and_metrics() {
     }
 }
 
-/// Undecodable values land in the dead-letter topic with their coordinates;
-/// every good value is processed; the worker keeps running.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn dead_letters_keep_bad_input_and_the_worker_going() {
-    let broker = TestBroker::start().await;
-    let client = broker.client().await;
-    let (id, input, dead) = (
-        unique_topic("dlq"),
-        unique_topic("dlq-in"),
-        unique_topic("dlq-dead"),
-    );
-    let port = free_port();
-    let mut app = app(&id, &broker, port, 1)
-        .with_error_policy(ErrorPolicy::DeadLetter(dead.clone()))
-        .page(Router::new().route("/hello", get(|| async { "hello from the app" })));
-    let numbers = app.topic::<String, u64>(&input).with_key_codec(Utf8);
-    let (count, sum) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-    app.agent(&numbers).for_each({
-        let (count, sum) = (count.clone(), sum.clone());
-        move |_ctx, e| {
-            count.fetch_add(1, Ordering::SeqCst);
-            sum.fetch_add(e.value, Ordering::SeqCst);
-            async { Ok(()) }
-        }
-    });
-    let worker = strom_it::spawn_app(app);
-    strom_it::wait_for_topic(&client, &input).await;
-    let producer = Producer::new(client.clone(), ProducerConfig::default()).unwrap();
-    let mut bad = BTreeMap::new();
-    for i in 1..=50u64 {
-        let d = producer
-            .send(
-                ProducerRecord::to(&input)
-                    .key(b"k")
-                    .value(i.to_string().as_bytes()),
-            )
-            .await
-            .unwrap();
-        producer.flush().await.unwrap();
-        d.await.unwrap();
-        if i % 20 == 0 {
-            let junk = format!("not json {i}");
-            let d = producer
-                .send(ProducerRecord::to(&input).key(b"k").value(junk.as_bytes()))
-                .await
-                .unwrap();
-            producer.flush().await.unwrap();
-            bad.insert(d.await.unwrap().offset, junk);
-        }
-    }
-    eventually("every good value processed", || async {
-        count.load(Ordering::SeqCst) == 50
-    })
-    .await;
-    assert_eq!(sum.load(Ordering::SeqCst), 50 * 51 / 2);
-
-    let mut consumer = Consumer::new(client.clone(), ConsumerConfig::default());
-    consumer
-        .assign([(TopicPartition::new(&dead, 0), Offset::Earliest)])
-        .unwrap();
-    let mut letters = BTreeMap::new();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while letters.len() < bad.len() {
-        let r = tokio::time::timeout_at(deadline, consumer.recv())
-            .await
-            .expect("dead letters missing")
-            .unwrap();
-        let header = |k: &str| {
-            r.headers
-                .iter()
-                .find(|h| &h.key[..] == k.as_bytes())
-                .and_then(|h| h.value.clone())
-                .map(|v| String::from_utf8(v.to_vec()).unwrap())
-                .unwrap_or_else(|| panic!("dead letter without header {k}"))
-        };
-        assert_eq!(header("strom.error.topic"), input);
-        assert_eq!(header("strom.error.partition"), "0");
-        assert!(header("strom.error.message").contains("undecodable"));
-        assert_eq!(r.key.as_deref(), Some(&b"k"[..]));
-        let offset: i64 = header("strom.error.offset").parse().unwrap();
-        letters.insert(
-            offset,
-            String::from_utf8(r.value.unwrap().to_vec()).unwrap(),
-        );
-    }
-    assert_eq!(letters, bad);
-    let page = http_get(&format!("http://127.0.0.1:{port}/hello"))
-        .await
-        .unwrap();
-    assert_eq!(
-        (page.status, page.body.as_str()),
-        (200, "hello from the app")
-    );
-    let samples = metrics(port).await;
-    assert_eq!(
-        metric_sum(&samples, "strom_dead_lettered_total", ("topic", &input)),
-        2.0
-    );
-    assert_eq!(
-        metric_sum(&samples, "strom_decode_errors_total", ("topic", &input)),
-        2.0
-    );
-    assert!(!worker.1.is_finished(), "the worker stopped");
-    stop(worker).await;
-}
-
-/// An agent that panics on one key: that event is skipped and counted, the
-/// other partitions (and later events of the same one) go on.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_panicking_agent_does_not_stop_other_partitions() {
-    let broker = TestBroker::start().await;
-    let client = broker.client().await;
-    let (id, input) = (unique_topic("panic"), unique_topic("panic-in"));
-    let port = free_port();
-    let mut app = app(&id, &broker, port, 3);
-    let numbers = app.topic::<String, u64>(&input).with_key_codec(Utf8);
-    let seen: Arc<Mutex<BTreeMap<i32, u64>>> = Arc::default();
-    app.agent(&numbers).for_each({
-        let seen = seen.clone();
-        move |_ctx, e| {
-            assert_ne!(e.key, "boom", "told to panic");
-            *seen.lock().unwrap().entry(e.partition).or_default() += 1;
-            async { Ok(()) }
-        }
-    });
-    let worker = strom_it::spawn_app(app);
-    strom_it::wait_for_topic(&client, &input).await;
-    let producer = Producer::new(client.clone(), ProducerConfig::default()).unwrap();
-    for i in 0..20u64 {
-        for p in 0..3 {
-            let key = if p == 1 && i == 5 { "boom" } else { "k" };
-            producer
-                .send(
-                    ProducerRecord::to(&input)
-                        .partition(p)
-                        .key(key.as_bytes())
-                        .value(i.to_string().as_bytes()),
-                )
-                .await
-                .unwrap();
-        }
-    }
-    producer.flush().await.unwrap();
-    eventually("every other event processed", || async {
-        *seen.lock().unwrap() == BTreeMap::from([(0, 20), (1, 19), (2, 20)])
-    })
-    .await;
-    let samples = metrics(port).await;
-    assert_eq!(
-        metric_sum(&samples, "strom_agent_errors_total", ("topic", &input)),
-        1.0
-    );
-    assert!(!worker.1.is_finished(), "the worker stopped");
-    stop(worker).await;
-}
-
 /// A leader-only timer runs on exactly one of two workers, and on the other
 /// once that one stops; a plain timer runs on both; a cron timer fires.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -478,79 +332,6 @@ async fn leader_timer_runs_once_and_moves() {
     })
     .await;
     stop(workers[other].take().unwrap()).await;
-}
-
-/// Under the retry policy an agent that fails twice on an event gets it a
-/// third time and succeeds; one that keeps failing is skipped after its
-/// retries, and the events after it are processed.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn retry_policy_retries_then_skips() {
-    let broker = TestBroker::start().await;
-    let client = broker.client().await;
-    let (id, input) = (unique_topic("retry"), unique_topic("retry-in"));
-    let port = free_port();
-    let mut app = app(&id, &broker, port, 1);
-    let numbers = app.topic::<String, u64>(&input).with_key_codec(Utf8);
-    let attempts: Arc<Mutex<BTreeMap<u64, u32>>> = Arc::default();
-    let done: Arc<Mutex<Vec<u64>>> = Arc::default();
-    app.agent(&numbers)
-        .on_error(ErrorPolicy::Retry {
-            attempts: 3,
-            backoff: Duration::from_millis(20),
-        })
-        .for_each({
-            let (attempts, done) = (attempts.clone(), done.clone());
-            move |_ctx, e| {
-                let tries = {
-                    let mut a = attempts.lock().unwrap();
-                    let n = a.entry(e.value).or_default();
-                    *n += 1;
-                    *n
-                };
-                let done = done.clone();
-                async move {
-                    // 7 fails twice then works; 9 never works.
-                    if (e.value == 7 && tries <= 2) || e.value == 9 {
-                        return Err(format!("{} failed on try {tries}", e.value).into());
-                    }
-                    done.lock().unwrap().push(e.value);
-                    Ok(())
-                }
-            }
-        });
-    let worker = strom_it::spawn_app(app);
-    strom_it::wait_for_topic(&client, &input).await;
-    let producer = Producer::new(client.clone(), ProducerConfig::default()).unwrap();
-    for i in 5..=11u64 {
-        producer
-            .send(
-                ProducerRecord::to(&input)
-                    .key(b"k")
-                    .value(i.to_string().as_bytes()),
-            )
-            .await
-            .unwrap();
-    }
-    producer.flush().await.unwrap();
-    eventually("every event but 9 done", || async {
-        done.lock().unwrap().len() == 6
-    })
-    .await;
-    assert_eq!(*done.lock().unwrap(), [5, 6, 7, 8, 10, 11], "order or set");
-    let attempts = attempts.lock().unwrap().clone();
-    assert_eq!(
-        attempts.get(&7),
-        Some(&3),
-        "7 was tried {:?} times",
-        attempts.get(&7)
-    );
-    assert_eq!(attempts.get(&9), Some(&4), "9: one try and three retries");
-    let samples = metrics(port).await;
-    assert_eq!(
-        metric_sum(&samples, "strom_agent_errors_total", ("topic", &input)),
-        6.0
-    );
-    stop(worker).await;
 }
 
 /// The broker frozen (`docker pause`) for longer than the session timeout

@@ -1,16 +1,14 @@
-//! The user API end to end: the word count pipeline of the example, run by two
-//! app instances (workers) in one group.
+//! The user API end to end on the broker: the word count pipeline of the
+//! example run by two app instances (workers) in one group, a damaged table
+//! file, a full disk. Operators are tested without a broker, on the test
+//! driver (streams/tests/operators.rs).
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use strom::codec::{NoKey, Utf8};
 use strom::{App, ProcessingGuarantee, StoreKind};
 use strom_client::consumer::{Consumer, ConsumerConfig, IsolationLevel, Offset, TopicPartition};
 use strom_client::producer::{Producer, ProducerConfig, ProducerRecord};
-use strom_client::Header;
 use strom_it::{unique_topic, TestBroker};
 
 /// The word count app of `streams/examples/wordcount.rs`, with test names.
@@ -24,19 +22,6 @@ fn wordcount(id: &str, broker: &TestBroker, input: &str, output: &str) -> App {
         .with_commit_interval(Duration::from_millis(200))
         .with_session_timeout(Duration::from_secs(6), Duration::from_secs(1));
     strom_it::wordcount(app, input, output)
-}
-
-/// An app with in-memory tables and one partition per topic it creates (its
-/// state directory holds only the worker's identity).
-fn one_partition_app(id: &str, broker: &TestBroker) -> App {
-    App::new(id)
-        .with_brokers([broker.bootstrap.clone()])
-        .with_static_membership(broker.static_membership())
-        .with_state_dir(std::env::temp_dir().join(unique_topic("one-partition-state")))
-        .with_store(StoreKind::Memory)
-        .with_partitions(1)
-        .with_commit_interval(Duration::from_millis(100))
-        .with_session_timeout(Duration::from_secs(6), Duration::from_secs(1))
 }
 
 /// Two workers count the words of 100,000 sentences (with undecodable lines
@@ -108,191 +93,6 @@ async fn wordcount_app_counts_exactly_and_skips_bad_input() {
         truth,
         "the table differs from the true counts"
     );
-}
-
-/// filter, map, through and enumerate in one agent: empty lines are dropped,
-/// the rest upper-cased, written to an intermediate topic, numbered in order.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn filter_map_through_enumerate_in_order() {
-    let broker = TestBroker::start().await;
-    let client = broker.client().await;
-    let (id, input, middle, output) = (
-        unique_topic("ops"),
-        unique_topic("ops-in"),
-        unique_topic("ops-mid"),
-        unique_topic("ops-out"),
-    );
-    let mut app = one_partition_app(&id, &broker);
-    let lines = app
-        .topic::<(), String>(&input)
-        .with_key_codec(NoKey)
-        .with_value_codec(Utf8);
-    let mid = app
-        .topic::<(), String>(&middle)
-        .with_key_codec(NoKey)
-        .with_value_codec(Utf8);
-    let out = app
-        .topic::<(), String>(&output)
-        .with_key_codec(NoKey)
-        .with_value_codec(Utf8);
-    app.agent(&lines)
-        .filter(|e| !e.value.is_empty())
-        .map(|v: String| v.to_uppercase())
-        .through(&mid)
-        .enumerate()
-        .for_each(move |ctx, e| {
-            let out = out.clone();
-            async move {
-                let (i, v) = e.value;
-                ctx.send(&out, &(), &format!("{i}:{v}")).await?;
-                Ok(())
-            }
-        });
-    let (stop, worker) = strom_it::spawn_app(app);
-    strom_it::wait_for_topic(&client, &input).await;
-    let producer = Producer::new(client.clone(), ProducerConfig::default()).unwrap();
-    for line in ["a", "", "b", "c", "", "d"] {
-        producer
-            .send(ProducerRecord::to(&input).value(line.as_bytes()))
-            .await
-            .unwrap();
-    }
-    producer.flush().await.unwrap();
-
-    let mut consumer = Consumer::new(client.clone(), ConsumerConfig::default());
-    strom_it::wait_for_topic(&client, &output).await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    consumer
-        .assign([(TopicPartition::new(&output, 0), Offset::Earliest)])
-        .unwrap();
-    let mut got = vec![];
-    while got.len() < 4 {
-        let r = tokio::time::timeout_at(deadline, consumer.recv())
-            .await
-            .expect("outputs missing")
-            .unwrap();
-        got.push(String::from_utf8(r.value.unwrap().to_vec()).unwrap());
-    }
-    assert_eq!(got, ["0:A", "1:B", "2:C", "3:D"]);
-    let _ = stop.send(());
-    worker.await.unwrap();
-}
-
-/// take(n, within) batches per partition (the short tail after `within`),
-/// forward keeps key, value and headers, a concurrent agent works on several
-/// events at once, a sink agent on the same topic sees every event too, and
-/// every offset ends up committed.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn take_forward_concurrency_and_sink() {
-    let broker = TestBroker::start().await;
-    let client = broker.client().await;
-    let (id, input, forwarded, sunk) = (
-        unique_topic("batch"),
-        unique_topic("batch-in"),
-        unique_topic("batch-fwd"),
-        unique_topic("batch-sunk"),
-    );
-    let mut app = one_partition_app(&id, &broker);
-    let numbers = app.topic::<String, u64>(&input).with_key_codec(Utf8);
-    let fwd = app.topic::<String, u64>(&forwarded).with_key_codec(Utf8);
-    let out = app
-        .topic::<String, u64>(&sunk)
-        .with_key_codec(Utf8)
-        .with_partitions(2)
-        .with_replicas(1)
-        .with_config("cleanup.policy", "delete");
-    let batches: Arc<Mutex<Vec<usize>>> = Arc::default();
-    app.agent(&numbers)
-        .take(10, Duration::from_millis(700))
-        .for_each({
-            let (batches, fwd) = (batches.clone(), fwd.clone());
-            move |ctx, batch| {
-                batches.lock().unwrap().push(batch.len());
-                let fwd = fwd.clone();
-                async move {
-                    for e in &batch {
-                        ctx.forward(&fwd, e).await?;
-                    }
-                    Ok(())
-                }
-            }
-        });
-    let (running, peak, handled) = (
-        Arc::new(AtomicUsize::new(0)),
-        Arc::new(AtomicUsize::new(0)),
-        Arc::new(AtomicUsize::new(0)),
-    );
-    app.agent(&fwd).concurrency(8).for_each({
-        let (running, peak, handled) = (running.clone(), peak.clone(), handled.clone());
-        move |_ctx, _e| {
-            let (running, peak, handled) = (running.clone(), peak.clone(), handled.clone());
-            async move {
-                let now = running.fetch_add(1, Ordering::SeqCst) + 1;
-                peak.fetch_max(now, Ordering::SeqCst);
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                running.fetch_sub(1, Ordering::SeqCst);
-                handled.fetch_add(1, Ordering::SeqCst);
-                Ok(())
-            }
-        }
-    });
-    app.agent(&fwd).map(|v: u64| v * 10).sink(&out);
-    let (stop, worker) = strom_it::spawn_app(app);
-    strom_it::wait_for_topic(&client, &input).await;
-
-    let producer = Producer::new(client.clone(), ProducerConfig::default()).unwrap();
-    let header = [Header::new("trace", "t-1")];
-    for i in 0..45u64 {
-        let value = i.to_string();
-        let mut record = ProducerRecord::to(&input).key(b"k").value(value.as_bytes());
-        record.headers = &header;
-        producer.send(record).await.unwrap();
-    }
-    producer.flush().await.unwrap();
-
-    strom_it::wait_for_topic(&client, &sunk).await;
-    let created = client.topic_metadata(&sunk).await.unwrap().partitions.len();
-    assert_eq!(created, 2, "the declared partition count was not used");
-    let mut consumer = Consumer::new(client.clone(), ConsumerConfig::default());
-    consumer
-        .assign((0..2).map(|p| (TopicPartition::new(&sunk, p), Offset::Earliest)))
-        .unwrap();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    let mut got = vec![];
-    while got.len() < 45 {
-        let r = tokio::time::timeout_at(deadline, consumer.recv())
-            .await
-            .expect("sunk events missing")
-            .unwrap();
-        assert_eq!(r.key.as_deref(), Some(&b"k"[..]));
-        assert_eq!(r.headers, header, "headers lost on the way");
-        got.push(String::from_utf8(r.value.unwrap().to_vec()).unwrap());
-    }
-    let want: Vec<String> = (0..45u64).map(|i| (i * 10).to_string()).collect();
-    assert_eq!(got, want);
-    while handled.load(Ordering::SeqCst) < 45 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "concurrent agent stalled"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert_eq!(*batches.lock().unwrap(), [10, 10, 10, 10, 5]);
-    assert!(
-        peak.load(Ordering::SeqCst) > 1,
-        "the concurrent agent never ran two events at once"
-    );
-    assert!(
-        peak.load(Ordering::SeqCst) <= 8,
-        "concurrency limit exceeded"
-    );
-
-    let _ = stop.send(());
-    worker.await.unwrap();
-    let committed = strom_it::committed(&client, &id, &input, 1).await;
-    assert_eq!(committed, [45], "not every offset was committed");
-    let committed = strom_it::committed(&client, &id, &forwarded, 1).await;
-    assert_eq!(committed, [45], "not every forwarded offset was committed");
 }
 
 /// Every count written to `topic` per word, in offset order.
