@@ -149,8 +149,27 @@ pub type RawRecord = TestRecord<Option<Bytes>, Option<Bytes>>;
 impl TestDriver {
     /// Starts `app` on an in-memory cluster and waits until it processes
     /// every partition. Must be called on tokio's current-thread runtime
-    /// (`#[tokio::test]`); pauses its clock.
+    /// (`#[tokio::test]`); pauses its clock. The driver's clock starts at
+    /// the system's time ([`TestDriver::starting_at`] sets it).
     pub async fn new(app: App) -> Result<TestDriver> {
+        Self::starting_at(app, wall_ms()).await
+    }
+
+    /// [`TestDriver::new`] with the driver's clock starting at `wall_ms`
+    /// (ms since the epoch): for tests of cron timers or of timestamps that
+    /// must not depend on when the test runs.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> strom::Result<()> {
+    /// let mut app = strom::App::new("clock");
+    /// let input = app.topic::<String, u64>("input");
+    /// app.agent(&input).for_each(|_ctx, _event| async { Ok(()) });
+    /// let new_year = 1_767_225_600_000; // 2026-01-01T00:00:00Z
+    /// let driver = strom::testing::TestDriver::starting_at(app, new_year).await?;
+    /// assert!(driver.now() - new_year < 1_000);
+    /// # Ok(()) }
+    /// ```
+    pub async fn starting_at(app: App, wall_ms: i64) -> Result<TestDriver> {
         pause_clock()?;
         let cluster = MockCluster::new();
         let client = Client::connect(cluster.client_config()).await?;
@@ -170,7 +189,7 @@ impl TestDriver {
             worker: None,
             cursors: HashMap::new(),
             stopped: None,
-            epoch: (wall_ms(), Instant::now()),
+            epoch: (wall_ms, Instant::now()),
         };
         driver.start().await?;
         Ok(driver)

@@ -79,3 +79,32 @@ async fn enrich_joins_views_with_profiles() {
     assert_eq!(driver.table(&e.profiles).entries().unwrap().len(), 1);
     driver.close().await.unwrap();
 }
+
+/// The driver pauses tokio's clock, which only the current-thread runtime
+/// allows: on another it says so instead of panicking.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_driver_needs_the_current_thread_runtime() {
+    let wc = wordcount::wordcount(strom::App::new("wc-mt"), "in", "out");
+    let e = TestDriver::new(wc.app).await.unwrap_err();
+    assert!(e.to_string().contains("current-thread"), "{e}");
+}
+
+/// Input for a topic the app did not declare is refused with an error
+/// naming it, and the driver goes on.
+#[tokio::test]
+async fn sending_to_an_undeclared_topic_is_an_error() {
+    let wc = wordcount::wordcount(strom::App::new("wc-undeclared"), "in", "out");
+    let mut driver = TestDriver::new(wc.app).await.unwrap();
+    let e = driver
+        .send_raw("nowhere", None, Some(b"x"))
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("nowhere"), "{e}");
+    let e = driver.read_raw("nowhere").unwrap_err();
+    assert!(e.to_string().contains("nowhere"), "{e}");
+    driver
+        .send(&wc.sentences, &(), &"still here".to_string())
+        .await
+        .unwrap();
+    assert_eq!(driver.table(&wc.counts).get(&"here".into()).unwrap(), 1);
+}
