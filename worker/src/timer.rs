@@ -224,20 +224,28 @@ pub(crate) fn spawn(
 
 /// When an interval timer last due at `last` runs next: one interval
 /// later, so runs keep their grid however long each takes; a run that took
-/// longer than the interval skips the runs it missed.
+/// longer than the interval skips the runs it missed, and runs at the first
+/// grid time not already past. An interval under a millisecond counts as
+/// one (a zero interval would spin).
 fn next_on_grid(last: Instant, every: Duration, now: Instant) -> Instant {
-    let next = last + every;
-    if next > now || every.is_zero() {
-        return next.max(now);
+    let every = every.max(Duration::from_millis(1));
+    let Some(next) = last.checked_add(every) else {
+        return far_future(now);
+    };
+    if next >= now {
+        return next;
     }
-    let missed = (now - next).as_nanos() / every.as_nanos() + 1;
-    match u32::try_from(missed)
+    let missed = (now - next).as_nanos().div_ceil(every.as_nanos());
+    u32::try_from(missed)
         .ok()
         .and_then(|n| every.checked_mul(n))
-    {
-        Some(skipped) => next + skipped,
-        None => now + every,
-    }
+        .and_then(|skipped| next.checked_add(skipped))
+        .unwrap_or_else(|| far_future(now))
+}
+
+/// A time that never comes (about 30 years on), as tokio's own sleeps use.
+fn far_future(now: Instant) -> Instant {
+    now + Duration::from_secs(86_400 * 365 * 30)
 }
 
 #[cfg(test)]
@@ -250,9 +258,19 @@ mod tests {
         let s = Duration::from_secs(1);
         assert_eq!(next_on_grid(t, s, t), t + s);
         assert_eq!(next_on_grid(t, s, t + s / 2), t + s, "a short run");
-        assert_eq!(next_on_grid(t, s, t + s), t + 2 * s, "due now: the next");
-        assert_eq!(next_on_grid(t, s, t + s * 7 / 2), t + 4 * s, "3 missed");
-        assert_eq!(next_on_grid(t, Duration::ZERO, t + s), t + s);
+        assert_eq!(next_on_grid(t, s, t + s), t + s, "due now: now");
+        assert_eq!(next_on_grid(t, s, t + s * 7 / 2), t + 4 * s, "2 missed");
+        assert_eq!(
+            next_on_grid(t, s, t + 3 * s),
+            t + 3 * s,
+            "1 missed, due now"
+        );
+        let ms = Duration::from_millis(1);
+        assert_eq!(next_on_grid(t, Duration::ZERO, t), t + ms, "zero spins");
+        assert!(
+            next_on_grid(t, Duration::MAX, t) > t + 1_000 * s,
+            "no overflow"
+        );
     }
 
     /// A cron pattern counts hours in its own zone: "at minute 0" in India
