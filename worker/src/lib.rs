@@ -276,6 +276,9 @@ impl Worker {
         );
 
         let outcome = poll_loop(&manager, &mut consumer, placement, txn.is_some(), shutdown).await;
+        if outcome.is_err() {
+            metrics.failed();
+        }
         info!(app = %config.app_id, "worker stopping");
         committer.stop().await;
         for t in timers {

@@ -4,6 +4,7 @@
 //! | metric | labels | what |
 //! |---|---|---|
 //! | `strom_events_in_total` | topic, partition | events handed to agents |
+//! | `strom_events_done_total` | topic, partition | events agents are done with (processed, skipped, dead-lettered, or failed) |
 //! | `strom_events_out_total` | topic | records agents sent (not changelogs) |
 //! | `strom_processing_seconds` | topic | time to process one event |
 //! | `strom_consumer_lag` | topic, partition | high watermark − position |
@@ -12,6 +13,7 @@
 //! | `strom_rebalances_total` | | rebalances this worker took part in |
 //! | `strom_recovery_replayed`, `strom_recovery_to_replay` | table, partition | changelog replay progress |
 //! | `strom_partition_ready` | partition | 0 recovering, 1 processing |
+//! | `strom_worker_failed` | | 1 once an error stops the worker |
 //! | `strom_table_reads_total`, `strom_table_writes_total` | table | table access |
 //! | `strom_decode_errors_total`, `strom_agent_errors_total`, `strom_dead_lettered_total` | topic | bad input |
 //! | `strom_corrupt_batches_total` | topic, partition | fetched batches that did not decode (stepped over or stopped at by the error policy) |
@@ -77,6 +79,7 @@ pub struct Metrics {
 struct Inner {
     registry: Registry,
     events_in: Family<PartitionLabels, Counter>,
+    events_done: Family<PartitionLabels, Counter>,
     events_out: Family<TopicLabels, Counter>,
     processing: HistogramFamily<TopicLabels>,
     lag: Family<PartitionLabels, Gauge>,
@@ -87,6 +90,7 @@ struct Inner {
     replayed: Family<TablePartitionLabels, Gauge>,
     to_replay: Family<TablePartitionLabels, Gauge>,
     ready: Family<NumberLabels, Gauge>,
+    failed: Gauge,
     table_reads: Family<TableLabels, Counter>,
     table_writes: Family<TableLabels, Counter>,
     decode_errors: Family<TopicLabels, Counter>,
@@ -107,6 +111,7 @@ struct Inner {
 #[derive(Debug, Clone)]
 pub(crate) struct EventMeters {
     pub events_in: Counter,
+    pub events_done: Counter,
     pub processing: Histogram,
     pub decode_errors: Counter,
     pub agent_errors: Counter,
@@ -124,6 +129,7 @@ impl Default for Metrics {
         let mut registry = Registry::with_prefix("strom");
         let inner = Inner {
             events_in: Family::default(),
+            events_done: Family::default(),
             events_out: Family::default(),
             processing: Family::new_with_constructor(latency),
             lag: Family::default(),
@@ -134,6 +140,7 @@ impl Default for Metrics {
             replayed: Family::default(),
             to_replay: Family::default(),
             ready: Family::default(),
+            failed: Gauge::default(),
             table_reads: Family::default(),
             table_writes: Family::default(),
             decode_errors: Family::default(),
@@ -152,6 +159,11 @@ impl Default for Metrics {
             "events_in",
             "Events handed to agents",
             inner.events_in.clone(),
+        );
+        r.register(
+            "events_done",
+            "Events agents are done with (processed, skipped, dead-lettered, or failed)",
+            inner.events_done.clone(),
         );
         r.register(
             "events_out",
@@ -198,6 +210,11 @@ impl Default for Metrics {
             "partition_ready",
             "1 when the partition's tables are recovered and it processes, 0 while it recovers",
             inner.ready.clone(),
+        );
+        r.register(
+            "worker_failed",
+            "1 once an error stops the worker",
+            inner.failed.clone(),
         );
         r.register("table_reads", "Table reads", inner.table_reads.clone());
         r.register("table_writes", "Table writes", inner.table_writes.clone());
@@ -308,11 +325,13 @@ impl Metrics {
     /// The per-event handles of `topic`/`partition`.
     pub(crate) fn event_meters(&self, topic: &str, partition: i32) -> EventMeters {
         let of = self::topic(topic);
+        let labels = PartitionLabels {
+            topic: topic.to_owned(),
+            partition,
+        };
         EventMeters {
-            events_in: self.inner.events_in.get_or_create_owned(&PartitionLabels {
-                topic: topic.to_owned(),
-                partition,
-            }),
+            events_in: self.inner.events_in.get_or_create_owned(&labels),
+            events_done: self.inner.events_done.get_or_create_owned(&labels),
             processing: self.inner.processing.get_or_create_owned(&of),
             decode_errors: self.inner.decode_errors.get_or_create_owned(&of),
             agent_errors: self.inner.agent_errors.get_or_create_owned(&of),
@@ -333,6 +352,26 @@ impl Metrics {
             partition,
         };
         self.inner.events_in.get(&labels).map_or(0, |c| c.get())
+    }
+
+    /// Events of `topic`/`partition` agents are done with: processed,
+    /// skipped, dead-lettered, or failed (each agent counts each event once).
+    pub fn events_done(&self, topic: &str, partition: i32) -> u64 {
+        let labels = PartitionLabels {
+            topic: topic.to_owned(),
+            partition,
+        };
+        self.inner.events_done.get(&labels).map_or(0, |c| c.get())
+    }
+
+    /// An error stops the worker.
+    pub fn failed(&self) {
+        self.inner.failed.set(1);
+    }
+
+    /// Whether an error stops (or stopped) the worker.
+    pub fn has_failed(&self) -> bool {
+        self.inner.failed.get() == 1
     }
 
     /// Whether partition number `partition` is processing (`Some(true)`),

@@ -15,8 +15,17 @@ use strom_client::Header;
 use tracing::{error, warn};
 
 use crate::error::WorkerError;
-use crate::metrics::EventMeters;
+use crate::metrics::{Counter, EventMeters};
 use crate::processor::{AgentError, Context, DecodeError, ErrorPolicy, ProcessFuture, Processor};
+
+/// Counts an event done when dropped.
+struct Done<'a>(&'a Counter);
+
+impl Drop for Done<'_> {
+    fn drop(&mut self) {
+        self.0.inc();
+    }
+}
 
 /// Processes `record` with `p` under `policy`, counting its time from
 /// `started`; returns when it ended. `Err` when the policy is
@@ -32,6 +41,9 @@ pub(crate) async fn handle(
     started: Instant,
 ) -> Result<Instant, WorkerError> {
     meters.events_in.inc();
+    // Counted done however this ends: processed, skipped, dead-lettered,
+    // failed, panicked or cancelled.
+    let _done = Done(&meters.events_done);
     let (topic, partition, offset) = (record.topic.clone(), record.partition, record.offset);
     // The record itself is needed after a failure only to retry or
     // dead-letter it: copy it (cheap handles) only then.

@@ -147,6 +147,7 @@ impl Spec {
     /// Records an error that stops the worker (the first one wins).
     pub fn fail(&self, e: WorkerError) {
         warn!(error = %e, "worker stops");
+        self.metrics.failed();
         self.fatal
             .lock()
             .unwrap_or_else(|p| p.into_inner())
