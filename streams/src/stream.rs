@@ -90,13 +90,28 @@ pub struct Stream<'a, K, V> {
     pub(crate) stage: Stage,
 }
 
+/// Forgets one partition's state of an operator.
+type Reset = Arc<dyn Fn(i32) + Send + Sync>;
+
 /// How the runtime runs a stage's processor.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub(crate) struct Stage {
     /// Events of one partition the handler may take at once.
     pub concurrency: usize,
     /// The agent's error policy (`None`: the app's).
     pub policy: Option<ErrorPolicy>,
+    /// What the stage's operators keep per partition (`enumerate`'s
+    /// counters), forgotten when a worker starts on the partition.
+    pub resets: Vec<Reset>,
+}
+
+impl std::fmt::Debug for Stage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stage")
+            .field("concurrency", &self.concurrency)
+            .field("policy", &self.policy)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Default for Stage {
@@ -104,6 +119,7 @@ impl Default for Stage {
         Stage {
             concurrency: 1,
             policy: None,
+            resets: Vec::new(),
         }
     }
 }
@@ -114,6 +130,14 @@ impl Stage {
         Stage {
             concurrency: 1,
             policy: self.policy.clone(),
+            resets: Vec::new(),
+        }
+    }
+
+    /// Forgets what the operators keep for `partition`.
+    fn reset(&self, partition: i32) {
+        for reset in &self.resets {
+            reset(partition);
         }
     }
 }
@@ -219,8 +243,13 @@ where
 
     /// Pairs each value with its position in the stream: 0, 1, 2, … per
     /// partition, counted from when this worker started processing it.
-    pub fn enumerate(self) -> Stream<'a, K, (u64, V)> {
+    pub fn enumerate(mut self) -> Stream<'a, K, (u64, V)> {
         let counters: Arc<std::sync::Mutex<std::collections::HashMap<i32, u64>>> = Arc::default();
+        let forget = counters.clone();
+        self.stage.resets.push(Arc::new(move |partition| {
+            let mut counters = forget.lock().unwrap_or_else(|e| e.into_inner());
+            counters.remove(&partition);
+        }));
         // Numbered when the record is handed over, in offset order, whatever
         // the concurrency; so this stage holds a record's events at once.
         self.then(move |events| {
@@ -570,6 +599,7 @@ where
 
     fn reset(&self, partition: i32) {
         self.held().remove(&partition);
+        self.stage.reset(partition);
     }
 }
 
@@ -610,6 +640,10 @@ where
         self.stage.policy.as_ref()
     }
 
+    fn reset(&self, partition: i32) {
+        self.stage.reset(partition);
+    }
+
     fn process(&self, ctx: Context, record: ConsumerRecord) -> ProcessFuture<'_> {
         let ctx = Ctx { inner: ctx };
         let decoded = match events(&self.step, record) {
@@ -648,6 +682,10 @@ where
 
     fn error_policy(&self) -> Option<&ErrorPolicy> {
         self.stage.policy.as_ref()
+    }
+
+    fn reset(&self, partition: i32) {
+        self.stage.reset(partition);
     }
 
     fn process(&self, ctx: Context, record: ConsumerRecord) -> ProcessFuture<'_> {
@@ -691,6 +729,10 @@ where
 
     fn error_policy(&self) -> Option<&ErrorPolicy> {
         self.stage.policy.as_ref()
+    }
+
+    fn reset(&self, partition: i32) {
+        self.stage.reset(partition);
     }
 
     fn process(&self, ctx: Context, record: ConsumerRecord) -> ProcessFuture<'_> {

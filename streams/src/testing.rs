@@ -41,19 +41,22 @@
 //! them from there. The differences: one worker, stores in memory, the
 //! producer sends at once (no linger), and the app runs at least once
 //! whatever its guarantee (exactly-once commits on an interval, which would
-//! hide outputs until the clock moves; its outputs are the same).
+//! hide outputs until the clock moves). The outputs are the same as long as
+//! nothing fails: where exactly-once would abort what an event that stopped
+//! the app had sent and written, the driver still shows it in `read` and
+//! `table`.
 //!
 //! # Time
 //!
 //! The driver pauses tokio's clock (`tokio::time::pause`; the test runs on
 //! the current-thread runtime, `#[tokio::test]`'s default). Time moves when
 //! the test says so ([`TestDriver::advance`]) and, by a millisecond or more,
-//! each time the driver waits for the app to take what was sent
-//! ([`TestDriver::send`], [`TestDriver::run_until_idle`]): as long as some
-//! record has not reached its agents — behind an agent that sleeps or
-//! retries — the clock goes on. Interval and cron timers, `take(n, within)`
-//! deadlines, and the back-offs of events nothing waits behind, run on that
-//! clock: advance it to let them fire. Records sent without a timestamp
+//! each time the driver waits for the app to be done with what was sent
+//! ([`TestDriver::send`], [`TestDriver::run_until_idle`]): as long as an
+//! agent is not done with some record — it sleeps, or waits out a retry's
+//! back-off — the clock goes on. Interval and cron timers and
+//! `take(n, within)` deadlines run on that clock: advance it to let them
+//! fire. Records sent without a timestamp
 //! carry the driver's clock ([`TestDriver::now`]): the wall time when the
 //! driver started, plus the virtual time since.
 
@@ -85,8 +88,11 @@ use crate::topic::Topic;
 const START_LIMIT: Duration = Duration::from_secs(120);
 
 /// How long (of the virtual clock) [`TestDriver::run_until_idle`] waits for
-/// the app to take the records sent.
+/// the app to be done with the records sent.
 const SETTLE_LIMIT: Duration = Duration::from_secs(60);
+
+/// How long (of the virtual clock) the app may take to stop.
+const STOP_LIMIT: Duration = Duration::from_secs(120);
 
 /// Runs an [`App`] in the test, without a broker (see the [module
 /// docs](self)).
@@ -362,18 +368,20 @@ impl TestDriver {
             .unwrap_or_default()
     }
 
-    /// Lets the app run until every record sent to a topic it reads has
-    /// reached its agents and nothing is left to do but wait for time to
+    /// Lets the app run until every agent is done with every record sent
+    /// to a topic it reads, and nothing is left to do but wait for time to
     /// pass: outputs, repartitioned events and what they caused, table
-    /// writes — all done. An error that stopped the app (an agent under
-    /// [`ErrorPolicy::Stop`], a framework failure) is returned here.
+    /// writes, retries — all done. An error that stopped the app (an agent
+    /// under [`ErrorPolicy::Stop`], a framework failure) is returned here.
     ///
     /// The paused clock moves only when no task can run, so once it moved,
-    /// what is left waits on a timer. Usually a millisecond does; when some
-    /// record has not reached its agents yet (an agent sleeping while events
-    /// queue behind it, a fetch waiting out its long poll after reading
-    /// paused for backpressure), the clock goes on, in growing steps, until
-    /// it has — up to a minute of virtual time, then this fails.
+    /// what is left waits on a timer. Usually a millisecond does; while an
+    /// agent is not done with some record (it sleeps, it waits out a retry's
+    /// back-off, or a fetch waits out its long poll after reading paused for
+    /// backpressure), the clock goes on, in growing steps of up to 100 ms,
+    /// until it is — for up to a minute of virtual time, then this fails.
+    /// Events `take(n, within)` holds count as done: `within` passes only
+    /// when the test advances the clock.
     ///
     /// [`ErrorPolicy::Stop`]: crate::ErrorPolicy::Stop
     pub async fn run_until_idle(&mut self) -> Result<()> {
@@ -387,15 +395,15 @@ impl TestDriver {
             }
             if started.elapsed() > SETTLE_LIMIT {
                 return Err(Error::Config(format!(
-                    "the app did not take every record sent within {SETTLE_LIMIT:?} of the virtual clock"
+                    "the app was not done with every record sent within {SETTLE_LIMIT:?} of the virtual clock"
                 )));
             }
             step = (step * 2).min(Duration::from_millis(100));
         }
     }
 
-    /// Whether every record of every topic the app reads was handed to
-    /// each of its agents.
+    /// Whether each agent is done with every record of its topic since the
+    /// worker started.
     fn caught_up(&self) -> bool {
         let Some(running) = &self.worker else {
             return true;
@@ -404,7 +412,7 @@ impl TestDriver {
             (0..self.cluster.partitions(topic).unwrap_or(0)).all(|partition| {
                 let from = running.start.get(&(topic.to_owned(), partition));
                 let records = self.cluster.end_offset(topic, partition) - from.unwrap_or(&0);
-                running.metrics.events_in(topic, partition) >= records.max(0) as u64 * agents
+                running.metrics.events_done(topic, partition) >= records.max(0) as u64 * agents
             })
         })
     }
@@ -434,13 +442,15 @@ impl TestDriver {
 
     /// The records sent to `topic` since the last `read` of it, decoded:
     /// in order within a partition, and across partitions in the order they
-    /// were written.
+    /// were written. When one does not decode, the error says so and
+    /// nothing is taken: the next read returns the same records.
     pub fn read<K, V>(&mut self, topic: &Topic<K, V>) -> Result<Vec<TestRecord<K, V>>> {
         let codec = |e| Error::Codec {
             topic: topic.name.to_string(),
             source: e,
         };
-        self.read_raw(&topic.name)?
+        let (records, read_to) = self.unread(&topic.name)?;
+        let decoded = records
             .into_iter()
             .map(|r| {
                 Ok(TestRecord {
@@ -452,29 +462,38 @@ impl TestDriver {
                     offset: r.offset,
                 })
             })
-            .collect()
+            .collect::<Result<Vec<_>>>()?;
+        self.cursors.extend(read_to);
+        Ok(decoded)
     }
 
     /// [`TestDriver::read`] without decoding, by topic name: for dead-letter
     /// topics, changelogs, or any topic the app writes.
     pub fn read_raw(&mut self, topic: &str) -> Result<Vec<RawRecord>> {
-        let partitions = self.partitions(topic)?;
+        let (records, read_to) = self.unread(topic)?;
+        self.cursors.extend(read_to);
+        Ok(records)
+    }
+
+    /// The records of `topic` after the cursors, in the order they were
+    /// written, and where the cursors go once they are taken.
+    #[allow(clippy::type_complexity)]
+    fn unread(&self, topic: &str) -> Result<(Vec<RawRecord>, Vec<((String, i32), i64)>)> {
         let mut out: Vec<(u64, RawRecord)> = Vec::new();
-        for partition in 0..partitions {
-            let cursor = self
-                .cursors
-                .entry((topic.to_owned(), partition))
-                .or_default();
-            for r in self.cluster.records_from(topic, partition, *cursor) {
-                *cursor = r.offset + 1;
-                if r.committed != Some(true) {
-                    continue;
+        let mut read_to = Vec::new();
+        for partition in 0..self.partitions(topic)? {
+            let key = (topic.to_owned(), partition);
+            let mut cursor = self.cursors.get(&key).copied().unwrap_or(0);
+            for r in self.cluster.records_from(topic, partition, cursor) {
+                cursor = r.offset + 1;
+                if r.committed == Some(true) {
+                    out.push((r.appended, raw(r, partition)));
                 }
-                out.push((r.appended, raw(r, partition)));
             }
+            read_to.push((key, cursor));
         }
         out.sort_by_key(|(appended, r)| (*appended, r.partition, r.offset));
-        Ok(out.into_iter().map(|(_, r)| r).collect())
+        Ok((out.into_iter().map(|(_, r)| r).collect(), read_to))
     }
 
     fn partitions(&self, topic: &str) -> Result<i32> {
@@ -494,9 +513,15 @@ impl TestDriver {
 
     /// Stops the app cleanly (as on SIGTERM: its offsets committed, its
     /// tables closed) and starts it again: every table is restored from its
-    /// changelog into new, empty stores.
+    /// changelog into new, empty stores, and operators start afresh (as in
+    /// a new process). An app an error stopped — already returned by the
+    /// call that met it — starts again too, from its last committed offsets
+    /// (the event it stopped at is processed again); an error not returned
+    /// yet is returned instead, and the app stays stopped.
     pub async fn restart(&mut self) -> Result<()> {
-        self.stop().await?;
+        if self.stopped.take().is_none() {
+            self.stop().await?;
+        }
         self.start().await
     }
 
@@ -512,7 +537,12 @@ impl TestDriver {
             return Ok(());
         };
         let _ = running.stop.send(());
-        joined(running.join.await)
+        match tokio::time::timeout(STOP_LIMIT, running.join).await {
+            Ok(joined_result) => joined(joined_result),
+            Err(_) => Err(Error::Config(format!(
+                "the app did not stop within {STOP_LIMIT:?} of the virtual clock"
+            ))),
+        }
     }
 
     /// The error that stopped the worker, if it stopped: the error itself
@@ -521,13 +551,25 @@ impl TestDriver {
         if let Some(why) = &self.stopped {
             return Err(Error::Stopped(why.clone()));
         }
-        if !self.worker.as_ref().is_some_and(|r| r.join.is_finished()) {
+        // A worker an error stops may still be finishing events in flight:
+        // wait for it, so the error comes from the call that caused it.
+        let ending = self
+            .worker
+            .as_ref()
+            .is_some_and(|r| r.join.is_finished() || r.metrics.has_failed());
+        if !ending {
             return Ok(());
         }
         let Some(running) = self.worker.take() else {
             return Ok(());
         };
-        let e = match joined(running.join.await) {
+        let outcome = match tokio::time::timeout(STOP_LIMIT, running.join).await {
+            Ok(joined_result) => joined(joined_result),
+            Err(_) => Err(Error::Config(format!(
+                "the app failed and did not stop within {STOP_LIMIT:?} of the virtual clock"
+            ))),
+        };
+        let e = match outcome {
             Ok(()) => Error::Config("the app's worker stopped by itself".into()),
             Err(e) => e,
         };

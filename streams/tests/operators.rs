@@ -190,6 +190,11 @@ async fn event_time_and_headers_reach_the_agent() {
     );
 }
 
+/// The partition of `key` among 3, as a Kafka producer picks it.
+fn partition_of(key: &str) -> i32 {
+    strom_client::partitioner::partition_for_key(key.as_bytes(), 3)
+}
+
 /// Events seen per partition.
 type PerPartition = Arc<Mutex<BTreeMap<i32, u64>>>;
 
@@ -211,8 +216,9 @@ fn panicking_app(policy: ErrorPolicy) -> (App, Topic<String, u64>, PerPartition)
 }
 
 /// A panicking agent under each error policy: skip and retry (after its
-/// back-offs on the virtual clock) step over the event, dead-letter sends it
-/// on with its coordinates, stop stops the app with an error naming it.
+/// back-offs on the virtual clock) step over the event and its partition goes
+/// on, dead-letter sends it on with its coordinates, stop stops the app with
+/// an error naming it.
 #[tokio::test]
 async fn a_panicking_agent_under_each_policy() {
     let policies = [
@@ -224,10 +230,20 @@ async fn a_panicking_agent_under_each_policy() {
         ErrorPolicy::DeadLetter("policy-dead".into()),
         ErrorPolicy::Stop,
     ];
+    // Keys 0..30, then "boom", then 0..30 again: every partition, the
+    // failed event's included, goes on after it.
+    let keys: Vec<String> = (0..30).map(|i| format!("k{i}")).collect();
+    let mut want: BTreeMap<i32, u64> = BTreeMap::new();
+    for key in &keys {
+        *want.entry(partition_of(key)).or_default() += 2;
+    }
+    assert!(
+        want.contains_key(&partition_of("boom")),
+        "no key after boom shares its partition"
+    );
     for policy in policies {
         let (app, input, seen) = panicking_app(policy.clone());
         let mut driver = TestDriver::new(app).await.unwrap();
-        let keys: Vec<String> = (0..30).map(|i| format!("k{i}")).collect();
         for (i, key) in keys.iter().enumerate() {
             driver.send(&input, key, &(i as u64)).await.unwrap();
         }
@@ -244,12 +260,14 @@ async fn a_panicking_agent_under_each_policy() {
             continue;
         }
         sent.unwrap();
-        if let ErrorPolicy::Retry { .. } = policy {
-            driver.advance(Duration::from_secs(3)).await.unwrap();
+        for (i, key) in keys.iter().enumerate() {
+            driver.send(&input, key, &(i as u64)).await.unwrap();
         }
-        driver.send(&input, &"k0".to_string(), &100).await.unwrap();
-        let total: u64 = seen.lock().unwrap().values().sum();
-        assert_eq!(total, 31, "{policy:?}: {:?}", seen.lock().unwrap());
+        assert_eq!(
+            *seen.lock().unwrap(),
+            want,
+            "{policy:?}: events per partition"
+        );
         let errors = metric(
             &driver.metrics(),
             "strom_agent_errors_total",
@@ -421,5 +439,50 @@ async fn timers_fire_on_the_virtual_clock() {
     assert_eq!(cron_runs.load(Ordering::SeqCst), 4, "00:00:30 to 00:21:30");
     assert_eq!(leader_runs.load(Ordering::SeqCst), 1 + 20);
     assert_eq!(driver.read(&ticks).unwrap().len(), 120);
+    driver.close().await.unwrap();
+}
+
+/// An app the stop policy stopped starts again on `restart`, from its last
+/// committed offsets: the event it stopped at is processed again (here the
+/// agent no longer fails on it), and `enumerate` counts from 0 again, as in
+/// a new process.
+#[tokio::test]
+async fn restart_after_a_stop_processes_the_event_again() {
+    let mut app = one_partition_app("again").with_error_policy(ErrorPolicy::Stop);
+    let input = text_topic(&mut app, "again-in");
+    let out = text_topic(&mut app, "again-out");
+    let failing = Arc::new(AtomicUsize::new(1));
+    let (sent, fail) = (out.clone(), failing.clone());
+    app.agent(&input).enumerate().for_each(move |ctx, e| {
+        let (out, fail) = (sent.clone(), fail.clone());
+        async move {
+            let (i, line) = e.value;
+            if line == "bad" && fail.fetch_sub(1, Ordering::SeqCst) > 0 {
+                return Err("bad input".into());
+            }
+            ctx.send(&out, &(), &format!("{i}:{line}")).await?;
+            Ok(())
+        }
+    });
+    let mut driver = TestDriver::new(app).await.unwrap();
+    driver.send(&input, &(), &"a".to_string()).await.unwrap();
+    let e = driver.send(&input, &(), &"bad".to_string()).await;
+    assert!(e.unwrap_err().to_string().contains("bad input"));
+    driver.restart().await.unwrap();
+    driver.send(&input, &(), &"b".to_string()).await.unwrap();
+    let got: Vec<String> = driver
+        .read(&out)
+        .unwrap()
+        .into_iter()
+        .map(|r| r.value)
+        .collect();
+    // After the restart: "a" again unless its offset was committed first,
+    // then "bad" and "b", numbered from 0.
+    let after: Vec<&str> = got[1..].iter().map(String::as_str).collect();
+    assert!(
+        after == ["0:bad", "1:b"] || after == ["0:a", "1:bad", "2:b"],
+        "{got:?}"
+    );
+    assert_eq!(got[0], "0:a");
     driver.close().await.unwrap();
 }
