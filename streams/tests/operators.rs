@@ -21,6 +21,12 @@ fn text_topic(app: &mut App, name: &str) -> Topic<(), String> {
         .with_value_codec(Utf8)
 }
 
+/// The values of the records sent to `topic` since the last read.
+fn values<K, V>(driver: &mut TestDriver, topic: &Topic<K, V>) -> Vec<V> {
+    let records = driver.read(topic).unwrap();
+    records.into_iter().map(|r| r.value).collect()
+}
+
 /// The sum of metric `name`'s samples whose labels include `label`.
 fn metric(text: &str, name: &str, label: &str) -> f64 {
     text.lines()
@@ -55,19 +61,9 @@ async fn filter_map_through_enumerate_in_order() {
     for line in ["a", "", "b", "c", "", "d"] {
         driver.send(&lines, &(), &line.to_string()).await.unwrap();
     }
-    let got: Vec<String> = driver
-        .read(&out)
-        .unwrap()
-        .into_iter()
-        .map(|r| r.value)
-        .collect();
+    let got: Vec<String> = values(&mut driver, &out);
     assert_eq!(got, ["0:A", "1:B", "2:C", "3:D"]);
-    let middle: Vec<String> = driver
-        .read(&mid)
-        .unwrap()
-        .into_iter()
-        .map(|r| r.value)
-        .collect();
+    let middle: Vec<String> = values(&mut driver, &mid);
     assert_eq!(middle, ["A", "B", "C", "D"]);
     assert!(driver.read(&out).unwrap().is_empty(), "read does not drain");
     driver.close().await.unwrap();
@@ -470,12 +466,7 @@ async fn restart_after_a_stop_processes_the_event_again() {
     assert!(e.unwrap_err().to_string().contains("bad input"));
     driver.restart().await.unwrap();
     driver.send(&input, &(), &"b".to_string()).await.unwrap();
-    let got: Vec<String> = driver
-        .read(&out)
-        .unwrap()
-        .into_iter()
-        .map(|r| r.value)
-        .collect();
+    let got: Vec<String> = values(&mut driver, &out);
     // After the restart: "a" again unless its offset was committed first,
     // then "bad" and "b", numbered from 0.
     let after: Vec<&str> = got[1..].iter().map(String::as_str).collect();
