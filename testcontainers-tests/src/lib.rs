@@ -813,6 +813,59 @@ pub async fn committed(client: &Client, group: &str, topic: &str, partitions: i3
         .collect()
 }
 
+/// A child process (a worker the test started) that is killed with SIGKILL
+/// and reaped when dropped unless it ended: a test that fails leaves no
+/// worker running behind it. Derefs to the [`std::process::Child`].
+#[derive(Debug)]
+pub struct ChildProcess(std::process::Child);
+
+impl ChildProcess {
+    /// Starts `command`; panics, saying why, when it cannot.
+    pub fn spawn(command: &mut std::process::Command) -> ChildProcess {
+        ChildProcess(
+            command
+                .spawn()
+                .unwrap_or_else(|e| panic!("strom-it: cannot start {command:?}: {e}")),
+        )
+    }
+
+    /// Sends SIGTERM and waits for the process; whether it exited with 0.
+    pub fn terminate(&mut self) -> bool {
+        let pid = self.0.id().to_string();
+        let sent = std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap_or_else(|e| panic!("strom-it: kill -TERM {pid}: {e}"));
+        assert!(sent.success(), "strom-it: kill -TERM {pid} failed");
+        self.0
+            .wait()
+            .unwrap_or_else(|e| panic!("strom-it: waiting for {pid}: {e}"))
+            .success()
+    }
+}
+
+impl std::ops::Deref for ChildProcess {
+    type Target = std::process::Child;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for ChildProcess {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
+impl Drop for ChildProcess {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 /// A TCP port free on 127.0.0.1 right now (for a worker's web server).
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -1174,5 +1227,22 @@ impl SecureBroker {
             config.set(name, value).unwrap();
         }
         config
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ChildProcess;
+
+    /// A child process still running when its guard drops (a test failed
+    /// before stopping it) is killed and reaped.
+    #[test]
+    fn a_dropped_child_process_is_killed() {
+        let child = ChildProcess::spawn(std::process::Command::new("sleep").arg("300"));
+        let pid = child.id();
+        let alive = || std::path::Path::new(&format!("/proc/{pid}")).exists();
+        assert!(alive(), "the child did not start");
+        drop(child);
+        assert!(!alive(), "the child {pid} outlived its guard");
     }
 }

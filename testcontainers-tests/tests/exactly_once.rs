@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,7 +17,7 @@ use strom_client::consumer::{
 };
 use strom_client::producer::{Producer, ProducerConfig, ProducerRecord};
 use strom_client::Client;
-use strom_it::{unique_topic, TestBroker};
+use strom_it::{unique_topic, ChildProcess, TestBroker};
 use strom_state::{changelog, recover_with_progress, MemoryStore, RecoveryProgress, Store};
 
 const CHILD: &str = "STROM_IT_EOS_WORKER";
@@ -109,7 +109,7 @@ fn spawn_worker(
     guarantee: ProcessingGuarantee,
     web: u16,
     hold: bool,
-) -> Child {
+) -> ChildProcess {
     let mut command = Command::new(std::env::current_exe().unwrap());
     if hold {
         command.env("STROM_IT_HOLD", "1");
@@ -124,17 +124,8 @@ fn spawn_worker(
         .env("STROM_IT_OUTPUT", &names.output)
         .env("STROM_IT_STATE", state)
         .env("STROM_IT_GUARANTEE", guarantee.to_string())
-        .env("STROM_IT_WEB", web.to_string())
-        .spawn()
-        .unwrap()
-}
-
-fn terminate(child: &mut Child) -> bool {
-    Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    child.wait().unwrap().success()
+        .env("STROM_IT_WEB", web.to_string());
+    ChildProcess::spawn(&mut command)
 }
 
 fn state_dir() -> PathBuf {
@@ -425,14 +416,8 @@ async fn run_with_kills(test: &str, guarantee: ProcessingGuarantee) -> Run {
     let truth = feeding.await.unwrap();
     let isolation = IsolationLevel::ReadCommitted;
     wait_counted(&client, &names.output, &truth, isolation).await;
-    assert!(
-        terminate(&mut a),
-        "worker A did not stop cleanly on SIGTERM"
-    );
-    assert!(
-        terminate(&mut b),
-        "worker B did not stop cleanly on SIGTERM"
-    );
+    assert!(a.terminate(), "worker A did not stop cleanly on SIGTERM");
+    assert!(b.terminate(), "worker B did not stop cleanly on SIGTERM");
     let repartition = format!("{}-{}-words-repartition", names.id, names.input);
     let all = records(&client, &repartition, IsolationLevel::ReadUncommitted).await;
     let visible = records(&client, &repartition, IsolationLevel::ReadCommitted).await;
@@ -542,7 +527,7 @@ async fn a_killed_workers_open_transaction_is_aborted() {
     )
     .await;
     assert!(
-        terminate(&mut worker),
+        worker.terminate(),
         "the worker did not stop cleanly on SIGTERM"
     );
     let committed = counts(&client, &names.output, IsolationLevel::ReadCommitted).await;

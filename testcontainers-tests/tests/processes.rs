@@ -3,14 +3,14 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
 use strom::{App, StoreKind};
 use strom_client::producer::{Producer, ProducerConfig, ProducerRecord};
 use strom_client::Client;
-use strom_it::{unique_topic, TestBroker};
+use strom_it::{unique_topic, ChildProcess, TestBroker};
 use strom_state::{changelog, recover, MemoryStore, RedbStore, Store};
 
 const CHILD: &str = "STROM_IT_WORKER";
@@ -73,8 +73,8 @@ async fn child_worker() -> ! {
     std::process::exit(if result.is_ok() { 0 } else { 3 });
 }
 
-fn spawn_worker(test: &str, broker: &TestBroker, names: &Names, state: &Path) -> Child {
-    worker_command(test, broker, names, state).spawn().unwrap()
+fn spawn_worker(test: &str, broker: &TestBroker, names: &Names, state: &Path) -> ChildProcess {
+    ChildProcess::spawn(&mut worker_command(test, broker, names, state))
 }
 
 /// [`spawn_worker`] with the worker's web server on 127.0.0.1:`web`.
@@ -84,11 +84,10 @@ fn spawn_worker_with_web(
     names: &Names,
     state: &Path,
     web: u16,
-) -> Child {
-    worker_command(test, broker, names, state)
-        .env("STROM_IT_WEB", web.to_string())
-        .spawn()
-        .unwrap()
+) -> ChildProcess {
+    ChildProcess::spawn(
+        worker_command(test, broker, names, state).env("STROM_IT_WEB", web.to_string()),
+    )
 }
 
 /// This test binary run as the worker process of `test`.
@@ -117,14 +116,6 @@ async fn assignment(web: u16) -> Option<(i64, Vec<i64>)> {
         .filter_map(|p| p.as_i64())
         .collect();
     Some((json["generation"].as_i64()?, active))
-}
-
-fn terminate(child: &mut Child) -> bool {
-    Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    child.wait().unwrap().success()
 }
 
 fn state_dir() -> PathBuf {
@@ -234,13 +225,13 @@ async fn sigterm_handoff_keeps_counts_exact() {
     let mut second = spawn_worker(test, &broker, &names, &state_dir());
     tokio::time::sleep(Duration::from_secs(4)).await;
     assert!(
-        terminate(&mut first),
+        first.terminate(),
         "the first worker did not stop cleanly on SIGTERM"
     );
     let truth = feeding.await.unwrap();
     let last = wait_counted(&client, &names.output, &truth).await;
     assert!(
-        terminate(&mut second),
+        second.terminate(),
         "the second worker did not stop cleanly on SIGTERM"
     );
     for (w, n) in &truth {
@@ -288,11 +279,8 @@ async fn sigkill_crash_undercounts_nothing_and_stores_match_changelog() {
         truth.insert(m, 1);
     }
     wait_counted(&client, &names.output, &truth).await;
-    assert!(
-        terminate(&mut a),
-        "the restarted worker did not stop cleanly"
-    );
-    assert!(terminate(&mut b), "the other worker did not stop cleanly");
+    assert!(a.terminate(), "the restarted worker did not stop cleanly");
+    assert!(b.terminate(), "the other worker did not stop cleanly");
 
     let tables = changelog_tables(&client, &names).await;
     for (w, n) in &truth {
@@ -443,8 +431,8 @@ async fn a_static_worker_restarted_after_sigkill_gets_its_partitions_back_at_onc
         *truth.entry(w).or_default() += n;
     }
     wait_counted(&client, &names.output, &truth).await;
-    assert!(terminate(&mut a), "worker a did not stop cleanly");
-    assert!(terminate(&mut b), "worker b did not stop cleanly");
+    assert!(a.terminate(), "worker a did not stop cleanly");
+    assert!(b.terminate(), "worker b did not stop cleanly");
     std::fs::remove_dir_all(&dir_a).ok();
     std::fs::remove_dir_all(&dir_b).ok();
 }
