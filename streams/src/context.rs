@@ -15,9 +15,13 @@ use crate::topic::Topic;
 
 /// The event's partition, its tables and a producer. Everything an agent sends
 /// or writes through it is acknowledged before the event counts as done.
+/// Records it sends carry the event's time (its timestamp), as Kafka Streams'
+/// outputs do, not the time they were sent.
 #[derive(Debug, Clone)]
 pub struct Ctx {
     pub(crate) inner: strom_worker::Context,
+    /// The time of the event being handled (of a batch: its latest event).
+    pub(crate) event_time: Option<i64>,
 }
 
 fn value_error(table: &str, e: serde_json::Error) -> Error {
@@ -30,6 +34,20 @@ fn value_error(table: &str, e: serde_json::Error) -> Error {
 }
 
 impl Ctx {
+    /// The context of a batch of events: sends carry its latest event's time.
+    pub(crate) fn for_batch<K, V>(inner: strom_worker::Context, batch: &[Event<K, V>]) -> Ctx {
+        Ctx {
+            inner,
+            event_time: batch.iter().map(|e| e.timestamp).max(),
+        }
+    }
+
+    /// The time of the event being handled (ms since the epoch; of a batch,
+    /// its latest event): what the records it sends carry.
+    pub fn event_time(&self) -> Option<i64> {
+        self.event_time
+    }
+
     /// The partition the event came from.
     pub fn partition(&self) -> i32 {
         self.inner.partition()
@@ -155,6 +173,7 @@ impl Ctx {
         record.key = key.as_deref();
         record.value = value.as_deref();
         record.headers = headers;
+        record.timestamp = self.event_time;
         self.inner.send(record).await?;
         Ok(())
     }

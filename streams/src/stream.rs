@@ -545,12 +545,12 @@ where
                 }
             }
         }
-        let ctx = Ctx { inner: ctx };
         let work: Vec<(HandedOn, Fut)> = full
             .into_iter()
             .map(|b| {
                 let first = b.iter().map(|e| e.offset).min().unwrap_or(i64::MAX);
-                (self.handing_on(partition, first), (self.f)(ctx.clone(), b))
+                let ctx = Ctx::for_batch(ctx.clone(), &b);
+                (self.handing_on(partition, first), (self.f)(ctx, b))
             })
             .collect();
         Box::pin(async move {
@@ -566,10 +566,8 @@ where
         let batch = self.held().remove(&partition);
         let work = batch.map(|b| {
             let first = b.events.iter().map(|e| e.offset).min().unwrap_or(i64::MAX);
-            (
-                self.handing_on(partition, first),
-                (self.f)(Ctx { inner: ctx }, b.events),
-            )
+            let ctx = Ctx::for_batch(ctx, &b.events);
+            (self.handing_on(partition, first), (self.f)(ctx, b.events))
         });
         Box::pin(async move {
             match work {
@@ -645,14 +643,17 @@ where
     }
 
     fn process(&self, ctx: Context, record: ConsumerRecord) -> ProcessFuture<'_> {
-        let ctx = Ctx { inner: ctx };
         let decoded = match events(&self.step, record) {
             Ok(events) => events,
             Err(e) => return failed(e),
         };
         Box::pin(async move {
             for e in decoded {
-                (self.f)(ctx.clone(), e).await?;
+                let ctx = Ctx {
+                    inner: ctx.clone(),
+                    event_time: Some(e.timestamp),
+                };
+                (self.f)(ctx, e).await?;
             }
             Ok(())
         })
@@ -697,8 +698,12 @@ where
             for e in decoded {
                 let key = (self.key)(&e).encode_key();
                 let value = serde_json::to_vec(&e.value)?;
-                ctx.send(ProducerRecord::to(&self.target).key(&key).value(&value))
-                    .await?;
+                let mut record = ProducerRecord::to(&self.target)
+                    .key(&key)
+                    .value(&value)
+                    .timestamp(e.timestamp);
+                record.headers = &e.headers;
+                ctx.send(record).await?;
             }
             Ok(())
         })
@@ -743,7 +748,7 @@ where
         Box::pin(async move {
             for e in decoded {
                 let (key, value) = (self.key.encode(&e.key)?, self.value.encode(&e.value)?);
-                let mut record = ProducerRecord::to(&self.target);
+                let mut record = ProducerRecord::to(&self.target).timestamp(e.timestamp);
                 record.key = key.as_deref();
                 record.value = value.as_deref();
                 record.headers = &e.headers;

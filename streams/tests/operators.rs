@@ -477,3 +477,57 @@ async fn restart_after_a_stop_processes_the_event_again() {
     assert_eq!(got[0], "0:a");
     driver.close().await.unwrap();
 }
+
+/// Records agents send carry the time of the event that caused them, not
+/// the time they were sent (the event here is from 1970); `group_by` and
+/// `through` keep the event's time and headers, so event time survives a
+/// repartition.
+#[tokio::test]
+async fn outputs_carry_the_event_time() {
+    let mut app = one_partition_app("evtime").with_partitions(3);
+    let lines = text_topic(&mut app, "evtime-in");
+    let mid = text_topic(&mut app, "evtime-mid");
+    let out = app.topic::<String, i64>("evtime-out").with_key_codec(Utf8);
+    let sent = out.clone();
+    app.agent(&lines)
+        .through(&mid)
+        .flat_map(|line: String| {
+            line.split_whitespace()
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        })
+        .group_by(|e| e.value.clone(), "words")
+        .for_each(move |ctx, e| {
+            let out = sent.clone();
+            async move {
+                assert_eq!(ctx.event_time(), Some(e.timestamp));
+                ctx.send(&out, &e.key, &e.timestamp).await?;
+                Ok(())
+            }
+        });
+    let mut driver = TestDriver::new(app).await.unwrap();
+    let header = [Header::new("trace", "t-7")];
+    let early = 1_000_000;
+    driver
+        .send_with(&lines, &(), &"a b c".to_string(), Some(early), &header)
+        .await
+        .unwrap();
+    let got = driver.read(&out).unwrap();
+    assert_eq!(got.len(), 3);
+    for r in got {
+        assert_eq!(r.value, early, "the agent saw another time for {}", r.key);
+        assert_eq!(r.timestamp, early, "{} was sent with the wall time", r.key);
+    }
+    let repartitioned = driver
+        .read_raw("evtime-evtime-mid-words-repartition")
+        .unwrap();
+    assert_eq!(repartitioned.len(), 3);
+    for r in repartitioned {
+        assert_eq!((r.timestamp, r.headers), (early, header.to_vec()));
+    }
+    let through = driver.read_raw("evtime-mid").unwrap();
+    assert_eq!(
+        (through[0].timestamp, &through[0].headers),
+        (early, &header.to_vec())
+    );
+}
