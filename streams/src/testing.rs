@@ -58,7 +58,8 @@
 //! `take(n, within)` deadlines run on that clock: advance it to let them
 //! fire. Records sent without a timestamp
 //! carry the driver's clock ([`TestDriver::now`]): the wall time when the
-//! driver started, plus the virtual time since.
+//! driver started, plus the virtual time since; so do records timers send.
+//! Records agents send carry the time of the event that caused them.
 
 use std::collections::{BTreeMap, HashMap};
 use std::marker::PhantomData;

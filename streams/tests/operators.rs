@@ -427,7 +427,13 @@ async fn timers_fire_on_the_virtual_clock() {
     let mut driver = TestDriver::starting_at(app, start).await.unwrap();
     assert!(driver.read(&ticks).unwrap().is_empty(), "fired at start");
     driver.advance(Duration::from_secs(10)).await.unwrap();
-    assert_eq!(driver.read(&ticks).unwrap().len(), 1);
+    let first = driver.read(&ticks).unwrap();
+    assert_eq!(first.len(), 1);
+    let ran = first[0].timestamp - start;
+    assert!(
+        (10_000..10_100).contains(&ran),
+        "the tick carries {ran} ms after the start, not the driver's clock"
+    );
     driver.advance(Duration::from_secs(50)).await.unwrap();
     assert_eq!(driver.read(&ticks).unwrap().len(), 5);
     assert_eq!(leader_runs.load(Ordering::SeqCst), 1);

@@ -154,13 +154,18 @@ pub(crate) enum Sender {
 pub struct TimerContext {
     sender: Sender,
     leader: bool,
+    clock: WallClock,
 }
 
 impl TimerContext {
     /// Sends a record and waits for the broker's acknowledgement; under
     /// exactly-once, until the transaction holding it has committed (an
-    /// aborted one is an error).
-    pub async fn send(&self, record: ProducerRecord<'_>) -> Result<(), WorkerError> {
+    /// aborted one is an error). Without a timestamp of its own it carries
+    /// the time the timer ran (of the worker's [`WallClock`]).
+    pub async fn send(&self, mut record: ProducerRecord<'_>) -> Result<(), WorkerError> {
+        if record.timestamp.is_none() {
+            record.timestamp = Some(self.clock.now().timestamp_millis());
+        }
         match &self.sender {
             Sender::Plain(producer) => {
                 producer.send(record).await?.await?;
@@ -214,6 +219,7 @@ pub(crate) fn spawn(
             let ctx = TimerContext {
                 sender: sender.clone(),
                 leader,
+                clock,
             };
             if let Err(e) = (timer.run)(ctx).await {
                 warn!(timer = %timer.name, error = %e, "timer failed");
