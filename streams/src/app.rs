@@ -441,7 +441,7 @@ impl App {
     {
         Stream {
             source: topic.name.clone(),
-            step: decode_step(topic.key.clone(), topic.value.clone()),
+            step: decode_step(topic),
             app: self,
             stage: Stage::default(),
         }

@@ -48,6 +48,13 @@ impl Ctx {
         self.event_time
     }
 
+    /// The partition's stream time (ms since the epoch): the latest event
+    /// time its task has seen since it started, this event's included. It
+    /// never goes back: a late event leaves it where it is.
+    pub fn stream_time(&self) -> Option<i64> {
+        self.inner.stream_time()
+    }
+
     /// The partition the event came from.
     pub fn partition(&self) -> i32 {
         self.inner.partition()

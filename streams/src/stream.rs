@@ -64,11 +64,15 @@ type Step<K, V> = Arc<dyn Fn(ConsumerRecord) -> Result<Events<K, V>, CodecError>
 type Events<K, V> = Box<dyn Iterator<Item = Event<K, V>> + Send>;
 
 pub(crate) fn decode_step<K: Send + 'static, V: Send + 'static>(
-    key: Arc<dyn Codec<K>>,
-    value: Arc<dyn Codec<V>>,
+    topic: &crate::Topic<K, V>,
 ) -> Step<K, V> {
+    let (key, value, time) = (
+        topic.key.clone(),
+        topic.value.clone(),
+        topic.timestamp.clone(),
+    );
     Arc::new(move |r: ConsumerRecord| {
-        Ok(Box::new(std::iter::once(Event {
+        let mut event = Event {
             key: key.decode(r.key.as_deref())?,
             value: value.decode(r.value.as_deref())?,
             topic: r.topic,
@@ -76,7 +80,11 @@ pub(crate) fn decode_step<K: Send + 'static, V: Send + 'static>(
             offset: r.offset,
             timestamp: r.timestamp,
             headers: r.headers,
-        })) as Events<K, V>)
+        };
+        if let Some(time) = &time {
+            event.timestamp = time(&event);
+        }
+        Ok(Box::new(std::iter::once(event)) as Events<K, V>)
     })
 }
 
@@ -271,14 +279,13 @@ where
     /// goes on from there: later stages read `topic`, so the events are durable
     /// in between and another app can read them too.
     pub fn through(self, topic: &crate::Topic<K, V>) -> Stream<'a, K, V> {
-        let target = topic.name.clone();
-        let (key_codec, value_codec) = (topic.key.clone(), topic.value.clone());
+        let (target, step) = (topic.name.clone(), decode_step(topic));
         let stage = self.stage.next();
         let app = self.sink_to(topic);
         Stream {
             app,
             source: target,
-            step: decode_step(key_codec, value_codec),
+            step,
             stage,
         }
     }
@@ -535,6 +542,7 @@ where
         {
             let mut held = self.held();
             for event in decoded {
+                ctx.observe_event_time(event.timestamp);
                 let batch = held.entry(partition).or_insert_with(|| Held {
                     events: Vec::with_capacity(self.n),
                     since: Instant::now(),
@@ -649,6 +657,7 @@ where
         };
         Box::pin(async move {
             for e in decoded {
+                ctx.observe_event_time(e.timestamp);
                 let ctx = Ctx {
                     inner: ctx.clone(),
                     event_time: Some(e.timestamp),
@@ -696,6 +705,7 @@ where
         };
         Box::pin(async move {
             for e in decoded {
+                ctx.observe_event_time(e.timestamp);
                 let key = (self.key)(&e).encode_key();
                 let value = serde_json::to_vec(&e.value)?;
                 let mut record = ProducerRecord::to(&self.target)
@@ -747,6 +757,7 @@ where
         };
         Box::pin(async move {
             for e in decoded {
+                ctx.observe_event_time(e.timestamp);
                 let (key, value) = (self.key.encode(&e.key)?, self.value.encode(&e.value)?);
                 let mut record = ProducerRecord::to(&self.target).timestamp(e.timestamp);
                 record.key = key.as_deref();

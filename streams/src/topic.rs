@@ -17,10 +17,15 @@ pub struct Topic<K, V> {
     pub(crate) name: Arc<str>,
     pub(crate) key: Arc<dyn Codec<K>>,
     pub(crate) value: Arc<dyn Codec<V>>,
+    /// The event time of a decoded event (`None`: the record's timestamp).
+    pub(crate) timestamp: Option<TimestampFn<K, V>>,
     /// Shared with the app, which creates the topic at start and checks
     /// what the command line sends to it.
     pub(crate) declared: Arc<Mutex<Declared>>,
 }
+
+/// Reads an event's time from the event.
+pub(crate) type TimestampFn<K, V> = Arc<dyn Fn(&crate::Event<K, V>) -> i64 + Send + Sync>;
 
 /// What the app knows of a topic it declared.
 pub(crate) struct Declared {
@@ -69,6 +74,7 @@ impl<K, V> Clone for Topic<K, V> {
             name: self.name.clone(),
             key: self.key.clone(),
             value: self.value.clone(),
+            timestamp: self.timestamp.clone(),
             declared: self.declared.clone(),
         }
     }
@@ -89,6 +95,7 @@ impl<K: 'static, V: 'static> Topic<K, V> {
             name: Arc::from(name),
             key: Arc::new(Json),
             value: Arc::new(Json),
+            timestamp: None,
             declared,
         };
         topic.codecs_changed();
@@ -142,6 +149,26 @@ impl<K: 'static, V: 'static> Topic<K, V> {
     /// The topic's name.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Takes each event's time (ms since the epoch) from the event itself,
+    /// e.g. a field of its value, instead of the record's timestamp: what
+    /// agents see as `Event::timestamp`, what the partition's stream time
+    /// follows, and what the records they send carry.
+    ///
+    /// ```
+    /// #[derive(serde::Serialize, serde::Deserialize)]
+    /// struct Order { placed_at: i64 }
+    /// let mut app = strom::App::new("shop");
+    /// let orders = app.topic::<String, Order>("orders").with_timestamp(|e| e.value.placed_at);
+    /// # let _ = orders;
+    /// ```
+    pub fn with_timestamp(
+        mut self,
+        f: impl Fn(&crate::Event<K, V>) -> i64 + Send + Sync + 'static,
+    ) -> Self {
+        self.timestamp = Some(Arc::new(f));
+        self
     }
 
     /// Uses `codec` for keys.

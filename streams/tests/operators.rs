@@ -537,3 +537,48 @@ async fn outputs_carry_the_event_time() {
         (early, &header.to_vec())
     );
 }
+
+/// A topic's timestamp extractor sets each event's time from the event; the
+/// partition's stream time is the latest event time seen and a late event
+/// does not move it back.
+#[tokio::test]
+async fn extracted_event_time_and_stream_time() {
+    #[derive(serde::Serialize, serde::Deserialize)]
+    struct Reading {
+        at: i64,
+    }
+    let mut app = one_partition_app("stime");
+    let readings = app
+        .topic::<String, Reading>("stime-in")
+        .with_key_codec(Utf8)
+        .with_timestamp(|e| e.value.at);
+    type Seen = Vec<(i64, i64, Option<i64>)>;
+    let seen: Arc<Mutex<Seen>> = Arc::default();
+    let record = seen.clone();
+    app.agent(&readings).for_each(move |ctx, e| {
+        record.lock().unwrap().push((
+            e.timestamp,
+            ctx.event_time().unwrap_or(-1),
+            ctx.stream_time(),
+        ));
+        async { Ok(()) }
+    });
+    let mut driver = TestDriver::new(app).await.unwrap();
+    let key = "sensor".to_string();
+    for at in [5_000, 3_000, 8_000] {
+        // The record's own timestamp is not the event's time.
+        driver
+            .send_at(&readings, &key, &Reading { at }, 1)
+            .await
+            .unwrap();
+    }
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(
+        seen,
+        [
+            (5_000, 5_000, Some(5_000)),
+            (3_000, 3_000, Some(5_000)),
+            (8_000, 8_000, Some(8_000))
+        ]
+    );
+}

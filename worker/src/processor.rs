@@ -168,6 +168,8 @@ struct Shared {
     /// The first framework call that failed for good since the last event
     /// boundary the task looked at.
     failure: std::sync::Mutex<Option<WorkerError>>,
+    /// The latest event time seen (`i64::MIN`: none yet).
+    stream_time: std::sync::atomic::AtomicI64,
 }
 
 impl Context {
@@ -204,8 +206,31 @@ impl Context {
                 producer,
                 metrics,
                 failure: std::sync::Mutex::new(None),
+                stream_time: std::sync::atomic::AtomicI64::new(i64::MIN),
             }),
         }
+    }
+
+    /// Notes that an event of time `timestamp` (ms since the epoch) is being
+    /// processed; returns the partition's stream time, which includes it.
+    pub fn observe_event_time(&self, timestamp: i64) -> i64 {
+        use std::sync::atomic::Ordering;
+        let before = self
+            .inner
+            .stream_time
+            .fetch_max(timestamp, Ordering::AcqRel);
+        before.max(timestamp)
+    }
+
+    /// The partition's stream time: the latest event time its task has seen
+    /// since it started (`None` before its first event). It never goes back:
+    /// a late event leaves it where it is.
+    pub fn stream_time(&self) -> Option<i64> {
+        let t = self
+            .inner
+            .stream_time
+            .load(std::sync::atomic::Ordering::Acquire);
+        (t != i64::MIN).then_some(t)
     }
 
     /// The partition being processed.
