@@ -16,7 +16,9 @@ use crate::topic::Topic;
 /// The event's partition, its tables and a producer. Everything an agent sends
 /// or writes through it is acknowledged before the event counts as done.
 /// Records it sends carry the event's time (its timestamp), as Kafka Streams'
-/// outputs do, not the time they were sent.
+/// outputs do, not the time they were sent; an event without a time (a
+/// negative timestamp, as records of old clients have) sends with the
+/// current time.
 #[derive(Debug, Clone)]
 pub struct Ctx {
     pub(crate) inner: strom_worker::Context,
@@ -180,7 +182,7 @@ impl Ctx {
         record.key = key.as_deref();
         record.value = value.as_deref();
         record.headers = headers;
-        record.timestamp = self.event_time;
+        record.timestamp = self.event_time.filter(|&t| t >= 0);
         self.inner.send(record).await?;
         Ok(())
     }

@@ -615,6 +615,12 @@ fn events<K, V>(step: &Step<K, V>, record: ConsumerRecord) -> Result<Events<K, V
     step(record).map_err(|e| Box::new(DecodeError(e.to_string())) as AgentError)
 }
 
+/// An event's time to send on with it; `None` (the producer stamps the
+/// current time) for an event without one (a negative timestamp).
+fn known_time(timestamp: i64) -> Option<i64> {
+    (timestamp >= 0).then_some(timestamp)
+}
+
 /// The future of an event that failed before any work began.
 fn failed(e: AgentError) -> ProcessFuture<'static> {
     Box::pin(async move { Err(e) })
@@ -708,10 +714,8 @@ where
                 ctx.observe_event_time(e.timestamp);
                 let key = (self.key)(&e).encode_key();
                 let value = serde_json::to_vec(&e.value)?;
-                let mut record = ProducerRecord::to(&self.target)
-                    .key(&key)
-                    .value(&value)
-                    .timestamp(e.timestamp);
+                let mut record = ProducerRecord::to(&self.target).key(&key).value(&value);
+                record.timestamp = known_time(e.timestamp);
                 record.headers = &e.headers;
                 ctx.send(record).await?;
             }
@@ -759,7 +763,8 @@ where
             for e in decoded {
                 ctx.observe_event_time(e.timestamp);
                 let (key, value) = (self.key.encode(&e.key)?, self.value.encode(&e.value)?);
-                let mut record = ProducerRecord::to(&self.target).timestamp(e.timestamp);
+                let mut record = ProducerRecord::to(&self.target);
+                record.timestamp = known_time(e.timestamp);
                 record.key = key.as_deref();
                 record.value = value.as_deref();
                 record.headers = &e.headers;

@@ -531,6 +531,16 @@ async fn outputs_carry_the_event_time() {
     for r in repartitioned {
         assert_eq!((r.timestamp, r.headers), (early, header.to_vec()));
     }
+    // An event without a time (-1, as old clients write) goes on with the
+    // current time.
+    let before = driver.now();
+    driver
+        .send_at(&lines, &(), &"d".to_string(), -1)
+        .await
+        .unwrap();
+    let late = driver.read(&out).unwrap();
+    assert_eq!(late.len(), 1);
+    assert!(late[0].timestamp >= before, "{late:?} carries no time");
     let through = driver.read_raw("evtime-mid").unwrap();
     assert_eq!(
         (through[0].timestamp, &through[0].headers),
