@@ -69,7 +69,7 @@ use bytes::Bytes;
 use serde::de::DeserializeOwned;
 use strom_client::mock::{LoggedRecord, MockCluster};
 use strom_client::partitioner::partition_for_key;
-use strom_client::producer::{Producer, ProducerConfig, ProducerRecord};
+use strom_client::producer::{DeliveryFuture, Producer, ProducerConfig, ProducerRecord};
 use strom_client::{Client, Header};
 use strom_state::TableKey;
 use strom_worker::timer::WallClock;
@@ -303,13 +303,10 @@ impl TestDriver {
         headers: &[Header],
     ) -> Result<()> {
         self.check().await?;
-        let (key, value) = crate::context::encode(topic, key, value)?;
-        let mut record = ProducerRecord::to(&topic.name);
-        record.key = key.as_deref();
-        record.value = value.as_deref();
-        record.headers = headers;
-        record.timestamp = timestamp;
-        self.produce(record).await
+        self.enqueue(topic, key, value, timestamp, headers)
+            .await?
+            .await?;
+        self.run_until_idle().await
     }
 
     /// Sends every (key, value) of `records` to `topic`, as [`TestDriver::send`]
@@ -323,17 +320,31 @@ impl TestDriver {
         self.check().await?;
         let mut deliveries = Vec::new();
         for (key, value) in records {
-            let (key, value) = crate::context::encode(topic, &key, &value)?;
-            let mut record = ProducerRecord::to(&topic.name);
-            record.key = key.as_deref();
-            record.value = value.as_deref();
-            record.timestamp = Some(self.now());
-            deliveries.push(self.input.send(record).await?);
+            deliveries.push(self.enqueue(topic, &key, &value, None, &[]).await?);
         }
         for delivery in deliveries {
             delivery.await?;
         }
         self.run_until_idle().await
+    }
+
+    /// Hands one typed record to the input producer (`timestamp` `None`:
+    /// [`TestDriver::now`]).
+    async fn enqueue<K, V>(
+        &self,
+        topic: &Topic<K, V>,
+        key: &K,
+        value: &V,
+        timestamp: Option<i64>,
+        headers: &[Header],
+    ) -> Result<DeliveryFuture> {
+        let (key, value) = crate::context::encode(topic, key, value)?;
+        let mut record = ProducerRecord::to(&topic.name);
+        record.key = key.as_deref();
+        record.value = value.as_deref();
+        record.headers = headers;
+        record.timestamp = Some(timestamp.unwrap_or_else(|| self.now()));
+        Ok(self.input.send(record).await?)
     }
 
     /// Sends a record of bytes to `topic` by name (`None`: a null key or
@@ -349,13 +360,7 @@ impl TestDriver {
         let mut record = ProducerRecord::to(topic);
         record.key = key;
         record.value = value;
-        self.produce(record).await
-    }
-
-    async fn produce(&mut self, mut record: ProducerRecord<'_>) -> Result<()> {
-        if record.timestamp.is_none() {
-            record.timestamp = Some(self.now());
-        }
+        record.timestamp = Some(self.now());
         self.input.send(record).await?.await?;
         self.run_until_idle().await
     }

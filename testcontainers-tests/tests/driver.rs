@@ -124,6 +124,18 @@ fn canonical(mut records: Vec<Output>) -> (Vec<Output>, PerKey) {
     (records, per_key)
 }
 
+/// The driver and the broker gave the same records, and each key's
+/// (`each` says what they are) in the same order.
+fn assert_agree(from_driver: Vec<Output>, from_broker: Vec<Output>, each: &str) {
+    let (driver, driver_per_key) = canonical(from_driver);
+    let (broker, broker_per_key) = canonical(from_broker);
+    assert!(driver == broker, "the outputs differ");
+    assert!(
+        driver_per_key == broker_per_key,
+        "{each} came in another order"
+    );
+}
+
 fn sentences(n: usize) -> Vec<String> {
     let mut seed = 11u64;
     (0..n)
@@ -179,13 +191,7 @@ async fn wordcount_driver_and_broker_agree() {
 
     assert_eq!(from_driver.len(), words, "the driver's outputs");
     assert_eq!(from_broker.len(), words, "the broker's outputs");
-    let (driver, driver_per_key) = canonical(from_driver);
-    let (broker, broker_per_key) = canonical(from_broker);
-    assert!(driver == broker, "the outputs differ");
-    assert!(
-        driver_per_key == broker_per_key,
-        "a word's counts came in another order"
-    );
+    assert_agree(from_driver, from_broker, "a word's counts");
 }
 
 /// Enrich: 300 profiles, then 3,000 page views (some of users without a
@@ -240,13 +246,7 @@ async fn enrich_driver_and_broker_agree() {
     worker.await.unwrap();
 
     assert_eq!(from_driver.len(), views.len(), "the driver's outputs");
-    let (driver, driver_per_key) = canonical(from_driver);
-    let (broker, broker_per_key) = canonical(from_broker);
-    assert!(driver == broker, "the outputs differ");
-    assert!(
-        driver_per_key == broker_per_key,
-        "a user's views came in another order"
-    );
+    assert_agree(from_driver, from_broker, "a user's views");
 }
 
 /// A record of a UTF-8 key and a JSON value, as bytes.

@@ -267,7 +267,7 @@ impl Worker {
             "worker started"
         );
         let placement = assignor.placement();
-        let timers = start_timers(timers, txn.as_ref(), &spec, &placement);
+        let timers = start_timers(timers, txn.as_ref(), &spec, &placement, config.wall_clock);
         let committer = Committer::start(
             manager.clone(),
             consumer.group().clone(),
@@ -330,13 +330,14 @@ fn dead_letter_topics<'a>(
         .collect()
 }
 
-/// Starts the app's timers; under exactly-once their sends join the
-/// worker's transactions.
+/// Starts the app's timers, cron ones reading `clock`; under exactly-once
+/// their sends join the worker's transactions.
 fn start_timers(
     timers: Vec<Timer>,
     txn: Option<&Arc<Transactions>>,
     spec: &Spec,
     placement: &tokio::sync::watch::Receiver<Placement>,
+    clock: timer::WallClock,
 ) -> Vec<tokio::task::JoinHandle<()>> {
     timers
         .into_iter()
@@ -345,7 +346,7 @@ fn start_timers(
                 Some(txn) => timer::Sender::Transactional(txn.clone()),
                 None => timer::Sender::Plain(spec.producer.clone()),
             };
-            timer::spawn(t, sender, placement.clone(), spec.wall_clock)
+            timer::spawn(t, sender, placement.clone(), clock)
         })
         .collect()
 }
@@ -389,7 +390,6 @@ fn spec(
         on_error: config.on_error.clone(),
         durable_interval: config.durable_checkpoint_interval,
         durable_changes: config.durable_checkpoint_changes,
-        wall_clock: config.wall_clock,
         round_gate: txn.map(|t| t.gate().clone()),
         fatal: Mutex::new(None),
         stopped: Notify::new(),

@@ -659,7 +659,6 @@ mod tests {
             on_error: ErrorPolicy::Skip,
             durable_interval: std::time::Duration::from_secs(5),
             durable_changes: 1,
-            wall_clock: crate::timer::WallClock::System,
             round_gate: None,
             fatal: std::sync::Mutex::new(None),
             stopped: Notify::new(),

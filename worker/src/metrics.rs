@@ -339,21 +339,6 @@ impl Metrics {
         }
     }
 
-    /// Events of `topic`/`partition` handed to agents so far (each agent of
-    /// the topic counts each event once).
-    ///
-    /// ```
-    /// let metrics = strom_worker::Metrics::default();
-    /// assert_eq!(metrics.events_in("orders", 0), 0);
-    /// ```
-    pub fn events_in(&self, topic: &str, partition: i32) -> u64 {
-        let labels = PartitionLabels {
-            topic: topic.to_owned(),
-            partition,
-        };
-        self.inner.events_in.get(&labels).map_or(0, |c| c.get())
-    }
-
     /// Events of `topic`/`partition` agents are done with: processed,
     /// skipped, dead-lettered, or failed (each agent counts each event once).
     pub fn events_done(&self, topic: &str, partition: i32) -> u64 {
@@ -365,7 +350,7 @@ impl Metrics {
     }
 
     /// An error stops the worker.
-    pub fn failed(&self) {
+    pub(crate) fn failed(&self) {
         self.inner.failed.set(1);
     }
 

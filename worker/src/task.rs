@@ -133,8 +133,6 @@ pub(crate) struct Spec {
     pub on_error: ErrorPolicy,
     pub durable_interval: Duration,
     pub durable_changes: u64,
-    /// Where cron timers read the time of day.
-    pub wall_clock: crate::timer::WallClock,
     /// Exactly-once: the transactions' round gate (see `eos`).
     pub round_gate: Option<Arc<tokio::sync::RwLock<()>>>,
     /// The first error that stops the worker.
