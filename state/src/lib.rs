@@ -13,6 +13,7 @@
 //!   kept warm by tailing it.
 //! - [`table`]: [`Table<K, V>`](Table), typed keys (ordered encodings) and
 //!   serde values over a [`LoggedStore`].
+//! - [`window`]: windowed tables — window assignment, keys, close and expiry.
 //! - [`error`]: the one error type, [`StateError`].
 #![warn(missing_docs, missing_debug_implementations)]
 #![deny(rustdoc::broken_intra_doc_links)]
@@ -28,6 +29,7 @@ pub mod recovery;
 pub mod redb_store;
 pub mod store;
 pub mod table;
+pub mod window;
 
 pub use error::{Result, StateError};
 pub use logged::{LoggedStore, Refused};

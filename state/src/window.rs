@@ -1,0 +1,547 @@
+//! Windowed tables: which windows an event falls in, how a window's entry is
+//! keyed and stamped in a [`Store`](crate::Store), and the index that says
+//! which windows close or expire as a partition's stream time moves on.
+//!
+//! Kafka Streams' semantics: windows are aligned to the epoch; a window
+//! `[start, end)` closes when the stream time reaches `end + grace`, and an
+//! event whose every window has closed is late (dropped); windows whose end
+//! lies more than the retention before the stream time are deleted.
+//!
+//! # Layout in the store
+//!
+//! - key: the table key's bytes, then the window start as 8 big-endian bytes
+//!   with the sign bit flipped, so one key's windows are contiguous and in
+//!   time order ([`window_key`]);
+//! - value: the partition's stream time when the entry was written (8
+//!   big-endian bytes), then the value's bytes ([`stamp`]). The largest stamp
+//!   among the live entries is the stream time the table had seen, so a task
+//!   that starts on the partition again knows which windows had closed
+//!   ([`WindowIndex::rebuild`]), as Kafka Streams keeps partition time in its
+//!   commits.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use crate::error::{Result, StateError};
+
+/// One window: `[start, end)` in ms since the epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Window {
+    /// The first millisecond in the window.
+    pub start: i64,
+    /// The first millisecond after it.
+    pub end: i64,
+}
+
+/// The shape of a table's windows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WindowKind {
+    /// Windows of `size` ms, one after the other.
+    Tumbling {
+        /// Length of a window, ms.
+        size: i64,
+    },
+    /// Windows of `size` ms starting every `advance` ms, so they overlap.
+    Hopping {
+        /// Length of a window, ms.
+        size: i64,
+        /// Time between two windows' starts, ms.
+        advance: i64,
+    },
+}
+
+/// How a table is windowed: the windows, the grace before one closes and how
+/// long closed windows are kept.
+///
+/// ```
+/// use std::time::Duration;
+/// use strom_state::window::{Window, Windowing};
+/// let w = Windowing::tumbling(Duration::from_secs(60)).grace(Duration::from_secs(10));
+/// assert_eq!(w.windows_of(61_000).collect::<Vec<_>>(), [Window { start: 60_000, end: 120_000 }]);
+/// assert_eq!(w.closes_at(Window { start: 60_000, end: 120_000 }), 130_000);
+/// // Kept for at least an hour by default, as Faust's `expires`.
+/// assert_eq!(w.retention(), 3_600_000);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Windowing {
+    kind: WindowKind,
+    grace: i64,
+    /// As set with [`Windowing::expires`]; `None`: the default.
+    expires: Option<i64>,
+}
+
+/// The retention of a table that does not set one: Faust's `expires`.
+const DEFAULT_RETENTION: i64 = 3_600_000;
+
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+impl Windowing {
+    /// Tumbling windows of `size`.
+    ///
+    /// # Panics
+    /// If `size` is under a millisecond (a declaration error).
+    pub fn tumbling(size: Duration) -> Self {
+        let size = millis(size);
+        assert!(size > 0, "a window must be at least 1 ms long");
+        Windowing {
+            kind: WindowKind::Tumbling { size },
+            grace: 0,
+            expires: None,
+        }
+    }
+
+    /// Hopping windows of `size` starting every `advance`.
+    ///
+    /// # Panics
+    /// If `advance` is under a millisecond or longer than `size` (a
+    /// declaration error).
+    pub fn hopping(size: Duration, advance: Duration) -> Self {
+        let (size, advance) = (millis(size), millis(advance));
+        assert!(
+            advance > 0 && advance <= size,
+            "a hopping window's advance must be between 1 ms and its size"
+        );
+        Windowing {
+            kind: WindowKind::Hopping { size, advance },
+            grace: 0,
+            expires: None,
+        }
+    }
+
+    /// How long after its end a window still takes late events (default 0).
+    pub fn grace(mut self, grace: Duration) -> Self {
+        self.grace = millis(grace);
+        self
+    }
+
+    /// How long after its end a window is kept (for reads) before it is
+    /// deleted; never less than the grace. Default: an hour, or the size plus
+    /// the grace when that is longer.
+    pub fn expires(mut self, retention: Duration) -> Self {
+        self.expires = Some(millis(retention));
+        self
+    }
+
+    /// The windows' shape.
+    pub fn kind(&self) -> WindowKind {
+        self.kind
+    }
+
+    /// A window's length, ms.
+    pub fn size(&self) -> i64 {
+        match self.kind {
+            WindowKind::Tumbling { size } | WindowKind::Hopping { size, .. } => size,
+        }
+    }
+
+    fn advance(&self) -> i64 {
+        match self.kind {
+            WindowKind::Tumbling { size } => size,
+            WindowKind::Hopping { advance, .. } => advance,
+        }
+    }
+
+    /// The grace, ms.
+    pub fn grace_ms(&self) -> i64 {
+        self.grace
+    }
+
+    /// How long after its end a window is kept, ms (see [`Windowing::expires`]).
+    pub fn retention(&self) -> i64 {
+        let floor = self.size().saturating_add(self.grace);
+        match self.expires {
+            Some(r) => r.max(self.grace),
+            None => DEFAULT_RETENTION.max(floor),
+        }
+    }
+
+    /// The windows that hold time `t`, in start order.
+    pub fn windows_of(&self, t: i64) -> impl Iterator<Item = Window> + '_ {
+        let (size, advance) = (self.size(), self.advance());
+        let last = t.saturating_sub(t.rem_euclid(advance));
+        let count = (size - 1) / advance + 1;
+        (0..count).rev().filter_map(move |i| {
+            let start = last.checked_sub(i * advance)?;
+            let end = start.saturating_add(size);
+            (end > t).then_some(Window { start, end })
+        })
+    }
+
+    /// The latest window that holds time `t` (Faust's "current" window).
+    pub fn window_at(&self, t: i64) -> Window {
+        let start = t.saturating_sub(t.rem_euclid(self.advance()));
+        Window {
+            start,
+            end: start.saturating_add(self.size()),
+        }
+    }
+
+    /// The window that starts at `start`.
+    pub fn window_from(&self, start: i64) -> Window {
+        Window {
+            start,
+            end: start.saturating_add(self.size()),
+        }
+    }
+
+    /// The stream time at which `window` closes: its end plus the grace.
+    pub fn closes_at(&self, window: Window) -> i64 {
+        window.end.saturating_add(self.grace)
+    }
+
+    /// Whether `window` has closed at stream time `stream_time`.
+    pub fn is_closed(&self, window: Window, stream_time: Option<i64>) -> bool {
+        stream_time.is_some_and(|s| self.closes_at(window) <= s)
+    }
+
+    /// A short description, e.g. `tumbling 60s, grace 10s, kept 3600s`.
+    pub fn describe(&self) -> String {
+        let secs = |ms: i64| {
+            if ms % 1000 == 0 {
+                format!("{}s", ms / 1000)
+            } else {
+                format!("{ms}ms")
+            }
+        };
+        let shape = match self.kind {
+            WindowKind::Tumbling { size } => format!("tumbling {}", secs(size)),
+            WindowKind::Hopping { size, advance } => {
+                format!("hopping {} every {}", secs(size), secs(advance))
+            }
+        };
+        format!(
+            "{shape}, grace {}, kept {}",
+            secs(self.grace),
+            secs(self.retention())
+        )
+    }
+}
+
+/// Length of a window start in a store key.
+const START_LEN: usize = 8;
+
+/// The store key of `key`'s window starting at `start`.
+///
+/// ```
+/// use strom_state::window::{split_window_key, window_key};
+/// let k = window_key(b"page", -5);
+/// assert_eq!(split_window_key(&k), Some((&b"page"[..], -5)));
+/// assert!(window_key(b"page", -5) < window_key(b"page", 3));
+/// ```
+pub fn window_key(key: &[u8], start: i64) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(key.len() + START_LEN);
+    bytes.extend_from_slice(key);
+    bytes.extend_from_slice(&((start as u64) ^ (1 << 63)).to_be_bytes());
+    bytes
+}
+
+/// The table key and window start of a store key; `None` if it is too short.
+pub fn split_window_key(bytes: &[u8]) -> Option<(&[u8], i64)> {
+    let at = bytes.len().checked_sub(START_LEN)?;
+    let (key, start) = bytes.split_at(at);
+    let start = u64::from_be_bytes(start.try_into().ok()?) ^ (1 << 63);
+    Some((key, start as i64))
+}
+
+/// The store keys between which `key`'s windows lie (both included): every
+/// store key of another table key in between is longer or shorter, so a
+/// scan keeps the entries [`split_window_key`] gives `key` for.
+pub fn key_bounds(key: &[u8]) -> (Vec<u8>, Vec<u8>) {
+    (window_key(key, i64::MIN), window_key(key, i64::MAX))
+}
+
+/// A stored value: the stream time `stream_time`, then `value`.
+pub fn stamp(stream_time: i64, value: &[u8]) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(8 + value.len());
+    bytes.extend_from_slice(&stream_time.to_be_bytes());
+    bytes.extend_from_slice(value);
+    bytes
+}
+
+/// The stream time and value of a stored value.
+pub fn unstamp(bytes: &[u8]) -> Result<(i64, &[u8])> {
+    if bytes.len() < 8 {
+        return Err(StateError::Codec {
+            what: format!(
+                "a windowed table's value has {} bytes, less than its 8-byte stream time",
+                bytes.len()
+            ),
+        });
+    }
+    let (time, value) = bytes.split_at(8);
+    let mut array = [0; 8];
+    array.copy_from_slice(time);
+    Ok((i64::from_be_bytes(array), value))
+}
+
+/// The live windows of one table partition, by end: which close and which
+/// expire as its stream time moves on.
+#[derive(Debug, Clone, Default)]
+pub struct WindowIndex {
+    /// (end, table key, start) of every window in the store.
+    live: BTreeSet<(i64, Vec<u8>, i64)>,
+    /// Windows that close at this stream time or before have closed.
+    closed_through: Option<i64>,
+}
+
+impl WindowIndex {
+    /// The index of a store's entries (`(store key, stored value)`), and the
+    /// stream time the store had seen (the largest stamp).
+    pub fn rebuild(
+        entries: impl IntoIterator<Item = (Vec<u8>, Vec<u8>)>,
+        windowing: &Windowing,
+    ) -> Result<(WindowIndex, Option<i64>)> {
+        let mut index = WindowIndex::default();
+        let mut stream_time = None;
+        for (key, value) in entries {
+            let (table_key, start) = split_window_key(&key).ok_or_else(|| StateError::Codec {
+                what: format!(
+                    "a windowed table's key has {} bytes, less than its 8-byte window start",
+                    key.len()
+                ),
+            })?;
+            let (stamped, _) = unstamp(&value)?;
+            stream_time = stream_time.max(Some(stamped));
+            index.insert(table_key, windowing.window_from(start));
+        }
+        index.closed_through = stream_time;
+        Ok((index, stream_time))
+    }
+
+    /// Notes that `key` has an entry for `window`.
+    pub fn insert(&mut self, key: &[u8], window: Window) {
+        self.live.insert((window.end, key.to_vec(), window.start));
+    }
+
+    /// Number of live windows.
+    pub fn len(&self) -> usize {
+        self.live.len()
+    }
+
+    /// Whether no window is live.
+    pub fn is_empty(&self) -> bool {
+        self.live.is_empty()
+    }
+
+    /// The windows that close once the stream time is `stream_time` and had
+    /// not closed before, in order of end, then key: each is returned once.
+    pub fn close(&mut self, windowing: &Windowing, stream_time: i64) -> Vec<(Vec<u8>, Window)> {
+        let before = self.closed_through;
+        if before.is_some_and(|b| b >= stream_time) {
+            return Vec::new();
+        }
+        self.closed_through = Some(stream_time);
+        let closes = |end: i64| end.saturating_add(windowing.grace);
+        // The first end that closes after `before`.
+        let from = before.map_or(i64::MIN, |b| {
+            b.saturating_sub(windowing.grace).saturating_add(1)
+        });
+        self.live
+            .range((from, Vec::new(), i64::MIN)..)
+            .skip_while(|(end, _, _)| before.is_some_and(|b| closes(*end) <= b))
+            .take_while(|(end, _, _)| closes(*end) <= stream_time)
+            .map(|(end, key, start)| {
+                (
+                    key.clone(),
+                    Window {
+                        start: *start,
+                        end: *end,
+                    },
+                )
+            })
+            .collect()
+    }
+
+    /// Removes and returns the windows that end at or before
+    /// `stream_time` minus the retention: their entries are to be deleted.
+    pub fn expire(&mut self, windowing: &Windowing, stream_time: i64) -> Vec<(Vec<u8>, Window)> {
+        let horizon = stream_time.saturating_sub(windowing.retention());
+        let mut gone = Vec::new();
+        while let Some(first) = self.live.first() {
+            if first.0 > horizon {
+                break;
+            }
+            if let Some((end, key, start)) = self.live.pop_first() {
+                gone.push((key, Window { start, end }));
+            }
+        }
+        gone
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIN: Duration = Duration::from_secs(60);
+
+    fn w(start: i64, end: i64) -> Window {
+        Window { start, end }
+    }
+
+    #[test]
+    fn tumbling_windows_are_aligned_to_the_epoch() {
+        let t = Windowing::tumbling(MIN);
+        let of = |ts| t.windows_of(ts).collect::<Vec<_>>();
+        assert_eq!(of(0), [w(0, 60_000)]);
+        assert_eq!(of(59_999), [w(0, 60_000)]);
+        assert_eq!(of(60_000), [w(60_000, 120_000)], "the end is exclusive");
+        assert_eq!(of(-1), [w(-60_000, 0)]);
+        assert_eq!(t.window_at(61_000), w(60_000, 120_000));
+    }
+
+    #[test]
+    fn hopping_windows_overlap_in_start_order() {
+        let h = Windowing::hopping(MIN, Duration::from_secs(20));
+        let of = |ts| h.windows_of(ts).collect::<Vec<_>>();
+        assert_eq!(
+            of(65_000),
+            [w(20_000, 80_000), w(40_000, 100_000), w(60_000, 120_000)]
+        );
+        assert_eq!(
+            of(60_000),
+            [w(20_000, 80_000), w(40_000, 100_000), w(60_000, 120_000)]
+        );
+        assert_eq!(
+            of(59_999),
+            [w(0, 60_000), w(20_000, 80_000), w(40_000, 100_000)]
+        );
+        assert_eq!(h.window_at(65_000), w(60_000, 120_000));
+        // An advance that does not divide the size.
+        let odd = Windowing::hopping(Duration::from_millis(10), Duration::from_millis(4));
+        assert_eq!(
+            odd.windows_of(9).collect::<Vec<_>>(),
+            [w(0, 10), w(4, 14), w(8, 18)]
+        );
+        assert_eq!(odd.windows_of(10).collect::<Vec<_>>(), [w(4, 14), w(8, 18)]);
+    }
+
+    #[test]
+    fn extreme_times_do_not_overflow() {
+        let h = Windowing::hopping(MIN, Duration::from_secs(20));
+        assert!(h.windows_of(i64::MIN).all(|x| x.start <= x.end));
+        assert!(h.windows_of(i64::MAX).all(|x| x.end == i64::MAX));
+        let huge = Windowing::tumbling(Duration::MAX).grace(Duration::MAX);
+        assert_eq!(huge.closes_at(huge.window_at(5)), i64::MAX);
+        assert_eq!(huge.retention(), i64::MAX);
+    }
+
+    proptest::proptest! {
+        /// The windows of a time are exactly the aligned windows holding it,
+        /// in start order, and the latest of them is the current one.
+        #[test]
+        fn windows_of_a_time_are_the_aligned_ones_holding_it(
+            t in -1_000_000i64..1_000_000,
+            size in 1i64..5_000,
+            advance_part in 1i64..5_000,
+        ) {
+            let advance = 1 + advance_part % size;
+            let h = Windowing::hopping(
+                Duration::from_millis(size as u64),
+                Duration::from_millis(advance as u64),
+            );
+            let got: Vec<_> = h.windows_of(t).collect();
+            let first = (t - size + 1).div_euclid(advance) * advance;
+            let expected: Vec<_> = (0..)
+                .map(|i| first + i * advance)
+                .take_while(|s| *s <= t)
+                .filter(|s| s + size > t)
+                .map(|s| w(s, s + size))
+                .collect();
+            proptest::prop_assert_eq!(&got, &expected);
+            proptest::prop_assert_eq!(got.last().copied(), Some(h.window_at(t)));
+        }
+    }
+
+    #[test]
+    fn retention_defaults_and_floors() {
+        let t = Windowing::tumbling(MIN).grace(Duration::from_secs(10));
+        assert_eq!(t.retention(), 3_600_000);
+        let long = Windowing::tumbling(Duration::from_secs(7200));
+        assert_eq!(long.retention(), 7_200_000, "size + grace when longer");
+        let set = t.expires(Duration::from_secs(1));
+        assert_eq!(set.retention(), 10_000, "never less than the grace");
+        assert_eq!(
+            t.expires(Duration::from_secs(120)).describe(),
+            "tumbling 60s, grace 10s, kept 120s"
+        );
+    }
+
+    #[test]
+    fn keys_keep_one_keys_windows_together_in_time_order() {
+        let mut keys = [
+            window_key(b"b", 0),
+            window_key(b"a", 60_000),
+            window_key(b"a", -60_000),
+            window_key(b"a", 0),
+        ];
+        keys.sort();
+        let split: Vec<_> = keys.iter().map(|k| split_window_key(k).unwrap()).collect();
+        assert_eq!(
+            split,
+            [
+                (&b"a"[..], -60_000),
+                (&b"a"[..], 0),
+                (&b"a"[..], 60_000),
+                (&b"b"[..], 0)
+            ]
+        );
+        assert_eq!(split_window_key(b"short"), None);
+        let (lo, hi) = key_bounds(b"a");
+        assert!(keys.iter().filter(|k| **k >= lo && **k <= hi).count() == 3);
+    }
+
+    #[test]
+    fn stamps_round_trip_and_short_values_are_errors() {
+        let v = stamp(-7, b"{\"n\":1}");
+        assert_eq!(unstamp(&v).unwrap(), (-7, &b"{\"n\":1}"[..]));
+        assert!(unstamp(b"1234567").is_err());
+    }
+
+    #[test]
+    fn windows_close_once_in_order_and_expire_after_retention() {
+        let t = Windowing::tumbling(MIN)
+            .grace(Duration::from_secs(10))
+            .expires(Duration::from_secs(120));
+        let mut index = WindowIndex::default();
+        index.insert(b"b", w(0, 60_000));
+        index.insert(b"a", w(0, 60_000));
+        index.insert(b"a", w(60_000, 120_000));
+        assert!(index.close(&t, 69_999).is_empty(), "within grace");
+        assert_eq!(
+            index.close(&t, 70_000),
+            [(b"a".to_vec(), w(0, 60_000)), (b"b".to_vec(), w(0, 60_000))]
+        );
+        assert!(index.close(&t, 70_000).is_empty(), "closed once");
+        assert!(index.close(&t, 50_000).is_empty(), "time does not go back");
+        assert_eq!(
+            index.close(&t, 500_000),
+            [(b"a".to_vec(), w(60_000, 120_000))]
+        );
+        assert!(index.expire(&t, 179_999).is_empty());
+        assert_eq!(index.expire(&t, 180_000).len(), 2);
+        assert_eq!(index.len(), 1);
+        assert_eq!(index.expire(&t, 240_000).len(), 1);
+        assert!(index.is_empty());
+    }
+
+    #[test]
+    fn a_rebuilt_index_knows_what_had_closed() {
+        let t = Windowing::tumbling(MIN).grace(Duration::from_secs(10));
+        let entries = vec![
+            (window_key(b"a", 0), stamp(75_000, b"1")),
+            (window_key(b"a", 60_000), stamp(65_000, b"2")),
+        ];
+        let (mut index, stream_time) = WindowIndex::rebuild(entries, &t).unwrap();
+        assert_eq!(stream_time, Some(75_000));
+        assert!(index.close(&t, 75_000).is_empty(), "[0, 60s) had closed");
+        assert_eq!(
+            index.close(&t, 130_000),
+            [(b"a".to_vec(), w(60_000, 120_000))]
+        );
+        let damaged = vec![(b"a".to_vec(), stamp(1, b"1"))];
+        assert!(WindowIndex::rebuild(damaged, &t).is_err());
+    }
+}
