@@ -23,6 +23,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use crate::error::{Result, StateError};
+use crate::table::TableKey;
 
 /// One window: `[start, end)` in ms since the epoch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -233,7 +234,7 @@ const START_LEN: usize = 8;
 pub fn window_key(key: &[u8], start: i64) -> Vec<u8> {
     let mut bytes = Vec::with_capacity(key.len() + START_LEN);
     bytes.extend_from_slice(key);
-    bytes.extend_from_slice(&((start as u64) ^ (1 << 63)).to_be_bytes());
+    bytes.extend_from_slice(&start.encode_key());
     bytes
 }
 
@@ -241,8 +242,7 @@ pub fn window_key(key: &[u8], start: i64) -> Vec<u8> {
 pub fn split_window_key(bytes: &[u8]) -> Option<(&[u8], i64)> {
     let at = bytes.len().checked_sub(START_LEN)?;
     let (key, start) = bytes.split_at(at);
-    let start = u64::from_be_bytes(start.try_into().ok()?) ^ (1 << 63);
-    Some((key, start as i64))
+    Some((key, i64::decode_key(start).ok()?))
 }
 
 /// The store keys between which `key`'s windows lie (both included): every
@@ -334,13 +334,13 @@ impl WindowIndex {
         }
         self.closed_through = Some(stream_time);
         let closes = |end: i64| end.saturating_add(windowing.grace);
-        // The first end that closes after `before`.
+        // The first end that closes after `before` (`before` is below
+        // `stream_time`, so below i64::MAX: no saturation hides one).
         let from = before.map_or(i64::MIN, |b| {
             b.saturating_sub(windowing.grace).saturating_add(1)
         });
         self.live
             .range((from, Vec::new(), i64::MIN)..)
-            .skip_while(|(end, _, _)| before.is_some_and(|b| closes(*end) <= b))
             .take_while(|(end, _, _)| closes(*end) <= stream_time)
             .map(|(end, key, start)| {
                 (
