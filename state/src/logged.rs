@@ -5,6 +5,8 @@
 //! Kafka Streams calls this layer `ChangeLoggingKeyValueBytesStore`; it wraps
 //! any [`Store`] rather than being a flag of one.
 
+use std::collections::BTreeMap;
+use std::ops::Bound;
 use std::sync::Arc;
 
 use strom_client::producer::{DeliveryFuture, Producer, ProducerRecord};
@@ -72,6 +74,23 @@ impl LoggedStore {
             Some(v) => Ok(v.map(<[u8]>::to_vec)),
             None => self.store.get(key),
         }
+    }
+
+    /// The entries with keys within the bounds, in key order, including
+    /// changes not flushed yet.
+    pub fn range(&self, from: Bound<&[u8]>, to: Bound<&[u8]>) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let mut entries: BTreeMap<Vec<u8>, Vec<u8>> = self
+            .store
+            .range(from, to, usize::MAX)?
+            .into_iter()
+            .collect();
+        for (key, change) in self.pending.range(from, to) {
+            match change {
+                Some(v) => entries.insert(key.to_vec(), v.to_vec()),
+                None => entries.remove(key),
+            };
+        }
+        Ok(entries.into_iter().collect())
     }
 
     /// Sets `key` to `value` (sent to the changelog now, stored at the next flush).

@@ -45,6 +45,17 @@ impl WriteBatch {
         self.ops.get(key).map(|v| v.as_deref())
     }
 
+    /// The changes to keys within the bounds, in key order.
+    pub fn range<'a>(
+        &'a self,
+        from: Bound<&'a [u8]>,
+        to: Bound<&'a [u8]>,
+    ) -> impl Iterator<Item = (&'a [u8], Option<&'a [u8]>)> + 'a {
+        self.ops
+            .range::<[u8], _>((from, to))
+            .map(|(k, v)| (k.as_slice(), v.as_deref()))
+    }
+
     /// Number of keys changed.
     pub fn len(&self) -> usize {
         self.ops.len()

@@ -17,7 +17,11 @@
 //!   among the live entries is the stream time the table had seen, so a task
 //!   that starts on the partition again knows which windows had closed
 //!   ([`WindowIndex::rebuild`]), as Kafka Streams keeps partition time in its
-//!   commits.
+//!   commits;
+//! - one more entry, under the empty key ([`STREAM_TIME_KEY`]), is stamped
+//!   whenever windows close or expire, so the stream time at which they
+//!   did is known after a restart even if no window was written then (a
+//!   late event, or one of another key, closing them).
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -252,6 +256,11 @@ pub fn key_bounds(key: &[u8]) -> (Vec<u8>, Vec<u8>) {
     (window_key(key, i64::MIN), window_key(key, i64::MAX))
 }
 
+/// The store key of the entry that records the stream time at which
+/// windows last closed or expired (its value is [`stamp`]ed, with nothing
+/// after the stamp). No window's key is this short.
+pub const STREAM_TIME_KEY: &[u8] = b"";
+
 /// A stored value: the stream time `stream_time`, then `value`.
 pub fn stamp(stream_time: i64, value: &[u8]) -> Vec<u8> {
     let mut bytes = Vec::with_capacity(8 + value.len());
@@ -296,14 +305,17 @@ impl WindowIndex {
         let mut index = WindowIndex::default();
         let mut stream_time = None;
         for (key, value) in entries {
+            let (stamped, _) = unstamp(&value)?;
+            stream_time = stream_time.max(Some(stamped));
+            if key == STREAM_TIME_KEY {
+                continue;
+            }
             let (table_key, start) = split_window_key(&key).ok_or_else(|| StateError::Codec {
                 what: format!(
                     "a windowed table's key has {} bytes, less than its 8-byte window start",
                     key.len()
                 ),
             })?;
-            let (stamped, _) = unstamp(&value)?;
-            stream_time = stream_time.max(Some(stamped));
             index.insert(table_key, windowing.window_from(start));
         }
         index.closed_through = stream_time;
@@ -543,5 +555,25 @@ mod tests {
         );
         let damaged = vec![(b"a".to_vec(), stamp(1, b"1"))];
         assert!(WindowIndex::rebuild(damaged, &t).is_err());
+    }
+
+    /// The stream-time entry counts for the stream time (a late event that
+    /// closed windows wrote no window) but is no window.
+    #[test]
+    fn the_stream_time_entry_is_no_window() {
+        let t = Windowing::tumbling(MIN);
+        let entries = vec![
+            (STREAM_TIME_KEY.to_vec(), stamp(130_000, b"")),
+            (window_key(b"", 60_000), stamp(65_000, b"2")),
+        ];
+        let (mut index, stream_time) = WindowIndex::rebuild(entries, &t).unwrap();
+        assert_eq!(stream_time, Some(130_000));
+        assert_eq!(index.len(), 1, "only the empty key's window is one");
+        assert!(
+            index.close(&t, 130_000).is_empty(),
+            "[60s, 120s) had closed"
+        );
+        let short = vec![(STREAM_TIME_KEY.to_vec(), vec![1, 2])];
+        assert!(WindowIndex::rebuild(short, &t).is_err());
     }
 }

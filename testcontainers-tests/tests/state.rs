@@ -44,7 +44,7 @@ async fn changelog_recovers_exactly_and_replays_only_the_gap() {
     let broker = TestBroker::start().await;
     let client = broker.client().await;
     let topic = changelog::topic_name(&unique_topic("app"), "totals");
-    changelog::ensure_topic(&client, &topic, 1, 1)
+    changelog::ensure_topic(&client, &topic, 1, 1, None)
         .await
         .unwrap();
     let dir = temp_dir("state");
@@ -154,13 +154,13 @@ async fn changelog_with_other_partition_count_is_refused() {
     let broker = TestBroker::start().await;
     let client = broker.client().await;
     let topic = changelog::topic_name(&unique_topic("app"), "t");
-    changelog::ensure_topic(&client, &topic, 2, 1)
+    changelog::ensure_topic(&client, &topic, 2, 1, None)
         .await
         .unwrap();
-    changelog::ensure_topic(&client, &topic, 2, 1)
+    changelog::ensure_topic(&client, &topic, 2, 1, None)
         .await
         .unwrap();
-    let err = changelog::ensure_topic(&client, &topic, 3, 1)
+    let err = changelog::ensure_topic(&client, &topic, 3, 1, None)
         .await
         .unwrap_err();
     assert!(

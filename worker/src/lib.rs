@@ -61,6 +61,7 @@ mod task;
 mod tests;
 pub mod timer;
 pub mod web;
+pub mod windowed;
 
 use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
@@ -73,6 +74,7 @@ use strom_client::group::{GroupConfig, GroupConsumer, GroupHandle};
 use strom_client::producer::{Producer, ProducerConfig};
 use strom_client::Client;
 use strom_state::changelog;
+use strom_state::window::Windowing;
 use tokio::sync::Notify;
 use tracing::{info, warn};
 
@@ -84,12 +86,13 @@ pub use metrics::Metrics;
 pub use processor::{AgentError, Context, DecodeError, ErrorPolicy, ProcessFuture, Processor};
 pub use timer::{Schedule, Timer, TimerContext};
 pub use web::KeyParser;
+pub use windowed::{ClosedWindow, Window, WindowUpdate};
 
 use eos::Transactions;
 use listener::Listener;
 use manager::TaskManager;
 use policy::Undecodable;
-use task::Spec;
+use task::{Spec, TableSpec};
 
 /// A worker: the agents (processors) and tables of one app, run as a member
 /// of the app's consumer group.
@@ -106,7 +109,8 @@ use task::Spec;
 pub struct Worker {
     config: WorkerConfig,
     processors: Vec<Arc<dyn Processor>>,
-    tables: Vec<String>,
+    /// Each table with its windows, if it is windowed.
+    tables: Vec<(String, Option<Windowing>)>,
     keys: HashMap<String, KeyParser>,
     pages: Vec<axum::Router>,
     timers: Vec<Timer>,
@@ -196,7 +200,22 @@ impl Worker {
     pub fn table_with_key(mut self, name: impl Into<String>, key: KeyParser) -> Self {
         let name = name.into();
         self.keys.insert(name.clone(), key);
-        self.tables.push(name);
+        self.tables.push((name, None));
+        self
+    }
+
+    /// Declares a windowed table (see [`Context::update_windows`]): its
+    /// changelog deletes what is older than its retention as well as
+    /// compacting, and the web answers a key's live windows.
+    pub fn windowed_table(
+        mut self,
+        name: impl Into<String>,
+        key: KeyParser,
+        windowing: Windowing,
+    ) -> Self {
+        let name = name.into();
+        self.keys.insert(name.clone(), key);
+        self.tables.push((name, Some(windowing)));
         self
     }
 
@@ -356,7 +375,7 @@ fn spec(
     config: &WorkerConfig,
     client: Client,
     processors: Vec<Arc<dyn Processor>>,
-    tables: Vec<(String, String)>,
+    tables: Vec<TableSpec>,
     partitions: usize,
     txn: Option<&Transactions>,
     metrics: Metrics,
@@ -402,14 +421,19 @@ async fn ensure_topics(
     client: &Client,
     config: &WorkerConfig,
     processors: &[Arc<dyn Processor>],
-    tables: &[String],
+    tables: &[(String, Option<Windowing>)],
     partitions: usize,
-) -> Result<Vec<(String, String)>, WorkerError> {
+) -> Result<Vec<TableSpec>, WorkerError> {
     let mut changelogs = Vec::new();
-    for table in tables {
+    for (table, windowing) in tables {
         let topic = changelog::topic_name(&config.app_id, table);
-        changelog::ensure_topic(client, &topic, partitions, config.replication).await?;
-        changelogs.push((table.clone(), topic));
+        let retention = windowing.as_ref().map(Windowing::retention);
+        changelog::ensure_topic(client, &topic, partitions, config.replication, retention).await?;
+        changelogs.push(TableSpec {
+            name: table.clone(),
+            changelog: topic,
+            windowing: *windowing,
+        });
     }
     for topic in dead_letter_topics(processors, config) {
         let new = strom_client::NewTopic::new(topic, partitions as i32, config.replication);
@@ -610,7 +634,7 @@ fn check_source_partitions(spec: &Spec) -> Result<(), WorkerError> {
             info!(%topic, before = spec.partitions, now, "source topic gained partitions; the group reassigns them");
             continue;
         }
-        let tables: Vec<&str> = spec.tables.iter().map(|(t, _)| t.as_str()).collect();
+        let tables: Vec<&str> = spec.tables.iter().map(|t| t.name.as_str()).collect();
         return Err(WorkerError::Config(format!(
             "source topic {topic:?} now has {now} partitions, not {}: keys would move to \
              partitions whose tables {tables:?} do not hold their state. Adding partitions \

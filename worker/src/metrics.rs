@@ -15,6 +15,7 @@
 //! | `strom_partition_ready` | partition | 0 recovering, 1 processing |
 //! | `strom_worker_failed` | | 1 once an error stops the worker |
 //! | `strom_table_reads_total`, `strom_table_writes_total` | table | table access |
+//! | `strom_late_events_total` | table | events of a windowed table whose every window had closed (dropped) |
 //! | `strom_decode_errors_total`, `strom_agent_errors_total`, `strom_dead_lettered_total` | topic | bad input |
 //! | `strom_corrupt_batches_total` | topic, partition | fetched batches that did not decode (stepped over or stopped at by the error policy) |
 //! | `strom_client_connects_total`, `strom_client_connect_failures_total` | | connections opened to brokers, attempts that failed |
@@ -93,6 +94,7 @@ struct Inner {
     failed: Gauge,
     table_reads: Family<TableLabels, Counter>,
     table_writes: Family<TableLabels, Counter>,
+    late_events: Family<TableLabels, Counter>,
     decode_errors: Family<TopicLabels, Counter>,
     agent_errors: Family<TopicLabels, Counter>,
     dead_lettered: Family<TopicLabels, Counter>,
@@ -143,6 +145,7 @@ impl Default for Metrics {
             failed: Gauge::default(),
             table_reads: Family::default(),
             table_writes: Family::default(),
+            late_events: Family::default(),
             decode_errors: Family::default(),
             agent_errors: Family::default(),
             dead_lettered: Family::default(),
@@ -218,6 +221,11 @@ impl Default for Metrics {
         );
         r.register("table_reads", "Table reads", inner.table_reads.clone());
         r.register("table_writes", "Table writes", inner.table_writes.clone());
+        r.register(
+            "late_events",
+            "Events of a windowed table whose every window had closed (dropped)",
+            inner.late_events.clone(),
+        );
         r.register(
             "decode_errors",
             "Events whose key or value did not decode",
@@ -320,6 +328,14 @@ impl Metrics {
             self.inner.table_reads.get_or_create_owned(&labels),
             self.inner.table_writes.get_or_create_owned(&labels),
         )
+    }
+
+    /// The late-event counter of windowed table `table`.
+    pub(crate) fn late_events(&self, table: &str) -> Counter {
+        let labels = TableLabels {
+            table: table.to_owned(),
+        };
+        self.inner.late_events.get_or_create_owned(&labels)
     }
 
     /// The per-event handles of `topic`/`partition`.

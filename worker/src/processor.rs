@@ -9,11 +9,13 @@ use std::sync::Arc;
 use strom_client::backoff::Backoff;
 use strom_client::consumer::ConsumerRecord;
 use strom_client::producer::{DeliveryFuture, Producer, ProducerRecord};
-use strom_state::{Durability, LoggedStore};
+use strom_state::window::Windowing;
+use strom_state::{Durability, LoggedStore, StateError};
 use tokio::sync::{MappedMutexGuard, Mutex, MutexGuard};
 
 use crate::error::WorkerError;
 use crate::metrics::{Counter, Metrics};
+use crate::windowed::{self, Plan, PlanError, Window, WindowUpdate, Windowed};
 
 /// What an agent's failure looks like to the runtime.
 pub type AgentError = Box<dyn std::error::Error + Send + Sync>;
@@ -123,6 +125,8 @@ pub(crate) struct TableSlot {
     pub store: LoggedStore,
     pub reads: Counter,
     pub writes: Counter,
+    /// A windowed table's windows.
+    pub windows: Option<Windowed>,
 }
 
 /// The tables and pending sends of one partition.
@@ -170,28 +174,31 @@ struct Shared {
     failure: std::sync::Mutex<Option<WorkerError>>,
     /// The latest event time seen (`i64::MIN`: none yet).
     stream_time: std::sync::atomic::AtomicI64,
+    /// The stream time at the last checkpoint: where an aborted
+    /// transaction's events are processed again from.
+    checkpointed_time: std::sync::atomic::AtomicI64,
 }
 
 impl Context {
     pub(crate) fn new(
         partition: i32,
         partitions: usize,
-        tables: BTreeMap<String, LoggedStore>,
+        tables: BTreeMap<String, (LoggedStore, Option<Windowing>)>,
         producer: Producer,
         metrics: Metrics,
     ) -> Context {
         let tables = tables
             .into_iter()
-            .map(|(name, store)| {
+            .map(|(name, (store, windowing))| {
                 let (reads, writes) = metrics.table_counters(&name);
-                (
-                    name,
-                    TableSlot {
-                        store,
-                        reads,
-                        writes,
-                    },
-                )
+                let windows = windowing.map(|w| Windowed::new(w, metrics.late_events(&name)));
+                let slot = TableSlot {
+                    store,
+                    reads,
+                    writes,
+                    windows,
+                };
+                (name, slot)
             })
             .collect();
         Context {
@@ -207,6 +214,7 @@ impl Context {
                 metrics,
                 failure: std::sync::Mutex::new(None),
                 stream_time: std::sync::atomic::AtomicI64::new(i64::MIN),
+                checkpointed_time: std::sync::atomic::AtomicI64::new(i64::MIN),
             }),
         }
     }
@@ -358,10 +366,21 @@ impl Context {
         let mut state = self.state().await;
         let table = state.tables.get_mut(name).ok_or_else(|| no_table(name))?;
         table.writes.inc();
+        self.write_to(&mut table.store, key, value).await
+    }
+
+    /// Writes `key` to `store` (deletes it when `value` is `None`), retrying
+    /// as framework calls do.
+    async fn write_to(
+        &self,
+        store: &mut LoggedStore,
+        key: Vec<u8>,
+        value: Option<Vec<u8>>,
+    ) -> Result<(), WorkerError> {
         let (mut key, mut value) = (key, value);
         let mut attempts = attempts();
         loop {
-            match table.store.write(key, value).await {
+            match store.write(key, value).await {
                 Ok(()) => return Ok(()),
                 Err(refused) => {
                     self.retry("a table write", &mut attempts, refused.error.into())
@@ -401,18 +420,110 @@ impl Context {
             Err(e) => return Ok(Err(e)),
         };
         table.writes.inc();
-        let (mut key, mut value) = (key, Some(new));
-        let mut attempts = attempts();
-        loop {
-            match table.store.write(key, value).await {
-                Ok(()) => return Ok(Ok(out)),
-                Err(refused) => {
-                    self.retry("a table write", &mut attempts, refused.error.into())
-                        .await?;
-                    (key, value) = (refused.key, refused.value);
+        self.write_to(&mut table.store, key, Some(new)).await?;
+        Ok(Ok(out))
+    }
+
+    /// Updates `key`'s windows in windowed table `name` for an event of time
+    /// `event_time` (ms since the epoch): each of the event's windows that
+    /// has not closed gets the bytes `f` makes of its old value, atomically
+    /// as [`Context::update`] does. The partition's stream time moves on to
+    /// `event_time` if it is later; the windows of any key that close with it
+    /// come back with their final values, each once, and those older than
+    /// the retention are deleted. An event whose every window had closed is
+    /// late: nothing is written, it is counted in
+    /// `strom_late_events_total{table}`, and `current` is `None`.
+    ///
+    /// When `f` fails nothing is written and nothing closes. A stored value
+    /// that is no window's is damaged state (see [`Context::damaged`]).
+    pub async fn update_windows<R, E>(
+        &self,
+        name: &str,
+        key: &[u8],
+        event_time: i64,
+        f: impl FnMut(Option<&[u8]>) -> Result<(Vec<u8>, R), E>,
+    ) -> Result<Result<WindowUpdate<R>, E>, WorkerError> {
+        let mut state = self.state().await;
+        let table = state.tables.get_mut(name).ok_or_else(|| no_table(name))?;
+        let Some(windows) = table.windows.as_mut() else {
+            return Err(not_windowed(name));
+        };
+        let planned = match windows.open(&table.store) {
+            Ok(restored) => {
+                if let Some(t) = restored {
+                    self.observe_event_time(t);
                 }
+                let stream_time = self.observe_event_time(event_time);
+                table.reads.inc();
+                windows
+                    .plan(&table.store, key, event_time, stream_time, f)
+                    .map(|plan| (plan, stream_time))
             }
+            Err(e) => Err(PlanError::Store(e)),
+        };
+        let (Plan { writes, current }, stream_time) = match planned {
+            Ok(p) => p,
+            Err(PlanError::Update(e)) => return Ok(Err(e)),
+            Err(PlanError::Store(e)) => {
+                drop(state);
+                return Err(self.state_error(name, key, e).await);
+            }
+        };
+        if writes.is_empty() {
+            windows.late.inc();
+            tracing::debug!(
+                table = name,
+                partition = self.partition(),
+                event_time,
+                stream_time,
+                "late event dropped: its every window had closed"
+            );
         }
+        for (window, (store_key, value)) in writes {
+            table.writes.inc();
+            self.write_to(&mut table.store, store_key, value).await?;
+            windows.written(key, window);
+        }
+        let (closed, changes) = match windows.close(&table.store, stream_time) {
+            Ok(c) => c,
+            Err(e) => {
+                drop(state);
+                return Err(self.state_error(name, key, e).await);
+            }
+        };
+        for (store_key, value) in changes {
+            self.write_to(&mut table.store, store_key, value).await?;
+        }
+        Ok(Ok(WindowUpdate { current, closed }))
+    }
+
+    /// A store error met by a windowed table: a codec error is damaged state.
+    async fn state_error(&self, name: &str, key: &[u8], e: StateError) -> WorkerError {
+        match e {
+            StateError::Codec { what } => self.damaged(name, key, &what).await,
+            e => e.into(),
+        }
+    }
+
+    /// The live windows of `key` in windowed table `name`, with their
+    /// values, in time order (including writes not checkpointed yet);
+    /// `None` when the table is not windowed.
+    pub async fn windows(
+        &self,
+        name: &str,
+        key: &[u8],
+    ) -> Result<Option<Vec<(Window, Vec<u8>)>>, WorkerError> {
+        let state = self.state().await;
+        let table = state.tables.get(name).ok_or_else(|| no_table(name))?;
+        let Some(windows) = &table.windows else {
+            return Ok(None);
+        };
+        table.reads.inc();
+        Ok(Some(windowed::windows_of_key(
+            &table.store,
+            &windows.windowing,
+            key,
+        )?))
     }
 
     /// Sends a record; its acknowledgement is awaited before the current
@@ -473,6 +584,9 @@ impl Context {
         for table in state.tables.values_mut() {
             table.store.flush(durability).await?;
         }
+        use std::sync::atomic::Ordering;
+        let time = self.inner.stream_time.load(Ordering::Acquire);
+        self.inner.checkpointed_time.store(time, Ordering::Release);
         Ok(())
     }
 
@@ -483,7 +597,13 @@ impl Context {
         state.deliveries.clear();
         for table in state.tables.values_mut() {
             table.store.discard();
+            if let Some(windows) = &mut table.windows {
+                windows.forget();
+            }
         }
+        use std::sync::atomic::Ordering;
+        let time = self.inner.checkpointed_time.load(Ordering::Acquire);
+        self.inner.stream_time.store(time, Ordering::Release);
         self.take_failure();
     }
 
@@ -504,6 +624,10 @@ fn attempts() -> Backoff {
 
 fn no_table(name: &str) -> WorkerError {
     WorkerError::Config(format!("no table named {name:?} is declared"))
+}
+
+fn not_windowed(name: &str) -> WorkerError {
+    WorkerError::Config(format!("table {name:?} is not windowed"))
 }
 
 #[cfg(test)]

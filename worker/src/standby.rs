@@ -9,7 +9,7 @@ use strom_state::Standby;
 use tracing::{info, warn};
 
 use crate::assignor::Placement;
-use crate::task::{open_store, Spec};
+use crate::task::{open_store, Spec, TableSpec};
 
 /// The standbys of this worker: per partition number, one per table.
 #[derive(Debug, Default)]
@@ -63,7 +63,12 @@ impl Standbys {
         let (wanted, _) = numbers(placement);
         let mut standbys = self.lock();
         for &n in wanted.iter().filter(|n| !active.contains(n)) {
-            for (table, changelog) in &spec.tables {
+            for TableSpec {
+                name: table,
+                changelog,
+                ..
+            } in &spec.tables
+            {
                 let warm = standbys.entry(n).or_default();
                 if warm.iter().any(|(t, _)| t == table) {
                     continue;

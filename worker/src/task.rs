@@ -24,6 +24,7 @@ use std::time::Duration;
 use strom_client::consumer::{ConsumerRecord, IsolationLevel, TopicPartition};
 use strom_client::producer::Producer;
 use strom_client::Client;
+use strom_state::window::Windowing;
 use strom_state::{
     recover_with_progress, Durability, LoggedStore, MemoryStore, Recovery, RecoveryProgress,
     RedbStore, Standby, Store,
@@ -113,6 +114,16 @@ pub(crate) enum Outcome {
     Aborted { epoch: u64 },
 }
 
+/// A table of the app.
+#[derive(Debug, Clone)]
+pub(crate) struct TableSpec {
+    pub name: String,
+    /// Its changelog topic.
+    pub changelog: String,
+    /// A windowed table's windows.
+    pub windowing: Option<Windowing>,
+}
+
 /// What a partition task needs to know about the app.
 pub(crate) struct Spec {
     pub client: Client,
@@ -121,8 +132,7 @@ pub(crate) struct Spec {
     /// Every agent, and which of them take each topic.
     pub processors: Vec<Arc<dyn Processor>>,
     pub by_topic: HashMap<String, Vec<usize>>,
-    /// (table name, changelog topic).
-    pub tables: Vec<(String, String)>,
+    pub tables: Vec<TableSpec>,
     pub state_dir: PathBuf,
     pub store: StoreKind,
     pub guarantee: ProcessingGuarantee,
@@ -539,9 +549,14 @@ async fn restore(
     partition: i32,
     mut warm: Vec<(String, Standby)>,
     control: &mut mpsc::UnboundedReceiver<Control>,
-) -> Result<Option<BTreeMap<String, LoggedStore>>, WorkerError> {
+) -> Result<Option<BTreeMap<String, (LoggedStore, Option<Windowing>)>>, WorkerError> {
     let mut tables = BTreeMap::new();
-    for (name, changelog) in &spec.tables {
+    for TableSpec {
+        name,
+        changelog,
+        windowing,
+    } in &spec.tables
+    {
         let standby = warm
             .iter()
             .position(|(t, _)| t == name)
@@ -581,10 +596,8 @@ async fn restore(
             }
         };
         info!(partition, table = %name, replayed = recovery.replayed, "table ready");
-        tables.insert(
-            name.clone(),
-            LoggedStore::new(store, spec.producer.clone(), changelog.clone(), partition),
-        );
+        let store = LoggedStore::new(store, spec.producer.clone(), changelog.clone(), partition);
+        tables.insert(name.clone(), (store, *windowing));
     }
     Ok(Some(tables))
 }

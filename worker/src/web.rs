@@ -7,7 +7,7 @@
 //! | `GET /ready` | 200 when the worker is in the group with its assignment registered and every partition it owns is processing; else 503 and why |
 //! | `GET /metrics` | the [`Metrics`] in the OpenMetrics text format |
 //! | `GET /assignment` | this worker's active and standby partition numbers, and the group's placement |
-//! | `GET /tables/{table}/{key}` | the value as JSON; 404 when absent; 307 to the owner's URL when another worker owns the key |
+//! | `GET /tables/{table}/{key}` | the value as JSON (of a windowed table, the key's live windows: `[{"start":ms,"end":ms,"value":...}]`); 404 when absent; 307 to the owner's URL when another worker owns the key |
 //!
 //! Apps add their own routes with [`Worker::page`](crate::Worker::page).
 
@@ -189,19 +189,32 @@ async fn table_value(
             format!("partition {partition} is still recovering; try again"),
         );
     };
+    match ctx.windows(&table, &key_bytes).await {
+        Ok(Some(windows)) => {
+            let windows: Vec<_> = windows
+                .into_iter()
+                .map(|(w, bytes)| json!({"start": w.start, "end": w.end, "value": json_of(&bytes)}))
+                .collect();
+            return Json(windows).into_response();
+        }
+        Ok(None) => {}
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
     let stored = match ctx.table(&table).await {
         Ok(t) => t.get(&key_bytes),
         Err(e) => return error(StatusCode::NOT_FOUND, e.to_string()),
     };
     match stored {
-        Ok(Some(bytes)) => match serde_json::from_slice::<serde_json::Value>(&bytes) {
-            Ok(value) => Json(value).into_response(),
-            Err(_) => Json(json!(String::from_utf8_lossy(&bytes))).into_response(),
-        },
+        Ok(Some(bytes)) => Json(json_of(&bytes)).into_response(),
         Ok(None) => error(
             StatusCode::NOT_FOUND,
             format!("{key:?} is not in table {table:?}"),
         ),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
+}
+
+/// A stored value as JSON: itself when it is JSON, else its text.
+fn json_of(bytes: &[u8]) -> serde_json::Value {
+    serde_json::from_slice(bytes).unwrap_or_else(|_| json!(String::from_utf8_lossy(bytes)))
 }

@@ -695,7 +695,7 @@ mod state_bench {
     pub(super) async fn write(args: &StateArgs) -> Result<bool, Error> {
         let client = Client::connect(client_config(&args.brokers)?).await?;
         let topic = changelog::topic_name(&format!("strom-bench-{}", std::process::id()), "write");
-        changelog::ensure_topic(&client, &topic, 1, 1)
+        changelog::ensure_topic(&client, &topic, 1, 1, None)
             .await
             .map_err(state_error)?;
         let (store, dir) = open_store(args, "write")?;
@@ -819,7 +819,7 @@ mod state_bench {
         let client = Client::connect(client_config(&args.brokers)?).await?;
         let topic =
             changelog::topic_name(&format!("strom-bench-{}", std::process::id()), "recover");
-        changelog::ensure_topic(&client, &topic, 1, 1)
+        changelog::ensure_topic(&client, &topic, 1, 1, None)
             .await
             .map_err(state_error)?;
         let producer = Producer::new(client.clone(), ProducerConfig::default())?;

@@ -1,0 +1,382 @@
+//! Windowed tables in a partition task: which windows an update writes,
+//! which close (to be emitted) and which expire (to be deleted) as the
+//! partition's stream time moves on. The store layout and the index are
+//! strom-state's ([`strom_state::window`]); the writes go through
+//! [`Context::update_windows`](crate::Context::update_windows).
+
+use std::ops::Bound;
+
+use strom_state::window::{stamp, unstamp, window_key, WindowIndex, Windowing, STREAM_TIME_KEY};
+use strom_state::{LoggedStore, StateError};
+
+pub use strom_state::window::Window;
+
+use crate::metrics::Counter;
+
+/// What [`Context::update_windows`](crate::Context::update_windows) did.
+#[derive(Debug)]
+pub struct WindowUpdate<R> {
+    /// What the update function returned for the event's latest open window
+    /// (the one [`Windowing::window_at`] its time gives); `None` when every
+    /// window of the event had closed: the event was late and dropped.
+    pub current: Option<R>,
+    /// The windows of any key of this table partition that closed with this
+    /// event, in order of end, then key: each is handed out once.
+    pub closed: Vec<ClosedWindow>,
+}
+
+/// A window that closed, with its final value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClosedWindow {
+    /// The table key's bytes.
+    pub key: Vec<u8>,
+    /// The window.
+    pub window: Window,
+    /// The value's bytes.
+    pub value: Vec<u8>,
+}
+
+/// The windowing of one table partition and its index of live windows,
+/// built from the store at first use.
+#[derive(Debug)]
+pub(crate) struct Windowed {
+    pub windowing: Windowing,
+    index: Option<WindowIndex>,
+    pub late: Counter,
+}
+
+/// A change to a windowed table's store.
+pub(crate) type Change = (Vec<u8>, Option<Vec<u8>>);
+
+/// The writes of an update ([`Windowed::plan`]).
+#[derive(Debug)]
+pub(crate) struct Plan<R> {
+    /// Each open window of the event, with its stamped new value.
+    pub writes: Vec<(Window, Change)>,
+    /// What the update function returned for the latest of them.
+    pub current: Option<R>,
+}
+
+/// Why an update could not be planned.
+#[derive(Debug)]
+pub(crate) enum PlanError<E> {
+    /// The store failed, or holds a value too short to be stamped (a codec
+    /// error: damaged state).
+    Store(StateError),
+    /// The update function failed.
+    Update(E),
+}
+
+impl Windowed {
+    pub fn new(windowing: Windowing, late: Counter) -> Windowed {
+        Windowed {
+            windowing,
+            index: None,
+            late,
+        }
+    }
+
+    /// Builds the index from `store` unless it is built: returns the stream
+    /// time the store had seen when it was (a codec error: damaged state).
+    pub fn open(&mut self, store: &LoggedStore) -> Result<Option<i64>, StateError> {
+        if self.index.is_some() {
+            return Ok(None);
+        }
+        let entries = store.range(Bound::Unbounded, Bound::Unbounded)?;
+        let (index, stream_time) = WindowIndex::rebuild(entries, &self.windowing)?;
+        self.index = Some(index);
+        Ok(stream_time)
+    }
+
+    /// Forgets the index (the writes it reflects were discarded): the next
+    /// use builds it from the store again.
+    pub fn forget(&mut self) {
+        self.index = None;
+    }
+
+    /// The writes of an update of `key` by an event of time `event_time`
+    /// at `stream_time`: `f` of each open window's old value, stamped.
+    /// Nothing when the event is late.
+    pub fn plan<R, E>(
+        &self,
+        store: &LoggedStore,
+        key: &[u8],
+        event_time: i64,
+        stream_time: i64,
+        mut f: impl FnMut(Option<&[u8]>) -> Result<(Vec<u8>, R), E>,
+    ) -> Result<Plan<R>, PlanError<E>> {
+        let mut writes = Vec::new();
+        let mut current = None;
+        for window in self.windowing.windows_of(event_time) {
+            if self.windowing.is_closed(window, Some(stream_time)) {
+                continue;
+            }
+            let store_key = window_key(key, window.start);
+            let old = store.get(&store_key).map_err(PlanError::Store)?;
+            let old = match &old {
+                Some(stored) => Some(unstamp(stored).map_err(PlanError::Store)?.1),
+                None => None,
+            };
+            let (new, r) = f(old).map_err(PlanError::Update)?;
+            writes.push((window, (store_key, Some(stamp(stream_time, &new)))));
+            current = Some(r);
+        }
+        Ok(Plan { writes, current })
+    }
+
+    /// Notes that `key` has an entry for `window` (written by a plan).
+    pub fn written(&mut self, key: &[u8], window: Window) {
+        if let Some(index) = &mut self.index {
+            index.insert(key, window);
+        }
+    }
+
+    /// The windows that close at `stream_time` with their values, and the
+    /// deletes of those that expire; plus, when either happened, the write
+    /// that records `stream_time` for a restart.
+    pub fn close(
+        &mut self,
+        store: &LoggedStore,
+        stream_time: i64,
+    ) -> Result<(Vec<ClosedWindow>, Vec<Change>), StateError> {
+        let Some(index) = &mut self.index else {
+            return Ok((Vec::new(), Vec::new()));
+        };
+        let mut closed = Vec::new();
+        for (key, window) in index.close(&self.windowing, stream_time) {
+            // An entry the index has is in the store (or pending).
+            if let Some(stored) = store.get(&window_key(&key, window.start))? {
+                let value = unstamp(&stored)?.1.to_vec();
+                closed.push(ClosedWindow { key, window, value });
+            }
+        }
+        let mut changes: Vec<Change> = index
+            .expire(&self.windowing, stream_time)
+            .into_iter()
+            .map(|(key, window)| (window_key(&key, window.start), None))
+            .collect();
+        if !closed.is_empty() || !changes.is_empty() {
+            changes.push((STREAM_TIME_KEY.to_vec(), Some(stamp(stream_time, &[]))));
+        }
+        Ok((closed, changes))
+    }
+}
+
+/// The live windows of `key` in `store` with their values, in time order.
+pub(crate) fn windows_of_key(
+    store: &LoggedStore,
+    windowing: &Windowing,
+    key: &[u8],
+) -> Result<Vec<(Window, Vec<u8>)>, StateError> {
+    let (from, to) = strom_state::window::key_bounds(key);
+    let mut windows = Vec::new();
+    for (store_key, stored) in store.range(Bound::Included(&from), Bound::Included(&to))? {
+        // Keys of other lengths sort in between: keep this key's only.
+        match strom_state::window::split_window_key(&store_key) {
+            Some((k, start)) if k == key => {
+                windows.push((windowing.window_from(start), unstamp(&stored)?.1.to_vec()));
+            }
+            _ => {}
+        }
+    }
+    Ok(windows)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use strom_client::mock::MockCluster;
+    use strom_client::producer::{Producer, ProducerConfig};
+    use strom_state::{Durability, MemoryStore, Store};
+
+    use super::*;
+    use crate::{Context, Metrics};
+
+    const MIN: i64 = 60_000;
+
+    /// A context of partition 0 with windowed table "counts" over `store`.
+    async fn context(
+        cluster: &MockCluster,
+        store: Arc<MemoryStore>,
+        windowing: Windowing,
+    ) -> (Context, Metrics) {
+        let client = strom_client::Client::connect(cluster.client_config())
+            .await
+            .unwrap();
+        let producer = Producer::new(client, ProducerConfig::default()).unwrap();
+        let logged = LoggedStore::new(store, producer.clone(), "counts-changelog", 0);
+        let tables = BTreeMap::from([("counts".to_owned(), (logged, Some(windowing)))]);
+        let metrics = Metrics::default();
+        let ctx = Context::new(0, 1, tables, producer, metrics.clone());
+        (ctx, metrics)
+    }
+
+    /// Adds one to `key`'s windows at `t`: (current count, closed windows
+    /// as (key, start, count)).
+    async fn count(ctx: &Context, key: &str, t: i64) -> (Option<u64>, Vec<(String, i64, u64)>) {
+        ctx.observe_event_time(t);
+        let update = ctx
+            .update_windows("counts", key.as_bytes(), t, |old| {
+                let n = old.map_or(0, |b| u64::from_be_bytes(b.try_into().unwrap())) + 1;
+                Ok::<_, ()>((n.to_be_bytes().to_vec(), n))
+            })
+            .await
+            .unwrap()
+            .unwrap();
+        let closed = update
+            .closed
+            .into_iter()
+            .map(|c| {
+                let n = u64::from_be_bytes(c.value.as_slice().try_into().unwrap());
+                (String::from_utf8(c.key).unwrap(), c.window.start, n)
+            })
+            .collect();
+        (update.current, closed)
+    }
+
+    fn late_events(metrics: &Metrics) -> u64 {
+        let text = metrics.render();
+        text.lines()
+            .find(|l| l.starts_with("strom_late_events_total{table=\"counts\"}"))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Counts per window; windows close once at end + grace, in order; a
+    /// late event is dropped and counted; retention deletes old windows.
+    #[tokio::test]
+    async fn windows_count_close_once_and_expire() {
+        let cluster = MockCluster::new();
+        cluster.create_topic("counts-changelog", 1);
+        let tumbling = Windowing::tumbling(Duration::from_secs(60))
+            .grace(Duration::from_secs(10))
+            .expires(Duration::from_secs(120));
+        let store = Arc::new(MemoryStore::new());
+        let (ctx, metrics) = context(&cluster, store.clone(), tumbling).await;
+
+        assert_eq!(count(&ctx, "b", 1_000).await, (Some(1), vec![]));
+        assert_eq!(count(&ctx, "a", 2_000).await, (Some(1), vec![]));
+        assert_eq!(count(&ctx, "a", 61_000).await, (Some(1), vec![]));
+        // Within grace: [0, 60s) is still open.
+        assert_eq!(count(&ctx, "a", 5_000).await, (Some(2), vec![]));
+        // 70s closes [0, 60s) for both keys, in key order.
+        let (current, closed) = count(&ctx, "c", 70_000).await;
+        assert_eq!(current, Some(1));
+        assert_eq!(closed, [("a".into(), 0, 2), ("b".into(), 0, 1)]);
+        // Late: dropped, counted, nothing closes twice.
+        assert_eq!(count(&ctx, "a", 59_999).await, (None, vec![]));
+        assert_eq!(late_events(&metrics), 1);
+        let windows = ctx.windows("counts", b"a").await.unwrap().unwrap();
+        let starts: Vec<i64> = windows.iter().map(|(w, _)| w.start).collect();
+        assert_eq!(starts, [0, MIN], "a's windows, in time order");
+
+        // 180s: [0, 60s) ended 120s before: deleted, tombstoned.
+        let (_, closed) = count(&ctx, "a", 180_000).await;
+        assert_eq!(closed, [("a".into(), MIN, 1), ("c".into(), MIN, 1)]);
+        let windows = ctx.windows("counts", b"a").await.unwrap().unwrap();
+        let starts: Vec<i64> = windows.iter().map(|(w, _)| w.start).collect();
+        assert_eq!(starts, [MIN, 3 * MIN]);
+        ctx.checkpoint(Durability::Fast).await.unwrap();
+        let changelog = cluster.records("counts-changelog", 0);
+        let tombstones: Vec<_> = changelog
+            .iter()
+            .filter(|r| r.value.is_none())
+            .map(|r| r.key.clone().unwrap().to_vec())
+            .collect();
+        assert_eq!(
+            tombstones,
+            [window_key(b"a", 0), window_key(b"b", 0)],
+            "the expired windows are tombstoned"
+        );
+        assert!(store.get(&window_key(b"b", 0)).unwrap().is_none());
+        assert!(store.get(STREAM_TIME_KEY).unwrap().is_some());
+    }
+
+    /// A task that starts again over the store knows what had closed,
+    /// even when a late event closed it (no window written then).
+    #[tokio::test]
+    async fn a_new_task_knows_what_had_closed() {
+        let cluster = MockCluster::new();
+        cluster.create_topic("counts-changelog", 1);
+        let tumbling = Windowing::tumbling(Duration::from_secs(60));
+        let store = Arc::new(MemoryStore::new());
+        let (ctx, _) = context(&cluster, store.clone(), tumbling).await;
+        count(&ctx, "a", 1_000).await;
+        let (_, closed) = count(&ctx, "b", 61_000).await;
+        assert_eq!(closed, [("a".into(), 0, 1)]);
+        // Stream time moves on without this table (another agent's event).
+        ctx.observe_event_time(200_000);
+        let (current, closed) = count(&ctx, "a", 2_000).await;
+        assert_eq!(current, None, "late");
+        assert_eq!(closed, [("b".into(), MIN, 1)]);
+        ctx.checkpoint(Durability::Fast).await.unwrap();
+        drop(ctx);
+
+        let (ctx, _) = context(&cluster, store, tumbling).await;
+        let (current, closed) = count(&ctx, "b", 250_000).await;
+        assert_eq!(current, Some(1));
+        assert_eq!(closed, [], "nothing closes twice after a restart");
+        assert_eq!(ctx.stream_time(), Some(250_000));
+    }
+
+    /// After an aborted transaction the windows close again, from the
+    /// committed state and stream time.
+    #[tokio::test]
+    async fn an_abort_closes_again() {
+        let cluster = MockCluster::new();
+        cluster.create_topic("counts-changelog", 1);
+        let hopping = Windowing::hopping(Duration::from_secs(60), Duration::from_secs(30));
+        let store = Arc::new(MemoryStore::new());
+        let (ctx, _) = context(&cluster, store, hopping).await;
+        assert_eq!(count(&ctx, "a", 40_000).await, (Some(1), vec![]));
+        ctx.checkpoint(Durability::Fast).await.unwrap();
+        let (_, closed) = count(&ctx, "a", 70_000).await;
+        assert_eq!(closed, [("a".into(), 0, 1)]);
+        assert_eq!(ctx.stream_time(), Some(70_000));
+        ctx.discard().await;
+        assert_eq!(ctx.stream_time(), Some(40_000));
+        let (current, closed) = count(&ctx, "a", 70_000).await;
+        assert_eq!(current, Some(1), "[60s, 120s) after the abort");
+        assert_eq!(
+            closed,
+            [("a".into(), 0, 1)],
+            "closes again, with its committed value"
+        );
+        let windows = ctx.windows("counts", b"a").await.unwrap().unwrap();
+        let counts: Vec<(i64, Vec<u8>)> = windows.into_iter().map(|(w, v)| (w.start, v)).collect();
+        assert_eq!(
+            counts,
+            [
+                (0, 1u64.to_be_bytes().to_vec()),
+                (30_000, 2u64.to_be_bytes().to_vec()),
+                (60_000, 1u64.to_be_bytes().to_vec())
+            ]
+        );
+    }
+
+    /// A stored value too short to be a window's is damaged state.
+    #[tokio::test]
+    async fn a_damaged_entry_stops_the_update() {
+        let cluster = MockCluster::new();
+        cluster.create_topic("counts-changelog", 1);
+        let store = Arc::new(MemoryStore::new());
+        let mut batch = strom_state::WriteBatch::default();
+        batch.put(window_key(b"a", 0), vec![1, 2, 3]);
+        store.apply(&batch, Some(0), Durability::Fast).unwrap();
+        let (ctx, _) = context(
+            &cluster,
+            store,
+            Windowing::tumbling(Duration::from_secs(60)),
+        )
+        .await;
+        let e = ctx
+            .update_windows("counts", b"a", 1_000, |_| Ok::<_, ()>((vec![], ())))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, crate::WorkerError::DamagedState { .. }), "{e}");
+        assert!(ctx.take_failure().is_some(), "the event is not committed");
+    }
+}
