@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use strom_client::{Client, Compression, NewTopic};
+use strom_state::window::Windowing;
 use strom_state::TableKey;
 use strom_worker::{
     AgentError, ErrorPolicy, KeyParser, ProcessingGuarantee, Processor, Schedule, StoreKind, Timer,
@@ -20,8 +21,23 @@ use crate::codec::{Codec, Json};
 use crate::context::TimerCtx;
 use crate::error::Result;
 use crate::stream::{decode_step, Stage, Stream};
-use crate::table::Table;
+use crate::table::{DeclaredWindowing, Table};
 use crate::topic::{Declared, Topic};
+
+/// A table as the app declares it.
+pub(crate) struct DeclaredTable {
+    pub name: String,
+    /// Its keys from the text of a URL.
+    pub parse: KeyParser,
+    pub windowing: DeclaredWindowing,
+}
+
+impl DeclaredTable {
+    /// How it is windowed, if it is.
+    pub fn windowing(&self) -> Option<Windowing> {
+        *self.windowing.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
 
 /// A stream-processing app: declare topics, tables and agents, then run it as
 /// a worker. Start more workers with the same id and they share the partitions.
@@ -63,7 +79,7 @@ pub struct App {
     pub(crate) topics: Vec<(String, Arc<Mutex<Declared>>)>,
     /// (repartition topic, its source topic)
     pub(crate) repartitions: Vec<(String, String)>,
-    pub(crate) tables: Vec<(String, KeyParser)>,
+    pub(crate) tables: Vec<DeclaredTable>,
     pub(crate) processors: Vec<Arc<dyn Processor>>,
     /// What each processor does (same order as `processors`), for `APP agents`.
     pub(crate) agents: Vec<String>,
@@ -84,7 +100,7 @@ impl std::fmt::Debug for App {
             )
             .field(
                 "tables",
-                &self.tables.iter().map(|(t, _)| t).collect::<Vec<_>>(),
+                &self.tables.iter().map(|t| &t.name).collect::<Vec<_>>(),
             )
             .finish()
     }
@@ -418,17 +434,27 @@ impl App {
         name: &str,
         default: V,
     ) -> Table<K, V> {
-        if !self.tables.iter().any(|(t, _)| t == name) {
-            let parse: KeyParser = Arc::new(|text: &str| {
-                K::parse_key(text)
-                    .map(|k| k.encode_key())
-                    .map_err(|e| e.to_string())
-            });
-            self.tables.push((name.to_owned(), parse));
-        }
+        let declared = match self.tables.iter().find(|t| t.name == name) {
+            Some(t) => t.windowing.clone(),
+            None => {
+                let parse: KeyParser = Arc::new(|text: &str| {
+                    K::parse_key(text)
+                        .map(|k| k.encode_key())
+                        .map_err(|e| e.to_string())
+                });
+                let windowing = DeclaredWindowing::default();
+                self.tables.push(DeclaredTable {
+                    name: name.to_owned(),
+                    parse,
+                    windowing: windowing.clone(),
+                });
+                windowing
+            }
+        };
         Table {
             name: Arc::from(name),
             default: Arc::new(move || default.clone()),
+            declared,
             types: PhantomData,
         }
     }
@@ -500,8 +526,11 @@ impl App {
             config.commit_interval = Duration::from_millis(100);
         }
         let mut worker = Worker::new(config);
-        for (t, parse) in &self.tables {
-            worker = worker.table_with_key(t.clone(), parse.clone());
+        for t in &self.tables {
+            worker = match t.windowing() {
+                Some(w) => worker.windowed_table(t.name.clone(), t.parse.clone(), w),
+                None => worker.table_with_key(t.name.clone(), t.parse.clone()),
+            };
         }
         for p in &self.processors {
             worker = worker.processor(p.clone());

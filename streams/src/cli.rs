@@ -282,10 +282,15 @@ async fn send(
 
 fn tables(app: &App) {
     let partitions = app.partitions;
-    for (table, _) in &app.tables {
+    for table in &app.tables {
+        let windows = match table.windowing() {
+            Some(w) => format!("  windows: {}", w.describe()),
+            None => String::new(),
+        };
         println!(
-            "{table:<30} changelog={}  partitions={partitions} (as the source topics it is co-partitioned with)",
-            changelog::topic_name(app.id(), table)
+            "{:<30} changelog={}  partitions={partitions} (as the source topics it is co-partitioned with){windows}",
+            table.name,
+            changelog::topic_name(app.id(), &table.name)
         );
     }
 }
@@ -329,10 +334,15 @@ fn topics(app: &App) {
     for (topic, source) in &app.repartitions {
         println!("{topic:<40} repartition of {source} (same partition count)");
     }
-    for (table, _) in &app.tables {
+    for table in &app.tables {
+        let cleanup = match table.windowing() {
+            Some(_) => "compacted, and deleted after the windows' retention",
+            None => "compacted",
+        };
         println!(
-            "{:<40} changelog of table {table} (compacted)",
-            changelog::topic_name(app.id(), table)
+            "{:<40} changelog of table {} ({cleanup})",
+            changelog::topic_name(app.id(), &table.name),
+            table.name
         );
     }
 }
@@ -343,7 +353,7 @@ fn reset(app: App, yes: bool, state_dir: Option<PathBuf>) -> Result<()> {
         None => app,
     };
     let dir = app.config.state_dir.clone();
-    let names: Vec<&str> = app.tables.iter().map(|(t, _)| t.as_str()).collect();
+    let names: Vec<&str> = app.tables.iter().map(|t| t.name.as_str()).collect();
     if !yes {
         print!(
             "Delete the local files of tables {names:?} under {}? Kafka keeps the changelogs. [y/N] ",

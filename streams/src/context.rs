@@ -10,7 +10,11 @@ use strom_state::TableKey;
 
 use crate::error::{Error, Result};
 use crate::stream::Event;
-use crate::table::Table;
+use std::time::Duration;
+
+use strom_worker::ClosedWindow;
+
+use crate::table::{Table, Window, WindowedTable};
 use crate::topic::Topic;
 
 /// The event's partition, its tables and a producer. Everything an agent sends
@@ -33,6 +37,31 @@ fn value_error(table: &str, e: serde_json::Error) -> Error {
             what: e.to_string(),
         },
     }
+}
+
+/// Why an update wrote nothing.
+enum Refused {
+    /// The stored value does not decode.
+    Stored(serde_json::Error),
+    /// The new value does not encode.
+    New(Error),
+}
+
+/// The new value `f` makes of the stored `old` (or the default), and its
+/// bytes.
+fn encode_update<V: Serialize + DeserializeOwned>(
+    table: &str,
+    default: &dyn Fn() -> V,
+    f: impl FnOnce(V) -> V,
+    old: Option<&[u8]>,
+) -> std::result::Result<(Vec<u8>, V), Refused> {
+    let old = match old {
+        Some(v) => serde_json::from_slice(v).map_err(Refused::Stored)?,
+        None => default(),
+    };
+    let new = f(old);
+    let encoded = serde_json::to_vec(&new).map_err(|e| Refused::New(value_error(table, e)))?;
+    Ok((encoded, new))
 }
 
 impl Ctx {
@@ -123,24 +152,10 @@ impl Ctx {
         F: FnOnce(V) -> V,
     {
         let bytes = self.check_partition(&table.name, key)?;
-        /// Why an update wrote nothing.
-        enum Refused {
-            /// The stored value does not decode.
-            Stored(serde_json::Error),
-            /// The new value does not encode.
-            New(Error),
-        }
         let updated = self
             .inner
             .update(&table.name, bytes, |old| {
-                let old = match old {
-                    Some(v) => serde_json::from_slice(&v).map_err(Refused::Stored)?,
-                    None => (table.default)(),
-                };
-                let new = f(old);
-                let encoded = serde_json::to_vec(&new)
-                    .map_err(|e| Refused::New(value_error(&table.name, e)))?;
-                Ok::<_, Refused>((encoded, new))
+                encode_update(&table.name, &*table.default, f, old.as_deref())
             })
             .await?;
         match updated {
@@ -186,6 +201,197 @@ impl Ctx {
         self.inner.send(record).await?;
         Ok(())
     }
+}
+
+/// Windowed tables ([`WindowedTable`]).
+impl Ctx {
+    /// Adds this event to `key`'s windows in `table`: each window holding
+    /// the event's time that has not closed gets `f(its value or the
+    /// default)` (a hopping window's event updates several), atomically as
+    /// [`Ctx::update`] does. Returns the value of the latest of them (the
+    /// window [`Ctx::current`] reads), or `None` when every window of the
+    /// event had closed: a late event, dropped and counted in
+    /// `strom_late_events_total{table}`.
+    ///
+    /// The windows of any key that close as this event moves the
+    /// partition's stream time on are handed to the table's
+    /// [`emit_on_close`](WindowedTable::emit_on_close) callback, before this
+    /// returns. The event must have a time (not a negative timestamp; see
+    /// [`Topic::with_timestamp`](crate::Topic::with_timestamp)); a batch's
+    /// context uses its latest event's.
+    ///
+    /// ```no_run
+    /// # async fn f(ctx: strom::Ctx, views: strom::WindowedTable<String, u64>) -> strom::Result<()> {
+    /// let page = "/home".to_string();
+    /// if let Some(n) = ctx.update_windows(&views, &page, |n| n + 1).await? {
+    ///     println!("{page}: {n} views this minute so far");
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn update_windows<K, V, F>(
+        &self,
+        table: &WindowedTable<K, V>,
+        key: &K,
+        mut f: F,
+    ) -> Result<Option<V>>
+    where
+        K: TableKey,
+        V: Serialize + DeserializeOwned,
+        F: FnMut(V) -> V,
+    {
+        let bytes = self.check_partition(&table.name, key)?;
+        let time = self
+            .event_time
+            .filter(|&t| t >= 0)
+            .ok_or_else(|| Error::NoEventTime {
+                table: table.name.to_string(),
+            })?;
+        let updated = self
+            .inner
+            .update_windows(&table.name, &bytes, time, |old| {
+                encode_update(&table.name, &*table.default, &mut f, old)
+            })
+            .await?;
+        let update = match updated {
+            Ok(u) => u,
+            Err(Refused::Stored(e)) => return Err(self.damaged(&table.name, &bytes, e).await),
+            Err(Refused::New(e)) => return Err(e),
+        };
+        for closed in update.closed {
+            self.emit(table, closed).await?;
+        }
+        Ok(update.current)
+    }
+
+    /// Hands a closed window to `table`'s callback, if it has one.
+    async fn emit<K, V>(&self, table: &WindowedTable<K, V>, closed: ClosedWindow) -> Result<()>
+    where
+        K: TableKey,
+        V: DeserializeOwned,
+    {
+        let Some(on_close) = &table.on_close else {
+            return Ok(());
+        };
+        let key = match K::decode_key(&closed.key) {
+            Ok(k) => k,
+            Err(e) => {
+                let e = self
+                    .inner
+                    .damaged(&table.name, &closed.key, &e.to_string())
+                    .await;
+                return Err(e.into());
+            }
+        };
+        let value = match serde_json::from_slice(&closed.value) {
+            Ok(v) => v,
+            Err(e) => return Err(self.damaged(&table.name, &closed.key, e).await),
+        };
+        let ctx = Ctx {
+            inner: self.inner.clone(),
+            event_time: Some(closed.window.end.saturating_sub(1)),
+        };
+        on_close(ctx, key, closed.window, value)
+            .await
+            .map_err(|e| Error::OnClose {
+                table: table.name.to_string(),
+                window: closed.window,
+                error: e,
+            })
+    }
+
+    /// The value of `key` in the window of `table` holding `time` (the
+    /// latest such window of a hopping table), or the default when that
+    /// window has no value (or is gone after the retention).
+    pub async fn value_at<K, V>(&self, table: &WindowedTable<K, V>, key: &K, time: i64) -> Result<V>
+    where
+        K: TableKey,
+        V: DeserializeOwned,
+    {
+        let bytes = self.check_partition(&table.name, key)?;
+        let window = table.windowing.window_at(time);
+        match self.inner.window(&table.name, &bytes, window).await? {
+            Some(v) => match serde_json::from_slice(&v) {
+                Ok(v) => Ok(v),
+                Err(e) => Err(self.damaged(&table.name, &bytes, e).await),
+            },
+            None => Ok((table.default)()),
+        }
+    }
+
+    /// The value of `key` in the window of the event's time (Faust's
+    /// `current()`, relative to the stream).
+    pub async fn current<K, V>(&self, table: &WindowedTable<K, V>, key: &K) -> Result<V>
+    where
+        K: TableKey,
+        V: DeserializeOwned,
+    {
+        let time = self
+            .event_time
+            .or(self.stream_time())
+            .unwrap_or_else(wall_ms);
+        self.value_at(table, key, time).await
+    }
+
+    /// The value of `key` in the window of the wall-clock time (Faust's
+    /// `now()`).
+    pub async fn now<K, V>(&self, table: &WindowedTable<K, V>, key: &K) -> Result<V>
+    where
+        K: TableKey,
+        V: DeserializeOwned,
+    {
+        self.value_at(table, key, wall_ms()).await
+    }
+
+    /// The value of `key` in the window `d` before the event's (Faust's
+    /// `delta(d)`): with one-minute windows, `delta(60s)` is the previous
+    /// minute.
+    pub async fn delta<K, V>(&self, table: &WindowedTable<K, V>, key: &K, d: Duration) -> Result<V>
+    where
+        K: TableKey,
+        V: DeserializeOwned,
+    {
+        let time = self
+            .event_time
+            .or(self.stream_time())
+            .unwrap_or_else(wall_ms);
+        let d = i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+        self.value_at(table, key, time.saturating_sub(d)).await
+    }
+
+    /// Every live window of `key` in `table` with its value, in time order
+    /// (Faust's `items()` of a windowed key): the open ones and the closed
+    /// ones not yet past the retention.
+    pub async fn windows<K, V>(
+        &self,
+        table: &WindowedTable<K, V>,
+        key: &K,
+    ) -> Result<Vec<(Window, V)>>
+    where
+        K: TableKey,
+        V: DeserializeOwned,
+    {
+        let bytes = self.check_partition(&table.name, key)?;
+        let stored = self
+            .inner
+            .windows(&table.name, &bytes)
+            .await?
+            .unwrap_or_default();
+        let mut windows = Vec::with_capacity(stored.len());
+        for (window, v) in stored {
+            match serde_json::from_slice(&v) {
+                Ok(v) => windows.push((window, v)),
+                Err(e) => return Err(self.damaged(&table.name, &bytes, e).await),
+            }
+        }
+        Ok(windows)
+    }
+}
+
+/// Milliseconds since the epoch, now.
+fn wall_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 /// `key` and `value` in `topic`'s codecs.

@@ -23,6 +23,22 @@ pub enum Error {
         /// The event's partition.
         partition: i32,
     },
+    /// A windowed table was updated by an event without a time.
+    #[error("table {table:?} is windowed but the event has no time (a negative timestamp); give its topic a timestamp extractor (Topic::with_timestamp)")]
+    NoEventTime {
+        /// The table.
+        table: String,
+    },
+    /// A windowed table's `emit_on_close` callback failed.
+    #[error("table {table:?}: the callback of closed window [{}, {}) failed: {error}", window.start, window.end)]
+    OnClose {
+        /// The table.
+        table: String,
+        /// The window.
+        window: crate::table::Window,
+        /// What the callback returned.
+        error: strom_worker::AgentError,
+    },
     /// The runtime failed.
     #[error(transparent)]
     Worker(#[from] strom_worker::WorkerError),

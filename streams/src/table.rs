@@ -1,7 +1,23 @@
-//! Typed tables used from agents through [`Ctx`](crate::Ctx).
+//! Typed tables used from agents through [`Ctx`](crate::Ctx): plain
+//! [`Table`]s, and [`WindowedTable`]s that keep one value per key and time
+//! window.
 
+use std::future::Future;
 use std::marker::PhantomData;
-use std::sync::Arc;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use strom_state::window::Windowing;
+use strom_worker::AgentError;
+
+pub use strom_state::window::Window;
+
+use crate::context::Ctx;
+
+/// A table's declaration, shared by the app and the table's handles: how
+/// it is windowed, if it is.
+pub(crate) type DeclaredWindowing = Arc<Mutex<Option<Windowing>>>;
 
 /// A table of `K` to `V`: partitioned like the stream that writes it, stored in
 /// strom-state with a Kafka changelog, read and written from agents through
@@ -9,6 +25,7 @@ use std::sync::Arc;
 pub struct Table<K, V> {
     pub(crate) name: Arc<str>,
     pub(crate) default: Arc<dyn Fn() -> V + Send + Sync>,
+    pub(crate) declared: DeclaredWindowing,
     pub(crate) types: PhantomData<fn() -> K>,
 }
 
@@ -17,6 +34,7 @@ impl<K, V> Clone for Table<K, V> {
         Table {
             name: self.name.clone(),
             default: self.default.clone(),
+            declared: self.declared.clone(),
             types: PhantomData,
         }
     }
@@ -32,5 +50,165 @@ impl<K, V> Table<K, V> {
     /// The table's name.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Makes this a table of tumbling windows of `size`, aligned to the
+    /// epoch: one value per key and window, updated through
+    /// [`Ctx::update_windows`](crate::Ctx::update_windows). Windows close
+    /// when the partition's stream time reaches their end (plus the
+    /// [grace](WindowedTable::grace)), and are kept for an hour or size +
+    /// grace, whichever is longer ([expires](WindowedTable::expires)).
+    ///
+    /// Panics if `size` is under a millisecond.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let mut app = strom::App::new("shop");
+    /// let per_minute = app
+    ///     .table::<String, u64>("orders-per-minute", 0)
+    ///     .tumbling(Duration::from_secs(60))
+    ///     .grace(Duration::from_secs(10));
+    /// # let _ = per_minute;
+    /// ```
+    pub fn tumbling(self, size: Duration) -> WindowedTable<K, V> {
+        self.windowed(Windowing::tumbling(size))
+    }
+
+    /// Makes this a table of hopping windows of `size` starting every
+    /// `advance`, aligned to the epoch: an event falls in every window that
+    /// holds its time (see [`Table::tumbling`]).
+    ///
+    /// Panics if `size` is under a millisecond or `advance` is not between a
+    /// millisecond and `size`.
+    pub fn hopping(self, size: Duration, advance: Duration) -> WindowedTable<K, V> {
+        self.windowed(Windowing::hopping(size, advance))
+    }
+
+    fn windowed(self, windowing: Windowing) -> WindowedTable<K, V> {
+        let table = WindowedTable {
+            name: self.name,
+            default: self.default,
+            declared: self.declared,
+            windowing,
+            on_close: None,
+        };
+        table.declare();
+        table
+    }
+}
+
+/// What a windowed table calls for each window that closes.
+pub(crate) type OnClose<K, V> = Arc<
+    dyn Fn(Ctx, K, Window, V) -> Pin<Box<dyn Future<Output = Result<(), AgentError>> + Send>>
+        + Send
+        + Sync,
+>;
+
+/// A table of `K` to `V` per time window (Faust's windowed tables, Kafka
+/// Streams' windowed aggregations), declared with [`Table::tumbling`] or
+/// [`Table::hopping`]; updated through
+/// [`Ctx::update_windows`](crate::Ctx::update_windows) from the event's time,
+/// read through [`Ctx::current`](crate::Ctx::current) and its kin.
+///
+/// Declare it in one chain (`app.table(..).tumbling(..).grace(..)`) and
+/// clone the result: a handle cloned halfway keeps the settings it had.
+pub struct WindowedTable<K, V> {
+    pub(crate) name: Arc<str>,
+    pub(crate) default: Arc<dyn Fn() -> V + Send + Sync>,
+    declared: DeclaredWindowing,
+    pub(crate) windowing: Windowing,
+    pub(crate) on_close: Option<OnClose<K, V>>,
+}
+
+impl<K, V> Clone for WindowedTable<K, V> {
+    fn clone(&self) -> Self {
+        WindowedTable {
+            name: self.name.clone(),
+            default: self.default.clone(),
+            declared: self.declared.clone(),
+            windowing: self.windowing,
+            on_close: self.on_close.clone(),
+        }
+    }
+}
+
+impl<K, V> std::fmt::Debug for WindowedTable<K, V> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WindowedTable")
+            .field("name", &self.name)
+            .field("windowing", &self.windowing.describe())
+            .field("emits_on_close", &self.on_close.is_some())
+            .finish()
+    }
+}
+
+impl<K, V> WindowedTable<K, V> {
+    /// The table's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Its windows, grace and retention.
+    pub fn windowing(&self) -> &Windowing {
+        &self.windowing
+    }
+
+    fn declare(&self) {
+        *self.declared.lock().unwrap_or_else(|e| e.into_inner()) = Some(self.windowing);
+    }
+
+    /// How long after its end a window still takes events (default 0): it
+    /// closes when the partition's stream time reaches end + grace. An event
+    /// whose every window has closed is late: dropped, counted in
+    /// `strom_late_events_total{table}` and logged at debug level.
+    pub fn grace(mut self, grace: Duration) -> Self {
+        self.windowing = self.windowing.grace(grace);
+        self.declare();
+        self
+    }
+
+    /// How long windows are kept after their end (Faust's `expires`;
+    /// default: an hour, or size + grace if longer; never less than the
+    /// grace): older ones are deleted from the store and tombstoned in the
+    /// changelog, so the table stays bounded.
+    pub fn expires(mut self, retention: Duration) -> Self {
+        self.windowing = self.windowing.expires(retention);
+        self.declare();
+        self
+    }
+
+    /// Calls `f` once for each window that closes, with its key and final
+    /// value, in window order per key (Kafka Streams'
+    /// `suppress(untilWindowCloses)`, Quix's `.final()`). It runs in the
+    /// context of the event whose update closed it, so what it sends commits
+    /// with that event (in its transaction under exactly-once); records it
+    /// sends carry the window's last millisecond as their time. An error it
+    /// returns is the event's, handled by the agent's error policy.
+    ///
+    /// Windows close only as updates of this table move the stream time on:
+    /// an event that updates nothing closes nothing.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let mut app = strom::App::new("shop");
+    /// let totals = app.topic::<String, u64>("orders-per-minute-final");
+    /// let per_minute = app
+    ///     .table::<String, u64>("orders-per-minute", 0)
+    ///     .tumbling(Duration::from_secs(60))
+    ///     .emit_on_close(move |ctx, customer, _window, count| {
+    ///         let totals = totals.clone();
+    ///         async move { Ok(ctx.send(&totals, &customer, &count).await?) }
+    ///     });
+    /// # let _ = per_minute;
+    /// ```
+    pub fn emit_on_close<F, Fut>(mut self, f: F) -> Self
+    where
+        F: Fn(Ctx, K, Window, V) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), AgentError>> + Send + 'static,
+    {
+        self.on_close = Some(Arc::new(move |ctx, key, window, value| {
+            Box::pin(f(ctx, key, window, value))
+        }));
+        self
     }
 }

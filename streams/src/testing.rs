@@ -71,6 +71,7 @@ use strom_client::mock::{LoggedRecord, MockCluster};
 use strom_client::partitioner::partition_for_key;
 use strom_client::producer::{DeliveryFuture, Producer, ProducerConfig, ProducerRecord};
 use strom_client::{Client, Header};
+use strom_state::window;
 use strom_state::TableKey;
 use strom_worker::timer::WallClock;
 use strom_worker::{Metrics, ProcessingGuarantee, StoreKind, WorkerConfig, WorkerError};
@@ -81,7 +82,7 @@ use tokio::time::Instant;
 
 use crate::app::App;
 use crate::error::{Error, Result};
-use crate::table::Table;
+use crate::table::{Table, Window, WindowedTable};
 use crate::topic::Topic;
 
 /// How long (of the virtual clock) the app may take to start: join its
@@ -517,6 +518,17 @@ impl TestDriver {
         }
     }
 
+    /// Reads windowed table `table` (see [`WindowedTableView`]).
+    pub fn windowed_table<'a, K, V>(
+        &'a self,
+        table: &'a WindowedTable<K, V>,
+    ) -> WindowedTableView<'a, K, V> {
+        WindowedTableView {
+            driver: self,
+            table,
+        }
+    }
+
     /// Stops the app cleanly (as on SIGTERM: its offsets committed, its
     /// tables closed) and starts it again: every table is restored from its
     /// changelog into new, empty stores, and operators start afresh (as in
@@ -648,33 +660,107 @@ impl<K: TableKey, V: DeserializeOwned> TableView<'_, K, V> {
     /// Every key the table holds, with its value, in the order of the
     /// keys' bytes.
     pub fn entries(&self) -> Result<Vec<(K, V)>> {
-        let topic = self.changelog();
-        let mut latest: BTreeMap<Bytes, Option<Bytes>> = BTreeMap::new();
-        for partition in 0..self.driver.partitions(&topic)? {
-            for r in self.driver.cluster.records(&topic, partition) {
-                if let (Some(true), Some(key)) = (r.committed, r.key) {
-                    latest.insert(key, r.value);
-                }
-            }
-        }
-        latest
+        live_entries(self.driver, &self.changelog())?
             .into_iter()
-            .filter_map(|(k, v)| v.map(|v| (k, v)))
-            .map(|(k, v)| {
-                let key = K::decode_key(&k)?;
-                Ok((key, self.decode(&v)?))
-            })
+            .map(|(k, v)| Ok((K::decode_key(&k)?, decode(&self.table.name, &v)?)))
             .collect()
     }
 
     fn decode(&self, value: &[u8]) -> Result<V> {
-        serde_json::from_slice(value).map_err(|e| Error::Codec {
-            topic: self.table.name.to_string(),
-            source: crate::codec::CodecError {
-                what: e.to_string(),
-            },
-        })
+        decode(&self.table.name, value)
     }
+}
+
+/// A windowed table as the test sees it: every write the app made, read
+/// from the table's changelog (which each write goes to as it happens).
+pub struct WindowedTableView<'a, K, V> {
+    driver: &'a TestDriver,
+    table: &'a WindowedTable<K, V>,
+}
+
+impl<K, V> std::fmt::Debug for WindowedTableView<'_, K, V> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WindowedTableView")
+            .field("table", &self.table.name)
+            .finish()
+    }
+}
+
+impl<K: TableKey, V: DeserializeOwned> WindowedTableView<'_, K, V> {
+    /// Every live window of every key, with its value, in the order of the
+    /// keys' bytes, then time. Expired windows are gone (their tombstones
+    /// are in the changelog).
+    pub fn entries(&self) -> Result<Vec<(K, Window, V)>> {
+        let topic = strom_state::changelog::topic_name(self.driver.app.id(), &self.table.name);
+        let mut entries = Vec::new();
+        for (k, v) in live_entries(self.driver, &topic)? {
+            if k.as_ref() == window::STREAM_TIME_KEY {
+                continue;
+            }
+            let (key, start) = window::split_window_key(&k).ok_or_else(|| Error::Codec {
+                topic: topic.clone(),
+                source: crate::codec::CodecError {
+                    what: format!("a key of {} bytes is no window's", k.len()),
+                },
+            })?;
+            let (_, value) = window::unstamp(&v)?;
+            entries.push((
+                K::decode_key(key)?,
+                self.table.windowing.window_from(start),
+                decode(&self.table.name, value)?,
+            ));
+        }
+        Ok(entries)
+    }
+
+    /// The live windows of `key` with their values, in time order.
+    pub fn windows(&self, key: &K) -> Result<Vec<(Window, V)>> {
+        let bytes = key.encode_key();
+        Ok(self
+            .entries()?
+            .into_iter()
+            .filter(|(k, _, _)| k.encode_key() == bytes)
+            .map(|(_, w, v)| (w, v))
+            .collect())
+    }
+
+    /// The value of `key` in the window holding `time` (the latest such
+    /// window of a hopping table), or the default.
+    pub fn get(&self, key: &K, time: i64) -> Result<V> {
+        let window = self.table.windowing.window_at(time);
+        Ok(self
+            .windows(key)?
+            .into_iter()
+            .find(|(w, _)| *w == window)
+            .map_or_else(|| (self.table.default)(), |(_, v)| v))
+    }
+}
+
+/// The committed entries of a changelog topic that are not deleted: the
+/// latest value of each key, in key order.
+fn live_entries(driver: &TestDriver, topic: &str) -> Result<BTreeMap<Bytes, Bytes>> {
+    let mut latest: BTreeMap<Bytes, Option<Bytes>> = BTreeMap::new();
+    for partition in 0..driver.partitions(topic)? {
+        for r in driver.cluster.records(topic, partition) {
+            if let (Some(true), Some(key)) = (r.committed, r.key) {
+                latest.insert(key, r.value);
+            }
+        }
+    }
+    Ok(latest
+        .into_iter()
+        .filter_map(|(k, v)| v.map(|v| (k, v)))
+        .collect())
+}
+
+/// A table's value from its JSON.
+fn decode<V: DeserializeOwned>(table: &str, value: &[u8]) -> Result<V> {
+    serde_json::from_slice(value).map_err(|e| Error::Codec {
+        topic: table.to_owned(),
+        source: crate::codec::CodecError {
+            what: e.to_string(),
+        },
+    })
 }
 
 /// Pauses tokio's clock, unless the test started it paused.

@@ -108,3 +108,114 @@ async fn sending_to_an_undeclared_topic_is_an_error() {
         .unwrap();
     assert_eq!(driver.table(&wc.counts).get(&"here".into()).unwrap(), 1);
 }
+
+#[path = "../examples/pageviews.rs"]
+mod pageviews;
+
+/// A minute of 2026-01-01, in ms since the epoch.
+fn minute(n: i64) -> i64 {
+    1_767_225_600_000 + n * 60_000
+}
+
+/// Views are counted per page and minute of their event time; a minute's
+/// final count goes out once, when the stream time passes its end plus the
+/// 10 s grace, in window order per page; a view within the grace still
+/// counts, one after it is dropped.
+#[tokio::test]
+async fn pageviews_emit_each_minute_once_when_it_closes() {
+    let p = pageviews::pageviews(strom::App::new("pageviews"));
+    let mut driver = TestDriver::new(p.app).await.unwrap();
+    let home = "/home".to_string();
+    let view = |user: &str| pageviews::PageView { user: user.into() };
+    for (t, user) in [
+        (minute(0) + 1_000, "a"),
+        (minute(0) + 30_000, "b"),
+        (minute(1) + 5_000, "c"),
+    ] {
+        driver
+            .send_at(&p.views, &home, &view(user), t)
+            .await
+            .unwrap();
+    }
+    // Within the grace of minute 0: counts there.
+    driver
+        .send_at(&p.views, &home, &view("d"), minute(0) + 59_000)
+        .await
+        .unwrap();
+    assert!(
+        driver.read(&p.per_minute).unwrap().is_empty(),
+        "nothing closed yet"
+    );
+    assert_eq!(
+        driver
+            .windowed_table(&p.counts)
+            .get(&home, minute(0))
+            .unwrap(),
+        3
+    );
+
+    // Minute 1 + 10 s: minute 0 closes.
+    driver
+        .send_at(&p.views, &home, &view("e"), minute(1) + 10_000)
+        .await
+        .unwrap();
+    let out = driver.read(&p.per_minute).unwrap();
+    let counts: Vec<(String, pageviews::MinuteCount, i64)> = out
+        .into_iter()
+        .map(|r| (r.key, r.value, r.timestamp))
+        .collect();
+    let closed = pageviews::MinuteCount {
+        start: minute(0),
+        end: minute(1),
+        count: 3,
+    };
+    assert_eq!(counts, [(home.clone(), closed, minute(1) - 1)]);
+
+    // Late for minute 0: dropped, and it closes nothing again.
+    driver
+        .send_at(&p.views, &home, &view("f"), minute(0) + 2_000)
+        .await
+        .unwrap();
+    assert!(driver.read(&p.per_minute).unwrap().is_empty());
+    assert_eq!(
+        driver
+            .windowed_table(&p.counts)
+            .get(&home, minute(0))
+            .unwrap(),
+        3
+    );
+    assert!(
+        driver
+            .metrics()
+            .contains("strom_late_events_total{table=\"views-per-minute\"} 1"),
+        "{}",
+        driver.metrics()
+    );
+
+    // After a restart nothing closes twice; minute 1 closes once at 2:10.
+    driver.restart().await.unwrap();
+    let other = "/about".to_string();
+    driver
+        .send_at(&p.views, &other, &view("g"), minute(2) + 10_000)
+        .await
+        .unwrap();
+    driver
+        .send_at(&p.views, &home, &view("h"), minute(2) + 11_000)
+        .await
+        .unwrap();
+    let out: Vec<(String, i64, u64)> = driver
+        .read(&p.per_minute)
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.key, r.value.start, r.value.count))
+        .collect();
+    assert_eq!(
+        out,
+        [(home.clone(), minute(1), 2)],
+        "only minute 1 of /home closed"
+    );
+    let windows = driver.windowed_table(&p.counts).windows(&home).unwrap();
+    let starts: Vec<i64> = windows.iter().map(|(w, _)| w.start).collect();
+    assert_eq!(starts, [minute(0), minute(1), minute(2)]);
+    driver.close().await.unwrap();
+}

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use strom_client::backoff::Backoff;
 use strom_client::consumer::ConsumerRecord;
 use strom_client::producer::{DeliveryFuture, Producer, ProducerRecord};
-use strom_state::window::Windowing;
+use strom_state::window::{unstamp, window_key, Windowing};
 use strom_state::{Durability, LoggedStore, StateError};
 use tokio::sync::{MappedMutexGuard, Mutex, MutexGuard};
 
@@ -310,7 +310,7 @@ impl Context {
     /// The value of `key` in this partition of table `name`.
     pub async fn get(&self, name: &str, key: &[u8]) -> Result<Option<Vec<u8>>, WorkerError> {
         let state = self.state().await;
-        let table = state.tables.get(name).ok_or_else(|| no_table(name))?;
+        let table = plain(&state.tables, name)?;
         table.reads.inc();
         Ok(table.store.get(key)?)
     }
@@ -364,6 +364,7 @@ impl Context {
         value: Option<Vec<u8>>,
     ) -> Result<(), WorkerError> {
         let mut state = self.state().await;
+        plain(&state.tables, name)?;
         let table = state.tables.get_mut(name).ok_or_else(|| no_table(name))?;
         table.writes.inc();
         self.write_to(&mut table.store, key, value).await
@@ -413,6 +414,7 @@ impl Context {
         f: impl FnOnce(Option<Vec<u8>>) -> Result<(Vec<u8>, R), E>,
     ) -> Result<Result<R, E>, WorkerError> {
         let mut state = self.state().await;
+        plain(&state.tables, name)?;
         let table = state.tables.get_mut(name).ok_or_else(|| no_table(name))?;
         table.reads.inc();
         let (new, out) = match f(table.store.get(&key)?) {
@@ -502,6 +504,31 @@ impl Context {
         match e {
             StateError::Codec { what } => self.damaged(name, key, &what).await,
             e => e.into(),
+        }
+    }
+
+    /// The value of `key`'s `window` in windowed table `name`, if it is
+    /// live (including writes not checkpointed yet).
+    pub async fn window(
+        &self,
+        name: &str,
+        key: &[u8],
+        window: Window,
+    ) -> Result<Option<Vec<u8>>, WorkerError> {
+        let state = self.state().await;
+        let table = state.tables.get(name).ok_or_else(|| no_table(name))?;
+        if table.windows.is_none() {
+            return Err(not_windowed(name));
+        }
+        table.reads.inc();
+        let stored = table.store.get(&window_key(key, window.start))?;
+        drop(state);
+        match stored {
+            None => Ok(None),
+            Some(stored) => match unstamp(&stored) {
+                Ok((_, value)) => Ok(Some(value.to_vec())),
+                Err(e) => Err(self.state_error(name, key, e).await),
+            },
         }
     }
 
@@ -628,6 +655,20 @@ fn no_table(name: &str) -> WorkerError {
 
 fn not_windowed(name: &str) -> WorkerError {
     WorkerError::Config(format!("table {name:?} is not windowed"))
+}
+
+/// Table `name`, which must not be windowed (its entries are windows').
+fn plain<'a>(
+    tables: &'a BTreeMap<String, TableSlot>,
+    name: &str,
+) -> Result<&'a TableSlot, WorkerError> {
+    let table = tables.get(name).ok_or_else(|| no_table(name))?;
+    if table.windows.is_some() {
+        return Err(WorkerError::Config(format!(
+            "table {name:?} is windowed: read and update it by window"
+        )));
+    }
+    Ok(table)
 }
 
 #[cfg(test)]

@@ -1,0 +1,130 @@
+//! Windowed tables through the test driver: hopping windows, Faust's reads,
+//! events without a time, plain reads of a windowed table.
+
+use std::time::Duration;
+
+use strom::codec::Utf8;
+use strom::testing::TestDriver;
+use strom::App;
+
+/// Sums per key in 60 s windows every 30 s; after each update the agent
+/// sends what it reads: the update's result, `current`, `delta(30s)` and
+/// the number of live windows.
+struct Sums {
+    app: App,
+    amounts: strom::Topic<String, u64>,
+    reads: strom::Topic<String, Vec<i64>>,
+    sums: strom::WindowedTable<String, u64>,
+}
+
+fn sums() -> Sums {
+    let mut app = App::new("sums");
+    let amounts = app.topic::<String, u64>("amounts").with_key_codec(Utf8);
+    let reads = app.topic::<String, Vec<i64>>("reads").with_key_codec(Utf8);
+    let sums = app
+        .table::<String, u64>("sums", 0)
+        .hopping(Duration::from_secs(60), Duration::from_secs(30));
+    let (table, out) = (sums.clone(), reads.clone());
+    app.agent(&amounts).for_each(move |ctx, event| {
+        let (sums, reads) = (table.clone(), out.clone());
+        async move {
+            let amount = event.value;
+            let updated = ctx
+                .update_windows(&sums, &event.key, |s| s + amount)
+                .await?;
+            let current = ctx.current(&sums, &event.key).await?;
+            let before = ctx
+                .delta(&sums, &event.key, Duration::from_secs(30))
+                .await?;
+            let windows = ctx.windows(&sums, &event.key).await?;
+            let read = vec![
+                updated.map_or(-1, |v| v as i64),
+                current as i64,
+                before as i64,
+                windows.len() as i64,
+            ];
+            ctx.send(&reads, &event.key, &read).await?;
+            Ok(())
+        }
+    });
+    Sums {
+        app,
+        amounts,
+        reads,
+        sums,
+    }
+}
+
+#[tokio::test]
+async fn hopping_windows_sum_and_read() {
+    let Sums {
+        app,
+        amounts,
+        reads,
+        sums,
+    } = sums();
+    let mut driver = TestDriver::new(app).await.unwrap();
+    let k = "k".to_string();
+    // 40 s: in [0, 60) and [30, 90).
+    driver.send_at(&amounts, &k, &5, 40_000).await.unwrap();
+    // 70 s: in [30, 90) and [60, 120); [0, 60) has closed (no grace).
+    driver.send_at(&amounts, &k, &7, 70_000).await.unwrap();
+    // 50 s: late for [0, 60) but [30, 90) is open: not late.
+    driver.send_at(&amounts, &k, &1, 50_000).await.unwrap();
+    let got: Vec<Vec<i64>> = driver
+        .read(&reads)
+        .unwrap()
+        .into_iter()
+        .map(|r| r.value)
+        .collect();
+    assert_eq!(
+        got,
+        [
+            // [30, 90) = 5; the window 30 s before, [0, 60) = 5; 2 windows.
+            vec![5, 5, 5, 2],
+            // [60, 120) = 7; [30, 90) = 12; 3 windows.
+            vec![7, 7, 12, 3],
+            // [30, 90) = 13; [0, 60) = 5 (closed, kept).
+            vec![13, 13, 5, 3],
+        ]
+    );
+    let view = driver.windowed_table(&sums);
+    let windows: Vec<(i64, u64)> = view
+        .windows(&k)
+        .unwrap()
+        .into_iter()
+        .map(|(w, v)| (w.start, v))
+        .collect();
+    assert_eq!(windows, [(0, 5), (30_000, 13), (60_000, 7)]);
+    assert!(!driver
+        .metrics()
+        .contains("strom_late_events_total{table=\"sums\"} 1"));
+    driver.close().await.unwrap();
+}
+
+/// An event without a time cannot be placed in a window: the agent's
+/// error, handled by its policy (here: skipped), never a silent default.
+#[tokio::test]
+async fn an_event_without_a_time_is_the_agents_error() {
+    let Sums {
+        app,
+        amounts,
+        reads,
+        sums,
+    } = sums();
+    let mut driver = TestDriver::new(app).await.unwrap();
+    let k = "k".to_string();
+    driver.send_at(&amounts, &k, &5, -1).await.unwrap();
+    assert!(driver.read(&reads).unwrap().is_empty());
+    assert!(driver.windowed_table(&sums).entries().unwrap().is_empty());
+    assert!(
+        driver
+            .metrics()
+            .contains("strom_agent_errors_total{topic=\"amounts\"} 1"),
+        "{}",
+        driver.metrics()
+    );
+    driver.send_at(&amounts, &k, &5, 1_000).await.unwrap();
+    assert_eq!(driver.read(&reads).unwrap().len(), 1);
+    driver.close().await.unwrap();
+}
