@@ -18,10 +18,17 @@
 //!   that starts on the partition again knows which windows had closed
 //!   ([`WindowIndex::rebuild`]), as Kafka Streams keeps partition time in its
 //!   commits;
-//! - one more entry, under the empty key ([`STREAM_TIME_KEY`]), is stamped
-//!   whenever windows close or expire, so the stream time at which they
-//!   did is known after a restart even if no window was written then (a
-//!   late event, or one of another key, closing them).
+//! - one more entry, under the empty key ([`STREAM_TIME_KEY`]), holds a
+//!   stream time through which the closed windows are known to have been
+//!   emitted. Under exactly-once it is stamped whenever windows close or
+//!   expire, in the same transaction as what their closing sent, so the
+//!   stream time at which they did is known after a restart even if no
+//!   window was written then (a late event, or one of another key, closing
+//!   them). Under at-least-once the stamps reach the changelog before what
+//!   the closing sent is acknowledged, so only this entry counts, written
+//!   at each checkpoint once everything sent before is acknowledged
+//!   ([`WindowIndex::reopen`]): windows that closed after it close again
+//!   after a crash (emitted twice, never lost).
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -322,6 +329,18 @@ impl WindowIndex {
         Ok((index, stream_time))
     }
 
+    /// The stream time through which windows have closed (been handed out
+    /// by [`WindowIndex::close`]).
+    pub fn closed_through(&self) -> Option<i64> {
+        self.closed_through
+    }
+
+    /// Makes the windows that close after `closed_through` (every window
+    /// when `None`) close again, as if the stream time had not passed them.
+    pub fn reopen(&mut self, closed_through: Option<i64>) {
+        self.closed_through = closed_through;
+    }
+
     /// Notes that `key` has an entry for `window`.
     pub fn insert(&mut self, key: &[u8], window: Window) {
         self.live.insert((window.end, key.to_vec(), window.start));
@@ -572,6 +591,11 @@ mod tests {
         assert!(
             index.close(&t, 130_000).is_empty(),
             "[60s, 120s) had closed"
+        );
+        index.reopen(Some(60_000));
+        assert_eq!(
+            index.close(&t, 130_000),
+            [(b"".to_vec(), w(60_000, 120_000))]
         );
         let short = vec![(STREAM_TIME_KEY.to_vec(), vec![1, 2])];
         assert!(WindowIndex::rebuild(short, &t).is_err());

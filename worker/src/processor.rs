@@ -186,12 +186,14 @@ impl Context {
         tables: BTreeMap<String, (LoggedStore, Option<Windowing>)>,
         producer: Producer,
         metrics: Metrics,
+        exactly_once: bool,
     ) -> Context {
         let tables = tables
             .into_iter()
             .map(|(name, (store, windowing))| {
                 let (reads, writes) = metrics.table_counters(&name);
-                let windows = windowing.map(|w| Windowed::new(w, metrics.late_events(&name)));
+                let windows =
+                    windowing.map(|w| Windowed::new(w, metrics.late_events(&name), exactly_once));
                 let slot = TableSlot {
                     store,
                     reads,
@@ -609,6 +611,10 @@ impl Context {
             }
         }
         for table in state.tables.values_mut() {
+            let mark = table.windows.as_mut().and_then(Windowed::checkpoint);
+            if let Some((key, value)) = mark {
+                self.write_to(&mut table.store, key, value).await?;
+            }
             table.store.flush(durability).await?;
         }
         use std::sync::atomic::Ordering;
@@ -687,7 +693,7 @@ mod tests {
             .await
             .unwrap();
         let producer = Producer::new(client, ProducerConfig::default()).unwrap();
-        let ctx = Context::new(0, 2, BTreeMap::new(), producer, Metrics::default());
+        let ctx = Context::new(0, 2, BTreeMap::new(), producer, Metrics::default(), false);
         for i in 0..20_000u32 {
             let key = i.to_string();
             ctx.send(ProducerRecord::to("out").key(key.as_bytes()).value(b"v"))

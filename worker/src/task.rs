@@ -472,6 +472,7 @@ async fn run(
         tables,
         spec.producer.clone(),
         spec.metrics.clone(),
+        spec.guarantee == ProcessingGuarantee::ExactlyOnce,
     );
     let _ = status.ctx.set(ctx.clone());
     if !enter(&spec, status, &mut inboxes.control).await {

@@ -38,11 +38,21 @@ pub struct ClosedWindow {
 
 /// The windowing of one table partition and its index of live windows,
 /// built from the store at first use.
+///
+/// Which windows had closed before a restart is known from the store
+/// ([`strom_state::window`] explains how): under exactly-once from the
+/// stamps, which commit with what closing windows sent; under at-least-once
+/// from the stream-time entry written at each checkpoint, once what was
+/// sent before it is acknowledged.
 #[derive(Debug)]
 pub(crate) struct Windowed {
     pub windowing: Windowing,
     index: Option<WindowIndex>,
     pub late: Counter,
+    /// Exactly-once: writes commit with the sends of the same event.
+    exactly_once: bool,
+    /// At least once: the stream time the stream-time entry last got.
+    marked: Option<i64>,
 }
 
 /// A change to a windowed table's store.
@@ -68,11 +78,13 @@ pub(crate) enum PlanError<E> {
 }
 
 impl Windowed {
-    pub fn new(windowing: Windowing, late: Counter) -> Windowed {
+    pub fn new(windowing: Windowing, late: Counter, exactly_once: bool) -> Windowed {
         Windowed {
             windowing,
             index: None,
             late,
+            exactly_once,
+            marked: None,
         }
     }
 
@@ -83,9 +95,32 @@ impl Windowed {
             return Ok(None);
         }
         let entries = store.range(Bound::Unbounded, Bound::Unbounded)?;
-        let (index, stream_time) = WindowIndex::rebuild(entries, &self.windowing)?;
+        let (mut index, stream_time) = WindowIndex::rebuild(entries, &self.windowing)?;
+        if !self.exactly_once {
+            self.marked = match store.get(STREAM_TIME_KEY)? {
+                Some(stored) => Some(unstamp(&stored)?.0),
+                None => None,
+            };
+            index.reopen(self.marked);
+        }
         self.index = Some(index);
         Ok(stream_time)
+    }
+
+    /// At least once, at a checkpoint once everything sent before is
+    /// acknowledged: the write that records the stream time through which
+    /// windows were handed out (and what their closing sent acknowledged),
+    /// if it moved on since the last one.
+    pub fn checkpoint(&mut self) -> Option<Change> {
+        if self.exactly_once {
+            return None;
+        }
+        let t = self.index.as_ref()?.closed_through()?;
+        if self.marked >= Some(t) {
+            return None;
+        }
+        self.marked = Some(t);
+        Some((STREAM_TIME_KEY.to_vec(), Some(stamp(t, &[]))))
     }
 
     /// Forgets the index (the writes it reflects were discarded): the next
@@ -132,8 +167,8 @@ impl Windowed {
     }
 
     /// The windows that close at `stream_time` with their values, and the
-    /// deletes of those that expire; plus, when either happened, the write
-    /// that records `stream_time` for a restart.
+    /// deletes of those that expire; plus, under exactly-once when either
+    /// happened, the write that records `stream_time` for a restart.
     pub fn close(
         &mut self,
         store: &LoggedStore,
@@ -155,7 +190,7 @@ impl Windowed {
             .into_iter()
             .map(|(key, window)| (window_key(&key, window.start), None))
             .collect();
-        if !closed.is_empty() || !changes.is_empty() {
+        if self.exactly_once && (!closed.is_empty() || !changes.is_empty()) {
             changes.push((STREAM_TIME_KEY.to_vec(), Some(stamp(stream_time, &[]))));
         }
         Ok((closed, changes))
@@ -202,6 +237,7 @@ mod tests {
         cluster: &MockCluster,
         store: Arc<MemoryStore>,
         windowing: Windowing,
+        exactly_once: bool,
     ) -> (Context, Metrics) {
         let client = strom_client::Client::connect(cluster.client_config())
             .await
@@ -210,7 +246,7 @@ mod tests {
         let logged = LoggedStore::new(store, producer.clone(), "counts-changelog", 0);
         let tables = BTreeMap::from([("counts".to_owned(), (logged, Some(windowing)))]);
         let metrics = Metrics::default();
-        let ctx = Context::new(0, 1, tables, producer, metrics.clone());
+        let ctx = Context::new(0, 1, tables, producer, metrics.clone(), exactly_once);
         (ctx, metrics)
     }
 
@@ -255,7 +291,7 @@ mod tests {
             .grace(Duration::from_secs(10))
             .expires(Duration::from_secs(120));
         let store = Arc::new(MemoryStore::new());
-        let (ctx, metrics) = context(&cluster, store.clone(), tumbling).await;
+        let (ctx, metrics) = context(&cluster, store.clone(), tumbling, true).await;
 
         assert_eq!(count(&ctx, "b", 1_000).await, (Some(1), vec![]));
         assert_eq!(count(&ctx, "a", 2_000).await, (Some(1), vec![]));
@@ -299,27 +335,64 @@ mod tests {
     /// even when a late event closed it (no window written then).
     #[tokio::test]
     async fn a_new_task_knows_what_had_closed() {
+        for exactly_once in [true, false] {
+            let cluster = MockCluster::new();
+            cluster.create_topic("counts-changelog", 1);
+            let tumbling = Windowing::tumbling(Duration::from_secs(60));
+            let store = Arc::new(MemoryStore::new());
+            let (ctx, _) = context(&cluster, store.clone(), tumbling, exactly_once).await;
+            count(&ctx, "a", 1_000).await;
+            let (_, closed) = count(&ctx, "b", 61_000).await;
+            assert_eq!(closed, [("a".into(), 0, 1)]);
+            // Stream time moves on without this table (another agent's event).
+            ctx.observe_event_time(200_000);
+            let (current, closed) = count(&ctx, "a", 2_000).await;
+            assert_eq!(current, None, "late");
+            assert_eq!(closed, [("b".into(), MIN, 1)]);
+            ctx.checkpoint(Durability::Fast).await.unwrap();
+            drop(ctx);
+
+            let (ctx, _) = context(&cluster, store, tumbling, exactly_once).await;
+            let (current, closed) = count(&ctx, "b", 250_000).await;
+            assert_eq!(current, Some(1));
+            assert_eq!(closed, [], "nothing closes twice after a restart");
+            assert_eq!(ctx.stream_time(), Some(250_000));
+        }
+    }
+
+    /// At least once, a task that crashed after its changelog writes but
+    /// before a checkpoint (so before what the closing sent is known to be
+    /// acknowledged) closes those windows again: emitted twice, not lost.
+    #[tokio::test]
+    async fn at_least_once_a_crash_closes_again() {
         let cluster = MockCluster::new();
         cluster.create_topic("counts-changelog", 1);
         let tumbling = Windowing::tumbling(Duration::from_secs(60));
-        let store = Arc::new(MemoryStore::new());
-        let (ctx, _) = context(&cluster, store.clone(), tumbling).await;
+        let (ctx, _) = context(&cluster, Arc::new(MemoryStore::new()), tumbling, false).await;
         count(&ctx, "a", 1_000).await;
+        ctx.checkpoint(Durability::Fast).await.unwrap();
         let (_, closed) = count(&ctx, "b", 61_000).await;
         assert_eq!(closed, [("a".into(), 0, 1)]);
-        // Stream time moves on without this table (another agent's event).
-        ctx.observe_event_time(200_000);
-        let (current, closed) = count(&ctx, "a", 2_000).await;
-        assert_eq!(current, None, "late");
-        assert_eq!(closed, [("b".into(), MIN, 1)]);
-        ctx.checkpoint(Durability::Fast).await.unwrap();
+        // The changelog has b's window, stamped 61 s; then the crash.
+        ctx.table("counts")
+            .await
+            .unwrap()
+            .flush(Durability::Fast)
+            .await
+            .unwrap();
         drop(ctx);
-
-        let (ctx, _) = context(&cluster, store, tumbling).await;
-        let (current, closed) = count(&ctx, "b", 250_000).await;
-        assert_eq!(current, Some(1));
-        assert_eq!(closed, [], "nothing closes twice after a restart");
-        assert_eq!(ctx.stream_time(), Some(250_000));
+        let client = strom_client::Client::connect(cluster.client_config())
+            .await
+            .unwrap();
+        let restored = Arc::new(MemoryStore::new());
+        strom_state::recover(&client, restored.clone(), "counts-changelog", 0)
+            .await
+            .unwrap();
+        assert!(restored.get(&window_key(b"b", MIN)).unwrap().is_some());
+        let (ctx, _) = context(&cluster, restored, tumbling, false).await;
+        let (_, closed) = count(&ctx, "b", 62_000).await;
+        assert_eq!(closed, [("a".into(), 0, 1)], "closes again");
+        assert_eq!(ctx.stream_time(), Some(62_000));
     }
 
     /// After an aborted transaction the windows close again, from the
@@ -330,7 +403,7 @@ mod tests {
         cluster.create_topic("counts-changelog", 1);
         let hopping = Windowing::hopping(Duration::from_secs(60), Duration::from_secs(30));
         let store = Arc::new(MemoryStore::new());
-        let (ctx, _) = context(&cluster, store, hopping).await;
+        let (ctx, _) = context(&cluster, store, hopping, true).await;
         assert_eq!(count(&ctx, "a", 40_000).await, (Some(1), vec![]));
         ctx.checkpoint(Durability::Fast).await.unwrap();
         let (_, closed) = count(&ctx, "a", 70_000).await;
@@ -370,6 +443,7 @@ mod tests {
             &cluster,
             store,
             Windowing::tumbling(Duration::from_secs(60)),
+            false,
         )
         .await;
         let e = ctx
