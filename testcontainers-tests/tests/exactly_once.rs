@@ -1,4 +1,5 @@
-//! Exactly-once under failure. The wordcount worker runs as separate processes
+//! Exactly-once under failure. The wordcount worker (and a windowed count of
+//! page views, whose windows must close once) runs as separate processes
 //! (the test binary runs itself as the worker) killed with SIGKILL mid-stream
 //! and restarted, or in a runtime frozen past its session timeout. The output
 //! and the changelog are read back with read_committed by Strom's own
@@ -83,10 +84,10 @@ async fn child_worker() -> ! {
         guarantee,
     )
     .with_web(Some(([127, 0, 0, 1], web).into()));
-    let app = if std::env::var_os("STROM_IT_HOLD").is_some() {
-        holding_wordcount(app, &names, Hold::Forever)
-    } else {
-        strom_it::wordcount(app, &names.input, &names.output)
+    let app = match std::env::var("STROM_IT_AGENT").as_deref() {
+        Ok("holding") => holding_wordcount(app, &names, Hold::Forever),
+        Ok("windowed") => windowed_pageviews(app, &names),
+        _ => strom_it::wordcount(app, &names.input, &names.output),
     };
     let result = app
         .run(async {
@@ -108,13 +109,16 @@ fn spawn_worker(
     state: &Path,
     guarantee: ProcessingGuarantee,
     web: u16,
-    hold: bool,
+    agent: Agent,
 ) -> ChildProcess {
     let mut command = Command::new(std::env::current_exe().unwrap());
-    if hold {
-        command.env("STROM_IT_HOLD", "1");
-    }
+    let agent = match agent {
+        Agent::Wordcount => "wordcount",
+        Agent::Holding => "holding",
+        Agent::Windowed => "windowed",
+    };
     command
+        .env("STROM_IT_AGENT", agent)
         .args([test, "--exact", "--nocapture"])
         .env(CHILD, "1")
         .env("STROM_IT_BROKER", &broker.bootstrap)
@@ -126,6 +130,17 @@ fn spawn_worker(
         .env("STROM_IT_GUARANTEE", guarantee.to_string())
         .env("STROM_IT_WEB", web.to_string());
     ChildProcess::spawn(&mut command)
+}
+
+/// What a worker process runs.
+#[derive(Clone, Copy)]
+enum Agent {
+    /// `strom_it::wordcount`.
+    Wordcount,
+    /// The wordcount holding forever on `hold` ([`Hold::Forever`]).
+    Holding,
+    /// [`windowed_pageviews`].
+    Windowed,
 }
 
 fn state_dir() -> PathBuf {
@@ -239,6 +254,29 @@ async fn wait_events_in(web: u16) {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Kills worker `worker` (web port `web`) with SIGKILL `kills` times, each
+/// at a random moment once it processes events again, and starts it again
+/// with `respawn` (on the same state directory: the same identity).
+async fn kill_repeatedly(
+    mut worker: ChildProcess,
+    web: u16,
+    kills: u32,
+    respawn: impl Fn() -> ChildProcess,
+) -> ChildProcess {
+    let mut rng = Rng::seeded();
+    for kill in 1..=kills {
+        wait_processing(web).await;
+        wait_events_in(web).await;
+        tokio::time::sleep(Duration::from_millis(300 + rng.below(2_000))).await;
+        worker.kill().unwrap(); // SIGKILL
+        worker.wait().unwrap();
+        eprintln!("kill {kill}: the worker at port {web} killed");
+        tokio::time::sleep(Duration::from_millis(500 + rng.below(1_500))).await;
+        worker = respawn();
+    }
+    worker
 }
 
 /// Every record `topic` holds for a reader with `isolation`, in offset order
@@ -391,8 +429,24 @@ async fn run_with_kills(test: &str, guarantee: ProcessingGuarantee) -> Run {
     let names = Names::new();
     let (dir_a, dir_b) = (state_dir(), state_dir());
     let (web_a, web_b) = (strom_it::free_port(), strom_it::free_port());
-    let mut a = spawn_worker(test, &broker, &names, &dir_a, guarantee, web_a, false);
-    let mut b = spawn_worker(test, &broker, &names, &dir_b, guarantee, web_b, false);
+    let mut a = spawn_worker(
+        test,
+        &broker,
+        &names,
+        &dir_a,
+        guarantee,
+        web_a,
+        Agent::Wordcount,
+    );
+    let mut b = spawn_worker(
+        test,
+        &broker,
+        &names,
+        &dir_b,
+        guarantee,
+        web_b,
+        Agent::Wordcount,
+    );
     let (done, feeding_done) = tokio::sync::watch::channel(false);
     let feeding = tokio::spawn(feed(
         client.clone(),
@@ -401,17 +455,18 @@ async fn run_with_kills(test: &str, guarantee: ProcessingGuarantee) -> Run {
         1_500,
         feeding_done,
     ));
-    let mut rng = Rng::seeded();
-    for kill in 1..=5 {
-        wait_processing(web_a).await;
-        wait_events_in(web_a).await;
-        tokio::time::sleep(Duration::from_millis(300 + rng.below(2_000))).await;
-        a.kill().unwrap(); // SIGKILL
-        a.wait().unwrap();
-        eprintln!("kill {kill}: worker A killed");
-        tokio::time::sleep(Duration::from_millis(500 + rng.below(1_500))).await;
-        a = spawn_worker(test, &broker, &names, &dir_a, guarantee, web_a, false);
-    }
+    let respawn = || {
+        spawn_worker(
+            test,
+            &broker,
+            &names,
+            &dir_a,
+            guarantee,
+            web_a,
+            Agent::Wordcount,
+        )
+    };
+    a = kill_repeatedly(a, web_a, 5, respawn).await;
     let _ = done.send(true);
     let truth = feeding.await.unwrap();
     let isolation = IsolationLevel::ReadCommitted;
@@ -485,7 +540,7 @@ async fn a_killed_workers_open_transaction_is_aborted() {
     let names = Names::new();
     let (dir, web) = (state_dir(), strom_it::free_port());
     let eos = ProcessingGuarantee::ExactlyOnce;
-    let mut worker = spawn_worker(TEST, &broker, &names, &dir, eos, web, true);
+    let mut worker = spawn_worker(TEST, &broker, &names, &dir, eos, web, Agent::Holding);
     strom_it::wait_for_topic(&client, &names.input).await;
     let producer = Producer::new(client.clone(), ProducerConfig::default()).unwrap();
     let mut truth = BTreeMap::new();
@@ -517,7 +572,7 @@ async fn a_killed_workers_open_transaction_is_aborted() {
     worker.kill().unwrap(); // SIGKILL, the transaction still open
     worker.wait().unwrap();
     eprintln!("killed the worker holding an open transaction");
-    let mut worker = spawn_worker(TEST, &broker, &names, &dir, eos, web, false);
+    let mut worker = spawn_worker(TEST, &broker, &names, &dir, eos, web, Agent::Wordcount);
     send(sentences(300).chain(["hold w1".to_owned()]).collect()).await;
     wait_counted(
         &client,
@@ -727,5 +782,298 @@ async fn a_frozen_worker_cannot_commit_its_transaction() {
     assert!(
         aborted >= 1.0,
         "worker A never aborted after waking: its frozen transaction was not refused"
+    );
+}
+
+// Windowed tables under kills.
+
+/// Pages of the windowed test: `p0` … `p19`.
+const PAGES: u64 = 20;
+const WINDOW: Duration = Duration::from_secs(60);
+const GRACE: Duration = Duration::from_secs(10);
+const EXPIRES: Duration = Duration::from_secs(120);
+
+/// Views (key: the page; value: a sequence number; time: the record's)
+/// counted per page in one-minute windows with 10 s grace, kept 2 minutes;
+/// each closed window goes to the output as `[start, end, count]`.
+fn windowed_pageviews(mut app: App, names: &Names) -> App {
+    use strom::codec::Utf8;
+    let views = app.topic::<String, u64>(&names.input).with_key_codec(Utf8);
+    let out = app
+        .topic::<String, Vec<i64>>(&names.output)
+        .with_key_codec(Utf8);
+    let counts = app
+        .table::<String, u64>("views-per-minute", 0)
+        .tumbling(WINDOW)
+        .grace(GRACE)
+        .expires(EXPIRES)
+        .emit_on_close(move |ctx, page, window, count| {
+            let out = out.clone();
+            async move {
+                let value = vec![window.start, window.end, count as i64];
+                ctx.send(&out, &page, &value).await?;
+                Ok(())
+            }
+        });
+    app.agent(&views).for_each(move |ctx, event| {
+        let counts = counts.clone();
+        async move {
+            ctx.update_windows(&counts, &event.key, |n| n + 1).await?;
+            Ok(())
+        }
+    });
+    app
+}
+
+/// What the windowed count must say, worked out as the feed goes: each
+/// partition's stream time, and the events that fall in an open window.
+#[derive(Default)]
+struct WindowTruth {
+    stream_time: BTreeMap<i32, i64>,
+    /// (page, window start) → views counted.
+    counts: BTreeMap<(String, i64), u64>,
+    late: u64,
+}
+
+impl WindowTruth {
+    fn view(&mut self, page: &str, t: i64) -> bool {
+        let size = WINDOW.as_millis() as i64;
+        let p = strom_client::partitioner::partition_for_key(page.as_bytes(), PARTITIONS as usize);
+        let st = self.stream_time.entry(p).or_insert(i64::MIN);
+        *st = (*st).max(t);
+        let start = t.div_euclid(size) * size;
+        if start + size + GRACE.as_millis() as i64 <= *st {
+            self.late += 1;
+            return false;
+        }
+        *self.counts.entry((page.to_owned(), start)).or_default() += 1;
+        true
+    }
+}
+
+/// Sends views steadily, `per_second`, until `done` says so and at least
+/// `min` went out: 10 ms of event time apart from `base`, every 7th 5 s
+/// early (within the grace), every 50th 150 s early (late). Then one view
+/// per partition 10 minutes after the last, which closes every window;
+/// those are left out of the truth (their windows stay open).
+async fn feed_views(
+    client: Client,
+    input: String,
+    min: u64,
+    per_second: u64,
+    mut done: tokio::sync::watch::Receiver<bool>,
+) -> WindowTruth {
+    strom_it::wait_for_topic(&client, &input).await;
+    let producer = Producer::new(client, ProducerConfig::default()).unwrap();
+    let base = (std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+        - 3_600_000)
+        / 60_000
+        * 60_000;
+    let mut truth = WindowTruth::default();
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    let mut i = 0u64;
+    let send = |page: String, t: i64, i: u64| {
+        let producer = producer.clone();
+        let input = input.clone();
+        async move {
+            let value = i.to_string();
+            producer
+                .send(
+                    ProducerRecord::to(&input)
+                        .key(page.as_bytes())
+                        .value(value.as_bytes())
+                        .timestamp(t),
+                )
+                .await
+                .unwrap();
+        }
+    };
+    while i < min || !*done.borrow_and_update() {
+        tick.tick().await;
+        for _ in 0..per_second / 10 {
+            let page = format!("p{}", i % PAGES);
+            let mut t = base + i as i64 * 10;
+            if i % 50 == 49 {
+                t -= 150_000;
+            } else if i % 7 == 6 {
+                t -= 5_000;
+            }
+            truth.view(&page, t);
+            send(page, t, i).await;
+            i += 1;
+        }
+    }
+    let last = base + i as i64 * 10 + 600_000;
+    for p in 0..PARTITIONS {
+        let key = (0..)
+            .map(|j| format!("flush{j}"))
+            .find(|k| {
+                strom_client::partitioner::partition_for_key(k.as_bytes(), PARTITIONS as usize) == p
+            })
+            .unwrap();
+        send(key, last, i).await;
+    }
+    producer.flush().await.unwrap();
+    eprintln!("fed {i} views, {} late", truth.late);
+    truth
+}
+
+/// Every closed window `topic` holds: (page, start) → the counts sent for
+/// it, in offset order.
+async fn closed_windows(
+    client: &Client,
+    topic: &str,
+    isolation: IsolationLevel,
+) -> BTreeMap<(String, i64), Vec<u64>> {
+    let mut out: BTreeMap<(String, i64), Vec<u64>> = BTreeMap::new();
+    for r in read_all(client, topic, isolation).await {
+        let page = String::from_utf8_lossy(r.key.as_deref().unwrap_or_default()).into_owned();
+        let v: Vec<i64> = serde_json::from_slice(r.value.as_deref().unwrap_or_default()).unwrap();
+        out.entry((page, v[0])).or_default().push(v[2] as u64);
+    }
+    out
+}
+
+/// Two workers count views per page and minute while one of them is
+/// killed with SIGKILL three times and restarted; returns the truth, the
+/// closed windows the output holds (read with `isolation`) and the number
+/// of entries the windowed table holds once the final views passed.
+async fn windowed_run_with_kills(
+    test: &str,
+    guarantee: ProcessingGuarantee,
+    isolation: IsolationLevel,
+) -> (WindowTruth, BTreeMap<(String, i64), Vec<u64>>, usize) {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let broker = TestBroker::start().await;
+    eprintln!("broker: {:?}, guarantee: {guarantee}", broker.kind);
+    let client = broker.client().await;
+    let names = Names::new();
+    let (dir_a, dir_b) = (state_dir(), state_dir());
+    let (web_a, web_b) = (strom_it::free_port(), strom_it::free_port());
+    let windowed = Agent::Windowed;
+    let mut a = spawn_worker(test, &broker, &names, &dir_a, guarantee, web_a, windowed);
+    let mut b = spawn_worker(test, &broker, &names, &dir_b, guarantee, web_b, windowed);
+    let (done, feeding_done) = tokio::sync::watch::channel(false);
+    let feeding = tokio::spawn(feed_views(
+        client.clone(),
+        names.input.clone(),
+        30_000,
+        1_500,
+        feeding_done,
+    ));
+    let respawn = || spawn_worker(test, &broker, &names, &dir_a, guarantee, web_a, windowed);
+    a = kill_repeatedly(a, web_a, 3, respawn).await;
+    let _ = done.send(true);
+    let truth = feeding.await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(240);
+    let closed = loop {
+        let closed = closed_windows(&client, &names.output, isolation).await;
+        let missing = truth
+            .counts
+            .keys()
+            .filter(|w| !closed.contains_key(*w))
+            .count();
+        if missing == 0 {
+            break closed;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{missing} of {} windows never closed",
+            truth.counts.len()
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    };
+    assert!(a.terminate(), "worker A did not stop cleanly on SIGTERM");
+    assert!(b.terminate(), "worker B did not stop cleanly on SIGTERM");
+    let topic = changelog::topic_name(&names.id, "views-per-minute");
+    let mut entries = 0;
+    for p in 0..PARTITIONS {
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+        recover_with_progress(
+            &client,
+            store.clone(),
+            &topic,
+            p,
+            isolation,
+            &RecoveryProgress::default(),
+        )
+        .await
+        .unwrap();
+        entries += store.len().unwrap() as usize;
+    }
+    (truth, closed, entries)
+}
+
+/// Exactly once: every window closes once, with exactly the views that
+/// fell in it before it closed (late ones dropped, in-grace ones counted),
+/// however often a worker is killed; expired windows leave the store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exactly_once_windows_close_once_under_sigkill() {
+    const TEST: &str = "exactly_once_windows_close_once_under_sigkill";
+    if std::env::var(CHILD).is_ok() {
+        child_worker().await;
+    }
+    let committed = IsolationLevel::ReadCommitted;
+    let (truth, closed, entries) =
+        windowed_run_with_kills(TEST, ProcessingGuarantee::ExactlyOnce, committed).await;
+    assert!(truth.late > 0, "the feed sent no late view");
+    for (window, n) in &truth.counts {
+        assert_eq!(
+            closed[window],
+            [*n],
+            "window {window:?}: sent counts vs the truth"
+        );
+    }
+    let extra: Vec<_> = closed
+        .keys()
+        .filter(|w| !truth.counts.contains_key(*w))
+        .collect();
+    assert!(
+        extra.is_empty(),
+        "windows that should not have closed: {extra:?}"
+    );
+    // The final views' windows and each partition's stream-time entry: every
+    // page window has expired (deleted, tombstoned).
+    assert!(
+        entries <= 2 * PARTITIONS as usize,
+        "{entries} entries left in the table"
+    );
+    eprintln!(
+        "{} windows closed exactly once; {} late views dropped; {entries} table entries left",
+        truth.counts.len(),
+        truth.late
+    );
+}
+
+/// At least once: every window closes, at least once, never under-counted
+/// (a crash may count a view twice and emit a window again, never lose one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_least_once_windows_never_lose_a_close() {
+    const TEST: &str = "at_least_once_windows_never_lose_a_close";
+    if std::env::var(CHILD).is_ok() {
+        child_worker().await;
+    }
+    let uncommitted = IsolationLevel::ReadUncommitted;
+    let (truth, closed, entries) =
+        windowed_run_with_kills(TEST, ProcessingGuarantee::AtLeastOnce, uncommitted).await;
+    let mut repeated = 0;
+    for (window, n) in &truth.counts {
+        let sent = &closed[window];
+        assert!(
+            sent.iter().all(|c| c >= n),
+            "window {window:?} under-counted: sent {sent:?}, truth {n}"
+        );
+        repeated += usize::from(sent.len() > 1 || sent[0] > *n);
+    }
+    assert!(
+        entries <= 2 * PARTITIONS as usize,
+        "{entries} entries left in the table"
+    );
+    eprintln!(
+        "{} windows closed; {repeated} sent more than once or over-counted after the kills",
+        truth.counts.len()
     );
 }
