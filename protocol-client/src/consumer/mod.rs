@@ -271,6 +271,10 @@ pub struct Consumer {
     /// slice is decoded [`DECODE_CHUNK`] bytes at a time); its bytes still
     /// count as buffered.
     leftover: Option<Fetched>,
+    /// Fetched slices of paused partitions, not decoded (a record takes
+    /// several times its fetched bytes once decoded) until they are resumed;
+    /// their bytes still count as buffered.
+    parked: VecDeque<Fetched>,
     /// An error found after records that were returned first.
     pending_error: Option<Error>,
 }
@@ -307,6 +311,7 @@ impl Consumer {
             config,
             ready: None,
             leftover: None,
+            parked: VecDeque::new(),
             pending_error: None,
         }
     }
@@ -465,6 +470,22 @@ impl Consumer {
         out
     }
 
+    /// Whether `fetched` is current data of a paused partition.
+    fn is_paused(&self, fetched: &Fetched) -> bool {
+        self.handle
+            .lock()
+            .partitions
+            .get(&fetched.tp)
+            .is_some_and(|s| s.paused && s.epoch == fetched.epoch)
+    }
+
+    /// The first parked slice whose partition was resumed (or sought,
+    /// revoked or unassigned since: it is dropped as such data is).
+    fn unparked(&mut self) -> Option<Fetched> {
+        let at = self.parked.iter().position(|f| !self.is_paused(f))?;
+        self.parked.remove(at)
+    }
+
     /// Waits for the next fetched data with records in it and decodes it into
     /// `ready`; returns a pending or fetch error instead, if there is one.
     async fn fill(&mut self) -> Result<()> {
@@ -473,13 +494,25 @@ impl Consumer {
         }
         let committed = self.config.isolation == IsolationLevel::ReadCommitted;
         loop {
-            let mut fetched = match self.leftover.take() {
+            let leftover = self.leftover.take();
+            let is_leftover = leftover.is_some();
+            let mut fetched = match leftover.or_else(|| self.unparked()) {
                 Some(rest) => rest,
                 None => match self.rx.recv().await {
                     Some(fetched) => fetched,
                     None => return Err(Error::Closed("consumer fetcher")),
                 },
             };
+            if self.is_paused(&fetched) {
+                // A leftover is the earliest data of its partition: it goes
+                // before whatever of it was parked meanwhile.
+                if is_leftover {
+                    self.parked.push_front(fetched);
+                } else {
+                    self.parked.push_back(fetched);
+                }
+                continue;
+            }
             if let Ok(data) = &mut fetched.result {
                 if let Some(rest) = split_after(data, DECODE_CHUNK) {
                     self.leftover = Some(Fetched {
@@ -1310,5 +1343,78 @@ mod tests {
         assert_eq!(cluster.end_offset("t", 0), 2, "record at 0, marker at 1");
         let _ = tokio::time::timeout(Duration::from_secs(5), c.recv()).await;
         assert_eq!(c.position(&tp), Some(2), "not past the marker");
+    }
+
+    /// Data of a partition fetched before it was paused is not handed out
+    /// (only what was already decoded is): a paused partition's records
+    /// stop, so the caller's queue for it stops growing. Once resumed it
+    /// goes on exactly where it stopped.
+    #[tokio::test(start_paused = true)]
+    async fn a_paused_partition_hands_out_no_fetched_data_until_resumed() {
+        use crate::mock::MockCluster;
+        const PER_PARTITION: usize = 200_000;
+        let cluster = MockCluster::new();
+        cluster.create_topic("t", 2);
+        for p in 0..2 {
+            for i in 0..PER_PARTITION / 500 {
+                cluster.append_raw("t", p, batch((i * 500) as i64, 500));
+            }
+        }
+        let client = crate::Client::connect(cluster.client_config())
+            .await
+            .unwrap();
+        let config = ConsumerConfig {
+            max_buffered_bytes: 64 << 20,
+            // Slices larger than a decode chunk, so leftovers get parked.
+            max_partition_fetch_bytes: 400_000,
+            ..ConsumerConfig::default()
+        };
+        let mut c = Consumer::new(client, config);
+        let (tp0, tp1) = (TopicPartition::new("t", 0), TopicPartition::new("t", 1));
+        c.assign([
+            (tp0.clone(), Offset::Earliest),
+            (tp1.clone(), Offset::Earliest),
+        ])
+        .unwrap();
+        /// Polls until nothing comes for 2 s, noting the offsets by partition.
+        async fn drain(c: &mut Consumer, got: &mut [Vec<i64>; 2]) {
+            while let Ok(records) = tokio::time::timeout(Duration::from_secs(2), c.poll()).await {
+                for r in records.unwrap() {
+                    got[r.partition as usize].push(r.offset);
+                }
+            }
+        }
+        let mut got: [Vec<i64>; 2] = [Vec::new(), Vec::new()];
+        for r in c.poll().await.unwrap() {
+            got[r.partition as usize].push(r.offset);
+        }
+        // Let the fetcher read ahead as far as its budget goes.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        c.pause(&tp0).unwrap();
+        drain(&mut c, &mut got).await;
+        assert_eq!(got[1].len(), PER_PARTITION, "partition 1 went on");
+        assert!(
+            got[0].len() <= 2 * DECODE_CHUNK / 10,
+            "{} records of the paused partition handed out",
+            got[0].len()
+        );
+        // Pausing and resuming again and again loses and repeats nothing.
+        for i in 0..400 {
+            if i % 2 == 0 {
+                c.resume(&tp0).unwrap();
+            } else {
+                c.pause(&tp0).unwrap();
+            }
+            if let Ok(records) = tokio::time::timeout(Duration::from_millis(50), c.poll()).await {
+                for r in records.unwrap() {
+                    got[r.partition as usize].push(r.offset);
+                }
+            }
+        }
+        c.resume(&tp0).unwrap();
+        drain(&mut c, &mut got).await;
+        let expected: Vec<i64> = (0..PER_PARTITION as i64).collect();
+        assert_eq!(got[0], expected, "partition 0 after resuming");
+        assert_eq!(got[1], expected, "partition 1");
     }
 }
