@@ -148,6 +148,34 @@ enum Command {
         #[arg(long)]
         soak: bool,
     },
+    /// Per-key counts in one-minute tumbling windows, results on close: N
+    /// events over 1,000 keys with event times spread over 30 minutes (plus
+    /// one closing event per key) through one worker in this process.
+    Windowed {
+        #[arg(long)]
+        brokers: String,
+        #[arg(long)]
+        messages: u64,
+        /// A topic `windowed-feed` filled (with these messages), instead of
+        /// a fresh one filled first.
+        #[arg(long, requires = "base_ms")]
+        topic: Option<String>,
+        /// The base time `windowed-feed` printed for `--topic`.
+        #[arg(long)]
+        base_ms: Option<i64>,
+        #[arg(long, default_value = "at-least-once")]
+        guarantee: strom::ProcessingGuarantee,
+    },
+    /// Fills a topic with the `windowed` workload (for `windowed --topic`
+    /// and `benches/quix_windowed.py`); prints its base time.
+    WindowedFeed {
+        #[arg(long)]
+        brokers: String,
+        #[arg(long)]
+        messages: u64,
+        #[arg(long)]
+        topic: String,
+    },
     /// Sends each line of standard input as one record value (no key), once the
     /// topic exists (waits up to 60 s for an app to create it).
     SendLines {
@@ -266,6 +294,21 @@ fn main() -> ExitCode {
                 guarantee,
                 soak,
             } => pipeline::run(&state, guarantee, soak).await,
+            Command::Windowed {
+                brokers,
+                messages,
+                topic,
+                base_ms,
+                guarantee,
+            } => {
+                let fed = topic.zip(base_ms);
+                windowed::run(&brokers, messages, fed, guarantee).await
+            }
+            Command::WindowedFeed {
+                brokers,
+                messages,
+                topic,
+            } => windowed::feed_only(&brokers, &topic, messages).await,
             Command::SendLines { brokers, topic } => demo::send_lines(&brokers, &topic).await,
             Command::TopCounts {
                 brokers,
@@ -845,6 +888,9 @@ mod state_bench {
         Ok(report("state-recover", args.messages, seconds, correct))
     }
 }
+
+#[path = "strom-bench/windowed.rs"]
+mod windowed;
 
 /// `pipeline`: the wordcount app over N single-word records, one worker.
 mod pipeline {
