@@ -36,13 +36,16 @@ pub struct PageViews {
     pub counts: WindowedTable<String, u64>,
 }
 
-/// Declares the count on `app`.
-pub fn pageviews(mut app: App) -> PageViews {
-    let views = app
-        .topic::<String, PageView>("page-views")
-        .with_key_codec(Utf8);
+/// Declares the count on `app`, from `page-views` to `page-views-per-minute`.
+pub fn pageviews(app: App) -> PageViews {
+    pageviews_between(app, "page-views", "page-views-per-minute")
+}
+
+/// [`pageviews`] from topic `input` to topic `output`.
+pub fn pageviews_between(mut app: App, input: &str, output: &str) -> PageViews {
+    let views = app.topic::<String, PageView>(input).with_key_codec(Utf8);
     let per_minute = app
-        .topic::<String, MinuteCount>("page-views-per-minute")
+        .topic::<String, MinuteCount>(output)
         .with_key_codec(Utf8);
     let out = per_minute.clone();
     let counts = app

@@ -789,40 +789,20 @@ async fn a_frozen_worker_cannot_commit_its_transaction() {
 
 /// Pages of the windowed test: `p0` … `p19`.
 const PAGES: u64 = 20;
+/// The pageviews example's windows: a minute, 10 s of grace, kept an hour.
 const WINDOW: Duration = Duration::from_secs(60);
 const GRACE: Duration = Duration::from_secs(10);
-const EXPIRES: Duration = Duration::from_secs(120);
+const KEPT: Duration = Duration::from_secs(3_600);
 
-/// Views (key: the page; value: a sequence number; time: the record's)
-/// counted per page in one-minute windows with 10 s grace, kept 2 minutes;
-/// each closed window goes to the output as `[start, end, count]`.
-fn windowed_pageviews(mut app: App, names: &Names) -> App {
-    use strom::codec::Utf8;
-    let views = app.topic::<String, u64>(&names.input).with_key_codec(Utf8);
-    let out = app
-        .topic::<String, Vec<i64>>(&names.output)
-        .with_key_codec(Utf8);
-    let counts = app
-        .table::<String, u64>("views-per-minute", 0)
-        .tumbling(WINDOW)
-        .grace(GRACE)
-        .expires(EXPIRES)
-        .emit_on_close(move |ctx, page, window, count| {
-            let out = out.clone();
-            async move {
-                let value = vec![window.start, window.end, count as i64];
-                ctx.send(&out, &page, &value).await?;
-                Ok(())
-            }
-        });
-    app.agent(&views).for_each(move |ctx, event| {
-        let counts = counts.clone();
-        async move {
-            ctx.update_windows(&counts, &event.key, |n| n + 1).await?;
-            Ok(())
-        }
-    });
-    app
+#[path = "../../streams/examples/pageviews.rs"]
+#[allow(dead_code)]
+mod pageviews;
+
+/// The pageviews example between the test's topics: views keyed by page
+/// (`{"user": ...}`, the record's time) counted per page and minute, each
+/// closed minute sent as `{"start", "end", "count"}`.
+fn windowed_pageviews(app: App, names: &Names) -> App {
+    pageviews::pageviews_between(app, &names.input, &names.output).app
 }
 
 /// What the windowed count must say, worked out as the feed goes: each
@@ -854,8 +834,9 @@ impl WindowTruth {
 /// Sends views steadily, `per_second`, until `done` says so and at least
 /// `min` went out: 10 ms of event time apart from `base`, every 7th 5 s
 /// early (within the grace), every 50th 150 s early (late). Then one view
-/// per partition 10 minutes after the last, which closes every window;
-/// those are left out of the truth (their windows stay open).
+/// per partition well past the retention after the last, which closes and
+/// expires every window; those are left out of the truth (their windows
+/// stay open).
 async fn feed_views(
     client: Client,
     input: String,
@@ -879,7 +860,7 @@ async fn feed_views(
         let producer = producer.clone();
         let input = input.clone();
         async move {
-            let value = i.to_string();
+            let value = format!(r#"{{"user":"u{i}"}}"#);
             producer
                 .send(
                     ProducerRecord::to(&input)
@@ -906,7 +887,8 @@ async fn feed_views(
             i += 1;
         }
     }
-    let last = base + i as i64 * 10 + 600_000;
+    // Past every window's end + retention: all of them close and expire.
+    let last = base + i as i64 * 10 + KEPT.as_millis() as i64 + 600_000;
     for p in 0..PARTITIONS {
         let key = (0..)
             .map(|j| format!("flush{j}"))
@@ -931,13 +913,15 @@ async fn closed_windows(
     let mut out: BTreeMap<(String, i64), Vec<u64>> = BTreeMap::new();
     for r in read_all(client, topic, isolation).await {
         let page = String::from_utf8_lossy(r.key.as_deref().unwrap_or_default()).into_owned();
-        let v: Vec<i64> = serde_json::from_slice(r.value.as_deref().unwrap_or_default()).unwrap();
-        out.entry((page, v[0])).or_default().push(v[2] as u64);
+        let v: pageviews::MinuteCount =
+            serde_json::from_slice(r.value.as_deref().unwrap_or_default()).unwrap();
+        assert_eq!(v.end - v.start, WINDOW.as_millis() as i64);
+        out.entry((page, v.start)).or_default().push(v.count);
     }
     out
 }
 
-/// Two workers count views per page and minute while one of them is
+/// Two workers run the pageviews example while one of them is
 /// killed with SIGKILL three times and restarted; returns the truth, the
 /// closed windows the output holds (read with `isolation`) and the number
 /// of entries the windowed table holds once the final views passed.
