@@ -12,9 +12,9 @@ use crate::error::{Error, Result};
 use crate::stream::Event;
 use std::time::Duration;
 
-use strom_worker::ClosedWindow;
+use strom_worker::{ClosedWindow, WindowUpdate};
 
-use crate::table::{Table, Window, WindowedTable};
+use crate::table::{OnClose, Table, Window, WindowedTable};
 use crate::topic::Topic;
 
 /// The event's partition, its tables and a producer. Everything an agent sends
@@ -252,26 +252,40 @@ impl Ctx {
                 encode_update(&table.name, &*table.default, &mut f, old)
             })
             .await?;
-        let update = match updated {
+        let WindowUpdate {
+            current,
+            closed,
+            emitting,
+        } = match updated {
             Ok(u) => u,
             Err(Refused::Stored(e)) => return Err(self.damaged(&table.name, &bytes, e).await),
             Err(Refused::New(e)) => return Err(e),
         };
-        for closed in update.closed {
-            self.emit(table, closed).await?;
+        let on_close = table.on_close();
+        for closed in closed {
+            if let Some(on_close) = &on_close {
+                self.emit(table, on_close, closed).await?;
+            }
         }
-        Ok(update.current)
+        drop(emitting);
+        Ok(current)
     }
 
-    /// Hands a closed window to `table`'s callback, if it has one.
-    async fn emit<K, V>(&self, table: &WindowedTable<K, V>, closed: ClosedWindow) -> Result<()>
+    /// Hands a closed window to `table`'s callback. A window is handed out
+    /// once, so a failure here (the callback's error or panic, a value that
+    /// does not decode) stops the worker without committing the event:
+    /// skipping it would lose the window, and after the restart it closes
+    /// again.
+    async fn emit<K, V>(
+        &self,
+        table: &WindowedTable<K, V>,
+        on_close: &OnClose<K, V>,
+        closed: ClosedWindow,
+    ) -> Result<()>
     where
         K: TableKey,
         V: DeserializeOwned,
     {
-        let Some(on_close) = &table.on_close else {
-            return Ok(());
-        };
         let key = match K::decode_key(&closed.key) {
             Ok(k) => k,
             Err(e) => {
@@ -290,13 +304,19 @@ impl Ctx {
             inner: self.inner.clone(),
             event_time: Some(closed.window.end.saturating_sub(1)),
         };
-        on_close(ctx, key, closed.window, value)
-            .await
-            .map_err(|e| Error::OnClose {
-                table: table.name.to_string(),
-                window: closed.window,
-                error: e,
-            })
+        let window = closed.window;
+        // Spawned so that a panic comes back as an error, not through the
+        // agent's error policy.
+        let failure = match tokio::spawn(on_close(ctx, key, window, value)).await {
+            Ok(Ok(())) => return Ok(()),
+            Ok(Err(e)) => e.to_string(),
+            Err(e) => e.to_string(),
+        };
+        let what = format!(
+            "emitting closed window [{}, {}) of table {:?}",
+            window.start, window.end, table.name
+        );
+        Err(self.inner.fail(&what, failure).into())
     }
 
     /// The value of `key` in the window of `table` holding `time` (the

@@ -29,16 +29,6 @@ pub enum Error {
         /// The table.
         table: String,
     },
-    /// A windowed table's `emit_on_close` callback failed.
-    #[error("table {table:?}: the callback of closed window [{}, {}) failed: {error}", window.start, window.end)]
-    OnClose {
-        /// The table.
-        table: String,
-        /// The window.
-        window: crate::table::Window,
-        /// What the callback returned.
-        error: strom_worker::AgentError,
-    },
     /// The runtime failed.
     #[error(transparent)]
     Worker(#[from] strom_worker::WorkerError),

@@ -90,7 +90,7 @@ impl<K, V> Table<K, V> {
             default: self.default,
             declared: self.declared,
             windowing,
-            on_close: None,
+            on_close: Arc::default(),
         };
         table.declare();
         table
@@ -117,7 +117,8 @@ pub struct WindowedTable<K, V> {
     pub(crate) default: Arc<dyn Fn() -> V + Send + Sync>,
     declared: DeclaredWindowing,
     pub(crate) windowing: Windowing,
-    pub(crate) on_close: Option<OnClose<K, V>>,
+    /// Shared by every handle made from the same declaration.
+    on_close: Arc<Mutex<Option<OnClose<K, V>>>>,
 }
 
 impl<K, V> Clone for WindowedTable<K, V> {
@@ -137,7 +138,7 @@ impl<K, V> std::fmt::Debug for WindowedTable<K, V> {
         f.debug_struct("WindowedTable")
             .field("name", &self.name)
             .field("windowing", &self.windowing.describe())
-            .field("emits_on_close", &self.on_close.is_some())
+            .field("emits_on_close", &self.on_close().is_some())
             .finish()
     }
 }
@@ -151,6 +152,14 @@ impl<K, V> WindowedTable<K, V> {
     /// Its windows, grace and retention.
     pub fn windowing(&self) -> &Windowing {
         &self.windowing
+    }
+
+    /// The `emit_on_close` callback, if one is set.
+    pub(crate) fn on_close(&self) -> Option<OnClose<K, V>> {
+        self.on_close
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     fn declare(&self) {
@@ -182,11 +191,19 @@ impl<K, V> WindowedTable<K, V> {
     /// `suppress(untilWindowCloses)`, Quix's `.final()`). It runs in the
     /// context of the event whose update closed it, so what it sends commits
     /// with that event (in its transaction under exactly-once); records it
-    /// sends carry the window's last millisecond as their time. An error it
-    /// returns is the event's, handled by the agent's error policy.
+    /// sends carry the window's last millisecond as their time. Every handle
+    /// of the table (clones included) gets it.
     ///
-    /// Windows close only as updates of this table move the stream time on:
-    /// an event that updates nothing closes nothing.
+    /// A window is handed out once, so an error or panic of `f` is not left
+    /// to the agent's error policy (skipping it would lose the window): it
+    /// stops the worker without committing the event, and after a restart
+    /// the window closes again.
+    ///
+    /// Windows close when an update of this table runs (a late event's
+    /// included) and finds the stream time past them: events that do not
+    /// update the table close nothing. With an agent's
+    /// [`concurrency`](crate::Stream::concurrency) above 1, the callbacks
+    /// of different events may interleave.
     ///
     /// ```
     /// use std::time::Duration;
@@ -201,14 +218,14 @@ impl<K, V> WindowedTable<K, V> {
     ///     });
     /// # let _ = per_minute;
     /// ```
-    pub fn emit_on_close<F, Fut>(mut self, f: F) -> Self
+    pub fn emit_on_close<F, Fut>(self, f: F) -> Self
     where
         F: Fn(Ctx, K, Window, V) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<(), AgentError>> + Send + 'static,
     {
-        self.on_close = Some(Arc::new(move |ctx, key, window, value| {
-            Box::pin(f(ctx, key, window, value))
-        }));
+        let on_close: OnClose<K, V> =
+            Arc::new(move |ctx, key, window, value| Box::pin(f(ctx, key, window, value)));
+        *self.on_close.lock().unwrap_or_else(|e| e.into_inner()) = Some(on_close);
         self
     }
 }

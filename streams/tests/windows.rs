@@ -128,3 +128,71 @@ async fn an_event_without_a_time_is_the_agents_error() {
     assert_eq!(driver.read(&reads).unwrap().len(), 1);
     driver.close().await.unwrap();
 }
+
+/// A failing `emit_on_close` callback (an error, then a panic) is not
+/// skipped like an agent's error: the app stops without committing the
+/// event, and after a restart the window closes again and is emitted once.
+#[tokio::test]
+async fn a_failing_close_callback_stops_the_app_and_the_window_closes_again() {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::Arc;
+    let mut app = App::new("closing");
+    let amounts = app.topic::<String, u64>("amounts").with_key_codec(Utf8);
+    let out = app.topic::<String, u64>("closed").with_key_codec(Utf8);
+    let calls = Arc::new(AtomicU32::new(0));
+    let (topic, seen) = (out.clone(), calls.clone());
+    let sums = app
+        .table::<String, u64>("sums", 0)
+        .tumbling(Duration::from_secs(60))
+        .emit_on_close(move |ctx, key, _window, sum| {
+            let (out, call) = (topic.clone(), seen.fetch_add(1, Ordering::SeqCst));
+            async move {
+                match call {
+                    0 => return Err("the sink is down".into()),
+                    1 => panic!("the sink fell over"),
+                    _ => ctx.send(&out, &key, &sum).await?,
+                }
+                Ok(())
+            }
+        });
+    app.agent(&amounts).for_each(move |ctx, event| {
+        let sums = sums.clone();
+        async move {
+            let amount = event.value;
+            ctx.update_windows(&sums, &event.key, |s| s + amount)
+                .await?;
+            Ok(())
+        }
+    });
+    let mut driver = TestDriver::new(app).await.unwrap();
+    let k = "k".to_string();
+    driver.send_at(&amounts, &k, &5, 1_000).await.unwrap();
+    let stopped = driver.send_at(&amounts, &k, &7, 61_000).await;
+    let error = stopped
+        .expect_err("the app went on past a failed close")
+        .to_string();
+    assert!(error.contains("the sink is down"), "{error}");
+    // The restart processes the event again: the window closes again, and
+    // the callback panics.
+    let error = driver
+        .restart()
+        .await
+        .expect_err("went on past a panic")
+        .to_string();
+    assert!(error.contains("panicked"), "{error}");
+    driver.restart().await.unwrap();
+    driver.run_until_idle().await.unwrap();
+    let sent: Vec<(String, u64)> = driver
+        .read(&out)
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.key, r.value))
+        .collect();
+    assert_eq!(
+        sent,
+        [(k, 5)],
+        "the window closed again, once, with its sum"
+    );
+    assert_eq!(calls.load(Ordering::SeqCst), 3);
+    driver.close().await.unwrap();
+}

@@ -86,7 +86,7 @@ pub use metrics::Metrics;
 pub use processor::{AgentError, Context, DecodeError, ErrorPolicy, ProcessFuture, Processor};
 pub use timer::{Schedule, Timer, TimerContext};
 pub use web::KeyParser;
-pub use windowed::{ClosedWindow, Window, WindowUpdate};
+pub use windowed::{ClosedWindow, Emitting, Window, WindowUpdate};
 
 use eos::Transactions;
 use listener::Listener;

@@ -15,7 +15,7 @@ use tokio::sync::{MappedMutexGuard, Mutex, MutexGuard};
 
 use crate::error::WorkerError;
 use crate::metrics::{Counter, Metrics};
-use crate::windowed::{self, Plan, PlanError, Window, WindowUpdate, Windowed};
+use crate::windowed::{self, Emitting, Plan, PlanError, Window, WindowUpdate, Windowed};
 
 /// What an agent's failure looks like to the runtime.
 pub type AgentError = Box<dyn std::error::Error + Send + Sync>;
@@ -174,6 +174,9 @@ struct Shared {
     failure: std::sync::Mutex<Option<WorkerError>>,
     /// The latest event time seen (`i64::MIN`: none yet).
     stream_time: std::sync::atomic::AtomicI64,
+    /// Updates of windowed tables whose closed windows are still being
+    /// emitted (see [`WindowUpdate`]).
+    emitting: Arc<std::sync::atomic::AtomicUsize>,
     /// The stream time at the last checkpoint: where an aborted
     /// transaction's events are processed again from.
     checkpointed_time: std::sync::atomic::AtomicI64,
@@ -216,6 +219,7 @@ impl Context {
                 metrics,
                 failure: std::sync::Mutex::new(None),
                 stream_time: std::sync::atomic::AtomicI64::new(i64::MIN),
+                emitting: Arc::default(),
                 checkpointed_time: std::sync::atomic::AtomicI64::new(i64::MIN),
             }),
         }
@@ -233,8 +237,10 @@ impl Context {
     }
 
     /// The partition's stream time: the latest event time its task has seen
-    /// since it started (`None` before its first event). It never goes back:
-    /// a late event leaves it where it is.
+    /// (`None` before its first event), or, once a windowed table is used,
+    /// the one its windows record, if later. A late event leaves it where
+    /// it is; it goes back only when an aborted transaction's events are
+    /// read again (to where it was at the last checkpoint).
     pub fn stream_time(&self) -> Option<i64> {
         let t = self
             .inner
@@ -315,6 +321,26 @@ impl Context {
         let table = plain(&state.tables, name)?;
         table.reads.inc();
         Ok(table.store.get(key)?)
+    }
+
+    /// Records that `what` failed for good with `error`, like a framework
+    /// call that did (see [`Context`]): the event is not committed and the
+    /// worker stops, whatever the agent's error policy. Returns the failure
+    /// for the agent to pass on. For failures that must not be skipped,
+    /// such as emitting a closed window, which is handed out only once.
+    pub fn fail(&self, what: &str, error: String) -> WorkerError {
+        let failed = || WorkerError::Framework {
+            partition: self.partition(),
+            what: what.to_owned(),
+            attempts: 1,
+            error: error.clone(),
+        };
+        self.inner
+            .failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_or_insert_with(failed);
+        failed()
     }
 
     /// Reports that table `name` holds a value at `key` that does not decode
@@ -498,7 +524,12 @@ impl Context {
         for (store_key, value) in changes {
             self.write_to(&mut table.store, store_key, value).await?;
         }
-        Ok(Ok(WindowUpdate { current, closed }))
+        let emitting = (!closed.is_empty()).then(|| Emitting::start(&self.inner.emitting));
+        Ok(Ok(WindowUpdate {
+            current,
+            closed,
+            emitting,
+        }))
     }
 
     /// A store error met by a windowed table: a codec error is damaged state.
@@ -610,8 +641,18 @@ impl Context {
                 });
             }
         }
+        // Closed windows still being emitted are not marked as emitted.
+        let emitting = self
+            .inner
+            .emitting
+            .load(std::sync::atomic::Ordering::Acquire)
+            > 0;
         for table in state.tables.values_mut() {
-            let mark = table.windows.as_mut().and_then(Windowed::checkpoint);
+            let mark = table
+                .windows
+                .as_mut()
+                .filter(|_| !emitting)
+                .and_then(Windowed::checkpoint);
             if let Some((key, value)) = mark {
                 self.write_to(&mut table.store, key, value).await?;
             }

@@ -190,6 +190,12 @@ async fn table_value(
         );
     };
     match ctx.windows(&table, &key_bytes).await {
+        Ok(Some(windows)) if windows.is_empty() => {
+            return error(
+                StatusCode::NOT_FOUND,
+                format!("{key:?} has no live windows in table {table:?}"),
+            )
+        }
         Ok(Some(windows)) => {
             let windows: Vec<_> = windows
                 .into_iter()

@@ -5,6 +5,8 @@
 //! [`Context::update_windows`](crate::Context::update_windows).
 
 use std::ops::Bound;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use strom_state::window::{stamp, unstamp, window_key, WindowIndex, Windowing, STREAM_TIME_KEY};
 use strom_state::{LoggedStore, StateError};
@@ -14,6 +16,10 @@ pub use strom_state::window::Window;
 use crate::metrics::Counter;
 
 /// What [`Context::update_windows`](crate::Context::update_windows) did.
+///
+/// Keep it until the closed windows are emitted: at least once, a
+/// checkpoint taken meanwhile does not count them as emitted, so a crash
+/// before their emission is acknowledged emits them again.
 #[derive(Debug)]
 pub struct WindowUpdate<R> {
     /// What the update function returned for the event's latest open window
@@ -23,6 +29,25 @@ pub struct WindowUpdate<R> {
     /// The windows of any key of this table partition that closed with this
     /// event, in order of end, then key: each is handed out once.
     pub closed: Vec<ClosedWindow>,
+    /// Held while `closed` is being emitted.
+    pub emitting: Option<Emitting>,
+}
+
+/// Counts an update whose closed windows are being emitted, until dropped.
+#[derive(Debug)]
+pub struct Emitting(Arc<AtomicUsize>);
+
+impl Emitting {
+    pub(crate) fn start(count: &Arc<AtomicUsize>) -> Emitting {
+        count.fetch_add(1, Ordering::AcqRel);
+        Emitting(count.clone())
+    }
+}
+
+impl Drop for Emitting {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// A window that closed, with its final value.
@@ -185,8 +210,21 @@ impl Windowed {
                 closed.push(ClosedWindow { key, window, value });
             }
         }
+        // At least once, a window is deleted only once its emission is
+        // known to be acknowledged (it closed by the last mark): else its
+        // tombstone could reach the changelog before the emission, and a
+        // crash would lose the window.
+        let expire_at = match (self.exactly_once, self.marked) {
+            (true, _) => stream_time,
+            (false, Some(marked)) => stream_time.min(
+                marked
+                    .saturating_sub(self.windowing.grace_ms())
+                    .saturating_add(self.windowing.retention()),
+            ),
+            (false, None) => i64::MIN,
+        };
         let mut changes: Vec<Change> = index
-            .expire(&self.windowing, stream_time)
+            .expire(&self.windowing, expire_at)
             .into_iter()
             .map(|(key, window)| (window_key(&key, window.start), None))
             .collect();
@@ -393,6 +431,43 @@ mod tests {
         let (_, closed) = count(&ctx, "b", 62_000).await;
         assert_eq!(closed, [("a".into(), 0, 1)], "closes again");
         assert_eq!(ctx.stream_time(), Some(62_000));
+    }
+
+    /// At least once, closed windows are marked as emitted only once no
+    /// update's emission is under way, and deleted only once marked (so
+    /// their tombstones cannot reach the changelog before their emission).
+    #[tokio::test]
+    async fn at_least_once_marks_and_expires_only_what_was_emitted() {
+        let cluster = MockCluster::new();
+        cluster.create_topic("counts-changelog", 1);
+        let short = Windowing::tumbling(Duration::from_secs(60)).expires(Duration::from_secs(60));
+        let store = Arc::new(MemoryStore::new());
+        let (ctx, _) = context(&cluster, store.clone(), short, false).await;
+        count(&ctx, "a", 1_000).await;
+        ctx.observe_event_time(130_000);
+        let held = ctx
+            .update_windows("counts", b"b", 130_000, |_| {
+                Ok::<_, ()>((1u64.to_be_bytes().to_vec(), ()))
+            })
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(held.closed.len(), 1, "a's [0, 60s) closed");
+        let a_windows = || async { ctx.windows("counts", b"a").await.unwrap().unwrap().len() };
+        assert_eq!(a_windows().await, 1, "not deleted before it is marked");
+        ctx.checkpoint(Durability::Fast).await.unwrap();
+        assert!(
+            store.get(STREAM_TIME_KEY).unwrap().is_none(),
+            "marked while its emission was under way"
+        );
+        drop(held);
+        ctx.checkpoint(Durability::Fast).await.unwrap();
+        let (marked, _) = unstamp(&store.get(STREAM_TIME_KEY).unwrap().unwrap())
+            .map(|(t, v)| (t, v.to_vec()))
+            .unwrap();
+        assert_eq!(marked, 130_000);
+        count(&ctx, "b", 131_000).await;
+        assert_eq!(a_windows().await, 0, "deleted once marked");
     }
 
     /// After an aborted transaction the windows close again, from the
