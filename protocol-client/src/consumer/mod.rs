@@ -271,9 +271,13 @@ pub struct Consumer {
     /// slice is decoded [`DECODE_CHUNK`] bytes at a time); its bytes still
     /// count as buffered.
     leftover: Option<Fetched>,
+    /// Whether the bytes of `leftover` no longer count as buffered.
+    leftover_released: bool,
     /// Fetched slices of paused partitions, not decoded (a record takes
-    /// several times its fetched bytes once decoded) until they are resumed;
-    /// their bytes still count as buffered.
+    /// several times its fetched bytes once decoded) until they are resumed.
+    /// Their bytes no longer count as buffered, so the other partitions go
+    /// on fetching; a paused partition fetches nothing more, so they are
+    /// bounded by what was fetched before the pause.
     parked: VecDeque<Fetched>,
     /// An error found after records that were returned first.
     pending_error: Option<Error>,
@@ -311,6 +315,7 @@ impl Consumer {
             config,
             ready: None,
             leftover: None,
+            leftover_released: false,
             parked: VecDeque::new(),
             pending_error: None,
         }
@@ -356,8 +361,10 @@ impl Consumer {
         Ok(())
     }
 
-    /// Stops fetching `tp` until [`Consumer::resume`]; records already buffered
-    /// are still returned.
+    /// Stops fetching `tp` until [`Consumer::resume`]. Records already
+    /// decoded (at most one decode chunk) are still returned; data already
+    /// fetched waits, undecoded and outside the read-ahead budget (so the
+    /// other partitions go on fetching), until the partition is resumed.
     pub fn pause(&mut self, tp: &TopicPartition) -> Result<()> {
         self.set_paused(tp, true)
     }
@@ -470,6 +477,18 @@ impl Consumer {
         out
     }
 
+    /// Takes `len` fetched bytes out of the read-ahead budget, waking the
+    /// fetcher when that makes room.
+    fn release(&self, len: usize) {
+        let mut shared = self.handle.lock();
+        shared.buffered -= len;
+        if shared.buffered + len >= self.config.max_buffered_bytes
+            && shared.buffered < self.config.max_buffered_bytes
+        {
+            self.handle.wake_fetcher.notify_one();
+        }
+    }
+
     /// Whether `fetched` is current data of a paused partition.
     fn is_paused(&self, fetched: &Fetched) -> bool {
         self.handle
@@ -496,14 +515,21 @@ impl Consumer {
         loop {
             let leftover = self.leftover.take();
             let is_leftover = leftover.is_some();
-            let mut fetched = match leftover.or_else(|| self.unparked()) {
-                Some(rest) => rest,
-                None => match self.rx.recv().await {
-                    Some(fetched) => fetched,
-                    None => return Err(Error::Closed("consumer fetcher")),
+            // Whether its bytes no longer count as buffered (parked data).
+            let (mut fetched, released) = match leftover {
+                Some(rest) => (rest, self.leftover_released),
+                None => match self.unparked() {
+                    Some(parked) => (parked, true),
+                    None => match self.rx.recv().await {
+                        Some(fetched) => (fetched, false),
+                        None => return Err(Error::Closed("consumer fetcher")),
+                    },
                 },
             };
             if self.is_paused(&fetched) {
+                if !released {
+                    self.release(fetched.result.as_ref().map_or(0, Bytes::len));
+                }
                 // A leftover is the earliest data of its partition: it goes
                 // before whatever of it was parked meanwhile.
                 if is_leftover {
@@ -522,17 +548,14 @@ impl Consumer {
                         aborted: Vec::new(),
                         result: Ok(rest),
                     });
+                    self.leftover_released = released;
                 }
             }
-            let len = fetched.result.as_ref().map_or(0, Bytes::len);
+            if !released {
+                self.release(fetched.result.as_ref().map_or(0, Bytes::len));
+            }
             let current = {
                 let mut shared = self.handle.lock();
-                shared.buffered -= len;
-                if shared.buffered + len >= self.config.max_buffered_bytes
-                    && shared.buffered < self.config.max_buffered_bytes
-                {
-                    self.handle.wake_fetcher.notify_one();
-                }
                 shared
                     .partitions
                     .get_mut(&fetched.tp)
@@ -1364,7 +1387,9 @@ mod tests {
             .await
             .unwrap();
         let config = ConsumerConfig {
-            max_buffered_bytes: 64 << 20,
+            // A budget a paused partition's parked data could fill: the
+            // other partition must go on regardless.
+            max_buffered_bytes: 200_000,
             // Slices larger than a decode chunk, so leftovers get parked.
             max_partition_fetch_bytes: 400_000,
             ..ConsumerConfig::default()

@@ -607,9 +607,9 @@ impl GroupConsumer {
         }
     }
 
-    /// Stops fetching `tp` (owned by this member) until [`GroupConsumer::resume`];
-    /// records already fetched are still returned. A rebalance that moves `tp`
-    /// away forgets the pause.
+    /// Stops fetching `tp` (owned by this member) until [`GroupConsumer::resume`]
+    /// (see [`Consumer::pause`](crate::consumer::Consumer::pause)). A
+    /// rebalance that moves `tp` away forgets the pause.
     pub fn pause(&mut self, tp: &TopicPartition) -> Result<()> {
         self.consumer.pause(tp)
     }
