@@ -648,12 +648,11 @@ impl Context {
             .load(std::sync::atomic::Ordering::Acquire)
             > 0;
         for table in state.tables.values_mut() {
-            let mark = table
-                .windows
-                .as_mut()
-                .filter(|_| !emitting)
-                .and_then(Windowed::checkpoint);
-            if let Some((key, value)) = mark {
+            let marks = match &mut table.windows {
+                Some(windows) if !emitting => windows.checkpoint(),
+                _ => Vec::new(),
+            };
+            for (key, value) in marks {
                 self.write_to(&mut table.store, key, value).await?;
             }
             table.store.flush(durability).await?;
