@@ -14,7 +14,7 @@ pub enum Error {
         source: crate::codec::CodecError,
     },
     /// A table write for a key of another partition.
-    #[error("table {table:?}: the key belongs to partition {key_partition} but this event is from partition {partition}; group_by the stream by the table's key first")]
+    #[error("table {table:?}: the key belongs to partition {key_partition} but this event is from partition {partition}; group_by the stream by the table's key first, or, if the stream is keyed by it, have its producer partition by murmur2 of the key as the Java client does (librdkafka's default partitioner does not: set partitioner=murmur2_random)")]
     CoPartition {
         /// The table.
         table: String,
