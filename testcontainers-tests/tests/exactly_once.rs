@@ -349,15 +349,16 @@ async fn wait_counted(
     }
 }
 
-/// The table as a fresh worker restores it: the changelog replayed with
-/// `isolation` into empty stores.
-async fn restored_table(
+/// Each partition of `table`'s store as a fresh worker restores it: the
+/// changelog replayed with `isolation` into an empty store.
+async fn restored_stores(
     client: &Client,
     names: &Names,
+    table: &str,
     isolation: IsolationLevel,
-) -> BTreeMap<String, u64> {
-    let topic = changelog::topic_name(&names.id, "word-counts");
-    let mut out = BTreeMap::new();
+) -> Vec<Arc<dyn Store>> {
+    let topic = changelog::topic_name(&names.id, table);
+    let mut stores = Vec::new();
     for p in 0..PARTITIONS {
         let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
         recover_with_progress(
@@ -370,6 +371,19 @@ async fn restored_table(
         )
         .await
         .unwrap();
+        stores.push(store);
+    }
+    stores
+}
+
+/// The table as a fresh worker restores it (see [`restored_stores`]).
+async fn restored_table(
+    client: &Client,
+    names: &Names,
+    isolation: IsolationLevel,
+) -> BTreeMap<String, u64> {
+    let mut out = BTreeMap::new();
+    for store in restored_stores(client, names, "word-counts", isolation).await {
         for (k, v) in store
             .range(
                 std::ops::Bound::Unbounded,
@@ -972,20 +986,8 @@ async fn windowed_run_with_kills(
     };
     assert!(a.terminate(), "worker A did not stop cleanly on SIGTERM");
     assert!(b.terminate(), "worker B did not stop cleanly on SIGTERM");
-    let topic = changelog::topic_name(&names.id, "views-per-minute");
     let mut entries = 0;
-    for p in 0..PARTITIONS {
-        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
-        recover_with_progress(
-            &client,
-            store.clone(),
-            &topic,
-            p,
-            isolation,
-            &RecoveryProgress::default(),
-        )
-        .await
-        .unwrap();
+    for store in restored_stores(&client, &names, "views-per-minute", isolation).await {
         entries += store.len().unwrap() as usize;
     }
     (truth, closed, entries)
