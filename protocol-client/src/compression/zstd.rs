@@ -2,22 +2,30 @@
 //!
 //! Written here because ruzstd's compressor, the only mature pure-Rust one,
 //! spent most of a zstd producer's time in its match finder: Strom produced
-//! zstd at under half librdkafka's rate. This one makes the simplest frames
-//! every zstd reader accepts:
+//! zstd at under half librdkafka's rate. This one writes frames that
+//! every zstd reader accepts, simply:
 //!
 //! - one frame with its content size and the single-segment flag, so a match
 //!   may reach back to the frame's first byte;
 //! - blocks of at most 128 KiB, each compressed or, when that would not be
 //!   smaller, stored raw;
-//! - matches found greedily through one hash table of 5-byte prefixes, with
-//!   larger steps over data that does not match (as LZ4 and zstd's fastest
-//!   levels do);
-//! - literals stored raw, sequences coded with the predefined FSE tables.
+//! - matches found greedily: first the last match's offset again (rows of
+//!   one layout repeat at one distance, and a repeated offset costs no
+//!   bits), then one hash table of 5-byte prefixes, with larger steps over
+//!   data that does not match (as LZ4 and zstd's fastest levels do);
+//! - literals Huffman-coded when that is smaller (four streams, the weights
+//!   written directly, so for bytes up to 128), else stored raw;
+//! - sequences coded per block and per kind with one repeated symbol (RLE)
+//!   where there is one, the predefined FSE tables for few sequences, and
+//!   otherwise FSE tables described for the block's own counts.
 //!
-//! Its ratio is close to LZ4's rather than to zstd level 1's (which also
-//! Huffman-codes literals and picks its own FSE tables); what is read back is
-//! always exactly what was written, tested by the property tests below and,
+//! About 0.6-0.9 GB/s on records and JSON lines; output smaller than
+//! ruzstd's fastest level and LZ4's, up to 1.5x zstd level 1's (which
+//! finds longer matches). What is read back is always
+//! exactly what was written, tested by the property tests below and,
 //! against libzstd, by the librdkafka interop tests.
+
+mod huffman;
 
 use bytes::{BufMut, BytesMut};
 
@@ -253,19 +261,9 @@ impl Block {
     /// returns its size.
     fn encode(&self, repeat: &mut u32, out: &mut BytesMut) -> usize {
         let before = out.len();
-        // Raw literals: type 0, the size in 5, 12 or 20 bits.
-        let n = self.literals.len();
-        if n < 32 {
-            out.put_u8((n as u8) << 3);
-        } else if n < 4096 {
-            out.put_u8(0b0100 | (n as u8 & 0xF) << 4);
-            out.put_u8((n >> 4) as u8);
-        } else {
-            out.put_u8(0b1100 | (n as u8 & 0xF) << 4);
-            out.put_u8((n >> 4) as u8);
-            out.put_u8((n >> 12) as u8);
+        if !huffman::encode(&self.literals, out) {
+            raw_literals(&self.literals, out);
         }
-        out.extend_from_slice(&self.literals);
         let count = self.sequences.len();
         if count < 128 {
             out.put_u8(count as u8);
@@ -281,6 +279,22 @@ impl Block {
         }
         out.len() - before
     }
+}
+
+/// A raw literals section: type 0, the size in 5, 12 or 20 bits, the bytes.
+fn raw_literals(literals: &[u8], out: &mut BytesMut) {
+    let n = literals.len();
+    if n < 32 {
+        out.put_u8((n as u8) << 3);
+    } else if n < 4096 {
+        out.put_u8(0b0100 | (n as u8 & 0xF) << 4);
+        out.put_u8((n >> 4) as u8);
+    } else {
+        out.put_u8(0b1100 | (n as u8 & 0xF) << 4);
+        out.put_u8((n >> 4) as u8);
+        out.put_u8((n >> 12) as u8);
+    }
+    out.extend_from_slice(literals);
 }
 
 /// The sequences section after its count: the compression mode of each of
@@ -973,6 +987,17 @@ mod tests {
                 }
             }
             round_trip(&data);
+        }
+
+        /// Literals the Huffman coder takes (bytes up to 128), skewed or
+        /// flat; bytes above 128 (stored raw) are in the codec tests.
+        #[test]
+        fn literals_round_trip(
+            data in proptest::collection::vec(prop_oneof![6 => Just(b'e'), 3 => 0u8..=128], 0..20_000),
+            flat in proptest::collection::vec(0u8..=128, 0..3_000),
+        ) {
+            round_trip(&data);
+            round_trip(&flat);
         }
     }
 }
