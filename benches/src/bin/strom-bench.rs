@@ -85,6 +85,10 @@ enum Command {
         /// Records per transaction with `--transactional`.
         #[arg(long, default_value_t = 10_000)]
         txn_records: u64,
+        /// Records without keys, as `rdkafka_performance -P` sends them
+        /// (spread by the sticky partitioner).
+        #[arg(long)]
+        no_keys: bool,
     },
     /// M group consumers in one process read the topic from the group's
     /// committed offsets (earliest for a new group) until N records arrived.
@@ -252,6 +256,7 @@ fn main() -> ExitCode {
                 idempotent,
                 transactional,
                 txn_records,
+                no_keys,
             } => {
                 let config = ProducerConfig {
                     acks: acks.parse()?,
@@ -263,7 +268,7 @@ fn main() -> ExitCode {
                     ..ProducerConfig::default()
                 };
                 let per_txn = transactional.then_some(txn_records.max(1));
-                produce(&target, size, partitions, config, per_txn).await
+                produce(&target, size, partitions, config, per_txn, !no_keys).await
             }
             Command::GroupConsume {
                 target,
@@ -379,6 +384,7 @@ async fn produce(
     partitions: i32,
     config: ProducerConfig,
     per_txn: Option<u64>,
+    keys: bool,
 ) -> Result<bool, Error> {
     let (topic, messages) = (target.topic.as_str(), target.messages);
     let client = Client::connect(client_config(&target.brokers)?).await?;
@@ -410,9 +416,11 @@ async fn produce(
         let _ = write!(key, "key-{i}");
         fill_value(&mut value, i, size);
         bytes += value.len() as u64;
-        let d = producer
-            .send(ProducerRecord::to(topic).key(&key).value(&value))
-            .await?;
+        let mut record = ProducerRecord::to(topic).value(&value);
+        if keys {
+            record = record.key(&key);
+        }
+        let d = producer.send(record).await?;
         deliveries.push(d);
         if per_txn.is_some_and(|k| (i + 1) % k == 0) {
             producer.commit_transaction().await?;
@@ -484,10 +492,13 @@ impl Tally {
             self.received += 1;
             let value = r.value.as_deref().unwrap_or_default();
             self.bytes += value.len() as u64;
-            let index = r
-                .key
-                .as_deref()
-                .and_then(|k| k.strip_prefix(b"key-"))
+            // The key says which record it is, or, for records produced
+            // without keys, the value's `{i}:` prefix.
+            let index = match r.key.as_deref() {
+                Some(k) => k.strip_prefix(b"key-"),
+                None => value.split(|&b| b == b':').next(),
+            };
+            let index = index
                 .and_then(|k| std::str::from_utf8(k).ok())
                 .and_then(|k| k.parse::<usize>().ok())
                 .filter(|&i| i < self.seen.len());
