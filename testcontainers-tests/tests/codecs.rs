@@ -84,8 +84,17 @@ fn librdkafka(args: &[&str]) -> String {
 
 /// The codec ids of every data batch of `topic`, read raw.
 async fn codecs_in(client: &Client, topic: &str) -> BTreeSet<i16> {
+    batches_in(client, topic)
+        .await
+        .into_iter()
+        .map(|(_, codec)| codec)
+        .collect()
+}
+
+/// Every data batch of `topic`, read raw: (partition, codec id).
+async fn batches_in(client: &Client, topic: &str) -> Vec<(i32, i16)> {
     let conn = client.any_broker().await.unwrap();
-    let mut codecs = BTreeSet::new();
+    let mut batches = Vec::new();
     for p in 0..PARTITIONS {
         let mut offset = 0;
         loop {
@@ -115,7 +124,7 @@ async fn codecs_in(client: &Client, topic: &str) -> BTreeSet<i16> {
                 if batch.last_offset() >= offset {
                     offset = batch.last_offset() + 1;
                     if !batch.is_control() {
-                        codecs.insert(batch.attributes & 7);
+                        batches.push((p, batch.attributes & 7));
                     }
                 }
             }
@@ -124,7 +133,7 @@ async fn codecs_in(client: &Client, topic: &str) -> BTreeSet<i16> {
             }
         }
     }
-    codecs
+    batches
 }
 
 /// Every record of `topic` as Strom's consumer reads it: (partition,
@@ -221,6 +230,62 @@ async fn librdkafka_reads_what_strom_writes_with_every_codec() {
         assert_exact(codec, &got);
         eprintln!("{codec}: librdkafka read all {RECORDS} records Strom wrote");
     }
+}
+
+/// One zstd batch bigger than a zstd block (128 KiB), so its frame has
+/// several blocks whose matches reach back across them, is read exactly by
+/// librdkafka (libzstd).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn librdkafka_reads_a_zstd_batch_of_several_blocks() {
+    let broker = TestBroker::start().await;
+    let client = broker.client().await;
+    let topic = unique_topic("from-strom-zstd-blocks");
+    client
+        .create_topic(NewTopic::new(&topic, PARTITIONS, 1))
+        .await
+        .unwrap();
+    let producer = Producer::new(
+        client.clone(),
+        ProducerConfig {
+            compression: Compression::Zstd,
+            linger: Duration::from_secs(30),
+            ..ProducerConfig::default()
+        },
+    )
+    .unwrap();
+    let mut bytes = 0;
+    for i in 0..RECORDS {
+        let (key, v) = (format!("k{i}"), value(i));
+        bytes += key.len() + v.len();
+        producer
+            .send(
+                ProducerRecord::to(&topic)
+                    .partition(0)
+                    .key(key.as_bytes())
+                    .value(v.as_bytes()),
+            )
+            .await
+            .unwrap();
+    }
+    producer.flush().await.unwrap();
+    assert!(bytes > 128 << 10, "only {bytes} bytes: one block");
+    assert_eq!(
+        batches_in(&client, &topic).await,
+        [(0, Compression::Zstd.id())]
+    );
+    let out = librdkafka(&[
+        "consume",
+        &broker.bootstrap,
+        &topic,
+        &RECORDS.to_string(),
+        &PARTITIONS.to_string(),
+    ]);
+    let got: Vec<(i32, i64, String, String)> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_exact(Compression::Zstd, &got);
+    eprintln!("librdkafka read one zstd batch of {bytes} bytes of keys and values exactly");
 }
 
 /// Records librdkafka writes with each codec are read exactly by Strom.
