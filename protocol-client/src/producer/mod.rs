@@ -92,6 +92,13 @@ pub struct ProducerConfig {
     /// Produce requests in flight per broker (each partition has at most one).
     /// Default 5.
     pub max_in_flight: usize,
+    /// Bytes of batches (before compression) one Produce request should
+    /// carry (Java's `max.request.size`). Batches ready for one broker
+    /// beyond that go in further requests while `max_in_flight` allows, so
+    /// the broker works on one request while the next is on its way and
+    /// partitions come free one by one; a batch bigger than this still
+    /// goes, alone. Default 1 MiB.
+    pub max_request_size: usize,
     /// Idempotent delivery: a producer id and per-partition sequence numbers
     /// let the broker drop the duplicates retries would otherwise write (Java's
     /// `enable.idempotence`). Requires [`Acks::All`]. Default true.
@@ -115,6 +122,7 @@ impl Default for ProducerConfig {
             buffer_memory: 64 * 1024 * 1024,
             delivery_timeout: Duration::from_secs(120),
             max_in_flight: 5,
+            max_request_size: 1 << 20,
             idempotence: true,
             transactional_id: None,
             transaction_timeout: Duration::from_secs(60),
@@ -803,5 +811,49 @@ mod tests {
             log.accepted[0], b"0000",
             "the refused first batch was not retried first"
         );
+    }
+
+    /// Batches ready for one broker go in requests of `max_request_size`,
+    /// as many as `max_in_flight` allows (the rest in the last one), so the
+    /// broker is not handed every partition's batch in one request that
+    /// comes back all at once.
+    #[tokio::test]
+    async fn ready_batches_are_spread_over_requests() {
+        use crate::mock::{Action, MockCluster};
+        for (max_request_size, expected) in [(1 << 20, vec![6]), (1, vec![1, 1, 1, 1, 2])] {
+            let cluster = MockCluster::new();
+            cluster.create_topic("t", 6);
+            let seen = Arc::new(Mutex::new(Vec::new()));
+            let log = seen.clone();
+            cluster.set_hook(move |call| {
+                if call.api == ApiKey::Produce {
+                    log.lock().unwrap().push(call.partitions.len());
+                }
+                Action::Answer
+            });
+            let client = Client::connect(cluster.client_config()).await.unwrap();
+            let producer = Producer::new(
+                client,
+                ProducerConfig {
+                    max_request_size,
+                    linger: std::time::Duration::from_secs(60),
+                    ..ProducerConfig::default()
+                },
+            )
+            .unwrap();
+            for p in 0..6 {
+                producer
+                    .send(ProducerRecord::to("t").partition(p).value(b"v"))
+                    .await
+                    .unwrap();
+            }
+            producer.flush().await.unwrap();
+            let mut seen = seen.lock().unwrap().clone();
+            seen.sort();
+            assert_eq!(seen, expected, "max_request_size {max_request_size}");
+            for p in 0..6 {
+                assert_eq!(cluster.records("t", p).len(), 1);
+            }
+        }
     }
 }

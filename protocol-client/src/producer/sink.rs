@@ -120,17 +120,21 @@ pub(super) async fn run(inner: Arc<Inner>) {
             fail(&inner, out, err);
         }
         for (broker, batches) in sendable {
-            *in_flight.entry(broker).or_default() += 1;
-            let completions = batches
-                .iter()
-                .map(|o| Outgoing {
-                    topic: o.topic.clone(),
-                    partition: o.partition,
-                    batch: shadow(&o.batch),
-                })
-                .collect();
-            let handle = requests.spawn(produce(inner.clone(), broker, batches));
-            carried.insert(handle.id(), (broker, completions));
+            let busy = in_flight.get(&broker).copied().unwrap_or(0);
+            let free = inner.config.max_in_flight.saturating_sub(busy).max(1);
+            for batches in split_requests(batches, inner.config.max_request_size, free) {
+                *in_flight.entry(broker).or_default() += 1;
+                let completions = batches
+                    .iter()
+                    .map(|o| Outgoing {
+                        topic: o.topic.clone(),
+                        partition: o.partition,
+                        batch: shadow(&o.batch),
+                    })
+                    .collect();
+                let handle = requests.spawn(produce(inner.clone(), broker, batches));
+                carried.insert(handle.id(), (broker, completions));
+            }
         }
         if !to_add.is_empty() {
             let identity = inner.accumulator().identity;
@@ -203,6 +207,33 @@ pub(super) async fn run(inner: Arc<Inner>) {
             }
         }
     }
+}
+
+/// The batches ready for one broker as requests of at most `max_bytes`
+/// each (a bigger batch alone), no more than `slots` of them: what would
+/// need more goes in the last one.
+fn split_requests(batches: Vec<Outgoing>, max_bytes: usize, slots: usize) -> Vec<Vec<Outgoing>> {
+    let mut requests: Vec<Vec<Outgoing>> = Vec::new();
+    let mut size = 0;
+    for out in batches {
+        let bytes = out
+            .batch
+            .sealed
+            .as_ref()
+            .map_or_else(|| out.batch.builder.size(), |b| b.len());
+        let full = requests.len() >= slots;
+        match requests.last_mut() {
+            Some(last) if size + bytes <= max_bytes || full => {
+                size += bytes;
+                last.push(out);
+            }
+            _ => {
+                size = bytes;
+                requests.push(vec![out]);
+            }
+        }
+    }
+    requests
 }
 
 async fn sleep_until(at: Option<Instant>) {
