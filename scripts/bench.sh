@@ -20,7 +20,8 @@ source scripts/test-broker.sh
 
 run=$(date +%s)
 echo "# strom-client, $messages records of $size bytes, $compression, broker $brokers" >&2
-"$bench" produce --brokers "$brokers" --topic "strom-bench-$run" --messages "$messages" --size "$size" --compression "$compression"
+# Without keys, as rdkafka_performance -P sends its records.
+"$bench" produce --brokers "$brokers" --topic "strom-bench-$run" --messages "$messages" --size "$size" --compression "$compression" --no-keys
 "$bench" consume --brokers "$brokers" --topic "strom-bench-$run" --messages "$messages"
 
 anchor=${STROM_ANCHOR:-../shared/anchors/librdkafka-perf}
