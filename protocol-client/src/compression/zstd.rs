@@ -5,8 +5,9 @@
 //! zstd at under half librdkafka's rate. This one writes frames that
 //! every zstd reader accepts, simply:
 //!
-//! - one frame with its content size and the single-segment flag, so a match
-//!   may reach back to the frame's first byte;
+//! - one frame with its content size; up to 128 MiB it is one segment (a
+//!   match may reach back to the frame's first byte), beyond that it
+//!   declares a 128 MiB window, the most libzstd's streaming decoders take;
 //! - blocks of at most 128 KiB, each compressed or, when that would not be
 //!   smaller, stored raw;
 //! - matches found greedily: first the last match's offset again (rows of
@@ -37,8 +38,11 @@ const MIN_MATCH: usize = 4;
 /// Hash table sizes: 2^10 to 2^16 entries, grown with the input.
 const HASH_LOG_MIN: u32 = 10;
 const HASH_LOG_MAX: u32 = 16;
-/// The predefined offset table codes offsets below 2^28 - 3.
-const MAX_OFFSET: usize = (1 << 28) - 4;
+/// The largest window a frame declares: 128 MiB, the most libzstd's
+/// streaming decoders (zstd-jni in Java clients among them) accept by
+/// default. A bigger input gets a window descriptor instead of the
+/// single-segment flag, and matches reach back no further than this.
+const WINDOW_LOG_MAX: u32 = 27;
 
 /// Block types of a block header.
 const RAW_BLOCK: u32 = 0;
@@ -46,13 +50,20 @@ const COMPRESSED_BLOCK: u32 = 2;
 
 /// Appends `input` to `out` as one zstd frame.
 pub(crate) fn compress(input: &[u8], out: &mut BytesMut) {
-    write_frame_header(input.len(), out);
+    compress_in_window(input, WINDOW_LOG_MAX, out);
+}
+
+/// [`compress`] with matches reaching back at most `2^window_log` bytes.
+fn compress_in_window(input: &[u8], window_log: u32, out: &mut BytesMut) {
+    let window = write_frame_header(input.len(), window_log, out);
     let hash_log = (usize::BITS - input.len().leading_zeros()).clamp(HASH_LOG_MIN, HASH_LOG_MAX);
     let mut matcher = Matcher {
         input,
         table: vec![0; 1 << hash_log],
         shift: 64 - hash_log,
         last_offset: 1,
+        // Offset values (offset + 3) stay below 2^28 either way.
+        max_offset: window.min((1 << 28) - 4),
     };
     // The decoder's last offset (its first repeat offset), as of the last
     // compressed block: a raw block leaves it as it was.
@@ -85,23 +96,39 @@ pub(crate) fn compress(input: &[u8], out: &mut BytesMut) {
     }
 }
 
-/// Magic number, descriptor (single segment, no checksum, no dictionary)
-/// and the content size in the fewest bytes that hold it.
-fn write_frame_header(len: usize, out: &mut BytesMut) {
+/// Magic number, descriptor (no checksum, no dictionary), the window and
+/// the content size in the fewest bytes that hold it; returns the window.
+/// Content that fits the window is one segment: the window is the content.
+fn write_frame_header(len: usize, window_log: u32, out: &mut BytesMut) -> usize {
     const SINGLE_SEGMENT: u8 = 1 << 5;
     out.put_u32_le(MAGIC);
-    if len < 256 {
-        out.put_u8(SINGLE_SEGMENT);
-        out.put_u8(len as u8);
-    } else if len < 256 + (1 << 16) {
-        out.put_u8(SINGLE_SEGMENT | 1 << 6);
-        out.put_u16_le((len - 256) as u16);
-    } else if let Ok(len) = u32::try_from(len) {
-        out.put_u8(SINGLE_SEGMENT | 2 << 6);
-        out.put_u32_le(len);
+    let window = 1usize << window_log;
+    let single = len <= window;
+    let flags = if single { SINGLE_SEGMENT } else { 0 };
+    let size_flag: u8 = if len < 256 && single {
+        0
+    } else if (256..256 + (1 << 16)).contains(&len) {
+        1
+    } else if u32::try_from(len).is_ok() {
+        2
     } else {
-        out.put_u8(SINGLE_SEGMENT | 3 << 6);
-        out.put_u64_le(len as u64);
+        3
+    };
+    out.put_u8(flags | size_flag << 6);
+    if !single {
+        // Window_Descriptor: exponent (log - 10), mantissa 0.
+        out.put_u8(((window_log - 10) as u8) << 3);
+    }
+    match size_flag {
+        0 => out.put_u8(len as u8),
+        1 => out.put_u16_le((len - 256) as u16),
+        2 => out.put_u32_le(len as u32),
+        _ => out.put_u64_le(len as u64),
+    }
+    if single {
+        len
+    } else {
+        window
     }
 }
 
@@ -113,6 +140,8 @@ struct Matcher<'a> {
     shift: u32,
     /// The offset of the last match found.
     last_offset: usize,
+    /// The farthest back a match may reach: the frame's window.
+    max_offset: usize,
 }
 
 impl Matcher<'_> {
@@ -150,7 +179,7 @@ impl Matcher<'_> {
             let candidate = self.table[h] as usize;
             self.table[h] = at as u32;
             let found = candidate < at
-                && at - candidate <= MAX_OFFSET
+                && at - candidate <= self.max_offset
                 && read_u32(input, candidate) == read_u32(input, at);
             if !found {
                 // Step faster the longer nothing has matched.
@@ -842,7 +871,8 @@ mod tests {
         assert!(out.len() <= data.len() + 4 + 1 + 4 + 3 * 3, "{}", out.len());
     }
 
-    /// Every sequence count form (1, 2 and 3 bytes) and long literal runs.
+    /// The 1- and 2-byte sequence count forms (3 bytes: below) and long
+    /// literal runs.
     #[test]
     fn many_short_matches_round_trip() {
         // 4-byte repeats separated by one unique byte: a sequence every 5 bytes.
@@ -856,6 +886,129 @@ mod tests {
                 .collect();
             round_trip(&data);
         }
+    }
+
+    /// xorshift bytes: data that does not compress.
+    fn noise(n: usize, seed: u64) -> Vec<u8> {
+        let mut x = seed | 1;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    /// Content bigger than the window gets a window descriptor instead of
+    /// the single-segment flag, and no match reaches back past the window,
+    /// even where the same bytes came earlier.
+    #[test]
+    fn matches_stay_within_a_declared_window() {
+        let window_log = 17;
+        let repeated = noise(60_000, 7);
+        let data = [repeated.clone(), noise(200_000, 9), repeated].concat();
+        let mut out = BytesMut::new();
+        compress_in_window(&data, window_log, &mut out);
+        assert_eq!(out[4] & 1 << 5, 0, "single-segment flag set");
+        assert_eq!(out[5], ((window_log - 10) as u8) << 3, "window descriptor");
+        assert_eq!(
+            super::super::Compression::Zstd.decompress(&out).unwrap(),
+            data
+        );
+        let mut matcher = Matcher {
+            input: &data,
+            table: vec![0; 1 << 16],
+            shift: 48,
+            last_offset: 1,
+            max_offset: 1 << window_log,
+        };
+        let mut block = Block::default();
+        let mut start = 0;
+        while start < data.len() {
+            let end = (start + BLOCK_MAX).min(data.len());
+            block.clear();
+            matcher.find(start, end, &mut block);
+            assert!(block.sequences.iter().all(|s| s.offset <= 1 << window_log));
+            start = end;
+        }
+    }
+
+    /// A raw block between compressed ones leaves the decoder's repeat
+    /// offset as it was, so the encoder must forget what it coded there.
+    /// Block 1: rows (last offset a row's length). Block 2: noise with one
+    /// 5-byte match 30 bytes back, not worth its sequence, so stored raw.
+    /// Block 3: one byte, then a match 30 bytes back, which must be coded
+    /// as an offset, not as "the last offset again".
+    #[test]
+    fn repeat_offsets_survive_a_raw_block() {
+        let mut data = records(1_300);
+        data.truncate(BLOCK_MAX);
+        data.extend(noise(BLOCK_MAX, 3));
+        let piece = BLOCK_MAX + 5;
+        data.copy_within(piece..piece + 5, piece + 30);
+        data.push(b'z');
+        for _ in 0..20 {
+            data.push(data[data.len() - 30]);
+        }
+        data.extend(records(1_000));
+        let out = round_trip(&data);
+        // The middle block is the raw one (type 0 after block 1).
+        let first_size = (u32::from_le_bytes([out[9], out[10], out[11], 0]) >> 3) as usize;
+        let second = 9 + 3 + first_size;
+        assert_eq!(out[second] >> 1 & 3, 0, "the middle block is not raw");
+    }
+
+    /// More than 0x7F00 sequences in one block: the 3-byte count form.
+    #[test]
+    fn a_block_of_the_most_sequences_round_trips() {
+        let count = 0x7F00 + 100;
+        let mut block = Block::default();
+        block.push(b"abcd", 4, 4);
+        for _ in 1..count {
+            block.push(b"", 4, 4);
+        }
+        let len = 4 + 4 * count;
+        assert!(len <= BLOCK_MAX);
+        let mut out = BytesMut::new();
+        write_frame_header(len, WINDOW_LOG_MAX, &mut out);
+        let header_at = out.len();
+        out.put_bytes(0, 3);
+        let size = block.encode(&mut 1, &mut out);
+        let header = 1 | COMPRESSED_BLOCK << 1 | (size as u32) << 3;
+        out[header_at..header_at + 3].copy_from_slice(&header.to_le_bytes()[..3]);
+        let back = super::super::Compression::Zstd.decompress(&out).unwrap();
+        assert_eq!(back, b"abcd".repeat(1 + count));
+    }
+
+    /// Literals whose Huffman code would be deeper than 11 bits (counts
+    /// growing like Fibonacci's) are coded with the limited lengths and
+    /// decode exactly.
+    #[test]
+    fn literals_needing_limited_code_lengths_round_trip() {
+        let (mut a, mut b) = (1usize, 1usize);
+        let mut data = Vec::new();
+        for symbol in 0..22u8 {
+            data.extend(std::iter::repeat_n(symbol * 5, a));
+            (a, b) = (b, a + b);
+        }
+        // Shuffled, so that few matches take the literals away.
+        let mut x = 0x9E37_79B9u64;
+        for i in (1..data.len()).rev() {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            data.swap(i, (x % (i as u64 + 1)) as usize);
+        }
+        let mut counts = [0u32; 256];
+        data.iter().for_each(|&b| counts[b as usize] += 1);
+        assert!(huffman_depth_over_limit(&counts));
+        round_trip(&data);
+    }
+
+    fn huffman_depth_over_limit(counts: &[u32]) -> bool {
+        huffman::tests_support::unlimited_depth(counts) > 11
     }
 
     /// Every literal length, match length and offset code maps back to the
@@ -883,7 +1036,7 @@ mod tests {
                 assert_eq!(base + c.extra, len);
             }
         }
-        for offset in [1, 2, 5, 1000, MAX_OFFSET as u32] {
+        for offset in [1, 2, 5, 1000, (1 << 28) - 4] {
             let c = offset_code(offset + 3);
             assert!(c.code <= 28);
             assert_eq!((1 << c.code) + c.extra - 3, offset);

@@ -92,8 +92,9 @@ pub struct ProducerConfig {
     /// Produce requests in flight per broker (each partition has at most one).
     /// Default 5.
     pub max_in_flight: usize,
-    /// Bytes of batches (before compression) one Produce request should
-    /// carry (Java's `max.request.size`). Batches ready for one broker
+    /// Bytes of batches one Produce request should carry (Java's
+    /// `max.request.size`; counted before compression, and after it for a
+    /// batch sent again). Batches ready for one broker
     /// beyond that go in further requests while `max_in_flight` allows, so
     /// the broker works on one request while the next is on its way and
     /// partitions come free one by one; a batch bigger than this still

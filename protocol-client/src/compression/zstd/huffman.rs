@@ -166,6 +166,18 @@ fn canonical_codes(lengths: &[u32]) -> Vec<u32> {
 }
 
 #[cfg(test)]
+pub(super) mod tests_support {
+    /// The depth an unlimited Huffman code for `counts` would reach.
+    pub(in crate::compression::zstd) fn unlimited_depth(counts: &[u32]) -> u32 {
+        let last = counts.iter().rposition(|&c| c > 0).unwrap_or(0);
+        super::huffman_lengths(&counts[..=last])
+            .into_iter()
+            .max()
+            .unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
