@@ -82,6 +82,21 @@ fn librdkafka(args: &[&str]) -> String {
     String::from_utf8(out.stdout).expect("librdkafka printed no UTF-8")
 }
 
+/// Every record of `topic` as librdkafka reads it: (partition, offset,
+/// key, value).
+fn librdkafka_reads(bootstrap: &str, topic: &str) -> Vec<(i32, i64, String, String)> {
+    let out = librdkafka(&[
+        "consume",
+        bootstrap,
+        topic,
+        &RECORDS.to_string(),
+        &PARTITIONS.to_string(),
+    ]);
+    out.lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
 /// The codec ids of every data batch of `topic`, read raw.
 async fn codecs_in(client: &Client, topic: &str) -> BTreeSet<i16> {
     batches_in(client, topic)
@@ -216,18 +231,7 @@ async fn librdkafka_reads_what_strom_writes_with_every_codec() {
             BTreeSet::from([codec.id()]),
             "{codec}: the batches do not carry the codec"
         );
-        let out = librdkafka(&[
-            "consume",
-            &broker.bootstrap,
-            &topic,
-            &RECORDS.to_string(),
-            &PARTITIONS.to_string(),
-        ]);
-        let got: Vec<(i32, i64, String, String)> = out
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect();
-        assert_exact(codec, &got);
+        assert_exact(codec, &librdkafka_reads(&broker.bootstrap, &topic));
         eprintln!("{codec}: librdkafka read all {RECORDS} records Strom wrote");
     }
 }
@@ -273,18 +277,10 @@ async fn librdkafka_reads_a_zstd_batch_of_several_blocks() {
         batches_in(&client, &topic).await,
         [(0, Compression::Zstd.id())]
     );
-    let out = librdkafka(&[
-        "consume",
-        &broker.bootstrap,
-        &topic,
-        &RECORDS.to_string(),
-        &PARTITIONS.to_string(),
-    ]);
-    let got: Vec<(i32, i64, String, String)> = out
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    assert_exact(Compression::Zstd, &got);
+    assert_exact(
+        Compression::Zstd,
+        &librdkafka_reads(&broker.bootstrap, &topic),
+    );
     eprintln!("librdkafka read one zstd batch of {bytes} bytes of keys and values exactly");
 }
 
