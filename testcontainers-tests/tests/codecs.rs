@@ -82,6 +82,35 @@ fn librdkafka(args: &[&str]) -> String {
     String::from_utf8(out.stdout).expect("librdkafka printed no UTF-8")
 }
 
+/// Creates `topic` and writes records `k{i}`/`value(i)` to it with Strom
+/// (all to `partition` if given); returns the bytes of keys and values.
+async fn strom_writes(
+    client: &Client,
+    topic: &str,
+    config: ProducerConfig,
+    partition: Option<i32>,
+) -> usize {
+    client
+        .create_topic(NewTopic::new(topic, PARTITIONS, 1))
+        .await
+        .unwrap();
+    let producer = Producer::new(client.clone(), config).unwrap();
+    let mut bytes = 0;
+    for i in 0..RECORDS {
+        let (key, v) = (format!("k{i}"), value(i));
+        bytes += key.len() + v.len();
+        let mut record = ProducerRecord::to(topic)
+            .key(key.as_bytes())
+            .value(v.as_bytes());
+        if let Some(p) = partition {
+            record = record.partition(p);
+        }
+        producer.send(record).await.unwrap();
+    }
+    producer.flush().await.unwrap();
+    bytes
+}
+
 /// Every record of `topic` as librdkafka reads it: (partition, offset,
 /// key, value).
 fn librdkafka_reads(bootstrap: &str, topic: &str) -> Vec<(i32, i64, String, String)> {
@@ -202,30 +231,11 @@ async fn librdkafka_reads_what_strom_writes_with_every_codec() {
     let client = broker.client().await;
     for codec in Compression::ALL {
         let topic = unique_topic(&format!("from-strom-{codec}"));
-        client
-            .create_topic(NewTopic::new(&topic, PARTITIONS, 1))
-            .await
-            .unwrap();
-        let producer = Producer::new(
-            client.clone(),
-            ProducerConfig {
-                compression: codec,
-                ..ProducerConfig::default()
-            },
-        )
-        .unwrap();
-        for i in 0..RECORDS {
-            let (key, v) = (format!("k{i}"), value(i));
-            producer
-                .send(
-                    ProducerRecord::to(&topic)
-                        .key(key.as_bytes())
-                        .value(v.as_bytes()),
-                )
-                .await
-                .unwrap();
-        }
-        producer.flush().await.unwrap();
+        let config = ProducerConfig {
+            compression: codec,
+            ..ProducerConfig::default()
+        };
+        strom_writes(&client, &topic, config, None).await;
         assert_eq!(
             codecs_in(&client, &topic).await,
             BTreeSet::from([codec.id()]),
@@ -244,34 +254,12 @@ async fn librdkafka_reads_a_zstd_batch_of_several_blocks() {
     let broker = TestBroker::start().await;
     let client = broker.client().await;
     let topic = unique_topic("from-strom-zstd-blocks");
-    client
-        .create_topic(NewTopic::new(&topic, PARTITIONS, 1))
-        .await
-        .unwrap();
-    let producer = Producer::new(
-        client.clone(),
-        ProducerConfig {
-            compression: Compression::Zstd,
-            linger: Duration::from_secs(30),
-            ..ProducerConfig::default()
-        },
-    )
-    .unwrap();
-    let mut bytes = 0;
-    for i in 0..RECORDS {
-        let (key, v) = (format!("k{i}"), value(i));
-        bytes += key.len() + v.len();
-        producer
-            .send(
-                ProducerRecord::to(&topic)
-                    .partition(0)
-                    .key(key.as_bytes())
-                    .value(v.as_bytes()),
-            )
-            .await
-            .unwrap();
-    }
-    producer.flush().await.unwrap();
+    let config = ProducerConfig {
+        compression: Compression::Zstd,
+        linger: Duration::from_secs(30),
+        ..ProducerConfig::default()
+    };
+    let bytes = strom_writes(&client, &topic, config, Some(0)).await;
     assert!(bytes > 128 << 10, "only {bytes} bytes: one block");
     assert_eq!(
         batches_in(&client, &topic).await,

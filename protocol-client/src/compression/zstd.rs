@@ -858,15 +858,7 @@ mod tests {
     /// only a few bytes bigger than its input.
     #[test]
     fn incompressible_data_is_stored_raw() {
-        let mut x = 0x1234_5678_9abc_def0u64;
-        let data: Vec<u8> = (0..300_000)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect();
+        let data = noise(300_000, 0x1234_5678_9abc_def0);
         let out = round_trip(&data);
         assert!(out.len() <= data.len() + 4 + 1 + 4 + 3 * 3, "{}", out.len());
     }

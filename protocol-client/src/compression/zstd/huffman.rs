@@ -43,10 +43,9 @@ pub(super) fn encode(literals: &[u8], out: &mut BytesMut) -> bool {
         0 => 0,
         len => (max_bits + 1 - len) as u8,
     };
-    for pair in (0..last).collect::<Vec<_>>().chunks(2) {
-        let high = weight(pair[0]) << 4;
-        let low = pair.get(1).map_or(0, |&s| weight(s));
-        body.put_u8(high | low);
+    for s in (0..last).step_by(2) {
+        let low = if s + 1 < last { weight(s + 1) } else { 0 };
+        body.put_u8(weight(s) << 4 | low);
     }
     // Four streams of (n + 3) / 4 literals (the last one takes the rest),
     // each written backwards so that the decoder reads them forwards.
