@@ -7,13 +7,21 @@
 //! event whose every window has closed is late (dropped); windows whose end
 //! lies more than the retention before the stream time are deleted.
 //!
+//! Session windows are a key's bursts of activity: an event opens a session
+//! `[t, t + 1)`, and sessions no more than the inactivity gap apart merge
+//! into one from the first event's time to just after the last's. A session
+//! closes when the stream time reaches its last event's time plus the gap
+//! plus the grace; once closed it is final, and a later event near it starts
+//! a new session rather than change what was handed out.
+//!
 //! # Layout in the store
 //!
 //! - key: the table key's bytes, then the window start as 8 big-endian bytes
 //!   with the sign bit flipped, so one key's windows are contiguous and in
 //!   time order ([`window_key`]);
 //! - value: the partition's stream time when the entry was written (8
-//!   big-endian bytes), then the value's bytes ([`stamp`]). The largest stamp
+//!   big-endian bytes), then (of a session) its end as 8 big-endian bytes,
+//!   then the value's bytes ([`stamp`], [`Windowing::entry`]). The largest stamp
 //!   among the live entries is the stream time the table had seen, so a task
 //!   that starts on the partition again knows which windows had closed
 //!   ([`WindowIndex::rebuild`]), as Kafka Streams keeps partition time in its
@@ -59,6 +67,11 @@ pub enum WindowKind {
         size: i64,
         /// Time between two windows' starts, ms.
         advance: i64,
+    },
+    /// Sessions: events of a key no more than `gap` ms apart share one.
+    Session {
+        /// The inactivity gap, ms.
+        gap: i64,
     },
 }
 
@@ -122,6 +135,49 @@ impl Windowing {
         }
     }
 
+    /// Session windows with inactivity gap `gap`: a key's events no more
+    /// than `gap` apart fall in one session.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use strom_state::window::{Window, Windowing};
+    /// let s = Windowing::session(Duration::from_secs(30));
+    /// let session = Window { start: 1_000, end: 20_001 };
+    /// assert!(s.merges(session, 50_000));
+    /// assert!(!s.merges(session, 50_001));
+    /// // Closes 30 s after its last event, 20 s.
+    /// assert_eq!(s.closes_at(session), 50_000);
+    /// ```
+    ///
+    /// # Panics
+    /// If `gap` is under a millisecond (a declaration error).
+    pub fn session(gap: Duration) -> Self {
+        let gap = millis(gap);
+        assert!(gap > 0, "a session's inactivity gap must be at least 1 ms");
+        Windowing {
+            kind: WindowKind::Session { gap },
+            grace: 0,
+            expires: None,
+        }
+    }
+
+    /// Whether the windows are sessions.
+    pub fn is_session(&self) -> bool {
+        matches!(self.kind, WindowKind::Session { .. })
+    }
+
+    /// Whether an event at `t` falls in session `window` or within the gap
+    /// of it (so the two merge). Never for tumbling or hopping windows.
+    pub fn merges(&self, window: Window, t: i64) -> bool {
+        match self.kind {
+            WindowKind::Session { gap } => {
+                t >= window.start.saturating_sub(gap)
+                    && t <= window.end.saturating_sub(1).saturating_add(gap)
+            }
+            _ => false,
+        }
+    }
+
     /// How long after its end a window still takes late events (default 0).
     pub fn grace(mut self, grace: Duration) -> Self {
         self.grace = millis(grace);
@@ -141,10 +197,11 @@ impl Windowing {
         self.kind
     }
 
-    /// A window's length, ms.
+    /// A window's length, ms (of sessions: the gap).
     pub fn size(&self) -> i64 {
         match self.kind {
             WindowKind::Tumbling { size } | WindowKind::Hopping { size, .. } => size,
+            WindowKind::Session { gap } => gap,
         }
     }
 
@@ -152,6 +209,17 @@ impl Windowing {
         match self.kind {
             WindowKind::Tumbling { size } => size,
             WindowKind::Hopping { advance, .. } => advance,
+            // A session of one event is one millisecond long.
+            WindowKind::Session { .. } => 1,
+        }
+    }
+
+    /// How long after its end a window closes: the grace, and of a session
+    /// the rest of the gap after its last event.
+    fn close_delay(&self) -> i64 {
+        match self.kind {
+            WindowKind::Session { gap } => gap.saturating_sub(1).saturating_add(self.grace),
+            _ => self.grace,
         }
     }
 
@@ -169,9 +237,10 @@ impl Windowing {
         }
     }
 
-    /// The windows that hold time `t`, in start order.
+    /// The windows that hold time `t`, in start order (of sessions: the
+    /// session of one event at `t`).
     pub fn windows_of(&self, t: i64) -> impl Iterator<Item = Window> + '_ {
-        let (size, advance) = (self.size(), self.advance());
+        let (size, advance) = (self.span(), self.advance());
         let last = t.saturating_sub(t.rem_euclid(advance));
         let count = (size - 1) / advance + 1;
         (0..count).rev().filter_map(move |i| {
@@ -181,26 +250,54 @@ impl Windowing {
         })
     }
 
-    /// The latest window that holds time `t` (Faust's "current" window).
+    /// The latest window that holds time `t` (Faust's "current" window;
+    /// of sessions, the session of one event at `t`).
     pub fn window_at(&self, t: i64) -> Window {
         let start = t.saturating_sub(t.rem_euclid(self.advance()));
         Window {
             start,
-            end: start.saturating_add(self.size()),
+            end: start.saturating_add(self.span()),
         }
     }
 
-    /// The window that starts at `start`.
-    pub fn window_from(&self, start: i64) -> Window {
-        Window {
-            start,
-            end: start.saturating_add(self.size()),
+    /// The length of the windows an event opens: the size (of a session of
+    /// one event, a millisecond).
+    fn span(&self) -> i64 {
+        match self.kind {
+            WindowKind::Session { .. } => 1,
+            _ => self.size(),
         }
     }
 
-    /// The stream time at which `window` closes: its end plus the grace.
+    /// The window of an entry: its store key's `start` and the stored value
+    /// after the stamp (`stored`), and the value's bytes. A session's end
+    /// is stored before its value; a value too short for it is a codec
+    /// error.
+    pub fn entry<'a>(&self, start: i64, stored: &'a [u8]) -> Result<(Window, &'a [u8])> {
+        if !self.is_session() {
+            let end = start.saturating_add(self.size());
+            return Ok((Window { start, end }, stored));
+        }
+        let (end, value) = split_time(stored, "a session's value", "end")?;
+        Ok((Window { start, end }, value))
+    }
+
+    /// What is stored after the stamp for `window` holding `value`: of a
+    /// session its end, then the value (see [`Windowing::entry`]).
+    pub fn entry_value(&self, window: Window, value: &[u8]) -> Vec<u8> {
+        if !self.is_session() {
+            return value.to_vec();
+        }
+        let mut bytes = Vec::with_capacity(8 + value.len());
+        bytes.extend_from_slice(&window.end.to_be_bytes());
+        bytes.extend_from_slice(value);
+        bytes
+    }
+
+    /// The stream time at which `window` closes: its end plus the grace (a
+    /// session's: its last event's time plus the gap plus the grace).
     pub fn closes_at(&self, window: Window) -> i64 {
-        window.end.saturating_add(self.grace)
+        window.end.saturating_add(self.close_delay())
     }
 
     /// Whether `window` has closed at stream time `stream_time`.
@@ -222,6 +319,7 @@ impl Windowing {
             WindowKind::Hopping { size, advance } => {
                 format!("hopping {} every {}", secs(size), secs(advance))
             }
+            WindowKind::Session { gap } => format!("session, gap {}", secs(gap)),
         };
         format!(
             "{shape}, grace {}, kept {}",
@@ -278,18 +376,21 @@ pub fn stamp(stream_time: i64, value: &[u8]) -> Vec<u8> {
 
 /// The stream time and value of a stored value.
 pub fn unstamp(bytes: &[u8]) -> Result<(i64, &[u8])> {
-    if bytes.len() < 8 {
+    split_time(bytes, "a windowed table's value", "stream time")
+}
+
+/// The time in the first 8 bytes of `bytes` (big-endian) and the rest; a
+/// codec error naming `what` and the `time` when they are too short.
+fn split_time<'a>(bytes: &'a [u8], what: &str, time: &str) -> Result<(i64, &'a [u8])> {
+    let Some((head, rest)) = bytes.split_first_chunk::<8>() else {
         return Err(StateError::Codec {
             what: format!(
-                "a windowed table's value has {} bytes, less than its 8-byte stream time",
+                "{what} has {} bytes, less than its 8-byte {time}",
                 bytes.len()
             ),
         });
-    }
-    let (time, value) = bytes.split_at(8);
-    let mut array = [0; 8];
-    array.copy_from_slice(time);
-    Ok((i64::from_be_bytes(array), value))
+    };
+    Ok((i64::from_be_bytes(*head), rest))
 }
 
 /// The live windows of one table partition, by end: which close and which
@@ -312,7 +413,7 @@ impl WindowIndex {
         let mut index = WindowIndex::default();
         let mut stream_time = None;
         for (key, value) in entries {
-            let (stamped, _) = unstamp(&value)?;
+            let (stamped, stored) = unstamp(&value)?;
             stream_time = stream_time.max(Some(stamped));
             if key == STREAM_TIME_KEY {
                 continue;
@@ -323,7 +424,7 @@ impl WindowIndex {
                     key.len()
                 ),
             })?;
-            index.insert(table_key, windowing.window_from(start));
+            index.insert(table_key, windowing.entry(start, stored)?.0);
         }
         index.closed_through = stream_time;
         Ok((index, stream_time))
@@ -346,6 +447,12 @@ impl WindowIndex {
         self.live.insert((window.end, key.to_vec(), window.start));
     }
 
+    /// Notes that `key`'s entry for `window` is gone (a session merged into
+    /// another).
+    pub fn remove(&mut self, key: &[u8], window: Window) {
+        self.live.remove(&(window.end, key.to_vec(), window.start));
+    }
+
     /// Number of live windows.
     pub fn len(&self) -> usize {
         self.live.len()
@@ -364,12 +471,11 @@ impl WindowIndex {
             return Vec::new();
         }
         self.closed_through = Some(stream_time);
-        let closes = |end: i64| end.saturating_add(windowing.grace);
+        let delay = windowing.close_delay();
+        let closes = |end: i64| end.saturating_add(delay);
         // The first end that closes after `before` (`before` is below
         // `stream_time`, so below i64::MAX: no saturation hides one).
-        let from = before.map_or(i64::MIN, |b| {
-            b.saturating_sub(windowing.grace).saturating_add(1)
-        });
+        let from = before.map_or(i64::MIN, |b| b.saturating_sub(delay).saturating_add(1));
         self.live
             .range((from, Vec::new(), i64::MIN)..)
             .take_while(|(end, _, _)| closes(*end) <= stream_time)
@@ -599,5 +705,45 @@ mod tests {
         );
         let short = vec![(STREAM_TIME_KEY.to_vec(), vec![1, 2])];
         assert!(WindowIndex::rebuild(short, &t).is_err());
+    }
+
+    #[test]
+    fn sessions_merge_within_the_gap_and_close_after_it() {
+        let s = Windowing::session(Duration::from_secs(10)).grace(Duration::from_secs(5));
+        let session = w(1_000, 3_001);
+        // Boundaries: exactly the gap before the first or after the last
+        // event merges, a millisecond more does not.
+        assert!(s.merges(session, -9_000) && s.merges(session, 13_000));
+        assert!(!s.merges(session, -9_001) && !s.merges(session, 13_001));
+        assert!(!Windowing::tumbling(MIN).merges(w(0, 60_000), 1));
+        assert_eq!(s.windows_of(7).collect::<Vec<_>>(), [w(7, 8)]);
+        assert_eq!(s.window_at(7), w(7, 8));
+        // Last event 3 s, gap 10 s, grace 5 s.
+        assert_eq!(s.closes_at(session), 18_000);
+        assert!(!s.is_closed(session, Some(17_999)) && s.is_closed(session, Some(18_000)));
+        assert_eq!(s.retention(), 3_600_000);
+        assert_eq!(s.describe(), "session, gap 10s, grace 5s, kept 3600s");
+
+        // The end is stored before the value, and read back.
+        let stored = s.entry_value(session, b"v");
+        assert_eq!(s.entry(1_000, &stored).unwrap(), (session, &b"v"[..]));
+        assert!(s.entry(1_000, &[0; 7]).is_err(), "too short for an end");
+
+        // The index closes sessions gap + grace after their last event,
+        // once, and a rebuilt one knows their ends.
+        let entries = vec![
+            (window_key(b"a", 1_000), stamp(3_000, &stored)),
+            (
+                window_key(b"b", 2_000),
+                stamp(3_000, &s.entry_value(w(2_000, 2_001), b"v")),
+            ),
+        ];
+        let (mut index, time) = WindowIndex::rebuild(entries, &s).unwrap();
+        assert_eq!(time, Some(3_000));
+        assert_eq!(index.close(&s, 17_000), [(b"b".to_vec(), w(2_000, 2_001))]);
+        assert_eq!(index.close(&s, 18_000), [(b"a".to_vec(), session)]);
+        assert_eq!(index.close(&s, 19_000), []);
+        index.remove(b"a", session);
+        assert_eq!(index.len(), 1);
     }
 }

@@ -213,6 +213,11 @@ impl Ctx {
     /// event had closed: a late event, dropped and counted in
     /// `strom_late_events_total{table}`.
     ///
+    /// Of a [session](crate::Table::session) table, the event's session
+    /// takes in the open sessions of `key` within the gap of it: `f` gets
+    /// their values combined by the table's merge function (or the default
+    /// when there are none), and the result is the session's value.
+    ///
     /// The windows of any key that close as this event moves the
     /// partition's stream time on are handed to the table's
     /// [`emit_on_close`](WindowedTable::emit_on_close) callback, before this
@@ -248,9 +253,13 @@ impl Ctx {
             })?;
         let updated = self
             .inner
-            .update_windows(&table.name, &bytes, time, |old| {
-                encode_update(&table.name, &*table.default, &mut f, old)
-            })
+            .update_windows(
+                &table.name,
+                &bytes,
+                time,
+                |old| encode_update(&table.name, &*table.default, &mut f, old),
+                |a, b| merge_sessions(table, a, b),
+            )
             .await?;
         let WindowUpdate {
             current,
@@ -320,14 +329,22 @@ impl Ctx {
     }
 
     /// The value of `key` in the window of `table` holding `time` (the
-    /// latest such window of a hopping table), or the default when that
-    /// window has no value (or is gone after the retention).
+    /// latest such window of a hopping table; the session holding it), or
+    /// the default when that window has no value (or is gone after the
+    /// retention).
     pub async fn value_at<K, V>(&self, table: &WindowedTable<K, V>, key: &K, time: i64) -> Result<V>
     where
         K: TableKey,
         V: DeserializeOwned,
     {
         let bytes = self.check_partition(&table.name, key)?;
+        if table.windowing.is_session() {
+            let sessions = self.windows(table, key).await?;
+            let holding = sessions
+                .into_iter()
+                .find(|(w, _)| w.start <= time && time < w.end);
+            return Ok(holding.map_or_else(|| (table.default)(), |(_, v)| v));
+        }
         let window = table.windowing.window_at(time);
         match self.inner.window(&table.name, &bytes, window).await? {
             Some(v) => match serde_json::from_slice(&v) {
@@ -428,6 +445,31 @@ pub(crate) fn encode<K, V>(
         topic.key.encode(key).map_err(codec)?,
         topic.value.encode(value).map_err(codec)?,
     ))
+}
+
+/// The bytes of the value session table `table` makes of two sessions'
+/// values `a` and `b` (the earlier first).
+fn merge_sessions<K, V>(
+    table: &WindowedTable<K, V>,
+    a: &[u8],
+    b: &[u8],
+) -> std::result::Result<Vec<u8>, Refused>
+where
+    V: Serialize + DeserializeOwned,
+{
+    let (Some(merge), a, b) = (
+        &table.merge,
+        serde_json::from_slice(a).map_err(Refused::Stored)?,
+        serde_json::from_slice(b).map_err(Refused::Stored)?,
+    ) else {
+        return Err(Refused::New(Error::Codec {
+            topic: table.name.to_string(),
+            source: crate::codec::CodecError {
+                what: "sessions to merge in a table that is not a session table".into(),
+            },
+        }));
+    };
+    serde_json::to_vec(&merge(a, b)).map_err(|e| Refused::New(value_error(&table.name, e)))
 }
 
 /// What a timer sees: typed sends, each acknowledged before it returns.

@@ -71,7 +71,7 @@ impl<K, V> Table<K, V> {
     /// # let _ = per_minute;
     /// ```
     pub fn tumbling(self, size: Duration) -> WindowedTable<K, V> {
-        self.windowed(Windowing::tumbling(size))
+        self.windowed(Windowing::tumbling(size), None)
     }
 
     /// Makes this a table of hopping windows of `size` starting every
@@ -81,21 +81,54 @@ impl<K, V> Table<K, V> {
     /// Panics if `size` is under a millisecond or `advance` is not between a
     /// millisecond and `size`.
     pub fn hopping(self, size: Duration, advance: Duration) -> WindowedTable<K, V> {
-        self.windowed(Windowing::hopping(size, advance))
+        self.windowed(Windowing::hopping(size, advance), None)
     }
 
-    fn windowed(self, windowing: Windowing) -> WindowedTable<K, V> {
+    /// Makes this a table of session windows (Kafka Streams'
+    /// `SessionWindows`): a key's events no more than `gap` apart share a
+    /// session, from its first event's time to its last's (as a window,
+    /// `[first, last + 1 ms)`). An event that falls within the gap of two
+    /// sessions joins them: their values are combined with `merge` (the
+    /// earlier one first), and the update gets the result. A session closes
+    /// when the stream time reaches its last event's time plus the gap (plus
+    /// the [grace](WindowedTable::grace)); once closed it is final, and an
+    /// event near it starts a session of its own.
+    ///
+    /// Panics if `gap` is under a millisecond.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let mut app = strom::App::new("shop");
+    /// // Clicks per visit: a visit ends after 30 minutes without a click.
+    /// let visits = app
+    ///     .table::<String, u64>("clicks-per-visit", 0)
+    ///     .session(Duration::from_secs(30 * 60), |a, b| a + b);
+    /// # let _ = visits;
+    /// ```
+    pub fn session(
+        self,
+        gap: Duration,
+        merge: impl Fn(V, V) -> V + Send + Sync + 'static,
+    ) -> WindowedTable<K, V> {
+        self.windowed(Windowing::session(gap), Some(Arc::new(merge)))
+    }
+
+    fn windowed(self, windowing: Windowing, merge: Option<Merge<V>>) -> WindowedTable<K, V> {
         let table = WindowedTable {
             name: self.name,
             default: self.default,
             declared: self.declared,
             windowing,
+            merge,
             on_close: Arc::default(),
         };
         table.declare();
         table
     }
 }
+
+/// How a session table combines the values of two sessions that merge.
+pub(crate) type Merge<V> = Arc<dyn Fn(V, V) -> V + Send + Sync>;
 
 /// What a windowed table calls for each window that closes.
 pub(crate) type OnClose<K, V> = Arc<
@@ -105,8 +138,8 @@ pub(crate) type OnClose<K, V> = Arc<
 >;
 
 /// A table of `K` to `V` per time window (Faust's windowed tables, Kafka
-/// Streams' windowed aggregations), declared with [`Table::tumbling`] or
-/// [`Table::hopping`]; updated through
+/// Streams' windowed aggregations), declared with [`Table::tumbling`],
+/// [`Table::hopping`] or [`Table::session`]; updated through
 /// [`Ctx::update_windows`](crate::Ctx::update_windows) from the event's time,
 /// read through [`Ctx::current`](crate::Ctx::current) and its kin.
 ///
@@ -117,6 +150,8 @@ pub struct WindowedTable<K, V> {
     pub(crate) default: Arc<dyn Fn() -> V + Send + Sync>,
     declared: DeclaredWindowing,
     pub(crate) windowing: Windowing,
+    /// Of a session table: how two sessions' values combine.
+    pub(crate) merge: Option<Merge<V>>,
     /// Shared by every handle made from the same declaration.
     on_close: Arc<Mutex<Option<OnClose<K, V>>>>,
 }
@@ -128,6 +163,7 @@ impl<K, V> Clone for WindowedTable<K, V> {
             default: self.default.clone(),
             declared: self.declared.clone(),
             windowing: self.windowing,
+            merge: self.merge.clone(),
             on_close: self.on_close.clone(),
         }
     }

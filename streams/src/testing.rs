@@ -703,10 +703,10 @@ impl<K: TableKey, V: DeserializeOwned> WindowedTableView<'_, K, V> {
                     what: format!("a key of {} bytes is no window's", k.len()),
                 },
             })?;
-            let (_, value) = window::unstamp(&v)?;
+            let (window, value) = self.table.windowing.entry(start, window::unstamp(&v)?.1)?;
             entries.push((
                 K::decode_key(key)?,
-                self.table.windowing.window_from(start),
+                window,
                 decode(&self.table.name, value)?,
             ));
         }
@@ -725,13 +725,14 @@ impl<K: TableKey, V: DeserializeOwned> WindowedTableView<'_, K, V> {
     }
 
     /// The value of `key` in the window holding `time` (the latest such
-    /// window of a hopping table), or the default.
+    /// window of a hopping table; the session holding it), or the default.
     pub fn get(&self, key: &K, time: i64) -> Result<V> {
         let window = self.table.windowing.window_at(time);
+        let session = self.table.windowing.is_session();
         Ok(self
             .windows(key)?
             .into_iter()
-            .find(|(w, _)| *w == window)
+            .find(|(w, _)| *w == window || session && w.start <= time && time < w.end)
             .map_or_else(|| (self.table.default)(), |(_, v)| v))
     }
 }

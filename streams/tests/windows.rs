@@ -196,3 +196,104 @@ async fn a_failing_close_callback_stops_the_app_and_the_window_closes_again() {
     assert_eq!(calls.load(Ordering::SeqCst), 3);
     driver.close().await.unwrap();
 }
+
+/// Session windows through the driver: clicks per visit, a visit ending
+/// after 10 s without a click, results on close. Events come out of order
+/// by less than the grace, so every session is what the clicks sorted by
+/// time make: split wherever two clicks are more than the gap apart.
+#[tokio::test]
+async fn sessions_equal_the_sorted_clicks_split_at_the_gap() {
+    const GAP: i64 = 10_000;
+    let mut app = App::new("visits");
+    let clicks = app.topic::<String, ()>("clicks").with_key_codec(Utf8);
+    let visits = app
+        .topic::<String, (i64, i64, u64)>("visits")
+        .with_key_codec(Utf8);
+    let out = visits.clone();
+    let per_visit = app
+        .table::<String, u64>("clicks-per-visit", 0)
+        .session(Duration::from_millis(GAP as u64), |a, b| a + b)
+        .grace(Duration::from_secs(6))
+        .emit_on_close(move |ctx, user, window, n| {
+            let out = out.clone();
+            async move {
+                Ok(ctx
+                    .send(&out, &user, &(window.start, window.end, n))
+                    .await?)
+            }
+        });
+    let table = per_visit.clone();
+    app.agent(&clicks).for_each(move |ctx, event| {
+        let table = table.clone();
+        async move {
+            ctx.update_windows(&table, &event.key, |n| n + 1).await?;
+            Ok(())
+        }
+    });
+    let mut driver = TestDriver::new(app).await.unwrap();
+
+    // Clicks of three users at steps of 0 to 25 s, sent in the order of
+    // their time plus up to 5 s of jitter.
+    let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+    let mut next = |n: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % n
+    };
+    let mut times: Vec<(String, i64)> = Vec::new();
+    for user in ["ann", "bob", "cy"] {
+        let mut t = 1_000_000;
+        for _ in 0..120 {
+            t += next(25_001) as i64;
+            times.push((user.to_string(), t));
+        }
+    }
+    let mut sending: Vec<(i64, String, i64)> = times
+        .iter()
+        .map(|(u, t)| (t + next(5_000) as i64, u.clone(), *t))
+        .collect();
+    sending.sort();
+    for (_, user, t) in &sending {
+        driver.send_at(&clicks, user, &(), *t).await.unwrap();
+    }
+    // A last click of each user, far past every session's end + gap +
+    // grace, closes the rest (windows close by partition).
+    for user in ["ann", "bob", "cy"] {
+        let user = user.to_string();
+        driver
+            .send_at(&clicks, &user, &(), 100_000_000)
+            .await
+            .unwrap();
+    }
+
+    let mut expected: Vec<(String, i64, i64, u64)> = Vec::new();
+    times.sort();
+    for (user, t) in &times {
+        match expected.last_mut() {
+            Some((u, _, end, n)) if u == user && *t <= *end - 1 + GAP => {
+                *end = t + 1;
+                *n += 1;
+            }
+            _ => expected.push((user.clone(), *t, t + 1, 1)),
+        }
+    }
+    let got: Vec<(String, i64, i64, u64)> = driver
+        .read(&visits)
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.key, r.value.0, r.value.1, r.value.2))
+        .collect();
+    let mut sorted = got.clone();
+    sorted.sort();
+    assert!(expected.len() > 30, "{} sessions only", expected.len());
+    assert_eq!(sorted, expected);
+    for user in ["ann", "bob", "cy"] {
+        let starts: Vec<i64> = got.iter().filter(|v| v.0 == user).map(|v| v.1).collect();
+        assert!(starts.windows(2).all(|w| w[0] < w[1]), "{user}: in order");
+    }
+    assert!(driver
+        .metrics()
+        .contains("strom_late_events_total{table=\"clicks-per-visit\"} 0"));
+    driver.close().await.unwrap();
+}

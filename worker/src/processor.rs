@@ -464,7 +464,12 @@ impl Context {
     /// late: nothing is written, it is counted in
     /// `strom_late_events_total{table}`, and `current` is `None`.
     ///
-    /// When `f` fails nothing is written and nothing closes. A stored value
+    /// Of a session table, the event's session takes in the open sessions
+    /// of `key` it falls in or within the gap of: `f` gets the value
+    /// `merge` makes of theirs (in time order), and the merged ones'
+    /// entries are deleted. Other tables never call `merge`.
+    ///
+    /// When `f` or `merge` fails nothing is written and nothing closes. A stored value
     /// that is no window's is damaged state (see [`Context::damaged`]).
     pub async fn update_windows<R, E>(
         &self,
@@ -472,6 +477,7 @@ impl Context {
         key: &[u8],
         event_time: i64,
         f: impl FnMut(Option<&[u8]>) -> Result<(Vec<u8>, R), E>,
+        merge: impl FnMut(&[u8], &[u8]) -> Result<Vec<u8>, E>,
     ) -> Result<Result<WindowUpdate<R>, E>, WorkerError> {
         let mut state = self.state().await;
         let table = state.tables.get_mut(name).ok_or_else(|| no_table(name))?;
@@ -486,12 +492,20 @@ impl Context {
                 let stream_time = self.observe_event_time(event_time);
                 table.reads.inc();
                 windows
-                    .plan(&table.store, key, event_time, stream_time, f)
+                    .plan(&table.store, key, event_time, stream_time, f, merge)
                     .map(|plan| (plan, stream_time))
             }
             Err(e) => Err(PlanError::Store(e)),
         };
-        let (Plan { writes, current }, stream_time) = match planned {
+        let (
+            Plan {
+                writes,
+                merged,
+                deletes,
+                current,
+            },
+            stream_time,
+        ) = match planned {
             Ok(p) => p,
             Err(PlanError::Update(e)) => return Ok(Err(e)),
             Err(PlanError::Store(e)) => {
@@ -508,6 +522,12 @@ impl Context {
                 stream_time,
                 "late event dropped: its every window had closed"
             );
+        }
+        for (store_key, value) in deletes {
+            self.write_to(&mut table.store, store_key, value).await?;
+        }
+        for window in merged {
+            windows.merged(key, window);
         }
         for (window, (store_key, value)) in writes {
             table.writes.inc();
@@ -550,18 +570,19 @@ impl Context {
     ) -> Result<Option<Vec<u8>>, WorkerError> {
         let state = self.state().await;
         let table = state.tables.get(name).ok_or_else(|| no_table(name))?;
-        if table.windows.is_none() {
+        let Some(windowing) = table.windows.as_ref().map(|w| w.windowing) else {
             return Err(not_windowed(name));
-        }
+        };
         table.reads.inc();
         let stored = table.store.get(&window_key(key, window.start))?;
         drop(state);
-        match stored {
-            None => Ok(None),
-            Some(stored) => match unstamp(&stored) {
-                Ok((_, value)) => Ok(Some(value.to_vec())),
-                Err(e) => Err(self.state_error(name, key, e).await),
-            },
+        let Some(stored) = stored else {
+            return Ok(None);
+        };
+        match unstamp(&stored).and_then(|(_, v)| windowing.entry(window.start, v)) {
+            // A session starting there may have another end.
+            Ok((found, value)) => Ok((found == window).then(|| value.to_vec())),
+            Err(e) => Err(self.state_error(name, key, e).await),
         }
     }
 

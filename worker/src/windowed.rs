@@ -88,6 +88,11 @@ pub(crate) type Change = (Vec<u8>, Option<Vec<u8>>);
 pub(crate) struct Plan<R> {
     /// Each open window of the event, with its stamped new value.
     pub writes: Vec<(Window, Change)>,
+    /// Sessions merged into the written one: gone from the index.
+    pub merged: Vec<Window>,
+    /// The deletes of the merged sessions' entries (those whose key the
+    /// written one does not take over).
+    pub deletes: Vec<Change>,
     /// What the update function returned for the latest of them.
     pub current: Option<R>,
 }
@@ -184,7 +189,9 @@ impl Windowed {
 
     /// The writes of an update of `key` by an event of time `event_time`
     /// at `stream_time`: `f` of each open window's old value, stamped.
-    /// Nothing when the event is late.
+    /// Nothing when the event is late. Of sessions: the open sessions the
+    /// event falls in or near are merged (`merge` of their values, in time
+    /// order) into one, which gets `f` of the merged value.
     pub fn plan<R, E>(
         &self,
         store: &LoggedStore,
@@ -192,7 +199,11 @@ impl Windowed {
         event_time: i64,
         stream_time: i64,
         mut f: impl FnMut(Option<&[u8]>) -> Result<(Vec<u8>, R), E>,
+        merge: impl FnMut(&[u8], &[u8]) -> Result<Vec<u8>, E>,
     ) -> Result<Plan<R>, PlanError<E>> {
+        if self.windowing.is_session() {
+            return self.plan_session(store, key, event_time, stream_time, f, merge);
+        }
         let mut writes = Vec::new();
         let mut current = None;
         for window in self.windowing.windows_of(event_time) {
@@ -209,13 +220,79 @@ impl Windowed {
             writes.push((window, (store_key, Some(stamp(stream_time, &new)))));
             current = Some(r);
         }
-        Ok(Plan { writes, current })
+        Ok(Plan {
+            writes,
+            merged: Vec::new(),
+            deletes: Vec::new(),
+            current,
+        })
+    }
+
+    /// [`Windowed::plan`] of a session table. Closed sessions are final:
+    /// an event near one only is in a session of its own.
+    fn plan_session<R, E>(
+        &self,
+        store: &LoggedStore,
+        key: &[u8],
+        event_time: i64,
+        stream_time: i64,
+        mut f: impl FnMut(Option<&[u8]>) -> Result<(Vec<u8>, R), E>,
+        mut merge: impl FnMut(&[u8], &[u8]) -> Result<Vec<u8>, E>,
+    ) -> Result<Plan<R>, PlanError<E>> {
+        let windowing = &self.windowing;
+        let mut session = Window {
+            start: event_time,
+            end: event_time.saturating_add(1),
+        };
+        let mut merged = Vec::new();
+        let mut value: Option<Vec<u8>> = None;
+        let sessions = windows_of_key(store, windowing, key).map_err(PlanError::Store)?;
+        for (old, stored) in sessions {
+            if windowing.is_closed(old, Some(stream_time)) || !windowing.merges(old, event_time) {
+                continue;
+            }
+            session.start = session.start.min(old.start);
+            session.end = session.end.max(old.end);
+            value = Some(match value {
+                None => stored,
+                Some(acc) => merge(&acc, &stored).map_err(PlanError::Update)?,
+            });
+            merged.push(old);
+        }
+        if windowing.is_closed(session, Some(stream_time)) {
+            return Ok(Plan {
+                writes: Vec::new(),
+                merged: Vec::new(),
+                deletes: Vec::new(),
+                current: None,
+            });
+        }
+        let (new, r) = f(value.as_deref()).map_err(PlanError::Update)?;
+        let deletes = merged
+            .iter()
+            .filter(|old| old.start != session.start)
+            .map(|old| (window_key(key, old.start), None))
+            .collect();
+        let stored = stamp(stream_time, &windowing.entry_value(session, &new));
+        Ok(Plan {
+            writes: vec![(session, (window_key(key, session.start), Some(stored)))],
+            merged,
+            deletes,
+            current: Some(r),
+        })
     }
 
     /// Notes that `key` has an entry for `window` (written by a plan).
     pub fn written(&mut self, key: &[u8], window: Window) {
         if let Some(index) = &mut self.index {
             index.insert(key, window);
+        }
+    }
+
+    /// Notes that `key`'s session `window` merged into another (a plan's).
+    pub fn merged(&mut self, key: &[u8], window: Window) {
+        if let Some(index) = &mut self.index {
+            index.remove(key, window);
         }
     }
 
@@ -234,7 +311,8 @@ impl Windowed {
         for (key, window) in index.close(&self.windowing, stream_time) {
             // An entry the index has is in the store (or pending).
             if let Some(stored) = store.get(&window_key(&key, window.start))? {
-                let value = unstamp(&stored)?.1.to_vec();
+                let value = self.windowing.entry(window.start, unstamp(&stored)?.1)?.1;
+                let value = value.to_vec();
                 closed.push(ClosedWindow { key, window, value });
             }
         }
@@ -258,7 +336,8 @@ pub(crate) fn windows_of_key(
         // Keys of other lengths sort in between: keep this key's only.
         match strom_state::window::split_window_key(&store_key) {
             Some((k, start)) if k == key => {
-                windows.push((windowing.window_from(start), unstamp(&stored)?.1.to_vec()));
+                let (window, value) = windowing.entry(start, unstamp(&stored)?.1)?;
+                windows.push((window, value.to_vec()));
             }
             _ => {}
         }
@@ -304,10 +383,16 @@ mod tests {
     async fn count(ctx: &Context, key: &str, t: i64) -> (Option<u64>, Vec<(String, i64, u64)>) {
         ctx.observe_event_time(t);
         let update = ctx
-            .update_windows("counts", key.as_bytes(), t, |old| {
-                let n = old.map_or(0, |b| u64::from_be_bytes(b.try_into().unwrap())) + 1;
-                Ok::<_, ()>((n.to_be_bytes().to_vec(), n))
-            })
+            .update_windows(
+                "counts",
+                key.as_bytes(),
+                t,
+                |old| {
+                    let n = old.map_or(0, number) + 1;
+                    Ok::<_, ()>((n.to_be_bytes().to_vec(), n))
+                },
+                |a, b| Ok((number(a) + number(b)).to_be_bytes().to_vec()),
+            )
             .await
             .unwrap()
             .unwrap();
@@ -320,6 +405,10 @@ mod tests {
             })
             .collect();
         (update.current, closed)
+    }
+
+    fn number(bytes: &[u8]) -> u64 {
+        u64::from_be_bytes(bytes.try_into().unwrap())
     }
 
     fn late_events(metrics: &Metrics) -> u64 {
@@ -457,9 +546,13 @@ mod tests {
         count(&ctx, "a", 1_000).await;
         ctx.observe_event_time(130_000);
         let held = ctx
-            .update_windows("counts", b"b", 130_000, |_| {
-                Ok::<_, ()>((1u64.to_be_bytes().to_vec(), ()))
-            })
+            .update_windows(
+                "counts",
+                b"b",
+                130_000,
+                |_| Ok::<_, ()>((1u64.to_be_bytes().to_vec(), ())),
+                |_, _| Err(()),
+            )
             .await
             .unwrap()
             .unwrap();
@@ -515,6 +608,75 @@ mod tests {
         );
     }
 
+    /// Sessions: an event within the gap extends a session, one between two
+    /// merges them (values merged, the later entry deleted); a session
+    /// closes gap + grace after its last event, and is final after that.
+    #[tokio::test]
+    async fn sessions_extend_merge_and_close() {
+        let cluster = MockCluster::new();
+        cluster.create_topic("counts-changelog", 1);
+        let sessions = Windowing::session(Duration::from_secs(10)).grace(Duration::from_secs(20));
+        let store = Arc::new(MemoryStore::new());
+        let (ctx, metrics) = context(&cluster, store.clone(), sessions, true).await;
+        let spans = |ctx: &Context| {
+            let ctx = ctx.clone();
+            async move {
+                let windows = ctx.windows("counts", b"a").await.unwrap().unwrap();
+                windows
+                    .into_iter()
+                    .map(|(w, v)| (w.start, w.end, number(&v)))
+                    .collect::<Vec<_>>()
+            }
+        };
+        assert_eq!(count(&ctx, "a", 1_000).await, (Some(1), vec![]));
+        assert_eq!(
+            count(&ctx, "a", 11_000).await,
+            (Some(2), vec![]),
+            "gap apart: extends"
+        );
+        assert_eq!(
+            count(&ctx, "a", 30_000).await,
+            (Some(1), vec![]),
+            "a new session"
+        );
+        assert_eq!(spans(&ctx).await, [(1_000, 11_001, 2), (30_000, 30_001, 1)]);
+        // Out of order, within the gap of both: one session of four.
+        assert_eq!(count(&ctx, "a", 20_500).await, (Some(4), vec![]));
+        assert_eq!(spans(&ctx).await, [(1_000, 30_001, 4)]);
+        let tombstones: Vec<_> = {
+            ctx.checkpoint(Durability::Fast).await.unwrap();
+            cluster
+                .records("counts-changelog", 0)
+                .iter()
+                .filter(|r| r.value.is_none())
+                .map(|r| r.key.clone().unwrap().to_vec())
+                .collect()
+        };
+        assert_eq!(
+            tombstones,
+            [window_key(b"a", 30_000)],
+            "the later session's entry"
+        );
+        // The last event was at 30 s: closes at 30 + 10 + 20 s.
+        assert_eq!(count(&ctx, "b", 59_999).await, (Some(1), vec![]));
+        let (_, closed) = count(&ctx, "b", 60_000).await;
+        assert_eq!(closed, [("a".into(), 1_000, 4)]);
+        // Within a's gap but a is final: a session of its own, open since
+        // its own close (32 + 10 + 20 s) is still ahead.
+        assert_eq!(count(&ctx, "a", 32_000).await, (Some(1), vec![]));
+        assert_eq!(spans(&ctx).await, [(1_000, 30_001, 4), (32_000, 32_001, 1)]);
+        // Late: its session would have closed at 12 + 10 + 20 s.
+        assert_eq!(count(&ctx, "c", 12_000).await, (None, vec![]));
+        assert_eq!(late_events(&metrics), 1);
+
+        // A task over the same store rebuilds the sessions with their ends.
+        ctx.checkpoint(Durability::Fast).await.unwrap();
+        drop(ctx);
+        let (ctx, _) = context(&cluster, store, sessions, true).await;
+        let (_, closed) = count(&ctx, "b", 90_000).await;
+        assert_eq!(closed, [("a".into(), 32_000, 1), ("b".into(), 59_999, 2)]);
+    }
+
     /// A stored value too short to be a window's is damaged state.
     #[tokio::test]
     async fn a_damaged_entry_stops_the_update() {
@@ -532,7 +694,13 @@ mod tests {
         )
         .await;
         let e = ctx
-            .update_windows("counts", b"a", 1_000, |_| Ok::<_, ()>((vec![], ())))
+            .update_windows(
+                "counts",
+                b"a",
+                1_000,
+                |_| Ok::<_, ()>((vec![], ())),
+                |_, _| Err(()),
+            )
             .await
             .unwrap_err();
         assert!(matches!(e, crate::WorkerError::DamagedState { .. }), "{e}");
