@@ -3,6 +3,7 @@
 use bytes::Bytes;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use strom_client::consumer::ConsumerRecord;
 use strom_client::partitioner::partition_for_key;
 use strom_client::producer::ProducerRecord;
 use strom_client::Header;
@@ -28,6 +29,10 @@ pub struct Ctx {
     pub(crate) inner: strom_worker::Context,
     /// The time of the event being handled (of a batch: its latest event).
     pub(crate) event_time: Option<i64>,
+    /// The record the event was read from (cheap handles), for a late
+    /// event's [late-events topic](WindowedTable::late_events); `None` for
+    /// batches and close callbacks.
+    pub(crate) source: Option<ConsumerRecord>,
 }
 
 fn value_error(table: &str, e: serde_json::Error) -> Error {
@@ -70,6 +75,7 @@ impl Ctx {
         Ctx {
             inner,
             event_time: batch.iter().map(|e| e.timestamp).max(),
+            source: None,
         }
     }
 
@@ -277,7 +283,55 @@ impl Ctx {
             }
         }
         drop(emitting);
+        if current.is_none() {
+            let source = self.source.as_ref();
+            tracing::debug!(
+                table = %table.name,
+                topic = source.map(|r| &*r.topic),
+                partition = source.map(|r| r.partition),
+                offset = source.map(|r| r.offset),
+                event_time = time,
+                stream_time = self.stream_time(),
+                "late event dropped: its every window had closed"
+            );
+            self.send_late(table).await?;
+        }
         Ok(current)
+    }
+
+    /// Sends the record of a late event to `table`'s late-events topic, if
+    /// it has one: as read, with headers saying where from and why; once
+    /// per record (the events a record's `flat_map` makes share it).
+    async fn send_late<K, V>(&self, table: &WindowedTable<K, V>) -> Result<()> {
+        let (Some(to), Some(record)) = (&table.late, &self.source) else {
+            return Ok(());
+        };
+        let from = (record.topic.clone(), record.partition, record.offset);
+        {
+            let mut last = table.last_late.lock().unwrap_or_else(|e| e.into_inner());
+            if last.as_ref() == Some(&from) {
+                return Ok(());
+            }
+            *last = Some(from);
+        }
+        let mut headers = record.headers.clone();
+        headers.extend([
+            Header::new("strom.late.table", table.name.to_string()),
+            Header::new("strom.late.topic", record.topic.to_string()),
+            Header::new("strom.late.partition", record.partition.to_string()),
+            Header::new("strom.late.offset", record.offset.to_string()),
+            Header::new(
+                "strom.late.stream_time",
+                self.stream_time().unwrap_or(-1).to_string(),
+            ),
+        ]);
+        let mut late = ProducerRecord::to(to);
+        late.key = record.key.as_deref();
+        late.value = record.value.as_deref();
+        late.headers = &headers;
+        late.timestamp = Some(record.timestamp);
+        self.inner.send(late).await?;
+        Ok(())
     }
 
     /// Hands a closed window to `table`'s callback. A window is handed out
@@ -312,6 +366,7 @@ impl Ctx {
         let ctx = Ctx {
             inner: self.inner.clone(),
             event_time: Some(closed.window.end.saturating_sub(1)),
+            source: None,
         };
         let window = closed.window;
         // Spawned so that a panic comes back as an error, not through the

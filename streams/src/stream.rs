@@ -657,6 +657,7 @@ where
     }
 
     fn process(&self, ctx: Context, record: ConsumerRecord) -> ProcessFuture<'_> {
+        let source = record.clone();
         let decoded = match events(&self.step, record) {
             Ok(events) => events,
             Err(e) => return failed(e),
@@ -667,6 +668,7 @@ where
                 let ctx = Ctx {
                     inner: ctx.clone(),
                     event_time: Some(e.timestamp),
+                    source: Some(source.clone()),
                 };
                 (self.f)(ctx, e).await?;
             }

@@ -14,6 +14,7 @@ use strom_worker::AgentError;
 pub use strom_state::window::Window;
 
 use crate::context::Ctx;
+use crate::topic::Topic;
 
 /// A table's declaration, shared by the app and the table's handles: how
 /// it is windowed, if it is.
@@ -120,12 +121,17 @@ impl<K, V> Table<K, V> {
             declared: self.declared,
             windowing,
             merge,
+            late: None,
+            last_late: Arc::default(),
             on_close: Arc::default(),
         };
         table.declare();
         table
     }
 }
+
+/// Where a record was read: topic, partition, offset.
+pub(crate) type Coordinates = (Arc<str>, i32, i64);
 
 /// How a session table combines the values of two sessions that merge.
 pub(crate) type Merge<V> = Arc<dyn Fn(V, V) -> V + Send + Sync>;
@@ -152,6 +158,11 @@ pub struct WindowedTable<K, V> {
     pub(crate) windowing: Windowing,
     /// Of a session table: how two sessions' values combine.
     pub(crate) merge: Option<Merge<V>>,
+    /// Where late events' records go, if anywhere.
+    pub(crate) late: Option<Arc<str>>,
+    /// The source (topic, partition, offset) of the last record sent
+    /// there, so that a record is sent once for all its events.
+    pub(crate) last_late: Arc<Mutex<Option<Coordinates>>>,
     /// Shared by every handle made from the same declaration.
     on_close: Arc<Mutex<Option<OnClose<K, V>>>>,
 }
@@ -164,6 +175,8 @@ impl<K, V> Clone for WindowedTable<K, V> {
             declared: self.declared.clone(),
             windowing: self.windowing,
             merge: self.merge.clone(),
+            late: self.late.clone(),
+            last_late: self.last_late.clone(),
             on_close: self.on_close.clone(),
         }
     }
@@ -219,6 +232,31 @@ impl<K, V> WindowedTable<K, V> {
     pub fn expires(mut self, retention: Duration) -> Self {
         self.windowing = self.windowing.expires(retention);
         self.declare();
+        self
+    }
+
+    /// Sends the records of late events to `topic` (Flink's side output of
+    /// late data), besides dropping and counting them: each as it was read
+    /// (key, value, headers and timestamp, in its source topic's codecs, so
+    /// declare `topic` with the source's types), with the headers
+    /// `strom.late.table`, `strom.late.topic`, `strom.late.partition`,
+    /// `strom.late.offset` (where it was read) and `strom.late.stream_time`.
+    /// A record whose several events (of a `flat_map`) are late is sent
+    /// once. Its send commits with the event, like any other. Events handled
+    /// in batches ([`Stream::take`](crate::Stream::take)) are not sent.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let mut app = strom::App::new("shop");
+    /// let late = app.topic::<String, u64>("orders-late");
+    /// let per_minute = app
+    ///     .table::<String, u64>("orders-per-minute", 0)
+    ///     .tumbling(Duration::from_secs(60))
+    ///     .late_events(&late);
+    /// # let _ = per_minute;
+    /// ```
+    pub fn late_events<K2, V2>(mut self, topic: &Topic<K2, V2>) -> Self {
+        self.late = Some(topic.name.clone());
         self
     }
 

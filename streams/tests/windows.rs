@@ -297,3 +297,74 @@ async fn sessions_equal_the_sorted_clicks_split_at_the_gap() {
         .contains("strom_late_events_total{table=\"clicks-per-visit\"} 0"));
     driver.close().await.unwrap();
 }
+
+/// A late event's record goes to the table's late-events topic as it was
+/// read, with headers saying where from; a record whose several events are
+/// late goes there once.
+#[tokio::test]
+async fn late_records_go_to_the_late_events_topic_once() {
+    let mut app = App::new("late");
+    let lines = app.topic::<String, String>("lines").with_key_codec(Utf8);
+    let late = app
+        .topic::<String, String>("lines-late")
+        .with_key_codec(Utf8);
+    let counts = app
+        .table::<String, u64>("word-minutes", 0)
+        .tumbling(Duration::from_secs(60))
+        .late_events(&late);
+    let table = counts.clone();
+    app.agent(&lines)
+        .flat_map(|line: String| {
+            line.split_whitespace()
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        })
+        .for_each(move |ctx, event| {
+            let table = table.clone();
+            async move {
+                ctx.update_windows(&table, &event.key, |n| n + 1).await?;
+                Ok(())
+            }
+        });
+    let mut driver = TestDriver::new(app).await.unwrap();
+    let k = "k".to_string();
+    driver
+        .send_at(&lines, &k, &"a b".into(), 10_000)
+        .await
+        .unwrap();
+    driver
+        .send_at(&lines, &k, &"c".into(), 70_000)
+        .await
+        .unwrap();
+    // [0, 60 s) has closed: both words are late, the record goes once.
+    driver
+        .send_at(&lines, &k, &"a b".into(), 20_000)
+        .await
+        .unwrap();
+    driver
+        .send_at(&lines, &k, &"d".into(), 80_000)
+        .await
+        .unwrap();
+
+    let got = driver.read(&late).unwrap();
+    assert_eq!(got.len(), 1, "{got:?}");
+    let record = &got[0];
+    assert_eq!((record.key.as_str(), record.value.as_str()), ("k", "a b"));
+    assert_eq!(record.timestamp, 20_000);
+    let header = |name: &str| {
+        record
+            .headers
+            .iter()
+            .find(|h| h.key == name)
+            .and_then(|h| h.value.as_deref())
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+    };
+    assert_eq!(header("strom.late.table").as_deref(), Some("word-minutes"));
+    assert_eq!(header("strom.late.topic").as_deref(), Some("lines"));
+    assert_eq!(header("strom.late.offset").as_deref(), Some("2"));
+    assert_eq!(header("strom.late.stream_time").as_deref(), Some("70000"));
+    assert!(driver
+        .metrics()
+        .contains("strom_late_events_total{table=\"word-minutes\"} 2"));
+    driver.close().await.unwrap();
+}

@@ -515,13 +515,6 @@ impl Context {
         };
         if writes.is_empty() {
             windows.late.inc();
-            tracing::debug!(
-                table = name,
-                partition = self.partition(),
-                event_time,
-                stream_time,
-                "late event dropped: its every window had closed"
-            );
         }
         for (store_key, value) in deletes {
             self.write_to(&mut table.store, store_key, value).await?;
