@@ -87,6 +87,7 @@ async fn child_worker() -> ! {
     let app = match std::env::var("STROM_IT_AGENT").as_deref() {
         Ok("holding") => holding_wordcount(app, &names, Hold::Forever),
         Ok("windowed") => windowed_pageviews(app, &names),
+        Ok("sessions") => session_pageviews(app, &names),
         _ => strom_it::wordcount(app, &names.input, &names.output),
     };
     let result = app
@@ -116,6 +117,7 @@ fn spawn_worker(
         Agent::Wordcount => "wordcount",
         Agent::Holding => "holding",
         Agent::Windowed => "windowed",
+        Agent::Sessions => "sessions",
     };
     command
         .env("STROM_IT_AGENT", agent)
@@ -141,6 +143,8 @@ enum Agent {
     Holding,
     /// [`windowed_pageviews`].
     Windowed,
+    /// [`session_pageviews`].
+    Sessions,
 }
 
 fn state_dir() -> PathBuf {
@@ -819,35 +823,111 @@ fn windowed_pageviews(app: App, names: &Names) -> App {
     pageviews::pageviews_between(app, &names.input, &names.output).app
 }
 
+/// The inactivity gap of the session test's visits.
+const GAP: Duration = Duration::from_secs(3);
+
+/// Views per page and visit (a session: views no more than [`GAP`] apart),
+/// [`GRACE`] of grace, each closed visit sent as `{"start", "end", "count"}`.
+fn session_pageviews(mut app: App, names: &Names) -> App {
+    let views = app
+        .topic::<String, pageviews::PageView>(&names.input)
+        .with_key_codec(strom::codec::Utf8);
+    let out = app
+        .topic::<String, pageviews::MinuteCount>(&names.output)
+        .with_key_codec(strom::codec::Utf8);
+    let visits = app
+        .table::<String, u64>("views-per-minute", 0)
+        .session(GAP, |a, b| a + b)
+        .grace(GRACE)
+        .emit_on_close(move |ctx, page, window, count| {
+            let out = out.clone();
+            async move {
+                let visit = pageviews::MinuteCount {
+                    start: window.start,
+                    end: window.end,
+                    count,
+                };
+                Ok(ctx.send(&out, &page, &visit).await?)
+            }
+        });
+    app.agent(&views).for_each(move |ctx, event| {
+        let visits = visits.clone();
+        async move {
+            ctx.update_windows(&visits, &event.key, |n| n + 1).await?;
+            Ok(())
+        }
+    });
+    app
+}
+
 /// What the windowed count must say, worked out as the feed goes: each
-/// partition's stream time, and the events that fall in an open window.
+/// partition's stream time, and the events that fall in an open window
+/// (a minute, or a session).
 #[derive(Default)]
 struct WindowTruth {
+    sessions: bool,
     stream_time: BTreeMap<i32, i64>,
-    /// (page, window start) → views counted.
-    counts: BTreeMap<(String, i64), u64>,
+    /// (page, window start) → (window end, views counted).
+    counts: BTreeMap<(String, i64), (i64, u64)>,
     late: u64,
 }
 
 impl WindowTruth {
     fn view(&mut self, page: &str, t: i64) -> bool {
-        let size = WINDOW.as_millis() as i64;
         let p = strom_client::partitioner::partition_for_key(page.as_bytes(), PARTITIONS as usize);
         let st = self.stream_time.entry(p).or_insert(i64::MIN);
         *st = (*st).max(t);
+        let st = *st;
+        let grace = GRACE.as_millis() as i64;
+        if self.sessions {
+            return self.visit(page, t, st, grace);
+        }
+        let size = WINDOW.as_millis() as i64;
         let start = t.div_euclid(size) * size;
-        if start + size + GRACE.as_millis() as i64 <= *st {
+        if start + size + grace <= st {
             self.late += 1;
             return false;
         }
-        *self.counts.entry((page.to_owned(), start)).or_default() += 1;
+        self.counts
+            .entry((page.to_owned(), start))
+            .or_insert((start + size, 0))
+            .1 += 1;
+        true
+    }
+
+    /// A session view: it joins the page's open sessions within the gap of
+    /// it, unless the joined session would have closed (late).
+    fn visit(&mut self, page: &str, t: i64, st: i64, grace: i64) -> bool {
+        let gap = GAP.as_millis() as i64;
+        let closes = |end: i64| end - 1 + gap + grace;
+        let (mut start, mut end, mut n) = (t, t + 1, 1);
+        let mut joined = Vec::new();
+        for (&(ref pg, s), &(e, c)) in self.counts.range((page.to_owned(), i64::MIN)..) {
+            if pg != page {
+                break;
+            }
+            if closes(e) > st && t >= s - gap && t <= e - 1 + gap {
+                (start, end, n) = (start.min(s), end.max(e), n + c);
+                joined.push(s);
+            }
+        }
+        if closes(end) <= st {
+            self.late += 1;
+            return false;
+        }
+        for s in joined {
+            self.counts.remove(&(page.to_owned(), s));
+        }
+        self.counts.insert((page.to_owned(), start), (end, n));
         true
     }
 }
 
 /// Sends views steadily, `per_second`, until `done` says so and at least
-/// `min` went out: 10 ms of event time apart from `base`, every 7th 5 s
-/// early (within the grace), every 50th 150 s early (late). Then one view
+/// `min` went out: 10 ms of event time apart from `base` (for sessions, with
+/// pauses of 7 s and 20 s in turn after every thousandth, so visits end and
+/// views 5 s early can bridge two), every 7th 5 s early
+/// (within the grace), every 50th 150 s early (late). Then one view
 /// per partition well past the retention after the last, which closes and
 /// expires every window; those are left out of the truth (their windows
 /// stay open).
@@ -857,6 +937,7 @@ async fn feed_views(
     min: u64,
     per_second: u64,
     mut done: tokio::sync::watch::Receiver<bool>,
+    mut truth: WindowTruth,
 ) -> WindowTruth {
     strom_it::wait_for_topic(&client, &input).await;
     let producer = Producer::new(client, ProducerConfig::default()).unwrap();
@@ -867,7 +948,7 @@ async fn feed_views(
         - 3_600_000)
         / 60_000
         * 60_000;
-    let mut truth = WindowTruth::default();
+    let bursts = truth.sessions;
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     let mut i = 0u64;
     let send = |page: String, t: i64, i: u64| {
@@ -891,6 +972,11 @@ async fn feed_views(
         for _ in 0..per_second / 10 {
             let page = format!("p{}", i % PAGES);
             let mut t = base + i as i64 * 10;
+            if bursts {
+                // Pauses of 7 s and 20 s, in turn, after every thousandth.
+                let b = (i / 1_000) as i64;
+                t += b / 2 * 27_000 + b % 2 * 7_000;
+            }
             if i % 50 == 49 {
                 t -= 150_000;
             } else if i % 7 == 6 {
@@ -902,7 +988,7 @@ async fn feed_views(
         }
     }
     // Past every window's end + retention: all of them close and expire.
-    let last = base + i as i64 * 10 + KEPT.as_millis() as i64 + 600_000;
+    let last = base + i as i64 * 40 + KEPT.as_millis() as i64 + 600_000;
     for p in 0..PARTITIONS {
         let key = (0..)
             .map(|j| format!("flush{j}"))
@@ -917,33 +1003,35 @@ async fn feed_views(
     truth
 }
 
-/// Every closed window `topic` holds: (page, start) → the counts sent for
-/// it, in offset order.
-async fn closed_windows(
-    client: &Client,
-    topic: &str,
-    isolation: IsolationLevel,
-) -> BTreeMap<(String, i64), Vec<u64>> {
-    let mut out: BTreeMap<(String, i64), Vec<u64>> = BTreeMap::new();
+/// Every closed window `topic` holds: (page, start) → the (end, count)
+/// sent for it, in offset order.
+async fn closed_windows(client: &Client, topic: &str, isolation: IsolationLevel) -> Closed {
+    let mut out = Closed::new();
     for r in read_all(client, topic, isolation).await {
         let page = String::from_utf8_lossy(r.key.as_deref().unwrap_or_default()).into_owned();
         let v: pageviews::MinuteCount =
             serde_json::from_slice(r.value.as_deref().unwrap_or_default()).unwrap();
-        assert_eq!(v.end - v.start, WINDOW.as_millis() as i64);
-        out.entry((page, v.start)).or_default().push(v.count);
+        out.entry((page, v.start))
+            .or_default()
+            .push((v.end, v.count));
     }
     out
 }
 
-/// Two workers run the pageviews example while one of them is
-/// killed with SIGKILL three times and restarted; returns the truth, the
-/// closed windows the output holds (read with `isolation`) and the number
-/// of entries the windowed table holds once the final views passed.
+/// Closed windows by (page, start): the (end, count) of each time sent.
+type Closed = BTreeMap<(String, i64), Vec<(i64, u64)>>;
+
+/// Two workers run the pageviews example (or, with `Agent::Sessions`, its
+/// session variant) while one of them is killed with SIGKILL three times
+/// and restarted; returns the truth, the closed windows the output holds
+/// (read with `isolation`) and the number of entries the windowed table
+/// holds once the final views passed.
 async fn windowed_run_with_kills(
     test: &str,
     guarantee: ProcessingGuarantee,
     isolation: IsolationLevel,
-) -> (WindowTruth, BTreeMap<(String, i64), Vec<u64>>, usize) {
+    windowed: Agent,
+) -> (WindowTruth, Closed, usize) {
     let _one = ONE_AT_A_TIME.lock().await;
     let broker = TestBroker::start().await;
     eprintln!("broker: {:?}, guarantee: {guarantee}", broker.kind);
@@ -951,7 +1039,10 @@ async fn windowed_run_with_kills(
     let names = Names::new();
     let (dir_a, dir_b) = (state_dir(), state_dir());
     let (web_a, web_b) = (strom_it::free_port(), strom_it::free_port());
-    let windowed = Agent::Windowed;
+    let truth = WindowTruth {
+        sessions: matches!(windowed, Agent::Sessions),
+        ..WindowTruth::default()
+    };
     let mut a = spawn_worker(test, &broker, &names, &dir_a, guarantee, web_a, windowed);
     let mut b = spawn_worker(test, &broker, &names, &dir_b, guarantee, web_b, windowed);
     let (done, feeding_done) = tokio::sync::watch::channel(false);
@@ -961,6 +1052,7 @@ async fn windowed_run_with_kills(
         30_000,
         1_500,
         feeding_done,
+        truth,
     ));
     let respawn = || spawn_worker(test, &broker, &names, &dir_a, guarantee, web_a, windowed);
     a = kill_repeatedly(a, web_a, 3, respawn).await;
@@ -1003,14 +1095,38 @@ async fn exactly_once_windows_close_once_under_sigkill() {
         child_worker().await;
     }
     let committed = IsolationLevel::ReadCommitted;
+    let windowed = Agent::Windowed;
     let (truth, closed, entries) =
-        windowed_run_with_kills(TEST, ProcessingGuarantee::ExactlyOnce, committed).await;
+        windowed_run_with_kills(TEST, ProcessingGuarantee::ExactlyOnce, committed, windowed).await;
+    assert_closed_once(&truth, &closed, entries);
+}
+
+/// Exactly once, session windows: every visit closes once with exactly its
+/// views, merged as the views came (out of order within the grace),
+/// however often a worker is killed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exactly_once_sessions_close_once_under_sigkill() {
+    const TEST: &str = "exactly_once_sessions_close_once_under_sigkill";
+    if std::env::var(CHILD).is_ok() {
+        child_worker().await;
+    }
+    let committed = IsolationLevel::ReadCommitted;
+    let sessions = Agent::Sessions;
+    let (truth, closed, entries) =
+        windowed_run_with_kills(TEST, ProcessingGuarantee::ExactlyOnce, committed, sessions).await;
+    let visits = truth.counts.len();
+    assert!(visits > 10 * PAGES as usize, "{visits} visits only");
+    assert_closed_once(&truth, &closed, entries);
+}
+
+/// Every window of the truth closed once, with its end and count; none else.
+fn assert_closed_once(truth: &WindowTruth, closed: &Closed, entries: usize) {
     assert!(truth.late > 0, "the feed sent no late view");
     for (window, n) in &truth.counts {
         assert_eq!(
             closed[window],
             [*n],
-            "window {window:?}: sent counts vs the truth"
+            "window {window:?}: sent (end, count) vs the truth"
         );
     }
     let extra: Vec<_> = closed
@@ -1043,16 +1159,22 @@ async fn at_least_once_windows_never_lose_a_close() {
         child_worker().await;
     }
     let uncommitted = IsolationLevel::ReadUncommitted;
-    let (truth, closed, entries) =
-        windowed_run_with_kills(TEST, ProcessingGuarantee::AtLeastOnce, uncommitted).await;
+    let windowed = Agent::Windowed;
+    let (truth, closed, entries) = windowed_run_with_kills(
+        TEST,
+        ProcessingGuarantee::AtLeastOnce,
+        uncommitted,
+        windowed,
+    )
+    .await;
     let mut repeated = 0;
-    for (window, n) in &truth.counts {
+    for (window, (_, n)) in &truth.counts {
         let sent = &closed[window];
         assert!(
-            sent.iter().all(|c| c >= n),
+            sent.iter().all(|(_, c)| c >= n),
             "window {window:?} under-counted: sent {sent:?}, truth {n}"
         );
-        repeated += usize::from(sent.len() > 1 || sent[0] > *n);
+        repeated += usize::from(sent.len() > 1 || sent[0].1 > *n);
     }
     assert!(
         entries <= 2 * PARTITIONS as usize,
