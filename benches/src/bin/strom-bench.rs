@@ -169,6 +169,12 @@ enum Command {
         base_ms: Option<i64>,
         #[arg(long, default_value = "at-least-once")]
         guarantee: strom::ProcessingGuarantee,
+        /// Keep windows this many minutes after their end (default: an
+        /// hour, longer than the workload); the output then also gives the
+        /// store files' size by quarter of the run, which must stop growing
+        /// once windows expire.
+        #[arg(long)]
+        expires_minutes: Option<u64>,
     },
     /// Fills a topic with the `windowed` workload (for `windowed --topic`
     /// and `benches/quix_windowed.py`); prints its base time.
@@ -305,9 +311,11 @@ fn main() -> ExitCode {
                 topic,
                 base_ms,
                 guarantee,
+                expires_minutes,
             } => {
                 let fed = topic.zip(base_ms);
-                windowed::run(&brokers, messages, fed, guarantee).await
+                let expires = expires_minutes.map(|m| Duration::from_secs(m * 60));
+                windowed::run(&brokers, messages, fed, guarantee, expires).await
             }
             Command::WindowedFeed {
                 brokers,
@@ -376,6 +384,20 @@ fn fill_value(buf: &mut Vec<u8>, i: u64, size: usize) {
 
 fn print(line: serde_json::Value) {
     println!("{line}");
+}
+
+/// Samples `(events processed, MB)` by quarter of `n` events processed, the
+/// largest in each: flat means the last quarters are no higher.
+fn by_quarter(samples: &[(u64, f64)], n: u64) -> Vec<f64> {
+    (0..4)
+        .map(|q| {
+            samples
+                .iter()
+                .filter(|(at, _)| (*at * 4 / n.max(1)).min(3) == q)
+                .map(|(_, mb)| *mb)
+                .fold(f64::NAN, f64::max)
+        })
+        .collect()
 }
 
 async fn produce(
@@ -1080,17 +1102,7 @@ mod pipeline {
             .ok()
             .filter(|_| args.state_dir.is_none());
         let samples = samples.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        // Resident memory by quarter of the events processed (the largest
-        // sample in each): flat means the last quarters are no higher.
-        let quarters: Vec<f64> = (0..4)
-            .map(|q| {
-                samples
-                    .iter()
-                    .filter(|(at, _)| (*at * 4 / n.max(1)).min(3) == q)
-                    .map(|(_, mb)| *mb)
-                    .fold(f64::NAN, f64::max)
-            })
-            .collect();
+        let quarters = super::by_quarter(&samples, n);
         super::print(json!({
             "op": if soak { "soak" } else { "pipeline" },
             "events": n,

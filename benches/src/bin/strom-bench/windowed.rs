@@ -128,6 +128,7 @@ pub(super) async fn run(
     n: u64,
     fed: Option<(String, i64)>,
     guarantee: strom::ProcessingGuarantee,
+    expires: Option<Duration>,
 ) -> Result<bool, Error> {
     let run_id = std::process::id();
     let client = Client::connect(client_config(brokers)?).await?;
@@ -162,39 +163,63 @@ pub(super) async fn run(
     let windows = truth.len() as u64;
     let counts = {
         let emitted = emitted.clone();
-        app.table::<String, u64>("counts", 0)
-            .tumbling(Duration::from_millis(MINUTE as u64))
-            .emit_on_close(move |ctx, key, window, count| {
-                let (out, emitted, done_tx) =
-                    (results_topic.clone(), emitted.clone(), done_tx.clone());
-                async move {
-                    ctx.send(&out, &key, &(window.start, count)).await?;
-                    if emitted.fetch_add(1, Ordering::Relaxed) + 1 == windows {
-                        let _ = done_tx.send(true);
-                    }
-                    Ok(())
+        let table = app
+            .table::<String, u64>("counts", 0)
+            .tumbling(Duration::from_millis(MINUTE as u64));
+        match expires {
+            Some(d) => table.expires(d),
+            None => table,
+        }
+        .emit_on_close(move |ctx, key, window, count| {
+            let (out, emitted, done_tx) = (results_topic.clone(), emitted.clone(), done_tx.clone());
+            async move {
+                ctx.send(&out, &key, &(window.start, count)).await?;
+                if emitted.fetch_add(1, Ordering::Relaxed) + 1 == windows {
+                    let _ = done_tx.send(true);
                 }
-            })
+                Ok(())
+            }
+        })
     };
+    let processed = Arc::new(AtomicU64::new(0));
     {
-        let first = first.clone();
+        let (first, processed) = (first.clone(), processed.clone());
         app.agent(&events).for_each(move |ctx, event| {
-            let (counts, first) = (counts.clone(), first.clone());
+            let (counts, first, processed) = (counts.clone(), first.clone(), processed.clone());
             async move {
                 first
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .get_or_insert_with(Instant::now);
                 ctx.update_windows(&counts, &event.key, |c| c + 1).await?;
+                processed.fetch_add(1, Ordering::Relaxed);
                 Ok(())
             }
         });
     }
+    // The store files' size every half second, by events processed.
+    let samples: Arc<Mutex<Vec<(u64, f64)>>> = Arc::default();
+    let sampler = {
+        let (samples, dir, mut done) = (samples.clone(), state_dir.clone(), done_rx.clone());
+        tokio::spawn(async move {
+            while !*done.borrow() {
+                let mb = files_size(&dir) as f64 / 1e6;
+                let at = processed.load(Ordering::Relaxed);
+                samples
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push((at, mb));
+                let _ = tokio::time::timeout(Duration::from_millis(500), done.changed()).await;
+            }
+        })
+    };
     app.run(async move {
         let _ = done_rx.wait_for(|d| *d).await;
     })
     .await
     .map_err(|e| Error::Config(e.to_string()))?;
+    let _ = sampler.await;
+    let store_mb = super::by_quarter(&samples.lock().unwrap_or_else(|e| e.into_inner()), n);
     // run() returns after the final checkpoint: every result acknowledged.
     let end = Instant::now();
     let start = first
@@ -219,7 +244,23 @@ pub(super) async fn run(
         "events_per_s": (n + KEYS) as f64 / seconds,
         "peak_rss_mb": super::state_bench::peak_rss_mb(),
         "guarantee": guarantee.to_string(),
+        "store_mb_by_quarter": store_mb,
         "correct": correct,
     }));
     Ok(correct)
+}
+
+/// Bytes of the files under `dir`, its subdirectories' included.
+fn files_size(dir: &std::path::Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => files_size(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
 }
