@@ -185,8 +185,9 @@ impl Windowing {
     }
 
     /// How long after its end a window is kept (for reads) before it is
-    /// deleted; never less than the grace. Default: an hour, or the size plus
-    /// the grace when that is longer.
+    /// deleted; never less than the grace (of sessions: the gap and the
+    /// grace). Default: an hour, or the size plus the grace when that is
+    /// longer.
     pub fn expires(mut self, retention: Duration) -> Self {
         self.expires = Some(millis(retention));
         self
@@ -214,9 +215,9 @@ impl Windowing {
         }
     }
 
-    /// How long after its end a window closes: the grace, and of a session
-    /// the rest of the gap after its last event.
-    fn close_delay(&self) -> i64 {
+    /// How long after its end a window closes, ms: the grace, and of a
+    /// session also the rest of the gap after its last event.
+    pub fn close_delay(&self) -> i64 {
         match self.kind {
             WindowKind::Session { gap } => gap.saturating_sub(1).saturating_add(self.grace),
             _ => self.grace,
@@ -228,11 +229,13 @@ impl Windowing {
         self.grace
     }
 
-    /// How long after its end a window is kept, ms (see [`Windowing::expires`]).
+    /// How long after its end a window is kept, ms (see [`Windowing::expires`]);
+    /// never less than [`Windowing::close_delay`], so that no window is
+    /// deleted before it closes.
     pub fn retention(&self) -> i64 {
         let floor = self.size().saturating_add(self.grace);
         match self.expires {
-            Some(r) => r.max(self.grace),
+            Some(r) => r.max(self.close_delay()),
             None => DEFAULT_RETENTION.max(floor),
         }
     }
@@ -723,6 +726,8 @@ mod tests {
         assert!(!s.is_closed(session, Some(17_999)) && s.is_closed(session, Some(18_000)));
         assert_eq!(s.retention(), 3_600_000);
         assert_eq!(s.describe(), "session, gap 10s, grace 5s, kept 3600s");
+        // Kept at least until it closes, however short `expires` is.
+        assert_eq!(s.expires(Duration::ZERO).retention(), 9_999 + 5_000);
 
         // The end is stored before the value, and read back.
         let stored = s.entry_value(session, b"v");

@@ -226,9 +226,10 @@ impl<K, V> WindowedTable<K, V> {
     }
 
     /// How long windows are kept after their end (Faust's `expires`;
-    /// default: an hour, or size + grace if longer; never less than the
-    /// grace): older ones are deleted from the store and tombstoned in the
-    /// changelog, so the table stays bounded.
+    /// default: an hour, or size + grace if longer; never so short that a
+    /// window goes before it closes, so at least the grace, and for
+    /// sessions the gap plus the grace): older ones are deleted from the
+    /// store and tombstoned in the changelog, so the table stays bounded.
     pub fn expires(mut self, retention: Duration) -> Self {
         self.windowing = self.windowing.expires(retention);
         self.declare();

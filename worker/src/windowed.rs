@@ -169,7 +169,7 @@ impl Windowed {
             (true, _) => stream_time,
             (false, Some(marked)) => stream_time.min(
                 marked
-                    .saturating_sub(self.windowing.grace_ms())
+                    .saturating_sub(self.windowing.close_delay())
                     .saturating_add(self.windowing.retention()),
             ),
             (false, None) => i64::MIN,
@@ -675,6 +675,24 @@ mod tests {
         let (ctx, _) = context(&cluster, store, sessions, true).await;
         let (_, closed) = count(&ctx, "b", 90_000).await;
         assert_eq!(closed, [("a".into(), 32_000, 1), ("b".into(), 59_999, 2)]);
+    }
+
+    /// However short the retention, a session is kept until it closes: it
+    /// is emitted, and an event within its gap still joins it.
+    #[tokio::test]
+    async fn a_session_outlives_a_short_retention_until_it_closes() {
+        for exactly_once in [true, false] {
+            let cluster = MockCluster::new();
+            cluster.create_topic("counts-changelog", 1);
+            let sessions = Windowing::session(Duration::from_secs(10)).expires(Duration::ZERO);
+            let store = Arc::new(MemoryStore::new());
+            let (ctx, _) = context(&cluster, store, sessions, exactly_once).await;
+            count(&ctx, "a", 1_000).await;
+            count(&ctx, "b", 5_000).await;
+            assert_eq!(count(&ctx, "a", 8_000).await, (Some(2), vec![]), "joins");
+            let (_, closed) = count(&ctx, "b", 30_000).await;
+            assert_eq!(closed, [("b".into(), 5_000, 1), ("a".into(), 1_000, 2)]);
+        }
     }
 
     /// A stored value too short to be a window's is damaged state.
