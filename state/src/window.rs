@@ -10,9 +10,10 @@
 //! Session windows are a key's bursts of activity: an event opens a session
 //! `[t, t + 1)`, and sessions no more than the inactivity gap apart merge
 //! into one from the first event's time to just after the last's. A session
-//! closes when the stream time reaches its last event's time plus the gap
-//! plus the grace; once closed it is final, and a later event near it starts
-//! a new session rather than change what was handed out.
+//! closes when the stream time passes its last event's time plus the gap
+//! plus the grace (as in Kafka Streams); once closed it is final: an event
+//! within it is late, and one near it starts a new session rather than
+//! change what was handed out.
 //!
 //! # Layout in the store
 //!
@@ -145,8 +146,8 @@ impl Windowing {
     /// let session = Window { start: 1_000, end: 20_001 };
     /// assert!(s.merges(session, 50_000));
     /// assert!(!s.merges(session, 50_001));
-    /// // Closes 30 s after its last event, 20 s.
-    /// assert_eq!(s.closes_at(session), 50_000);
+    /// // Closes once the stream time passes its last event (20 s) + 30 s.
+    /// assert_eq!(s.closes_at(session), 50_001);
     /// ```
     ///
     /// # Panics
@@ -216,10 +217,10 @@ impl Windowing {
     }
 
     /// How long after its end a window closes, ms: the grace, and of a
-    /// session also the rest of the gap after its last event.
+    /// session also the gap (its end is just after its last event).
     pub fn close_delay(&self) -> i64 {
         match self.kind {
-            WindowKind::Session { gap } => gap.saturating_sub(1).saturating_add(self.grace),
+            WindowKind::Session { gap } => gap.saturating_add(self.grace),
             _ => self.grace,
         }
     }
@@ -298,7 +299,8 @@ impl Windowing {
     }
 
     /// The stream time at which `window` closes: its end plus the grace (a
-    /// session's: its last event's time plus the gap plus the grace).
+    /// session's: just after its last event's time plus the gap plus the
+    /// grace).
     pub fn closes_at(&self, window: Window) -> i64 {
         window.end.saturating_add(self.close_delay())
     }
@@ -721,13 +723,13 @@ mod tests {
         assert!(!Windowing::tumbling(MIN).merges(w(0, 60_000), 1));
         assert_eq!(s.windows_of(7).collect::<Vec<_>>(), [w(7, 8)]);
         assert_eq!(s.window_at(7), w(7, 8));
-        // Last event 3 s, gap 10 s, grace 5 s.
-        assert_eq!(s.closes_at(session), 18_000);
-        assert!(!s.is_closed(session, Some(17_999)) && s.is_closed(session, Some(18_000)));
+        // Last event 3 s, gap 10 s, grace 5 s: closes past 18 s.
+        assert_eq!(s.closes_at(session), 18_001);
+        assert!(!s.is_closed(session, Some(18_000)) && s.is_closed(session, Some(18_001)));
         assert_eq!(s.retention(), 3_600_000);
         assert_eq!(s.describe(), "session, gap 10s, grace 5s, kept 3600s");
         // Kept at least until it closes, however short `expires` is.
-        assert_eq!(s.expires(Duration::ZERO).retention(), 9_999 + 5_000);
+        assert_eq!(s.expires(Duration::ZERO).retention(), 15_000);
 
         // The end is stored before the value, and read back.
         let stored = s.entry_value(session, b"v");
@@ -745,8 +747,8 @@ mod tests {
         ];
         let (mut index, time) = WindowIndex::rebuild(entries, &s).unwrap();
         assert_eq!(time, Some(3_000));
-        assert_eq!(index.close(&s, 17_000), [(b"b".to_vec(), w(2_000, 2_001))]);
-        assert_eq!(index.close(&s, 18_000), [(b"a".to_vec(), session)]);
+        assert_eq!(index.close(&s, 18_000), [(b"b".to_vec(), w(2_000, 2_001))]);
+        assert_eq!(index.close(&s, 18_001), [(b"a".to_vec(), session)]);
         assert_eq!(index.close(&s, 19_000), []);
         index.remove(b"a", session);
         assert_eq!(index.len(), 1);

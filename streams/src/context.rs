@@ -3,6 +3,7 @@
 use bytes::Bytes;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use std::sync::Arc;
 use strom_client::consumer::ConsumerRecord;
 use strom_client::partitioner::partition_for_key;
 use strom_client::producer::ProducerRecord;
@@ -29,10 +30,28 @@ pub struct Ctx {
     pub(crate) inner: strom_worker::Context,
     /// The time of the event being handled (of a batch: its latest event).
     pub(crate) event_time: Option<i64>,
-    /// The record the event was read from (cheap handles), for a late
-    /// event's [late-events topic](WindowedTable::late_events); `None` for
-    /// batches and close callbacks.
-    pub(crate) source: Option<ConsumerRecord>,
+    /// The record the event was read from, for a late event's
+    /// [late-events topic](WindowedTable::late_events); `None` for batches
+    /// and close callbacks.
+    pub(crate) source: Option<Arc<Source>>,
+}
+
+/// The record an agent's events were read from, shared by the events its
+/// `flat_map` makes (and made anew when the record is processed again).
+#[derive(Debug)]
+pub(crate) struct Source {
+    record: ConsumerRecord,
+    /// The late-events topics it went to.
+    late_to: std::sync::Mutex<Vec<Arc<str>>>,
+}
+
+impl Source {
+    pub(crate) fn new(record: ConsumerRecord) -> Arc<Source> {
+        Arc::new(Source {
+            record,
+            late_to: std::sync::Mutex::default(),
+        })
+    }
 }
 
 fn value_error(table: &str, e: serde_json::Error) -> Error {
@@ -284,7 +303,7 @@ impl Ctx {
         }
         drop(emitting);
         if current.is_none() {
-            let source = self.source.as_ref();
+            let source = self.source.as_ref().map(|s| &s.record);
             tracing::debug!(
                 table = %table.name,
                 topic = source.map(|r| &*r.topic),
@@ -301,19 +320,21 @@ impl Ctx {
 
     /// Sends the record of a late event to `table`'s late-events topic, if
     /// it has one: as read, with headers saying where from and why; once
-    /// per record (the events a record's `flat_map` makes share it).
+    /// per processing of the record (the events a record's `flat_map` makes
+    /// share it). Should the send fail, the record is not committed, and
+    /// is processed again as a new [`Source`].
     async fn send_late<K, V>(&self, table: &WindowedTable<K, V>) -> Result<()> {
-        let (Some(to), Some(record)) = (&table.late, &self.source) else {
+        let (Some(to), Some(source)) = (&table.late, &self.source) else {
             return Ok(());
         };
-        let from = (record.topic.clone(), record.partition, record.offset);
         {
-            let mut last = table.last_late.lock().unwrap_or_else(|e| e.into_inner());
-            if last.as_ref() == Some(&from) {
+            let mut sent = source.late_to.lock().unwrap_or_else(|e| e.into_inner());
+            if sent.contains(to) {
                 return Ok(());
             }
-            *last = Some(from);
+            sent.push(to.clone());
         }
+        let record = &source.record;
         let mut headers = record.headers.clone();
         headers.extend([
             Header::new("strom.late.table", table.name.to_string()),
@@ -329,7 +350,7 @@ impl Ctx {
         late.key = record.key.as_deref();
         late.value = record.value.as_deref();
         late.headers = &headers;
-        late.timestamp = Some(record.timestamp);
+        late.timestamp = (record.timestamp >= 0).then_some(record.timestamp);
         self.inner.send(late).await?;
         Ok(())
     }

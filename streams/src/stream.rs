@@ -657,7 +657,7 @@ where
     }
 
     fn process(&self, ctx: Context, record: ConsumerRecord) -> ProcessFuture<'_> {
-        let source = record.clone();
+        let source = crate::context::Source::new(record.clone());
         let decoded = match events(&self.step, record) {
             Ok(events) => events,
             Err(e) => return failed(e),

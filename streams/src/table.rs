@@ -91,9 +91,10 @@ impl<K, V> Table<K, V> {
     /// `[first, last + 1 ms)`). An event that falls within the gap of two
     /// sessions joins them: their values are combined with `merge` (the
     /// earlier one first), and the update gets the result. A session closes
-    /// when the stream time reaches its last event's time plus the gap (plus
-    /// the [grace](WindowedTable::grace)); once closed it is final, and an
-    /// event near it starts a session of its own.
+    /// once the stream time passes its last event's time plus the gap (plus
+    /// the [grace](WindowedTable::grace)), as in Kafka Streams; once closed
+    /// it is final: an event within it is late, and one only near it starts
+    /// a session of its own.
     ///
     /// Panics if `gap` is under a millisecond.
     ///
@@ -122,16 +123,12 @@ impl<K, V> Table<K, V> {
             windowing,
             merge,
             late: None,
-            last_late: Arc::default(),
             on_close: Arc::default(),
         };
         table.declare();
         table
     }
 }
-
-/// Where a record was read: topic, partition, offset.
-pub(crate) type Coordinates = (Arc<str>, i32, i64);
 
 /// How a session table combines the values of two sessions that merge.
 pub(crate) type Merge<V> = Arc<dyn Fn(V, V) -> V + Send + Sync>;
@@ -160,9 +157,6 @@ pub struct WindowedTable<K, V> {
     pub(crate) merge: Option<Merge<V>>,
     /// Where late events' records go, if anywhere.
     pub(crate) late: Option<Arc<str>>,
-    /// The source (topic, partition, offset) of the last record sent
-    /// there, so that a record is sent once for all its events.
-    pub(crate) last_late: Arc<Mutex<Option<Coordinates>>>,
     /// Shared by every handle made from the same declaration.
     on_close: Arc<Mutex<Option<OnClose<K, V>>>>,
 }
@@ -176,7 +170,6 @@ impl<K, V> Clone for WindowedTable<K, V> {
             windowing: self.windowing,
             merge: self.merge.clone(),
             late: self.late.clone(),
-            last_late: self.last_late.clone(),
             on_close: self.on_close.clone(),
         }
     }
@@ -216,7 +209,8 @@ impl<K, V> WindowedTable<K, V> {
     }
 
     /// How long after its end a window still takes events (default 0): it
-    /// closes when the partition's stream time reaches end + grace. An event
+    /// closes when the partition's stream time reaches end + grace (a
+    /// session: passes its last event + gap + grace). An event
     /// whose every window has closed is late: dropped, counted in
     /// `strom_late_events_total{table}` and logged at debug level.
     pub fn grace(mut self, grace: Duration) -> Self {

@@ -896,15 +896,20 @@ impl WindowTruth {
     }
 
     /// A session view: it joins the page's open sessions within the gap of
-    /// it, unless the joined session would have closed (late).
+    /// it, unless it falls within a closed one or the joined session would
+    /// have closed (late).
     fn visit(&mut self, page: &str, t: i64, st: i64, grace: i64) -> bool {
         let gap = GAP.as_millis() as i64;
-        let closes = |end: i64| end - 1 + gap + grace;
+        let closes = |end: i64| end + gap + grace;
         let (mut start, mut end, mut n) = (t, t + 1, 1);
         let mut joined = Vec::new();
         for (&(ref pg, s), &(e, c)) in self.counts.range((page.to_owned(), i64::MIN)..) {
             if pg != page {
                 break;
+            }
+            if closes(e) <= st && s <= t && t < e {
+                self.late += 1;
+                return false;
             }
             if closes(e) > st && t >= s - gap && t <= e - 1 + gap {
                 (start, end, n) = (start.min(s), end.max(e), n + c);

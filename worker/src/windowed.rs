@@ -97,6 +97,18 @@ pub(crate) struct Plan<R> {
     pub current: Option<R>,
 }
 
+impl<R> Plan<R> {
+    /// The plan of a late event: nothing to write.
+    fn late() -> Self {
+        Plan {
+            writes: Vec::new(),
+            merged: Vec::new(),
+            deletes: Vec::new(),
+            current: None,
+        }
+    }
+}
+
 /// Why an update could not be planned.
 #[derive(Debug)]
 pub(crate) enum PlanError<E> {
@@ -228,8 +240,9 @@ impl Windowed {
         })
     }
 
-    /// [`Windowed::plan`] of a session table. Closed sessions are final:
-    /// an event near one only is in a session of its own.
+    /// [`Windowed::plan`] of a session table. Closed sessions are final: an
+    /// event within one is late, and one near one only is in a session of
+    /// its own.
     fn plan_session<R, E>(
         &self,
         store: &LoggedStore,
@@ -248,7 +261,14 @@ impl Windowed {
         let mut value: Option<Vec<u8>> = None;
         let sessions = windows_of_key(store, windowing, key).map_err(PlanError::Store)?;
         for (old, stored) in sessions {
-            if windowing.is_closed(old, Some(stream_time)) || !windowing.merges(old, event_time) {
+            if windowing.is_closed(old, Some(stream_time)) {
+                if old.start <= event_time && event_time < old.end {
+                    // Handed out already: no session may take its place.
+                    return Ok(Plan::late());
+                }
+                continue;
+            }
+            if !windowing.merges(old, event_time) {
                 continue;
             }
             session.start = session.start.min(old.start);
@@ -260,12 +280,7 @@ impl Windowed {
             merged.push(old);
         }
         if windowing.is_closed(session, Some(stream_time)) {
-            return Ok(Plan {
-                writes: Vec::new(),
-                merged: Vec::new(),
-                deletes: Vec::new(),
-                current: None,
-            });
+            return Ok(Plan::late());
         }
         let (new, r) = f(value.as_deref()).map_err(PlanError::Update)?;
         let deletes = merged
@@ -657,24 +672,26 @@ mod tests {
             [window_key(b"a", 30_000)],
             "the later session's entry"
         );
-        // The last event was at 30 s: closes at 30 + 10 + 20 s.
-        assert_eq!(count(&ctx, "b", 59_999).await, (Some(1), vec![]));
-        let (_, closed) = count(&ctx, "b", 60_000).await;
+        // The last event was at 30 s: closes past 30 + 10 + 20 s.
+        assert_eq!(count(&ctx, "b", 60_000).await, (Some(1), vec![]));
+        let (_, closed) = count(&ctx, "b", 60_001).await;
         assert_eq!(closed, [("a".into(), 1_000, 4)]);
+        // Within the closed session: late, however it would merge.
+        assert_eq!(count(&ctx, "a", 1_000).await, (None, vec![]));
         // Within a's gap but a is final: a session of its own, open since
         // its own close (32 + 10 + 20 s) is still ahead.
         assert_eq!(count(&ctx, "a", 32_000).await, (Some(1), vec![]));
         assert_eq!(spans(&ctx).await, [(1_000, 30_001, 4), (32_000, 32_001, 1)]);
         // Late: its session would have closed at 12 + 10 + 20 s.
         assert_eq!(count(&ctx, "c", 12_000).await, (None, vec![]));
-        assert_eq!(late_events(&metrics), 1);
+        assert_eq!(late_events(&metrics), 2);
 
         // A task over the same store rebuilds the sessions with their ends.
         ctx.checkpoint(Durability::Fast).await.unwrap();
         drop(ctx);
         let (ctx, _) = context(&cluster, store, sessions, true).await;
-        let (_, closed) = count(&ctx, "b", 90_000).await;
-        assert_eq!(closed, [("a".into(), 32_000, 1), ("b".into(), 59_999, 2)]);
+        let (_, closed) = count(&ctx, "b", 90_002).await;
+        assert_eq!(closed, [("a".into(), 32_000, 1), ("b".into(), 60_000, 2)]);
     }
 
     /// However short the retention, a session is kept until it closes: it
@@ -693,6 +710,29 @@ mod tests {
             let (_, closed) = count(&ctx, "b", 30_000).await;
             assert_eq!(closed, [("b".into(), 5_000, 1), ("a".into(), 1_000, 2)]);
         }
+    }
+
+    /// An event within a closed session is late even when it would join an
+    /// open one: the merged session would take the closed one's key, and
+    /// the closed one's expiry would then delete it unsent.
+    #[tokio::test]
+    async fn an_event_within_a_closed_session_is_late() {
+        const MINUTE: i64 = 60_000;
+        let cluster = MockCluster::new();
+        cluster.create_topic("counts-changelog", 1);
+        let sessions = Windowing::session(Duration::from_secs(30 * 60));
+        let store = Arc::new(MemoryStore::new());
+        let (ctx, metrics) = context(&cluster, store, sessions, true).await;
+        count(&ctx, "a", 0).await;
+        let (_, closed) = count(&ctx, "x", 32 * MINUTE).await;
+        assert_eq!(closed, [("a".into(), 0, 1)]);
+        count(&ctx, "a", 29 * MINUTE).await;
+        count(&ctx, "a", 31 * MINUTE).await;
+        assert_eq!(count(&ctx, "a", 0).await, (None, vec![]));
+        assert_eq!(late_events(&metrics), 1);
+        // Past the retention of [0, 1 ms) and the close of [29, 31 min].
+        let (_, closed) = count(&ctx, "x", 62 * MINUTE).await;
+        assert_eq!(closed, [("a".into(), 29 * MINUTE, 2)], "sent once, whole");
     }
 
     /// A stored value too short to be a window's is damaged state.
