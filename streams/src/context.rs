@@ -234,7 +234,8 @@ impl Ctx {
     /// the event's time that has not closed gets `f(its value or the
     /// default)` (a hopping window's event updates several), atomically as
     /// [`Ctx::update`] does. Returns the value of the latest of them (the
-    /// window [`Ctx::current`] reads), or `None` when every window of the
+    /// window [`Ctx::current`] reads; of sessions, the event's session), or
+    /// `None` when every window of the
     /// event had closed: a late event, dropped and counted in
     /// `strom_late_events_total{table}`.
     ///

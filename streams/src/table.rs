@@ -231,9 +231,10 @@ impl<K, V> WindowedTable<K, V> {
     }
 
     /// Sends the records of late events to `topic` (Flink's side output of
-    /// late data), besides dropping and counting them: each as it was read
-    /// (key, value, headers and timestamp, in its source topic's codecs, so
-    /// declare `topic` with the source's types), with the headers
+    /// late data), besides dropping and counting them: each as the agent
+    /// read it (key, value, headers and timestamp, in the codecs of the
+    /// topic it read: after a `group_by`, its repartition topic's), with
+    /// the headers
     /// `strom.late.table`, `strom.late.topic`, `strom.late.partition`,
     /// `strom.late.offset` (where it was read) and `strom.late.stream_time`.
     /// A record whose several events (of a `flat_map`) are late is sent

@@ -23,8 +23,9 @@ use crate::metrics::Counter;
 #[derive(Debug)]
 pub struct WindowUpdate<R> {
     /// What the update function returned for the event's latest open window
-    /// (the one [`Windowing::window_at`] its time gives); `None` when every
-    /// window of the event had closed: the event was late and dropped.
+    /// (the one [`Windowing::window_at`] its time gives; of sessions, the
+    /// event's session); `None` when every window of the event had closed:
+    /// the event was late and dropped.
     pub current: Option<R>,
     /// The windows of any key of this table partition that closed with this
     /// event, in order of end, then key: each is handed out once.
