@@ -1,4 +1,4 @@
-//! Typed tables used from agents through [`Ctx`](crate::Ctx): plain
+//! Typed tables used from agents through [`Ctx`]: plain
 //! [`Table`]s, and [`WindowedTable`]s that keep one value per key and time
 //! window.
 
@@ -22,7 +22,7 @@ pub(crate) type DeclaredWindowing = Arc<Mutex<Option<Windowing>>>;
 
 /// A table of `K` to `V`: partitioned like the stream that writes it, stored in
 /// strom-state with a Kafka changelog, read and written from agents through
-/// [`Ctx`](crate::Ctx). A missing key reads as the table's default.
+/// [`Ctx`]. A missing key reads as the table's default.
 pub struct Table<K, V> {
     pub(crate) name: Arc<str>,
     pub(crate) default: Arc<dyn Fn() -> V + Send + Sync>,
