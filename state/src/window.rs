@@ -15,14 +15,22 @@
 //! within it is late, and one near it starts a new session rather than
 //! change what was handed out.
 //!
+//! Sliding windows (Kafka Streams' `SlidingWindows`) are every span of the
+//! time difference `d` (both ends included) that holds a distinct set of a
+//! key's events: each event at `t` has its window `[t - d, t]`, and, when a
+//! later event falls within `d` after it, the window `[t + 1, t + 1 + d]`.
+//! A new window takes its first value from an existing one that holds
+//! exactly its other events, so no aggregate needs to be subtracted from.
+//!
 //! # Layout in the store
 //!
 //! - key: the table key's bytes, then the window start as 8 big-endian bytes
 //!   with the sign bit flipped, so one key's windows are contiguous and in
 //!   time order ([`window_key`]);
 //! - value: the partition's stream time when the entry was written (8
-//!   big-endian bytes), then (of a session) its end as 8 big-endian bytes,
-//!   then the value's bytes ([`stamp`], [`Windowing::entry`]). The largest stamp
+//!   big-endian bytes), then (of a session) its end or (of a sliding
+//!   window) the time of its latest event, as 8 big-endian bytes, then the
+//!   value's bytes ([`stamp`], [`Windowing::entry`]). The largest stamp
 //!   among the live entries is the stream time the table had seen, so a task
 //!   that starts on the partition again knows which windows had closed
 //!   ([`WindowIndex::rebuild`]), as Kafka Streams keeps partition time in its
@@ -73,6 +81,13 @@ pub enum WindowKind {
     Session {
         /// The inactivity gap, ms.
         gap: i64,
+    },
+    /// Sliding windows: `[start, start + difference]`, both ends included
+    /// (as a [`Window`], `end` is `start + difference + 1`), one per
+    /// distinct set of a key's events that far apart at most.
+    Sliding {
+        /// The time difference, ms.
+        difference: i64,
     },
 }
 
@@ -162,9 +177,53 @@ impl Windowing {
         }
     }
 
+    /// Sliding windows of time difference `difference` (Kafka Streams'
+    /// `SlidingWindows`): events of a key at most `difference` apart share a
+    /// window `[start, start + difference]` (both ends included).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use strom_state::window::{Window, Windowing};
+    /// let s = Windowing::sliding(Duration::from_secs(10));
+    /// // The window of an event at 15 s: the ten seconds up to it.
+    /// assert_eq!(s.window_at(15_000), Window { start: 5_000, end: 15_001 });
+    /// ```
+    ///
+    /// # Panics
+    /// If `difference` is under a millisecond (a declaration error).
+    pub fn sliding(difference: Duration) -> Self {
+        let difference = millis(difference);
+        assert!(
+            difference > 0,
+            "a sliding window's time difference must be at least 1 ms"
+        );
+        Windowing {
+            kind: WindowKind::Sliding { difference },
+            grace: 0,
+            expires: None,
+        }
+    }
+
     /// Whether the windows are sessions.
     pub fn is_session(&self) -> bool {
         matches!(self.kind, WindowKind::Session { .. })
+    }
+
+    /// The time difference of sliding windows; `None` for other kinds.
+    pub fn sliding_difference(&self) -> Option<i64> {
+        match self.kind {
+            WindowKind::Sliding { difference } => Some(difference),
+            _ => None,
+        }
+    }
+
+    /// Whether an entry stores 8 bytes of time before its value: a
+    /// session's end, a sliding window's latest event.
+    fn stores_time(&self) -> bool {
+        matches!(
+            self.kind,
+            WindowKind::Session { .. } | WindowKind::Sliding { .. }
+        )
     }
 
     /// Whether an event at `t` falls in session `window` or within the gap
@@ -199,11 +258,13 @@ impl Windowing {
         self.kind
     }
 
-    /// A window's length, ms (of sessions: the gap).
+    /// A window's length, ms (of sessions: the gap; of sliding windows:
+    /// the time difference and the millisecond at its end).
     pub fn size(&self) -> i64 {
         match self.kind {
             WindowKind::Tumbling { size } | WindowKind::Hopping { size, .. } => size,
             WindowKind::Session { gap } => gap,
+            WindowKind::Sliding { difference } => difference.saturating_add(1),
         }
     }
 
@@ -211,8 +272,9 @@ impl Windowing {
         match self.kind {
             WindowKind::Tumbling { size } => size,
             WindowKind::Hopping { advance, .. } => advance,
-            // A session of one event is one millisecond long.
-            WindowKind::Session { .. } => 1,
+            // A session of one event is one millisecond long; a sliding
+            // window ends at any millisecond.
+            WindowKind::Session { .. } | WindowKind::Sliding { .. } => 1,
         }
     }
 
@@ -242,21 +304,36 @@ impl Windowing {
     }
 
     /// The windows that hold time `t`, in start order (of sessions: the
-    /// session of one event at `t`).
+    /// session of one event at `t`; of sliding windows: the window that
+    /// ends at `t`, the only one an event at `t` is sure to have).
     pub fn windows_of(&self, t: i64) -> impl Iterator<Item = Window> + '_ {
+        let sliding = self.sliding_difference().map(|_| self.window_at(t));
         let (size, advance) = (self.span(), self.advance());
         let last = t.saturating_sub(t.rem_euclid(advance));
-        let count = (size - 1) / advance + 1;
-        (0..count).rev().filter_map(move |i| {
-            let start = last.checked_sub(i * advance)?;
-            let end = start.saturating_add(size);
-            (end > t).then_some(Window { start, end })
-        })
+        let count = if sliding.is_some() {
+            0
+        } else {
+            (size - 1) / advance + 1
+        };
+        sliding
+            .into_iter()
+            .chain((0..count).rev().filter_map(move |i| {
+                let start = last.checked_sub(i * advance)?;
+                let end = start.saturating_add(size);
+                (end > t).then_some(Window { start, end })
+            }))
     }
 
     /// The latest window that holds time `t` (Faust's "current" window;
-    /// of sessions, the session of one event at `t`).
+    /// of sessions, the session of one event at `t`; of sliding windows,
+    /// the one that ends at `t`).
     pub fn window_at(&self, t: i64) -> Window {
+        if let Some(difference) = self.sliding_difference() {
+            return Window {
+                start: t.saturating_sub(difference),
+                end: t.saturating_add(1),
+            };
+        }
         let start = t.saturating_sub(t.rem_euclid(self.advance()));
         Window {
             start,
@@ -275,27 +352,84 @@ impl Windowing {
 
     /// The window of an entry: its store key's `start` and the stored value
     /// after the stamp (`stored`), and the value's bytes. A session's end
-    /// is stored before its value; a value too short for it is a codec
-    /// error.
+    /// and a sliding window's latest event are stored before the value; a
+    /// value too short for them is a codec error.
     pub fn entry<'a>(&self, start: i64, stored: &'a [u8]) -> Result<(Window, &'a [u8])> {
-        if !self.is_session() {
-            let end = start.saturating_add(self.size());
-            return Ok((Window { start, end }, stored));
+        let (window, _, value) = self.entry_with_latest(start, stored)?;
+        Ok((window, value))
+    }
+
+    /// [`Windowing::entry`], and of a sliding window the time of its latest
+    /// event.
+    pub fn entry_with_latest<'a>(
+        &self,
+        start: i64,
+        stored: &'a [u8],
+    ) -> Result<(Window, Option<i64>, &'a [u8])> {
+        match self.kind {
+            WindowKind::Session { .. } => {
+                let (end, value) = split_time(stored, "a session's value", "end")?;
+                Ok((Window { start, end }, None, value))
+            }
+            WindowKind::Sliding { .. } => {
+                let what = "a sliding window's value";
+                let (latest, value) = split_time(stored, what, "latest event time")?;
+                let end = start.saturating_add(self.size());
+                Ok((Window { start, end }, Some(latest), value))
+            }
+            _ => {
+                let end = start.saturating_add(self.size());
+                Ok((Window { start, end }, None, stored))
+            }
         }
-        let (end, value) = split_time(stored, "a session's value", "end")?;
-        Ok((Window { start, end }, value))
     }
 
     /// What is stored after the stamp for `window` holding `value`: of a
-    /// session its end, then the value (see [`Windowing::entry`]).
-    pub fn entry_value(&self, window: Window, value: &[u8]) -> Vec<u8> {
-        if !self.is_session() {
+    /// session its end, of a sliding window `latest` (the time of its latest
+    /// event), then the value (see [`Windowing::entry`]).
+    pub fn entry_value(&self, window: Window, latest: i64, value: &[u8]) -> Vec<u8> {
+        if !self.stores_time() {
             return value.to_vec();
         }
+        let time = if self.is_session() {
+            window.end
+        } else {
+            latest
+        };
         let mut bytes = Vec::with_capacity(8 + value.len());
-        bytes.extend_from_slice(&window.end.to_be_bytes());
+        bytes.extend_from_slice(&time.to_be_bytes());
         bytes.extend_from_slice(value);
         bytes
+    }
+
+    /// Of sliding windows: which of a key's `windows` (in start order, each
+    /// with the time of its latest event) holds exactly the events within
+    /// the time difference up to `t` (`[t - d, t]`), so that its value is
+    /// theirs; `None` when there is no such event, or for other kinds. It is
+    /// the latest-starting window that ends by `t`, if its latest event is
+    /// within `d` of `t`: the window ending at the latest event by `t`, or,
+    /// when an earlier event lies within `d` before that one but more than
+    /// `d` before `t`, the window that starts just after the last such.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use strom_state::window::{Window, Windowing};
+    /// let s = Windowing::sliding(Duration::from_millis(10));
+    /// // Events at 100 and 105: windows [90, 100], [95, 105], [101, 111].
+    /// let w = |start, latest| (Window { start, end: start + 11 }, latest);
+    /// let windows = [w(90, 100), w(95, 105), w(101, 105)];
+    /// assert_eq!(s.sliding_at(&windows, 108), Some(1)); // both events
+    /// assert_eq!(s.sliding_at(&windows, 112), Some(2)); // 105 only
+    /// assert_eq!(s.sliding_at(&windows, 116), None);
+    /// ```
+    pub fn sliding_at(&self, windows: &[(Window, i64)], t: i64) -> Option<usize> {
+        let difference = self.sliding_difference()?;
+        let (i, (_, latest)) = windows
+            .iter()
+            .enumerate()
+            .rev()
+            .find(|(_, (w, _))| w.end <= t.saturating_add(1))?;
+        (*latest >= t.saturating_sub(difference)).then_some(i)
     }
 
     /// The stream time at which `window` closes: its end plus the grace (a
@@ -325,6 +459,7 @@ impl Windowing {
                 format!("hopping {} every {}", secs(size), secs(advance))
             }
             WindowKind::Session { gap } => format!("session, gap {}", secs(gap)),
+            WindowKind::Sliding { difference } => format!("sliding {}", secs(difference)),
         };
         format!(
             "{shape}, grace {}, kept {}",
@@ -732,7 +867,7 @@ mod tests {
         assert_eq!(s.expires(Duration::ZERO).retention(), 15_000);
 
         // The end is stored before the value, and read back.
-        let stored = s.entry_value(session, b"v");
+        let stored = s.entry_value(session, 0, b"v");
         assert_eq!(s.entry(1_000, &stored).unwrap(), (session, &b"v"[..]));
         assert!(s.entry(1_000, &[0; 7]).is_err(), "too short for an end");
 
@@ -742,7 +877,7 @@ mod tests {
             (window_key(b"a", 1_000), stamp(3_000, &stored)),
             (
                 window_key(b"b", 2_000),
-                stamp(3_000, &s.entry_value(w(2_000, 2_001), b"v")),
+                stamp(3_000, &s.entry_value(w(2_000, 2_001), 0, b"v")),
             ),
         ];
         let (mut index, time) = WindowIndex::rebuild(entries, &s).unwrap();
@@ -752,5 +887,43 @@ mod tests {
         assert_eq!(index.close(&s, 19_000), []);
         index.remove(b"a", session);
         assert_eq!(index.len(), 1);
+    }
+
+    #[test]
+    fn sliding_windows_end_at_events_and_store_the_latest() {
+        let s = Windowing::sliding(Duration::from_secs(10)).grace(Duration::from_secs(5));
+        // [5 s, 15 s], both ends included.
+        let left = w(5_000, 15_001);
+        assert_eq!(s.window_at(15_000), left);
+        assert_eq!(s.windows_of(15_000).collect::<Vec<_>>(), [left]);
+        assert_eq!(s.size(), 10_001);
+        assert_eq!(s.sliding_difference(), Some(10_000));
+        assert_eq!(Windowing::tumbling(MIN).sliding_difference(), None);
+        // Closes once the stream time passes its end by the grace.
+        assert!(!s.is_closed(left, Some(20_000)) && s.is_closed(left, Some(20_001)));
+        assert_eq!(s.describe(), "sliding 10s, grace 5s, kept 3600s");
+        assert_eq!(s.expires(Duration::ZERO).retention(), 5_000);
+
+        // The latest event is stored before the value, and read back.
+        let stored = s.entry_value(left, 12_000, b"v");
+        assert_eq!(
+            s.entry_with_latest(5_000, &stored).unwrap(),
+            (left, Some(12_000), &b"v"[..])
+        );
+        assert_eq!(s.entry(5_000, &stored).unwrap(), (left, &b"v"[..]));
+        assert!(s.entry(5_000, &[0; 7]).is_err(), "too short for a time");
+
+        // Which window holds the events up to t: none before the first.
+        // Events at 0 and 5 s: [-10, 0], [-5, 5] and [0.001, 10.001] s.
+        let d = |start: i64, latest| (w(start, start + 10_001), latest);
+        let windows = [d(-10_000, 0), d(-5_000, 5_000), d(1, 5_000)];
+        assert_eq!(s.sliding_at(&windows, -1), None);
+        assert_eq!(s.sliding_at(&windows, 0), Some(0));
+        assert_eq!(s.sliding_at(&windows, 5_000), Some(1));
+        assert_eq!(s.sliding_at(&windows, 10_000), Some(1));
+        assert_eq!(s.sliding_at(&windows, 10_001), Some(2), "5 s only");
+        assert_eq!(s.sliding_at(&windows, 15_000), Some(2));
+        assert_eq!(s.sliding_at(&windows, 15_001), None, "the last is 5 s");
+        assert_eq!(Windowing::tumbling(MIN).sliding_at(&windows, 0), None);
     }
 }

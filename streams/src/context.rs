@@ -244,6 +244,12 @@ impl Ctx {
     /// their values combined by the table's merge function (or the default
     /// when there are none), and the result is the session's value.
     ///
+    /// Of a [sliding](crate::Table::sliding) table, every open window that
+    /// holds the event gets `f`, and the result is that of the window ending
+    /// at the event: the aggregate of the key's events in the time
+    /// difference up to it (if that window had closed, of the earliest open
+    /// window holding the event).
+    ///
     /// The windows of any key that close as this event moves the
     /// partition's stream time on are handed to the table's
     /// [`emit_on_close`](WindowedTable::emit_on_close) callback, before this
@@ -406,24 +412,17 @@ impl Ctx {
     }
 
     /// The value of `key` in the window of `table` holding `time` (the
-    /// latest such window of a hopping table; the session holding it), or
-    /// the default when that window has no value (or is gone after the
-    /// retention).
+    /// latest such window of a hopping table; the session holding it; of a
+    /// sliding table, the aggregate of the events within the time
+    /// difference up to `time`), or the default when that window has no
+    /// value (or is gone after the retention).
     pub async fn value_at<K, V>(&self, table: &WindowedTable<K, V>, key: &K, time: i64) -> Result<V>
     where
         K: TableKey,
         V: DeserializeOwned,
     {
         let bytes = self.check_partition(&table.name, key)?;
-        if table.windowing.is_session() {
-            let sessions = self.windows(table, key).await?;
-            let holding = sessions
-                .into_iter()
-                .find(|(w, _)| w.start <= time && time < w.end);
-            return Ok(holding.map_or_else(|| (table.default)(), |(_, v)| v));
-        }
-        let window = table.windowing.window_at(time);
-        match self.inner.window(&table.name, &bytes, window).await? {
+        match self.inner.value_at(&table.name, &bytes, time).await? {
             Some(v) => match serde_json::from_slice(&v) {
                 Ok(v) => Ok(v),
                 Err(e) => Err(self.damaged(&table.name, &bytes, e).await),

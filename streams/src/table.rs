@@ -115,6 +115,33 @@ impl<K, V> Table<K, V> {
         self.windowed(Windowing::session(gap), Some(Arc::new(merge)))
     }
 
+    /// Makes this a table of sliding windows (Kafka Streams'
+    /// `SlidingWindows`): a window is every span of `difference` (both ends
+    /// included) that holds a distinct set of a key's events. An event at
+    /// `t` updates every window that holds it and has the window
+    /// `[t - difference, t]` of its own, so [`Ctx::current`](crate::Ctx::current)
+    /// (and what the update returns) is the aggregate of the key's events
+    /// in the `difference` up to it; [`Ctx::value_at`](crate::Ctx::value_at)
+    /// gives it at any time. New windows take their value from existing
+    /// ones, so the update function only ever adds an event, as for other
+    /// windows. A window closes once the stream time passes its end by the
+    /// [grace](WindowedTable::grace).
+    ///
+    /// Panics if `difference` is under a millisecond.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let mut app = strom::App::new("payments");
+    /// // Payments per card in any 10 minutes.
+    /// let recent = app
+    ///     .table::<String, u64>("payments-per-card", 0)
+    ///     .sliding(Duration::from_secs(10 * 60));
+    /// # let _ = recent;
+    /// ```
+    pub fn sliding(self, difference: Duration) -> WindowedTable<K, V> {
+        self.windowed(Windowing::sliding(difference), None)
+    }
+
     fn windowed(self, windowing: Windowing, merge: Option<Merge<V>>) -> WindowedTable<K, V> {
         let table = WindowedTable {
             name: self.name,
@@ -142,7 +169,7 @@ pub(crate) type OnClose<K, V> = Arc<
 
 /// A table of `K` to `V` per time window (Faust's windowed tables, Kafka
 /// Streams' windowed aggregations), declared with [`Table::tumbling`],
-/// [`Table::hopping`] or [`Table::session`]; updated through
+/// [`Table::hopping`], [`Table::session`] or [`Table::sliding`]; updated through
 /// [`Ctx::update_windows`](crate::Ctx::update_windows) from the event's time,
 /// read through [`Ctx::current`](crate::Ctx::current) and its kin.
 ///

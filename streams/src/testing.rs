@@ -691,6 +691,13 @@ impl<K: TableKey, V: DeserializeOwned> WindowedTableView<'_, K, V> {
     /// keys' bytes, then time. Expired windows are gone (their tombstones
     /// are in the changelog).
     pub fn entries(&self) -> Result<Vec<(K, Window, V)>> {
+        let entries = self.entries_with_latest()?;
+        Ok(entries.into_iter().map(|(k, w, _, v)| (k, w, v)).collect())
+    }
+
+    /// [`WindowedTableView::entries`], with the time of each sliding
+    /// window's latest event (0 for other windows).
+    fn entries_with_latest(&self) -> Result<Vec<(K, Window, i64, V)>> {
         let topic = strom_state::changelog::topic_name(self.driver.app.id(), &self.table.name);
         let mut entries = Vec::new();
         for (k, v) in live_entries(self.driver, &topic)? {
@@ -703,10 +710,14 @@ impl<K: TableKey, V: DeserializeOwned> WindowedTableView<'_, K, V> {
                     what: format!("a key of {} bytes is no window's", k.len()),
                 },
             })?;
-            let (window, value) = self.table.windowing.entry(start, window::unstamp(&v)?.1)?;
+            let (window, latest, value) = self
+                .table
+                .windowing
+                .entry_with_latest(start, window::unstamp(&v)?.1)?;
             entries.push((
                 K::decode_key(key)?,
                 window,
+                latest.unwrap_or(0),
                 decode(&self.table.name, value)?,
             ));
         }
@@ -725,15 +736,32 @@ impl<K: TableKey, V: DeserializeOwned> WindowedTableView<'_, K, V> {
     }
 
     /// The value of `key` in the window holding `time` (the latest such
-    /// window of a hopping table; the session holding it), or the default.
+    /// window of a hopping table; the session holding it; of a sliding
+    /// table, the aggregate of the events within the time difference up to
+    /// `time`), or the default.
     pub fn get(&self, key: &K, time: i64) -> Result<V> {
-        let window = self.table.windowing.window_at(time);
-        let session = self.table.windowing.is_session();
-        Ok(self
-            .windows(key)?
+        let windowing = &self.table.windowing;
+        let window = windowing.window_at(time);
+        let session = windowing.is_session();
+        let bytes = key.encode_key();
+        let mut windows: Vec<(Window, i64, V)> = self
+            .entries_with_latest()?
             .into_iter()
-            .find(|(w, _)| *w == window || session && w.start <= time && time < w.end)
-            .map_or_else(|| (self.table.default)(), |(_, v)| v))
+            .filter(|(k, _, _, _)| k.encode_key() == bytes)
+            .map(|(_, w, latest, v)| (w, latest, v))
+            .collect();
+        let found = if windowing.sliding_difference().is_some() {
+            let spans: Vec<(Window, i64)> = windows.iter().map(|(w, l, _)| (*w, *l)).collect();
+            windowing.sliding_at(&spans, time)
+        } else {
+            windows
+                .iter()
+                .position(|(w, _, _)| *w == window || session && w.start <= time && time < w.end)
+        };
+        Ok(match found {
+            Some(i) => windows.swap_remove(i).2,
+            None => (self.table.default)(),
+        })
     }
 }
 

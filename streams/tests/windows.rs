@@ -368,3 +368,132 @@ async fn late_records_go_to_the_late_events_topic_once() {
         .contains("strom_late_events_total{table=\"word-minutes\"} 2"));
     driver.close().await.unwrap();
 }
+
+/// Sliding windows through the driver: payments per card in any 10 s.
+/// Payments come out of order by less than the grace. What each update
+/// returns is the count of the 10 s up to the payment among those sent so
+/// far; the windows emitted on close are Kafka Streams' (one ending at each
+/// payment, one just after each payment that a later one falls within 10 s
+/// of), each once, with every payment in it; and the table answers the
+/// count of the 10 s up to any time.
+#[tokio::test]
+async fn sliding_windows_count_every_ten_seconds_of_payments() {
+    const D: i64 = 10_000;
+    let mut app = App::new("cards");
+    let payments = app.topic::<String, i64>("payments").with_key_codec(Utf8);
+    let counts = app
+        .topic::<String, (i64, u64)>("counts")
+        .with_key_codec(Utf8);
+    let windows = app
+        .topic::<String, (i64, i64, u64)>("windows")
+        .with_key_codec(Utf8);
+    let out = windows.clone();
+    let recent = app
+        .table::<String, u64>("payments-per-card", 0)
+        .sliding(Duration::from_millis(D as u64))
+        .grace(Duration::from_secs(5))
+        .emit_on_close(move |ctx, card, window, n| {
+            let out = out.clone();
+            async move {
+                Ok(ctx
+                    .send(&out, &card, &(window.start, window.end, n))
+                    .await?)
+            }
+        });
+    let (table, sent) = (recent.clone(), counts.clone());
+    app.agent(&payments).for_each(move |ctx, event| {
+        let (table, sent) = (table.clone(), sent.clone());
+        async move {
+            let n = ctx.update_windows(&table, &event.key, |n| n + 1).await?;
+            let n = n.expect("no payment is late");
+            ctx.send(&sent, &event.key, &(event.value, n)).await?;
+            Ok(())
+        }
+    });
+    let mut driver = TestDriver::new(app).await.unwrap();
+
+    let mut seed = 0x5851_f42d_4c95_7f2d_u64;
+    let mut next = |n: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % n
+    };
+    let mut times: Vec<(String, i64)> = Vec::new();
+    for card in ["4111", "5500"] {
+        let mut t = 1_000_000;
+        for _ in 0..150 {
+            t += next(8_001) as i64;
+            times.push((card.to_string(), t));
+        }
+    }
+    let mut sending: Vec<(i64, String, i64)> = times
+        .iter()
+        .map(|(c, t)| (t + next(3_000) as i64, c.clone(), *t))
+        .collect();
+    sending.sort();
+    let mut expected_counts = Vec::new();
+    for (i, (_, card, t)) in sending.iter().enumerate() {
+        driver.send_at(&payments, card, t, *t).await.unwrap();
+        let so_far = sending[..=i]
+            .iter()
+            .filter(|(_, c, e)| c == card && t - D <= *e && e <= t)
+            .count() as u64;
+        expected_counts.push((card.clone(), (*t, so_far)));
+    }
+    let got: Vec<(String, (i64, u64))> = driver
+        .read(&counts)
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.key, r.value))
+        .collect();
+    assert_eq!(got, expected_counts);
+
+    // The table at any time: the payments of the 10 s up to it.
+    let view = driver.windowed_table(&recent);
+    for card in ["4111", "5500"] {
+        let card = card.to_string();
+        let mine: Vec<i64> = times
+            .iter()
+            .filter(|(c, _)| *c == card)
+            .map(|(_, t)| *t)
+            .collect();
+        for at in (990_000..mine[mine.len() - 1] + 2 * D).step_by(997) {
+            let want = mine.iter().filter(|&&e| at - D <= e && e <= at).count() as u64;
+            assert_eq!(view.get(&card, at).unwrap(), want, "{card} at {at}");
+        }
+    }
+
+    // A last payment far ahead closes every window, each once.
+    for card in ["4111", "5500"] {
+        let card = card.to_string();
+        driver
+            .send_at(&payments, &card, &0, 100_000_000)
+            .await
+            .unwrap();
+    }
+    let mut expected: Vec<(String, i64, i64, u64)> = Vec::new();
+    for (card, t) in &times {
+        let mine = || times.iter().filter(|(c, _)| c == card).map(|(_, e)| *e);
+        let count = |from: i64, to: i64| mine().filter(|&e| from <= e && e <= to).count() as u64;
+        expected.push((card.clone(), t - D, t + 1, count(t - D, *t)));
+        if mine().any(|e| *t < e && e <= t + 1 + D) {
+            expected.push((card.clone(), t + 1, t + 2 + D, count(t + 1, t + 1 + D)));
+        }
+    }
+    expected.sort();
+    expected.dedup();
+    let mut closed: Vec<(String, i64, i64, u64)> = driver
+        .read(&windows)
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.key, r.value.0, r.value.1, r.value.2))
+        .collect();
+    closed.sort();
+    assert!(expected.len() > 400, "{} windows only", expected.len());
+    assert_eq!(closed, expected);
+    assert!(driver
+        .metrics()
+        .contains("strom_late_events_total{table=\"payments-per-card\"} 0"));
+    driver.close().await.unwrap();
+}

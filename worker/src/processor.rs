@@ -9,7 +9,7 @@ use std::sync::Arc;
 use strom_client::backoff::Backoff;
 use strom_client::consumer::ConsumerRecord;
 use strom_client::producer::{DeliveryFuture, Producer, ProducerRecord};
-use strom_state::window::{unstamp, window_key, Windowing};
+use strom_state::window::Windowing;
 use strom_state::{Durability, LoggedStore, StateError};
 use tokio::sync::{MappedMutexGuard, Mutex, MutexGuard};
 
@@ -513,7 +513,7 @@ impl Context {
                 return Err(self.state_error(name, key, e).await);
             }
         };
-        if writes.is_empty() {
+        if current.is_none() {
             windows.late.inc();
         }
         for window in merged {
@@ -556,13 +556,17 @@ impl Context {
         }
     }
 
-    /// The value of `key`'s `window` in windowed table `name`, if it is
-    /// live (including writes not checkpointed yet).
-    pub async fn window(
+    /// The value of `key` in windowed table `name` at time `time`, if it
+    /// has one (including writes not checkpointed yet): of the latest window
+    /// holding `time` ([`Windowing::window_at`](strom_state::window::Windowing::window_at)),
+    /// of the session holding it, or of the sliding window that holds
+    /// exactly the events within the difference up to it
+    /// ([`Windowing::sliding_at`](strom_state::window::Windowing::sliding_at)).
+    pub async fn value_at(
         &self,
         name: &str,
         key: &[u8],
-        window: Window,
+        time: i64,
     ) -> Result<Option<Vec<u8>>, WorkerError> {
         let state = self.state().await;
         let table = state.tables.get(name).ok_or_else(|| no_table(name))?;
@@ -570,14 +574,10 @@ impl Context {
             return Err(not_windowed(name));
         };
         table.reads.inc();
-        let stored = table.store.get(&window_key(key, window.start))?;
+        let found = windowed::value_at(&table.store, &windowing, key, time);
         drop(state);
-        let Some(stored) = stored else {
-            return Ok(None);
-        };
-        match unstamp(&stored).and_then(|(_, v)| windowing.entry(window.start, v)) {
-            // A session starting there may have another end.
-            Ok((found, value)) => Ok((found == window).then(|| value.to_vec())),
+        match found {
+            Ok(value) => Ok(value),
             Err(e) => Err(self.state_error(name, key, e).await),
         }
     }

@@ -217,6 +217,10 @@ impl Windowed {
         if self.windowing.is_session() {
             return self.plan_session(store, key, event_time, stream_time, f, merge);
         }
+        if let Some(difference) = self.windowing.sliding_difference() {
+            let at = (event_time, stream_time);
+            return self.plan_sliding(store, key, difference, at, f);
+        }
         let mut writes = Vec::new();
         let mut current = None;
         for window in self.windowing.windows_of(event_time) {
@@ -289,12 +293,114 @@ impl Windowed {
             .filter(|old| old.start != session.start)
             .map(|old| (window_key(key, old.start), None))
             .collect();
-        let stored = stamp(stream_time, &windowing.entry_value(session, &new));
+        let stored = stamp(stream_time, &windowing.entry_value(session, 0, &new));
         Ok(Plan {
             writes: vec![(session, (window_key(key, session.start), Some(stored)))],
             merged,
             deletes,
             current: Some(r),
+        })
+    }
+
+    /// [`Windowed::plan`] of a sliding table (Kafka Streams' sliding
+    /// aggregation): every open window that holds the event gets `f` of its
+    /// value; the event's own window (ending at it) is made if it is
+    /// missing, from the window that holds exactly the events before it
+    /// within the difference; and the windows starting just after the
+    /// previous event and just after this one are made where events fall
+    /// in them. `at` is (event time, stream time).
+    fn plan_sliding<R, E>(
+        &self,
+        store: &LoggedStore,
+        key: &[u8],
+        difference: i64,
+        (t, stream_time): (i64, i64),
+        mut f: impl FnMut(Option<&[u8]>) -> Result<(Vec<u8>, R), E>,
+    ) -> Result<Plan<R>, PlanError<E>> {
+        let windowing = &self.windowing;
+        let is_open = |w: Window| !windowing.is_closed(w, Some(stream_time));
+        let own = windowing.window_at(t);
+        let next = windowing.window_at(t.saturating_add(1).saturating_add(difference));
+        // The latest window the event can be in starts at it.
+        if !is_open(windowing.window_at(t.saturating_add(difference))) {
+            return Ok(Plan::late());
+        }
+        let from = t.saturating_sub(difference.saturating_mul(2));
+        let nearby =
+            windows_between(store, windowing, key, from, next.start).map_err(PlanError::Store)?;
+        let mut writes = Vec::new();
+        let mut write = |window: Window, latest: i64, value: &[u8]| {
+            let stored = stamp(stream_time, &windowing.entry_value(window, latest, value));
+            writes.push((window, (window_key(key, window.start), Some(stored))));
+        };
+        // The latest-starting window wholly before the event (its value and
+        // latest event), the latest event before it, whether the windows
+        // ending at it and starting just after it exist, and the
+        // latest-starting window that holds it (its old value and latest
+        // event).
+        let mut before: Option<(&[u8], i64)> = None;
+        let mut previous = None;
+        let (mut own_exists, mut next_exists) = (false, false);
+        let mut after: Option<(&[u8], i64)> = None;
+        let (mut own_r, mut other_r) = (None, None);
+        for (window, latest, value) in &nearby {
+            let (window, latest) = (*window, *latest);
+            if window.end.saturating_sub(1) < t {
+                before = Some((value, latest));
+                previous = Some(latest);
+                continue;
+            }
+            if window.start > t {
+                next_exists |= window == next;
+                continue;
+            }
+            if window == own {
+                own_exists = true;
+                previous = previous.max(Some(latest).filter(|&l| l < t));
+            }
+            after = Some((value, latest));
+            if is_open(window) {
+                let (new, r) = f(Some(value)).map_err(PlanError::Update)?;
+                if window == own {
+                    own_r = Some(r);
+                } else if other_r.is_none() {
+                    other_r = Some(r);
+                }
+                write(window, latest.max(t), &new);
+            }
+        }
+        // The previous event's window after it, now that this one falls in
+        // it (starting where this one's starts, it is this one's).
+        if let Some(p) = previous {
+            let window = windowing.window_at(p.saturating_add(1).saturating_add(difference));
+            let exists = nearby.iter().any(|(w, _, _)| *w == window);
+            if window.start > own.start && !exists && is_open(window) {
+                let (new, r) = f(None).map_err(PlanError::Update)?;
+                other_r = other_r.or(Some(r));
+                write(window, t, &new);
+            }
+        }
+        // The event's own window: the events before it within the
+        // difference are those of the window wholly before it, if its
+        // latest event is among them.
+        if !own_exists && is_open(own) {
+            let old = before.filter(|(_, latest)| *latest >= own.start);
+            let (new, r) = f(old.map(|(v, _)| v)).map_err(PlanError::Update)?;
+            own_r = Some(r);
+            write(own, t, &new);
+        }
+        // The window just after the event holds what the latest window
+        // holding it holds after it, if anything.
+        if let Some((value, latest)) = after.filter(|(_, latest)| *latest > t) {
+            if !next_exists {
+                write(next, latest, value);
+            }
+        }
+        Ok(Plan {
+            writes,
+            merged: Vec::new(),
+            deletes: Vec::new(),
+            current: own_r.or(other_r),
         })
     }
 
@@ -340,20 +446,73 @@ impl Windowed {
     }
 }
 
+/// The value of `key` at `time` (see
+/// [`Context::value_at`](crate::Context::value_at)).
+pub(crate) fn value_at(
+    store: &LoggedStore,
+    windowing: &Windowing,
+    key: &[u8],
+    time: i64,
+) -> Result<Option<Vec<u8>>, StateError> {
+    if let Some(difference) = windowing.sliding_difference() {
+        // The window wanted ends by `time` and has an event within the
+        // difference before it, so starts no earlier than twice that.
+        let from = time.saturating_sub(difference.saturating_mul(2));
+        let ending = time.saturating_sub(difference);
+        let mut windows = windows_between(store, windowing, key, from, ending)?;
+        let spans: Vec<(Window, i64)> = windows.iter().map(|(w, l, _)| (*w, *l)).collect();
+        return Ok(windowing
+            .sliding_at(&spans, time)
+            .map(|i| windows.swap_remove(i).2));
+    }
+    if windowing.is_session() {
+        let sessions = windows_of_key(store, windowing, key)?;
+        let holding = sessions
+            .into_iter()
+            .find(|(w, _)| w.start <= time && time < w.end);
+        return Ok(holding.map(|(_, v)| v));
+    }
+    let window = windowing.window_at(time);
+    let Some(stored) = store.get(&window_key(key, window.start))? else {
+        return Ok(None);
+    };
+    Ok(Some(
+        windowing
+            .entry(window.start, unstamp(&stored)?.1)?
+            .1
+            .to_vec(),
+    ))
+}
+
 /// The live windows of `key` in `store` with their values, in time order.
 pub(crate) fn windows_of_key(
     store: &LoggedStore,
     windowing: &Windowing,
     key: &[u8],
 ) -> Result<Vec<(Window, Vec<u8>)>, StateError> {
-    let (from, to) = strom_state::window::key_bounds(key);
+    let windows = windows_between(store, windowing, key, i64::MIN, i64::MAX)?;
+    Ok(windows.into_iter().map(|(w, _, v)| (w, v)).collect())
+}
+
+/// The live windows of `key` in `store` that start between `from` and `to`
+/// (both included), in time order, with (of sliding windows; else 0) the
+/// time of their latest event and their values.
+fn windows_between(
+    store: &LoggedStore,
+    windowing: &Windowing,
+    key: &[u8],
+    from: i64,
+    to: i64,
+) -> Result<Vec<(Window, i64, Vec<u8>)>, StateError> {
+    let (from, to) = (window_key(key, from), window_key(key, to));
     let mut windows = Vec::new();
     for (store_key, stored) in store.range(Bound::Included(&from), Bound::Included(&to))? {
         // Keys of other lengths sort in between: keep this key's only.
         match strom_state::window::split_window_key(&store_key) {
             Some((k, start)) if k == key => {
-                let (window, value) = windowing.entry(start, unstamp(&stored)?.1)?;
-                windows.push((window, value.to_vec()));
+                let (window, latest, value) =
+                    windowing.entry_with_latest(start, unstamp(&stored)?.1)?;
+                windows.push((window, latest.unwrap_or(0), value.to_vec()));
             }
             _ => {}
         }
@@ -734,6 +893,146 @@ mod tests {
         // Past the retention of [0, 1 ms) and the close of [29, 31 min].
         let (_, closed) = count(&ctx, "x", 62 * MINUTE).await;
         assert_eq!(closed, [("a".into(), 29 * MINUTE, 2)], "sent once, whole");
+    }
+
+    /// Sliding windows, by hand: each event has the window ending at it,
+    /// the one after the previous event is made when an event falls in it,
+    /// and an out-of-order event updates what holds it and takes its first
+    /// value from the window before it (Kafka Streams' SlidingWindows).
+    #[tokio::test]
+    async fn sliding_windows_hold_each_distinct_set_of_events() {
+        let cluster = MockCluster::new();
+        cluster.create_topic("counts-changelog", 1);
+        let sliding = Windowing::sliding(Duration::from_millis(10)).grace(Duration::from_millis(5));
+        let (ctx, metrics) = context(&cluster, Arc::new(MemoryStore::new()), sliding, true).await;
+        let spans = |ctx: &Context| {
+            let ctx = ctx.clone();
+            async move {
+                let windows = ctx.windows("counts", b"a").await.unwrap().unwrap();
+                windows
+                    .into_iter()
+                    .map(|(w, v)| (w.start, w.end - 1, number(&v)))
+                    .collect::<Vec<_>>()
+            }
+        };
+        assert_eq!(count(&ctx, "a", 100).await, (Some(1), vec![]));
+        assert_eq!(count(&ctx, "a", 105).await, (Some(2), vec![]));
+        assert_eq!(
+            spans(&ctx).await,
+            [(90, 100, 1), (95, 105, 2), (101, 111, 1)]
+        );
+        // Out of order: every window holding 103 counts it; its own window
+        // starts from [90, 100]; the one after it holds 105 only.
+        assert_eq!(count(&ctx, "a", 103).await, (Some(2), vec![]));
+        assert_eq!(
+            spans(&ctx).await,
+            [
+                (90, 100, 1),
+                (93, 103, 2),
+                (95, 105, 3),
+                (101, 111, 2),
+                (104, 114, 1)
+            ]
+        );
+        let at = |t| {
+            let ctx = ctx.clone();
+            async move {
+                ctx.value_at("counts", b"a", t)
+                    .await
+                    .unwrap()
+                    .map(|v| number(&v))
+            }
+        };
+        assert_eq!(at(89).await, None);
+        assert_eq!(at(100).await, Some(1));
+        assert_eq!(at(110).await, Some(3));
+        assert_eq!(at(113).await, Some(2), "103 and 105");
+        assert_eq!(at(115).await, Some(1));
+        assert_eq!(at(116).await, None);
+        // 117 closes the windows that end by 111 (+ 1 ms + 5 ms grace).
+        let (current, closed) = count(&ctx, "a", 117).await;
+        assert_eq!(current, Some(1), "[107, 117]");
+        let closed_ones = [(90, 1), (93, 2), (95, 3), (101, 2)];
+        let want: Vec<_> = closed_ones
+            .iter()
+            .map(|&(s, n)| ("a".into(), s, n))
+            .collect();
+        assert_eq!(closed, want);
+        // 110 is not late ([110, 120] is open), but its own window [100,
+        // 110] and [101, 111] have closed: the open ones holding it count
+        // it, and [106, 116] (after 105) and [111, 121] are made.
+        assert_eq!(count(&ctx, "a", 110).await, (Some(2), vec![]));
+        assert_eq!(
+            spans(&ctx).await,
+            [
+                (90, 100, 1),
+                (93, 103, 2),
+                (95, 105, 3),
+                (101, 111, 2),
+                (104, 114, 2),
+                (106, 116, 1),
+                (107, 117, 2),
+                (111, 121, 1)
+            ]
+        );
+        // 99: its last window [99, 109] closed at 115.
+        assert_eq!(count(&ctx, "a", 99).await, (None, vec![]));
+        assert_eq!(late_events(&metrics), 1);
+    }
+
+    /// Sliding windows against a model: after any sequence of a key's
+    /// events (in or out of order), every window counts exactly the events
+    /// in it, each event's window exists, what the update returns is the
+    /// count of the difference up to the event, and `value_at` any time is
+    /// the count of the difference up to that time.
+    #[tokio::test]
+    async fn sliding_windows_count_like_the_model() {
+        const D: i64 = 10;
+        let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut next = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        for round in 0..60 {
+            let cluster = MockCluster::new();
+            cluster.create_topic("counts-changelog", 1);
+            let sliding = Windowing::sliding(Duration::from_millis(D as u64))
+                .grace(Duration::from_secs(3600));
+            let (ctx, _) = context(&cluster, Arc::new(MemoryStore::new()), sliding, true).await;
+            let (span, events) = (10 + next(60) as i64, 1 + next(25) as usize);
+            let mut seen: Vec<i64> = Vec::new();
+            for _ in 0..events {
+                let t = next(span as u64) as i64;
+                seen.push(t);
+                let within = |from: i64, to: i64| {
+                    seen.iter().filter(|&&e| from <= e && e <= to).count() as u64
+                };
+                let what = format!("round {round}, events {seen:?}");
+                let (current, _) = count(&ctx, "a", t).await;
+                assert_eq!(current, Some(within(t - D, t)), "{what}: current");
+                let windows = ctx.windows("counts", b"a").await.unwrap().unwrap();
+                for (w, v) in &windows {
+                    assert_eq!(number(v), within(w.start, w.end - 1), "{what}: {w:?}");
+                }
+                for e in &seen {
+                    assert!(
+                        windows.iter().any(|(w, _)| w.end - 1 == *e),
+                        "{what}: {e}'s window"
+                    );
+                }
+                for at in -D..span + 2 * D {
+                    let got = ctx
+                        .value_at("counts", b"a", at)
+                        .await
+                        .unwrap()
+                        .map(|v| number(&v));
+                    let want = Some(within(at - D, at)).filter(|&n| n > 0);
+                    assert_eq!(got, want, "{what}: value at {at}");
+                }
+            }
+        }
     }
 
     /// A stored value too short to be a window's is damaged state.
