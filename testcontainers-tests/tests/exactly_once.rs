@@ -87,7 +87,11 @@ async fn child_worker() -> ! {
     let app = match std::env::var("STROM_IT_AGENT").as_deref() {
         Ok("holding") => holding_wordcount(app, &names, Hold::Forever),
         Ok("windowed") => windowed_pageviews(app, &names),
-        Ok("sessions") => session_pageviews(app, &names),
+        Ok("sessions") => {
+            let sessions = |t: strom::Table<String, u64>| t.session(GAP, |a, b| a + b);
+            counted_pageviews(app, &names, sessions)
+        }
+        Ok("sliding") => counted_pageviews(app, &names, |t| t.sliding(SLIDE)),
         _ => strom_it::wordcount(app, &names.input, &names.output),
     };
     let result = app
@@ -118,6 +122,7 @@ fn spawn_worker(
         Agent::Holding => "holding",
         Agent::Windowed => "windowed",
         Agent::Sessions => "sessions",
+        Agent::Sliding => "sliding",
     };
     command
         .env("STROM_IT_AGENT", agent)
@@ -143,8 +148,10 @@ enum Agent {
     Holding,
     /// [`windowed_pageviews`].
     Windowed,
-    /// [`session_pageviews`].
+    /// [`counted_pageviews`] of sessions.
     Sessions,
+    /// [`counted_pageviews`] of sliding windows.
+    Sliding,
 }
 
 fn state_dir() -> PathBuf {
@@ -826,18 +833,25 @@ fn windowed_pageviews(app: App, names: &Names) -> App {
 /// The inactivity gap of the session test's visits.
 const GAP: Duration = Duration::from_secs(3);
 
-/// Views per page and visit (a session: views no more than [`GAP`] apart),
-/// [`GRACE`] of grace, each closed visit sent as `{"start", "end", "count"}`.
-fn session_pageviews(mut app: App, names: &Names) -> App {
+/// The time difference of the sliding test's windows.
+const SLIDE: Duration = Duration::from_secs(1);
+
+/// Views per page and window of the kind `windowed` declares (sessions:
+/// views no more than [`GAP`] apart; sliding windows of [`SLIDE`]),
+/// [`GRACE`] of grace, each closed window sent as `{"start", "end",
+/// "count"}`.
+fn counted_pageviews(
+    mut app: App,
+    names: &Names,
+    windowed: impl FnOnce(strom::Table<String, u64>) -> strom::WindowedTable<String, u64>,
+) -> App {
     let views = app
         .topic::<String, pageviews::PageView>(&names.input)
         .with_key_codec(strom::codec::Utf8);
     let out = app
         .topic::<String, pageviews::MinuteCount>(&names.output)
         .with_key_codec(strom::codec::Utf8);
-    let visits = app
-        .table::<String, u64>("views-per-minute", 0)
-        .session(GAP, |a, b| a + b)
+    let visits = windowed(app.table::<String, u64>("views-per-minute", 0))
         .grace(GRACE)
         .emit_on_close(move |ctx, page, window, count| {
             let out = out.clone();
@@ -866,6 +880,9 @@ fn session_pageviews(mut app: App, names: &Names) -> App {
 #[derive(Default)]
 struct WindowTruth {
     sessions: bool,
+    sliding: bool,
+    /// Of sliding windows: each page's views that were not late.
+    views: BTreeMap<String, Vec<i64>>,
     stream_time: BTreeMap<i32, i64>,
     /// (page, window start) → (window end, views counted).
     counts: BTreeMap<(String, i64), (i64, u64)>,
@@ -882,6 +899,22 @@ impl WindowTruth {
         if self.sessions {
             return self.visit(page, t, st, grace);
         }
+        if self.sliding {
+            // Late once the window starting at it has closed. The feed
+            // never sends a view whose own window has closed but not that
+            // one (Kafka Streams' half-late case, tested by the unit tests).
+            let slide = SLIDE.as_millis() as i64;
+            if t + slide + 1 + grace <= st {
+                self.late += 1;
+                return false;
+            }
+            assert!(
+                t + 1 + grace > st,
+                "a half-late view at {t}, stream time {st}"
+            );
+            self.views.entry(page.to_owned()).or_default().push(t);
+            return true;
+        }
         let size = WINDOW.as_millis() as i64;
         let start = t.div_euclid(size) * size;
         if start + size + grace <= st {
@@ -893,6 +926,26 @@ impl WindowTruth {
             .or_insert((start + size, 0))
             .1 += 1;
         true
+    }
+
+    /// Of sliding windows, once every view is in: Kafka Streams' windows of
+    /// each page's views (one ending at each view, one just after each view
+    /// that a later one falls within the difference of), with their counts.
+    fn slide(&mut self) {
+        let slide = SLIDE.as_millis() as i64;
+        for (page, views) in &self.views {
+            let count =
+                |from: i64, to: i64| views.iter().filter(|&&v| from <= v && v <= to).count() as u64;
+            for &t in views {
+                let own = (t - slide, (t + 1, count(t - slide, t)));
+                let after = (t + 1, (t + slide + 2, count(t + 1, t + 1 + slide)));
+                for (start, value) in [own, after] {
+                    if value.1 > 0 {
+                        self.counts.insert((page.clone(), start), value);
+                    }
+                }
+            }
+        }
     }
 
     /// A session view: it joins the page's open sessions within the gap of
@@ -1004,6 +1057,7 @@ async fn feed_views(
         send(key, last, i).await;
     }
     producer.flush().await.unwrap();
+    truth.slide();
     eprintln!("fed {i} views, {} late", truth.late);
     truth
 }
@@ -1046,6 +1100,7 @@ async fn windowed_run_with_kills(
     let (web_a, web_b) = (strom_it::free_port(), strom_it::free_port());
     let truth = WindowTruth {
         sessions: matches!(windowed, Agent::Sessions),
+        sliding: matches!(windowed, Agent::Sliding),
         ..WindowTruth::default()
     };
     let mut a = spawn_worker(test, &broker, &names, &dir_a, guarantee, web_a, windowed);
@@ -1121,6 +1176,24 @@ async fn exactly_once_sessions_close_once_under_sigkill() {
         windowed_run_with_kills(TEST, ProcessingGuarantee::ExactlyOnce, committed, sessions).await;
     let visits = truth.counts.len();
     assert!(visits > 10 * PAGES as usize, "{visits} visits only");
+    assert_closed_once(&truth, &closed, entries);
+}
+
+/// Exactly once, sliding windows: every window Kafka Streams would make of
+/// the views (out of order within the grace) closes once with exactly its
+/// views, however often a worker is killed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exactly_once_sliding_windows_close_once_under_sigkill() {
+    const TEST: &str = "exactly_once_sliding_windows_close_once_under_sigkill";
+    if std::env::var(CHILD).is_ok() {
+        child_worker().await;
+    }
+    let committed = IsolationLevel::ReadCommitted;
+    let sliding = Agent::Sliding;
+    let (truth, closed, entries) =
+        windowed_run_with_kills(TEST, ProcessingGuarantee::ExactlyOnce, committed, sliding).await;
+    let windows = truth.counts.len();
+    assert!(windows > 20_000, "{windows} windows only");
     assert_closed_once(&truth, &closed, entries);
 }
 
