@@ -431,12 +431,21 @@ impl Windowed {
         };
         let mut closed = Vec::new();
         for (key, window) in index.close(&self.windowing, stream_time) {
-            // An entry the index has is in the store (or pending).
-            if let Some(stored) = store.get(&window_key(&key, window.start))? {
-                let value = self.windowing.entry(window.start, unstamp(&stored)?.1)?.1;
-                let value = value.to_vec();
-                closed.push(ClosedWindow { key, window, value });
-            }
+            // An entry the index has is in the store (or pending): one that
+            // is not would be a window lost unsent, so damaged state.
+            let Some(stored) = store.get(&window_key(&key, window.start))? else {
+                return Err(StateError::Codec {
+                    what: format!(
+                        "window [{}, {}) of key {:?} closed but is not in the store",
+                        window.start,
+                        window.end,
+                        String::from_utf8_lossy(&key)
+                    ),
+                });
+            };
+            let value = self.windowing.entry(window.start, unstamp(&stored)?.1)?.1;
+            let value = value.to_vec();
+            closed.push(ClosedWindow { key, window, value });
         }
         let mut changes = self.expire(stream_time);
         if self.exactly_once && (!closed.is_empty() || !changes.is_empty()) {
@@ -1033,6 +1042,35 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A window that closes but has gone from the store behind the index's
+    /// back would be lost unsent: damaged state, not a window skipped.
+    #[tokio::test]
+    async fn a_closing_window_missing_from_the_store_is_damage() {
+        let cluster = MockCluster::new();
+        cluster.create_topic("counts-changelog", 1);
+        let store = Arc::new(MemoryStore::new());
+        let tumbling = Windowing::tumbling(Duration::from_secs(60));
+        let (ctx, _) = context(&cluster, store.clone(), tumbling, true).await;
+        count(&ctx, "a", 1_000).await;
+        ctx.checkpoint(Durability::Fast).await.unwrap();
+        let mut batch = strom_state::WriteBatch::default();
+        batch.delete(window_key(b"a", 0));
+        store.apply(&batch, None, Durability::Fast).unwrap();
+        ctx.observe_event_time(61_000);
+        let e = ctx
+            .update_windows(
+                "counts",
+                b"b",
+                61_000,
+                |_| Ok::<_, ()>((vec![], ())),
+                |_, _| Err(()),
+            )
+            .await
+            .unwrap_err();
+        assert!(matches!(e, crate::WorkerError::DamagedState { .. }), "{e}");
+        assert!(e.to_string().contains("not in the store"), "{e}");
     }
 
     /// A stored value too short to be a window's is damaged state.
