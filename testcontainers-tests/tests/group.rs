@@ -431,11 +431,34 @@ async fn churn_loses_nothing_and_redelivers_nothing_committed() {
     }
     let ends = produced.await.unwrap();
     let total: i64 = ends.values().sum();
-    wait_for("every record to be processed", 120, || {
-        let p = processed.lock().unwrap();
-        p.values().map(|s| s.len() as i64).sum::<i64>() >= total
-    })
-    .await;
+    // Waits for every record; a member that died (its task ended with a
+    // panic) or a partition that stalls is reported as such.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let done: BTreeMap<i32, usize> = {
+            let p = processed.lock().unwrap();
+            p.iter()
+                .map(|(&partition, s)| (partition, s.len()))
+                .collect()
+        };
+        if done.values().map(|&n| n as i64).sum::<i64>() >= total {
+            break;
+        }
+        if let Some(i) = live.iter().position(|(_, task)| task.is_finished()) {
+            let (_, task) = live.remove(i);
+            match task.await {
+                Err(e) => panic!("a member died while records were left: {e}"),
+                Ok(()) => panic!("a member stopped while records were left"),
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after 120 s waiting for every record to be processed: \
+             processed per partition {done:?}, produced {ends:?}, committed {:?}",
+            strom_it::committed(&client, &group, &topic, 6).await
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     for (stop, task) in live {
         let _ = stop.send(());
         task.await.unwrap();
