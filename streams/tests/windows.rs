@@ -234,13 +234,7 @@ async fn sessions_equal_the_sorted_clicks_split_at_the_gap() {
 
     // Clicks of three users at steps of 0 to 25 s, sent in the order of
     // their time plus up to 5 s of jitter.
-    let mut seed = 0x2545_f491_4f6c_dd1d_u64;
-    let mut next = |n: u64| {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        seed % n
-    };
+    let mut next = xorshift(0x2545_f491_4f6c_dd1d);
     let mut times: Vec<(String, i64)> = Vec::new();
     for user in ["ann", "bob", "cy"] {
         let mut t = 1_000_000;
@@ -412,13 +406,7 @@ async fn sliding_windows_count_every_ten_seconds_of_payments() {
     });
     let mut driver = TestDriver::new(app).await.unwrap();
 
-    let mut seed = 0x5851_f42d_4c95_7f2d_u64;
-    let mut next = |n: u64| {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        seed % n
-    };
+    let mut next = xorshift(0x5851_f42d_4c95_7f2d);
     let mut times: Vec<(String, i64)> = Vec::new();
     for card in ["4111", "5500"] {
         let mut t = 1_000_000;
@@ -496,4 +484,14 @@ async fn sliding_windows_count_every_ten_seconds_of_payments() {
         .metrics()
         .contains("strom_late_events_total{table=\"payments-per-card\"} 0"));
     driver.close().await.unwrap();
+}
+
+/// A small seeded pseudo-random generator: `next(n)` is below `n`.
+fn xorshift(mut seed: u64) -> impl FnMut(u64) -> u64 {
+    move |n| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % n
+    }
 }

@@ -1059,16 +1059,7 @@ mod tests {
         batch.delete(window_key(b"a", 0));
         store.apply(&batch, None, Durability::Fast).unwrap();
         ctx.observe_event_time(61_000);
-        let e = ctx
-            .update_windows(
-                "counts",
-                b"b",
-                61_000,
-                |_| Ok::<_, ()>((vec![], ())),
-                |_, _| Err(()),
-            )
-            .await
-            .unwrap_err();
+        let e = failed_update(&ctx, b"b", 61_000).await;
         assert!(matches!(e, crate::WorkerError::DamagedState { .. }), "{e}");
         assert!(e.to_string().contains("not in the store"), "{e}");
     }
@@ -1089,17 +1080,21 @@ mod tests {
             false,
         )
         .await;
-        let e = ctx
-            .update_windows(
-                "counts",
-                b"a",
-                1_000,
-                |_| Ok::<_, ()>((vec![], ())),
-                |_, _| Err(()),
-            )
-            .await
-            .unwrap_err();
+        let e = failed_update(&ctx, b"a", 1_000).await;
         assert!(matches!(e, crate::WorkerError::DamagedState { .. }), "{e}");
         assert!(ctx.take_failure().is_some(), "the event is not committed");
+    }
+
+    /// The error of an update of `key` at `t` that is expected to fail.
+    async fn failed_update(ctx: &Context, key: &[u8], t: i64) -> crate::WorkerError {
+        ctx.update_windows(
+            "counts",
+            key,
+            t,
+            |_| Ok::<_, ()>((vec![], ())),
+            |_, _| Err(()),
+        )
+        .await
+        .unwrap_err()
     }
 }
