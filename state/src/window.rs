@@ -402,14 +402,18 @@ impl Windowing {
         bytes
     }
 
-    /// Of sliding windows: which of a key's `windows` (in start order, each
-    /// with the time of its latest event) holds exactly the events within
-    /// the time difference up to `t` (`[t - d, t]`), so that its value is
-    /// theirs; `None` when there is no such event, or for other kinds. It is
-    /// the latest-starting window that ends by `t`, if its latest event is
-    /// within `d` of `t`: the window ending at the latest event by `t`, or,
-    /// when an earlier event lies within `d` before that one but more than
-    /// `d` before `t`, the window that starts just after the last such.
+    /// Which of a key's `windows` (in start order, each with the time of
+    /// its latest event, which only sliding windows use) is the one whose
+    /// value is the key's at time `t`: the latest aligned window holding
+    /// `t` (see [`Windowing::window_at`]), the session holding it, or the
+    /// sliding window holding exactly the events within the time difference
+    /// up to `t` (`[t - d, t]`); `None` when there is none.
+    ///
+    /// The sliding window is the latest-starting window that ends by `t`,
+    /// if its latest event is within `d` of `t`: the window ending at the
+    /// latest event by `t`, or, when an earlier event lies within `d` before
+    /// that one but more than `d` before `t`, the window that starts just
+    /// after the last such.
     ///
     /// ```
     /// use std::time::Duration;
@@ -418,18 +422,28 @@ impl Windowing {
     /// // Events at 100 and 105: windows [90, 100], [95, 105], [101, 111].
     /// let w = |start, latest| (Window { start, end: start + 11 }, latest);
     /// let windows = [w(90, 100), w(95, 105), w(101, 105)];
-    /// assert_eq!(s.sliding_at(&windows, 108), Some(1)); // both events
-    /// assert_eq!(s.sliding_at(&windows, 112), Some(2)); // 105 only
-    /// assert_eq!(s.sliding_at(&windows, 116), None);
+    /// assert_eq!(s.holding(&windows, 108), Some(1)); // both events
+    /// assert_eq!(s.holding(&windows, 112), Some(2)); // 105 only
+    /// assert_eq!(s.holding(&windows, 116), None);
     /// ```
-    pub fn sliding_at(&self, windows: &[(Window, i64)], t: i64) -> Option<usize> {
-        let difference = self.sliding_difference()?;
-        let (i, (_, latest)) = windows
-            .iter()
-            .enumerate()
-            .rev()
-            .find(|(_, (w, _))| w.end <= t.saturating_add(1))?;
-        (*latest >= t.saturating_sub(difference)).then_some(i)
+    pub fn holding(&self, windows: &[(Window, i64)], t: i64) -> Option<usize> {
+        match self.kind {
+            WindowKind::Sliding { difference } => {
+                let (i, (_, latest)) = windows
+                    .iter()
+                    .enumerate()
+                    .rev()
+                    .find(|(_, (w, _))| w.end <= t.saturating_add(1))?;
+                (*latest >= t.saturating_sub(difference)).then_some(i)
+            }
+            WindowKind::Session { .. } => {
+                windows.iter().position(|(w, _)| w.start <= t && t < w.end)
+            }
+            _ => {
+                let aligned = self.window_at(t);
+                windows.iter().position(|(w, _)| *w == aligned)
+            }
+        }
     }
 
     /// The stream time at which `window` closes: its end plus the grace (a
@@ -917,13 +931,13 @@ mod tests {
         // Events at 0 and 5 s: [-10, 0], [-5, 5] and [0.001, 10.001] s.
         let d = |start: i64, latest| (w(start, start + 10_001), latest);
         let windows = [d(-10_000, 0), d(-5_000, 5_000), d(1, 5_000)];
-        assert_eq!(s.sliding_at(&windows, -1), None);
-        assert_eq!(s.sliding_at(&windows, 0), Some(0));
-        assert_eq!(s.sliding_at(&windows, 5_000), Some(1));
-        assert_eq!(s.sliding_at(&windows, 10_000), Some(1));
-        assert_eq!(s.sliding_at(&windows, 10_001), Some(2), "5 s only");
-        assert_eq!(s.sliding_at(&windows, 15_000), Some(2));
-        assert_eq!(s.sliding_at(&windows, 15_001), None, "the last is 5 s");
-        assert_eq!(Windowing::tumbling(MIN).sliding_at(&windows, 0), None);
+        assert_eq!(s.holding(&windows, -1), None);
+        assert_eq!(s.holding(&windows, 0), Some(0));
+        assert_eq!(s.holding(&windows, 5_000), Some(1));
+        assert_eq!(s.holding(&windows, 10_000), Some(1));
+        assert_eq!(s.holding(&windows, 10_001), Some(2), "5 s only");
+        assert_eq!(s.holding(&windows, 15_000), Some(2));
+        assert_eq!(s.holding(&windows, 15_001), None, "the last is 5 s");
+        assert_eq!(Windowing::tumbling(MIN).holding(&windows, 0), None);
     }
 }

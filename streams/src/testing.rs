@@ -740,9 +740,6 @@ impl<K: TableKey, V: DeserializeOwned> WindowedTableView<'_, K, V> {
     /// table, the aggregate of the events within the time difference up to
     /// `time`), or the default.
     pub fn get(&self, key: &K, time: i64) -> Result<V> {
-        let windowing = &self.table.windowing;
-        let window = windowing.window_at(time);
-        let session = windowing.is_session();
         let bytes = key.encode_key();
         let mut windows: Vec<(Window, i64, V)> = self
             .entries_with_latest()?
@@ -750,14 +747,8 @@ impl<K: TableKey, V: DeserializeOwned> WindowedTableView<'_, K, V> {
             .filter(|(k, _, _, _)| k.encode_key() == bytes)
             .map(|(_, w, latest, v)| (w, latest, v))
             .collect();
-        let found = if windowing.sliding_difference().is_some() {
-            let spans: Vec<(Window, i64)> = windows.iter().map(|(w, l, _)| (*w, *l)).collect();
-            windowing.sliding_at(&spans, time)
-        } else {
-            windows
-                .iter()
-                .position(|(w, _, _)| *w == window || session && w.start <= time && time < w.end)
-        };
+        let spans: Vec<(Window, i64)> = windows.iter().map(|(w, l, _)| (*w, *l)).collect();
+        let found = self.table.windowing.holding(&spans, time);
         Ok(match found {
             Some(i) => windows.swap_remove(i).2,
             None => (self.table.default)(),

@@ -557,11 +557,11 @@ impl Context {
     }
 
     /// The value of `key` in windowed table `name` at time `time`, if it
-    /// has one (including writes not checkpointed yet): of the latest window
-    /// holding `time` ([`Windowing::window_at`](strom_state::window::Windowing::window_at)),
-    /// of the session holding it, or of the sliding window that holds
-    /// exactly the events within the difference up to it
-    /// ([`Windowing::sliding_at`](strom_state::window::Windowing::sliding_at)).
+    /// has one (including writes not checkpointed yet): of the window
+    /// [`Windowing::holding`](strom_state::window::Windowing::holding) picks
+    /// (the latest aligned window holding `time`, the session holding it, or
+    /// the sliding window holding exactly the events within the difference
+    /// up to it).
     pub async fn value_at(
         &self,
         name: &str,

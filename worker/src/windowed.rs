@@ -8,7 +8,9 @@ use std::ops::Bound;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use strom_state::window::{stamp, unstamp, window_key, WindowIndex, Windowing, STREAM_TIME_KEY};
+use strom_state::window::{
+    stamp, unstamp, window_key, WindowIndex, WindowKind, Windowing, STREAM_TIME_KEY,
+};
 use strom_state::{LoggedStore, StateError};
 
 pub use strom_state::window::Window;
@@ -463,34 +465,29 @@ pub(crate) fn value_at(
     key: &[u8],
     time: i64,
 ) -> Result<Option<Vec<u8>>, StateError> {
-    if let Some(difference) = windowing.sliding_difference() {
-        // The window wanted ends by `time` and has an event within the
-        // difference before it, so starts no earlier than twice that.
-        let from = time.saturating_sub(difference.saturating_mul(2));
-        let ending = time.saturating_sub(difference);
-        let mut windows = windows_between(store, windowing, key, from, ending)?;
-        let spans: Vec<(Window, i64)> = windows.iter().map(|(w, l, _)| (*w, *l)).collect();
-        return Ok(windowing
-            .sliding_at(&spans, time)
-            .map(|i| windows.swap_remove(i).2));
-    }
-    if windowing.is_session() {
-        let sessions = windows_of_key(store, windowing, key)?;
-        let holding = sessions
-            .into_iter()
-            .find(|(w, _)| w.start <= time && time < w.end);
-        return Ok(holding.map(|(_, v)| v));
-    }
-    let window = windowing.window_at(time);
-    let Some(stored) = store.get(&window_key(key, window.start))? else {
-        return Ok(None);
+    // The windows that may be the one: of sliding windows, those ending by
+    // `time` with an event within the difference before it (so starting no
+    // earlier than twice that); of sessions, those starting by `time`.
+    let (from, to) = match windowing.kind() {
+        WindowKind::Sliding { difference } => (
+            time.saturating_sub(difference.saturating_mul(2)),
+            time.saturating_sub(difference),
+        ),
+        WindowKind::Session { .. } => (i64::MIN, time),
+        _ => {
+            let window = windowing.window_at(time);
+            let Some(stored) = store.get(&window_key(key, window.start))? else {
+                return Ok(None);
+            };
+            let value = windowing.entry(window.start, unstamp(&stored)?.1)?.1;
+            return Ok(Some(value.to_vec()));
+        }
     };
-    Ok(Some(
-        windowing
-            .entry(window.start, unstamp(&stored)?.1)?
-            .1
-            .to_vec(),
-    ))
+    let mut windows = windows_between(store, windowing, key, from, to)?;
+    let spans: Vec<(Window, i64)> = windows.iter().map(|(w, l, _)| (*w, *l)).collect();
+    Ok(windowing
+        .holding(&spans, time)
+        .map(|i| windows.swap_remove(i).2))
 }
 
 /// The live windows of `key` in `store` with their values, in time order.
@@ -827,6 +824,16 @@ mod tests {
         // Out of order, within the gap of both: one session of four.
         assert_eq!(count(&ctx, "a", 20_500).await, (Some(4), vec![]));
         assert_eq!(spans(&ctx).await, [(1_000, 30_001, 4)]);
+        // A read at a time gets the session holding it, if any.
+        for (t, want) in [
+            (999, None),
+            (1_000, Some(4)),
+            (30_000, Some(4)),
+            (30_001, None),
+        ] {
+            let got = ctx.value_at("counts", b"a", t).await.unwrap();
+            assert_eq!(got.map(|v| number(&v)), want, "at {t}");
+        }
         let tombstones: Vec<_> = {
             ctx.checkpoint(Durability::Fast).await.unwrap();
             cluster
