@@ -122,6 +122,10 @@ impl Ctx {
         if key_partition != self.partition() {
             return Err(Error::CoPartition {
                 table: table.to_owned(),
+                key: match std::str::from_utf8(&bytes) {
+                    Ok(text) => format!("{text:?}"),
+                    Err(_) => format!("{bytes:?}"),
+                },
                 key_partition,
                 partition: self.partition(),
             });
@@ -129,13 +133,16 @@ impl Ctx {
         Ok(bytes)
     }
 
-    /// The value of `key` in `table`, or the table's default.
+    /// The value of `key` in `table`, or the table's default. The key must
+    /// belong to this event's partition (see [`Error::CoPartition`]): another
+    /// partition's keys live in its own task, and reading one here would
+    /// silently give the default.
     pub async fn get<K: TableKey, V: DeserializeOwned>(
         &self,
         table: &Table<K, V>,
         key: &K,
     ) -> Result<V> {
-        let bytes = key.encode_key();
+        let bytes = self.check_partition(&table.name, key)?;
         let stored = self.inner.get(&table.name, &bytes).await?;
         match stored {
             Some(v) => match serde_json::from_slice(&v) {

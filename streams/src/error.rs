@@ -13,11 +13,14 @@ pub enum Error {
         #[source]
         source: crate::codec::CodecError,
     },
-    /// A table write for a key of another partition.
-    #[error("table {table:?}: the key belongs to partition {key_partition} but this event is from partition {partition}; group_by the stream by the table's key first, or, if the stream is keyed by it, have its producer partition by murmur2 of the key as the Java client does (librdkafka's default partitioner does not: set partitioner=murmur2_random)")]
+    /// A table read or write for a key of another partition: the key's
+    /// value lives in that partition's task, so this event's cannot see it.
+    #[error("table {table:?}: key {key} belongs to partition {key_partition} but this event is from partition {partition}; group_by the stream by the table's key first, or, if the stream is keyed by it, have its producer partition by murmur2 of the key as the Java client does (librdkafka's default partitioner does not: set partitioner=murmur2_random)")]
     CoPartition {
         /// The table.
         table: String,
+        /// The key, as text (UTF-8 shown as a string, anything else as bytes).
+        key: String,
         /// The partition the key belongs to.
         key_partition: i32,
         /// The event's partition.

@@ -219,3 +219,64 @@ async fn pageviews_emit_each_minute_once_when_it_closes() {
     assert_eq!(starts, [minute(0), minute(1), minute(2)]);
     driver.close().await.unwrap();
 }
+
+/// A lookup of a key that belongs to another partition is an error naming
+/// the table, the key and both partitions — not the table's default, which
+/// is what the other partition's task would never have told this one.
+#[tokio::test]
+async fn a_lookup_on_another_partition_is_an_error() {
+    use std::sync::{Arc, Mutex};
+    use strom::codec::Utf8;
+
+    let mut app = strom::App::new("lookup").with_partitions(4);
+    let orders = app.topic::<String, String>("orders").with_key_codec(Utf8);
+    let profiles = app.table::<String, String>("profiles", String::new());
+    /// (order key, customer, the lookup's profile or error)
+    type Seen = Vec<(String, String, Result<String, String>)>;
+    let seen: Arc<Mutex<Seen>> = Arc::default();
+    {
+        let seen = seen.clone();
+        app.agent(&orders).for_each(move |ctx, event| {
+            let (profiles, seen) = (profiles.clone(), seen.clone());
+            async move {
+                let got = ctx.get(&profiles, &event.value).await;
+                let got = got.map_err(|e| e.to_string());
+                seen.lock().unwrap().push((event.key, event.value, got));
+                Ok(())
+            }
+        });
+    }
+    let mut driver = TestDriver::new(app).await.unwrap();
+    for i in 0..20 {
+        let customer = format!("customer-{i}");
+        // Keyed by the customer: the lookup is on the event's own partition.
+        driver.send(&orders, &customer, &customer).await.unwrap();
+        // Keyed by an order id: mostly another partition.
+        driver
+            .send(&orders, &format!("order-{i}"), &customer)
+            .await
+            .unwrap();
+    }
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 40);
+    let mut foreign = 0;
+    for (key, customer, got) in &seen {
+        match got {
+            Ok(profile) => assert_eq!(profile, "", "{key} -> {customer}"),
+            Err(e) => {
+                assert_ne!(key, customer, "a lookup on its own partition failed: {e}");
+                assert!(
+                    e.contains("\"profiles\"") && e.contains(&format!("key {customer:?}")),
+                    "{e}"
+                );
+                foreign += 1;
+            }
+        }
+    }
+    // 20 order ids over 4 partitions: about 15 land away from their customer.
+    assert!(
+        foreign >= 5,
+        "only {foreign} foreign lookups failed: {seen:?}"
+    );
+    driver.close().await.unwrap();
+}
