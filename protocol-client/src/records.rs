@@ -294,6 +294,17 @@ impl Batch {
         }
     }
 
+    /// The records of the batch, decoded lazily, by an iterator that owns
+    /// the batch (so it can be kept, part read, between calls).
+    pub fn into_records(self) -> IntoRecords {
+        IntoRecords {
+            pos: 0,
+            remaining: self.record_count,
+            prev: self.base_offset.saturating_sub(1),
+            batch: self,
+        }
+    }
+
     /// Bytes this batch keeps in memory: its header and its (decompressed) records.
     pub(crate) fn held_size(&self) -> usize {
         BATCH_HEADER_LEN + self.records.len()
@@ -352,6 +363,38 @@ impl Iterator for RecordIter<'_> {
             self.pos = self.batch.records.len();
         }
         Some(result)
+    }
+}
+
+/// Iterates the records of a [`Batch`] it owns (see [`Batch::into_records`]).
+#[derive(Debug)]
+pub struct IntoRecords {
+    batch: Batch,
+    pos: usize,
+    remaining: i32,
+    prev: i64,
+}
+
+impl IntoRecords {
+    /// The batch being read.
+    pub fn batch(&self) -> &Batch {
+        &self.batch
+    }
+}
+
+impl Iterator for IntoRecords {
+    type Item = Result<Record>;
+
+    fn next(&mut self) -> Option<Result<Record>> {
+        let mut records = RecordIter {
+            batch: &self.batch,
+            pos: self.pos,
+            remaining: self.remaining,
+            prev: self.prev,
+        };
+        let next = records.next();
+        (self.pos, self.remaining, self.prev) = (records.pos, records.remaining, records.prev);
+        next
     }
 }
 

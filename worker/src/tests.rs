@@ -261,6 +261,28 @@ fn words_around_a_bad_batch(cluster: &MockCluster, fix_crc: bool) -> i64 {
     bad
 }
 
+/// `word` on partition 0 of `in`, waited for until the running worker has
+/// committed it, then a batch that does not decode and `after`; returns the
+/// bad batch's offset. (Whether a commit falls between a record and a bad
+/// batch fetched with it is a matter of timing: this one is certain.)
+async fn bad_batch_after_a_committed_word(cluster: &MockCluster, fix_crc: bool) -> i64 {
+    cluster.append("in", 0, None, Some(b"word"));
+    for _ in 0..600 {
+        if cluster.committed(APP, "in", 0) == Some(1) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        cluster.committed(APP, "in", 0),
+        Some(1),
+        "the word not committed"
+    );
+    let bad = cluster.append_raw("in", 0, undecodable_batch(b"lost", fix_crc));
+    cluster.append("in", 0, None, Some(b"after"));
+    bad
+}
+
 fn counter_with(policy: ErrorPolicy) -> Agent {
     Agent {
         policy: Some(policy),
@@ -275,9 +297,9 @@ fn counter_with(policy: ErrorPolicy) -> Agent {
 #[tokio::test(start_paused = true)]
 async fn a_batch_that_does_not_decode_stops_a_worker_under_the_stop_policy() {
     let cluster = cluster();
-    let bad = words_around_a_bad_batch(&cluster, true);
     let config = config(&cluster, ProcessingGuarantee::AtLeastOnce);
     let (_stop, run, metrics) = start(config, counter_with(ErrorPolicy::Stop));
+    let bad = bad_batch_after_a_committed_word(&cluster, true).await;
     let err = outcome(run, Duration::from_secs(60)).await.unwrap_err();
     assert!(
         matches!(&err, WorkerError::CorruptBatch { topic, partition: 0, offset, attempts: 3, .. }
@@ -363,9 +385,9 @@ async fn a_batch_that_does_not_decode_is_dead_lettered_with_its_coordinates() {
 #[tokio::test(start_paused = true)]
 async fn a_batch_with_a_damaged_header_stops_the_worker_even_under_skip() {
     let cluster = cluster();
-    let bad = words_around_a_bad_batch(&cluster, false);
     let config = config(&cluster, ProcessingGuarantee::AtLeastOnce);
     let (_stop, run, _metrics) = start(config, counter_with(ErrorPolicy::Skip));
+    let bad = bad_batch_after_a_committed_word(&cluster, false).await;
     let err = outcome(run, Duration::from_secs(60)).await.unwrap_err();
     assert!(
         matches!(&err, WorkerError::CorruptBatch { offset, .. } if *offset == bad),

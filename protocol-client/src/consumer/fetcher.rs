@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::time::Instant;
 
 use bytes::Bytes;
@@ -57,13 +58,32 @@ pub(super) async fn run(
                 debug!(error = %e, "offset reset failed; retrying");
                 pause_until = Some(Instant::now() + backoff);
             }
-            let (plan, stale) = plan_fetches(&client, &config, &handle, &busy);
+            let Plan {
+                fetches: plan,
+                stale,
+                held,
+            } = plan_fetches(&client, &config, &handle, &busy);
             if !stale.is_empty() {
                 refresh(&client, stale).await;
             }
             for (broker, asked) in plan {
                 busy.insert(broker);
-                fetches.spawn(fetch(client.clone(), config.clone(), broker, asked));
+                // While a partition of this broker waits for the consumer to
+                // take up its slice, a Fetch must not sit out the whole
+                // `fetch_max_wait` on the others' empty logs: the next one
+                // could not include that partition until it returns.
+                let max_wait = if held.contains(&broker) {
+                    config.fetch_max_wait.min(HELD_MAX_WAIT)
+                } else {
+                    config.fetch_max_wait
+                };
+                fetches.spawn(fetch(
+                    client.clone(),
+                    config.clone(),
+                    broker,
+                    asked,
+                    max_wait,
+                ));
             }
         }
         tokio::select! {
@@ -171,20 +191,35 @@ async fn resolve_resets(
     Ok(())
 }
 
-/// Chooses what to fetch: per broker not already fetching, every partition it
-/// leads that is assigned, not paused and has a position, while the buffer has
-/// room. Also returns topics whose leaders are unknown.
+/// The longest a Fetch waits for data while a partition of its broker is
+/// held back (see [`Plan::held`]).
+const HELD_MAX_WAIT: Duration = Duration::from_millis(10);
+
+/// What to fetch now.
+#[derive(Default)]
+struct Plan {
+    /// Per broker not already fetching: every partition it leads that is
+    /// assigned, not paused, has a position and has no fetched slice waiting
+    /// with the consumer.
+    fetches: HashMap<i32, Vec<Asked>>,
+    /// Topics whose leaders are unknown.
+    stale: HashSet<Arc<str>>,
+    /// Brokers leading a partition held back only by its slice waiting with
+    /// the consumer: it is due as soon as the consumer takes the slice up.
+    held: HashSet<i32>,
+}
+
+/// Plans the next fetches, while the buffer has room.
 fn plan_fetches(
     client: &Client,
     config: &ConsumerConfig,
     handle: &Handle,
     busy: &HashSet<i32>,
-) -> (HashMap<i32, Vec<Asked>>, HashSet<Arc<str>>) {
-    let mut plan: HashMap<i32, Vec<Asked>> = HashMap::new();
-    let mut stale = HashSet::new();
+) -> Plan {
+    let mut plan = Plan::default();
     let mut shared = handle.lock();
     if shared.buffered >= config.max_buffered_bytes {
-        return (plan, stale);
+        return plan;
     }
     let mut topics = HashMap::new();
     for (tp, s) in shared.partitions.iter_mut() {
@@ -203,24 +238,34 @@ fn plan_fetches(
             .map(|p| p.leader)
             .filter(|&l| l >= 0);
         let Some(leader) = leader else {
-            stale.insert(tp.topic.clone());
+            plan.stale.insert(tp.topic.clone());
             continue;
         };
+        if s.slice_out == Some(s.epoch) {
+            plan.held.insert(leader);
+            continue;
+        }
         if busy.contains(&leader) {
             continue;
         }
         s.in_flight = true;
-        plan.entry(leader).or_default().push(Asked {
+        plan.fetches.entry(leader).or_default().push(Asked {
             tp: tp.clone(),
             epoch: s.epoch,
             offset,
             max_bytes: s.max_bytes,
         });
     }
-    (plan, stale)
+    plan
 }
 
-async fn fetch(client: Client, config: ConsumerConfig, broker: i32, asked: Vec<Asked>) -> Done {
+async fn fetch(
+    client: Client,
+    config: ConsumerConfig,
+    broker: i32,
+    asked: Vec<Asked>,
+    max_wait: Duration,
+) -> Done {
     let mut topics: Vec<FetchTopic> = Vec::new();
     for a in &asked {
         let p = FetchPartition::default()
@@ -240,7 +285,7 @@ async fn fetch(client: Client, config: ConsumerConfig, broker: i32, asked: Vec<A
     }
     let req = FetchRequest::default()
         .with_replica_id(BrokerId(-1))
-        .with_max_wait_ms(config.fetch_max_wait.as_millis() as i32)
+        .with_max_wait_ms(max_wait.as_millis() as i32)
         .with_min_bytes(config.fetch_min_bytes)
         .with_max_bytes(config.fetch_max_bytes)
         .with_isolation_level(match config.isolation {
@@ -250,7 +295,7 @@ async fn fetch(client: Client, config: ConsumerConfig, broker: i32, asked: Vec<A
         .with_session_id(0)
         .with_session_epoch(-1)
         .with_topics(topics);
-    let timeout = client.config().connection.request_timeout + config.fetch_max_wait;
+    let timeout = client.config().connection.request_timeout + max_wait;
     let response = async {
         let conn = client.broker(broker, ConnectionClass::Fetch).await?;
         conn.send_with_timeout(&req, timeout).await
@@ -318,6 +363,12 @@ async fn handle_done(
             match code {
                 None => {
                     let records = p.records.clone().unwrap_or_default();
+                    // Records are slices of what they were decoded from, and
+                    // a frame is a slice of the connection's read buffer,
+                    // which holds other frames too: a partition's own copy
+                    // lets all of that go now, instead of living as long as
+                    // the last queued record of any partition fetched with it.
+                    let records = Bytes::copy_from_slice(&records);
                     let next = next_offset(&records);
                     let Some(s) = shared.partitions.get_mut(&a.tp) else {
                         continue;
@@ -332,6 +383,7 @@ async fn handle_done(
                         Some(next) => {
                             s.fetch_position = Some(next);
                             s.max_bytes = config.max_partition_fetch_bytes;
+                            s.slice_out = Some(a.epoch);
                             shared.buffered += records.len();
                             let _ = tx.send(Fetched {
                                 tp: a.tp.clone(),

@@ -8,7 +8,9 @@
 //! ```
 //!
 //! The fetcher keeps a Fetch in flight per broker ahead of the caller, as long as
-//! the bytes fetched but not yet polled stay under `max_buffered_bytes`. It only
+//! the bytes fetched but not yet polled stay under `max_buffered_bytes`, and
+//! holds at most one fetched slice per partition: a partition is fetched again
+//! once the consumer starts decoding the last chunk of its slice. It only
 //! reads batch headers (to know the next offset); [`Consumer::poll`] decodes the
 //! records on the caller's task, so decoding and fetching run side by side.
 //!
@@ -20,6 +22,7 @@
 //! transaction's marker is read.
 
 mod committed;
+mod decoding;
 mod fetcher;
 
 use std::collections::{HashMap, VecDeque};
@@ -31,9 +34,10 @@ use tokio::sync::{mpsc, Notify};
 
 use crate::cluster::Client;
 use crate::error::{Error, Result};
-use crate::records::{Batch, BatchDecoder, Header};
+use crate::records::{Batch, Header};
 pub use crate::types::TopicPartition;
 use committed::{CommittedFilter, Filtered, HeldBudget};
+use decoding::Decoding;
 
 /// Where to start reading a partition.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -110,6 +114,11 @@ pub struct ConsumerConfig {
     /// records waiting for their transaction's marker (see
     /// [`IsolationLevel::ReadCommitted`]).
     pub max_buffered_bytes: usize,
+    /// Records one [`Consumer::poll`] returns at most (Java's
+    /// `max.poll.records`). Default 500. A fetched slice of small records
+    /// decodes to many thousands; handing them out in smaller parts keeps what
+    /// a caller queues close to its own bound.
+    pub max_poll_records: usize,
     /// Verify each batch's CRC-32C. Default true.
     pub check_crcs: bool,
     /// Read uncommitted (default) or committed records only.
@@ -125,6 +134,7 @@ impl Default for ConsumerConfig {
             fetch_max_bytes: 50 * 1024 * 1024,
             max_partition_fetch_bytes: 1024 * 1024,
             max_buffered_bytes: 64 * 1024 * 1024,
+            max_poll_records: 500,
             check_crcs: true,
             isolation: IsolationLevel::ReadUncommitted,
         }
@@ -164,6 +174,12 @@ struct PartitionState {
     paused: bool,
     /// A fetch for this partition is out.
     in_flight: bool,
+    /// The epoch of a fetched slice the consumer has not yet taken up to its
+    /// last decode chunk. While it is the partition's current epoch nothing
+    /// more is fetched for it (as Java's consumer fetches no partition that
+    /// still has buffered data), so what one partition holds — paused, or
+    /// slower than the others — stays within one fetch.
+    slice_out: Option<u64>,
     /// Stopped by an error until the next seek.
     failed: bool,
     high_watermark: i64,
@@ -265,8 +281,11 @@ pub struct Consumer {
     handle: Arc<Handle>,
     rx: mpsc::UnboundedReceiver<Fetched>,
     config: ConsumerConfig,
-    /// Decoded records not yet handed out.
+    /// Records of one partition being handed out.
     ready: Option<Ready>,
+    /// Records of paused partitions, set aside part way (read uncommitted:
+    /// still undecoded) until they are resumed.
+    parked_ready: Vec<Ready>,
     /// The rest of a fetched slice after the part decoded into `ready` (a
     /// slice is decoded [`DECODE_CHUNK`] bytes at a time); its bytes still
     /// count as buffered.
@@ -276,8 +295,8 @@ pub struct Consumer {
     /// Fetched slices of paused partitions, not decoded (a record takes
     /// several times its fetched bytes once decoded) until they are resumed.
     /// Their bytes no longer count as buffered, so the other partitions go
-    /// on fetching; a paused partition fetches nothing more, so they are
-    /// bounded by what was fetched before the pause.
+    /// on fetching; a paused partition fetches nothing more and holds at most
+    /// one slice, so they are bounded by one slice per partition.
     parked: VecDeque<Fetched>,
     /// An error found after records that were returned first.
     pending_error: Option<Error>,
@@ -314,6 +333,7 @@ impl Consumer {
             rx,
             config,
             ready: None,
+            parked_ready: Vec::new(),
             leftover: None,
             leftover_released: false,
             parked: VecDeque::new(),
@@ -361,9 +381,11 @@ impl Consumer {
         Ok(())
     }
 
-    /// Stops fetching `tp` until [`Consumer::resume`]. Records already
-    /// decoded (at most one decode chunk) are still returned; data already
-    /// fetched waits, undecoded and outside the read-ahead budget (so the
+    /// Stops fetching `tp` until [`Consumer::resume`]. No more of its records
+    /// are returned (read committed: except those already decoded, at most
+    /// one decode chunk); data already
+    /// fetched (at most one slice of a Fetch response) waits, undecoded and
+    /// outside the read-ahead budget (so the
     /// other partitions go on fetching), until the partition is resumed.
     pub fn pause(&mut self, tp: &TopicPartition) -> Result<()> {
         self.set_paused(tp, true)
@@ -427,15 +449,15 @@ impl Consumer {
         }
     }
 
-    /// The next records: everything decoded from one partition's slice of a
-    /// Fetch response, in offset order (at least one record). Errors name the
+    /// The next records: up to [`ConsumerConfig::max_poll_records`] of one
+    /// partition, in offset order (at least one record). Errors name the
     /// topic, partition and offset; a corrupt batch is not skipped — the
     /// partition stays at its offset and the error repeats until a seek moves past it.
     ///
     /// Cancel-safe.
     pub async fn poll(&mut self) -> Result<Vec<ConsumerRecord>> {
         loop {
-            let records = self.hand_out(usize::MAX);
+            let records = self.hand_out(self.config.max_poll_records.max(1));
             if !records.is_empty() {
                 return Ok(records);
             }
@@ -446,14 +468,18 @@ impl Consumer {
     /// Hands out up to `n` ready records and moves the partition's position
     /// past them, so a commit of the position covers exactly what the caller got.
     /// Records of a partition sought, revoked or unassigned since they were
-    /// decoded are dropped instead.
+    /// decoded are dropped instead; those of a paused partition are set aside.
     fn hand_out(&mut self, n: usize) -> Vec<ConsumerRecord> {
         let Some(ready) = &mut self.ready else {
             return Vec::new();
         };
         let mut shared = self.handle.lock();
-        let state = shared
-            .partitions
+        let Shared {
+            partitions,
+            next_epoch,
+            ..
+        } = &mut *shared;
+        let state = partitions
             .get_mut(&ready.tp)
             .filter(|s| s.epoch == ready.epoch);
         let Some(state) = state else {
@@ -461,19 +487,33 @@ impl Consumer {
             self.ready = None;
             return Vec::new();
         };
-        let out: Vec<ConsumerRecord> = if n >= ready.records.len() {
-            ready.records.drain(..).collect()
-        } else {
-            ready.records.drain(..n).collect()
-        };
-        let after_last = out.last().map(|r| r.offset + 1);
-        if ready.records.is_empty() {
-            state.position = ready.next.or(after_last);
+        if state.paused {
             drop(shared);
-            self.ready = None;
-        } else {
-            state.position = after_last;
+            self.parked_ready.extend(self.ready.take());
+            return Vec::new();
         }
+        let mut out = Vec::new();
+        ready.records.take(n, &mut out);
+        let after_last = out.last().map(|r| r.offset + 1);
+        if !ready.records.is_empty() {
+            state.position = after_last;
+            return out;
+        }
+        match ready.records.take_error() {
+            None => state.position = ready.records.next().or(after_last),
+            Some((from, e)) => {
+                // Read again from the batch or record that does not decode
+                // (nothing after it is skipped); the error comes next.
+                *next_epoch += 1;
+                state.epoch = *next_epoch;
+                state.fetch_position = Some(from);
+                state.position = Some(from);
+                self.pending_error = Some(e);
+                self.handle.wake_fetcher.notify_one();
+            }
+        }
+        drop(shared);
+        self.ready = None;
         out
     }
 
@@ -489,13 +529,30 @@ impl Consumer {
         }
     }
 
+    /// Notes that the last decode chunk of a fetched slice has been taken:
+    /// its partition may be fetched again.
+    fn taken_up(&self, fetched: &Fetched) {
+        let mut shared = self.handle.lock();
+        let state = shared.partitions.get_mut(&fetched.tp);
+        if let Some(state) = state.filter(|s| s.slice_out == Some(fetched.epoch)) {
+            state.slice_out = None;
+            drop(shared);
+            self.handle.wake_fetcher.notify_one();
+        }
+    }
+
     /// Whether `fetched` is current data of a paused partition.
     fn is_paused(&self, fetched: &Fetched) -> bool {
+        self.paused(&fetched.tp, fetched.epoch)
+    }
+
+    /// Whether `tp` is paused and still at `epoch`.
+    fn paused(&self, tp: &TopicPartition, epoch: u64) -> bool {
         self.handle
             .lock()
             .partitions
-            .get(&fetched.tp)
-            .is_some_and(|s| s.paused && s.epoch == fetched.epoch)
+            .get(tp)
+            .is_some_and(|s| s.paused && s.epoch == epoch)
     }
 
     /// The first parked slice whose partition was resumed (or sought,
@@ -505,13 +562,20 @@ impl Consumer {
         self.parked.remove(at)
     }
 
-    /// Waits for the next fetched data with records in it and decodes it into
-    /// `ready`; returns a pending or fetch error instead, if there is one.
+    /// Waits for the next fetched data with records in it and makes it
+    /// `ready` (a partition's records set aside for a pause first, once it
+    /// is resumed); returns a pending or fetch error instead, if there is one.
     async fn fill(&mut self) -> Result<()> {
         if let Some(e) = self.pending_error.take() {
             return Err(e);
         }
         let committed = self.config.isolation == IsolationLevel::ReadCommitted;
+        // Records set aside for a pause come before anything else of their
+        // partition (a stale one is dropped by `hand_out`).
+        if let Some(at) = (self.parked_ready.iter()).position(|r| !self.paused(&r.tp, r.epoch)) {
+            self.ready = Some(self.parked_ready.swap_remove(at));
+            return Ok(());
+        }
         loop {
             let leftover = self.leftover.take();
             let is_leftover = leftover.is_some();
@@ -539,8 +603,13 @@ impl Consumer {
                 }
                 continue;
             }
-            if let Ok(data) = &mut fetched.result {
-                if let Some(rest) = split_after(data, DECODE_CHUNK) {
+            let rest = match &mut fetched.result {
+                Ok(data) => split_after(data, DECODE_CHUNK),
+                Err(_) => None,
+            };
+            match rest {
+                None => self.taken_up(&fetched),
+                Some(rest) => {
                     self.leftover = Some(Fetched {
                         tp: fetched.tp.clone(),
                         epoch: fetched.epoch,
@@ -578,29 +647,29 @@ impl Consumer {
             let start = position
                 .unwrap_or(fetched.fetch_offset)
                 .max(fetched.fetch_offset);
-            let Filtered {
-                records,
-                next,
-                error,
-                rewind,
-            } = match &mut filter {
-                Some(filter) => filter.push(
-                    &fetched.tp,
-                    data,
-                    start,
-                    self.config.check_crcs,
-                    &fetched.aborted,
-                ),
-                None => {
-                    let (records, next, error) =
-                        decode(&fetched.tp, data, start, self.config.check_crcs);
-                    let next = error.as_ref().map_or(next, |&(bad, _)| Some(bad));
-                    Filtered {
+            let (records, next, error, rewind) = match &mut filter {
+                Some(filter) => {
+                    let Filtered {
                         records,
                         next,
                         error,
-                        rewind: None,
-                    }
+                        rewind,
+                    } = filter.push(
+                        &fetched.tp,
+                        data,
+                        start,
+                        self.config.check_crcs,
+                        &fetched.aborted,
+                    );
+                    (Records::Filtered(records.into(), next), next, error, rewind)
+                }
+                None => {
+                    let mut decoding =
+                        Decoding::new(&fetched.tp, data, start, self.config.check_crcs);
+                    // Only an error before the first record shows yet.
+                    let error = decoding.take_error();
+                    let next = decoding.next();
+                    (Records::Decoding(Box::new(decoding)), next, error, None)
                 }
             };
             let mut epoch = fetched.epoch;
@@ -643,8 +712,7 @@ impl Consumer {
                 self.ready = Some(Ready {
                     tp: fetched.tp,
                     epoch,
-                    records: records.into(),
-                    next,
+                    records,
                 });
                 return Ok(());
             }
@@ -667,10 +735,11 @@ impl Consumer {
     }
 }
 
-/// Fetched bytes decoded at a time: a slice of many small records decodes to
-/// several times its size, so a whole slice at once would hold far more than
-/// the bytes counted against `max_buffered_bytes`.
-const DECODE_CHUNK: usize = 256 * 1024;
+/// Fetched bytes taken up at a time: a chunk's bytes leave the read-ahead
+/// budget when it is taken up. Read committed decodes a chunk at once, and a
+/// chunk of many small records decodes to many times its size; read
+/// uncommitted decodes as records are handed out.
+const DECODE_CHUNK: usize = 32 * 1024;
 
 /// Cuts `data` after the first whole batches that reach `limit` bytes (at
 /// least one batch, however big) and returns the rest, if any. Batches are
@@ -690,15 +759,56 @@ fn split_after(data: &mut Bytes, limit: usize) -> Option<Bytes> {
     (end < data.len()).then(|| data.split_off(end))
 }
 
-/// Decoded records of one partition waiting to be handed out.
+/// Records of one partition waiting to be handed out.
 #[derive(Debug)]
 struct Ready {
     tp: TopicPartition,
-    /// The partition's epoch when they were decoded.
+    /// The partition's epoch when they were fetched.
     epoch: u64,
-    records: VecDeque<ConsumerRecord>,
-    /// The position once all are handed out (past trailing control batches too).
-    next: Option<i64>,
+    records: Records,
+}
+
+/// The records of a [`Ready`].
+#[derive(Debug)]
+enum Records {
+    /// Read committed: what the filter let through, and the position once all
+    /// are handed out (past trailing control batches too).
+    Filtered(VecDeque<ConsumerRecord>, Option<i64>),
+    /// Read uncommitted: decoded as they are handed out.
+    Decoding(Box<Decoding>),
+}
+
+impl Records {
+    fn take(&mut self, n: usize, out: &mut Vec<ConsumerRecord>) {
+        match self {
+            Records::Filtered(records, _) => out.extend(records.drain(..n.min(records.len()))),
+            Records::Decoding(decoding) => decoding.take(n, out),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        match self {
+            Records::Filtered(records, _) => records.is_empty(),
+            Records::Decoding(decoding) => decoding.is_empty(),
+        }
+    }
+
+    /// The position once all are handed out.
+    fn next(&self) -> Option<i64> {
+        match self {
+            Records::Filtered(_, next) => *next,
+            Records::Decoding(decoding) => decoding.next(),
+        }
+    }
+
+    /// An error found after the records (read committed finds its errors
+    /// before any record is handed out).
+    fn take_error(&mut self) -> Option<(i64, Error)> {
+        match self {
+            Records::Filtered(..) => None,
+            Records::Decoding(decoding) => decoding.take_error(),
+        }
+    }
 }
 
 fn bump(shared: &mut Shared) -> u64 {
@@ -718,6 +828,7 @@ fn new_state(offset: Offset, epoch: u64, config: &ConsumerConfig) -> PartitionSt
         epoch,
         paused: false,
         in_flight: false,
+        slice_out: None,
         failed: false,
         high_watermark: -1,
         last_stable_offset: -1,
@@ -730,9 +841,11 @@ fn not_assigned(tp: &TopicPartition) -> Error {
     Error::Config(format!("partition {tp} is not assigned to this consumer"))
 }
 
-/// Decodes one partition's fetched bytes, read uncommitted: the records at or
-/// after `start`, the offset after the last batch read, and — if a batch was
-/// bad — its offset and the error. Control batches are never handed out.
+/// Decodes one partition's fetched bytes at once, read uncommitted: the
+/// records at or after `start`, the offset after the last batch read (or, if
+/// a batch or record was bad, its offset) and the error. Control batches are
+/// never handed out.
+#[cfg(any(test, feature = "fuzzing"))]
 #[allow(clippy::type_complexity)]
 fn decode(
     tp: &TopicPartition,
@@ -740,36 +853,10 @@ fn decode(
     start: i64,
     check_crc: bool,
 ) -> (Vec<ConsumerRecord>, Option<i64>, Option<(i64, Error)>) {
+    let mut decoding = Decoding::new(tp, data, start, check_crc);
     let mut out = Vec::new();
-    let mut next = None;
-    for batch in BatchDecoder::new(data, check_crc) {
-        let batch = match batch {
-            Ok(b) => b,
-            Err(e) => {
-                let offset = match &e {
-                    Error::CorruptRecord { offset, .. } => (*offset).max(start),
-                    _ => start,
-                };
-                let offset = next.unwrap_or(offset);
-                return (out, next, Some((offset, locate(tp, e, offset))));
-            }
-        };
-        let after = batch.last_offset().saturating_add(1);
-        if after <= start {
-            continue;
-        }
-        if !batch.is_control() {
-            if out.capacity() == 0 {
-                out.reserve(batch.record_count.clamp(0, 100_000) as usize);
-            }
-            if let Err(bad) = push_records(tp, &batch, start, &mut out) {
-                // Hand out what came before; the bad batch is fetched again.
-                return (out, next, Some(bad));
-            }
-        }
-        next = Some(after);
-    }
-    (out, next, None)
+    decoding.take(usize::MAX, &mut out);
+    (out, decoding.next(), decoding.take_error())
 }
 
 /// One partition's fetched bytes through both read paths, as a fuzz target
@@ -1418,8 +1505,10 @@ mod tests {
         c.pause(&tp0).unwrap();
         drain(&mut c, &mut got).await;
         assert_eq!(got[1].len(), PER_PARTITION, "partition 1 went on");
+        // At most the first poll's records: nothing of partition 0 after the
+        // pause, though its chunk was decoded part way.
         assert!(
-            got[0].len() <= 2 * DECODE_CHUNK / 10,
+            got[0].len() <= 500,
             "{} records of the paused partition handed out",
             got[0].len()
         );
@@ -1441,5 +1530,75 @@ mod tests {
         let expected: Vec<i64> = (0..PER_PARTITION as i64).collect();
         assert_eq!(got[0], expected, "partition 0 after resuming");
         assert_eq!(got[1], expected, "partition 1");
+    }
+
+    /// A consumer that is not polled holds at most one fetched slice per
+    /// partition, however large its budget; a poll returns at most
+    /// `max_poll_records`; and once polled it reads on to the end.
+    #[tokio::test(start_paused = true)]
+    async fn a_partition_holds_one_fetched_slice_at_a_time() {
+        use crate::mock::MockCluster;
+        let cluster = MockCluster::new();
+        cluster.create_topic("t", 2);
+        for p in 0..2 {
+            for i in 0..100 {
+                cluster.append_raw("t", p, batch(i * 100, 100));
+            }
+        }
+        let client = crate::Client::connect(cluster.client_config())
+            .await
+            .unwrap();
+        let one = batch(0, 100).len();
+        let config = ConsumerConfig {
+            max_partition_fetch_bytes: (3 * one) as i32,
+            max_poll_records: 70,
+            ..ConsumerConfig::default()
+        };
+        let mut c = Consumer::new(client, config);
+        c.assign((0..2).map(|p| (TopicPartition::new("t", p), Offset::Earliest)))
+            .unwrap();
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let buffered = c.handle.lock().buffered;
+        assert!(
+            buffered > 0 && buffered <= 2 * 3 * one,
+            "{buffered} bytes fetched ahead for 2 partitions of {one}-byte batches, 3 a fetch"
+        );
+        let mut got = [0usize; 2];
+        while got != [10_000, 10_000] {
+            let records = c.poll().await.unwrap();
+            assert!(records.len() <= 70, "{} records in one poll", records.len());
+            got[records[0].partition as usize] += records.len();
+        }
+    }
+
+    /// A partition waiting for its slice to be taken up is fetched again
+    /// soon after, not after a long poll on a caught-up partition of the
+    /// same broker has sat out `fetch_max_wait`.
+    #[tokio::test(start_paused = true)]
+    async fn a_caught_up_partition_does_not_hold_up_the_others() {
+        use crate::mock::MockCluster;
+        let cluster = MockCluster::new();
+        cluster.create_topic("t", 2);
+        for i in 0..50 {
+            cluster.append_raw("t", 0, batch(i * 100, 100));
+        }
+        let client = crate::Client::connect(cluster.client_config())
+            .await
+            .unwrap();
+        let config = ConsumerConfig {
+            max_partition_fetch_bytes: batch(0, 100).len() as i32,
+            ..ConsumerConfig::default()
+        };
+        let mut c = Consumer::new(client, config);
+        c.assign((0..2).map(|p| (TopicPartition::new("t", p), Offset::Earliest)))
+            .unwrap();
+        let started = tokio::time::Instant::now();
+        let mut got = 0;
+        while got < 5_000 {
+            got += c.poll().await.unwrap().len();
+        }
+        // 50 fetches of partition 0, each after the one before was taken up.
+        let took = started.elapsed();
+        assert!(took < Duration::from_secs(2), "{took:?} for 50 slices");
     }
 }
