@@ -12,6 +12,19 @@ use strom_state::window::Windowing;
 use strom_worker::AgentError;
 
 pub use strom_state::window::Window;
+/// The key types a table takes: how a key is stored, read back and parsed
+/// from a URL or the command line. Name it to write code generic over keys:
+///
+/// ```
+/// use strom::table::TableKey;
+///
+/// fn stored_len<K: TableKey>(key: &K) -> usize {
+///     key.encode_key().len()
+/// }
+/// assert_eq!(stored_len(&"ada".to_string()), 3);
+/// assert_eq!(stored_len(&7u64), 8);
+/// ```
+pub use strom_state::TableKey;
 
 use crate::context::Ctx;
 use crate::topic::Topic;
