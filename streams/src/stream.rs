@@ -39,6 +39,53 @@ pub struct Event<K, V> {
 }
 
 impl<K, V> Event<K, V> {
+    /// Takes the value out, moving everything else into an event of `()`.
+    fn split(self) -> (Event<K, ()>, V) {
+        let Event {
+            key,
+            value,
+            topic,
+            partition,
+            offset,
+            timestamp,
+            headers,
+        } = self;
+        let meta = Event {
+            key,
+            value: (),
+            topic,
+            partition,
+            offset,
+            timestamp,
+            headers,
+        };
+        (meta, value)
+    }
+
+    /// This event's key and metadata with `value`: moved, not cloned.
+    fn into_value<V2>(self, value: V2) -> Event<K, V2> {
+        let Event {
+            key,
+            topic,
+            partition,
+            offset,
+            timestamp,
+            headers,
+            ..
+        } = self;
+        Event {
+            key,
+            value,
+            topic,
+            partition,
+            offset,
+            timestamp,
+            headers,
+        }
+    }
+
+    /// A copy of this event's key and metadata with `value` (for one event
+    /// that becomes several).
     fn with_value<V2>(&self, value: V2) -> Event<K, V2>
     where
         K: Clone,
@@ -225,9 +272,8 @@ where
         self.then(move |events| {
             let f = f.clone();
             Box::new(events.map(move |e| {
-                let meta = e.with_value(());
-                let value = f(e.value);
-                meta.with_value(value)
+                let (meta, value) = e.split();
+                meta.into_value(f(value))
             }))
         })
     }
@@ -243,8 +289,8 @@ where
         self.then(move |events| {
             let f = f.clone();
             Box::new(events.flat_map(move |e| {
-                let meta = e.with_value(());
-                f(e.value).into_iter().map(move |v| meta.with_value(v))
+                let (meta, value) = e.split();
+                f(value).into_iter().map(move |v| meta.with_value(v))
             }))
         })
     }
@@ -267,8 +313,8 @@ where
                     let n = counters.entry(e.partition).or_default();
                     let i = *n;
                     *n += 1;
-                    let meta = e.with_value(());
-                    meta.with_value((i, e.value))
+                    let (meta, value) = e.split();
+                    meta.into_value((i, value))
                 })
                 .collect();
             Box::new(numbered.into_iter())
