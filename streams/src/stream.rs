@@ -39,49 +39,28 @@ pub struct Event<K, V> {
 }
 
 impl<K, V> Event<K, V> {
-    /// Takes the value out, moving everything else into an event of `()`.
-    fn split(self) -> (Event<K, ()>, V) {
+    /// This event with `value` in place of its own, which is returned too:
+    /// key, headers and topic are moved, not cloned.
+    fn replace<V2>(self, value: V2) -> (Event<K, V2>, V) {
         let Event {
             key,
-            value,
+            value: old,
             topic,
             partition,
             offset,
             timestamp,
             headers,
         } = self;
-        let meta = Event {
+        let event = Event {
             key,
-            value: (),
+            value,
             topic,
             partition,
             offset,
             timestamp,
             headers,
         };
-        (meta, value)
-    }
-
-    /// This event's key and metadata with `value`: moved, not cloned.
-    fn into_value<V2>(self, value: V2) -> Event<K, V2> {
-        let Event {
-            key,
-            topic,
-            partition,
-            offset,
-            timestamp,
-            headers,
-            ..
-        } = self;
-        Event {
-            key,
-            value,
-            topic,
-            partition,
-            offset,
-            timestamp,
-            headers,
-        }
+        (event, old)
     }
 
     /// A copy of this event's key and metadata with `value` (for one event
@@ -272,8 +251,8 @@ where
         self.then(move |events| {
             let f = f.clone();
             Box::new(events.map(move |e| {
-                let (meta, value) = e.split();
-                meta.into_value(f(value))
+                let (meta, value) = e.replace(());
+                meta.replace(f(value)).0
             }))
         })
     }
@@ -289,7 +268,7 @@ where
         self.then(move |events| {
             let f = f.clone();
             Box::new(events.flat_map(move |e| {
-                let (meta, value) = e.split();
+                let (meta, value) = e.replace(());
                 f(value).into_iter().map(move |v| meta.with_value(v))
             }))
         })
@@ -313,8 +292,8 @@ where
                     let n = counters.entry(e.partition).or_default();
                     let i = *n;
                     *n += 1;
-                    let (meta, value) = e.split();
-                    meta.into_value((i, value))
+                    let (meta, value) = e.replace(());
+                    meta.replace((i, value)).0
                 })
                 .collect();
             Box::new(numbered.into_iter())
