@@ -60,7 +60,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use tracing::debug;
 
-use super::{push_records, ConsumerRecord, TopicPartition};
+use super::TopicPartition;
 use crate::error::Error;
 use crate::records::{Batch, BatchDecoder};
 
@@ -103,8 +103,12 @@ impl HeldBudget {
 /// What one [`CommittedFilter::push`] produced.
 #[derive(Debug)]
 pub(super) struct Filtered {
-    /// Records that may be handed out, in offset order.
-    pub records: Vec<ConsumerRecord>,
+    /// Batches that may be handed out, in offset order, each with the first
+    /// offset to hand out of it. Their records are decoded only as they are
+    /// handed out ([`Decoding::decided`](super::decoding::Decoding::decided)):
+    /// one that does not decode is found then, and the partition is read
+    /// again from it under a new filter, as after a seek.
+    pub visible: VecDeque<(Batch, i64)>,
     /// The partition's position once `records` are handed out: the first held
     /// (or dropped-while-scanning) record, else the offset after the last batch
     /// read. `None` before anything was read.
@@ -113,6 +117,18 @@ pub(super) struct Filtered {
     /// before it is lost; the filter carries on from there.
     pub error: Option<(i64, Error)>,
     /// A scan ended: fetch again from this offset (the first dropped record).
+    pub rewind: Option<i64>,
+}
+
+/// What [`CommittedFilter::push_all`] produced: [`Filtered`] with its
+/// records decoded.
+#[cfg(any(test, feature = "fuzzing"))]
+#[cfg_attr(not(test), allow(dead_code))] // the fuzz target reads only `records`
+#[derive(Debug)]
+pub(super) struct Decoded {
+    pub records: Vec<super::ConsumerRecord>,
+    pub next: Option<i64>,
+    pub error: Option<(i64, Error)>,
     pub rewind: Option<i64>,
 }
 
@@ -206,8 +222,8 @@ impl CommittedFilter {
     ) -> Filtered {
         self.aborted.extend(aborted);
         let new_from = self.front_seq + self.held.len() as u64;
-        let mut records = Vec::new();
-        let stop = self.read(tp, data, start, check_crc, &mut records);
+        let mut visible = VecDeque::new();
+        let stop = self.read(tp, data, start, check_crc, &mut visible);
         // Batches held past this slice must not keep its whole buffer alive.
         let skip = new_from.saturating_sub(self.front_seq) as usize;
         for h in self.held.iter_mut().skip(skip) {
@@ -223,10 +239,50 @@ impl CommittedFilter {
             Some(Stop::Rewind(offset)) => (None, Some(offset)),
         };
         Filtered {
-            records,
+            visible,
             next,
             error,
             rewind,
+        }
+    }
+
+    /// [`push`](Self::push), then every record it lets through taken at
+    /// once, as the consumer takes them: a record that does not decode ends
+    /// them, is the error, and leaves a new filter to read again from it.
+    #[cfg(any(test, feature = "fuzzing"))]
+    pub(super) fn push_all(
+        &mut self,
+        tp: &TopicPartition,
+        data: Bytes,
+        start: i64,
+        check_crc: bool,
+        aborted: &[(i64, i64)],
+    ) -> Decoded {
+        let Filtered {
+            visible,
+            next,
+            error,
+            rewind,
+        } = self.push(tp, data, start, check_crc, aborted);
+        let mut decoding = super::decoding::Decoding::decided(tp, visible, next);
+        let mut records = Vec::new();
+        decoding.take(usize::MAX, &mut records);
+        match decoding.take_error() {
+            Some(bad) => {
+                *self = CommittedFilter::new(self.budget.clone());
+                Decoded {
+                    records,
+                    next: Some(bad.0),
+                    error: Some(bad),
+                    rewind: None,
+                }
+            }
+            None => Decoded {
+                records,
+                next,
+                error,
+                rewind,
+            },
         }
     }
 
@@ -260,7 +316,7 @@ impl CommittedFilter {
         data: Bytes,
         start: i64,
         check_crc: bool,
-        out: &mut Vec<ConsumerRecord>,
+        out: &mut VecDeque<(Batch, i64)>,
     ) -> Option<Stop> {
         let mut read_here = None;
         for batch in BatchDecoder::new(data, check_crc) {
@@ -301,7 +357,7 @@ impl CommittedFilter {
         &mut self,
         tp: &TopicPartition,
         batch: &Batch,
-        out: &mut Vec<ConsumerRecord>,
+        out: &mut VecDeque<(Batch, i64)>,
     ) -> Option<Stop> {
         if !batch.is_transactional() {
             return None;
@@ -333,7 +389,8 @@ impl CommittedFilter {
             }
             return None;
         }
-        self.release(tp, out)
+        self.release(out);
+        None
     }
 
     /// A data batch: handed out, dropped or held.
@@ -342,7 +399,7 @@ impl CommittedFilter {
         tp: &TopicPartition,
         batch: Batch,
         start: i64,
-        out: &mut Vec<ConsumerRecord>,
+        out: &mut VecDeque<(Batch, i64)>,
     ) -> Option<Stop> {
         if self.scan.is_some() {
             return None; // only markers matter while scanning
@@ -366,12 +423,8 @@ impl CommittedFilter {
         match fate {
             Fate::Aborted => None,
             Fate::Visible if self.held.is_empty() => {
-                if out.capacity() == 0 {
-                    out.reserve(batch.record_count.clamp(0, 100_000) as usize);
-                }
-                push_records(tp, &batch, from, out)
-                    .err()
-                    .map(|(offset, e)| self.bad_record(offset, e))
+                out.push_back((batch, from));
+                None
             }
             _ => self.hold(tp, batch, from, fate),
         }
@@ -409,32 +462,19 @@ impl CommittedFilter {
     }
 
     /// Hands out the decided front of the held batches, up to the first that waits.
-    fn release(&mut self, tp: &TopicPartition, out: &mut Vec<ConsumerRecord>) -> Option<Stop> {
-        while let Some(front) = self.held.front() {
-            match front.fate {
-                Fate::Waiting => break,
-                Fate::Aborted => {}
-                Fate::Visible => {
-                    if let Err((offset, e)) = push_records(tp, &front.batch, front.from, out) {
-                        return Some(self.bad_record(offset, e));
-                    }
-                }
-            }
-            if let Some(h) = self.held.pop_front() {
-                let size = h.batch.held_size();
-                self.held_bytes -= size;
-                self.budget.sub(size);
-                self.front_seq += 1;
+    fn release(&mut self, out: &mut VecDeque<(Batch, i64)>) {
+        while self.held.front().is_some_and(|h| h.fate != Fate::Waiting) {
+            let Some(h) = self.held.pop_front() else {
+                break;
+            };
+            let size = h.batch.held_size();
+            self.held_bytes -= size;
+            self.budget.sub(size);
+            self.front_seq += 1;
+            if h.fate == Fate::Visible {
+                out.push_back((h.batch, h.from));
             }
         }
-        None
-    }
-
-    /// A record that does not decode in a batch at `offset`: everything before
-    /// it has been handed out; the partition is read again from it.
-    fn bad_record(&mut self, offset: i64, e: Error) -> Stop {
-        self.restart_at(offset);
-        Stop::Error(offset, e)
     }
 
     /// Forgets what was read from `offset` on (and the held batches, all at or
@@ -592,8 +632,8 @@ mod tests {
     }
 
     /// Pushes one slice and checks it ended cleanly.
-    fn push(f: &mut CommittedFilter, start: i64, parts: &[Bytes]) -> Filtered {
-        let out = f.push(&tp(), concat(parts), start, true, &[]);
+    fn push(f: &mut CommittedFilter, start: i64, parts: &[Bytes]) -> Decoded {
+        let out = f.push_all(&tp(), concat(parts), start, true, &[]);
         assert!(out.error.is_none(), "{:?}", out.error);
         assert!(out.rewind.is_none());
         out
@@ -694,7 +734,7 @@ mod tests {
     #[test]
     fn aborted_list_drops_named_batches_without_holding_them() {
         let (mut f, budget) = filter(usize::MAX);
-        let out = f.push(
+        let out = f.push_all(
             &tp(),
             concat(&[
                 txn_batch(0, 7, &["aborted-0"], None),
@@ -713,7 +753,7 @@ mod tests {
         );
         // The marker ends the listed transaction: pid 7's next one is decided
         // by its own marker.
-        let out = f.push(
+        let out = f.push_all(
             &tp(),
             concat(&[
                 txn_batch(3, 7, &[], ABORT),
@@ -759,7 +799,7 @@ mod tests {
         let mut bad = BytesMut::from(&txn_batch(1, 8, &["x"], None)[..]);
         let n = bad.len();
         bad[n - 2] ^= 0xff;
-        let out = f.push(
+        let out = f.push_all(
             &tp(),
             concat(&[txn_batch(0, 7, &["a"], None), bad.freeze()]),
             0,
@@ -795,7 +835,7 @@ mod tests {
             plain_batch(2, &["p2"], Compression::None),
         ];
         for _ in 0..2 {
-            let out = f.push(&tp(), concat(&data), 0, true, &[]);
+            let out = f.push_all(&tp(), concat(&data), 0, true, &[]);
             assert!(out.records.is_empty());
             let (offset, e) = out.error.expect("the bad record is reported");
             assert_eq!(offset, 0);
@@ -957,7 +997,7 @@ mod tests {
             } else {
                 Vec::new()
             };
-            let out = f.push(&tp(), concat(&parts), at, true, &list);
+            let out = f.push_all(&tp(), concat(&parts), at, true, &list);
             assert!(out.error.is_none(), "{:?}", out.error);
             got.extend(
                 out.records

@@ -1,4 +1,6 @@
-//! Read uncommitted: a fetched chunk decoded as its records are handed out.
+//! A fetched chunk decoded as its records are handed out: read uncommitted
+//! straight from the fetched bytes, read committed from the batches its
+//! filter let through.
 //!
 //! A batch of small records decodes to many times its fetched (and more so
 //! its compressed) size: a 1 MB batch of ten-byte records becomes a hundred
@@ -7,17 +9,30 @@
 //! a caller's backpressure act within one batch: a partition paused part way
 //! keeps its undecoded rest, not its records.
 
+use std::collections::VecDeque;
+
 use bytes::Bytes;
 
 use super::{locate, ConsumerRecord, TopicPartition};
 use crate::error::Error;
-use crate::records::{BatchDecoder, IntoRecords};
+use crate::records::{Batch, BatchDecoder, IntoRecords};
+
+/// Where a [`Decoding`] gets its batches.
+#[derive(Debug)]
+enum Batches {
+    /// Fetched bytes, read uncommitted: every data batch; control batches
+    /// are skipped.
+    Fetched(BatchDecoder),
+    /// The batches a read-committed filter lets through, each with the first
+    /// offset to hand out of it.
+    Decided(VecDeque<(Batch, i64)>),
+}
 
 /// One partition's fetched chunk, decoded a record ahead of the caller.
 #[derive(Debug)]
 pub(super) struct Decoding {
     tp: TopicPartition,
-    batches: BatchDecoder,
+    batches: Batches,
     /// The records of the batch being read.
     records: Option<IntoRecords>,
     /// Records below this offset are skipped.
@@ -36,15 +51,31 @@ pub(super) struct Decoding {
 }
 
 impl Decoding {
-    /// Starts decoding `data`, up to its first record at or after `start`.
+    /// Starts decoding `data`, read uncommitted, up to its first record at
+    /// or after `start`.
     pub(super) fn new(tp: &TopicPartition, data: Bytes, start: i64, check_crc: bool) -> Decoding {
+        let batches = Batches::Fetched(BatchDecoder::new(data, check_crc));
+        Decoding::start(tp, batches, start, None)
+    }
+
+    /// Starts decoding the batches a read-committed filter let through, each
+    /// from its offset; `next` is the position once all are taken.
+    pub(super) fn decided(
+        tp: &TopicPartition,
+        batches: VecDeque<(Batch, i64)>,
+        next: Option<i64>,
+    ) -> Decoding {
+        Decoding::start(tp, Batches::Decided(batches), i64::MIN, next)
+    }
+
+    fn start(tp: &TopicPartition, batches: Batches, start: i64, next: Option<i64>) -> Decoding {
         let mut decoding = Decoding {
             tp: tp.clone(),
-            batches: BatchDecoder::new(data, check_crc),
+            batches,
             records: None,
             start,
             peeked: None,
-            next: None,
+            next,
             taken: None,
             error: None,
         };
@@ -113,25 +144,44 @@ impl Decoding {
                     None => self.records = None,
                 }
             }
-            match self.batches.next() {
-                None => return,
-                Some(Err(e)) => {
-                    let offset = match &e {
-                        Error::CorruptRecord { offset, .. } => (*offset).max(self.start),
-                        _ => self.start,
-                    };
-                    return self.fail(self.next.unwrap_or(offset), e);
-                }
-                Some(Ok(batch)) => {
-                    let after = batch.last_offset().saturating_add(1);
-                    if after <= self.start {
-                        continue;
-                    }
+            if !self.next_batch() {
+                return;
+            }
+        }
+    }
+
+    /// Moves on to the next batch to read; false at the end or an error.
+    fn next_batch(&mut self) -> bool {
+        let batches = match &mut self.batches {
+            Batches::Decided(decided) => {
+                let Some((batch, from)) = decided.pop_front() else {
+                    return false;
+                };
+                self.start = from;
+                self.records = Some(batch.into_records());
+                return true;
+            }
+            Batches::Fetched(batches) => batches,
+        };
+        match batches.next() {
+            None => false,
+            Some(Err(e)) => {
+                let offset = match &e {
+                    Error::CorruptRecord { offset, .. } => (*offset).max(self.start),
+                    _ => self.start,
+                };
+                self.fail(self.next.unwrap_or(offset), e);
+                false
+            }
+            Some(Ok(batch)) => {
+                let after = batch.last_offset().saturating_add(1);
+                if after > self.start {
                     self.next = Some(after);
                     if !batch.is_control() {
                         self.records = Some(batch.into_records());
                     }
                 }
+                true
             }
         }
     }

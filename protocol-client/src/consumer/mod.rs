@@ -34,7 +34,7 @@ use tokio::sync::{mpsc, Notify};
 
 use crate::cluster::Client;
 use crate::error::{Error, Result};
-use crate::records::{Batch, Header};
+use crate::records::Header;
 pub use crate::types::TopicPartition;
 use committed::{CommittedFilter, Filtered, HeldBudget};
 use decoding::Decoding;
@@ -503,11 +503,14 @@ impl Consumer {
             None => state.position = ready.records.next().or(after_last),
             Some((from, e)) => {
                 // Read again from the batch or record that does not decode
-                // (nothing after it is skipped); the error comes next.
+                // (nothing after it is skipped); the error comes next. A
+                // read-committed filter has read past it: a new one reads
+                // again from it, as after a seek.
                 *next_epoch += 1;
                 state.epoch = *next_epoch;
                 state.fetch_position = Some(from);
                 state.position = Some(from);
+                state.committed = None;
                 self.pending_error = Some(e);
                 self.handle.wake_fetcher.notify_one();
             }
@@ -647,10 +650,10 @@ impl Consumer {
             let start = position
                 .unwrap_or(fetched.fetch_offset)
                 .max(fetched.fetch_offset);
-            let (records, next, error, rewind) = match &mut filter {
+            let (records, error, rewind) = match &mut filter {
                 Some(filter) => {
                     let Filtered {
-                        records,
+                        visible,
                         next,
                         error,
                         rewind,
@@ -661,17 +664,27 @@ impl Consumer {
                         self.config.check_crcs,
                         &fetched.aborted,
                     );
-                    (Records::Filtered(records.into(), next), next, error, rewind)
+                    let mut decoding = Decoding::decided(&fetched.tp, visible, next);
+                    match decoding.take_error() {
+                        // The first record to hand out does not decode:
+                        // read again from it, under a new filter as after a
+                        // seek (this one has read past it).
+                        Some(bad) => {
+                            *filter = CommittedFilter::new(self.handle.held.clone());
+                            (decoding, Some(bad), None)
+                        }
+                        None => (decoding, error, rewind),
+                    }
                 }
                 None => {
                     let mut decoding =
                         Decoding::new(&fetched.tp, data, start, self.config.check_crcs);
                     // Only an error before the first record shows yet.
                     let error = decoding.take_error();
-                    let next = decoding.next();
-                    (Records::Decoding(Box::new(decoding)), next, error, None)
+                    (decoding, error, None)
                 }
             };
+            let next = records.next();
             let mut epoch = fetched.epoch;
             // Fetch again from a bad batch (nothing after it is skipped), or
             // from the first record a read-committed scan dropped. The new
@@ -712,7 +725,7 @@ impl Consumer {
                 self.ready = Some(Ready {
                     tp: fetched.tp,
                     epoch,
-                    records,
+                    records: Box::new(records),
                 });
                 return Ok(());
             }
@@ -736,9 +749,9 @@ impl Consumer {
 }
 
 /// Fetched bytes taken up at a time: a chunk's bytes leave the read-ahead
-/// budget when it is taken up. Read committed decodes a chunk at once, and a
-/// chunk of many small records decodes to many times its size; read
-/// uncommitted decodes as records are handed out.
+/// budget when it is taken up. Read committed filters a chunk's batches at
+/// once (it may hold some until their markers come); both paths decode
+/// records only as they are handed out.
 const DECODE_CHUNK: usize = 32 * 1024;
 
 /// Cuts `data` after the first whole batches that reach `limit` bytes (at
@@ -765,50 +778,7 @@ struct Ready {
     tp: TopicPartition,
     /// The partition's epoch when they were fetched.
     epoch: u64,
-    records: Records,
-}
-
-/// The records of a [`Ready`].
-#[derive(Debug)]
-enum Records {
-    /// Read committed: what the filter let through, and the position once all
-    /// are handed out (past trailing control batches too).
-    Filtered(VecDeque<ConsumerRecord>, Option<i64>),
-    /// Read uncommitted: decoded as they are handed out.
-    Decoding(Box<Decoding>),
-}
-
-impl Records {
-    fn take(&mut self, n: usize, out: &mut Vec<ConsumerRecord>) {
-        match self {
-            Records::Filtered(records, _) => out.extend(records.drain(..n.min(records.len()))),
-            Records::Decoding(decoding) => decoding.take(n, out),
-        }
-    }
-
-    fn is_empty(&self) -> bool {
-        match self {
-            Records::Filtered(records, _) => records.is_empty(),
-            Records::Decoding(decoding) => decoding.is_empty(),
-        }
-    }
-
-    /// The position once all are handed out.
-    fn next(&self) -> Option<i64> {
-        match self {
-            Records::Filtered(_, next) => *next,
-            Records::Decoding(decoding) => decoding.next(),
-        }
-    }
-
-    /// An error found after the records (read committed finds its errors
-    /// before any record is handed out).
-    fn take_error(&mut self) -> Option<(i64, Error)> {
-        match self {
-            Records::Filtered(..) => None,
-            Records::Decoding(decoding) => decoding.take_error(),
-        }
-    }
+    records: Box<Decoding>,
 }
 
 fn bump(shared: &mut Shared) -> u64 {
@@ -891,7 +861,7 @@ pub(crate) fn read_fetched(
     let stop = error.as_ref().map_or(i64::MAX, |(offset, _)| *offset);
     let budget = Arc::new(HeldBudget::new(held_cap));
     let mut filter = CommittedFilter::new(budget.clone());
-    let out = filter.push(&tp, data, start, check_crc, aborted);
+    let out = filter.push_all(&tp, data, start, check_crc, aborted);
     ascending(&out.records, "read committed");
     let seen: std::collections::HashMap<i64, &ConsumerRecord> =
         plain.iter().map(|r| (r.offset, r)).collect();
@@ -911,38 +881,6 @@ pub(crate) fn read_fetched(
     }
     drop(filter);
     assert_eq!(budget.used(), 0, "a dropped filter kept held bytes");
-}
-
-/// Appends the records of `batch` at or after `from` to `out`. On a record that
-/// does not decode, takes this batch's records out again and returns the
-/// batch's offset (at least `from`) with the error.
-fn push_records(
-    tp: &TopicPartition,
-    batch: &Batch,
-    from: i64,
-    out: &mut Vec<ConsumerRecord>,
-) -> std::result::Result<(), (i64, Error)> {
-    let before = out.len();
-    for record in batch.records() {
-        match record {
-            Ok(r) if r.offset < from => {}
-            Ok(r) => out.push(ConsumerRecord {
-                topic: tp.topic.clone(),
-                partition: tp.partition,
-                offset: r.offset,
-                timestamp: r.timestamp,
-                key: r.key,
-                value: r.value,
-                headers: r.headers,
-            }),
-            Err(e) => {
-                out.truncate(before);
-                let offset = batch.base_offset.max(from);
-                return Err((offset, locate(tp, e, offset)));
-            }
-        }
-    }
-    Ok(())
 }
 
 /// Names the partition and offset in a record error.
@@ -1049,7 +987,7 @@ mod tests {
             txn_batch(7, 7, &[], Some(1)),
         ]);
         let mut filter = CommittedFilter::new(Arc::new(HeldBudget::new(usize::MAX)));
-        let out = filter.push(&tp, data.clone(), 0, true, &[(7, 0)]);
+        let out = filter.push_all(&tp, data.clone(), 0, true, &[(7, 0)]);
         assert!(out.error.is_none() && out.rewind.is_none());
         assert_eq!(values(&out.records), ["c3", "c4", "c6"]);
         assert_eq!(out.next, Some(8));
@@ -1600,5 +1538,75 @@ mod tests {
         // 50 fetches of partition 0, each after the one before was taken up.
         let took = started.elapsed();
         assert!(took < Duration::from_secs(2), "{took:?} for 50 slices");
+    }
+
+    /// A record that does not decode mid-batch (its CRC not checked), read
+    /// committed and uncommitted: the records before it are handed out once,
+    /// then the error names its offset, where the position stays and
+    /// reading starts again (the error again, nothing after it skipped); a
+    /// seek past it goes on.
+    #[tokio::test(start_paused = true)]
+    async fn a_record_that_does_not_decode_stops_the_partition_at_its_offset() {
+        use crate::mock::MockCluster;
+        let plain = |base: i64, n: usize| {
+            let mut b = BatchBuilder::new(64);
+            for i in 0..n {
+                b.push(
+                    i as i64,
+                    None,
+                    Some(format!("v{}", base + i as i64).as_bytes()),
+                    &[],
+                );
+            }
+            let mut bytes = BytesMut::from(
+                &b.seal(Compression::None, ProducerIdentity::default())
+                    .unwrap()[..],
+            );
+            bytes[..8].copy_from_slice(&base.to_be_bytes());
+            bytes
+        };
+        for isolation in [
+            IsolationLevel::ReadUncommitted,
+            IsolationLevel::ReadCommitted,
+        ] {
+            let cluster = MockCluster::new();
+            cluster.create_topic("t", 1);
+            let mut bad = plain(0, 5);
+            // The last byte: the header count of the last record (offset 4).
+            let n = bad.len();
+            bad[n - 1] = 0x7e;
+            cluster.append_raw("t", 0, bad.freeze());
+            cluster.append_raw("t", 0, plain(5, 2).freeze());
+            let client = crate::Client::connect(cluster.client_config())
+                .await
+                .unwrap();
+            let config = ConsumerConfig {
+                isolation,
+                check_crcs: false,
+                ..ConsumerConfig::default()
+            };
+            let mut c = Consumer::new(client, config);
+            let tp = TopicPartition::new("t", 0);
+            c.assign([(tp.clone(), Offset::At(0))]).unwrap();
+            let mut got = Vec::new();
+            let e = loop {
+                match c.recv().await {
+                    Ok(r) => got.push(r.offset),
+                    Err(e) => break e,
+                }
+            };
+            assert_eq!(got, [0, 1, 2, 3], "{isolation:?}");
+            assert!(e.to_string().contains("offset 4"), "{isolation:?}: {e}");
+            assert_eq!(c.position(&tp), Some(4), "{isolation:?}");
+            let again = tokio::time::timeout(Duration::from_secs(5), c.recv()).await;
+            assert!(
+                matches!(again, Ok(Err(_))),
+                "{isolation:?}: not the error again: {again:?}"
+            );
+            assert_eq!(c.position(&tp), Some(4), "{isolation:?}");
+            c.seek(&tp, Offset::At(5)).unwrap();
+            assert_eq!(c.recv().await.unwrap().offset, 5, "{isolation:?}");
+            assert_eq!(c.recv().await.unwrap().offset, 6, "{isolation:?}");
+        }
     }
 }
