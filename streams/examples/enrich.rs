@@ -53,7 +53,10 @@ pub fn enrich(mut app: App, prefix: &str) -> Enrich {
     let enriched = app
         .topic::<String, EnrichedView>(&format!("{prefix}enriched-views"))
         .with_key_codec(Utf8);
-    let profiles = app.table::<String, Profile>("profiles", Profile::default());
+    // Keyed as its topic is, so a user's profile is in its views' partition.
+    let profiles = app
+        .table::<String, Profile>("profiles", Profile::default())
+        .with_key_codec(Utf8);
 
     let table = profiles.clone();
     app.agent(&users).for_each(move |ctx, event| {

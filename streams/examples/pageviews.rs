@@ -50,6 +50,7 @@ pub fn pageviews_between(mut app: App, input: &str, output: &str) -> PageViews {
     let out = per_minute.clone();
     let counts = app
         .table::<String, u64>("views-per-minute", 0)
+        .with_key_codec(Utf8)
         .tumbling(Duration::from_secs(60))
         .grace(Duration::from_secs(10))
         .emit_on_close(move |ctx, page, window, count| {

@@ -39,6 +39,7 @@ fn main() -> ExitCode {
         .with_value_codec(Utf8);
     let per_visit = app
         .table::<String, u64>("clicks-per-visit", 0)
+        .with_key_codec(Utf8)
         .session(Duration::from_secs(30 * 60), |a, b| a + b)
         .grace(Duration::from_secs(60))
         .late_events(&late)

@@ -12,8 +12,8 @@ use strom_client::{Client, Compression, NewTopic};
 use strom_state::window::Windowing;
 use strom_state::TableKey;
 use strom_worker::{
-    AgentError, ErrorPolicy, KeyParser, ProcessingGuarantee, Processor, Schedule, StoreKind, Timer,
-    Worker, WorkerConfig,
+    AgentError, ErrorPolicy, ProcessingGuarantee, Processor, Schedule, StoreKind, Timer, Worker,
+    WorkerConfig,
 };
 use tracing::warn;
 
@@ -21,21 +21,19 @@ use crate::codec::{Codec, Json};
 use crate::context::TimerCtx;
 use crate::error::Result;
 use crate::stream::{decode_step, Stage, Stream};
-use crate::table::{DeclaredWindowing, Table};
+use crate::table::{Declared as DeclaredKeys, Table};
 use crate::topic::{Declared, Topic};
 
 /// A table as the app declares it.
 pub(crate) struct DeclaredTable {
     pub name: String,
-    /// Its keys from the text of a URL.
-    pub parse: KeyParser,
-    pub windowing: DeclaredWindowing,
+    pub declared: DeclaredKeys,
 }
 
 impl DeclaredTable {
     /// How it is windowed, if it is.
     pub fn windowing(&self) -> Option<Windowing> {
-        *self.windowing.lock().unwrap_or_else(|e| e.into_inner())
+        self.declared.windowing()
     }
 }
 
@@ -429,31 +427,28 @@ impl App {
     /// Declares a table: `default` is the value of a missing key. Its changelog
     /// is the topic `<app-id>-<name>-changelog`; the web server answers
     /// `/tables/<name>/<key>` with keys in [`TableKey::parse_key`]'s text.
-    pub fn table<K: TableKey, V: Clone + Send + Sync + 'static>(
-        &mut self,
-        name: &str,
-        default: V,
-    ) -> Table<K, V> {
+    pub fn table<K, V>(&mut self, name: &str, default: V) -> Table<K, V>
+    where
+        K: TableKey + 'static,
+        Json: Codec<K>,
+        V: Clone + Send + Sync + 'static,
+    {
+        let key: Arc<dyn Codec<K>> = Arc::new(Json);
         let declared = match self.tables.iter().find(|t| t.name == name) {
-            Some(t) => t.windowing.clone(),
+            Some(t) => t.declared.clone(),
             None => {
-                let parse: KeyParser = Arc::new(|text: &str| {
-                    K::parse_key(text)
-                        .map(|k| k.encode_key())
-                        .map_err(|e| e.to_string())
-                });
-                let windowing = DeclaredWindowing::default();
+                let declared = DeclaredKeys::new(key.clone());
                 self.tables.push(DeclaredTable {
                     name: name.to_owned(),
-                    parse,
-                    windowing: windowing.clone(),
+                    declared: declared.clone(),
                 });
-                windowing
+                declared
             }
         };
         Table {
             name: Arc::from(name),
             default: Arc::new(move || default.clone()),
+            key,
             declared,
             types: PhantomData,
         }
@@ -528,8 +523,8 @@ impl App {
         let mut worker = Worker::new(config);
         for t in &self.tables {
             worker = match t.windowing() {
-                Some(w) => worker.windowed_table(t.name.clone(), t.parse.clone(), w),
-                None => worker.table_with_key(t.name.clone(), t.parse.clone()),
+                Some(w) => worker.windowed_table(t.name.clone(), t.declared.parse(), w),
+                None => worker.table_with_key(t.name.clone(), t.declared.parse()),
             };
         }
         for p in &self.processors {

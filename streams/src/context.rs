@@ -10,6 +10,7 @@ use strom_client::producer::ProducerRecord;
 use strom_client::Header;
 use strom_state::TableKey;
 
+use crate::codec::Codec;
 use crate::error::{Error, Result};
 use crate::stream::Event;
 use std::time::Duration;
@@ -116,21 +117,38 @@ impl Ctx {
         self.inner.partition()
     }
 
-    fn check_partition<K: TableKey>(&self, table: &str, key: &K) -> Result<Vec<u8>> {
-        let bytes = key.encode_key();
-        let key_partition = partition_for_key(&bytes, self.inner.partitions());
+    /// The bytes `key` is stored under in `table`, once it is sure the key
+    /// belongs to this event's partition: murmur2 of what the table's key
+    /// `codec` writes for it, as a producer picks a record's partition.
+    fn check_partition<K: TableKey>(
+        &self,
+        table: &str,
+        codec: &dyn Codec<K>,
+        key: &K,
+    ) -> Result<Vec<u8>> {
+        let written = codec.encode(key).map_err(|source| Error::Codec {
+            topic: table.to_owned(),
+            source,
+        })?;
+        let Some(written) = written else {
+            return Err(Error::Config(format!(
+                "table {table:?}: its key codec writes no key, so no key has a partition"
+            )));
+        };
+        let key_partition = partition_for_key(&written, self.inner.partitions());
+        let stored = key.encode_key();
         if key_partition != self.partition() {
             return Err(Error::CoPartition {
                 table: table.to_owned(),
-                key: match std::str::from_utf8(&bytes) {
+                key: match std::str::from_utf8(&stored) {
                     Ok(text) => format!("{text:?}"),
-                    Err(_) => format!("{bytes:?}"),
+                    Err(_) => format!("{stored:?}"),
                 },
                 key_partition,
                 partition: self.partition(),
             });
         }
-        Ok(bytes)
+        Ok(stored)
     }
 
     /// The value of `key` in `table`, or the table's default. The key must
@@ -142,7 +160,7 @@ impl Ctx {
         table: &Table<K, V>,
         key: &K,
     ) -> Result<V> {
-        let bytes = self.check_partition(&table.name, key)?;
+        let bytes = self.check_partition(&table.name, &*table.key, key)?;
         let stored = self.inner.get(&table.name, &bytes).await?;
         match stored {
             Some(v) => match serde_json::from_slice(&v) {
@@ -167,7 +185,7 @@ impl Ctx {
         key: &K,
         value: &V,
     ) -> Result<()> {
-        let bytes = self.check_partition(&table.name, key)?;
+        let bytes = self.check_partition(&table.name, &*table.key, key)?;
         let value = serde_json::to_vec(value).map_err(|e| value_error(&table.name, e))?;
         self.inner.put(&table.name, bytes, value).await?;
         Ok(())
@@ -183,7 +201,7 @@ impl Ctx {
         V: Serialize + DeserializeOwned,
         F: FnOnce(V) -> V,
     {
-        let bytes = self.check_partition(&table.name, key)?;
+        let bytes = self.check_partition(&table.name, &*table.key, key)?;
         let updated = self
             .inner
             .update(&table.name, bytes, |old| {
@@ -200,7 +218,7 @@ impl Ctx {
 
     /// Deletes `key` from `table`.
     pub async fn delete<K: TableKey, V>(&self, table: &Table<K, V>, key: &K) -> Result<()> {
-        let bytes = self.check_partition(&table.name, key)?;
+        let bytes = self.check_partition(&table.name, &*table.key, key)?;
         self.inner.delete(&table.name, bytes).await?;
         Ok(())
     }
@@ -283,7 +301,7 @@ impl Ctx {
         V: Serialize + DeserializeOwned,
         F: FnMut(V) -> V,
     {
-        let bytes = self.check_partition(&table.name, key)?;
+        let bytes = self.check_partition(&table.name, &*table.key, key)?;
         let time = self
             .event_time
             .filter(|&t| t >= 0)
@@ -428,7 +446,7 @@ impl Ctx {
         K: TableKey,
         V: DeserializeOwned,
     {
-        let bytes = self.check_partition(&table.name, key)?;
+        let bytes = self.check_partition(&table.name, &*table.key, key)?;
         match self.inner.value_at(&table.name, &bytes, time).await? {
             Some(v) => match serde_json::from_slice(&v) {
                 Ok(v) => Ok(v),
@@ -490,7 +508,7 @@ impl Ctx {
         K: TableKey,
         V: DeserializeOwned,
     {
-        let bytes = self.check_partition(&table.name, key)?;
+        let bytes = self.check_partition(&table.name, &*table.key, key)?;
         let stored = self
             .inner
             .windows(&table.name, &bytes)

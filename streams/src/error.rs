@@ -15,7 +15,7 @@ pub enum Error {
     },
     /// A table read or write for a key of another partition: the key's
     /// value lives in that partition's task, so this event's cannot see it.
-    #[error("table {table:?}: key {key} belongs to partition {key_partition} but this event is from partition {partition}; group_by the stream by the table's key first, or, if the stream is keyed by it, have its producer partition by murmur2 of the key as the Java client does (librdkafka's default partitioner does not: set partitioner=murmur2_random)")]
+    #[error("table {table:?}: key {key} belongs to partition {key_partition} (by the bytes the table's key codec writes for it) but this event is from partition {partition}. group_by the stream by the table's key first; or, if the stream is keyed by it already, give the table the key codec of the stream's topic (Table::with_key_codec) and have the topic's producers partition by murmur2 of the key as the Java client does (librdkafka's default partitioner does not: set partitioner=murmur2_random)")]
     CoPartition {
         /// The table.
         table: String,

@@ -351,7 +351,9 @@ where
     /// Re-keys the stream by `key` through the internal topic
     /// `<app-id>-<topic>-<name>-repartition` (created with the source's
     /// partition count), so events with the same key meet in one partition —
-    /// the one holding that key's table entries.
+    /// the one holding that key's table entries. The new key is written as
+    /// JSON, so it lands where a table with the default key codec keeps it
+    /// (see [`Table`](crate::Table)'s partitioning rule).
     pub fn group_by<K2>(
         self,
         key: impl Fn(&Event<K, V>) -> K2 + Send + Sync + 'static,
@@ -359,6 +361,7 @@ where
     ) -> Stream<'a, K2, V>
     where
         K2: TableKey + Clone + Send + Sync + 'static,
+        Json: Codec<K2>,
         V: Serialize + DeserializeOwned,
     {
         let target: Arc<str> = Arc::from(format!(
@@ -384,12 +387,7 @@ where
             stage,
             source: target,
             step: Arc::new(|r: ConsumerRecord| {
-                let bytes = r.key.as_deref().ok_or_else(|| CodecError {
-                    what: "repartitioned event without a key".into(),
-                })?;
-                let key = K2::decode_key(bytes).map_err(|e| CodecError {
-                    what: e.to_string(),
-                })?;
+                let key = Codec::<K2>::decode(&Json, r.key.as_deref())?;
                 let value = Codec::<V>::decode(&Json, r.value.as_deref())?;
                 Ok(Box::new(std::iter::once(Event {
                     key,
@@ -717,7 +715,8 @@ impl<K, V, K2> Processor for Repartition<K, V, K2>
 where
     K: Send + 'static,
     V: Serialize + Send + 'static,
-    K2: TableKey + Send + 'static,
+    K2: Send + 'static,
+    Json: Codec<K2>,
 {
     fn topic(&self) -> &str {
         &self.source
@@ -739,9 +738,10 @@ where
         Box::pin(async move {
             for e in decoded {
                 ctx.observe_event_time(e.timestamp);
-                let key = (self.key)(&e).encode_key();
+                let key = Codec::<K2>::encode(&Json, &(self.key)(&e))?;
                 let value = serde_json::to_vec(&e.value)?;
-                let mut record = ProducerRecord::to(&self.target).key(&key).value(&value);
+                let mut record = ProducerRecord::to(&self.target).value(&value);
+                record.key = key.as_deref();
                 record.timestamp = known_time(e.timestamp);
                 record.headers = &e.headers;
                 ctx.send(record).await?;

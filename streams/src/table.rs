@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use strom_state::window::Windowing;
-use strom_worker::AgentError;
+use strom_worker::{AgentError, KeyParser, ParsedKey};
 
 pub use strom_state::window::Window;
 /// The key types a table takes: how a key is stored, read back and parsed
@@ -26,20 +26,72 @@ pub use strom_state::window::Window;
 /// ```
 pub use strom_state::TableKey;
 
+use crate::codec::Codec;
 use crate::context::Ctx;
 use crate::topic::Topic;
 
 /// A table's declaration, shared by the app and the table's handles: how
-/// it is windowed, if it is.
-pub(crate) type DeclaredWindowing = Arc<Mutex<Option<Windowing>>>;
+/// it is windowed, if it is, and how the web reads its keys.
+#[derive(Clone)]
+pub(crate) struct Declared {
+    pub windowing: Arc<Mutex<Option<Windowing>>>,
+    pub parse: Arc<Mutex<KeyParser>>,
+}
+
+impl Declared {
+    pub(crate) fn new<K: TableKey + 'static>(codec: Arc<dyn Codec<K>>) -> Declared {
+        Declared {
+            windowing: Arc::default(),
+            parse: Arc::new(Mutex::new(key_parser(codec))),
+        }
+    }
+
+    /// How it is windowed, if it is.
+    pub(crate) fn windowing(&self) -> Option<Windowing> {
+        *self.windowing.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// How the web reads its keys.
+    pub(crate) fn parse(&self) -> KeyParser {
+        self.parse.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+/// Reads a key from its text ([`TableKey::parse_key`]), with the bytes
+/// `codec` writes for it, which decide its partition.
+fn key_parser<K: TableKey + 'static>(codec: Arc<dyn Codec<K>>) -> KeyParser {
+    Arc::new(move |text: &str| {
+        let key = K::parse_key(text).map_err(|e| e.to_string())?;
+        let written = codec.encode(&key).map_err(|e| e.to_string())?;
+        let written = written.ok_or("the table's key codec writes no key")?;
+        Ok(ParsedKey {
+            stored: key.encode_key(),
+            written: written.to_vec(),
+        })
+    })
+}
 
 /// A table of `K` to `V`: partitioned like the stream that writes it, stored in
 /// strom-state with a Kafka changelog, read and written from agents through
 /// [`Ctx`]. A missing key reads as the table's default.
+///
+/// # Which partition a key belongs to
+///
+/// One rule, as Kafka's producers place records: murmur2 of the bytes the
+/// key's codec writes for it. A record sent to a topic lands by its topic's
+/// key codec; a [`group_by`](crate::Stream::group_by) writes the new key as
+/// JSON; a table's key belongs to the partition its
+/// [key codec](Table::with_key_codec) (JSON by default, like every topic's)
+/// picks, and an agent may read or write only its own partition's keys
+/// ([`Error::CoPartition`](crate::Error::CoPartition) otherwise). With the
+/// defaults, a table written by the stream of a topic keyed by the same
+/// keys, or by a `group_by`, is right. A table fed from a topic with another
+/// key codec takes that codec too.
 pub struct Table<K, V> {
     pub(crate) name: Arc<str>,
     pub(crate) default: Arc<dyn Fn() -> V + Send + Sync>,
-    pub(crate) declared: DeclaredWindowing,
+    pub(crate) key: Arc<dyn Codec<K>>,
+    pub(crate) declared: Declared,
     pub(crate) types: PhantomData<fn() -> K>,
 }
 
@@ -48,6 +100,7 @@ impl<K, V> Clone for Table<K, V> {
         Table {
             name: self.name.clone(),
             default: self.default.clone(),
+            key: self.key.clone(),
             declared: self.declared.clone(),
             types: PhantomData,
         }
@@ -64,6 +117,31 @@ impl<K, V> Table<K, V> {
     /// The table's name.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Partitions the table's keys by the bytes `codec` writes for them
+    /// (default: JSON): give it the key codec of the topic whose stream
+    /// writes it, so a key belongs to the partition its records are in.
+    ///
+    /// ```
+    /// use strom::codec::Utf8;
+    /// let mut app = strom::App::new("shop");
+    /// // Keys written as plain text, as Java's StringSerializer does.
+    /// let orders = app.topic::<String, u64>("orders").with_key_codec(Utf8);
+    /// let totals = app.table::<String, u64>("totals", 0).with_key_codec(Utf8);
+    /// # let _ = (orders, totals);
+    /// ```
+    pub fn with_key_codec<C: Codec<K> + 'static>(mut self, codec: C) -> Self
+    where
+        K: TableKey + 'static,
+    {
+        self.key = Arc::new(codec);
+        *self
+            .declared
+            .parse
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = key_parser(self.key.clone());
+        self
     }
 
     /// Makes this a table of tumbling windows of `size`, aligned to the
@@ -159,6 +237,7 @@ impl<K, V> Table<K, V> {
         let table = WindowedTable {
             name: self.name,
             default: self.default,
+            key: self.key,
             declared: self.declared,
             windowing,
             merge,
@@ -191,7 +270,9 @@ pub(crate) type OnClose<K, V> = Arc<
 pub struct WindowedTable<K, V> {
     pub(crate) name: Arc<str>,
     pub(crate) default: Arc<dyn Fn() -> V + Send + Sync>,
-    declared: DeclaredWindowing,
+    /// How its keys are partitioned (see [`Table`]).
+    pub(crate) key: Arc<dyn Codec<K>>,
+    declared: Declared,
     pub(crate) windowing: Windowing,
     /// Of a session table: how two sessions' values combine.
     pub(crate) merge: Option<Merge<V>>,
@@ -206,6 +287,7 @@ impl<K, V> Clone for WindowedTable<K, V> {
         WindowedTable {
             name: self.name.clone(),
             default: self.default.clone(),
+            key: self.key.clone(),
             declared: self.declared.clone(),
             windowing: self.windowing,
             merge: self.merge.clone(),
@@ -245,7 +327,7 @@ impl<K, V> WindowedTable<K, V> {
     }
 
     fn declare(&self) {
-        *self.declared.lock().unwrap_or_else(|e| e.into_inner()) = Some(self.windowing);
+        *(self.declared.windowing.lock()).unwrap_or_else(|e| e.into_inner()) = Some(self.windowing);
     }
 
     /// How long after its end a window still takes events (default 0): it
@@ -337,5 +419,30 @@ impl<K, V> WindowedTable<K, V> {
             Arc::new(move |ctx, key, window, value| Box::pin(f(ctx, key, window, value)));
         *self.on_close.lock().unwrap_or_else(|e| e.into_inner()) = Some(on_close);
         self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::{Json, Utf8};
+
+    /// The web reads a key as the table stores it, and partitions it by
+    /// what the table's key codec writes.
+    #[test]
+    fn a_parsed_key_carries_the_bytes_its_codec_writes() {
+        let json = key_parser::<String>(Arc::new(Json));
+        let parsed = json("alice").unwrap();
+        assert_eq!(parsed.stored, b"alice");
+        assert_eq!(parsed.written, b"\"alice\"");
+        let utf8 = key_parser::<String>(Arc::new(Utf8));
+        assert_eq!(utf8("alice").unwrap(), ParsedKey::raw(b"alice".to_vec()));
+        let number = key_parser::<u64>(Arc::new(Json));
+        let parsed = number("7").unwrap();
+        assert_eq!(
+            (parsed.stored, parsed.written),
+            (7u64.to_be_bytes().to_vec(), b"7".to_vec())
+        );
+        assert!(number("seven").is_err());
     }
 }

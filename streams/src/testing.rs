@@ -643,7 +643,12 @@ impl<K: TableKey, V: DeserializeOwned> TableView<'_, K, V> {
         let topic = self.changelog();
         let partitions = self.driver.partitions(&topic)?;
         let bytes = key.encode_key();
-        let partition = partition_for_key(&bytes, partitions as usize);
+        let written = self.table.key.encode(key).map_err(|source| Error::Codec {
+            topic: self.table.name.to_string(),
+            source,
+        })?;
+        let partition =
+            partition_for_key(written.as_deref().unwrap_or_default(), partitions as usize);
         let last = self
             .driver
             .cluster

@@ -230,7 +230,9 @@ async fn a_lookup_on_another_partition_is_an_error() {
 
     let mut app = strom::App::new("lookup").with_partitions(4);
     let orders = app.topic::<String, String>("orders").with_key_codec(Utf8);
-    let profiles = app.table::<String, String>("profiles", String::new());
+    let profiles = app
+        .table::<String, String>("profiles", String::new())
+        .with_key_codec(Utf8);
     /// (order key, customer, the lookup's profile or error)
     type Seen = Vec<(String, String, Result<String, String>)>;
     let seen: Arc<Mutex<Seen>> = Arc::default();
@@ -278,5 +280,46 @@ async fn a_lookup_on_another_partition_is_an_error() {
         foreign >= 5,
         "only {foreign} foreign lookups failed: {seen:?}"
     );
+    driver.close().await.unwrap();
+}
+
+/// The obvious program is right: a topic and a table, both with the default
+/// key codecs, and an agent keeping a running total per key of the stream.
+/// Each key's events land where its table entry lives (its partition is
+/// murmur2 of its JSON bytes on both sides), so no update is refused, even
+/// for keys whose raw UTF-8 bytes would belong elsewhere.
+#[tokio::test]
+async fn a_table_with_the_default_key_codec_follows_its_topic() {
+    let mut app = strom::App::new("totals").with_partitions(4);
+    let orders = app.topic::<String, u64>("orders");
+    let totals = app.table::<String, u64>("totals", 0);
+    let table = totals.clone();
+    app.agent(&orders).for_each(move |ctx, event| {
+        let table = table.clone();
+        async move {
+            ctx.update(&table, &event.key, |t| t + event.value).await?;
+            Ok(())
+        }
+    });
+    let mut driver = TestDriver::new(app).await.unwrap();
+    let customers: Vec<String> = (0..30).map(|i| format!("customer-{i}")).collect();
+    let partition = |bytes: &[u8]| strom_client::partitioner::partition_for_key(bytes, 4);
+    let elsewhere = customers
+        .iter()
+        .filter(|c| partition(c.as_bytes()) != partition(format!("{c:?}").as_bytes()))
+        .count();
+    assert!(
+        elsewhere >= 10,
+        "only {elsewhere} keys tell the rules apart"
+    );
+    for (i, customer) in customers.iter().enumerate() {
+        for amount in [1, i as u64] {
+            driver.send(&orders, customer, &amount).await.unwrap();
+        }
+    }
+    let view = driver.table(&totals);
+    for (i, customer) in customers.iter().enumerate() {
+        assert_eq!(view.get(customer).unwrap(), 1 + i as u64, "{customer}");
+    }
     driver.close().await.unwrap();
 }

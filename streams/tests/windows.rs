@@ -23,6 +23,7 @@ fn sums() -> Sums {
     let reads = app.topic::<String, Vec<i64>>("reads").with_key_codec(Utf8);
     let sums = app
         .table::<String, u64>("sums", 0)
+        .with_key_codec(Utf8)
         .hopping(Duration::from_secs(60), Duration::from_secs(30));
     let (table, out) = (sums.clone(), reads.clone());
     app.agent(&amounts).for_each(move |ctx, event| {
@@ -143,6 +144,7 @@ async fn a_failing_close_callback_stops_the_app_and_the_window_closes_again() {
     let (topic, seen) = (out.clone(), calls.clone());
     let sums = app
         .table::<String, u64>("sums", 0)
+        .with_key_codec(Utf8)
         .tumbling(Duration::from_secs(60))
         .emit_on_close(move |ctx, key, _window, sum| {
             let (out, call) = (topic.clone(), seen.fetch_add(1, Ordering::SeqCst));
@@ -212,6 +214,7 @@ async fn sessions_equal_the_sorted_clicks_split_at_the_gap() {
     let out = visits.clone();
     let per_visit = app
         .table::<String, u64>("clicks-per-visit", 0)
+        .with_key_codec(Utf8)
         .session(Duration::from_millis(GAP as u64), |a, b| a + b)
         .grace(Duration::from_secs(6))
         .emit_on_close(move |ctx, user, window, n| {
@@ -304,6 +307,7 @@ async fn late_records_go_to_the_late_events_topic_once() {
         .with_key_codec(Utf8);
     let counts = app
         .table::<String, u64>("word-minutes", 0)
+        .with_key_codec(Utf8)
         .tumbling(Duration::from_secs(60))
         .late_events(&late);
     let table = counts.clone();
@@ -384,6 +388,7 @@ async fn sliding_windows_count_every_ten_seconds_of_payments() {
     let out = windows.clone();
     let recent = app
         .table::<String, u64>("payments-per-card", 0)
+        .with_key_codec(Utf8)
         .sliding(Duration::from_millis(D as u64))
         .grace(Duration::from_secs(5))
         .emit_on_close(move |ctx, card, window, n| {

@@ -851,7 +851,10 @@ fn counted_pageviews(
     let out = app
         .topic::<String, pageviews::MinuteCount>(&names.output)
         .with_key_codec(strom::codec::Utf8);
-    let visits = windowed(app.table::<String, u64>("views-per-minute", 0))
+    let table = app
+        .table::<String, u64>("views-per-minute", 0)
+        .with_key_codec(strom::codec::Utf8);
+    let visits = windowed(table)
         .grace(GRACE)
         .emit_on_close(move |ctx, page, window, count| {
             let out = out.clone();

@@ -85,7 +85,7 @@ pub use error::WorkerError;
 pub use metrics::Metrics;
 pub use processor::{AgentError, Context, DecodeError, ErrorPolicy, ProcessFuture, Processor};
 pub use timer::{Schedule, Timer, TimerContext};
-pub use web::KeyParser;
+pub use web::{KeyParser, ParsedKey};
 pub use windowed::{ClosedWindow, Emitting, Window, WindowUpdate};
 
 use eos::Transactions;
@@ -193,7 +193,10 @@ impl Worker {
     /// Declares a table (co-partitioned with the source topics); on the web,
     /// its keys are the UTF-8 text of the URL.
     pub fn table(self, name: impl Into<String>) -> Self {
-        self.table_with_key(name, Arc::new(|s: &str| Ok(s.as_bytes().to_vec())))
+        self.table_with_key(
+            name,
+            Arc::new(|s: &str| Ok(ParsedKey::raw(s.as_bytes().to_vec()))),
+        )
     }
 
     /// Declares a table whose keys the web server parses with `key`.

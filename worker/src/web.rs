@@ -29,8 +29,29 @@ use crate::error::WorkerError;
 use crate::manager::TaskManager;
 use crate::metrics::Metrics;
 
-/// Turns the text of a URL path segment into a table's key bytes.
-pub type KeyParser = Arc<dyn Fn(&str) -> Result<Vec<u8>, String> + Send + Sync>;
+/// Turns the text of a URL path segment into a table's key.
+pub type KeyParser = Arc<dyn Fn(&str) -> Result<ParsedKey, String> + Send + Sync>;
+
+/// A table key parsed from a URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParsedKey {
+    /// The bytes the table stores it under.
+    pub stored: Vec<u8>,
+    /// The bytes a record of it carries as its key in the table's source
+    /// topic: the partition it belongs to is murmur2 of these, as a
+    /// producer picks it.
+    pub written: Vec<u8>,
+}
+
+impl ParsedKey {
+    /// A key stored and written as the same bytes.
+    pub fn raw(bytes: Vec<u8>) -> ParsedKey {
+        ParsedKey {
+            written: bytes.clone(),
+            stored: bytes,
+        }
+    }
+}
 
 /// What the routes read.
 #[derive(Clone)]
@@ -145,7 +166,10 @@ async fn table_value(
     let Some(parse) = web.tables.get(&table) else {
         return error(StatusCode::NOT_FOUND, format!("no table named {table:?}"));
     };
-    let key_bytes = match parse(&key) {
+    let ParsedKey {
+        stored: key_bytes,
+        written,
+    } = match parse(&key) {
         Ok(k) => k,
         Err(e) => {
             return error(
@@ -158,7 +182,7 @@ async fn table_value(
     if partitions == 0 {
         return error(StatusCode::SERVICE_UNAVAILABLE, "no partitions".into());
     }
-    let partition = partition_for_key(&key_bytes, partitions);
+    let partition = partition_for_key(&written, partitions);
     let placement = web.placement.borrow().clone();
     let Some(owner) = placement.owner(partition) else {
         return error(

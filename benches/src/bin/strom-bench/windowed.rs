@@ -165,6 +165,7 @@ pub(super) async fn run(
         let emitted = emitted.clone();
         let table = app
             .table::<String, u64>("counts", 0)
+            .with_key_codec(Utf8)
             .tumbling(Duration::from_millis(MINUTE as u64));
         match expires {
             Some(d) => table.expires(d),
