@@ -63,6 +63,47 @@ impl<K, V> Event<K, V> {
         (event, old)
     }
 
+    /// A copy of where this event came from, its time and headers.
+    fn meta(&self) -> Event<(), ()> {
+        Event {
+            key: (),
+            value: (),
+            topic: self.topic.clone(),
+            partition: self.partition,
+            offset: self.offset,
+            timestamp: self.timestamp,
+            headers: self.headers.clone(),
+        }
+    }
+
+    /// This event with `key` in place of its own.
+    fn with_key<K2>(self, key: K2) -> Event<K2, V> {
+        self.take_key().0.rekey(key)
+    }
+
+    /// This event without its key (`()` in its place), and the key.
+    fn take_key(self) -> (Event<(), V>, K) {
+        let Event {
+            key,
+            value,
+            topic,
+            partition,
+            offset,
+            timestamp,
+            headers,
+        } = self;
+        let event = Event {
+            key: (),
+            value,
+            topic,
+            partition,
+            offset,
+            timestamp,
+            headers,
+        };
+        (event, key)
+    }
+
     /// A copy of this event's key and metadata with `value` (for one event
     /// that becomes several).
     fn with_value<V2>(&self, value: V2) -> Event<K, V2>
@@ -77,6 +118,21 @@ impl<K, V> Event<K, V> {
             offset: self.offset,
             timestamp: self.timestamp,
             headers: self.headers.clone(),
+        }
+    }
+}
+
+impl<V> Event<(), V> {
+    /// This keyless event with `key`.
+    fn rekey<K>(self, key: K) -> Event<K, V> {
+        Event {
+            key,
+            value: self.value,
+            topic: self.topic,
+            partition: self.partition,
+            offset: self.offset,
+            timestamp: self.timestamp,
+            headers: self.headers,
         }
     }
 }
@@ -253,6 +309,80 @@ where
             Box::new(events.map(move |e| {
                 let (meta, value) = e.replace(());
                 meta.replace(f(value)).0
+            }))
+        })
+    }
+
+    /// Replaces each event's key and value with what `f` makes of the whole
+    /// event (Kafka Streams' `map`): its time, headers and where it came
+    /// from stay. The events stay in their partition: to have them meet by
+    /// the new key, [`group_by`](Stream::group_by) it.
+    ///
+    /// ```no_run
+    /// let mut app = strom::App::new("shop");
+    /// // Orders keyed by order id, valued by customer.
+    /// let orders = app.topic::<String, String>("orders");
+    /// app.agent(&orders)
+    ///     // Keyed by customer now, the order id kept in the value.
+    ///     .map_event(|e| (e.value, e.key))
+    ///     .group_by(|e| e.key.clone(), "by-customer")
+    ///     .for_each(|_ctx, e| async move {
+    ///         println!("customer {} ordered {}", e.key, e.value);
+    ///         Ok(())
+    ///     });
+    /// ```
+    pub fn map_event<K2, V2>(
+        self,
+        f: impl Fn(Event<K, V>) -> (K2, V2) + Send + Sync + 'static,
+    ) -> Stream<'a, K2, V2>
+    where
+        K2: Clone + Send + Sync + 'static,
+        V2: Send + Sync + 'static,
+    {
+        let f = Arc::new(f);
+        self.then(move |events| {
+            let f = f.clone();
+            Box::new(events.map(move |e| {
+                let meta = e.meta();
+                let (key, value) = f(e);
+                meta.rekey(key).replace(value).0
+            }))
+        })
+    }
+
+    /// Replaces each event's key with `f(event)` (Kafka Streams'
+    /// `selectKey`), keeping its value. Like [`map_event`](Stream::map_event),
+    /// it does not move events between partitions.
+    pub fn select_key<K2>(
+        self,
+        f: impl Fn(&Event<K, V>) -> K2 + Send + Sync + 'static,
+    ) -> Stream<'a, K2, V>
+    where
+        K2: Clone + Send + Sync + 'static,
+    {
+        let f = Arc::new(f);
+        self.then(move |events| {
+            let f = f.clone();
+            Box::new(events.map(move |e| {
+                let key = f(&e);
+                e.with_key(key)
+            }))
+        })
+    }
+
+    /// Replaces each event's key with `f(key)`, keeping its value. Like
+    /// [`map_event`](Stream::map_event), it does not move events between
+    /// partitions.
+    pub fn map_key<K2>(self, f: impl Fn(K) -> K2 + Send + Sync + 'static) -> Stream<'a, K2, V>
+    where
+        K2: Clone + Send + Sync + 'static,
+    {
+        let f = Arc::new(f);
+        self.then(move |events| {
+            let f = f.clone();
+            Box::new(events.map(move |e| {
+                let (e, key) = e.take_key();
+                e.with_key(f(key))
             }))
         })
     }

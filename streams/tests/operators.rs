@@ -592,3 +592,89 @@ async fn extracted_event_time_and_stream_time() {
         ]
     );
 }
+
+/// map_event sees the whole event and changes key and value, keeping the
+/// time and headers; the order id it keeps survives a group_by by the new
+/// key; select_key and map_key change only the key.
+#[tokio::test]
+async fn map_event_select_key_and_map_key_rekey_events() {
+    let mut app = App::new("rekey").with_partitions(3);
+    // Orders keyed by order id, valued by customer.
+    let orders = app.topic::<String, String>("orders");
+    let by_customer = app.topic::<String, String>("orders-by-customer");
+    let lengths = app.topic::<usize, String>("order-id-lengths");
+    let seen: Arc<Mutex<Vec<(String, String, i32, i64, Vec<Header>)>>> = Arc::default();
+    let sent = by_customer.clone();
+    app.agent(&orders)
+        .map_event(|e| (e.value, format!("{}@{}", e.key, e.timestamp)))
+        .group_by(|e| e.key.clone(), "by-customer")
+        .for_each({
+            let seen = seen.clone();
+            move |ctx, e| {
+                seen.lock().unwrap().push((
+                    e.key.clone(),
+                    e.value.clone(),
+                    e.partition,
+                    e.timestamp,
+                    e.headers.clone(),
+                ));
+                let sent = sent.clone();
+                async move {
+                    ctx.send(&sent, &e.key, &e.value).await?;
+                    Ok(())
+                }
+            }
+        });
+    app.agent(&orders)
+        .select_key(|e| e.value.clone())
+        .map_key(|customer: String| customer.len())
+        .sink(&lengths);
+    let mut driver = TestDriver::new(app).await.unwrap();
+    let header = Header {
+        key: "source".into(),
+        value: Some(bytes::Bytes::from_static(b"web")),
+    };
+    for (i, (order, customer)) in [("o1", "ada"), ("o2", "grace"), ("o3", "ada")]
+        .into_iter()
+        .enumerate()
+    {
+        let at = 1_000 + i as i64;
+        driver
+            .send_with(
+                &orders,
+                &order.to_string(),
+                &customer.to_string(),
+                Some(at),
+                &[header.clone()],
+            )
+            .await
+            .unwrap();
+    }
+    let seen = seen.lock().unwrap().clone();
+    let mut got: Vec<(String, String)> = seen.iter().map(|s| (s.0.clone(), s.1.clone())).collect();
+    got.sort();
+    assert_eq!(
+        got,
+        [("ada", "o1@1000"), ("ada", "o3@1002"), ("grace", "o2@1001")]
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+    );
+    for (customer, _, partition, timestamp, headers) in &seen {
+        let home =
+            strom_client::partitioner::partition_for_key(format!("{customer:?}").as_bytes(), 3);
+        assert_eq!(*partition, home, "{customer} not in its partition");
+        assert!((1_000..1_003).contains(timestamp), "{timestamp}");
+        assert_eq!(headers, &[header.clone()]);
+    }
+    let mut lengths: Vec<(usize, String)> = driver
+        .read(&lengths)
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.key, r.value))
+        .collect();
+    lengths.sort();
+    assert_eq!(
+        lengths,
+        [(3, "ada"), (3, "ada"), (5, "grace")].map(|(k, v)| (k, v.to_string()))
+    );
+    driver.close().await.unwrap();
+}
