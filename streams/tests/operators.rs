@@ -603,7 +603,9 @@ async fn map_event_select_key_and_map_key_rekey_events() {
     let orders = app.topic::<String, String>("orders");
     let by_customer = app.topic::<String, String>("orders-by-customer");
     let lengths = app.topic::<usize, String>("order-id-lengths");
-    let seen: Arc<Mutex<Vec<(String, String, i32, i64, Vec<Header>)>>> = Arc::default();
+    /// (key, value, partition, timestamp, headers) of each event handled.
+    type Seen = Vec<(String, String, i32, i64, Vec<Header>)>;
+    let seen: Arc<Mutex<Seen>> = Arc::default();
     let sent = by_customer.clone();
     app.agent(&orders)
         .map_event(|e| (e.value, format!("{}@{}", e.key, e.timestamp)))
@@ -645,7 +647,7 @@ async fn map_event_select_key_and_map_key_rekey_events() {
                 &order.to_string(),
                 &customer.to_string(),
                 Some(at),
-                &[header.clone()],
+                std::slice::from_ref(&header),
             )
             .await
             .unwrap();
@@ -663,7 +665,7 @@ async fn map_event_select_key_and_map_key_rekey_events() {
             strom_client::partitioner::partition_for_key(format!("{customer:?}").as_bytes(), 3);
         assert_eq!(*partition, home, "{customer} not in its partition");
         assert!((1_000..1_003).contains(timestamp), "{timestamp}");
-        assert_eq!(headers, &[header.clone()]);
+        assert_eq!(headers, std::slice::from_ref(&header));
     }
     let mut lengths: Vec<(usize, String)> = driver
         .read(&lengths)
