@@ -21,7 +21,7 @@ use crate::codec::{Codec, Json};
 use crate::context::TimerCtx;
 use crate::error::Result;
 use crate::stream::{decode_step, Stage, Stream};
-use crate::table::{Declared as DeclaredKeys, Table};
+use crate::table::{Declared as DeclaredKeys, KeyBytes, Table};
 use crate::topic::{Declared, Topic};
 
 /// A table as the app declares it.
@@ -433,7 +433,7 @@ impl App {
         Json: Codec<K>,
         V: Clone + Send + Sync + 'static,
     {
-        let key: Arc<dyn Codec<K>> = Arc::new(Json);
+        let key = KeyBytes::codec(Json);
         let declared = match self.tables.iter().find(|t| t.name == name) {
             Some(t) => t.declared.clone(),
             None => {

@@ -3,21 +3,22 @@
 use bytes::Bytes;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use std::ops::{Bound, RangeBounds};
 use std::sync::Arc;
 use strom_client::consumer::ConsumerRecord;
 use strom_client::partitioner::partition_for_key;
 use strom_client::producer::ProducerRecord;
 use strom_client::Header;
+use strom_state::table::{prefix_bounds, KeyPrefix};
 use strom_state::TableKey;
 
-use crate::codec::Codec;
 use crate::error::{Error, Result};
 use crate::stream::Event;
 use std::time::Duration;
 
 use strom_worker::{ClosedWindow, WindowUpdate};
 
-use crate::table::{OnClose, Table, Window, WindowedTable};
+use crate::table::{KeyBytes, OnClose, Table, Window, WindowedTable};
 use crate::topic::Topic;
 
 /// The event's partition, its tables and a producer. Everything an agent sends
@@ -119,14 +120,15 @@ impl Ctx {
 
     /// The bytes `key` is stored under in `table`, once it is sure the key
     /// belongs to this event's partition: murmur2 of what the table's key
-    /// `codec` writes for it, as a producer picks a record's partition.
+    /// codec writes for it (`key_bytes`), as a producer picks a record's
+    /// partition.
     fn check_partition<K: TableKey>(
         &self,
         table: &str,
-        codec: &dyn Codec<K>,
+        key_bytes: &KeyBytes<K>,
         key: &K,
     ) -> Result<Vec<u8>> {
-        let written = codec.encode(key).map_err(|source| Error::Codec {
+        let written = key_bytes.of(key).map_err(|source| Error::Codec {
             topic: table.to_owned(),
             source,
         })?;
@@ -160,7 +162,7 @@ impl Ctx {
         table: &Table<K, V>,
         key: &K,
     ) -> Result<V> {
-        let bytes = self.check_partition(&table.name, &*table.key, key)?;
+        let bytes = self.check_partition(&table.name, &table.key, key)?;
         let stored = self.inner.get(&table.name, &bytes).await?;
         match stored {
             Some(v) => match serde_json::from_slice(&v) {
@@ -185,7 +187,7 @@ impl Ctx {
         key: &K,
         value: &V,
     ) -> Result<()> {
-        let bytes = self.check_partition(&table.name, &*table.key, key)?;
+        let bytes = self.check_partition(&table.name, &table.key, key)?;
         let value = serde_json::to_vec(value).map_err(|e| value_error(&table.name, e))?;
         self.inner.put(&table.name, bytes, value).await?;
         Ok(())
@@ -201,7 +203,7 @@ impl Ctx {
         V: Serialize + DeserializeOwned,
         F: FnOnce(V) -> V,
     {
-        let bytes = self.check_partition(&table.name, &*table.key, key)?;
+        let bytes = self.check_partition(&table.name, &table.key, key)?;
         let updated = self
             .inner
             .update(&table.name, bytes, |old| {
@@ -216,9 +218,103 @@ impl Ctx {
         }
     }
 
+    /// The entries of this partition of `table` with keys in `range`, in
+    /// key order. Only this partition's: a table is partitioned like the
+    /// stream that writes it. Read at once, so for bounded scans.
+    ///
+    /// ```no_run
+    /// # async fn f(ctx: strom::Ctx, scores: strom::Table<u64, String>) -> strom::Result<()> {
+    /// for (id, name) in ctx.range(&scores, 100..200).await? {
+    ///     println!("{id}: {name}");
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn range<K, V>(
+        &self,
+        table: &Table<K, V>,
+        range: impl RangeBounds<K>,
+    ) -> Result<Vec<(K, V)>>
+    where
+        K: TableKey,
+        V: DeserializeOwned,
+    {
+        let bound = |b: Bound<&K>| b.map(TableKey::encode_key);
+        let (from, to) = (bound(range.start_bound()), bound(range.end_bound()));
+        self.scan(table, from, to).await
+    }
+
+    /// Every entry of this partition of `table`, in key order (see
+    /// [`Ctx::range`]).
+    pub async fn entries<K, V>(&self, table: &Table<K, V>) -> Result<Vec<(K, V)>>
+    where
+        K: TableKey,
+        V: DeserializeOwned,
+    {
+        self.scan(table, Bound::Unbounded, Bound::Unbounded).await
+    }
+
+    /// The entries of this partition of `table` whose composite keys begin
+    /// with `prefix` (its first part, or first parts as a tuple), in key
+    /// order. All of a prefix's keys are in one partition when the table
+    /// is [partitioned by it](Table::partitioned_by) and the stream is
+    /// keyed by it; otherwise this finds only this partition's.
+    ///
+    /// ```no_run
+    /// # async fn f(ctx: strom::Ctx, per_day: strom::Table<(String, u32), u64>) -> strom::Result<()> {
+    /// let days = ctx.prefix(&per_day, &"ada".to_string()).await?;
+    /// let total: u64 = days.iter().map(|(_, n)| n).sum();
+    /// # Ok(()) }
+    /// ```
+    pub async fn prefix<K, P, V>(&self, table: &Table<K, V>, prefix: &P) -> Result<Vec<(K, V)>>
+    where
+        K: KeyPrefix<P>,
+        P: TableKey,
+        V: DeserializeOwned,
+    {
+        let (from, to) = prefix_bounds(prefix);
+        self.scan(table, from, to).await
+    }
+
+    async fn scan<K, V>(
+        &self,
+        table: &Table<K, V>,
+        from: Bound<Vec<u8>>,
+        to: Bound<Vec<u8>>,
+    ) -> Result<Vec<(K, V)>>
+    where
+        K: TableKey,
+        V: DeserializeOwned,
+    {
+        let entries = (self.inner)
+            .range(
+                &table.name,
+                from.as_ref().map(Vec::as_slice),
+                to.as_ref().map(Vec::as_slice),
+            )
+            .await?;
+        let mut out = Vec::with_capacity(entries.len());
+        for (k, v) in entries {
+            let key = match K::decode_key(&k) {
+                Ok(key) => key,
+                Err(e) => return Err(self.damaged_key(&table.name, &k, e).await),
+            };
+            match serde_json::from_slice(&v) {
+                Ok(value) => out.push((key, value)),
+                Err(e) => return Err(self.damaged(&table.name, &k, e).await),
+            }
+        }
+        Ok(out)
+    }
+
+    /// A stored key that does not decode: damaged state, as a value that
+    /// does not (see [`Ctx::damaged`]).
+    async fn damaged_key(&self, table: &str, key: &[u8], e: strom_state::StateError) -> Error {
+        self.inner.damaged(table, key, &e.to_string()).await.into()
+    }
+
     /// Deletes `key` from `table`.
     pub async fn delete<K: TableKey, V>(&self, table: &Table<K, V>, key: &K) -> Result<()> {
-        let bytes = self.check_partition(&table.name, &*table.key, key)?;
+        let bytes = self.check_partition(&table.name, &table.key, key)?;
         self.inner.delete(&table.name, bytes).await?;
         Ok(())
     }
@@ -301,7 +397,7 @@ impl Ctx {
         V: Serialize + DeserializeOwned,
         F: FnMut(V) -> V,
     {
-        let bytes = self.check_partition(&table.name, &*table.key, key)?;
+        let bytes = self.check_partition(&table.name, &table.key, key)?;
         let time = self
             .event_time
             .filter(|&t| t >= 0)
@@ -446,7 +542,7 @@ impl Ctx {
         K: TableKey,
         V: DeserializeOwned,
     {
-        let bytes = self.check_partition(&table.name, &*table.key, key)?;
+        let bytes = self.check_partition(&table.name, &table.key, key)?;
         match self.inner.value_at(&table.name, &bytes, time).await? {
             Some(v) => match serde_json::from_slice(&v) {
                 Ok(v) => Ok(v),
@@ -508,7 +604,7 @@ impl Ctx {
         K: TableKey,
         V: DeserializeOwned,
     {
-        let bytes = self.check_partition(&table.name, &*table.key, key)?;
+        let bytes = self.check_partition(&table.name, &table.key, key)?;
         let stored = self
             .inner
             .windows(&table.name, &bytes)

@@ -8,9 +8,14 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bytes::Bytes;
+
 use strom_state::window::Windowing;
 use strom_worker::{AgentError, KeyParser, ParsedKey};
 
+/// Composite keys that begin with the parts `P`, for
+/// [`Ctx::prefix`](crate::Ctx::prefix).
+pub use strom_state::table::KeyPrefix;
 pub use strom_state::window::Window;
 /// The key types a table takes: how a key is stored, read back and parsed
 /// from a URL or the command line. Name it to write code generic over keys:
@@ -26,7 +31,7 @@ pub use strom_state::window::Window;
 /// ```
 pub use strom_state::TableKey;
 
-use crate::codec::Codec;
+use crate::codec::{Codec, CodecError};
 use crate::context::Ctx;
 use crate::topic::Topic;
 
@@ -39,10 +44,10 @@ pub(crate) struct Declared {
 }
 
 impl Declared {
-    pub(crate) fn new<K: TableKey + 'static>(codec: Arc<dyn Codec<K>>) -> Declared {
+    pub(crate) fn new<K: TableKey + 'static>(key: KeyBytes<K>) -> Declared {
         Declared {
             windowing: Arc::default(),
-            parse: Arc::new(Mutex::new(key_parser(codec))),
+            parse: Arc::new(Mutex::new(key_parser(key))),
         }
     }
 
@@ -57,12 +62,46 @@ impl Declared {
     }
 }
 
+/// The bytes that decide which partition a table's key belongs to: what a
+/// record of the key carries as its key (murmur2 of them picks it).
+pub(crate) struct KeyBytes<K>(Arc<KeyBytesFn<K>>);
+
+type KeyBytesFn<K> = dyn Fn(&K) -> Result<Option<Bytes>, CodecError> + Send + Sync;
+
+impl<K> Clone for KeyBytes<K> {
+    fn clone(&self) -> Self {
+        KeyBytes(self.0.clone())
+    }
+}
+
+impl<K: 'static> KeyBytes<K> {
+    /// What `codec` writes for the key.
+    pub(crate) fn codec(codec: impl Codec<K> + 'static) -> KeyBytes<K> {
+        KeyBytes(Arc::new(move |key| codec.encode(key)))
+    }
+
+    /// What `codec` writes for the part `part` picks of the key.
+    fn part<P>(
+        part: impl Fn(&K) -> P + Send + Sync + 'static,
+        codec: impl Codec<P> + 'static,
+    ) -> KeyBytes<K> {
+        KeyBytes(Arc::new(move |key| codec.encode(&part(key))))
+    }
+}
+
+impl<K> KeyBytes<K> {
+    /// The bytes of `key`; `None` if its codec writes no key.
+    pub(crate) fn of(&self, key: &K) -> Result<Option<Bytes>, CodecError> {
+        (self.0)(key)
+    }
+}
+
 /// Reads a key from its text ([`TableKey::parse_key`]), with the bytes
-/// `codec` writes for it, which decide its partition.
-fn key_parser<K: TableKey + 'static>(codec: Arc<dyn Codec<K>>) -> KeyParser {
+/// that decide its partition.
+fn key_parser<K: TableKey + 'static>(key_bytes: KeyBytes<K>) -> KeyParser {
     Arc::new(move |text: &str| {
         let key = K::parse_key(text).map_err(|e| e.to_string())?;
-        let written = codec.encode(&key).map_err(|e| e.to_string())?;
+        let written = key_bytes.of(&key).map_err(|e| e.to_string())?;
         let written = written.ok_or("the table's key codec writes no key")?;
         Ok(ParsedKey {
             stored: key.encode_key(),
@@ -90,7 +129,7 @@ fn key_parser<K: TableKey + 'static>(codec: Arc<dyn Codec<K>>) -> KeyParser {
 pub struct Table<K, V> {
     pub(crate) name: Arc<str>,
     pub(crate) default: Arc<dyn Fn() -> V + Send + Sync>,
-    pub(crate) key: Arc<dyn Codec<K>>,
+    pub(crate) key: KeyBytes<K>,
     pub(crate) declared: Declared,
     pub(crate) types: PhantomData<fn() -> K>,
 }
@@ -131,16 +170,46 @@ impl<K, V> Table<K, V> {
     /// let totals = app.table::<String, u64>("totals", 0).with_key_codec(Utf8);
     /// # let _ = (orders, totals);
     /// ```
-    pub fn with_key_codec<C: Codec<K> + 'static>(mut self, codec: C) -> Self
+    pub fn with_key_codec<C: Codec<K> + 'static>(self, codec: C) -> Self
     where
         K: TableKey + 'static,
     {
-        self.key = Arc::new(codec);
-        *self
-            .declared
-            .parse
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) = key_parser(self.key.clone());
+        self.partitioned(KeyBytes::codec(codec))
+    }
+
+    /// Partitions the table's keys by a part of them: the bytes `codec`
+    /// writes for `part(key)`. For a composite key whose first part is the
+    /// key of the stream that writes it, so all of one stream key's entries
+    /// are in its partition and [`Ctx::prefix`](crate::Ctx::prefix) finds
+    /// them.
+    ///
+    /// ```
+    /// use strom::codec::Json;
+    /// let mut app = strom::App::new("shop");
+    /// // Orders per customer and day, in the customer's partition.
+    /// let per_day = app
+    ///     .table::<(String, u32), u64>("orders-per-day", 0)
+    ///     .partitioned_by(|(customer, _day): &(String, u32)| customer.clone(), Json);
+    /// # let _ = per_day;
+    /// ```
+    pub fn partitioned_by<P, C>(
+        self,
+        part: impl Fn(&K) -> P + Send + Sync + 'static,
+        codec: C,
+    ) -> Self
+    where
+        K: TableKey + 'static,
+        C: Codec<P> + 'static,
+    {
+        self.partitioned(KeyBytes::part(part, codec))
+    }
+
+    fn partitioned(mut self, key: KeyBytes<K>) -> Self
+    where
+        K: TableKey + 'static,
+    {
+        *(self.declared.parse.lock()).unwrap_or_else(|e| e.into_inner()) = key_parser(key.clone());
+        self.key = key;
         self
     }
 
@@ -271,7 +340,7 @@ pub struct WindowedTable<K, V> {
     pub(crate) name: Arc<str>,
     pub(crate) default: Arc<dyn Fn() -> V + Send + Sync>,
     /// How its keys are partitioned (see [`Table`]).
-    pub(crate) key: Arc<dyn Codec<K>>,
+    pub(crate) key: KeyBytes<K>,
     declared: Declared,
     pub(crate) windowing: Windowing,
     /// Of a session table: how two sessions' values combine.
@@ -427,17 +496,21 @@ mod tests {
     use super::*;
     use crate::codec::{Json, Utf8};
 
+    fn parser<K: TableKey + 'static>(codec: impl Codec<K> + 'static) -> KeyParser {
+        key_parser(KeyBytes::codec(codec))
+    }
+
     /// The web reads a key as the table stores it, and partitions it by
     /// what the table's key codec writes.
     #[test]
     fn a_parsed_key_carries_the_bytes_its_codec_writes() {
-        let json = key_parser::<String>(Arc::new(Json));
+        let json = parser::<String>(Json);
         let parsed = json("alice").unwrap();
         assert_eq!(parsed.stored, b"alice");
         assert_eq!(parsed.written, b"\"alice\"");
-        let utf8 = key_parser::<String>(Arc::new(Utf8));
+        let utf8 = parser::<String>(Utf8);
         assert_eq!(utf8("alice").unwrap(), ParsedKey::raw(b"alice".to_vec()));
-        let number = key_parser::<u64>(Arc::new(Json));
+        let number = parser::<u64>(Json);
         let parsed = number("7").unwrap();
         assert_eq!(
             (parsed.stored, parsed.written),

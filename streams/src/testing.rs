@@ -643,7 +643,7 @@ impl<K: TableKey, V: DeserializeOwned> TableView<'_, K, V> {
         let topic = self.changelog();
         let partitions = self.driver.partitions(&topic)?;
         let bytes = key.encode_key();
-        let written = self.table.key.encode(key).map_err(|source| Error::Codec {
+        let written = self.table.key.of(key).map_err(|source| Error::Codec {
             topic: self.table.name.to_string(),
             source,
         })?;

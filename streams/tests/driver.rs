@@ -323,3 +323,77 @@ async fn a_table_with_the_default_key_codec_follows_its_topic() {
     }
     driver.close().await.unwrap();
 }
+
+/// A composite key partitioned by its first part: orders counted per
+/// customer and day over 3 partitions; after each order the agent reads the
+/// customer's days back by prefix (every one, in day order), a range of
+/// days, and the whole partition, which holds only its own customers.
+#[tokio::test]
+async fn composite_keys_scan_by_prefix_and_range() {
+    use std::collections::BTreeMap;
+    use std::sync::{Arc, Mutex};
+    use strom::codec::Json;
+
+    let mut app = strom::App::new("per-day").with_partitions(3);
+    let orders = app.topic::<String, u32>("orders");
+    let per_day = app
+        .table::<(String, u32), u64>("orders-per-day", 0)
+        .partitioned_by(|(customer, _): &(String, u32)| customer.clone(), Json);
+    /// Per order: (customer, its days by prefix, days 2 and 3 by range,
+    /// whether every entry of the partition is a customer of it).
+    type Seen = Vec<(String, Vec<(u32, u64)>, Vec<u32>, bool)>;
+    let seen: Arc<Mutex<Seen>> = Arc::default();
+    {
+        let (table, seen) = (per_day.clone(), seen.clone());
+        app.agent(&orders).for_each(move |ctx, event| {
+            let (table, seen) = (table.clone(), seen.clone());
+            async move {
+                let customer = event.key;
+                ctx.update(&table, &(customer.clone(), event.value), |n| n + 1)
+                    .await?;
+                let days = ctx.prefix(&table, &customer).await?;
+                let days: Vec<(u32, u64)> = days.into_iter().map(|((_, d), n)| (d, n)).collect();
+                let span = ctx
+                    .range(&table, (customer.clone(), 2)..(customer.clone(), 4))
+                    .await?;
+                let span = span.into_iter().map(|((_, d), _)| d).collect();
+                let all = ctx.entries(&table).await?;
+                let own = all.iter().all(|((c, _), _)| {
+                    strom_client::partitioner::partition_for_key(format!("{c:?}").as_bytes(), 3)
+                        == ctx.partition()
+                });
+                seen.lock().unwrap().push((customer, days, span, own));
+                Ok(())
+            }
+        });
+    }
+    let mut driver = TestDriver::new(app).await.unwrap();
+    let mut truth: BTreeMap<String, BTreeMap<u32, u64>> = BTreeMap::new();
+    let customers = ["ada", "grace", "alan", "barbara", "edsger", "ken"];
+    for i in 0..60u32 {
+        let customer = customers[(i * 7 % 6) as usize].to_string();
+        let day = (i * 5) % 6;
+        *truth
+            .entry(customer.clone())
+            .or_default()
+            .entry(day)
+            .or_default() += 1;
+        driver.send(&orders, &customer, &day).await.unwrap();
+        let seen = seen.lock().unwrap();
+        let (who, days, span, own) = seen.last().expect("the order was handled");
+        assert_eq!(who, &customer);
+        let want: Vec<(u32, u64)> = truth[&customer].iter().map(|(d, n)| (*d, *n)).collect();
+        assert_eq!(days, &want, "{customer} by prefix");
+        let want: Vec<u32> = truth[&customer]
+            .keys()
+            .copied()
+            .filter(|d| (2..4).contains(d))
+            .collect();
+        assert_eq!(span, &want, "{customer} by range");
+        assert!(own, "a partition held another's customer");
+    }
+    assert_eq!(seen.lock().unwrap().len(), 60);
+    let view = driver.table(&per_day);
+    assert_eq!(view.get(&("ada".into(), 0)).unwrap(), truth["ada"][&0]);
+    driver.close().await.unwrap();
+}

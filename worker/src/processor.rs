@@ -3,6 +3,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
+use std::ops::Bound;
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -321,6 +322,21 @@ impl Context {
         let table = plain(&state.tables, name)?;
         table.reads.inc();
         Ok(table.store.get(key)?)
+    }
+
+    /// The entries of this partition of table `name` with keys within the
+    /// bounds, in key order (changes not flushed yet included). Read at
+    /// once, under the partition's lock: for bounded scans.
+    pub async fn range(
+        &self,
+        name: &str,
+        from: Bound<&[u8]>,
+        to: Bound<&[u8]>,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, WorkerError> {
+        let state = self.state().await;
+        let table = plain(&state.tables, name)?;
+        table.reads.inc();
+        Ok(table.store.range(from, to)?)
     }
 
     /// Records that `what` failed for good with `error`, like a framework
