@@ -109,8 +109,14 @@ pub(crate) fn main(app: App) -> ExitCode {
         Command::Worker { log_level, .. } => log_level.clone(),
         _ => "warn".to_owned(),
     };
+    // The log goes to stderr (stdout is for what a command prints), in
+    // colour only on a terminal and without NO_COLOR set.
+    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && std::env::var_os("NO_COLOR").is_none();
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(log_level))
+        .with_writer(std::io::stderr)
+        .with_ansi(colour)
         .try_init();
     let outcome = match cli.command {
         Command::Worker {

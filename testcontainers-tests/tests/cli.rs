@@ -256,4 +256,12 @@ async fn stop_policy_exits_nonzero_with_the_events_coordinates() {
             && stderr.contains("(error policy: stop)"),
         "stderr lacks the event's coordinates:\n{stderr}"
     );
+    assert!(
+        !stderr.contains('\u{1b}'),
+        "colour codes in a log that is not a terminal:\n{stderr}"
+    );
+    assert!(
+        stderr.contains(" WARN ") || stderr.contains(" ERROR "),
+        "the worker's log is not on stderr:\n{stderr}"
+    );
 }
