@@ -17,6 +17,9 @@ use strom_worker::{
 };
 use tracing::warn;
 
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
 use crate::codec::{Codec, Json};
 use crate::context::TimerCtx;
 use crate::error::Result;
@@ -409,9 +412,8 @@ impl App {
     /// the app creates it at start when it is missing.
     pub fn topic<K, V>(&mut self, name: &str) -> Topic<K, V>
     where
-        K: 'static,
-        V: 'static,
-        Json: Codec<K> + Codec<V>,
+        K: Serialize + DeserializeOwned + 'static,
+        V: Serialize + DeserializeOwned + 'static,
     {
         let declared = match self.topics.iter().find(|(t, _)| t == name) {
             Some((_, d)) => d.clone(),

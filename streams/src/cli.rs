@@ -1,19 +1,24 @@
-//! The app binary's command line: `worker`, `send`, `tables`, `agents`,
-//! `topics`, `reset`.
+//! The app binary's command line: `worker`, `send`, `tail`, `tables`,
+//! `agents`, `topics`, `reset`.
 
 use std::io::{BufRead, Write};
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
 use clap::{Parser, Subcommand};
+use strom_client::consumer::{Consumer, ConsumerConfig, ConsumerRecord, Offset, TopicPartition};
 use strom_client::producer::{Producer, ProducerConfig, ProducerRecord};
-use strom_client::Client;
+use strom_client::{Client, OffsetSpec};
 use strom_state::changelog;
 use tracing::info;
 
 use crate::app::App;
 use crate::error::{Error, Result};
+use crate::topic::{Declared, Show};
 
 #[derive(Parser)]
 #[command(
@@ -81,6 +86,22 @@ enum Command {
         /// Sends the record this many times.
         #[arg(long, default_value_t = 1)]
         repeat: usize,
+        /// Bootstrap brokers (default: STROM_BROKERS).
+        #[arg(long)]
+        brokers: Option<String>,
+    },
+    /// Prints the records of TOPIC decoded with its codecs, one JSON object per line
+    /// (partition, offset, timestamp, key, value, headers; `error` and the raw bytes
+    /// for a record that does not decode).
+    Tail {
+        /// A topic the app declares.
+        topic: String,
+        /// Starts at each partition's first record (default: only records produced from now on).
+        #[arg(long)]
+        from_beginning: bool,
+        /// Keeps waiting for new records until interrupted (default: stops at the end of every partition).
+        #[arg(long)]
+        follow: bool,
         /// Bootstrap brokers (default: STROM_BROKERS).
         #[arg(long)]
         brokers: Option<String>,
@@ -170,6 +191,12 @@ pub(crate) fn main(app: App) -> ExitCode {
             repeat,
             brokers,
         } => block_on(send(app, brokers, &topic, key, &value, partition, repeat)),
+        Command::Tail {
+            topic,
+            from_beginning,
+            follow,
+            brokers,
+        } => block_on(tail(app, brokers, &topic, from_beginning, follow)),
         Command::Tables => {
             tables(&app);
             Ok(())
@@ -248,22 +275,17 @@ async fn send(
     repeat: usize,
 ) -> Result<()> {
     let app = brokers(app, brokers_flag);
-    let Some((_, declared)) = app.topics.iter().find(|(t, _)| t == topic) else {
-        let known: Vec<&str> = app.topics.iter().map(|(t, _)| t.as_str()).collect();
-        return Err(Error::Config(format!(
-            "the app declares no topic {topic:?}; it declares {known:?}"
-        )));
-    };
-    let (check, key_codec) = {
+    let declared = declared(&app, topic)?;
+    let (show, key_codec) = {
         let d = declared.lock().unwrap_or_else(|e| e.into_inner());
-        (d.check.clone(), d.key_codec)
+        (d.show.clone(), d.key_codec)
     };
     if key.is_some() && key_codec == "NoKey" {
         return Err(Error::Config(format!(
             "topic {topic:?} has no keys; drop --key"
         )));
     }
-    check(key.as_deref().map(str::as_bytes), Some(value.as_bytes())).map_err(|source| {
+    show(key.as_deref().map(str::as_bytes), Some(value.as_bytes())).map_err(|source| {
         Error::Codec {
             topic: topic.to_owned(),
             source,
@@ -284,6 +306,109 @@ async fn send(
     }
     println!("sent {repeat} record(s) to {topic}");
     Ok(())
+}
+
+/// The codecs of `topic`, or an error naming the app's topics.
+fn declared(app: &App, topic: &str) -> Result<Arc<Mutex<Declared>>> {
+    match app.topics.iter().find(|(t, _)| t == topic) {
+        Some((_, declared)) => Ok(declared.clone()),
+        None => {
+            let known: Vec<&str> = app.topics.iter().map(|(t, _)| t.as_str()).collect();
+            Err(Error::Config(format!(
+                "the app declares no topic {topic:?}; it declares {known:?}"
+            )))
+        }
+    }
+}
+
+async fn tail(
+    app: App,
+    brokers_flag: Option<String>,
+    topic: &str,
+    from_beginning: bool,
+    follow: bool,
+) -> Result<()> {
+    let app = brokers(app, brokers_flag);
+    let show = declared(&app, topic)?
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .show
+        .clone();
+    let client = Client::connect(app.config.client.clone()).await?;
+    let partitions = client.topic_metadata(topic).await?.partitions.len() as i32;
+    // Where "the end" is, for a tail that stops there: a hint (a broker may
+    // report less), so it also waits for a quiet second at or past it.
+    let ends = match follow {
+        true => None,
+        false => Some(client.list_offsets(topic, OffsetSpec::Latest).await?),
+    };
+    let start = if from_beginning {
+        Offset::Earliest
+    } else {
+        Offset::Latest
+    };
+    let tps: Vec<TopicPartition> = (0..partitions)
+        .map(|p| TopicPartition::new(topic, p))
+        .collect();
+    let mut consumer = Consumer::new(client, ConsumerConfig::default());
+    consumer.assign(tps.iter().map(|tp| (tp.clone(), start)))?;
+    let mut out = std::io::stdout().lock();
+    loop {
+        let polled = tokio::time::timeout(Duration::from_secs(1), consumer.poll()).await;
+        let records = match (polled, &ends) {
+            (Ok(records), _) => records?,
+            (Err(_), None) => continue,
+            (Err(_), Some(ends)) => {
+                let at_end = |tp: &TopicPartition| {
+                    let end = ends.get(&tp.partition).copied().unwrap_or(0);
+                    consumer.position(tp).is_some_and(|p| p >= end)
+                };
+                if tps.iter().all(at_end) {
+                    return Ok(());
+                }
+                continue;
+            }
+        };
+        for r in records {
+            let line = record_json(&show, &r);
+            if writeln!(out, "{line}").is_err() {
+                return Ok(()); // stdout closed (e.g. piped into `head`)
+            }
+        }
+        let _ = out.flush();
+    }
+}
+
+/// One record as a line of `tail`: decoded with the topic's codecs, or, if
+/// it does not decode, the error and its bytes as (lossy) text.
+fn record_json(show: &Show, r: &ConsumerRecord) -> serde_json::Value {
+    let text = |b: &Option<bytes::Bytes>| match b {
+        Some(b) => serde_json::Value::String(String::from_utf8_lossy(b).into_owned()),
+        None => serde_json::Value::Null,
+    };
+    let mut line = serde_json::json!({
+        "partition": r.partition,
+        "offset": r.offset,
+        "timestamp": r.timestamp,
+    });
+    match show(r.key.as_deref(), r.value.as_deref()) {
+        Ok((key, value)) => {
+            line["key"] = key;
+            line["value"] = value;
+        }
+        Err(e) => {
+            line["error"] = serde_json::Value::String(e.to_string());
+            line["key_bytes"] = text(&r.key);
+            line["value_bytes"] = text(&r.value);
+        }
+    }
+    if !r.headers.is_empty() {
+        let headers: Vec<serde_json::Value> = (r.headers.iter())
+            .map(|h| serde_json::json!([String::from_utf8_lossy(&h.key), text(&h.value)]))
+            .collect();
+        line["headers"] = serde_json::Value::Array(headers);
+    }
+    line
 }
 
 fn tables(app: &App) {

@@ -2,6 +2,9 @@
 
 use std::sync::{Arc, Mutex};
 
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
 use crate::codec::{Codec, CodecError, Json};
 
 /// A topic whose keys are `K` and values `V`, with the codecs that turn them
@@ -22,6 +25,28 @@ pub struct Topic<K, V> {
     /// Shared with the app, which creates the topic at start and checks
     /// what the command line sends to it.
     pub(crate) declared: Arc<Mutex<Declared>>,
+    /// Keys and values as JSON, for the command line to show them.
+    as_json: AsJson<K, V>,
+}
+
+/// A topic's keys and values as JSON values.
+struct AsJson<K, V> {
+    key: fn(&K) -> serde_json::Value,
+    value: fn(&V) -> serde_json::Value,
+}
+
+impl<K, V> Clone for AsJson<K, V> {
+    fn clone(&self) -> Self {
+        AsJson {
+            key: self.key,
+            value: self.value,
+        }
+    }
+}
+
+fn as_json<T: Serialize>(t: &T) -> serde_json::Value {
+    serde_json::to_value(t)
+        .unwrap_or_else(|e| serde_json::Value::String(format!("(not shown as JSON: {e})")))
 }
 
 /// Reads an event's time from the event.
@@ -33,12 +58,19 @@ pub(crate) struct Declared {
     pub key_codec: &'static str,
     pub value_codec: &'static str,
     /// Decodes a key and a value with the topic's codecs.
-    pub check: Check,
+    pub show: Show,
 }
 
-/// Whether a key and a value decode with a topic's codecs.
-pub(crate) type Check =
-    Arc<dyn Fn(Option<&[u8]>, Option<&[u8]>) -> Result<(), CodecError> + Send + Sync>;
+/// A key and a value decoded with a topic's codecs, as JSON (or why they
+/// do not decode).
+pub(crate) type Show = Arc<
+    dyn Fn(
+            Option<&[u8]>,
+            Option<&[u8]>,
+        ) -> Result<(serde_json::Value, serde_json::Value), CodecError>
+        + Send
+        + Sync,
+>;
 
 impl Default for Declared {
     fn default() -> Self {
@@ -46,7 +78,7 @@ impl Default for Declared {
             settings: TopicSettings::default(),
             key_codec: "Json",
             value_codec: "Json",
-            check: Arc::new(|_, _| Ok(())),
+            show: Arc::new(|_, _| Ok((serde_json::Value::Null, serde_json::Value::Null))),
         }
     }
 }
@@ -76,6 +108,7 @@ impl<K, V> Clone for Topic<K, V> {
             value: self.value.clone(),
             timestamp: self.timestamp.clone(),
             declared: self.declared.clone(),
+            as_json: self.as_json.clone(),
         }
     }
 }
@@ -89,7 +122,8 @@ impl<K, V> std::fmt::Debug for Topic<K, V> {
 impl<K: 'static, V: 'static> Topic<K, V> {
     pub(crate) fn json(name: &str, declared: Arc<Mutex<Declared>>) -> Self
     where
-        Json: Codec<K> + Codec<V>,
+        K: Serialize + DeserializeOwned,
+        V: Serialize + DeserializeOwned,
     {
         let topic = Topic {
             name: Arc::from(name),
@@ -97,6 +131,10 @@ impl<K: 'static, V: 'static> Topic<K, V> {
             value: Arc::new(Json),
             timestamp: None,
             declared,
+            as_json: AsJson {
+                key: as_json::<K>,
+                value: as_json::<V>,
+            },
         };
         topic.codecs_changed();
         topic
@@ -108,11 +146,10 @@ impl<K: 'static, V: 'static> Topic<K, V> {
 
     /// Tells the app the codecs now in use (for `APP send` and `APP topics`).
     fn codecs_changed(&self) {
-        let (key, value) = (self.key.clone(), self.value.clone());
-        self.declared().check = Arc::new(move |k, v| {
-            key.decode(k)?;
-            value.decode(v)?;
-            Ok(())
+        let (key, value, json) = (self.key.clone(), self.value.clone(), self.as_json.clone());
+        self.declared().show = Arc::new(move |k, v| {
+            let (k, v) = (key.decode(k)?, value.decode(v)?);
+            Ok(((json.key)(&k), (json.value)(&v)))
         });
     }
 
