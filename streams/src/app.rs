@@ -24,7 +24,7 @@ use crate::codec::{Codec, Json};
 use crate::context::TimerCtx;
 use crate::error::Result;
 use crate::stream::{decode_step, Stage, Stream};
-use crate::table::{Declared as DeclaredKeys, KeyBytes, Table};
+use crate::table::{Declared as DeclaredKeys, KeyBytes, SetTable, Table};
 use crate::topic::{Declared, Topic};
 
 /// A table as the app declares it.
@@ -424,6 +424,25 @@ impl App {
             }
         };
         Topic::json(name, declared)
+    }
+
+    /// Declares a table of sets (see [`SetTable`]): its changelog is the
+    /// topic `<app-id>-<name>-changelog`, one record per add or discard; the
+    /// web server answers `/tables/<name>/["<key>","<member>"]` with `null`
+    /// for a member that is in.
+    ///
+    /// ```
+    /// let mut app = strom::App::new("shop");
+    /// // The products each customer has looked at.
+    /// let viewed = app.set_table::<String, String>("viewed-products");
+    /// # let _ = viewed;
+    /// ```
+    pub fn set_table<K, T>(&mut self, name: &str) -> SetTable<K, T>
+    where
+        K: TableKey + Clone + Serialize + DeserializeOwned + 'static,
+        T: TableKey + Serialize + DeserializeOwned + 'static,
+    {
+        SetTable::new(self.table(name, ()), KeyBytes::codec(Json))
     }
 
     /// Declares a table: `default` is the value of a missing key. Its changelog

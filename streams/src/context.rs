@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use strom_worker::{ClosedWindow, WindowUpdate};
 
-use crate::table::{KeyBytes, OnClose, Table, Window, WindowedTable};
+use crate::table::{KeyBytes, OnClose, SetTable, Table, Window, WindowedTable};
 use crate::topic::Topic;
 
 /// The event's partition, its tables and a producer. Everything an agent sends
@@ -310,6 +310,65 @@ impl Ctx {
     /// does not (see [`Ctx::damaged`]).
     async fn damaged_key(&self, table: &str, key: &[u8], e: strom_state::StateError) -> Error {
         self.inner.damaged(table, key, &e.to_string()).await.into()
+    }
+
+    /// Adds `member` to the set of `key` in `set` (no change if it is in).
+    /// The key must belong to this event's partition (see
+    /// [`Error::CoPartition`]).
+    ///
+    /// ```no_run
+    /// # async fn f(ctx: strom::Ctx, viewed: strom::SetTable<String, String>) -> strom::Result<()> {
+    /// let customer = "ada".to_string();
+    /// ctx.add(&viewed, &customer, &"lamp".to_string()).await?;
+    /// assert!(ctx.contains(&viewed, &customer, &"lamp".to_string()).await?);
+    /// let products: Vec<String> = ctx.members(&viewed, &customer).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn add<K, T>(&self, set: &SetTable<K, T>, key: &K, member: &T) -> Result<()>
+    where
+        K: TableKey + Clone,
+        T: TableKey + Clone,
+    {
+        self.set(&set.entries, &(key.clone(), member.clone()), &())
+            .await
+    }
+
+    /// Takes `member` out of the set of `key` in `set` (no change if it is
+    /// not in).
+    pub async fn discard<K, T>(&self, set: &SetTable<K, T>, key: &K, member: &T) -> Result<()>
+    where
+        K: TableKey + Clone,
+        T: TableKey + Clone,
+    {
+        self.delete(&set.entries, &(key.clone(), member.clone()))
+            .await
+    }
+
+    /// Whether `member` is in the set of `key` in `set`.
+    pub async fn contains<K, T>(&self, set: &SetTable<K, T>, key: &K, member: &T) -> Result<bool>
+    where
+        K: TableKey + Clone,
+        T: TableKey + Clone,
+    {
+        let entry = (key.clone(), member.clone());
+        let bytes = self.check_partition(&set.entries.name, &set.entries.key, &entry)?;
+        Ok(self.inner.get(&set.entries.name, &bytes).await?.is_some())
+    }
+
+    /// The members of the set of `key` in `set`, in their order (empty if
+    /// it has none).
+    pub async fn members<K, T>(&self, set: &SetTable<K, T>, key: &K) -> Result<Vec<T>>
+    where
+        K: TableKey,
+        T: TableKey,
+    {
+        self.check_partition(&set.entries.name, &set.key, key)?;
+        let (from, to) = prefix_bounds(key);
+        let entries = self.scan(&set.entries, from, to).await?;
+        Ok(entries
+            .into_iter()
+            .map(|((_, member), ())| member)
+            .collect())
     }
 
     /// Deletes `key` from `table`.

@@ -55,5 +55,5 @@ pub use error::{Error, Result};
 pub use stream::{Batches, Event, Stream};
 pub use strom_client::{Compression, Header};
 pub use strom_worker::{axum, AgentError, ErrorPolicy, ProcessingGuarantee, Schedule, StoreKind};
-pub use table::{Table, Window, WindowedTable};
+pub use table::{SetTable, Table, Window, WindowedTable};
 pub use topic::{Topic, TopicSettings};

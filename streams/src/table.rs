@@ -318,6 +318,68 @@ impl<K, V> Table<K, V> {
     }
 }
 
+/// A table of sets (Faust's `SetTable`): for each key of `K`, a set of
+/// members of `T`, changed through [`Ctx::add`](crate::Ctx::add) and
+/// [`Ctx::discard`](crate::Ctx::discard), read through
+/// [`Ctx::members`](crate::Ctx::members) and
+/// [`Ctx::contains`](crate::Ctx::contains). Declared with
+/// [`App::set_table`](crate::App::set_table).
+///
+/// Each member is an entry of its own (the composite key `(key, member)`),
+/// so the changelog carries each add and discard as a record of its own —
+/// deltas, not whole sets — and compaction keeps exactly the members that
+/// are in. A key's members are in its partition, by the same rule as a
+/// [`Table`]'s keys (JSON of the key by default; see
+/// [`with_key_codec`](SetTable::with_key_codec)), and come back in the
+/// members' order.
+pub struct SetTable<K, T> {
+    pub(crate) entries: Table<(K, T), ()>,
+    /// How the keys (without their members) are partitioned.
+    pub(crate) key: KeyBytes<K>,
+}
+
+impl<K, T> Clone for SetTable<K, T> {
+    fn clone(&self) -> Self {
+        SetTable {
+            entries: self.entries.clone(),
+            key: self.key.clone(),
+        }
+    }
+}
+
+impl<K, T> std::fmt::Debug for SetTable<K, T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SetTable")
+            .field("name", &self.entries.name)
+            .finish()
+    }
+}
+
+impl<K, T> SetTable<K, T> {
+    /// The table's name.
+    pub fn name(&self) -> &str {
+        &self.entries.name
+    }
+}
+
+impl<K, T> SetTable<K, T>
+where
+    K: TableKey + Clone + 'static,
+    T: TableKey + 'static,
+{
+    pub(crate) fn new(entries: Table<(K, T), ()>, key: KeyBytes<K>) -> SetTable<K, T> {
+        let by_key = key.clone();
+        let entries = entries.partitioned(KeyBytes(Arc::new(move |(k, _): &(K, T)| by_key.of(k))));
+        SetTable { entries, key }
+    }
+
+    /// Partitions the keys by the bytes `codec` writes for them (default:
+    /// JSON), as [`Table::with_key_codec`] does.
+    pub fn with_key_codec<C: Codec<K> + 'static>(self, codec: C) -> Self {
+        SetTable::new(self.entries, KeyBytes::codec(codec))
+    }
+}
+
 /// How a session table combines the values of two sessions that merge.
 pub(crate) type Merge<V> = Arc<dyn Fn(V, V) -> V + Send + Sync>;
 

@@ -82,7 +82,7 @@ use tokio::time::Instant;
 
 use crate::app::App;
 use crate::error::{Error, Result};
-use crate::table::{Table, Window, WindowedTable};
+use crate::table::{SetTable, Table, Window, WindowedTable};
 use crate::topic::Topic;
 
 /// How long (of the virtual clock) the app may take to start: join its
@@ -518,6 +518,11 @@ impl TestDriver {
         }
     }
 
+    /// Reads set table `set` (see [`SetTableView`]).
+    pub fn set_table<'a, K, T>(&'a self, set: &'a SetTable<K, T>) -> SetTableView<'a, K, T> {
+        SetTableView { driver: self, set }
+    }
+
     /// Reads windowed table `table` (see [`WindowedTableView`]).
     pub fn windowed_table<'a, K, V>(
         &'a self,
@@ -673,6 +678,37 @@ impl<K: TableKey, V: DeserializeOwned> TableView<'_, K, V> {
 
     fn decode(&self, value: &[u8]) -> Result<V> {
         decode(&self.table.name, value)
+    }
+}
+
+/// A set table as the test sees it: every add and discard the app made,
+/// read from the table's changelog.
+pub struct SetTableView<'a, K, T> {
+    driver: &'a TestDriver,
+    set: &'a SetTable<K, T>,
+}
+
+impl<K, T> std::fmt::Debug for SetTableView<'_, K, T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SetTableView")
+            .field("set", &self.set.name())
+            .finish()
+    }
+}
+
+impl<K: TableKey, T: TableKey> SetTableView<'_, K, T> {
+    /// The members of `key`'s set, in their order.
+    pub fn members(&self, key: &K) -> Result<Vec<T>> {
+        let changelog =
+            strom_state::changelog::topic_name(self.driver.app.id(), &self.set.entries.name);
+        let (from, to) = strom_state::table::prefix_bounds(key);
+        live_entries(self.driver, &changelog)?
+            .range::<[u8], _>((
+                from.as_ref().map(Vec::as_slice),
+                to.as_ref().map(Vec::as_slice),
+            ))
+            .map(|(k, _)| Ok(<(K, T)>::decode_key(k)?.1))
+            .collect()
     }
 }
 

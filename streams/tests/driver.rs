@@ -397,3 +397,98 @@ async fn composite_keys_scan_by_prefix_and_range() {
     assert_eq!(view.get(&("ada".into(), 0)).unwrap(), truth["ada"][&0]);
     driver.close().await.unwrap();
 }
+
+/// A set table: products viewed per customer over 3 partitions, "+p" adds
+/// and "-p" discards. After every event the agent's view of the set is the
+/// model's; the changelog holds one record per add or discard (a delta
+/// keyed by customer and product, a tombstone for a discard), not whole
+/// sets; and the sets come back after a restart.
+#[tokio::test]
+async fn a_set_table_adds_and_discards_members_as_deltas() {
+    use std::collections::{BTreeMap, BTreeSet};
+    use std::sync::{Arc, Mutex};
+    use strom::table::TableKey;
+
+    let mut app = strom::App::new("viewed").with_partitions(3);
+    let views = app.topic::<String, String>("views");
+    let viewed = app.set_table::<String, String>("viewed-products");
+    /// Per event: (customer, its members, whether "lamp" is in).
+    type Seen = Vec<(String, Vec<String>, bool)>;
+    let seen: Arc<Mutex<Seen>> = Arc::default();
+    {
+        let (set, seen) = (viewed.clone(), seen.clone());
+        app.agent(&views).for_each(move |ctx, event| {
+            let (set, seen) = (set.clone(), seen.clone());
+            async move {
+                let (op, product) = event.value.split_at(1);
+                let product = product.to_string();
+                match op {
+                    "+" => ctx.add(&set, &event.key, &product).await?,
+                    _ => ctx.discard(&set, &event.key, &product).await?,
+                }
+                let members = ctx.members(&set, &event.key).await?;
+                let lamp = ctx.contains(&set, &event.key, &"lamp".to_string()).await?;
+                seen.lock().unwrap().push((event.key, members, lamp));
+                Ok(())
+            }
+        });
+    }
+    let mut driver = TestDriver::new(app).await.unwrap();
+    let mut model: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    let customers = ["ada", "grace", "alan", "barbara", "edsger"];
+    let products = ["lamp", "desk", "chair", "a\0b"];
+    let mut ops = 0;
+    for i in 0..40usize {
+        let customer = customers[i * 3 % 5].to_string();
+        let product = products[i * 7 % 4].to_string();
+        let add = i % 3 != 2;
+        let set = model.entry(customer.clone()).or_default();
+        if add {
+            set.insert(product.clone());
+        } else {
+            set.remove(&product);
+        }
+        let op = if add { "+" } else { "-" };
+        driver
+            .send(&views, &customer, &format!("{op}{product}"))
+            .await
+            .unwrap();
+        ops += 1;
+        let seen = seen.lock().unwrap();
+        let (who, members, lamp) = seen.last().expect("the view was handled");
+        assert_eq!(who, &customer);
+        let want: Vec<String> = model[&customer].iter().cloned().collect();
+        assert_eq!(members, &want, "{customer} after {op}{product}");
+        assert_eq!(*lamp, model[&customer].contains("lamp"), "{customer}");
+    }
+    let changelog = driver.read_raw("viewed-viewed-products-changelog").unwrap();
+    assert_eq!(
+        changelog.len(),
+        ops,
+        "one changelog record per add or discard"
+    );
+    for r in &changelog {
+        let key = r.key.as_deref().expect("a keyed delta");
+        let (customer, product) = <(String, String)>::decode_key(key).unwrap();
+        assert!(customers.contains(&customer.as_str()) && products.contains(&product.as_str()));
+    }
+    assert!(changelog.iter().any(|r| r.value.is_none()), "no tombstone");
+    driver.restart().await.unwrap();
+    for customer in customers {
+        let want: Vec<String> = model[customer].iter().cloned().collect();
+        let members = driver
+            .set_table(&viewed)
+            .members(&customer.to_string())
+            .unwrap();
+        assert_eq!(members, want, "{customer} after the restart");
+    }
+    driver
+        .send(&views, &"ada".to_string(), &"+zebra".to_string())
+        .await
+        .unwrap();
+    let (_, members, _) = seen.lock().unwrap().last().cloned().unwrap();
+    let mut want: Vec<String> = model["ada"].iter().cloned().collect();
+    want.push("zebra".into());
+    assert_eq!(members, want, "restored from the changelog");
+    driver.close().await.unwrap();
+}
