@@ -21,8 +21,9 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::codec::{Codec, Json};
-use crate::context::TimerCtx;
+use crate::context::{Ctx, TimerCtx};
 use crate::error::Result;
+use crate::punctuator::{PunctuateFn, Punctuation, Punctuator};
 use crate::stream::{decode_step, Stage, Stream};
 use crate::table::{Declared as DeclaredKeys, KeyBytes, SetTable, Table};
 use crate::topic::{Declared, Topic};
@@ -82,6 +83,8 @@ pub struct App {
     pub(crate) repartitions: Vec<(String, String)>,
     pub(crate) tables: Vec<DeclaredTable>,
     pub(crate) processors: Vec<Arc<dyn Processor>>,
+    /// Partition timers, with what they do (for `APP agents`).
+    pub(crate) punctuators: Vec<(Arc<dyn Processor>, String)>,
     /// What each processor does (same order as `processors`), for `APP agents`.
     pub(crate) agents: Vec<String>,
     pages: Vec<strom_worker::axum::Router>,
@@ -158,6 +161,7 @@ impl App {
             repartitions: Vec::new(),
             tables: Vec::new(),
             processors: Vec::new(),
+            punctuators: Vec::new(),
             agents: Vec::new(),
             pages: Vec::new(),
             timers: Vec::new(),
@@ -366,6 +370,46 @@ impl App {
         self.schedule(Schedule::Every(every), false, f);
     }
 
+    /// Runs `f` in each partition's task of `topic`'s partitions (Kafka
+    /// Streams' punctuator), on the wall clock or on the partition's stream
+    /// time (see [`Punctuation`]), with that partition's tables: to expire or
+    /// sweep state on a schedule. It runs between the partition's events,
+    /// after the agents of the event that made it due, so what it writes and
+    /// sends commits with the partition's offsets. An error it returns is
+    /// counted and skipped, or stops the worker under the app's stop
+    /// policy.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use strom::Punctuation;
+    /// let mut app = strom::App::new("shop");
+    /// let orders = app.topic::<String, u64>("orders");
+    /// let open = app.table::<String, u64>("open-orders", 0);
+    /// // Every minute, each partition forgets its customers with nothing open.
+    /// app.partition_timer(&orders, Punctuation::WallClock(Duration::from_secs(60)), move |ctx| {
+    ///     let open = open.clone();
+    ///     async move {
+    ///         for (customer, n) in ctx.entries(&open).await? {
+    ///             if n == 0 {
+    ///                 ctx.delete(&open, &customer).await?;
+    ///             }
+    ///         }
+    ///         Ok(())
+    ///     }
+    /// });
+    /// ```
+    pub fn partition_timer<K, V, F, Fut>(&mut self, topic: &Topic<K, V>, when: Punctuation, f: F)
+    where
+        F: Fn(Ctx) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), AgentError>> + Send + 'static,
+    {
+        let f: PunctuateFn = Arc::new(move |ctx| Box::pin(f(ctx)));
+        let record_time = topic.timestamp.is_none();
+        let punctuator = Punctuator::new(topic.name.clone(), when, record_time, f);
+        self.punctuators
+            .push((Arc::new(punctuator), format!("partition timer {when:?}")));
+    }
+
     /// Runs `f` every `every` on one worker of the group only: the one that
     /// processes partition number 0 (it moves with that partition).
     pub fn leader_timer<F, Fut>(&mut self, every: Duration, f: F)
@@ -548,7 +592,10 @@ impl App {
                 None => worker.table_with_key(t.name.clone(), t.declared.parse()),
             };
         }
-        for p in &self.processors {
+        // Partition timers after the agents, so a stream-time one sees the
+        // stream time an event's agents made.
+        let punctuators = self.punctuators.iter().map(|(p, _)| p);
+        for p in self.processors.iter().chain(punctuators) {
             worker = worker.processor(p.clone());
         }
         for page in &self.pages {

@@ -429,7 +429,8 @@ fn tables(app: &App) {
 /// One line per agent stage: its topic, what it does, its concurrency and its
 /// error policy (read now, so a policy set after the agent shows).
 fn agents(app: &App) {
-    for (p, what) in app.processors.iter().zip(&app.agents) {
+    let punctuators = app.punctuators.iter().map(|(p, what)| (p, what));
+    for (p, what) in app.processors.iter().zip(&app.agents).chain(punctuators) {
         let policy = match p.error_policy() {
             Some(policy) => format!("{policy:?}"),
             None => format!("{:?} (the app's)", app.config.on_error),

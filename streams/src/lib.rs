@@ -43,6 +43,7 @@ mod cli;
 pub mod codec;
 pub mod context;
 pub mod error;
+pub mod punctuator;
 pub mod stream;
 pub mod table;
 #[cfg(feature = "testing")]
@@ -52,6 +53,7 @@ pub mod topic;
 pub use app::App;
 pub use context::{Ctx, TimerCtx};
 pub use error::{Error, Result};
+pub use punctuator::Punctuation;
 pub use stream::{Batches, Event, Stream};
 pub use strom_client::{Compression, Header};
 pub use strom_worker::{axum, AgentError, ErrorPolicy, ProcessingGuarantee, Schedule, StoreKind};

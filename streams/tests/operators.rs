@@ -680,3 +680,124 @@ async fn map_event_select_key_and_map_key_rekey_events() {
     );
     driver.close().await.unwrap();
 }
+
+/// A wall-clock partition timer runs in every partition's task with that
+/// partition's table: every 10 s each partition reports how many keys it
+/// holds and forgets them. Nothing runs before the first 10 s; the counts
+/// add up to the keys seen; the table is empty after; the next round finds
+/// nothing.
+#[tokio::test]
+async fn a_wall_clock_partition_timer_sweeps_each_partitions_table() {
+    use strom::Punctuation;
+    let mut app = App::new("sweep").with_partitions(3);
+    let events = app.topic::<String, u64>("sweep-in");
+    let swept = app.topic::<i32, u64>("swept");
+    let seen = app.table::<String, u64>("seen", 0);
+    {
+        let seen = seen.clone();
+        app.agent(&events).for_each(move |ctx, e| {
+            let seen = seen.clone();
+            async move {
+                ctx.update(&seen, &e.key, |n| n + e.value).await?;
+                Ok(())
+            }
+        });
+    }
+    {
+        let (seen, swept) = (seen.clone(), swept.clone());
+        app.partition_timer(
+            &events,
+            Punctuation::WallClock(Duration::from_secs(10)),
+            move |ctx| {
+                let (seen, swept) = (seen.clone(), swept.clone());
+                async move {
+                    let entries = ctx.entries(&seen).await?;
+                    for (key, _) in &entries {
+                        ctx.delete(&seen, key).await?;
+                    }
+                    ctx.send(&swept, &ctx.partition(), &(entries.len() as u64))
+                        .await?;
+                    Ok(())
+                }
+            },
+        );
+    }
+    let mut driver = TestDriver::new(app).await.unwrap();
+    let keys = ["a", "b", "c", "d", "e", "f", "g"];
+    for key in keys {
+        driver.send(&events, &key.to_string(), &1).await.unwrap();
+    }
+    driver.advance(Duration::from_secs(5)).await.unwrap();
+    assert!(driver.read(&swept).unwrap().is_empty(), "ran before 10 s");
+    driver.advance(Duration::from_secs(6)).await.unwrap();
+    let first = driver.read(&swept).unwrap();
+    let mut partitions: Vec<i32> = first.iter().map(|r| r.key).collect();
+    partitions.sort();
+    assert_eq!(partitions, [0, 1, 2], "{first:?}");
+    let total: u64 = first.iter().map(|r| r.value).sum();
+    assert_eq!(total, keys.len() as u64);
+    for key in keys {
+        assert_eq!(driver.table(&seen).get(&key.to_string()).unwrap(), 0);
+    }
+    driver.advance(Duration::from_secs(10)).await.unwrap();
+    let second = driver.read(&swept).unwrap();
+    assert_eq!(second.len(), 3, "{second:?}");
+    assert!(second.iter().all(|r| r.value == 0), "{second:?}");
+    driver.close().await.unwrap();
+}
+
+/// A stream-time partition timer follows the events' time, not the clock:
+/// with a one-minute interval it runs when the stream time reaches the next
+/// whole minute, once for a jump over several, never for the clock alone,
+/// and sees the stream time as its event time.
+#[tokio::test]
+async fn a_stream_time_partition_timer_follows_the_events() {
+    use strom::Punctuation;
+    let mut app = one_partition_app("minutes");
+    let events = app.topic::<String, u64>("minutes-in");
+    let ticks = app.topic::<String, i64>("minute-ticks");
+    app.agent(&events).for_each(|_ctx, _e| async { Ok(()) });
+    {
+        let ticks = ticks.clone();
+        app.partition_timer(
+            &events,
+            Punctuation::StreamTime(Duration::from_secs(60)),
+            move |ctx| {
+                let ticks = ticks.clone();
+                async move {
+                    let now = ctx.event_time().unwrap_or(-1);
+                    ctx.send(&ticks, &"tick".to_string(), &now).await?;
+                    Ok(())
+                }
+            },
+        );
+    }
+    let mut driver = TestDriver::new(app).await.unwrap();
+    let k = "k".to_string();
+    let minute = |s: i64| 1_767_225_600_000 + s * 1000;
+    for (at, ticked) in [
+        (minute(10), None),
+        (minute(50), None),
+        (minute(61), Some(minute(61))),
+        (minute(65), None),
+        (minute(30), None), // late: the stream time stays
+        (minute(250), Some(minute(250))),
+        (minute(260), None),
+    ] {
+        driver.send_at(&events, &k, &1, at).await.unwrap();
+        let got: Vec<i64> = driver
+            .read(&ticks)
+            .unwrap()
+            .into_iter()
+            .map(|r| r.value)
+            .collect();
+        assert_eq!(
+            got,
+            ticked.into_iter().collect::<Vec<_>>(),
+            "after an event at {at}"
+        );
+    }
+    driver.advance(Duration::from_secs(600)).await.unwrap();
+    assert!(driver.read(&ticks).unwrap().is_empty(), "ran on the clock");
+    driver.close().await.unwrap();
+}
