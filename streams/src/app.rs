@@ -555,8 +555,10 @@ impl App {
     }
 
     /// Creates the declared topics and the repartition topics that are
-    /// missing.
+    /// missing, once sure the topics agents read will share one partition
+    /// count.
     pub(crate) async fn create_topics(&self, client: &Client) -> Result<()> {
+        self.check_copartitioning(client).await?;
         let replication = self.config.replication;
         for (topic, declared) in &self.topics {
             let settings = declared
@@ -577,6 +579,49 @@ impl App {
             ensure(client, NewTopic::new(topic, partitions, replication), true).await?;
         }
         Ok(())
+    }
+
+    /// The topics agents read must share one partition count, since each
+    /// task of a worker processes one partition number of all of them:
+    /// checked before anything is created, from the counts the topics have
+    /// or, for missing ones, will be created with (repartition topics take
+    /// their source's).
+    async fn check_copartitioning(&self, client: &Client) -> Result<()> {
+        let punctuators = self.punctuators.iter().map(|(p, _)| p);
+        let sources: std::collections::BTreeSet<&str> = (self.processors.iter())
+            .chain(punctuators)
+            .map(|p| p.topic())
+            .filter(|t| !self.repartitions.iter().any(|(r, _)| r == t))
+            .collect();
+        let mut counts = Vec::new();
+        for topic in sources {
+            let count = match client.topic_metadata(topic).await {
+                Ok(meta) => (meta.partitions.len() as i32, "has"),
+                Err(strom_client::Error::UnknownTopic { .. }) => {
+                    let declared = self.topics.iter().find(|(t, _)| t == topic);
+                    let settings = declared.map(|(_, d)| {
+                        let d = d.lock().unwrap_or_else(|e| e.into_inner());
+                        d.settings.partitions
+                    });
+                    let n = settings.flatten().unwrap_or(self.partitions);
+                    (n, "would be created with")
+                }
+                Err(e) => return Err(e.into()),
+            };
+            counts.push((topic, count));
+        }
+        let first = counts.first().map(|(_, (n, _))| *n);
+        if counts.iter().all(|(_, (n, _))| Some(*n) == first) {
+            return Ok(());
+        }
+        let list: Vec<String> = (counts.iter())
+            .map(|(topic, (n, how))| format!("{topic:?} {how} {n}"))
+            .collect();
+        Err(crate::Error::Config(format!(
+            "the topics agents read must have one partition count (a worker's task \
+             processes one partition number of all of them), but {}; nothing was created",
+            list.join(", ")
+        )))
     }
 
     /// A worker of this app's agents, tables, pages and timers, run with

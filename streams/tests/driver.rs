@@ -492,3 +492,31 @@ async fn a_set_table_adds_and_discards_members_as_deltas() {
     assert_eq!(members, want, "restored from the changelog");
     driver.close().await.unwrap();
 }
+
+/// Agents reading topics of different partition counts are refused before
+/// any topic is created, with each topic's count; an output topic of
+/// another count is fine.
+#[tokio::test]
+async fn source_topics_of_different_counts_are_refused_before_anything_is_created() {
+    let mut app = strom::App::new("counts").with_partitions(4);
+    let orders = app.topic::<String, u64>("orders-8p").with_partitions(8);
+    let customers = app.topic::<String, String>("customers");
+    let out = app.topic::<String, u64>("out-2p").with_partitions(2);
+    app.agent(&orders).sink(&out);
+    app.agent(&customers).for_each(|_ctx, _e| async { Ok(()) });
+    let e = TestDriver::new(app).await.unwrap_err().to_string();
+    assert!(
+        e.contains("\"customers\" would be created with 4")
+            && e.contains("\"orders-8p\" would be created with 8")
+            && e.contains("nothing was created"),
+        "{e}"
+    );
+    assert!(!e.contains("out-2p"), "an output topic was checked: {e}");
+
+    let mut app = strom::App::new("counts-ok").with_partitions(4);
+    let orders = app.topic::<String, u64>("orders-4p");
+    let out = app.topic::<String, u64>("out-2p").with_partitions(2);
+    app.agent(&orders).sink(&out);
+    let driver = TestDriver::new(app).await.unwrap();
+    driver.close().await.unwrap();
+}
