@@ -152,6 +152,21 @@ enum Command {
         #[arg(long)]
         soak: bool,
     },
+    /// A memory soak: N single-word records over a vocabulary of K words
+    /// fed while the wordcount pipeline (as `pipeline`) runs, the process's
+    /// resident memory printed to stderr every few seconds and summed up by
+    /// quarter of the run at the end. Memory should level off with N, and
+    /// grow only with K (the table).
+    Soak {
+        #[command(flatten)]
+        state: StateArgs,
+        /// Distinct words (keys of the table).
+        #[arg(long, default_value_t = 1000)]
+        keys: u64,
+        /// `at-least-once` or `exactly-once`.
+        #[arg(long, default_value = "at-least-once")]
+        guarantee: strom::ProcessingGuarantee,
+    },
     /// Per-key counts in one-minute tumbling windows, results on close: N
     /// events over 1,000 keys with event times spread over 30 minutes (plus
     /// one closing event per key) through one worker in this process.
@@ -304,7 +319,12 @@ fn main() -> ExitCode {
                 state,
                 guarantee,
                 soak,
-            } => pipeline::run(&state, guarantee, soak).await,
+            } => pipeline::run(&state, guarantee, soak, 1000).await,
+            Command::Soak {
+                state,
+                keys,
+                guarantee,
+            } => pipeline::run(&state, guarantee, true, keys.max(1)).await,
             Command::Windowed {
                 brokers,
                 messages,
@@ -942,16 +962,19 @@ mod pipeline {
 
     use super::{client_config, StateArgs};
 
-    /// Sends the `n` words of the run (1,000-word vocabulary); returns the
-    /// true count of each.
+    /// Sends the `n` words of the run (a vocabulary of `keys` words, in an
+    /// order that visits them all: 7919 is prime); returns the true count
+    /// of each.
     async fn feed(
         producer: Producer,
         input: String,
         n: u64,
+        keys: u64,
     ) -> Result<BTreeMap<String, u64>, Error> {
         let mut truth: BTreeMap<String, u64> = BTreeMap::new();
+        let stride = if keys.is_multiple_of(7919) { 1 } else { 7919 };
         for i in 0..n {
-            let word = format!("word{}", (i * 7919) % 1000);
+            let word = format!("word{}", (i.wrapping_mul(stride)) % keys);
             producer
                 .send(ProducerRecord::to(&input).value(word.as_bytes()))
                 .await?;
@@ -970,6 +993,7 @@ mod pipeline {
         args: &StateArgs,
         guarantee: strom::ProcessingGuarantee,
         soak: bool,
+        keys: u64,
     ) -> Result<bool, Error> {
         let n = args.messages;
         let run_id = std::process::id();
@@ -989,9 +1013,9 @@ mod pipeline {
             },
         )?;
         let fed = if soak {
-            tokio::spawn(feed(producer, input.clone(), n))
+            tokio::spawn(feed(producer, input.clone(), n, keys))
         } else {
-            let truth = feed(producer, input.clone(), n).await?;
+            let truth = feed(producer, input.clone(), n, keys).await?;
             tokio::spawn(async move { Ok(truth) })
         };
 
@@ -1047,12 +1071,17 @@ mod pipeline {
             let (samples, processed, mut done) =
                 (samples.clone(), processed.clone(), done_rx.clone());
             tokio::spawn(async move {
+                let mut next_line = Instant::now();
                 while !*done.borrow() {
-                    let at = processed.load(Ordering::Relaxed);
+                    let (at, rss) = (processed.load(Ordering::Relaxed), rss_mb());
                     samples
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
-                        .push((at, rss_mb()));
+                        .push((at, rss));
+                    if soak && Instant::now() >= next_line {
+                        eprintln!("{}", json!({ "processed": at, "rss_mb": rss }));
+                        next_line += Duration::from_secs(5);
+                    }
                     let _ = tokio::time::timeout(Duration::from_millis(500), done.changed()).await;
                 }
             })
@@ -1111,6 +1140,7 @@ mod pipeline {
             "peak_rss_mb": super::state_bench::peak_rss_mb(),
             "rss_mb_by_quarter": quarters,
             "rss_samples": samples.len(),
+            "keys": keys,
             "guarantee": guarantee.to_string(),
             "correct": correct,
         }));
