@@ -122,17 +122,24 @@ impl Default for ProducerIdentity {
 /// ```
 #[derive(Debug)]
 pub struct BatchBuilder {
-    records: BytesMut,
+    /// Room for the batch header (once a record is pushed), then the
+    /// records: an uncompressed batch is sealed in place, without a copy.
+    buf: BytesMut,
     count: i32,
     base_timestamp: i64,
     max_timestamp: i64,
 }
 
 impl BatchBuilder {
-    /// An empty batch whose record buffer starts with `capacity` bytes.
+    /// An empty batch whose record buffer starts with `capacity` bytes
+    /// (allocated at the first push).
     pub fn new(capacity: usize) -> Self {
         BatchBuilder {
-            records: BytesMut::with_capacity(capacity),
+            buf: BytesMut::with_capacity(if capacity == 0 {
+                0
+            } else {
+                BATCH_HEADER_LEN + capacity
+            }),
             count: 0,
             base_timestamp: 0,
             max_timestamp: -1,
@@ -151,7 +158,12 @@ impl BatchBuilder {
 
     /// Size of the batch if sealed without compression.
     pub fn size(&self) -> usize {
-        BATCH_HEADER_LEN + self.records.len()
+        BATCH_HEADER_LEN + self.records().len()
+    }
+
+    /// The encoded records pushed so far.
+    fn records(&self) -> &[u8] {
+        self.buf.get(BATCH_HEADER_LEN..).unwrap_or_default()
     }
 
     /// The encoded size a record would add to a batch.
@@ -188,10 +200,13 @@ impl BatchBuilder {
         if self.count == 0 {
             self.base_timestamp = timestamp;
         }
+        if self.buf.is_empty() {
+            self.buf.resize(BATCH_HEADER_LEN, 0);
+        }
         self.max_timestamp = self.max_timestamp.max(timestamp);
         let ts_delta = timestamp - self.base_timestamp;
         let body = Self::body_len(ts_delta, self.count, key, value, headers);
-        let buf = &mut self.records;
+        let buf = &mut self.buf;
         buf.reserve(body + 5);
         put_varint(buf, body as i64);
         buf.put_i8(0);
@@ -208,32 +223,76 @@ impl BatchBuilder {
     }
 
     /// Writes the finished batch (base offset 0) and returns its bytes.
-    pub fn seal(&self, compression: Compression, producer: ProducerIdentity) -> Result<Bytes> {
-        let mut out = BytesMut::with_capacity(BATCH_HEADER_LEN + self.records.len());
-        let mut attributes = compression.id();
-        if producer.transactional {
-            attributes |= TRANSACTIONAL_FLAG;
-        }
-        out.put_i64(0);
-        out.put_i32(0); // batchLength, patched below
-        out.put_i32(-1); // partitionLeaderEpoch
-        out.put_i8(2);
-        out.put_u32(0); // crc, patched below
-        out.put_i16(attributes);
-        out.put_i32(self.count - 1);
-        out.put_i64(self.base_timestamp);
-        out.put_i64(self.max_timestamp);
-        out.put_i64(producer.producer_id);
-        out.put_i16(producer.producer_epoch);
-        out.put_i32(producer.base_sequence);
-        out.put_i32(self.count);
-        compression.compress(&self.records, &mut out)?;
-        let batch_len = (out.len() - LOG_OVERHEAD) as i32;
-        out[8..12].copy_from_slice(&batch_len.to_be_bytes());
-        let crc = crc32c::crc32c(&out[ATTRIBUTES_OFFSET..]);
-        out[CRC_OFFSET..CRC_OFFSET + 4].copy_from_slice(&crc.to_be_bytes());
+    /// Uncompressed, the records stay where they were pushed and the header
+    /// is written in front of them; compressed, they are compressed into a
+    /// new buffer.
+    pub fn seal(self, compression: Compression, producer: ProducerIdentity) -> Result<Bytes> {
+        let mut out = match compression {
+            Compression::None => {
+                let mut buf = self.buf;
+                if buf.is_empty() {
+                    buf.resize(BATCH_HEADER_LEN, 0);
+                }
+                buf
+            }
+            _ => {
+                let mut out = BytesMut::with_capacity(self.buf.len());
+                out.resize(BATCH_HEADER_LEN, 0);
+                compression.compress(
+                    self.buf.get(BATCH_HEADER_LEN..).unwrap_or_default(),
+                    &mut out,
+                )?;
+                out
+            }
+        };
+        let mut header = &mut out[..BATCH_HEADER_LEN];
+        header.put_i64(0);
+        header.put_i32(0); // batchLength, set by `stamp`
+        header.put_i32(-1); // partitionLeaderEpoch
+        header.put_i8(2);
+        header.put_u32(0); // crc, set by `stamp`
+        header.put_i16(compression.id());
+        header.put_i32(self.count - 1);
+        header.put_i64(self.base_timestamp);
+        header.put_i64(self.max_timestamp);
+        header.put_i64(0); // producer id, epoch, base sequence: set by `stamp`
+        header.put_i16(0);
+        header.put_i32(0);
+        header.put_i32(self.count);
+        stamp(&mut out, producer);
         Ok(out.freeze())
     }
+}
+
+/// Sets the producer fields of a batch (id, epoch, base sequence, the
+/// transactional flag), its length, and its CRC.
+fn stamp(batch: &mut [u8], producer: ProducerIdentity) {
+    let batch_len = (batch.len() - LOG_OVERHEAD) as i32;
+    batch[8..12].copy_from_slice(&batch_len.to_be_bytes());
+    let mut attributes =
+        i16::from_be_bytes([batch[ATTRIBUTES_OFFSET], batch[ATTRIBUTES_OFFSET + 1]]);
+    attributes &= !TRANSACTIONAL_FLAG;
+    if producer.transactional {
+        attributes |= TRANSACTIONAL_FLAG;
+    }
+    batch[ATTRIBUTES_OFFSET..ATTRIBUTES_OFFSET + 2].copy_from_slice(&attributes.to_be_bytes());
+    batch[43..51].copy_from_slice(&producer.producer_id.to_be_bytes());
+    batch[51..53].copy_from_slice(&producer.producer_epoch.to_be_bytes());
+    batch[53..57].copy_from_slice(&producer.base_sequence.to_be_bytes());
+    let crc = crc32c::crc32c(&batch[ATTRIBUTES_OFFSET..]);
+    batch[CRC_OFFSET..CRC_OFFSET + 4].copy_from_slice(&crc.to_be_bytes());
+}
+
+/// A sealed batch with other producer fields (a new producer epoch's
+/// sequence numbers): the same records, compressed or not, as a copy.
+/// What the idempotent producer sends again instead of sealing a kept
+/// builder anew, so it keeps each batch in memory once.
+pub(crate) fn restamp(sealed: &Bytes, producer: ProducerIdentity) -> Bytes {
+    let mut batch = BytesMut::from(&sealed[..]);
+    if batch.len() >= BATCH_HEADER_LEN {
+        stamp(&mut batch, producer);
+    }
+    batch.freeze()
 }
 
 /// One decoded RecordBatch: its header fields and its (decompressed) records.
@@ -718,6 +777,55 @@ pub(crate) fn read_varint(buf: &[u8]) -> Option<(i64, usize)> {
 mod tests {
     use super::*;
 
+    /// A sealed batch stamped with other producer fields is that batch
+    /// sealed with them, byte for byte, whatever its codec; it decodes with
+    /// its CRC checked and carries the new fields.
+    #[test]
+    fn a_restamped_batch_is_the_batch_sealed_with_its_fields() {
+        let build = || {
+            let mut b = BatchBuilder::new(64);
+            for i in 0..20i64 {
+                let key = format!("key-{i}");
+                b.push(1_000 + i, Some(key.as_bytes()), Some(b"value"), &[]);
+            }
+            b
+        };
+        let first = ProducerIdentity {
+            producer_id: 7,
+            producer_epoch: 1,
+            base_sequence: 0,
+            transactional: false,
+        };
+        let next = ProducerIdentity {
+            producer_id: 9,
+            producer_epoch: 4,
+            base_sequence: 1234,
+            transactional: true,
+        };
+        for compression in [
+            Compression::None,
+            Compression::Gzip,
+            Compression::Snappy,
+            Compression::Lz4,
+            Compression::Zstd,
+        ] {
+            let sealed = build().seal(compression, first).unwrap();
+            let restamped = restamp(&sealed, next);
+            assert_eq!(
+                restamped,
+                build().seal(compression, next).unwrap(),
+                "{compression:?}"
+            );
+            let batch = BatchDecoder::new(restamped, true).next().unwrap().unwrap();
+            assert_eq!(
+                (batch.producer_id, batch.producer_epoch, batch.base_sequence),
+                (9, 4, 1234)
+            );
+            assert!(batch.is_transactional());
+            assert_eq!(batch.records().count(), 20);
+        }
+    }
+
     fn sample(n: usize, compression: Compression) -> Bytes {
         let mut b = BatchBuilder::new(64);
         for i in 0..n {
@@ -932,9 +1040,9 @@ mod tests {
     #[test]
     fn record_size_is_an_upper_bound() {
         let mut b = BatchBuilder::new(0);
-        let before = b.records.len();
+        let before = b.records().len();
         b.push(0, Some(b"key"), Some(&[7u8; 300]), &[Header::new("a", "b")]);
-        let used = b.records.len() - before;
+        let used = b.records().len() - before;
         assert!(
             used <= BatchBuilder::record_size(
                 Some(b"key"),

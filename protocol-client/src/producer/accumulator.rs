@@ -14,7 +14,7 @@ use bytes::Bytes;
 use super::{Completion, DeliveryFuture, ProducerConfig, ProducerRecord};
 use crate::error::Error;
 use crate::partitioner::{partition_for_key, Sticky};
-use crate::records::{BatchBuilder, ProducerIdentity};
+use crate::records::{restamp, BatchBuilder, ProducerIdentity};
 
 /// A batch on its way: open, ready, in flight, or waiting to be retried.
 #[derive(Debug)]
@@ -321,7 +321,9 @@ impl Accumulator {
                             base_sequence: queue.next_sequence,
                             transactional: self.transactional,
                         });
-                        batch.sealed = None;
+                        if let Some(sealed) = batch.sealed.take() {
+                            batch.sealed = batch.identity.map(|i| restamp(&sealed, i));
+                        }
                         let next = queue.next_sequence as i64 + batch.records as i64;
                         queue.next_sequence = (next % (i32::MAX as i64 + 1)) as i32;
                     }

@@ -814,6 +814,60 @@ mod tests {
         );
     }
 
+    /// An idempotent producer whose batch the broker refuses with
+    /// UNKNOWN_PRODUCER_ID bumps its epoch and sends the sealed batch again
+    /// stamped with the new producer fields (it keeps no builder to seal it
+    /// anew): the broker, checking the CRC, takes every record once, in
+    /// order, compressed or not.
+    #[tokio::test]
+    async fn a_batch_sent_again_under_a_new_epoch_is_restamped() {
+        use crate::mock::{Action, MockCluster, ResponseError};
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        for compression in [Compression::None, Compression::Lz4] {
+            let cluster = MockCluster::new();
+            cluster.create_topic("t", 1);
+            let produces = Arc::new(AtomicUsize::new(0));
+            let seen = produces.clone();
+            cluster.set_hook(move |call| match call.api {
+                ApiKey::Produce if seen.fetch_add(1, Ordering::SeqCst) == 0 => {
+                    Action::Fail(ResponseError::UnknownProducerId)
+                }
+                _ => Action::Answer,
+            });
+            let client = Client::connect(cluster.client_config()).await.unwrap();
+            let producer = Producer::new(
+                client,
+                ProducerConfig {
+                    compression,
+                    idempotence: true,
+                    linger: std::time::Duration::from_millis(50),
+                    ..ProducerConfig::default()
+                },
+            )
+            .unwrap();
+            let mut deliveries = Vec::new();
+            for i in 0..10u32 {
+                let value = format!("{i:02}");
+                let record = ProducerRecord::to("t").partition(0).value(value.as_bytes());
+                deliveries.push(producer.send(record).await.unwrap());
+            }
+            producer.flush().await.unwrap();
+            for (i, d) in deliveries.into_iter().enumerate() {
+                assert_eq!(d.await.unwrap().offset, i as i64, "{compression:?}");
+            }
+            let values: Vec<Vec<u8>> = (cluster.records("t", 0).into_iter())
+                .map(|r| r.value.unwrap().to_vec())
+                .collect();
+            let want: Vec<Vec<u8>> = (0..10u32).map(|i| format!("{i:02}").into_bytes()).collect();
+            assert_eq!(values, want, "{compression:?}");
+            assert!(produces.load(Ordering::SeqCst) >= 2, "never refused");
+            assert!(
+                cluster.received(ApiKey::InitProducerId) >= 2,
+                "no epoch bump"
+            );
+        }
+    }
+
     /// Batches ready for one broker go in requests of `max_request_size`,
     /// as many as `max_in_flight` allows (the rest in the last one), so the
     /// broker is not handed every partition's batch in one request that

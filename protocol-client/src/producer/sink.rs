@@ -18,6 +18,7 @@ use super::accumulator::{Outgoing, ProducerBatch};
 use super::{Acks, Inner};
 use crate::cluster::ConnectionClass;
 use crate::error::{Error, Result};
+use crate::records::BatchBuilder;
 
 /// What a request task hands back: the batches it carried and how it went.
 struct Sent {
@@ -246,7 +247,7 @@ async fn sleep_until(at: Option<Instant>) {
 /// the real batch travels with its request task.
 fn shadow(b: &ProducerBatch) -> ProducerBatch {
     ProducerBatch {
-        builder: crate::records::BatchBuilder::new(0),
+        builder: BatchBuilder::new(0),
         completion: b.completion.clone(),
         reserved: b.reserved,
         records: b.records,
@@ -266,15 +267,12 @@ async fn produce(inner: Arc<Inner>, broker: i32, mut batches: Vec<Outgoing>) -> 
     for out in &mut batches {
         if out.batch.sealed.is_none() {
             let identity = out.batch.identity.unwrap_or_default();
-            match out.batch.builder.seal(config.compression, identity) {
-                Ok(bytes) => {
-                    out.batch.sealed = Some(bytes);
-                    // The builder stays for idempotent producers: a new epoch
-                    // means sealing again with new sequences.
-                    if !config.idempotence {
-                        out.batch.builder = crate::records::BatchBuilder::new(0);
-                    }
-                }
+            // Sealed, the batch is kept once, as its bytes: a new epoch's
+            // sequences are stamped onto them (`records::restamp`).
+            let builder = std::mem::replace(&mut out.batch.builder, BatchBuilder::new(0));
+            match builder.seal(config.compression, identity) {
+                Ok(bytes) => out.batch.sealed = Some(bytes),
+                // Not retriable: the batch fails, so its records are not needed.
                 Err(e) => seal_error = Some(e),
             }
         }
