@@ -375,9 +375,10 @@ impl App {
     /// time (see [`Punctuation`]), with that partition's tables: to expire or
     /// sweep state on a schedule. It runs between the partition's events,
     /// after the agents of the event that made it due, so what it writes and
-    /// sends commits with the partition's offsets. An error it returns is
-    /// counted and skipped, or stops the worker under the app's stop
-    /// policy.
+    /// sends commits with the partition's offsets; runs are not replayed
+    /// after an aborted transaction or a restart. An error it returns is
+    /// logged and counted, and the timer goes on (see
+    /// [`punctuator`](crate::punctuator)).
     ///
     /// ```
     /// use std::time::Duration;

@@ -2,10 +2,15 @@
 //! partition's task on a schedule of the wall clock or of the partition's
 //! stream time, with that partition's tables, like an agent's handler.
 //!
-//! It runs between events, in the task that processes them, so what it
-//! writes and sends commits with the partition's offsets (in their
-//! transaction under exactly-once), and it never races an event of its
-//! partition.
+//! It runs in the task that processes the partition's events, between
+//! them (alongside events in flight of an agent whose concurrency is above
+//! 1), so what it writes and sends commits with the partition's offsets (in
+//! their transaction under exactly-once). Runs are not replayed: one whose
+//! writes a failed transaction aborted, or one due just before the worker
+//! stopped or the partition moved, is not run again. An error it returns is
+//! logged and counted in `strom_agent_errors_total` and the timer goes on;
+//! a failed framework call (a send, a table write) stops the worker as
+//! anywhere else.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -14,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use strom_client::consumer::ConsumerRecord;
-use strom_worker::{AgentError, Context, ProcessFuture, Processor};
+use strom_worker::{AgentError, Context, ErrorPolicy, ProcessFuture, Processor};
 use tokio::time::Instant;
 
 use crate::context::Ctx;
@@ -55,12 +60,19 @@ pub(crate) struct Punctuator {
 }
 
 impl Punctuator {
+    /// A timer of `topic`'s partitions; an interval under a millisecond
+    /// counts as one.
     pub(crate) fn new(
         topic: Arc<str>,
         when: Punctuation,
         record_time: bool,
         f: PunctuateFn,
     ) -> Punctuator {
+        let at_least = |d: Duration| d.max(Duration::from_millis(1));
+        let when = match when {
+            Punctuation::WallClock(d) => Punctuation::WallClock(at_least(d)),
+            Punctuation::StreamTime(d) => Punctuation::StreamTime(at_least(d)),
+        };
         Punctuator {
             topic,
             when,
@@ -90,6 +102,12 @@ fn next_multiple(time: i64, step: i64) -> i64 {
 impl Processor for Punctuator {
     fn topic(&self) -> &str {
         &self.topic
+    }
+
+    /// A run that fails is skipped (logged and counted), whatever the
+    /// app's policy: it has no event of its own to dead-letter or retry.
+    fn error_policy(&self) -> Option<&ErrorPolicy> {
+        Some(&ErrorPolicy::Skip)
     }
 
     fn process(&self, ctx: Context, record: ConsumerRecord) -> ProcessFuture<'_> {

@@ -256,7 +256,9 @@ impl TestDriver {
 
     /// The partition count of the app's source topics.
     async fn source_partitions(&self) -> Result<usize> {
-        let Some(topic) = self.app.processors.first().map(|p| p.topic().to_owned()) else {
+        let punctuators = self.app.punctuators.iter().map(|(p, _)| p);
+        let first = self.app.processors.iter().chain(punctuators).next();
+        let Some(topic) = first.map(|p| p.topic().to_owned()) else {
             return Err(Error::Config("the app has no agents".into()));
         };
         Ok(self.client.topic_metadata(&topic).await?.partitions.len())

@@ -801,3 +801,52 @@ async fn a_stream_time_partition_timer_follows_the_events() {
     assert!(driver.read(&ticks).unwrap().is_empty(), "ran on the clock");
     driver.close().await.unwrap();
 }
+
+/// A partition timer whose run fails is logged, counted and run again at
+/// its next time, even under the app's stop policy (it has no event to
+/// stop on); an interval of zero counts as a millisecond instead of
+/// spinning the task.
+#[tokio::test]
+async fn a_failing_partition_timer_is_counted_and_goes_on() {
+    use strom::Punctuation;
+    let mut app = one_partition_app("failing-timer").with_error_policy(ErrorPolicy::Stop);
+    let events = app.topic::<String, u64>("failing-timer-in");
+    let out = app.topic::<String, u64>("failing-timer-out");
+    let runs = Arc::new(AtomicUsize::new(0));
+    {
+        let (runs, out) = (runs.clone(), out.clone());
+        app.partition_timer(
+            &events,
+            Punctuation::WallClock(Duration::from_secs(10)),
+            move |ctx| {
+                let (n, out) = (runs.fetch_add(1, Ordering::SeqCst), out.clone());
+                async move {
+                    if n == 0 {
+                        return Err("the first run fails".into());
+                    }
+                    ctx.send(&out, &"run".to_string(), &(n as u64)).await?;
+                    Ok(())
+                }
+            },
+        );
+    }
+    let ticks = app.topic::<String, u64>("zero-in");
+    app.partition_timer(
+        &ticks,
+        Punctuation::WallClock(Duration::ZERO),
+        |_ctx| async { Ok(()) },
+    );
+    let mut driver = TestDriver::new(app).await.unwrap();
+    driver.send(&events, &"k".to_string(), &1).await.unwrap();
+    // Runs at 10 s (fails), 20 s and 30 s.
+    driver.advance(Duration::from_secs(35)).await.unwrap();
+    let sent: Vec<u64> = values(&mut driver, &out);
+    assert_eq!(sent, [1, 2], "the run after the failed one did not happen");
+    let text = driver.metrics();
+    assert!(
+        metric(&text, "strom_agent_errors_total", "failing-timer-in") >= 1.0,
+        "{text}"
+    );
+    driver.send(&ticks, &"k".to_string(), &1).await.unwrap();
+    driver.close().await.unwrap();
+}
