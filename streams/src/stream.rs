@@ -39,19 +39,10 @@ pub struct Event<K, V> {
 }
 
 impl<K, V> Event<K, V> {
-    /// This event with `value` in place of its own, which is returned too:
-    /// key, headers and topic are moved, not cloned.
-    fn replace<V2>(self, value: V2) -> (Event<K, V2>, V) {
+    /// Where this event came from, its time and headers (moved, not
+    /// cloned), and its key and value.
+    fn split(self) -> (Event<(), ()>, K, V) {
         let Event {
-            key,
-            value: old,
-            topic,
-            partition,
-            offset,
-            timestamp,
-            headers,
-        } = self;
-        let event = Event {
             key,
             value,
             topic,
@@ -59,8 +50,17 @@ impl<K, V> Event<K, V> {
             offset,
             timestamp,
             headers,
+        } = self;
+        let meta = Event {
+            key: (),
+            value: (),
+            topic,
+            partition,
+            offset,
+            timestamp,
+            headers,
         };
-        (event, old)
+        (meta, key, value)
     }
 
     /// A copy of where this event came from, its time and headers.
@@ -76,58 +76,22 @@ impl<K, V> Event<K, V> {
         }
     }
 
-    /// This event with `key` in place of its own.
-    fn with_key<K2>(self, key: K2) -> Event<K2, V> {
-        self.take_key().0.rekey(key)
-    }
-
-    /// This event without its key (`()` in its place), and the key.
-    fn take_key(self) -> (Event<(), V>, K) {
-        let Event {
-            key,
-            value,
-            topic,
-            partition,
-            offset,
-            timestamp,
-            headers,
-        } = self;
-        let event = Event {
-            key: (),
-            value,
-            topic,
-            partition,
-            offset,
-            timestamp,
-            headers,
-        };
-        (event, key)
-    }
-
     /// A copy of this event's key and metadata with `value` (for one event
     /// that becomes several).
     fn with_value<V2>(&self, value: V2) -> Event<K, V2>
     where
         K: Clone,
     {
-        Event {
-            key: self.key.clone(),
-            value,
-            topic: self.topic.clone(),
-            partition: self.partition,
-            offset: self.offset,
-            timestamp: self.timestamp,
-            headers: self.headers.clone(),
-        }
+        self.meta().join(self.key.clone(), value)
     }
 }
 
-impl<V> Event<(), V> {
-    /// This keyless event with `key`.
-    fn rekey<K>(self, key: K) -> Event<K, V> {
+impl Event<(), ()> {
+    /// The event of this origin, time and headers with `key` and `value`.
+    fn join<K, V>(self, key: K, value: V) -> Event<K, V> {
         Event {
             key,
-            value: self.value,
+            value,
             topic: self.topic,
             partition: self.partition,
             offset: self.offset,
@@ -307,8 +271,8 @@ where
         self.then(move |events| {
             let f = f.clone();
             Box::new(events.map(move |e| {
-                let (meta, value) = e.replace(());
-                meta.replace(f(value)).0
+                let (meta, key, value) = e.split();
+                meta.join(key, f(value))
             }))
         })
     }
@@ -345,7 +309,7 @@ where
             Box::new(events.map(move |e| {
                 let meta = e.meta();
                 let (key, value) = f(e);
-                meta.rekey(key).replace(value).0
+                meta.join(key, value)
             }))
         })
     }
@@ -365,7 +329,8 @@ where
             let f = f.clone();
             Box::new(events.map(move |e| {
                 let key = f(&e);
-                e.with_key(key)
+                let (meta, _, value) = e.split();
+                meta.join(key, value)
             }))
         })
     }
@@ -381,8 +346,8 @@ where
         self.then(move |events| {
             let f = f.clone();
             Box::new(events.map(move |e| {
-                let (e, key) = e.take_key();
-                e.with_key(f(key))
+                let (meta, key, value) = e.split();
+                meta.join(f(key), value)
             }))
         })
     }
@@ -398,7 +363,8 @@ where
         self.then(move |events| {
             let f = f.clone();
             Box::new(events.flat_map(move |e| {
-                let (meta, value) = e.replace(());
+                let (meta, key, value) = e.split();
+                let meta = meta.join(key, ());
                 f(value).into_iter().map(move |v| meta.with_value(v))
             }))
         })
@@ -422,8 +388,8 @@ where
                     let n = counters.entry(e.partition).or_default();
                     let i = *n;
                     *n += 1;
-                    let (meta, value) = e.replace(());
-                    meta.replace((i, value)).0
+                    let (meta, key, value) = e.split();
+                    meta.join(key, (i, value))
                 })
                 .collect();
             Box::new(numbered.into_iter())
