@@ -23,6 +23,7 @@ pub mod error;
 #[cfg(any(test, feature = "fuzzing"))]
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod global;
 pub mod logged;
 pub mod memory;
 pub mod recovery;

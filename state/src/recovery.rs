@@ -176,6 +176,13 @@ pub async fn recover_with_progress(
         let position = consumer.position(&tp).unwrap_or(from);
         let end = log_end(&consumer, &tp, isolation);
         let records = match polled {
+            // A lost connection or a moving leader: fetched again, until
+            // replay stalls for too long (below).
+            Ok(Err(e)) if e.is_retriable() && last_news.elapsed() < STALL => {
+                tracing::debug!(%tp, error = %e, "replay fetch failed; retrying");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
             Ok(records) => records?,
             Err(_) if end >= 0 && position >= end => {
                 if last_news.elapsed() >= QUIET {
@@ -242,6 +249,19 @@ impl Standby {
         partition: i32,
         isolation: IsolationLevel,
     ) -> Standby {
+        Self::start_observed(client, store, topic, partition, isolation, |_| {})
+    }
+
+    /// [`Standby::start`], calling `applied(offset)` after each batch of
+    /// records it applies (with the offset of the last one).
+    pub fn start_observed(
+        client: &Client,
+        store: Arc<dyn Store>,
+        topic: &str,
+        partition: i32,
+        isolation: IsolationLevel,
+        observe: impl Fn(i64) + Send + 'static,
+    ) -> Standby {
         let (stop, mut stopped) = watch::channel(false);
         let applied = Arc::new(AtomicI64::new(-1));
         let task = tokio::spawn({
@@ -260,12 +280,27 @@ impl Standby {
                 consumer.assign([(tp, start)])?;
                 let mut last_durable = Instant::now();
                 loop {
-                    let records = tokio::select! {
-                        r = consumer.poll() => r?,
+                    let polled = tokio::select! {
+                        r = consumer.poll() => r,
                         _ = stopped.changed() => return Ok(()),
                     };
+                    let records = match polled {
+                        Ok(records) => records,
+                        // A lost connection or a moving leader: the standby
+                        // goes on reading once the cluster answers again.
+                        Err(e) if e.is_retriable() => {
+                            tracing::debug!(%topic, partition, error = %e, "standby fetch failed; retrying");
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                            continue;
+                        }
+                        Err(e) => return Err(e.into()),
+                    };
                     let mut batch = WriteBatch::default();
-                    let last = add_changes(&mut batch, records).unwrap_or(-1);
+                    // Nothing to apply (only control records): an offset of
+                    // -1 must not overwrite the one the store holds.
+                    let Some(last) = add_changes(&mut batch, records) else {
+                        continue;
+                    };
                     let durability = if last_durable.elapsed() >= STANDBY_DURABLE_EVERY {
                         last_durable = Instant::now();
                         Durability::Durable
@@ -274,6 +309,7 @@ impl Standby {
                     };
                     apply(&store, batch, last, durability).await?;
                     applied.store(last, Ordering::SeqCst);
+                    observe(last);
                 }
             }
         });
@@ -291,6 +327,12 @@ impl Standby {
     /// The changelog offset the standby has applied (-1 before any).
     pub fn applied_offset(&self) -> i64 {
         self.applied.load(Ordering::SeqCst)
+    }
+
+    /// Whether it stopped tailing on its own, which only an error makes it
+    /// do: [`Standby::stop`] returns the error.
+    pub fn is_finished(&self) -> bool {
+        self.task.is_finished()
     }
 
     /// The standby's store (read-only use while it tails).
