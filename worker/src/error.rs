@@ -87,6 +87,18 @@ pub enum WorkerError {
         /// What the broker said.
         reason: String,
     },
+    /// A global table stopped reading its topic (its store failed, or a
+    /// batch does not decode): it would fall behind without a word, so the
+    /// worker stops.
+    #[error("global table {table:?} stopped reading partition {partition} of its topic: {error}")]
+    GlobalTable {
+        /// The table.
+        table: String,
+        /// The partition of its topic.
+        partition: i32,
+        /// Why.
+        error: String,
+    },
     /// A record that processing an event caused was not acknowledged: the
     /// event's offset is not committed and the worker stops, so a restart
     /// processes it again (at-least-once).

@@ -50,6 +50,7 @@ mod error;
 #[cfg(any(test, feature = "fuzzing"))]
 #[doc(hidden)]
 pub mod fuzzing;
+mod global;
 mod listener;
 mod manager;
 pub mod metrics;
@@ -85,10 +86,12 @@ pub use error::WorkerError;
 pub use metrics::Metrics;
 pub use processor::{AgentError, Context, DecodeError, ErrorPolicy, ProcessFuture, Processor};
 pub use timer::{Schedule, Timer, TimerContext};
+use web::TableRoute;
 pub use web::{KeyParser, ParsedKey};
 pub use windowed::{ClosedWindow, Emitting, Window, WindowUpdate};
 
 use eos::Transactions;
+use global::{GlobalSpec, GlobalTables};
 use listener::Listener;
 use manager::TaskManager;
 use policy::Undecodable;
@@ -111,6 +114,7 @@ pub struct Worker {
     processors: Vec<Arc<dyn Processor>>,
     /// Each table with its windows, if it is windowed.
     tables: Vec<(String, Option<Windowing>)>,
+    globals: Vec<GlobalSpec>,
     keys: HashMap<String, KeyParser>,
     pages: Vec<axum::Router>,
     timers: Vec<Timer>,
@@ -146,6 +150,7 @@ impl Worker {
             config,
             processors: Vec::new(),
             tables: Vec::new(),
+            globals: Vec::new(),
             keys: HashMap::new(),
             pages: Vec::new(),
             timers: Vec::new(),
@@ -222,6 +227,27 @@ impl Worker {
         self
     }
 
+    /// Declares a global table `name` fed by `topic` (see `global`): every
+    /// worker holds all of it, restored before the worker joins its group;
+    /// agents read it with [`Context::global`], and the web answers its keys
+    /// on every worker, without redirects. Its keys are the bytes the
+    /// topic's records carry; the web reads them from a URL with `key`
+    /// ([`ParsedKey::written`]).
+    pub fn global_table(
+        mut self,
+        name: impl Into<String>,
+        topic: impl Into<String>,
+        key: KeyParser,
+    ) -> Self {
+        let name = name.into();
+        self.keys.insert(name.clone(), key);
+        self.globals.push(GlobalSpec {
+            name,
+            topic: topic.into(),
+        });
+        self
+    }
+
     /// Runs until `shutdown` completes, then stops cleanly: stops fetching,
     /// finishes queued events, commits, closes stores, leaves the group.
     /// Returns the error that stopped it early, if one did (a fatal client
@@ -232,6 +258,7 @@ impl Worker {
             config,
             processors,
             tables: table_names,
+            globals,
             keys,
             pages,
             timers,
@@ -271,13 +298,27 @@ impl Worker {
                     &assignor,
                     manager.clone(),
                     metrics.clone(),
-                    keys,
+                    routes(keys, &globals),
                     pages,
                 )
                 .await?,
             ),
             None => None,
         };
+        tokio::pin!(shutdown);
+        if !globals.is_empty() {
+            let restored = tokio::select! {
+                restored = GlobalTables::restore(&spec, &globals) => restored,
+                _ = &mut shutdown => {
+                    info!(app = %config.app_id, "stopped while restoring global tables");
+                    if let Some(web) = web {
+                        web.abort();
+                    }
+                    return Ok(());
+                }
+            };
+            let _ = spec.globals.set(Arc::new(restored?));
+        }
         let mut consumer = GroupConsumer::new(
             client.clone(),
             group_config(&config, &instance, &assignor, &spec),
@@ -310,6 +351,9 @@ impl Worker {
         // tasks close their tables (see Listener::on_revoked).
         let left = consumer.close().await;
         manager.stop_standbys().await;
+        if let Some(globals) = spec.globals.get() {
+            globals.stop().await;
+        }
         if let Some(web) = web {
             web.abort();
         }
@@ -320,6 +364,16 @@ impl Worker {
             None => Ok(()),
         }
     }
+}
+
+/// How the web answers the keys of each table.
+fn routes(keys: HashMap<String, KeyParser>, globals: &[GlobalSpec]) -> HashMap<String, TableRoute> {
+    keys.into_iter()
+        .map(|(name, parse)| {
+            let global = globals.iter().any(|g| g.name == name);
+            (name, TableRoute { parse, global })
+        })
+        .collect()
 }
 
 /// The topics the agents read, sorted, once each.
@@ -413,6 +467,7 @@ fn spec(
         durable_interval: config.durable_checkpoint_interval,
         durable_changes: config.durable_checkpoint_changes,
         round_gate: txn.map(|t| t.gate().clone()),
+        globals: std::sync::OnceLock::new(),
         fatal: Mutex::new(None),
         stopped: Notify::new(),
     })
@@ -564,7 +619,14 @@ async fn poll_loop(
             _ = &mut stopped => {}
             Some(rewind) = rewinds.recv() => manager.apply_rewind(rewind, consumer),
             _ = manager.drained.notified() => manager.resume(consumer, &mut paused),
-            _ = lag.tick() => measure_lag(&spec.metrics, consumer),
+            _ = lag.tick() => {
+                measure_lag(&spec.metrics, consumer);
+                if let Some(globals) = spec.globals.get() {
+                    if let Err(e) = globals.check().await {
+                        break Err(e);
+                    }
+                }
+            }
             Ok(()) = placement.changed() => {
                 placement.borrow_and_update();
                 spec.metrics.rebalanced();

@@ -660,6 +660,7 @@ mod tests {
             durable_interval: std::time::Duration::from_secs(5),
             durable_changes: 1,
             round_gate: None,
+            globals: std::sync::OnceLock::new(),
             fatal: std::sync::Mutex::new(None),
             stopped: Notify::new(),
         });

@@ -13,6 +13,7 @@
 //! | `strom_rebalances_total` | | rebalances this worker took part in |
 //! | `strom_recovery_replayed`, `strom_recovery_to_replay` | table, partition | changelog replay progress |
 //! | `strom_partition_ready` | partition | 0 recovering, 1 processing |
+//! | `strom_global_table_offset` | table, partition | the last offset of its source topic a global table applied |
 //! | `strom_worker_failed` | | 1 once an error stops the worker |
 //! | `strom_table_reads_total`, `strom_table_writes_total` | table | table access |
 //! | `strom_late_events_total` | table | events of a windowed table whose every window had closed (dropped) |
@@ -91,6 +92,7 @@ struct Inner {
     replayed: Family<TablePartitionLabels, Gauge>,
     to_replay: Family<TablePartitionLabels, Gauge>,
     ready: Family<NumberLabels, Gauge>,
+    global_applied: Family<TablePartitionLabels, Gauge>,
     failed: Gauge,
     table_reads: Family<TableLabels, Counter>,
     table_writes: Family<TableLabels, Counter>,
@@ -142,6 +144,7 @@ impl Default for Metrics {
             replayed: Family::default(),
             to_replay: Family::default(),
             ready: Family::default(),
+            global_applied: Family::default(),
             failed: Gauge::default(),
             table_reads: Family::default(),
             table_writes: Family::default(),
@@ -208,6 +211,11 @@ impl Default for Metrics {
             "recovery_to_replay",
             "Changelog records expected to replay (a hint from the high watermark)",
             inner.to_replay.clone(),
+        );
+        r.register(
+            "global_table_offset",
+            "The last offset of its source topic's partition a global table applied",
+            inner.global_applied.clone(),
         );
         r.register(
             "partition_ready",
@@ -442,6 +450,26 @@ impl Metrics {
             .to_replay
             .get_or_create(&labels)
             .set(to_replay as i64);
+    }
+
+    /// The gauge of the last offset of `partition` of its topic that global
+    /// table `table` applied.
+    pub(crate) fn global_applied(&self, table: &str, partition: i32) -> Gauge {
+        let labels = TablePartitionLabels {
+            table: table.to_owned(),
+            partition,
+        };
+        self.inner.global_applied.get_or_create_owned(&labels)
+    }
+
+    /// The last offset of `partition` of its topic that global table `table`
+    /// applied, once it applied one.
+    pub fn global_offset(&self, table: &str, partition: i32) -> Option<i64> {
+        let labels = TablePartitionLabels {
+            table: table.to_owned(),
+            partition,
+        };
+        self.inner.global_applied.get(&labels).map(|g| g.get())
     }
 
     /// Partition number `partition` is processing (`true`) or recovering.

@@ -15,6 +15,7 @@ use strom_state::{Durability, LoggedStore, StateError};
 use tokio::sync::{MappedMutexGuard, Mutex, MutexGuard};
 
 use crate::error::WorkerError;
+use crate::global::GlobalTables;
 use crate::metrics::{Counter, Metrics};
 use crate::windowed::{self, Emitting, Plan, PlanError, Window, WindowUpdate, Windowed};
 
@@ -168,6 +169,8 @@ struct Shared {
     partition: i32,
     partitions: usize,
     state: Mutex<PartitionState>,
+    /// The worker's global tables.
+    globals: Arc<GlobalTables>,
     producer: Producer,
     metrics: Metrics,
     /// The first framework call that failed for good since the last event
@@ -188,6 +191,7 @@ impl Context {
         partition: i32,
         partitions: usize,
         tables: BTreeMap<String, (LoggedStore, Option<Windowing>)>,
+        globals: Arc<GlobalTables>,
         producer: Producer,
         metrics: Metrics,
         exactly_once: bool,
@@ -216,6 +220,7 @@ impl Context {
                     deliveries: Vec::new(),
                     sent: HashMap::new(),
                 }),
+                globals,
                 producer,
                 metrics,
                 failure: std::sync::Mutex::new(None),
@@ -322,6 +327,21 @@ impl Context {
         let table = plain(&state.tables, name)?;
         table.reads.inc();
         Ok(table.store.get(key)?)
+    }
+
+    /// The value of `key` in global table `name`: `key` as its source
+    /// topic's records carry it (the bytes its key codec writes). Read from
+    /// this worker's copy of the whole table, whatever the partition. A
+    /// store that cannot be read fails the event as a framework call does
+    /// (see [`Context`]).
+    pub fn global(&self, name: &str, key: &[u8]) -> Result<Option<Vec<u8>>, WorkerError> {
+        match self.inner.globals.get(name, key) {
+            Some(Ok(value)) => Ok(value),
+            Some(Err(e)) => Err(self.fail(&format!("read global table {name:?}"), e.to_string())),
+            None => Err(WorkerError::Config(format!(
+                "no global table named {name:?}"
+            ))),
+        }
     }
 
     /// The entries of this partition of table `name` with keys within the
@@ -766,7 +786,15 @@ mod tests {
             .await
             .unwrap();
         let producer = Producer::new(client, ProducerConfig::default()).unwrap();
-        let ctx = Context::new(0, 2, BTreeMap::new(), producer, Metrics::default(), false);
+        let ctx = Context::new(
+            0,
+            2,
+            BTreeMap::new(),
+            Arc::default(),
+            producer,
+            Metrics::default(),
+            false,
+        );
         for i in 0..20_000u32 {
             let key = i.to_string();
             ctx.send(ProducerRecord::to("out").key(key.as_bytes()).value(b"v"))

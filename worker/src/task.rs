@@ -36,6 +36,7 @@ use tracing::{info, warn};
 
 use crate::config::{ProcessingGuarantee, StoreKind};
 use crate::error::WorkerError;
+use crate::global::GlobalTables;
 use crate::metrics::{EventMeters, Metrics};
 use crate::policy::{self, Undecodable};
 use crate::processor::{Context, ErrorPolicy, Processor};
@@ -145,6 +146,8 @@ pub(crate) struct Spec {
     pub durable_changes: u64,
     /// Exactly-once: the transactions' round gate (see `eos`).
     pub round_gate: Option<Arc<tokio::sync::RwLock<()>>>,
+    /// The global tables, once restored (before the worker joins its group).
+    pub globals: std::sync::OnceLock<Arc<GlobalTables>>,
     /// The first error that stops the worker.
     pub fatal: std::sync::Mutex<Option<WorkerError>>,
     /// Woken when `fatal` is set.
@@ -470,6 +473,7 @@ async fn run(
         partition,
         spec.partitions,
         tables,
+        spec.globals.get().cloned().unwrap_or_default(),
         spec.producer.clone(),
         spec.metrics.clone(),
         spec.guarantee == ProcessingGuarantee::ExactlyOnce,
@@ -1069,7 +1073,7 @@ impl Task {
 /// Recovers `table`'s partition from its changelog, logging progress every few
 /// seconds (records replayed / to replay, time left) and keeping the metrics
 /// current.
-async fn recover_reporting(
+pub(crate) async fn recover_reporting(
     spec: &Spec,
     store: Arc<dyn Store>,
     table: &str,

@@ -7,7 +7,7 @@
 //! | `GET /ready` | 200 when the worker is in the group with its assignment registered and every partition it owns is processing; else 503 and why |
 //! | `GET /metrics` | the [`Metrics`] in the OpenMetrics text format |
 //! | `GET /assignment` | this worker's active and standby partition numbers, and the group's placement |
-//! | `GET /tables/{table}/{key}` | the value as JSON (of a windowed table, the key's live windows: `[{"start":ms,"end":ms,"value":...}]`); 404 when absent; 307 to the owner's URL when another worker owns the key |
+//! | `GET /tables/{table}/{key}` | the value as JSON (of a windowed table, the key's live windows: `[{"start":ms,"end":ms,"value":...}]`); 404 when absent; 307 to the owner's URL when another worker owns the key; a global table's keys from this worker's copy (503 until it is restored) |
 //!
 //! Apps add their own routes with [`Worker::page`](crate::Worker::page).
 
@@ -59,7 +59,16 @@ pub(crate) struct WebState {
     pub manager: Arc<TaskManager>,
     pub placement: watch::Receiver<Placement>,
     pub metrics: Metrics,
-    pub tables: Arc<HashMap<String, KeyParser>>,
+    pub tables: Arc<HashMap<String, TableRoute>>,
+}
+
+/// How the web answers a table's keys.
+#[derive(Clone)]
+pub(crate) struct TableRoute {
+    /// Reads a key from the URL.
+    pub parse: KeyParser,
+    /// A global table: answered here, from this worker's copy.
+    pub global: bool,
 }
 
 /// Binds `addr` and serves the routes (and the app's `pages`) in the
@@ -70,7 +79,7 @@ pub(crate) async fn serve(
     assignor: &CopartitionedAssignor,
     manager: Arc<TaskManager>,
     metrics: Metrics,
-    tables: HashMap<String, KeyParser>,
+    tables: HashMap<String, TableRoute>,
     pages: Vec<Router>,
 ) -> Result<tokio::task::JoinHandle<()>, WorkerError> {
     let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
@@ -163,7 +172,7 @@ async fn table_value(
     Path((table, key)): Path<(String, String)>,
     uri: Uri,
 ) -> Response {
-    let Some(parse) = web.tables.get(&table) else {
+    let Some(TableRoute { parse, global }) = web.tables.get(&table) else {
         return error(StatusCode::NOT_FOUND, format!("no table named {table:?}"));
     };
     let ParsedKey {
@@ -178,6 +187,9 @@ async fn table_value(
             )
         }
     };
+    if *global {
+        return global_value(&web, &table, &key, &written);
+    }
     let partitions = web.manager.spec.partitions;
     if partitions == 0 {
         return error(StatusCode::SERVICE_UNAVAILABLE, "no partitions".into());
@@ -241,6 +253,29 @@ async fn table_value(
             format!("{key:?} is not in table {table:?}"),
         ),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+/// A key of a global table, answered from this worker's copy once it is
+/// restored.
+fn global_value(web: &WebState, table: &str, key: &str, written: &[u8]) -> Response {
+    let Some(globals) = web.manager.spec.globals.get() else {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("global table {table:?} is still restoring; try again"),
+        );
+    };
+    match globals.get(table, written) {
+        Some(Ok(Some(bytes))) => Json(json_of(&bytes)).into_response(),
+        Some(Ok(None)) => error(
+            StatusCode::NOT_FOUND,
+            format!("{key:?} is not in global table {table:?}"),
+        ),
+        Some(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        None => error(
+            StatusCode::NOT_FOUND,
+            format!("no global table named {table:?}"),
+        ),
     }
 }
 

@@ -555,7 +555,15 @@ mod tests {
         let logged = LoggedStore::new(store, producer.clone(), "counts-changelog", 0);
         let tables = BTreeMap::from([("counts".to_owned(), (logged, Some(windowing)))]);
         let metrics = Metrics::default();
-        let ctx = Context::new(0, 1, tables, producer, metrics.clone(), exactly_once);
+        let ctx = Context::new(
+            0,
+            1,
+            tables,
+            Arc::default(),
+            producer,
+            metrics.clone(),
+            exactly_once,
+        );
         (ctx, metrics)
     }
 
