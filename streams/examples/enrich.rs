@@ -1,7 +1,9 @@
-//! Page views enriched with user profiles: one agent keeps the table
-//! `profiles` (user id → profile) from topic `users`; another reads it for each
-//! page view from `page-views` (keyed by user id, so co-partitioned with the
-//! table) and sends the enriched view to `enriched-views`.
+//! Page views enriched with user profiles: the global table `profiles` holds
+//! all of topic `users` (user id → profile) on every worker; an agent reads
+//! it for each page view from `page-views` and sends the enriched view to
+//! `enriched-views`. The two topics may have any partition counts: a global
+//! table needs no common partitioning. A view of a user without a profile
+//! gets an empty name and country.
 //!
 //! ```text
 //! STROM_BROKERS=127.0.0.1:9092 cargo run -p strom --example enrich -- worker
@@ -11,7 +13,7 @@ use std::process::ExitCode;
 
 use serde::{Deserialize, Serialize};
 use strom::codec::Utf8;
-use strom::{App, Table, Topic};
+use strom::{App, GlobalTable, Topic};
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Profile {
@@ -32,13 +34,13 @@ pub struct EnrichedView {
     pub url: String,
 }
 
-/// The enrich app, with the topics and the table its tests use.
+/// The enrich app, with the topics and the global table its tests use.
 pub struct Enrich {
     pub app: App,
     pub users: Topic<String, Profile>,
     pub views: Topic<String, PageView>,
     pub enriched: Topic<String, EnrichedView>,
-    pub profiles: Table<String, Profile>,
+    pub profiles: GlobalTable<String, Profile>,
 }
 
 /// Declares the enrichment on `app`, with topics `<prefix>users`,
@@ -53,24 +55,14 @@ pub fn enrich(mut app: App, prefix: &str) -> Enrich {
     let enriched = app
         .topic::<String, EnrichedView>(&format!("{prefix}enriched-views"))
         .with_key_codec(Utf8);
-    // Keyed as its topic is, so a user's profile is in its views' partition.
-    let profiles = app
-        .table::<String, Profile>("profiles", Profile::default())
-        .with_key_codec(Utf8);
+    // All of `users` on every worker: the views need no common partitioning.
+    let profiles = app.global_table("profiles", &users);
 
-    let table = profiles.clone();
-    app.agent(&users).for_each(move |ctx, event| {
-        let table = table.clone();
-        async move {
-            ctx.set(&table, &event.key, &event.value).await?;
-            Ok(())
-        }
-    });
     let (table, out) = (profiles.clone(), enriched.clone());
     app.agent(&views).for_each(move |ctx, event| {
         let (profiles, enriched) = (table.clone(), out.clone());
         async move {
-            let profile = ctx.get(&profiles, &event.key).await?;
+            let profile = ctx.get_global(&profiles, &event.key)?.unwrap_or_default();
             let view = EnrichedView {
                 user: event.key.clone(),
                 name: profile.name,

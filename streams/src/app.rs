@@ -12,8 +12,8 @@ use strom_client::{Client, Compression, NewTopic};
 use strom_state::window::Windowing;
 use strom_state::TableKey;
 use strom_worker::{
-    AgentError, ErrorPolicy, ProcessingGuarantee, Processor, Schedule, StoreKind, Timer, Worker,
-    WorkerConfig,
+    AgentError, ErrorPolicy, KeyParser, ProcessingGuarantee, Processor, Schedule, StoreKind, Timer,
+    Worker, WorkerConfig,
 };
 use tracing::warn;
 
@@ -23,9 +23,10 @@ use serde::Serialize;
 use crate::codec::{Codec, Json};
 use crate::context::{Ctx, TimerCtx};
 use crate::error::Result;
+use crate::global::GlobalTable;
 use crate::punctuator::{PunctuateFn, Punctuation, Punctuator};
 use crate::stream::{decode_step, Stage, Stream};
-use crate::table::{Declared as DeclaredKeys, KeyBytes, SetTable, Table};
+use crate::table::{key_parser, Declared as DeclaredKeys, KeyBytes, SetTable, Table};
 use crate::topic::{Declared, Topic};
 
 /// A table as the app declares it.
@@ -82,6 +83,8 @@ pub struct App {
     /// (repartition topic, its source topic)
     pub(crate) repartitions: Vec<(String, String)>,
     pub(crate) tables: Vec<DeclaredTable>,
+    /// Global tables: (name, source topic, how the web reads its keys).
+    pub(crate) globals: Vec<(String, String, KeyParser)>,
     pub(crate) processors: Vec<Arc<dyn Processor>>,
     /// Partition timers, with what they do (for `APP agents`).
     pub(crate) punctuators: Vec<(Arc<dyn Processor>, String)>,
@@ -160,6 +163,7 @@ impl App {
             topics: Vec::new(),
             repartitions: Vec::new(),
             tables: Vec::new(),
+            globals: Vec::new(),
             processors: Vec::new(),
             punctuators: Vec::new(),
             agents: Vec::new(),
@@ -520,6 +524,34 @@ impl App {
         }
     }
 
+    /// Declares a global table: all of `topic` on every worker, restored
+    /// before the worker joins its group and kept current while it runs (see
+    /// [`GlobalTable`]). Agents read it with
+    /// [`Ctx::get_global`](crate::Ctx::get_global); `topic` needs no common
+    /// partition count with the app's other topics. Nothing else is written
+    /// for it: the topic is its changelog. The web server answers
+    /// `/tables/<name>/<key>` on every worker, without redirects.
+    ///
+    /// ```
+    /// use strom::codec::Utf8;
+    /// # #[derive(serde::Serialize, serde::Deserialize)] struct Profile { name: String }
+    /// let mut app = strom::App::new("enrich");
+    /// let users = app.topic::<String, Profile>("users").with_key_codec(Utf8);
+    /// let profiles = app.global_table("profiles", &users);
+    /// assert_eq!(profiles.topic(), "users");
+    /// ```
+    pub fn global_table<K, V>(&mut self, name: &str, topic: &Topic<K, V>) -> GlobalTable<K, V>
+    where
+        K: TableKey + 'static,
+    {
+        let table = GlobalTable::new(name, topic);
+        let parse = key_parser(KeyBytes::shared(topic.key.clone()));
+        self.globals.retain(|(n, _, _)| n != name);
+        self.globals
+            .push((name.to_owned(), topic.name.to_string(), parse));
+        table
+    }
+
     /// Starts defining an agent over `topic`'s events.
     pub fn agent<K, V>(&mut self, topic: &Topic<K, V>) -> Stream<'_, K, V>
     where
@@ -637,6 +669,9 @@ impl App {
                 Some(w) => worker.windowed_table(t.name.clone(), t.declared.parse(), w),
                 None => worker.table_with_key(t.name.clone(), t.declared.parse()),
             };
+        }
+        for (name, topic, parse) in &self.globals {
+            worker = worker.global_table(name.clone(), topic.clone(), parse.clone());
         }
         // Partition timers after the agents, so a stream-time one sees the
         // stream time an event's agents made.

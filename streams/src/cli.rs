@@ -424,6 +424,9 @@ fn tables(app: &App) {
             changelog::topic_name(app.id(), &table.name)
         );
     }
+    for (name, topic, _) in &app.globals {
+        println!("{name:<30} global: all of topic {topic} on every worker");
+    }
 }
 
 /// One line per agent stage: its topic, what it does, its concurrency and its
@@ -485,7 +488,10 @@ fn reset(app: App, yes: bool, state_dir: Option<PathBuf>) -> Result<()> {
         None => app,
     };
     let dir = app.config.state_dir.clone();
-    let names: Vec<&str> = app.tables.iter().map(|t| t.name.as_str()).collect();
+    let globals = app.globals.iter().map(|(name, _, _)| name.as_str());
+    let names: Vec<&str> = (app.tables.iter().map(|t| t.name.as_str()))
+        .chain(globals)
+        .collect();
     if !yes {
         print!(
             "Delete the local files of tables {names:?} under {}? Kafka keeps the changelogs. [y/N] ",

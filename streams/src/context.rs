@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use strom_worker::{ClosedWindow, WindowUpdate};
 
+use crate::global::GlobalTable;
 use crate::table::{KeyBytes, OnClose, SetTable, Table, Window, WindowedTable};
 use crate::topic::Topic;
 
@@ -142,10 +143,7 @@ impl Ctx {
         if key_partition != self.partition() {
             return Err(Error::CoPartition {
                 table: table.to_owned(),
-                key: match std::str::from_utf8(&stored) {
-                    Ok(text) => format!("{text:?}"),
-                    Err(_) => format!("{stored:?}"),
-                },
+                key: key_text(&stored),
                 key_partition,
                 partition: self.partition(),
             });
@@ -170,6 +168,33 @@ impl Ctx {
                 Err(e) => Err(self.damaged(&table.name, &bytes, e).await),
             },
             None => Ok((table.default)()),
+        }
+    }
+
+    /// The value of `key` in global table `table`, or `None`: read from this
+    /// worker's copy of the whole table, so any key can be read from any
+    /// event (see [`GlobalTable`] for when an update is seen).
+    ///
+    /// ```no_run
+    /// # #[derive(serde::Serialize, serde::Deserialize, Default)] struct Profile { name: String }
+    /// let mut app = strom::App::new("enrich");
+    /// let users = app.topic::<String, Profile>("users");
+    /// let profiles = app.global_table("profiles", &users);
+    /// let views = app.topic::<String, String>("page-views");
+    /// app.agent(&views).for_each(move |ctx, view| {
+    ///     let profiles = profiles.clone();
+    ///     async move {
+    ///         let name = ctx.get_global(&profiles, &view.key)?.unwrap_or_default().name;
+    ///         println!("{name} viewed {}", view.value);
+    ///         Ok(())
+    ///     }
+    /// });
+    /// ```
+    pub fn get_global<K, V>(&self, table: &GlobalTable<K, V>, key: &K) -> Result<Option<V>> {
+        let key = table.key_bytes(key)?;
+        match self.inner.global(&table.name, &key)? {
+            Some(bytes) => table.decode(&key, &bytes).map(Some),
+            None => Ok(None),
         }
     }
 
@@ -748,5 +773,14 @@ impl TimerCtx {
     /// Whether this worker leads the group (processes partition number 0).
     pub fn is_leader(&self) -> bool {
         self.inner.is_leader()
+    }
+}
+
+/// A key for an error message: UTF-8 as a quoted string, anything else as
+/// bytes.
+pub(crate) fn key_text(key: &[u8]) -> String {
+    match std::str::from_utf8(key) {
+        Ok(text) => format!("{text:?}"),
+        Err(_) => format!("{key:?}"),
     }
 }

@@ -18,6 +18,7 @@ use tokio::time::Instant;
 use crate::app::App;
 use crate::codec::{Codec, CodecError, Json};
 use crate::context::Ctx;
+use crate::global::GlobalTable;
 
 /// One event: its key and value, and where it came from.
 #[derive(Debug, Clone)]
@@ -102,12 +103,16 @@ impl Event<(), ()> {
 }
 
 /// Turns one record into the events a stage yields (decoding, then operators).
-type Step<K, V> = Arc<dyn Fn(ConsumerRecord) -> Result<Events<K, V>, CodecError> + Send + Sync>;
+/// It sees the partition's context, for operators that read tables.
+type Step<K, V> =
+    Arc<dyn Fn(&Context, ConsumerRecord) -> Result<Events<K, V>, CodecError> + Send + Sync>;
 
 /// The events of one record, made as they are taken: a stage sends or
 /// handles each before the next is made, so one record that becomes many
-/// events (a `flat_map` of a huge line) never holds them all in memory.
-type Events<K, V> = Box<dyn Iterator<Item = Event<K, V>> + Send>;
+/// events (a `flat_map` of a huge line) never holds them all in memory. An
+/// operator that fails on an event (a join whose lookup fails) yields its
+/// error in the event's place: the record fails there.
+type Events<K, V> = Box<dyn Iterator<Item = Result<Event<K, V>, AgentError>> + Send>;
 
 pub(crate) fn decode_step<K: Send + 'static, V: Send + 'static>(
     topic: &crate::Topic<K, V>,
@@ -117,7 +122,7 @@ pub(crate) fn decode_step<K: Send + 'static, V: Send + 'static>(
         topic.value.clone(),
         topic.timestamp.clone(),
     );
-    Arc::new(move |r: ConsumerRecord| {
+    Arc::new(move |_: &Context, r: ConsumerRecord| {
         let mut event = Event {
             key: key.decode(r.key.as_deref())?,
             value: value.decode(r.value.as_deref())?,
@@ -130,7 +135,7 @@ pub(crate) fn decode_step<K: Send + 'static, V: Send + 'static>(
         if let Some(time) = &time {
             event.timestamp = time(&event);
         }
-        Ok(Box::new(std::iter::once(event)) as Events<K, V>)
+        Ok(Box::new(std::iter::once(Ok(event))) as Events<K, V>)
     })
 }
 
@@ -211,15 +216,31 @@ where
 {
     fn then<K2, V2>(
         self,
-        f: impl Fn(Events<K, V>) -> Events<K2, V2> + Send + Sync + 'static,
+        f: impl Fn(&Context, Events<K, V>) -> Events<K2, V2> + Send + Sync + 'static,
     ) -> Stream<'a, K2, V2> {
         let step = self.step;
         Stream {
             app: self.app,
             source: self.source,
-            step: Arc::new(move |r| step(r).map(&f)),
+            step: Arc::new(move |ctx, r| step(ctx, r).map(|events| f(ctx, events))),
             stage: self.stage,
         }
+    }
+
+    /// Replaces each event with `f(event)`.
+    fn map_each<K2, V2>(
+        self,
+        f: impl Fn(Event<K, V>) -> Event<K2, V2> + Send + Sync + 'static,
+    ) -> Stream<'a, K2, V2>
+    where
+        K2: Send + 'static,
+        V2: Send + 'static,
+    {
+        let f = Arc::new(f);
+        self.then(move |_, events| {
+            let f = f.clone();
+            Box::new(events.map(move |e| e.map(|e| f(e))))
+        })
     }
 
     /// Lets the stream's handler ([`Stream::for_each`], [`Batches::for_each`],
@@ -256,9 +277,9 @@ where
         f: impl Fn(&Event<K, V>) -> bool + Send + Sync + 'static,
     ) -> Stream<'a, K, V> {
         let f = Arc::new(f);
-        self.then(move |events| {
+        self.then(move |_, events| {
             let f = f.clone();
-            Box::new(events.filter(move |e| f(e)))
+            Box::new(events.filter(move |e| e.as_ref().map_or(true, |e| f(e))))
         })
     }
 
@@ -267,13 +288,9 @@ where
         self,
         f: impl Fn(V) -> V2 + Send + Sync + 'static,
     ) -> Stream<'a, K, V2> {
-        let f = Arc::new(f);
-        self.then(move |events| {
-            let f = f.clone();
-            Box::new(events.map(move |e| {
-                let (meta, key, value) = e.split();
-                meta.join(key, f(value))
-            }))
+        self.map_each(move |e| {
+            let (meta, key, value) = e.split();
+            meta.join(key, f(value))
         })
     }
 
@@ -303,14 +320,10 @@ where
         K2: Clone + Send + Sync + 'static,
         V2: Send + Sync + 'static,
     {
-        let f = Arc::new(f);
-        self.then(move |events| {
-            let f = f.clone();
-            Box::new(events.map(move |e| {
-                let meta = e.meta();
-                let (key, value) = f(e);
-                meta.join(key, value)
-            }))
+        self.map_each(move |e| {
+            let meta = e.meta();
+            let (key, value) = f(e);
+            meta.join(key, value)
         })
     }
 
@@ -324,14 +337,10 @@ where
     where
         K2: Clone + Send + Sync + 'static,
     {
-        let f = Arc::new(f);
-        self.then(move |events| {
-            let f = f.clone();
-            Box::new(events.map(move |e| {
-                let key = f(&e);
-                let (meta, _, value) = e.split();
-                meta.join(key, value)
-            }))
+        self.map_each(move |e| {
+            let key = f(&e);
+            let (meta, _, value) = e.split();
+            meta.join(key, value)
         })
     }
 
@@ -342,13 +351,9 @@ where
     where
         K2: Clone + Send + Sync + 'static,
     {
-        let f = Arc::new(f);
-        self.then(move |events| {
-            let f = f.clone();
-            Box::new(events.map(move |e| {
-                let (meta, key, value) = e.split();
-                meta.join(f(key), value)
-            }))
+        self.map_each(move |e| {
+            let (meta, key, value) = e.split();
+            meta.join(f(key), value)
         })
     }
 
@@ -360,12 +365,125 @@ where
         I::IntoIter: Send + 'static,
     {
         let f = Arc::new(f);
-        self.then(move |events| {
+        self.then(move |_, events| {
             let f = f.clone();
             Box::new(events.flat_map(move |e| {
-                let (meta, key, value) = e.split();
-                let meta = meta.join(key, ());
-                f(value).into_iter().map(move |v| meta.with_value(v))
+                let (made, failed) = match e {
+                    Ok(e) => {
+                        let (meta, key, value) = e.split();
+                        let meta = meta.join(key, ());
+                        (
+                            Some(f(value).into_iter().map(move |v| Ok(meta.with_value(v)))),
+                            None,
+                        )
+                    }
+                    Err(e) => (None, Some(Err(e))),
+                };
+                made.into_iter().flatten().chain(failed)
+            }))
+        })
+    }
+
+    /// Joins each event with the value of its key in global table `table`
+    /// (Kafka Streams' stream–GlobalKTable `join`): `key` picks the table's
+    /// key from the event, so the stream and the table need no common key
+    /// or partitioning; `joiner` makes the event's new value of its value
+    /// and the table's. An event whose key is not in the table is dropped
+    /// ([`left_join_global`](Stream::left_join_global) keeps it). The table
+    /// is as this worker has read it when the event is processed (see
+    /// [`GlobalTable`]). A table value that does not decode fails the event
+    /// (its agent's error policy decides).
+    ///
+    /// ```no_run
+    /// # #[derive(serde::Serialize, serde::Deserialize)] struct Order { customer: String, cents: u64 }
+    /// # #[derive(serde::Serialize, serde::Deserialize)] struct Customer { name: String }
+    /// let mut app = strom::App::new("shop");
+    /// let customers = app.topic::<String, Customer>("customers");
+    /// let customers = app.global_table("customers", &customers);
+    /// let orders = app.topic::<String, Order>("orders");
+    /// let named = app.topic::<String, (String, u64)>("named-orders");
+    /// app.agent(&orders)
+    ///     .join_global(&customers, |o| o.value.customer.clone(), |o, c| (c.name, o.cents))
+    ///     .sink(&named);
+    /// ```
+    pub fn join_global<GK, GV, V2>(
+        self,
+        table: &GlobalTable<GK, GV>,
+        key: impl Fn(&Event<K, V>) -> GK + Send + Sync + 'static,
+        joiner: impl Fn(V, GV) -> V2 + Send + Sync + 'static,
+    ) -> Stream<'a, K, V2>
+    where
+        GK: 'static,
+        GV: 'static,
+        V2: Send + Sync + 'static,
+    {
+        self.lookup_global(table, key, move |v, found| found.map(|g| joiner(v, g)))
+    }
+
+    /// [`join_global`](Stream::join_global) keeping every event: `joiner`
+    /// gets `None` for a key the table does not hold (Kafka Streams'
+    /// `leftJoin`).
+    ///
+    /// ```no_run
+    /// # #[derive(serde::Serialize, serde::Deserialize)] struct Customer { name: String }
+    /// let mut app = strom::App::new("shop");
+    /// let customers = app.topic::<String, Customer>("customers");
+    /// let customers = app.global_table("customers", &customers);
+    /// let orders = app.topic::<String, String>("orders"); // order id -> customer id
+    /// let named = app.topic::<String, String>("named-orders");
+    /// app.agent(&orders)
+    ///     .left_join_global(&customers, |o| o.value.clone(), |id, c| {
+    ///         c.map_or(format!("unknown customer {id}"), |c| c.name)
+    ///     })
+    ///     .sink(&named);
+    /// ```
+    pub fn left_join_global<GK, GV, V2>(
+        self,
+        table: &GlobalTable<GK, GV>,
+        key: impl Fn(&Event<K, V>) -> GK + Send + Sync + 'static,
+        joiner: impl Fn(V, Option<GV>) -> V2 + Send + Sync + 'static,
+    ) -> Stream<'a, K, V2>
+    where
+        GK: 'static,
+        GV: 'static,
+        V2: Send + Sync + 'static,
+    {
+        self.lookup_global(table, key, move |v, found| Some(joiner(v, found)))
+    }
+
+    /// Looks each event's key up in `table`; `f` makes its new value, or
+    /// drops it.
+    fn lookup_global<GK, GV, V2>(
+        self,
+        table: &GlobalTable<GK, GV>,
+        key: impl Fn(&Event<K, V>) -> GK + Send + Sync + 'static,
+        f: impl Fn(V, Option<GV>) -> Option<V2> + Send + Sync + 'static,
+    ) -> Stream<'a, K, V2>
+    where
+        GK: 'static,
+        GV: 'static,
+        V2: Send + Sync + 'static,
+    {
+        let join = Arc::new((table.clone(), key, f));
+        self.then(move |ctx, events| {
+            let ctx = Ctx {
+                inner: ctx.clone(),
+                event_time: None,
+                source: None,
+            };
+            let join = join.clone();
+            Box::new(events.filter_map(move |e| {
+                let (table, key, f) = &*join;
+                let e = match e {
+                    Ok(e) => e,
+                    Err(e) => return Some(Err(e)),
+                };
+                let found = match ctx.get_global(table, &key(&e)) {
+                    Ok(found) => found,
+                    Err(error) => return Some(Err(Box::new(error) as AgentError)),
+                };
+                let (meta, k, value) = e.split();
+                f(value, found).map(|v| Ok(meta.join(k, v)))
             }))
         })
     }
@@ -381,15 +499,17 @@ where
         }));
         // Numbered when the record is handed over, in offset order, whatever
         // the concurrency; so this stage holds a record's events at once.
-        self.then(move |events| {
+        self.then(move |_, events| {
             let mut counters = counters.lock().unwrap_or_else(|e| e.into_inner());
             let numbered: Vec<_> = events
                 .map(|e| {
-                    let n = counters.entry(e.partition).or_default();
-                    let i = *n;
-                    *n += 1;
-                    let (meta, key, value) = e.split();
-                    meta.join(key, (i, value))
+                    e.map(|e| {
+                        let n = counters.entry(e.partition).or_default();
+                        let i = *n;
+                        *n += 1;
+                        let (meta, key, value) = e.split();
+                        meta.join(key, (i, value))
+                    })
                 })
                 .collect();
             Box::new(numbered.into_iter())
@@ -482,10 +602,10 @@ where
             app: self.app,
             stage,
             source: target,
-            step: Arc::new(|r: ConsumerRecord| {
+            step: Arc::new(|_: &Context, r: ConsumerRecord| {
                 let key = Codec::<K2>::decode(&Json, r.key.as_deref())?;
                 let value = Codec::<V>::decode(&Json, r.value.as_deref())?;
-                Ok(Box::new(std::iter::once(Event {
+                Ok(Box::new(std::iter::once(Ok(Event {
                     key,
                     value,
                     topic: r.topic,
@@ -493,7 +613,7 @@ where
                     offset: r.offset,
                     timestamp: r.timestamp,
                     headers: r.headers,
-                })) as Events<K2, V>)
+                }))) as Events<K2, V>)
             }),
         }
     }
@@ -653,14 +773,24 @@ where
 
     fn process(&self, ctx: Context, record: ConsumerRecord) -> ProcessFuture<'_> {
         let partition = ctx.partition();
-        let decoded = match events(&self.step, record) {
+        let decoded = match events(&self.step, &ctx, record) {
             Ok(events) => events,
             Err(e) => return failed(e),
         };
         let mut full = Vec::new();
+        // An event that failed fails the record, after the batches the
+        // events before it filled (of earlier records too) are handed on.
+        let mut failure = None;
         {
             let mut held = self.held();
             for event in decoded {
+                let event = match event {
+                    Ok(event) => event,
+                    Err(e) => {
+                        failure = Some(e);
+                        break;
+                    }
+                };
                 ctx.observe_event_time(event.timestamp);
                 let batch = held.entry(partition).or_insert_with(|| Held {
                     events: Vec::with_capacity(self.n),
@@ -684,7 +814,7 @@ where
             for (_handing_on, w) in work {
                 w.await?;
             }
-            Ok(())
+            failure.map_or(Ok(()), Err)
         })
     }
 
@@ -730,8 +860,12 @@ where
 
 /// Decodes a record into events; an undecodable one is a [`DecodeError`],
 /// which the runtime handles by the agent's error policy.
-fn events<K, V>(step: &Step<K, V>, record: ConsumerRecord) -> Result<Events<K, V>, AgentError> {
-    step(record).map_err(|e| Box::new(DecodeError(e.to_string())) as AgentError)
+fn events<K, V>(
+    step: &Step<K, V>,
+    ctx: &Context,
+    record: ConsumerRecord,
+) -> Result<Events<K, V>, AgentError> {
+    step(ctx, record).map_err(|e| Box::new(DecodeError(e.to_string())) as AgentError)
 }
 
 /// An event's time to send on with it; `None` (the producer stamps the
@@ -777,12 +911,13 @@ where
 
     fn process(&self, ctx: Context, record: ConsumerRecord) -> ProcessFuture<'_> {
         let source = crate::context::Source::new(record.clone());
-        let decoded = match events(&self.step, record) {
+        let decoded = match events(&self.step, &ctx, record) {
             Ok(events) => events,
             Err(e) => return failed(e),
         };
         Box::pin(async move {
             for e in decoded {
+                let e = e?;
                 ctx.observe_event_time(e.timestamp);
                 let ctx = Ctx {
                     inner: ctx.clone(),
@@ -827,12 +962,13 @@ where
     }
 
     fn process(&self, ctx: Context, record: ConsumerRecord) -> ProcessFuture<'_> {
-        let decoded = match events(&self.step, record) {
+        let decoded = match events(&self.step, &ctx, record) {
             Ok(events) => events,
             Err(e) => return failed(e),
         };
         Box::pin(async move {
             for e in decoded {
+                let e = e?;
                 ctx.observe_event_time(e.timestamp);
                 let key = Codec::<K2>::encode(&Json, &(self.key)(&e))?;
                 let value = serde_json::to_vec(&e.value)?;
@@ -878,12 +1014,13 @@ where
     }
 
     fn process(&self, ctx: Context, record: ConsumerRecord) -> ProcessFuture<'_> {
-        let decoded = match events(&self.step, record) {
+        let decoded = match events(&self.step, &ctx, record) {
             Ok(events) => events,
             Err(e) => return failed(e),
         };
         Box::pin(async move {
             for e in decoded {
+                let e = e?;
                 ctx.observe_event_time(e.timestamp);
                 let (key, value) = (self.key.encode(&e.key)?, self.value.encode(&e.value)?);
                 let mut record = ProducerRecord::to(&self.target);

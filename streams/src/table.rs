@@ -80,6 +80,11 @@ impl<K: 'static> KeyBytes<K> {
         KeyBytes(Arc::new(move |key| codec.encode(key)))
     }
 
+    /// What a shared `codec` writes for the key.
+    pub(crate) fn shared(codec: Arc<dyn Codec<K>>) -> KeyBytes<K> {
+        KeyBytes(Arc::new(move |key| codec.encode(key)))
+    }
+
     /// What `codec` writes for the part `part` picks of the key.
     fn part<P>(
         part: impl Fn(&K) -> P + Send + Sync + 'static,
@@ -98,7 +103,7 @@ impl<K> KeyBytes<K> {
 
 /// Reads a key from its text ([`TableKey::parse_key`]), with the bytes
 /// that decide its partition.
-fn key_parser<K: TableKey + 'static>(key_bytes: KeyBytes<K>) -> KeyParser {
+pub(crate) fn key_parser<K: TableKey + 'static>(key_bytes: KeyBytes<K>) -> KeyParser {
     Arc::new(move |text: &str| {
         let key = K::parse_key(text).map_err(|e| e.to_string())?;
         let written = key_bytes.of(&key).map_err(|e| e.to_string())?;

@@ -82,6 +82,7 @@ use tokio::time::Instant;
 
 use crate::app::App;
 use crate::error::{Error, Result};
+use crate::global::GlobalTable;
 use crate::table::{SetTable, Table, Window, WindowedTable};
 use crate::topic::Topic;
 
@@ -412,18 +413,26 @@ impl TestDriver {
     }
 
     /// Whether each agent is done with every record of its topic since the
-    /// worker started.
+    /// worker started, and each global table has read all of its topic.
     fn caught_up(&self) -> bool {
         let Some(running) = &self.worker else {
             return true;
         };
-        self.agents().into_iter().all(|(topic, agents)| {
+        let globals_read = self.app.globals.iter().all(|(table, topic, _)| {
             (0..self.cluster.partitions(topic).unwrap_or(0)).all(|partition| {
-                let from = running.start.get(&(topic.to_owned(), partition));
-                let records = self.cluster.end_offset(topic, partition) - from.unwrap_or(&0);
-                running.metrics.events_done(topic, partition) >= records.max(0) as u64 * agents
+                let end = self.cluster.end_offset(topic, partition);
+                let applied = running.metrics.global_offset(table, partition);
+                end == 0 || applied.is_some_and(|o| o + 1 >= end)
             })
-        })
+        });
+        globals_read
+            && self.agents().into_iter().all(|(topic, agents)| {
+                (0..self.cluster.partitions(topic).unwrap_or(0)).all(|partition| {
+                    let from = running.start.get(&(topic.to_owned(), partition));
+                    let records = self.cluster.end_offset(topic, partition) - from.unwrap_or(&0);
+                    running.metrics.events_done(topic, partition) >= records.max(0) as u64 * agents
+                })
+            })
     }
 
     /// The topics the app reads, with how many agents read each.
@@ -517,6 +526,18 @@ impl TestDriver {
             driver: self,
             table,
             types: PhantomData,
+        }
+    }
+
+    /// A [`GlobalTable`] as the test sees it: the latest value of each key
+    /// of its topic.
+    pub fn global_table<'a, K, V>(
+        &'a self,
+        table: &'a GlobalTable<K, V>,
+    ) -> GlobalTableView<'a, K, V> {
+        GlobalTableView {
+            driver: self,
+            table,
         }
     }
 
@@ -796,6 +817,47 @@ impl<K: TableKey, V: DeserializeOwned> WindowedTableView<'_, K, V> {
             Some(i) => windows.swap_remove(i).2,
             None => (self.table.default)(),
         })
+    }
+}
+
+/// A global table as the test sees it: the latest value of each key of its
+/// topic (which the app's workers read as it grows).
+pub struct GlobalTableView<'a, K, V> {
+    driver: &'a TestDriver,
+    table: &'a GlobalTable<K, V>,
+}
+
+impl<K, V> std::fmt::Debug for GlobalTableView<'_, K, V> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GlobalTableView")
+            .field("table", &self.table.name)
+            .finish()
+    }
+}
+
+impl<K, V> GlobalTableView<'_, K, V> {
+    /// The value of `key`, if the topic holds one.
+    pub fn get(&self, key: &K) -> Result<Option<V>> {
+        let key = self.table.key_bytes(key)?;
+        match live_entries(self.driver, &self.table.topic)?.get(&key) {
+            Some(value) => self.table.decode(&key, value).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Every key with its value, in the order of the keys' bytes.
+    pub fn entries(&self) -> Result<Vec<(K, V)>> {
+        let codec = |source| Error::Codec {
+            topic: self.table.name.to_string(),
+            source,
+        };
+        live_entries(self.driver, &self.table.topic)?
+            .into_iter()
+            .map(|(k, v)| {
+                let key = self.table.key.decode(Some(&k)).map_err(codec)?;
+                Ok((key, self.table.decode(&k, &v)?))
+            })
+            .collect()
     }
 }
 

@@ -36,47 +36,104 @@ async fn wordcount_counts_and_sends_each_new_count() {
 #[path = "../examples/enrich.rs"]
 mod enrich;
 
-/// Page views are enriched with the profile their user had when the view
-/// was processed; a user without one gets the default profile; the table
-/// survives a restart.
+/// Page views are enriched from the global table of profiles: with the
+/// profile their user had when the view was processed, whichever partition
+/// either is in (3 partitions of users, 5 of views); a user without one gets
+/// the default profile; a deleted profile is gone; the table survives a
+/// restart.
 #[tokio::test]
 async fn enrich_joins_views_with_profiles() {
     let e = enrich::enrich(strom::App::new("enrich"), "");
+    let users = e.users.clone().with_partitions(3);
+    let views = e.views.clone().with_partitions(5);
     let mut driver = TestDriver::new(e.app).await.unwrap();
-    let ada = enrich::Profile {
-        name: "Ada".into(),
+    let profile = |name: &str| enrich::Profile {
+        name: name.into(),
         country: "UK".into(),
     };
-    driver.send(&e.users, &"u1".into(), &ada).await.unwrap();
     let view = |url: &str| enrich::PageView { url: url.into() };
+    // Users on every partition of both topics.
+    let ids: Vec<String> = (0..12).map(|i| format!("u{i}")).collect();
+    for id in &ids[..10] {
+        driver.send(&users, id, &profile(id)).await.unwrap();
+    }
+    for id in &ids {
+        driver.send(&views, id, &view("/a")).await.unwrap();
+    }
+    driver.send(&users, &ids[0], &profile("Ada")).await.unwrap();
     driver
-        .send(&e.views, &"u1".into(), &view("/a"))
+        .send_raw(users.name(), Some(b"u1"), None)
         .await
         .unwrap();
-    driver
-        .send(&e.views, &"u2".into(), &view("/b"))
-        .await
-        .unwrap();
+    driver.send(&views, &ids[0], &view("/b")).await.unwrap();
+    driver.send(&views, &ids[1], &view("/b")).await.unwrap();
     driver.restart().await.unwrap();
-    driver
-        .send(&e.views, &"u1".into(), &view("/c"))
-        .await
-        .unwrap();
-    let got: Vec<(String, String, String)> = driver
+    driver.send(&views, &ids[0], &view("/c")).await.unwrap();
+
+    let mut expected: Vec<(String, String, String)> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| {
+            let name = if i < 10 { id.clone() } else { String::new() };
+            (id.clone(), name, "/a".to_string())
+        })
+        .collect();
+    for (id, name, url) in [("u0", "Ada", "/b"), ("u1", "", "/b"), ("u0", "Ada", "/c")] {
+        expected.push((id.into(), name.into(), url.into()));
+    }
+    let mut got: Vec<(String, String, String)> = driver
         .read(&e.enriched)
         .unwrap()
         .into_iter()
         .map(|r| (r.key, r.value.name, r.value.url))
         .collect();
-    assert_eq!(
-        got,
-        [("u1", "Ada", "/a"), ("u2", "", "/b"), ("u1", "Ada", "/c")].map(|(a, b, c)| (
-            a.to_string(),
-            b.to_string(),
-            c.to_string()
-        ))
+    // Each view's output is in its partition: compare as sets of outputs,
+    // and the order per user.
+    let per_user = |v: &[(String, String, String)], id: &str| -> Vec<(String, String)> {
+        v.iter()
+            .filter(|(u, _, _)| u == id)
+            .map(|(_, n, url)| (n.clone(), url.clone()))
+            .collect()
+    };
+    for id in &ids {
+        assert_eq!(per_user(&got, id), per_user(&expected, id), "user {id}");
+    }
+    got.sort();
+    expected.sort();
+    assert_eq!(got, expected);
+    let table = driver.global_table(&e.profiles);
+    assert_eq!(table.entries().unwrap().len(), 9);
+    assert_eq!(table.get(&"u0".to_string()).unwrap().unwrap().name, "Ada");
+    assert!(table.get(&"u1".to_string()).unwrap().is_none());
+    driver.close().await.unwrap();
+}
+
+/// A value in a global table's topic that does not decode fails the event
+/// that reads it, under the agent's error policy (here: skipped and
+/// counted); the events after it go on.
+#[tokio::test]
+async fn a_global_value_that_does_not_decode_is_the_reading_events_error() {
+    let e = enrich::enrich(strom::App::new("enrich-bad"), "");
+    let mut driver = TestDriver::new(e.app).await.unwrap();
+    driver
+        .send_raw(e.users.name(), Some(b"u1"), Some(b"not json"))
+        .await
+        .unwrap();
+    let view = enrich::PageView { url: "/a".into() };
+    driver.send(&e.views, &"u1".into(), &view).await.unwrap();
+    driver.send(&e.views, &"u2".into(), &view).await.unwrap();
+    let got: Vec<String> = driver
+        .read(&e.enriched)
+        .unwrap()
+        .into_iter()
+        .map(|r| r.key)
+        .collect();
+    assert_eq!(got, ["u2"]);
+    let metrics = driver.metrics();
+    assert!(
+        metrics.contains("strom_agent_errors_total{topic=\"page-views\"} 1"),
+        "{metrics}"
     );
-    assert_eq!(driver.table(&e.profiles).entries().unwrap().len(), 1);
     driver.close().await.unwrap();
 }
 

@@ -850,3 +850,92 @@ async fn a_failing_partition_timer_is_counted_and_goes_on() {
     driver.send(&ticks, &"k".to_string(), &1).await.unwrap();
     driver.close().await.unwrap();
 }
+
+/// Stream–GlobalTable joins, inner and left, against a model: orders (4
+/// partitions, keyed by order id) name their customer in the value; the
+/// customers topic has 3 partitions. Customers are added, changed and
+/// deleted between orders; each order is joined with its customer as the
+/// table held it then, and flat_map/filter before the join keep working.
+#[tokio::test]
+async fn stream_global_table_joins_follow_the_table() {
+    let mut app = App::new("global-joins").with_partitions(4);
+    let customers = app.topic::<String, String>("customers").with_partitions(3);
+    let table = app.global_table("customers", &customers);
+    // Order id -> "customer:cents"; a value "skip" is filtered out.
+    let orders = app.topic::<u32, String>("orders");
+    let inner = app.topic::<u32, (String, u64)>("inner");
+    let left = app.topic::<u32, (String, Option<String>)>("left");
+    let parse = |value: &String| -> (String, u64) {
+        let (c, cents) = value.split_once(':').unwrap();
+        (c.to_owned(), cents.parse().unwrap())
+    };
+    app.agent(&orders)
+        .filter(|e| e.value != "skip")
+        .join_global(
+            &table,
+            move |e| parse(&e.value).0,
+            move |v, name| (name, parse(&v).1),
+        )
+        .sink(&inner);
+    app.agent(&orders)
+        .flat_map(|v: String| if v == "skip" { vec![] } else { vec![v] })
+        .left_join_global(
+            &table,
+            |e| e.value.split(':').next().unwrap().to_owned(),
+            |v, name| (v, name),
+        )
+        .sink(&left);
+    let mut driver = TestDriver::new(app).await.unwrap();
+
+    let mut model: BTreeMap<String, String> = BTreeMap::new();
+    let (mut want_inner, mut want_left) = (BTreeMap::new(), BTreeMap::new());
+    for i in 0..120u32 {
+        let c = format!("c{}", i % 9);
+        match i % 7 {
+            0 => {
+                let name = format!("name {i}");
+                driver.send(&customers, &c, &name).await.unwrap();
+                model.insert(c.clone(), name);
+            }
+            3 => {
+                // A tombstone: the key as the topic's (JSON) key codec writes it.
+                let key = format!("{c:?}");
+                driver
+                    .send_raw("customers", Some(key.as_bytes()), None)
+                    .await
+                    .unwrap();
+                model.remove(&c);
+            }
+            _ => {}
+        }
+        let order = if i % 11 == 5 {
+            "skip".to_owned()
+        } else {
+            format!("{c}:{i}")
+        };
+        driver.send(&orders, &i, &order).await.unwrap();
+        if order == "skip" {
+            continue;
+        }
+        if let Some(name) = model.get(&c) {
+            want_inner.insert(i, (name.clone(), u64::from(i)));
+        }
+        want_left.insert(i, (order, model.get(&c).cloned()));
+    }
+    let got_inner: BTreeMap<u32, (String, u64)> = driver
+        .read(&inner)
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.key, r.value))
+        .collect();
+    let got_left: BTreeMap<u32, (String, Option<String>)> = driver
+        .read(&left)
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.key, r.value))
+        .collect();
+    assert!(want_inner.len() > 30 && want_inner.len() < want_left.len());
+    assert_eq!(got_inner, want_inner);
+    assert_eq!(got_left, want_left);
+    driver.close().await.unwrap();
+}

@@ -232,13 +232,14 @@ async fn enrich_driver_and_broker_agree() {
     let (id, prefix) = (unique_topic("enrich-vs"), unique_topic("enrich-vs-"));
     let e = enrich::enrich(broker_app(&id, &broker), &prefix);
     let (users, page_views, enriched) = (e.users.clone(), e.views.clone(), e.enriched.clone());
-    let (stop, worker) = strom_it::spawn_app(e.app);
-    strom_it::wait_for_topic(&client, users.name()).await;
+    // Every profile is in the topic before the worker starts: it restores
+    // the global table before its agent reads the first view.
+    let new = strom_client::NewTopic::new(users.name(), PARTITIONS, 1);
+    client.ensure_topic(new).await.unwrap();
     let records: Vec<_> = profiles.iter().map(|(k, v)| json(k, v)).collect();
     produce(&client, users.name(), &records).await;
-    // Every profile is in the table before the first view is read.
-    let changelog = format!("{id}-profiles-changelog");
-    read_all(&client, &changelog, profiles.len()).await;
+    let (stop, worker) = strom_it::spawn_app(e.app);
+    strom_it::wait_for_topic(&client, page_views.name()).await;
     let records: Vec<_> = views.iter().map(|(k, v)| json(k, v)).collect();
     produce(&client, page_views.name(), &records).await;
     let from_broker = read_all(&client, enriched.name(), views.len()).await;

@@ -391,3 +391,221 @@ async fn a_full_disk_stops_the_worker_and_a_restart_counts_exactly() {
         assert_eq!(counts, &[1, 2], "{word}: committed counts");
     }
 }
+
+#[path = "../../streams/examples/enrich.rs"]
+#[allow(dead_code)]
+mod enrich;
+
+/// A profile of customer `i`, version `v`.
+fn customer(i: usize, v: u32) -> enrich::Profile {
+    enrich::Profile {
+        name: format!("c{i} v{v}"),
+        country: ["DE", "IN", "BR"][i % 3].into(),
+    }
+}
+
+/// A worker of the enrich example over 3 partitions of customers and 12 of
+/// orders (page views), with its web server on `port`, keeping its state in
+/// `state` (a fresh directory for `None`).
+fn enrich_worker(
+    id: &str,
+    prefix: &str,
+    broker: &TestBroker,
+    port: u16,
+    state: Option<&std::path::Path>,
+) -> App {
+    let state = state.map_or_else(
+        || std::env::temp_dir().join(unique_topic("global-state")),
+        std::path::Path::to_path_buf,
+    );
+    let app = App::new(id)
+        .with_brokers([broker.bootstrap.clone()])
+        .with_static_membership(broker.static_membership())
+        .with_state_dir(state)
+        .with_store(StoreKind::Redb)
+        .with_commit_interval(Duration::from_millis(200))
+        .with_session_timeout(Duration::from_secs(6), Duration::from_secs(1))
+        .with_web(Some(([127, 0, 0, 1], port).into()));
+    let e = enrich::enrich(app, prefix);
+    let _ = e.users.clone().with_partitions(3);
+    let _ = e.views.clone().with_partitions(12);
+    e.app
+}
+
+/// Sends `n` orders (views) of customers `0..customers`, from order `from`.
+async fn send_orders(producer: &Producer, topic: &str, from: usize, n: usize, customers: usize) {
+    for i in from..from + n {
+        let key = format!("c{}", i % customers);
+        let value = serde_json::to_vec(&enrich::PageView {
+            url: format!("/order/{i}"),
+        })
+        .unwrap();
+        let record = ProducerRecord::to(topic).key(key.as_bytes()).value(&value);
+        producer.send(record).await.unwrap();
+    }
+    producer.flush().await.unwrap();
+}
+
+/// The enriched orders of `topic` from order `from` on, by order number:
+/// (customer, name).
+async fn enriched_orders(
+    client: &strom_client::Client,
+    topic: &str,
+    from: usize,
+    n: usize,
+) -> BTreeMap<usize, (String, String)> {
+    let partitions = client.topic_metadata(topic).await.unwrap().partitions.len() as i32;
+    let mut consumer = Consumer::new(client.clone(), ConsumerConfig::default());
+    consumer
+        .assign((0..partitions).map(|p| (TopicPartition::new(topic, p), Offset::Earliest)))
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    let mut got = BTreeMap::new();
+    while got.len() < n {
+        let batch = tokio::time::timeout_at(deadline, consumer.poll())
+            .await
+            .unwrap_or_else(|_| panic!("{} of {n} enriched orders after 120 s", got.len()))
+            .unwrap();
+        for r in batch {
+            let view: enrich::EnrichedView =
+                serde_json::from_slice(r.value.as_deref().unwrap()).unwrap();
+            let order: usize = view.url.trim_start_matches("/order/").parse().unwrap();
+            if order >= from {
+                let old = got.insert(order, (view.user, view.name));
+                assert!(old.is_none(), "order {order} enriched twice");
+            }
+        }
+    }
+    got
+}
+
+/// Waits until `url` answers 200 with a body containing `text`; every
+/// answer before is a 503 (not ready, or restoring) or, when `stale` is
+/// given, a 200 containing it.
+async fn wait_for_answer(url: &str, text: &str, stale: Option<&str>) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    loop {
+        if let Some(r) = strom_it::http_get(url).await {
+            match r.status {
+                200 if r.body.contains(text) => return,
+                200 if stale.is_some_and(|s| r.body.contains(s)) => {}
+                503 => {}
+                _ => panic!("{url}: unexpected answer {} {}", r.status, r.body),
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{url}: no 200 with {text:?} within 90 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// GlobalTable: three workers enrich a 12-partition orders stream from a
+/// 3-partition customers topic. Every output equals the expectation; an
+/// update of every customer, once each worker has read it (its web answers
+/// it), is in every later order, on every worker; a fourth worker answers
+/// lookups only once restored (503 before, never a wrong value).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_workers_enrich_orders_from_a_global_table() {
+    const CUSTOMERS: usize = 60;
+    const ORDERS: usize = 1_200;
+    let broker = TestBroker::start().await;
+    let client = broker.client().await;
+    let (id, prefix) = (unique_topic("global"), unique_topic("global-"));
+    let (users, views, enriched) = (
+        format!("{prefix}users"),
+        format!("{prefix}page-views"),
+        format!("{prefix}enriched-views"),
+    );
+    client
+        .ensure_topic(strom_client::NewTopic::new(&users, 3, 1))
+        .await
+        .unwrap();
+    let producer = Producer::new(client.clone(), ProducerConfig::default()).unwrap();
+    let put_customers = |v: u32| {
+        let (producer, users) = (producer.clone(), users.clone());
+        async move {
+            for i in 0..CUSTOMERS {
+                let value = serde_json::to_vec(&customer(i, v)).unwrap();
+                let key = format!("c{i}");
+                let record = ProducerRecord::to(&users).key(key.as_bytes()).value(&value);
+                producer.send(record).await.unwrap();
+            }
+            producer.flush().await.unwrap();
+        }
+    };
+    put_customers(1).await;
+
+    let ports: Vec<u16> = (0..4).map(|_| strom_it::free_port()).collect();
+    let workers: Vec<_> = ports[..3]
+        .iter()
+        .map(|&port| strom_it::spawn_app(enrich_worker(&id, &prefix, &broker, port, None)))
+        .collect();
+    for port in &ports[..3] {
+        wait_for_answer(&format!("http://127.0.0.1:{port}/ready"), "true", None).await;
+    }
+    // Orders of 66 customers: the last 6 have no profile.
+    send_orders(&producer, &views, 0, ORDERS, CUSTOMERS + 6).await;
+    let first = enriched_orders(&client, &enriched, 0, ORDERS).await;
+    for (order, (user, name)) in &first {
+        let i = order % (CUSTOMERS + 6);
+        assert_eq!(user, &format!("c{i}"));
+        let expected = if i < CUSTOMERS {
+            customer(i, 1).name
+        } else {
+            String::new()
+        };
+        assert_eq!(name, &expected, "order {order}");
+    }
+
+    // Every customer updated; each worker answers the update once read.
+    put_customers(2).await;
+    for port in &ports[..3] {
+        for i in 0..CUSTOMERS {
+            let url = format!("http://127.0.0.1:{port}/tables/profiles/c{i}");
+            wait_for_answer(&url, &customer(i, 2).name, Some(&customer(i, 1).name)).await;
+        }
+    }
+    send_orders(&producer, &views, ORDERS, ORDERS, CUSTOMERS).await;
+    let second = enriched_orders(&client, &enriched, ORDERS, ORDERS).await;
+    for (order, (_, name)) in &second {
+        assert_eq!(name, &customer(order % CUSTOMERS, 2).name, "order {order}");
+    }
+
+    // A fourth worker: 503 until restored, then the latest profile, never
+    // an older one or a 404.
+    let state = std::env::temp_dir().join(unique_topic("global-fourth"));
+    let fourth = enrich_worker(&id, &prefix, &broker, ports[3], Some(&state));
+    let fourth = strom_it::spawn_app(fourth);
+    let url = format!("http://127.0.0.1:{}/tables/profiles/c7", ports[3]);
+    wait_for_answer(&url, &customer(7, 2).name, None).await;
+    let replayed = |metrics: &str| {
+        let samples = strom_it::parse_metrics(metrics);
+        (samples.iter())
+            .filter(|(name, labels, _)| {
+                name == "strom_recovery_replayed"
+                    && labels.get("table").map(String::as_str) == Some("profiles")
+            })
+            .map(|(_, _, v)| *v)
+            .sum::<f64>()
+    };
+    let metrics_url = format!("http://127.0.0.1:{}/metrics", ports[3]);
+    let metrics = strom_it::http_get(&metrics_url).await.unwrap().body;
+    assert_eq!(replayed(&metrics), (2 * CUSTOMERS) as f64, "{metrics}");
+
+    // Restarted on its files, it replays nothing: every partition's offset
+    // was stored with the data.
+    let (stop, task) = fourth;
+    let _ = stop.send(());
+    task.await.unwrap();
+    let again = strom_it::spawn_app(enrich_worker(&id, &prefix, &broker, ports[3], Some(&state)));
+    wait_for_answer(&url, &customer(7, 2).name, None).await;
+    let metrics = strom_it::http_get(&metrics_url).await.unwrap().body;
+    assert_eq!(replayed(&metrics), 0.0, "{metrics}");
+
+    for (stop, task) in workers.into_iter().chain([again]) {
+        let _ = stop.send(());
+        task.await.unwrap();
+    }
+}

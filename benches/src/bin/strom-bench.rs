@@ -152,6 +152,13 @@ enum Command {
         #[arg(long)]
         soak: bool,
     },
+    /// N page views enriched from a global table of 100,000 profiles (a
+    /// stream–GlobalTable left join) by one worker in this process; and the
+    /// time to restore that table from its topic.
+    Join {
+        #[command(flatten)]
+        state: StateArgs,
+    },
     /// A memory soak: N single-word records over a vocabulary of K words
     /// fed while the wordcount pipeline (as `pipeline`) runs, the process's
     /// resident memory printed to stderr every few seconds and summed up by
@@ -320,6 +327,7 @@ fn main() -> ExitCode {
                 guarantee,
                 soak,
             } => pipeline::run(&state, guarantee, soak, 1000).await,
+            Command::Join { state } => join::run(&state).await,
             Command::Soak {
                 state,
                 keys,
@@ -942,6 +950,8 @@ mod state_bench {
     }
 }
 
+#[path = "strom-bench/join.rs"]
+mod join;
 #[path = "strom-bench/windowed.rs"]
 mod windowed;
 
