@@ -25,7 +25,7 @@ use crate::context::{Ctx, TimerCtx};
 use crate::error::Result;
 use crate::global::GlobalTable;
 use crate::punctuator::{PunctuateFn, Punctuation, Punctuator};
-use crate::stream::{decode_step, Stage, Stream};
+use crate::stream::{Input, Stage, Stream};
 use crate::table::{key_parser, Declared as DeclaredKeys, KeyBytes, SetTable, Table};
 use crate::topic::{Declared, Topic};
 
@@ -559,8 +559,41 @@ impl App {
         V: Send + 'static,
     {
         Stream {
-            source: topic.name.clone(),
-            step: decode_step(topic),
+            inputs: vec![Input::of(topic)],
+            app: self,
+            stage: Stage::default(),
+        }
+    }
+
+    /// Starts defining one agent over the events of several topics, merged
+    /// (Kafka Streams' `merge`, a Faust agent over a topic of several
+    /// names): each record is processed in its own partition's task, in
+    /// order per partition of each topic; events of one partition number
+    /// of all the topics meet in one task, so they share that partition's
+    /// tables. The topics need the app's one partition count, as every
+    /// topic an agent reads. A `group_by` names its repartition topic after
+    /// the first topic.
+    ///
+    /// ```no_run
+    /// let mut app = strom::App::new("shop");
+    /// let web = app.topic::<String, u64>("web-orders");
+    /// let store = app.topic::<String, u64>("store-orders");
+    /// let totals = app.table::<String, u64>("totals", 0);
+    /// app.agent_merged(&[&web, &store]).for_each(move |ctx, order| {
+    ///     let totals = totals.clone();
+    ///     async move {
+    ///         ctx.update(&totals, &order.key, |t| t + order.value).await?;
+    ///         Ok(())
+    ///     }
+    /// });
+    /// ```
+    pub fn agent_merged<K, V>(&mut self, topics: &[&Topic<K, V>]) -> Stream<'_, K, V>
+    where
+        K: Send + 'static,
+        V: Send + 'static,
+    {
+        Stream {
+            inputs: topics.iter().map(|t| Input::of(t)).collect(),
             app: self,
             stage: Stage::default(),
         }

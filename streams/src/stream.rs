@@ -144,9 +144,29 @@ pub(crate) fn decode_step<K: Send + 'static, V: Send + 'static>(
 /// repartition topic).
 pub struct Stream<'a, K, V> {
     pub(crate) app: &'a mut App,
-    pub(crate) source: Arc<str>,
-    pub(crate) step: Step<K, V>,
+    /// The topics it reads (several for a merged agent), each with how its
+    /// records become events.
+    pub(crate) inputs: Vec<Input<K, V>>,
     pub(crate) stage: Stage,
+}
+
+/// One topic a stream reads, and how its records become the stream's events.
+pub(crate) struct Input<K, V> {
+    pub topic: Arc<str>,
+    pub step: Step<K, V>,
+}
+
+impl<K, V> Input<K, V> {
+    pub(crate) fn of(topic: &crate::Topic<K, V>) -> Input<K, V>
+    where
+        K: Send + 'static,
+        V: Send + 'static,
+    {
+        Input {
+            topic: topic.name.clone(),
+            step: decode_step(topic),
+        }
+    }
 }
 
 /// Forgets one partition's state of an operator.
@@ -204,8 +224,14 @@ impl Stage {
 impl<K, V> std::fmt::Debug for Stream<'_, K, V> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Stream")
-            .field("source", &self.source)
+            .field("topics", &self.topics())
             .finish()
+    }
+}
+
+impl<K, V> Stream<'_, K, V> {
+    fn topics(&self) -> Vec<&str> {
+        self.inputs.iter().map(|i| &*i.topic).collect()
     }
 }
 
@@ -218,11 +244,19 @@ where
         self,
         f: impl Fn(&Context, Events<K, V>) -> Events<K2, V2> + Send + Sync + 'static,
     ) -> Stream<'a, K2, V2> {
-        let step = self.step;
+        let f = Arc::new(f);
+        let inputs = (self.inputs.into_iter())
+            .map(|Input { topic, step }| {
+                let f = f.clone();
+                let step: Step<K2, V2> = Arc::new(move |ctx: &Context, r: ConsumerRecord| {
+                    step(ctx, r).map(|events| f(ctx, events))
+                });
+                Input { topic, step }
+            })
+            .collect();
         Stream {
             app: self.app,
-            source: self.source,
-            step: Arc::new(move |ctx, r| step(ctx, r).map(|events| f(ctx, events))),
+            inputs,
             stage: self.stage,
         }
     }
@@ -520,13 +554,11 @@ where
     /// goes on from there: later stages read `topic`, so the events are durable
     /// in between and another app can read them too.
     pub fn through(self, topic: &crate::Topic<K, V>) -> Stream<'a, K, V> {
-        let (target, step) = (topic.name.clone(), decode_step(topic));
         let stage = self.stage.next();
         let app = self.sink_to(topic);
         Stream {
             app,
-            source: target,
-            step,
+            inputs: vec![Input::of(topic)],
             stage,
         }
     }
@@ -538,17 +570,23 @@ where
     }
 
     fn sink_to(self, topic: &crate::Topic<K, V>) -> &'a mut App {
-        self.app.add_processor(
-            Arc::new(Through {
-                source: self.source.clone(),
-                step: self.step,
-                target: topic.name.clone(),
-                key: topic.key.clone(),
-                value: topic.value.clone(),
-                stage: self.stage,
-            }),
-            format!("sink → {}", topic.name),
-        );
+        for Input {
+            topic: source,
+            step,
+        } in self.inputs
+        {
+            self.app.add_processor(
+                Arc::new(Through {
+                    source,
+                    step,
+                    target: topic.name.clone(),
+                    key: topic.key.clone(),
+                    value: topic.value.clone(),
+                    stage: self.stage.clone(),
+                }),
+                format!("sink → {}", topic.name),
+            );
+        }
         self.app
     }
 
@@ -580,41 +618,47 @@ where
         Json: Codec<K2>,
         V: Serialize + DeserializeOwned,
     {
-        let target: Arc<str> = Arc::from(format!(
-            "{}-{}-{}-repartition",
-            self.app.id(),
-            self.source,
-            name
-        ));
-        self.app.declare_repartition(&target, &self.source);
+        let first = self.inputs.first().map_or("", |i| &*i.topic).to_owned();
+        let target: Arc<str> = Arc::from(format!("{}-{first}-{name}-repartition", self.app.id(),));
+        self.app.declare_repartition(&target, &first);
         let stage = self.stage.next();
-        self.app.add_processor(
-            Arc::new(Repartition {
-                source: self.source.clone(),
-                step: self.step,
-                key: Box::new(key),
-                target: target.clone(),
-                stage: self.stage,
-            }),
-            format!("group_by → {target}"),
-        );
+        let key: Arc<KeyFn<K, V, K2>> = Arc::new(key);
+        for Input {
+            topic: source,
+            step,
+        } in self.inputs
+        {
+            self.app.add_processor(
+                Arc::new(Repartition {
+                    source,
+                    step,
+                    key: key.clone(),
+                    target: target.clone(),
+                    stage: self.stage.clone(),
+                }),
+                format!("group_by → {target}"),
+            );
+        }
+        let step: Step<K2, V> = Arc::new(|_: &Context, r: ConsumerRecord| {
+            let key = Codec::<K2>::decode(&Json, r.key.as_deref())?;
+            let value = Codec::<V>::decode(&Json, r.value.as_deref())?;
+            Ok(Box::new(std::iter::once(Ok(Event {
+                key,
+                value,
+                topic: r.topic,
+                partition: r.partition,
+                offset: r.offset,
+                timestamp: r.timestamp,
+                headers: r.headers,
+            }))) as Events<K2, V>)
+        });
         Stream {
             app: self.app,
             stage,
-            source: target,
-            step: Arc::new(|_: &Context, r: ConsumerRecord| {
-                let key = Codec::<K2>::decode(&Json, r.key.as_deref())?;
-                let value = Codec::<V>::decode(&Json, r.value.as_deref())?;
-                Ok(Box::new(std::iter::once(Ok(Event {
-                    key,
-                    value,
-                    topic: r.topic,
-                    partition: r.partition,
-                    offset: r.offset,
-                    timestamp: r.timestamp,
-                    headers: r.headers,
-                }))) as Events<K2, V>)
-            }),
+            inputs: vec![Input {
+                topic: target,
+                step,
+            }],
         }
     }
 
@@ -625,15 +669,18 @@ where
         F: Fn(Ctx, Event<K, V>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<(), AgentError>> + Send + 'static,
     {
-        self.app.add_processor(
-            Arc::new(ForEach {
-                source: self.source,
-                step: self.step,
-                f,
-                stage: self.stage,
-            }),
-            "for_each".into(),
-        );
+        let f = Arc::new(f);
+        for Input { topic, step } in self.inputs {
+            self.app.add_processor(
+                Arc::new(ForEach {
+                    source: topic,
+                    step,
+                    f: f.clone(),
+                    stage: self.stage.clone(),
+                }),
+                "for_each".into(),
+            );
+        }
     }
 }
 
@@ -648,7 +695,7 @@ pub struct Batches<'a, K, V> {
 impl<K, V> std::fmt::Debug for Batches<'_, K, V> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Batches")
-            .field("source", &self.stream.source)
+            .field("topics", &self.stream.topics())
             .field("n", &self.n)
             .field("within", &self.within)
             .finish()
@@ -668,19 +715,22 @@ where
         Fut: Future<Output = Result<(), AgentError>> + Send + 'static,
     {
         let stream = self.stream;
-        stream.app.add_processor(
-            Arc::new(TakeForEach {
-                source: stream.source,
-                step: stream.step,
-                n: self.n,
-                within: self.within,
-                f,
-                stage: stream.stage,
-                held: std::sync::Mutex::new(HashMap::new()),
-                handing_on: Arc::default(),
-            }),
-            format!("take({}, {:?}).for_each", self.n, self.within),
-        );
+        let f = Arc::new(f);
+        for Input { topic, step } in stream.inputs {
+            stream.app.add_processor(
+                Arc::new(TakeForEach {
+                    source: topic,
+                    step,
+                    n: self.n,
+                    within: self.within,
+                    f: f.clone(),
+                    stage: stream.stage.clone(),
+                    held: std::sync::Mutex::new(HashMap::new()),
+                    handing_on: Arc::default(),
+                }),
+                format!("take({}, {:?}).for_each", self.n, self.within),
+            );
+        }
     }
 }
 
@@ -699,7 +749,7 @@ struct TakeForEach<K, V, F> {
     step: Step<K, V>,
     n: usize,
     within: Duration,
-    f: F,
+    f: Arc<F>,
     stage: Stage,
     held: std::sync::Mutex<HashMap<i32, Held<K, V>>>,
     /// Batches taken out of `held` whose handler has not finished: they still
@@ -807,7 +857,7 @@ where
             .map(|b| {
                 let first = b.iter().map(|e| e.offset).min().unwrap_or(i64::MAX);
                 let ctx = Ctx::for_batch(ctx.clone(), &b);
-                (self.handing_on(partition, first), (self.f)(ctx, b))
+                (self.handing_on(partition, first), (*self.f)(ctx, b))
             })
             .collect();
         Box::pin(async move {
@@ -824,7 +874,7 @@ where
         let work = batch.map(|b| {
             let first = b.events.iter().map(|e| e.offset).min().unwrap_or(i64::MAX);
             let ctx = Ctx::for_batch(ctx, &b.events);
-            (self.handing_on(partition, first), (self.f)(ctx, b.events))
+            (self.handing_on(partition, first), (*self.f)(ctx, b.events))
         });
         Box::pin(async move {
             match work {
@@ -882,7 +932,7 @@ fn failed(e: AgentError) -> ProcessFuture<'static> {
 struct ForEach<K, V, F> {
     source: Arc<str>,
     step: Step<K, V>,
-    f: F,
+    f: Arc<F>,
     stage: Stage,
 }
 
@@ -924,7 +974,7 @@ where
                     event_time: Some(e.timestamp),
                     source: Some(source.clone()),
                 };
-                (self.f)(ctx, e).await?;
+                (*self.f)(ctx, e).await?;
             }
             Ok(())
         })
@@ -932,12 +982,12 @@ where
 }
 
 /// Computes an event's new key.
-type KeyFn<K, V, K2> = Box<dyn Fn(&Event<K, V>) -> K2 + Send + Sync>;
+type KeyFn<K, V, K2> = dyn Fn(&Event<K, V>) -> K2 + Send + Sync;
 
 struct Repartition<K, V, K2> {
     source: Arc<str>,
     step: Step<K, V>,
-    key: KeyFn<K, V, K2>,
+    key: Arc<KeyFn<K, V, K2>>,
     target: Arc<str>,
     stage: Stage,
 }

@@ -435,10 +435,12 @@ impl TestDriver {
             })
     }
 
-    /// The topics the app reads, with how many agents read each.
+    /// The topics the app reads, with how many agents (and partition
+    /// timers, which count an event done too) read each.
     fn agents(&self) -> HashMap<&str, u64> {
         let mut agents: HashMap<&str, u64> = HashMap::new();
-        for p in &self.app.processors {
+        let punctuators = self.app.punctuators.iter().map(|(p, _)| p);
+        for p in self.app.processors.iter().chain(punctuators) {
             *agents.entry(p.topic()).or_default() += 1;
         }
         agents

@@ -939,3 +939,64 @@ async fn stream_global_table_joins_follow_the_table() {
     assert_eq!(got_left, want_left);
     driver.close().await.unwrap();
 }
+
+/// A merged agent reads two topics as one stream: every event of both is
+/// handled once, a table written from both holds both's totals, and a
+/// group_by after the merge brings each key's events of both topics to one
+/// partition.
+#[tokio::test]
+async fn a_merged_agent_reads_every_event_of_both_topics() {
+    let mut app = App::new("merged").with_partitions(3);
+    let web = app.topic::<String, u64>("web-orders");
+    let store = app.topic::<String, u64>("store-orders");
+    let totals = app.table::<String, u64>("totals", 0);
+    let by_item = app.table::<String, u64>("by-item", 0);
+    let seen = app.topic::<String, u64>("seen");
+    let table = totals.clone();
+    app.agent_merged(&[&web, &store])
+        .for_each(move |ctx, order| {
+            let totals = table.clone();
+            async move {
+                ctx.update(&totals, &order.key, |t| t + order.value).await?;
+                Ok(())
+            }
+        });
+    let table = by_item.clone();
+    app.agent_merged(&[&web, &store])
+        .map_event(|e| (format!("item{}", e.value % 4), e.value))
+        .group_by(|e| e.key.clone(), "items")
+        .through(&seen)
+        .for_each(move |ctx, e| {
+            let by_item = table.clone();
+            async move {
+                ctx.update(&by_item, &e.key, |n| n + e.value).await?;
+                Ok(())
+            }
+        });
+    let mut driver = TestDriver::new(app).await.unwrap();
+    let mut want: BTreeMap<String, u64> = BTreeMap::new();
+    let mut want_items: BTreeMap<String, u64> = BTreeMap::new();
+    for i in 0..90u64 {
+        let customer = format!("c{}", i % 7);
+        let topic = if i % 3 == 0 { &store } else { &web };
+        driver.send(topic, &customer, &i).await.unwrap();
+        *want.entry(customer).or_default() += i;
+        *want_items.entry(format!("item{}", i % 4)).or_default() += i;
+    }
+    let got: BTreeMap<String, u64> = driver
+        .table(&totals)
+        .entries()
+        .unwrap()
+        .into_iter()
+        .collect();
+    assert_eq!(got, want);
+    let got: BTreeMap<String, u64> = driver
+        .table(&by_item)
+        .entries()
+        .unwrap()
+        .into_iter()
+        .collect();
+    assert_eq!(got, want_items);
+    assert_eq!(driver.read(&seen).unwrap().len(), 90);
+    driver.close().await.unwrap();
+}

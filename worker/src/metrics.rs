@@ -3,8 +3,8 @@
 //!
 //! | metric | labels | what |
 //! |---|---|---|
-//! | `strom_events_in_total` | topic, partition | events handed to agents |
-//! | `strom_events_done_total` | topic, partition | events agents are done with (processed, skipped, dead-lettered, or failed) |
+//! | `strom_events_in_total` | topic, partition | events handed to agents (each agent of the topic counts an event once, and so does each stage of one: a `group_by`'s, a partition timer's) |
+//! | `strom_events_done_total` | topic, partition | events agents are done with (processed, skipped, dead-lettered, or failed; counted as `events_in`) |
 //! | `strom_events_out_total` | topic | records agents sent (not changelogs) |
 //! | `strom_processing_seconds` | topic | time to process one event |
 //! | `strom_consumer_lag` | topic, partition | high watermark − position |
