@@ -49,12 +49,16 @@ const STALL: Duration = Duration::from_secs(30);
 /// commit.
 const STANDBY_DURABLE_EVERY: Duration = Duration::from_secs(5);
 
+/// A consumer reading a changelog. An offset the log no longer has (its
+/// start moved past it, or the topic was made anew) reads from the start:
+/// nothing is skipped.
 fn recovery_consumer(client: &Client, isolation: IsolationLevel) -> Consumer {
     Consumer::new(
         client.clone(),
         ConsumerConfig {
             fetch_max_wait: Duration::from_millis(100),
             isolation,
+            auto_offset_reset: strom_client::consumer::AutoOffsetReset::Earliest,
             ..ConsumerConfig::default()
         },
     )
@@ -252,7 +256,7 @@ impl Standby {
         Self::start_observed(client, store, topic, partition, isolation, |_| {})
     }
 
-    /// [`Standby::start`], calling `applied(offset)` after each batch of
+    /// [`Standby::start`], calling `observe(offset)` after each batch of
     /// records it applies (with the offset of the last one).
     pub fn start_observed(
         client: &Client,
@@ -279,6 +283,7 @@ impl Standby {
                 let start = reflected.map_or(Offset::Earliest, |o| Offset::At(o + 1));
                 consumer.assign([(tp, start)])?;
                 let mut last_durable = Instant::now();
+                let mut failing_since: Option<Instant> = None;
                 loop {
                     let polled = tokio::select! {
                         r = consumer.poll() => r,
@@ -287,14 +292,21 @@ impl Standby {
                     let records = match polled {
                         Ok(records) => records,
                         // A lost connection or a moving leader: the standby
-                        // goes on reading once the cluster answers again.
-                        Err(e) if e.is_retriable() => {
+                        // goes on reading once the cluster answers again,
+                        // and fails if it does not for as long as a replay
+                        // may stall.
+                        Err(e)
+                            if e.is_retriable()
+                                && failing_since.get_or_insert_with(Instant::now).elapsed()
+                                    < STALL =>
+                        {
                             tracing::debug!(%topic, partition, error = %e, "standby fetch failed; retrying");
                             tokio::time::sleep(Duration::from_millis(100)).await;
                             continue;
                         }
                         Err(e) => return Err(e.into()),
                     };
+                    failing_since = None;
                     let mut batch = WriteBatch::default();
                     // Nothing to apply (only control records): an offset of
                     // -1 must not overwrite the one the store holds.

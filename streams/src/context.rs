@@ -191,7 +191,13 @@ impl Ctx {
     /// });
     /// ```
     pub fn get_global<K, V>(&self, table: &GlobalTable<K, V>, key: &K) -> Result<Option<V>> {
-        let key = table.key_bytes(key)?;
+        let Some(key) = table.key_bytes(key)? else {
+            // The app's declaration is wrong, not the event: stop.
+            return Err(self
+                .inner
+                .fail("look up a global table", table.keyless())
+                .into());
+        };
         match self.inner.global(&table.name, &key)? {
             Some(bytes) => table.decode(&key, &bytes).map(Some),
             None => Ok(None),

@@ -80,18 +80,23 @@ impl<K, V> GlobalTable<K, V> {
         &self.topic
     }
 
-    /// The bytes `key` is stored under: what the topic's key codec writes.
-    pub(crate) fn key_bytes(&self, key: &K) -> Result<Bytes> {
-        let codec = |source: CodecError| Error::Codec {
-            topic: self.name.to_string(),
-            source,
-        };
-        self.key.encode(key).map_err(codec)?.ok_or_else(|| {
-            Error::Config(format!(
-                "global table {:?}: the key codec of topic {:?} writes no key, so nothing can be looked up",
-                self.name, self.topic
-            ))
-        })
+    /// The bytes `key` is stored under: what the topic's key codec writes
+    /// (`None` for a codec that writes no key, whose table holds nothing).
+    pub(crate) fn key_bytes(&self, key: &K) -> Result<Option<Bytes>> {
+        self.key
+            .encode(key)
+            .map_err(|source: CodecError| Error::Codec {
+                topic: format!("global table {:?} (topic {:?})", self.name, self.topic),
+                source,
+            })
+    }
+
+    /// Why a key cannot be looked up when the topic's key codec writes none.
+    pub(crate) fn keyless(&self) -> String {
+        format!(
+            "global table {:?}: the key codec of topic {:?} writes no key, so the table holds nothing to look up",
+            self.name, self.topic
+        )
     }
 
     /// A stored value of the key stored as `key`, decoded with the topic's

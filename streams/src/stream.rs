@@ -823,24 +823,19 @@ where
 
     fn process(&self, ctx: Context, record: ConsumerRecord) -> ProcessFuture<'_> {
         let partition = ctx.partition();
-        let decoded = match events(&self.step, &ctx, record) {
+        // A record's events are made before any joins a batch: one that
+        // fails fails the record with nothing of it held (its policy may
+        // process it again, or skip it whole).
+        let decoded = match events(&self.step, &ctx, record)
+            .and_then(|events| events.collect::<Result<Vec<_>, _>>())
+        {
             Ok(events) => events,
             Err(e) => return failed(e),
         };
         let mut full = Vec::new();
-        // An event that failed fails the record, after the batches the
-        // events before it filled (of earlier records too) are handed on.
-        let mut failure = None;
         {
             let mut held = self.held();
             for event in decoded {
-                let event = match event {
-                    Ok(event) => event,
-                    Err(e) => {
-                        failure = Some(e);
-                        break;
-                    }
-                };
                 ctx.observe_event_time(event.timestamp);
                 let batch = held.entry(partition).or_insert_with(|| Held {
                     events: Vec::with_capacity(self.n),
@@ -864,7 +859,7 @@ where
             for (_handing_on, w) in work {
                 w.await?;
             }
-            failure.map_or(Ok(()), Err)
+            Ok(())
         })
     }
 

@@ -840,7 +840,8 @@ impl<K, V> std::fmt::Debug for GlobalTableView<'_, K, V> {
 impl<K, V> GlobalTableView<'_, K, V> {
     /// The value of `key`, if the topic holds one.
     pub fn get(&self, key: &K) -> Result<Option<V>> {
-        let key = self.table.key_bytes(key)?;
+        let key =
+            (self.table.key_bytes(key)?).ok_or_else(|| Error::Config(self.table.keyless()))?;
         match live_entries(self.driver, &self.table.topic)?.get(&key) {
             Some(value) => self.table.decode(&key, value).map(Some),
             None => Ok(None),

@@ -1000,3 +1000,51 @@ async fn a_merged_agent_reads_every_event_of_both_topics() {
     assert_eq!(driver.read(&seen).unwrap().len(), 90);
     driver.close().await.unwrap();
 }
+
+/// take(n) after a join: a record whose second event fails (its global
+/// value does not decode) is skipped whole, so nothing of it is held in a
+/// batch; the next record's events fill the batch alone.
+#[tokio::test]
+async fn a_record_failing_midway_holds_nothing_in_a_batch() {
+    let mut app = one_partition_app("take-join");
+    let lines = text_topic(&mut app, "lines");
+    let sizes = app.topic::<String, u64>("sizes");
+    let table = app.global_table("sizes", &sizes);
+    type Seen = Arc<Mutex<Vec<Vec<(String, u64)>>>>;
+    let batches: Seen = Arc::default();
+    let seen = batches.clone();
+    app.agent(&lines)
+        .on_error(ErrorPolicy::Skip)
+        .flat_map(|line: String| {
+            line.split_whitespace()
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        })
+        .left_join_global(
+            &table,
+            |e| e.value.clone(),
+            |word, size| (word, size.unwrap_or(0)),
+        )
+        .take(2, Duration::from_secs(60))
+        .for_each(move |_ctx, batch| {
+            let seen = seen.clone();
+            async move {
+                let values = batch.into_iter().map(|e| e.value).collect();
+                seen.lock().unwrap().push(values);
+                Ok(())
+            }
+        });
+    let mut driver = TestDriver::new(app).await.unwrap();
+    driver.send(&sizes, &"a".to_string(), &1).await.unwrap();
+    driver
+        .send_raw("sizes", Some(b"\"b\""), Some(b"not a number"))
+        .await
+        .unwrap();
+    driver.send(&lines, &(), &"a b".to_string()).await.unwrap();
+    driver.send(&lines, &(), &"c a".to_string()).await.unwrap();
+    let got = batches.lock().unwrap().clone();
+    assert_eq!(got, vec![vec![("c".to_string(), 0), ("a".to_string(), 1)]]);
+    let errors = metric(&driver.metrics(), "strom_agent_errors_total", "lines");
+    assert_eq!(errors, 1.0);
+    driver.close().await.unwrap();
+}

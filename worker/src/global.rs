@@ -39,6 +39,7 @@ pub(crate) struct GlobalTables {
 
 #[derive(Debug)]
 struct Global {
+    topic: String,
     store: GlobalStore,
     reads: Counter,
     /// Per partition of the source topic, the standby tailing it (taken
@@ -55,7 +56,7 @@ impl GlobalTables {
         let mut tables = HashMap::new();
         for g in globals {
             let started = std::time::Instant::now();
-            let store = GlobalStore::new(open(spec, &g.name)?);
+            let store = GlobalStore::new(open(spec, &g.name).await?);
             let partitions = spec.client.topic_metadata(&g.topic).await?.partitions.len() as i32;
             let mut restoring = tokio::task::JoinSet::new();
             for p in 0..partitions {
@@ -82,23 +83,11 @@ impl GlobalTables {
                 "global table restored"
             );
             let tailing = (0..partitions)
-                .map(|p| {
-                    let applied = spec.metrics.global_applied(&g.name, p);
-                    let standby = Standby::start_observed(
-                        &spec.client,
-                        store.partition(p),
-                        &g.topic,
-                        p,
-                        spec.isolation(),
-                        move |offset| {
-                            applied.set(offset);
-                        },
-                    );
-                    (p, Some(standby))
-                })
+                .map(|p| (p, Some(tail(spec, &g.name, &g.topic, &store, p))))
                 .collect();
             let (reads, _) = spec.metrics.table_counters(&g.name);
             let table = Global {
+                topic: g.topic.clone(),
                 store,
                 reads,
                 tailing: Mutex::new(tailing),
@@ -117,11 +106,20 @@ impl GlobalTables {
     }
 
     /// The error of a partition that stopped being tailed, if one did: the
-    /// table would fall behind its topic without a word.
-    pub async fn check(&self) -> Result<(), WorkerError> {
+    /// table would fall behind its topic without a word. Partitions the
+    /// topic gained (as the client's metadata knows it) are read from their
+    /// start.
+    pub async fn check(&self, spec: &Spec) -> Result<(), WorkerError> {
         for (name, table) in &self.tables {
+            let now = spec.client.cached_topic(&table.topic);
             let stopped = {
                 let mut tailing = table.tailing.lock().unwrap_or_else(|e| e.into_inner());
+                let known = tailing.len() as i32;
+                let gained = now.map_or(0, |t| t.partitions.len() as i32);
+                for p in known..gained {
+                    info!(table = %name, topic = %table.topic, partition = p, "the global table's topic gained a partition; reading it");
+                    tailing.push((p, Some(tail(spec, name, &table.topic, &table.store, p))));
+                }
                 tailing
                     .iter_mut()
                     .find(|(_, s)| s.as_ref().is_some_and(Standby::is_finished))
@@ -161,12 +159,39 @@ impl GlobalTables {
     }
 }
 
-/// The store of global table `name`: `<state_dir>/<name>/global.redb`.
-fn open(spec: &Spec, name: &str) -> Result<Arc<dyn Store>, WorkerError> {
-    Ok(match spec.store {
-        StoreKind::Redb => Arc::new(RedbStore::open(
-            spec.state_dir.join(name).join("global.redb"),
-        )?),
-        StoreKind::Memory => Arc::new(strom_state::MemoryStore::new()),
-    })
+/// Starts reading partition `p` of `topic` into `store`.
+fn tail(spec: &Spec, name: &str, topic: &str, store: &GlobalStore, p: i32) -> Standby {
+    let applied = spec.metrics.global_applied(name, p);
+    Standby::start_observed(
+        &spec.client,
+        store.partition(p),
+        topic,
+        p,
+        spec.isolation(),
+        move |offset| {
+            applied.set(offset);
+        },
+    )
+}
+
+/// The store of global table `name`: `<state_dir>/<name>/global.redb`. An
+/// earlier run of this process may still be closing it: retried for a few
+/// seconds.
+async fn open(spec: &Spec, name: &str) -> Result<Arc<dyn Store>, WorkerError> {
+    if spec.store == StoreKind::Memory {
+        return Ok(Arc::new(strom_state::MemoryStore::new()));
+    }
+    let path = spec.state_dir.join(name).join("global.redb");
+    let mut attempts = 0;
+    loop {
+        match RedbStore::open(path.clone()) {
+            Ok(store) => return Ok(Arc::new(store)),
+            Err(e) if attempts < 50 => {
+                attempts += 1;
+                tracing::debug!(table = name, error = %e, "global table's store not openable yet; retrying");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
 }

@@ -265,6 +265,7 @@ impl Worker {
             assignor,
             metrics,
         } = self;
+        distinct_table_names(&table_names, &globals)?;
         let client = Client::connect(config.client.clone()).await?;
         let sources = sources(&processors)?;
         let partitions = copartitioned_count(&client, &sources).await?;
@@ -308,16 +309,20 @@ impl Worker {
         tokio::pin!(shutdown);
         if !globals.is_empty() {
             let restored = tokio::select! {
-                restored = GlobalTables::restore(&spec, &globals) => restored,
-                _ = &mut shutdown => {
-                    info!(app = %config.app_id, "stopped while restoring global tables");
+                restored = GlobalTables::restore(&spec, &globals) => Some(restored),
+                _ = &mut shutdown => None,
+            };
+            let restored = match restored {
+                Some(Ok(restored)) => restored,
+                stopped => {
                     if let Some(web) = web {
                         web.abort();
                     }
-                    return Ok(());
+                    info!(app = %config.app_id, "stopped while restoring global tables");
+                    return stopped.map_or(Ok(()), |r| r.map(drop));
                 }
             };
-            let _ = spec.globals.set(Arc::new(restored?));
+            let _ = spec.globals.set(Arc::new(restored));
         }
         let mut consumer = GroupConsumer::new(
             client.clone(),
@@ -374,6 +379,27 @@ fn routes(keys: HashMap<String, KeyParser>, globals: &[GlobalSpec]) -> HashMap<S
             (name, TableRoute { parse, global })
         })
         .collect()
+}
+
+/// Tables share the web's routes, metrics and state directory by name: one
+/// name, one table.
+fn distinct_table_names(
+    tables: &[(String, Option<Windowing>)],
+    globals: &[GlobalSpec],
+) -> Result<(), WorkerError> {
+    let mut seen = BTreeSet::new();
+    let names = tables
+        .iter()
+        .map(|(n, _)| n)
+        .chain(globals.iter().map(|g| &g.name));
+    for name in names {
+        if !seen.insert(name) {
+            return Err(WorkerError::Config(format!(
+                "two tables are named {name:?} (a table and a global table, or two of either): give each its own name"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// The topics the agents read, sorted, once each.
@@ -622,7 +648,7 @@ async fn poll_loop(
             _ = lag.tick() => {
                 measure_lag(&spec.metrics, consumer);
                 if let Some(globals) = spec.globals.get() {
-                    if let Err(e) = globals.check().await {
+                    if let Err(e) = globals.check(spec).await {
                         break Err(e);
                     }
                 }

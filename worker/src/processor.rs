@@ -338,9 +338,11 @@ impl Context {
         match self.inner.globals.get(name, key) {
             Some(Ok(value)) => Ok(value),
             Some(Err(e)) => Err(self.fail(&format!("read global table {name:?}"), e.to_string())),
-            None => Err(WorkerError::Config(format!(
-                "no global table named {name:?}"
-            ))),
+            // The app's declaration is wrong, not the event: stop.
+            None => Err(self.fail(
+                "read a global table",
+                format!("no global table named {name:?}"),
+            )),
         }
     }
 

@@ -784,3 +784,120 @@ async fn dead_letters_held_batches_and_timers_are_exactly_once() {
     // Every tick the timer saw return is committed.
     assert!(committed("ticks", 0).len() >= ticks.load(Ordering::SeqCst));
 }
+
+/// Looks each `in` value up in global table `profiles` and sends what it
+/// found (or `-`) to `out`.
+fn looker() -> Agent {
+    Agent {
+        concurrency: 1,
+        policy: None,
+        behave: Arc::new(|ctx, record| {
+            Box::pin(async move {
+                let key = record.value.clone().unwrap_or_default();
+                let found = ctx
+                    .global("profiles", &key)?
+                    .unwrap_or_else(|| b"-".to_vec());
+                ctx.send(ProducerRecord::to("out").key(&key).value(&found))
+                    .await?;
+                Ok(())
+            })
+        }),
+    }
+}
+
+/// The values sent to `out`, by key.
+fn outputs(cluster: &MockCluster) -> BTreeMap<String, Vec<String>> {
+    let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for p in 0..2 {
+        for r in cluster.records("out", p) {
+            let text = |b: Option<bytes::Bytes>| {
+                String::from_utf8_lossy(&b.unwrap_or_default()).into_owned()
+            };
+            out.entry(text(r.key)).or_default().push(text(r.value));
+        }
+    }
+    out
+}
+
+/// A global table is restored before the first event (a key of either
+/// partition is found), follows updates and deletes, and reads a partition
+/// its topic gains once the metadata shows it.
+#[tokio::test(start_paused = true)]
+async fn a_global_table_follows_its_topic_and_its_new_partitions() {
+    let cluster = cluster();
+    cluster.create_topic("users", 2);
+    cluster.append("users", 0, Some(b"a"), Some(b"A"));
+    cluster.append("users", 1, Some(b"b"), Some(b"B"));
+    let mut config = config(&cluster, ProcessingGuarantee::AtLeastOnce);
+    config.client.metadata_max_age = Duration::from_secs(5);
+    let worker = Worker::new(config)
+        .global_table(
+            "profiles",
+            "users",
+            Arc::new(|s: &str| Ok(crate::ParsedKey::raw(s.into()))),
+        )
+        .processor(Arc::new(looker()));
+    let metrics = worker.metrics().clone();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let run = tokio::spawn(worker.run(async {
+        let _ = stopped.await;
+    }));
+    for key in [b"a", b"b", b"c"] {
+        cluster.append("in", 0, None, Some(key));
+    }
+    wait_until("three lookups", || outputs(&cluster).len() == 3).await;
+    cluster.append("users", 1, Some(b"b"), Some(b"B2"));
+    cluster.append("users", 0, Some(b"a"), None);
+    wait_until("the update read", || {
+        metrics.global_offset("profiles", 1) == Some(1)
+    })
+    .await;
+    wait_until("the delete read", || {
+        metrics.global_offset("profiles", 0) == Some(1)
+    })
+    .await;
+    cluster.create_partitions("users", 3);
+    cluster.append("users", 2, Some(b"c"), Some(b"C"));
+    wait_until("the new partition read", || {
+        metrics.global_offset("profiles", 2) == Some(0)
+    })
+    .await;
+    for key in [b"a", b"b", b"c"] {
+        cluster.append("in", 1, None, Some(key));
+    }
+    wait_until("six lookups", || {
+        outputs(&cluster).values().map(Vec::len).sum::<usize>() == 6
+    })
+    .await;
+    let got = outputs(&cluster);
+    let want: BTreeMap<String, Vec<String>> =
+        [("a", ["A", "-"]), ("b", ["B", "B2"]), ("c", ["-", "C"])]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v.map(str::to_owned).to_vec()))
+            .collect();
+    assert_eq!(got, want);
+    let _ = stop.send(());
+    outcome(run, Duration::from_secs(30)).await.unwrap();
+}
+
+/// A global table and a table of one name are refused before anything
+/// starts: they would share the web's route, metrics and files.
+#[tokio::test(start_paused = true)]
+async fn two_tables_of_one_name_are_refused() {
+    let cluster = cluster();
+    let config = config(&cluster, ProcessingGuarantee::AtLeastOnce);
+    let worker = Worker::new(config)
+        .table("profiles")
+        .global_table(
+            "profiles",
+            "in",
+            Arc::new(|s: &str| Ok(crate::ParsedKey::raw(s.into()))),
+        )
+        .processor(Arc::new(looker()));
+    let err = worker.run(async {}).await.unwrap_err();
+    assert!(
+        err.to_string()
+            .contains(r#"two tables are named "profiles""#),
+        "{err}"
+    );
+}

@@ -100,6 +100,9 @@ async fn restore(client: &Client, topic: &str, dir: &std::path::Path) -> Result<
 
 pub(super) async fn run(args: &StateArgs) -> Result<bool, Error> {
     let n = args.messages;
+    if n == 0 {
+        return Err(Error::Config("--messages must be at least 1".into()));
+    }
     let run_id = std::process::id();
     let (id, profiles, views, enriched) = (
         format!("strom-join-{run_id}"),
