@@ -315,9 +315,7 @@ impl Worker {
             let restored = match restored {
                 Some(Ok(restored)) => restored,
                 stopped => {
-                    if let Some(web) = web {
-                        web.abort();
-                    }
+                    stop_web(web).await;
                     info!(app = %config.app_id, "stopped while restoring global tables");
                     return stopped.map_or(Ok(()), |r| r.map(drop));
                 }
@@ -359,9 +357,7 @@ impl Worker {
         if let Some(globals) = spec.globals.get() {
             globals.stop().await;
         }
-        if let Some(web) = web {
-            web.abort();
-        }
+        stop_web(web).await;
         outcome?;
         left?;
         match spec.take_fatal() {
@@ -379,6 +375,15 @@ fn routes(keys: HashMap<String, KeyParser>, globals: &[GlobalSpec]) -> HashMap<S
             (name, TableRoute { parse, global })
         })
         .collect()
+}
+
+/// Stops the web server and waits until its port is free again (so a
+/// worker started next in this process can listen on it).
+async fn stop_web(web: Option<tokio::task::JoinHandle<()>>) {
+    if let Some(web) = web {
+        web.abort();
+        let _ = web.await;
+    }
 }
 
 /// Tables share the web's routes, metrics and state directory by name: one
