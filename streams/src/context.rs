@@ -160,14 +160,28 @@ impl Ctx {
         table: &Table<K, V>,
         key: &K,
     ) -> Result<V> {
+        Ok(self
+            .find(table, key)
+            .await?
+            .unwrap_or_else(|| (table.default)()))
+    }
+
+    /// The value of `key` in `table`, or `None` when the table holds none
+    /// (where [`Ctx::get`] gives the default). The key must belong to this
+    /// event's partition, as for [`Ctx::get`].
+    pub async fn find<K: TableKey, V: DeserializeOwned>(
+        &self,
+        table: &Table<K, V>,
+        key: &K,
+    ) -> Result<Option<V>> {
         let bytes = self.check_partition(&table.name, &table.key, key)?;
         let stored = self.inner.get(&table.name, &bytes).await?;
         match stored {
             Some(v) => match serde_json::from_slice(&v) {
-                Ok(v) => Ok(v),
+                Ok(v) => Ok(Some(v)),
                 Err(e) => Err(self.damaged(&table.name, &bytes, e).await),
             },
-            None => Ok((table.default)()),
+            None => Ok(None),
         }
     }
 

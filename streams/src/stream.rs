@@ -19,6 +19,7 @@ use crate::app::App;
 use crate::codec::{Codec, CodecError, Json};
 use crate::context::Ctx;
 use crate::global::GlobalTable;
+use crate::table::Table;
 
 /// One event: its key and value, and where it came from.
 #[derive(Debug, Clone)]
@@ -102,10 +103,30 @@ impl Event<(), ()> {
     }
 }
 
-/// Turns one record into the events a stage yields (decoding, then operators).
-/// It sees the partition's context, for operators that read tables.
-type Step<K, V> =
+/// Turns one record into the events a stage yields (decoding, then
+/// operators), seeing the partition's context: at once, or, once an operator
+/// must wait (a join reading a table), in a future.
+pub(crate) enum Step<K, V> {
+    Now(NowStep<K, V>),
+    Later(LaterStep<K, V>),
+}
+
+impl<K, V> Clone for Step<K, V> {
+    fn clone(&self) -> Self {
+        match self {
+            Step::Now(s) => Step::Now(s.clone()),
+            Step::Later(s) => Step::Later(s.clone()),
+        }
+    }
+}
+
+type NowStep<K, V> =
     Arc<dyn Fn(&Context, ConsumerRecord) -> Result<Events<K, V>, CodecError> + Send + Sync>;
+type LaterStep<K, V> = Arc<dyn Fn(&Context, ConsumerRecord) -> Later<K, V> + Send + Sync>;
+
+/// The events of a record, once an operator that waits has made them.
+pub(crate) type Later<K, V> =
+    std::pin::Pin<Box<dyn Future<Output = Result<Events<K, V>, AgentError>> + Send>>;
 
 /// The events of one record, made as they are taken: a stage sends or
 /// handles each before the next is made, so one record that becomes many
@@ -122,7 +143,7 @@ pub(crate) fn decode_step<K: Send + 'static, V: Send + 'static>(
         topic.value.clone(),
         topic.timestamp.clone(),
     );
-    Arc::new(move |_: &Context, r: ConsumerRecord| {
+    Step::Now(Arc::new(move |_: &Context, r: ConsumerRecord| {
         let mut event = Event {
             key: key.decode(r.key.as_deref())?,
             value: value.decode(r.value.as_deref())?,
@@ -136,7 +157,7 @@ pub(crate) fn decode_step<K: Send + 'static, V: Send + 'static>(
             event.timestamp = time(&event);
         }
         Ok(Box::new(std::iter::once(Ok(event))) as Events<K, V>)
-    })
+    }))
 }
 
 /// A stream of events being defined on an [`App`]: apply operators, then end
@@ -245,13 +266,56 @@ where
         f: impl Fn(&Context, Events<K, V>) -> Events<K2, V2> + Send + Sync + 'static,
     ) -> Stream<'a, K2, V2> {
         let f = Arc::new(f);
-        let inputs = (self.inputs.into_iter())
-            .map(|Input { topic, step }| {
+        self.each_step(move |step| match step {
+            Step::Now(step) => {
                 let f = f.clone();
-                let step: Step<K2, V2> = Arc::new(move |ctx: &Context, r: ConsumerRecord| {
+                Step::Now(Arc::new(move |ctx: &Context, r: ConsumerRecord| {
                     step(ctx, r).map(|events| f(ctx, events))
-                });
-                Input { topic, step }
+                }))
+            }
+            Step::Later(step) => {
+                let f = f.clone();
+                Step::Later(Arc::new(move |ctx: &Context, r: ConsumerRecord| {
+                    let (made, ctx, f) = (step(ctx, r), ctx.clone(), f.clone());
+                    Box::pin(async move { made.await.map(|events| f(&ctx, events)) })
+                }))
+            }
+        })
+    }
+
+    /// Adds an operator that waits (reads a table) to make each record's
+    /// events: `f` gets them as the stages before it made them.
+    fn then_later<K2: 'static, V2: 'static>(
+        self,
+        f: impl Fn(Context, Events<K, V>) -> Later<K2, V2> + Send + Sync + 'static,
+    ) -> Stream<'a, K2, V2> {
+        let f = Arc::new(f);
+        self.each_step(move |step| match step {
+            Step::Now(step) => {
+                let f = f.clone();
+                Step::Later(Arc::new(
+                    move |ctx: &Context, r: ConsumerRecord| match step(ctx, r) {
+                        Ok(events) => f(ctx.clone(), events),
+                        Err(e) => Box::pin(std::future::ready(Err(undecodable(e)))),
+                    },
+                ))
+            }
+            Step::Later(step) => {
+                let f = f.clone();
+                Step::Later(Arc::new(move |ctx: &Context, r: ConsumerRecord| {
+                    let (made, ctx, f) = (step(ctx, r), ctx.clone(), f.clone());
+                    Box::pin(async move { f(ctx, made.await?).await })
+                }))
+            }
+        })
+    }
+
+    /// The stream with `f` of each input's step.
+    fn each_step<K2, V2>(self, f: impl Fn(Step<K, V>) -> Step<K2, V2>) -> Stream<'a, K2, V2> {
+        let inputs = (self.inputs.into_iter())
+            .map(|Input { topic, step }| Input {
+                topic,
+                step: f(step),
             })
             .collect();
         Stream {
@@ -415,6 +479,106 @@ where
                 };
                 made.into_iter().flatten().chain(failed)
             }))
+        })
+    }
+
+    /// Joins each event with the value its key has in `table` (Kafka
+    /// Streams' stream–table join); `joiner` makes the event's new value of
+    /// its value and the table's. The table must be co-partitioned with the
+    /// stream: its keys in the partitions the stream's events are in (see
+    /// [`Table`](crate::Table)'s partitioning rule; `group_by` the stream by
+    /// the table's key first if it is keyed otherwise). An event whose key
+    /// belongs to another partition fails
+    /// ([`Error::CoPartition`](crate::Error::CoPartition), under its agent's
+    /// error policy). An event whose key the table does not hold is dropped
+    /// ([`left_join_table`](Stream::left_join_table) keeps it). The table is
+    /// as this partition's task has it when the event is processed, with
+    /// the writes of the partition's earlier events.
+    ///
+    /// ```no_run
+    /// let mut app = strom::App::new("shop");
+    /// // Customer id -> credit limit, kept by another agent.
+    /// let limits = app.table::<String, u64>("limits", 0);
+    /// let orders = app.topic::<String, u64>("orders"); // customer id -> amount
+    /// let checked = app.topic::<String, (u64, bool)>("checked-orders");
+    /// app.agent(&orders)
+    ///     .join_table(&limits, |amount, limit| (amount, amount <= limit))
+    ///     .sink(&checked);
+    /// ```
+    pub fn join_table<T, V2>(
+        self,
+        table: &Table<K, T>,
+        joiner: impl Fn(V, T) -> V2 + Send + Sync + 'static,
+    ) -> Stream<'a, K, V2>
+    where
+        K: TableKey,
+        T: DeserializeOwned + Send + 'static,
+        V2: Send + Sync + 'static,
+    {
+        self.lookup_table(table, move |v, found| found.map(|t| joiner(v, t)))
+    }
+
+    /// [`join_table`](Stream::join_table) keeping every event: `joiner`
+    /// gets `None` for a key the table does not hold (Kafka Streams'
+    /// `leftJoin`; the table's default is not used).
+    pub fn left_join_table<T, V2>(
+        self,
+        table: &Table<K, T>,
+        joiner: impl Fn(V, Option<T>) -> V2 + Send + Sync + 'static,
+    ) -> Stream<'a, K, V2>
+    where
+        K: TableKey,
+        T: DeserializeOwned + Send + 'static,
+        V2: Send + Sync + 'static,
+    {
+        self.lookup_table(table, move |v, found| Some(joiner(v, found)))
+    }
+
+    /// Looks each event's key up in this partition of `table`; `f` makes
+    /// its new value, or drops it.
+    fn lookup_table<T, V2>(
+        self,
+        table: &Table<K, T>,
+        f: impl Fn(V, Option<T>) -> Option<V2> + Send + Sync + 'static,
+    ) -> Stream<'a, K, V2>
+    where
+        K: TableKey,
+        T: DeserializeOwned + Send + 'static,
+        V2: Send + Sync + 'static,
+    {
+        let join = Arc::new((table.clone(), f));
+        self.then_later(move |ctx, events| {
+            let join = join.clone();
+            Box::pin(async move {
+                let (table, f) = &*join;
+                let ctx = Ctx {
+                    inner: ctx,
+                    event_time: None,
+                    source: None,
+                };
+                let mut joined = Vec::new();
+                for e in events {
+                    let found = match &e {
+                        Ok(e) => ctx.find(table, &e.key).await,
+                        Err(_) => Ok(None),
+                    };
+                    match (e, found) {
+                        (Ok(e), Ok(found)) => {
+                            let (meta, key, value) = e.split();
+                            joined.extend(f(value, found).map(|v| Ok(meta.join(key, v))));
+                        }
+                        (Err(e), _) => {
+                            joined.push(Err(e));
+                            break;
+                        }
+                        (_, Err(error)) => {
+                            joined.push(Err(Box::new(error) as AgentError));
+                            break;
+                        }
+                    }
+                }
+                Ok(Box::new(joined.into_iter()) as Events<K, V2>)
+            })
         })
     }
 
@@ -639,7 +803,7 @@ where
                 format!("group_by → {target}"),
             );
         }
-        let step: Step<K2, V> = Arc::new(|_: &Context, r: ConsumerRecord| {
+        let step: Step<K2, V> = Step::Now(Arc::new(|_: &Context, r: ConsumerRecord| {
             let key = Codec::<K2>::decode(&Json, r.key.as_deref())?;
             let value = Codec::<V>::decode(&Json, r.value.as_deref())?;
             Ok(Box::new(std::iter::once(Ok(Event {
@@ -651,7 +815,7 @@ where
                 timestamp: r.timestamp,
                 headers: r.headers,
             }))) as Events<K2, V>)
-        });
+        }));
         Stream {
             app: self.app,
             stage,
@@ -822,45 +986,20 @@ where
     }
 
     fn process(&self, ctx: Context, record: ConsumerRecord) -> ProcessFuture<'_> {
-        let partition = ctx.partition();
         // A record's events are made before any joins a batch: one that
         // fails fails the record with nothing of it held (its policy may
         // process it again, or skip it whole).
-        let decoded = match events(&self.step, &ctx, record)
-            .and_then(|events| events.collect::<Result<Vec<_>, _>>())
-        {
-            Ok(events) => events,
-            Err(e) => return failed(e),
-        };
-        let mut full = Vec::new();
-        {
-            let mut held = self.held();
-            for event in decoded {
-                ctx.observe_event_time(event.timestamp);
-                let batch = held.entry(partition).or_insert_with(|| Held {
-                    events: Vec::with_capacity(self.n),
-                    since: Instant::now(),
-                });
-                batch.events.push(event);
-                if batch.events.len() >= self.n {
-                    full.extend(held.remove(&partition).map(|b| b.events));
-                }
-            }
+        let collect = |events: Events<K, V>| events.collect::<Result<Vec<_>, _>>();
+        match events(&self.step, &ctx, record) {
+            Made::Now(events) => match events.and_then(collect) {
+                Ok(events) => self.hand_on(ctx, events),
+                Err(e) => failed(e),
+            },
+            Made::Later(events) => Box::pin(async move {
+                let events = collect(events.await?)?;
+                self.hand_on(ctx, events).await
+            }),
         }
-        let work: Vec<(HandedOn, Fut)> = full
-            .into_iter()
-            .map(|b| {
-                let first = b.iter().map(|e| e.offset).min().unwrap_or(i64::MAX);
-                let ctx = Ctx::for_batch(ctx.clone(), &b);
-                (self.handing_on(partition, first), (*self.f)(ctx, b))
-            })
-            .collect();
-        Box::pin(async move {
-            for (_handing_on, w) in work {
-                w.await?;
-            }
-            Ok(())
-        })
     }
 
     fn flush(&self, ctx: Context) -> ProcessFuture<'_> {
@@ -903,14 +1042,76 @@ where
     }
 }
 
-/// Decodes a record into events; an undecodable one is a [`DecodeError`],
-/// which the runtime handles by the agent's error policy.
-fn events<K, V>(
-    step: &Step<K, V>,
-    ctx: &Context,
-    record: ConsumerRecord,
-) -> Result<Events<K, V>, AgentError> {
-    step(ctx, record).map_err(|e| Box::new(DecodeError(e.to_string())) as AgentError)
+impl<K, V, F, Fut> TakeForEach<K, V, F>
+where
+    K: Send + 'static,
+    V: Send + 'static,
+    F: Fn(Ctx, Vec<Event<K, V>>) -> Fut + Send + Sync,
+    Fut: Future<Output = Result<(), AgentError>> + Send + 'static,
+{
+    /// Adds a record's events to their partition's batch; hands on each
+    /// batch they fill.
+    fn hand_on(&self, ctx: Context, decoded: Vec<Event<K, V>>) -> ProcessFuture<'_> {
+        let partition = ctx.partition();
+        let mut full = Vec::new();
+        {
+            let mut held = self.held();
+            for event in decoded {
+                ctx.observe_event_time(event.timestamp);
+                let batch = held.entry(partition).or_insert_with(|| Held {
+                    events: Vec::with_capacity(self.n),
+                    since: Instant::now(),
+                });
+                batch.events.push(event);
+                if batch.events.len() >= self.n {
+                    full.extend(held.remove(&partition).map(|b| b.events));
+                }
+            }
+        }
+        let work: Vec<(HandedOn, Fut)> = full
+            .into_iter()
+            .map(|b| {
+                let first = b.iter().map(|e| e.offset).min().unwrap_or(i64::MAX);
+                let ctx = Ctx::for_batch(ctx.clone(), &b);
+                (self.handing_on(partition, first), (*self.f)(ctx, b))
+            })
+            .collect();
+        Box::pin(async move {
+            for (_handing_on, w) in work {
+                w.await?;
+            }
+            Ok(())
+        })
+    }
+}
+
+/// A record that does not decode: a [`DecodeError`], which the runtime
+/// handles by the agent's error policy.
+fn undecodable(e: CodecError) -> AgentError {
+    Box::new(DecodeError(e.to_string()))
+}
+
+/// A record's events, made now or later (see [`Step`]).
+enum Made<K, V> {
+    Now(Result<Events<K, V>, AgentError>),
+    Later(Later<K, V>),
+}
+
+impl<K, V> Made<K, V> {
+    async fn get(self) -> Result<Events<K, V>, AgentError> {
+        match self {
+            Made::Now(events) => events,
+            Made::Later(events) => events.await,
+        }
+    }
+}
+
+/// Makes a record's events.
+fn events<K, V>(step: &Step<K, V>, ctx: &Context, record: ConsumerRecord) -> Made<K, V> {
+    match step {
+        Step::Now(step) => Made::Now(step(ctx, record).map_err(undecodable)),
+        Step::Later(step) => Made::Later(step(ctx, record)),
+    }
 }
 
 /// An event's time to send on with it; `None` (the producer stamps the
@@ -956,12 +1157,9 @@ where
 
     fn process(&self, ctx: Context, record: ConsumerRecord) -> ProcessFuture<'_> {
         let source = crate::context::Source::new(record.clone());
-        let decoded = match events(&self.step, &ctx, record) {
-            Ok(events) => events,
-            Err(e) => return failed(e),
-        };
+        let made = events(&self.step, &ctx, record);
         Box::pin(async move {
-            for e in decoded {
+            for e in made.get().await? {
                 let e = e?;
                 ctx.observe_event_time(e.timestamp);
                 let ctx = Ctx {
@@ -1007,12 +1205,9 @@ where
     }
 
     fn process(&self, ctx: Context, record: ConsumerRecord) -> ProcessFuture<'_> {
-        let decoded = match events(&self.step, &ctx, record) {
-            Ok(events) => events,
-            Err(e) => return failed(e),
-        };
+        let made = events(&self.step, &ctx, record);
         Box::pin(async move {
-            for e in decoded {
+            for e in made.get().await? {
                 let e = e?;
                 ctx.observe_event_time(e.timestamp);
                 let key = Codec::<K2>::encode(&Json, &(self.key)(&e))?;
@@ -1059,12 +1254,9 @@ where
     }
 
     fn process(&self, ctx: Context, record: ConsumerRecord) -> ProcessFuture<'_> {
-        let decoded = match events(&self.step, &ctx, record) {
-            Ok(events) => events,
-            Err(e) => return failed(e),
-        };
+        let made = events(&self.step, &ctx, record);
         Box::pin(async move {
-            for e in decoded {
+            for e in made.get().await? {
                 let e = e?;
                 ctx.observe_event_time(e.timestamp);
                 let (key, value) = (self.key.encode(&e.key)?, self.value.encode(&e.value)?);

@@ -1048,3 +1048,84 @@ async fn a_record_failing_midway_holds_nothing_in_a_batch() {
     assert_eq!(errors, 1.0);
     driver.close().await.unwrap();
 }
+
+/// Stream–table joins, inner and left, against a model: an agent keeps
+/// each customer's credit limit in a table (0 deletes it); orders keyed by
+/// customer are joined with the limit their partition's table holds when
+/// they are processed. Operators before (flat_map) and after (map, filter)
+/// the join keep working, over 3 partitions.
+#[tokio::test]
+async fn stream_table_joins_follow_the_table() {
+    let mut app = App::new("table-joins").with_partitions(3);
+    let limits_in = app.topic::<String, u64>("limits-in");
+    let limits = app.table::<String, u64>("limits", 1_000);
+    let orders = app.topic::<String, Vec<u64>>("orders");
+    let inner = app.topic::<String, (u64, bool)>("inner");
+    let left = app.topic::<String, (u64, Option<u64>)>("left");
+    let table = limits.clone();
+    app.agent(&limits_in).for_each(move |ctx, e| {
+        let limits = table.clone();
+        async move {
+            match e.value {
+                0 => ctx.delete(&limits, &e.key).await?,
+                limit => ctx.set(&limits, &e.key, &limit).await?,
+            }
+            Ok(())
+        }
+    });
+    app.agent(&orders)
+        .flat_map(|amounts: Vec<u64>| amounts)
+        .join_table(&limits, |amount, limit| (amount, amount <= limit))
+        .filter(|e| e.value.0 != 13)
+        .sink(&inner);
+    app.agent(&orders)
+        .flat_map(|amounts: Vec<u64>| amounts)
+        .left_join_table(&limits, |amount, limit| (amount, limit))
+        .map(|(amount, limit)| (amount * 10, limit))
+        .sink(&left);
+    let mut driver = TestDriver::new(app).await.unwrap();
+
+    let mut model: BTreeMap<String, u64> = BTreeMap::new();
+    let (mut want_inner, mut want_left) = (Vec::new(), Vec::new());
+    for i in 0..100u64 {
+        let customer = format!("c{}", i % 8);
+        if i % 5 == 0 {
+            let limit = (i * 7) % 60;
+            driver.send(&limits_in, &customer, &limit).await.unwrap();
+            match limit {
+                0 => model.remove(&customer),
+                l => model.insert(customer.clone(), l),
+            };
+        }
+        let amounts = vec![i % 50, 13];
+        driver.send(&orders, &customer, &amounts).await.unwrap();
+        for amount in amounts {
+            let limit = model.get(&customer).copied();
+            if let Some(l) = limit.filter(|_| amount != 13) {
+                want_inner.push((customer.clone(), (amount, amount <= l)));
+            }
+            want_left.push((customer.clone(), (amount * 10, limit)));
+        }
+    }
+    let got_inner: Vec<_> = driver
+        .read(&inner)
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.key, r.value))
+        .collect();
+    let got_left: Vec<_> = driver
+        .read(&left)
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.key, r.value))
+        .collect();
+    assert!(want_inner.len() > 40 && want_inner.len() < want_left.len() / 2 + 40);
+    assert_eq!(sorted(got_inner), sorted(want_inner));
+    assert_eq!(sorted(got_left), sorted(want_left));
+    driver.close().await.unwrap();
+}
+
+fn sorted<T: Ord>(mut v: Vec<T>) -> Vec<T> {
+    v.sort();
+    v
+}
