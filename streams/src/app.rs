@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use strom_client::{Client, Compression, NewTopic};
 use strom_state::window::Windowing;
-use strom_state::TableKey;
+use strom_state::{changelog, TableKey};
 use strom_worker::{
     AgentError, ErrorPolicy, KeyParser, ProcessingGuarantee, Processor, Schedule, StoreKind, Timer,
     Worker, WorkerConfig,
@@ -82,6 +82,9 @@ pub struct App {
     pub(crate) topics: Vec<(String, Arc<Mutex<Declared>>)>,
     /// (repartition topic, its source topic)
     pub(crate) repartitions: Vec<(String, String)>,
+    /// Changelog topics of the app's tables that agents read (a table
+    /// join): created with the other sources' partition count.
+    pub(crate) changelog_sources: Vec<String>,
     pub(crate) tables: Vec<DeclaredTable>,
     /// Global tables: (name, source topic, how the web reads its keys).
     pub(crate) globals: Vec<(String, String, KeyParser)>,
@@ -162,6 +165,7 @@ impl App {
             partitions: 8,
             topics: Vec::new(),
             repartitions: Vec::new(),
+            changelog_sources: Vec::new(),
             tables: Vec::new(),
             globals: Vec::new(),
             processors: Vec::new(),
@@ -644,7 +648,31 @@ impl App {
             let partitions = client.topic_metadata(source).await?.partitions.len() as i32;
             ensure(client, NewTopic::new(topic, partitions, replication), true).await?;
         }
+        if !self.changelog_sources.is_empty() {
+            // As the worker makes every changelog: compacted, with the
+            // partition count of the topics the agents read.
+            let other = self.sources().into_iter().next();
+            let partitions = match other {
+                Some(topic) => client.topic_metadata(topic).await?.partitions.len(),
+                None => self.partitions as usize,
+            };
+            for topic in &self.changelog_sources {
+                changelog::ensure_topic(client, topic, partitions, replication, None).await?;
+            }
+        }
         Ok(())
+    }
+
+    /// The topics agents read that the app does not make itself
+    /// (repartition topics and table changelogs are made with their count).
+    fn sources(&self) -> std::collections::BTreeSet<&str> {
+        let punctuators = self.punctuators.iter().map(|(p, _)| p);
+        (self.processors.iter())
+            .chain(punctuators)
+            .map(|p| p.topic())
+            .filter(|t| !self.repartitions.iter().any(|(r, _)| r == t))
+            .filter(|t| !self.changelog_sources.iter().any(|c| c == t))
+            .collect()
     }
 
     /// The topics agents read must share one partition count, since each
@@ -653,14 +681,8 @@ impl App {
     /// or, for missing ones, will be created with (repartition topics take
     /// their source's).
     async fn check_copartitioning(&self, client: &Client) -> Result<()> {
-        let punctuators = self.punctuators.iter().map(|(p, _)| p);
-        let sources: std::collections::BTreeSet<&str> = (self.processors.iter())
-            .chain(punctuators)
-            .map(|p| p.topic())
-            .filter(|t| !self.repartitions.iter().any(|(r, _)| r == t))
-            .collect();
         let mut counts = Vec::new();
-        for topic in sources {
+        for topic in self.sources() {
             let count = match client.topic_metadata(topic).await {
                 Ok(meta) => (meta.partitions.len() as i32, "has"),
                 Err(strom_client::Error::UnknownTopic { .. }) => {

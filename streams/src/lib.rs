@@ -44,6 +44,7 @@ pub mod codec;
 pub mod context;
 pub mod error;
 pub mod global;
+mod join;
 pub mod punctuator;
 pub mod stream;
 pub mod table;

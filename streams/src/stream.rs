@@ -18,8 +18,6 @@ use tokio::time::Instant;
 use crate::app::App;
 use crate::codec::{Codec, CodecError, Json};
 use crate::context::Ctx;
-use crate::global::GlobalTable;
-use crate::table::Table;
 
 /// One event: its key and value, and where it came from.
 #[derive(Debug, Clone)]
@@ -43,7 +41,7 @@ pub struct Event<K, V> {
 impl<K, V> Event<K, V> {
     /// Where this event came from, its time and headers (moved, not
     /// cloned), and its key and value.
-    fn split(self) -> (Event<(), ()>, K, V) {
+    pub(crate) fn split(self) -> (Event<(), ()>, K, V) {
         let Event {
             key,
             value,
@@ -90,7 +88,7 @@ impl<K, V> Event<K, V> {
 
 impl Event<(), ()> {
     /// The event of this origin, time and headers with `key` and `value`.
-    fn join<K, V>(self, key: K, value: V) -> Event<K, V> {
+    pub(crate) fn join<K, V>(self, key: K, value: V) -> Event<K, V> {
         Event {
             key,
             value,
@@ -133,7 +131,7 @@ pub(crate) type Later<K, V> =
 /// events (a `flat_map` of a huge line) never holds them all in memory. An
 /// operator that fails on an event (a join whose lookup fails) yields its
 /// error in the event's place: the record fails there.
-type Events<K, V> = Box<dyn Iterator<Item = Result<Event<K, V>, AgentError>> + Send>;
+pub(crate) type Events<K, V> = Box<dyn Iterator<Item = Result<Event<K, V>, AgentError>> + Send>;
 
 pub(crate) fn decode_step<K: Send + 'static, V: Send + 'static>(
     topic: &crate::Topic<K, V>,
@@ -261,7 +259,7 @@ where
     K: Clone + Send + Sync + 'static,
     V: Send + Sync + 'static,
 {
-    fn then<K2, V2>(
+    pub(crate) fn then<K2, V2>(
         self,
         f: impl Fn(&Context, Events<K, V>) -> Events<K2, V2> + Send + Sync + 'static,
     ) -> Stream<'a, K2, V2> {
@@ -285,7 +283,7 @@ where
 
     /// Adds an operator that waits (reads a table) to make each record's
     /// events: `f` gets them as the stages before it made them.
-    fn then_later<K2: 'static, V2: 'static>(
+    pub(crate) fn then_later<K2: 'static, V2: 'static>(
         self,
         f: impl Fn(Context, Events<K, V>) -> Later<K2, V2> + Send + Sync + 'static,
     ) -> Stream<'a, K2, V2> {
@@ -478,210 +476,6 @@ where
                     Err(e) => (None, Some(Err(e))),
                 };
                 made.into_iter().flatten().chain(failed)
-            }))
-        })
-    }
-
-    /// Joins each event with the value its key has in `table` (Kafka
-    /// Streams' stream–table join); `joiner` makes the event's new value of
-    /// its value and the table's. The table must be co-partitioned with the
-    /// stream: its keys in the partitions the stream's events are in (see
-    /// [`Table`](crate::Table)'s partitioning rule; `group_by` the stream by
-    /// the table's key first if it is keyed otherwise). An event whose key
-    /// belongs to another partition fails
-    /// ([`Error::CoPartition`](crate::Error::CoPartition), under its agent's
-    /// error policy). An event whose key the table does not hold is dropped
-    /// ([`left_join_table`](Stream::left_join_table) keeps it). The table is
-    /// as this partition's task has it when the event is processed, with
-    /// the writes of the partition's earlier events.
-    ///
-    /// ```no_run
-    /// let mut app = strom::App::new("shop");
-    /// // Customer id -> credit limit, kept by another agent.
-    /// let limits = app.table::<String, u64>("limits", 0);
-    /// let orders = app.topic::<String, u64>("orders"); // customer id -> amount
-    /// let checked = app.topic::<String, (u64, bool)>("checked-orders");
-    /// app.agent(&orders)
-    ///     .join_table(&limits, |amount, limit| (amount, amount <= limit))
-    ///     .sink(&checked);
-    /// ```
-    pub fn join_table<T, V2>(
-        self,
-        table: &Table<K, T>,
-        joiner: impl Fn(V, T) -> V2 + Send + Sync + 'static,
-    ) -> Stream<'a, K, V2>
-    where
-        K: TableKey,
-        T: DeserializeOwned + Send + 'static,
-        V2: Send + Sync + 'static,
-    {
-        self.lookup_table(table, move |v, found| found.map(|t| joiner(v, t)))
-    }
-
-    /// [`join_table`](Stream::join_table) keeping every event: `joiner`
-    /// gets `None` for a key the table does not hold (Kafka Streams'
-    /// `leftJoin`; the table's default is not used).
-    pub fn left_join_table<T, V2>(
-        self,
-        table: &Table<K, T>,
-        joiner: impl Fn(V, Option<T>) -> V2 + Send + Sync + 'static,
-    ) -> Stream<'a, K, V2>
-    where
-        K: TableKey,
-        T: DeserializeOwned + Send + 'static,
-        V2: Send + Sync + 'static,
-    {
-        self.lookup_table(table, move |v, found| Some(joiner(v, found)))
-    }
-
-    /// Looks each event's key up in this partition of `table`; `f` makes
-    /// its new value, or drops it.
-    fn lookup_table<T, V2>(
-        self,
-        table: &Table<K, T>,
-        f: impl Fn(V, Option<T>) -> Option<V2> + Send + Sync + 'static,
-    ) -> Stream<'a, K, V2>
-    where
-        K: TableKey,
-        T: DeserializeOwned + Send + 'static,
-        V2: Send + Sync + 'static,
-    {
-        let join = Arc::new((table.clone(), f));
-        self.then_later(move |ctx, events| {
-            let join = join.clone();
-            Box::pin(async move {
-                let (table, f) = &*join;
-                let ctx = Ctx {
-                    inner: ctx,
-                    event_time: None,
-                    source: None,
-                };
-                let mut joined = Vec::new();
-                for e in events {
-                    let found = match &e {
-                        Ok(e) => ctx.find(table, &e.key).await,
-                        Err(_) => Ok(None),
-                    };
-                    match (e, found) {
-                        (Ok(e), Ok(found)) => {
-                            let (meta, key, value) = e.split();
-                            joined.extend(f(value, found).map(|v| Ok(meta.join(key, v))));
-                        }
-                        (Err(e), _) => {
-                            joined.push(Err(e));
-                            break;
-                        }
-                        (_, Err(error)) => {
-                            joined.push(Err(Box::new(error) as AgentError));
-                            break;
-                        }
-                    }
-                }
-                Ok(Box::new(joined.into_iter()) as Events<K, V2>)
-            })
-        })
-    }
-
-    /// Joins each event with the value of its key in global table `table`
-    /// (Kafka Streams' stream–GlobalKTable `join`): `key` picks the table's
-    /// key from the event, so the stream and the table need no common key
-    /// or partitioning; `joiner` makes the event's new value of its value
-    /// and the table's. An event whose key is not in the table is dropped
-    /// ([`left_join_global`](Stream::left_join_global) keeps it). The table
-    /// is as this worker has read it when the event is processed (see
-    /// [`GlobalTable`]). A table value that does not decode fails the event
-    /// (its agent's error policy decides).
-    ///
-    /// ```no_run
-    /// # #[derive(serde::Serialize, serde::Deserialize)] struct Order { customer: String, cents: u64 }
-    /// # #[derive(serde::Serialize, serde::Deserialize)] struct Customer { name: String }
-    /// let mut app = strom::App::new("shop");
-    /// let customers = app.topic::<String, Customer>("customers");
-    /// let customers = app.global_table("customers", &customers);
-    /// let orders = app.topic::<String, Order>("orders");
-    /// let named = app.topic::<String, (String, u64)>("named-orders");
-    /// app.agent(&orders)
-    ///     .join_global(&customers, |o| o.value.customer.clone(), |o, c| (c.name, o.cents))
-    ///     .sink(&named);
-    /// ```
-    pub fn join_global<GK, GV, V2>(
-        self,
-        table: &GlobalTable<GK, GV>,
-        key: impl Fn(&Event<K, V>) -> GK + Send + Sync + 'static,
-        joiner: impl Fn(V, GV) -> V2 + Send + Sync + 'static,
-    ) -> Stream<'a, K, V2>
-    where
-        GK: 'static,
-        GV: 'static,
-        V2: Send + Sync + 'static,
-    {
-        self.lookup_global(table, key, move |v, found| found.map(|g| joiner(v, g)))
-    }
-
-    /// [`join_global`](Stream::join_global) keeping every event: `joiner`
-    /// gets `None` for a key the table does not hold (Kafka Streams'
-    /// `leftJoin`).
-    ///
-    /// ```no_run
-    /// # #[derive(serde::Serialize, serde::Deserialize)] struct Customer { name: String }
-    /// let mut app = strom::App::new("shop");
-    /// let customers = app.topic::<String, Customer>("customers");
-    /// let customers = app.global_table("customers", &customers);
-    /// let orders = app.topic::<String, String>("orders"); // order id -> customer id
-    /// let named = app.topic::<String, String>("named-orders");
-    /// app.agent(&orders)
-    ///     .left_join_global(&customers, |o| o.value.clone(), |id, c| {
-    ///         c.map_or(format!("unknown customer {id}"), |c| c.name)
-    ///     })
-    ///     .sink(&named);
-    /// ```
-    pub fn left_join_global<GK, GV, V2>(
-        self,
-        table: &GlobalTable<GK, GV>,
-        key: impl Fn(&Event<K, V>) -> GK + Send + Sync + 'static,
-        joiner: impl Fn(V, Option<GV>) -> V2 + Send + Sync + 'static,
-    ) -> Stream<'a, K, V2>
-    where
-        GK: 'static,
-        GV: 'static,
-        V2: Send + Sync + 'static,
-    {
-        self.lookup_global(table, key, move |v, found| Some(joiner(v, found)))
-    }
-
-    /// Looks each event's key up in `table`; `f` makes its new value, or
-    /// drops it.
-    fn lookup_global<GK, GV, V2>(
-        self,
-        table: &GlobalTable<GK, GV>,
-        key: impl Fn(&Event<K, V>) -> GK + Send + Sync + 'static,
-        f: impl Fn(V, Option<GV>) -> Option<V2> + Send + Sync + 'static,
-    ) -> Stream<'a, K, V2>
-    where
-        GK: 'static,
-        GV: 'static,
-        V2: Send + Sync + 'static,
-    {
-        let join = Arc::new((table.clone(), key, f));
-        self.then(move |ctx, events| {
-            let ctx = Ctx {
-                inner: ctx.clone(),
-                event_time: None,
-                source: None,
-            };
-            let join = join.clone();
-            Box::new(events.filter_map(move |e| {
-                let (table, key, f) = &*join;
-                let e = match e {
-                    Ok(e) => e,
-                    Err(e) => return Some(Err(e)),
-                };
-                let found = match ctx.get_global(table, &key(&e)) {
-                    Ok(found) => found,
-                    Err(error) => return Some(Err(Box::new(error) as AgentError)),
-                };
-                let (meta, k, value) = e.split();
-                f(value, found).map(|v| Ok(meta.join(k, v)))
             }))
         })
     }

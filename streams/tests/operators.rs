@@ -1129,3 +1129,70 @@ fn sorted<T: Ord>(mut v: Vec<T>) -> Vec<T> {
     v.sort();
     v
 }
+
+/// A table–table join against a model: one agent adds orders to a
+/// customer's spending, another sets (or, with 0, deletes) the customer's
+/// limit; every update of either table gives the key's new result — over
+/// the limit or not while both tables hold the customer, `None` otherwise —
+/// in order per customer, over 3 partitions.
+#[tokio::test]
+async fn a_table_join_emits_on_updates_of_either_side() {
+    let mut app = App::new("table-table").with_partitions(3);
+    let orders = app.topic::<String, u64>("orders");
+    let limits_in = app.topic::<String, u64>("limits-in");
+    let spent = app.table::<String, u64>("spent", 0);
+    let limits = app.table::<String, u64>("limits", 0);
+    let over = app.topic::<String, Option<bool>>("over");
+    let table = spent.clone();
+    app.agent(&orders).for_each(move |ctx, e| {
+        let spent = table.clone();
+        async move {
+            ctx.update(&spent, &e.key, |s| s + e.value).await?;
+            Ok(())
+        }
+    });
+    let table = limits.clone();
+    app.agent(&limits_in).for_each(move |ctx, e| {
+        let limits = table.clone();
+        async move {
+            match e.value {
+                0 => ctx.delete(&limits, &e.key).await?,
+                limit => ctx.set(&limits, &e.key, &limit).await?,
+            }
+            Ok(())
+        }
+    });
+    app.join_tables(&spent, &limits, |spent, limit| Some(spent? > limit?))
+        .sink(&over);
+    let mut driver = TestDriver::new(app).await.unwrap();
+
+    let (mut spent_model, mut limit_model) = (BTreeMap::new(), BTreeMap::new());
+    let mut want: BTreeMap<String, Vec<Option<bool>>> = BTreeMap::new();
+    for i in 0..120u64 {
+        let customer = format!("c{}", i % 7);
+        if i % 3 == 0 {
+            let limit = (i * 13) % 50;
+            driver.send(&limits_in, &customer, &limit).await.unwrap();
+            match limit {
+                0 => limit_model.remove(&customer),
+                l => limit_model.insert(customer.clone(), l),
+            };
+        } else {
+            driver.send(&orders, &customer, &(i % 9)).await.unwrap();
+            *spent_model.entry(customer.clone()).or_insert(0) += i % 9;
+        }
+        let result = match (spent_model.get(&customer), limit_model.get(&customer)) {
+            (Some(s), Some(l)) => Some(s > l),
+            _ => None,
+        };
+        want.entry(customer).or_default().push(result);
+    }
+    let mut got: BTreeMap<String, Vec<Option<bool>>> = BTreeMap::new();
+    for r in driver.read(&over).unwrap() {
+        got.entry(r.key).or_default().push(r.value);
+    }
+    assert!(want.values().flatten().filter(|r| r.is_some()).count() > 30);
+    assert!(want.values().flatten().any(|r| *r == Some(true)));
+    assert_eq!(got, want);
+    driver.close().await.unwrap();
+}
