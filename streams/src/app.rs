@@ -82,8 +82,8 @@ pub struct App {
     pub(crate) topics: Vec<(String, Arc<Mutex<Declared>>)>,
     /// (repartition topic, its source topic)
     pub(crate) repartitions: Vec<(String, String)>,
-    /// Changelog topics of the app's tables that agents read (a table
-    /// join): created with the other sources' partition count.
+    /// Tables whose changelogs agents read (a table join): the app makes
+    /// those changelogs, with the other sources' partition count.
     pub(crate) changelog_sources: Vec<String>,
     pub(crate) tables: Vec<DeclaredTable>,
     /// Global tables: (name, source topic, how the web reads its keys).
@@ -644,10 +644,7 @@ impl App {
             };
             ensure(client, new, settings.partitions.is_some()).await?;
         }
-        for (topic, source) in &self.repartitions {
-            let partitions = client.topic_metadata(source).await?.partitions.len() as i32;
-            ensure(client, NewTopic::new(topic, partitions, replication), true).await?;
-        }
+        // Before the repartition topics: one may repartition a table join.
         if !self.changelog_sources.is_empty() {
             // As the worker makes every changelog: compacted, with the
             // partition count of the topics the agents read.
@@ -656,22 +653,35 @@ impl App {
                 Some(topic) => client.topic_metadata(topic).await?.partitions.len(),
                 None => self.partitions as usize,
             };
-            for topic in &self.changelog_sources {
-                changelog::ensure_topic(client, topic, partitions, replication, None).await?;
+            for table in &self.changelog_sources {
+                let topic = changelog::topic_name(self.id(), table);
+                changelog::ensure_topic(client, &topic, partitions, replication, None).await?;
             }
         }
+        for (topic, source) in &self.repartitions {
+            let partitions = client.topic_metadata(source).await?.partitions.len() as i32;
+            ensure(client, NewTopic::new(topic, partitions, replication), true).await?;
+        }
         Ok(())
+    }
+
+    /// The changelog topics agents read (of joined tables).
+    fn changelog_topics(&self) -> Vec<String> {
+        (self.changelog_sources.iter())
+            .map(|table| changelog::topic_name(self.id(), table))
+            .collect()
     }
 
     /// The topics agents read that the app does not make itself
     /// (repartition topics and table changelogs are made with their count).
     fn sources(&self) -> std::collections::BTreeSet<&str> {
         let punctuators = self.punctuators.iter().map(|(p, _)| p);
+        let changelogs = self.changelog_topics();
         (self.processors.iter())
             .chain(punctuators)
             .map(|p| p.topic())
             .filter(|t| !self.repartitions.iter().any(|(r, _)| r == t))
-            .filter(|t| !self.changelog_sources.iter().any(|c| c == t))
+            .filter(|t| !changelogs.iter().any(|c| c == t))
             .collect()
     }
 
@@ -681,7 +691,27 @@ impl App {
     /// or, for missing ones, will be created with (repartition topics take
     /// their source's).
     async fn check_copartitioning(&self, client: &Client) -> Result<()> {
+        for table in &self.changelog_sources {
+            let windowed = self
+                .tables
+                .iter()
+                .any(|t| t.name == *table && t.windowing().is_some());
+            if windowed {
+                return Err(crate::Error::Config(format!(
+                    "table {table:?} is windowed: join_tables joins plain tables; nothing was created"
+                )));
+            }
+        }
         let mut counts = Vec::new();
+        // Joined tables' changelogs that exist already must agree too.
+        let changelogs = self.changelog_topics();
+        for topic in &changelogs {
+            match client.topic_metadata(topic).await {
+                Ok(meta) => counts.push((topic.as_str(), (meta.partitions.len() as i32, "has"))),
+                Err(strom_client::Error::UnknownTopic { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
         for topic in self.sources() {
             let count = match client.topic_metadata(topic).await {
                 Ok(meta) => (meta.partitions.len() as i32, "has"),

@@ -31,8 +31,10 @@ where
     /// ([`Error::CoPartition`](crate::Error::CoPartition), under its agent's
     /// error policy). An event whose key the table does not hold is dropped
     /// ([`left_join_table`](Stream::left_join_table) keeps it). The table is
-    /// as this partition's task has it when the event is processed, with
-    /// the writes of the partition's earlier events.
+    /// as this partition's task has it when the record is processed: with
+    /// the writes of the partition's earlier records (at concurrency 1; a
+    /// record's own events are all joined before any is handled). The
+    /// events of one record are held together while they are joined.
     ///
     /// ```no_run
     /// let mut app = strom::App::new("shop");
@@ -226,27 +228,28 @@ where
     }
 }
 
-/// An update of one of two joined tables: its new value, or `None` for a
-/// delete.
-enum Update<A, B> {
-    Left(Option<A>),
-    Right(Option<B>),
-}
-
 impl App {
     /// Joins two co-partitioned tables by key (Kafka Streams' KTable–KTable
     /// join): every update of either table, as its changelog records it,
-    /// is joined with the other table's value of the key as the
-    /// partition's task holds it then, and `joiner` makes the result of the
-    /// two (each `None` where its table holds no value) or `None` for no
-    /// result. The stream's events are the key's results in order: `Some`
-    /// after an update that gives one, `None` after one that leaves none (a
-    /// delete, or a side missing) — as a result table's changelog would
-    /// carry a tombstone. Both tables need the same key type and the
-    /// app's partition count; their keys are read back from the changelog
-    /// ([`TableKey`]'s stored form), so the results are keyed like the
-    /// tables. The updates are read once committed to the changelog (under
-    /// exactly-once, once their transaction commits).
+    /// gives the key's result: `joiner` of both tables' values of the key
+    /// as the partition's task holds them when the update is read (each
+    /// `None` where its table holds no value), or `None` for no result. The
+    /// stream's events carry those results per key in order, so the last
+    /// one is the key's current result; updates in quick succession may
+    /// give one result twice and skip a pair in between (the tables have
+    /// moved on when the first update is read), as eventually consistent
+    /// results do. A `None` is an event like any other: with the JSON codec
+    /// a record of value `null`, not a tombstone.
+    ///
+    /// Both tables need the key type and the partitioning of one stream:
+    /// the app's partition count, and keys placed by the same key codec
+    /// (see [`Table`]'s partitioning rule). They must be plain tables (not
+    /// windowed: refused when the app starts). Their keys are read back
+    /// from the changelogs ([`TableKey`]'s stored form), so the results are
+    /// keyed like the tables. The updates are read once in the changelog
+    /// (under exactly-once, once their transaction commits), the first
+    /// time from the start of it; a handler of the results that writes
+    /// either table would make updates without end.
     ///
     /// ```no_run
     /// let mut app = strom::App::new("shop");
@@ -270,12 +273,12 @@ impl App {
         V2: Send + Sync + 'static,
     {
         let inputs = vec![
-            updates(self.id(), &left.name, Update::<A, B>::Left),
-            updates(self.id(), &right.name, Update::<A, B>::Right),
+            updates(self.id(), &left.name),
+            updates(self.id(), &right.name),
         ];
-        for input in &inputs {
-            if !self.changelog_sources.iter().any(|c| **c == *input.topic) {
-                self.changelog_sources.push(input.topic.to_string());
+        for table in [&left.name, &right.name] {
+            if !self.changelog_sources.iter().any(|t| **t == **table) {
+                self.changelog_sources.push(table.to_string());
             }
         }
         let stream = Stream {
@@ -302,10 +305,10 @@ impl App {
                             break;
                         }
                     };
-                    let (meta, key, update) = e.split();
-                    let pair = match update {
-                        Update::Left(a) => ctx.find(right, &key).await.map(|b| (a, b)),
-                        Update::Right(b) => ctx.find(left, &key).await.map(|a| (a, b)),
+                    let (meta, key, ()) = e.split();
+                    let pair = match ctx.find(left, &key).await {
+                        Ok(a) => ctx.find(right, &key).await.map(|b| (a, b)),
+                        Err(e) => Err(e),
                     };
                     match pair {
                         Ok((a, b)) => joined.push(Ok(meta.join(key, joiner(a, b)))),
@@ -321,39 +324,30 @@ impl App {
     }
 }
 
-/// The updates of table `table` of app `app`, read from its changelog: its
-/// key, and its value (`None` for a delete) as `side` makes it an update.
-fn updates<K, T, U>(app: &str, table: &str, side: fn(Option<T>) -> U) -> Input<K, U>
+/// The keys table `table` of app `app` updates, read from its changelog.
+fn updates<K>(app: &str, table: &str) -> Input<K, ()>
 where
     K: TableKey + Send + 'static,
-    T: DeserializeOwned + 'static,
-    U: Send + 'static,
 {
     let topic: Arc<str> = Arc::from(changelog::topic_name(app, table));
     let what = format!("table {table:?}");
-    let step: Step<K, U> = Step::Now(Arc::new(move |_: &Context, r: ConsumerRecord| {
+    let step: Step<K, ()> = Step::Now(Arc::new(move |_: &Context, r: ConsumerRecord| {
         let bad = |e: String| CodecError {
             what: format!("{what}: {e}"),
         };
-        let key = r
-            .key
-            .as_deref()
-            .ok_or_else(|| bad("a changelog record without a key".into()))?;
+        let key =
+            (r.key.as_deref()).ok_or_else(|| bad("a changelog record without a key".into()))?;
         let key = K::decode_key(key).map_err(|e| bad(e.to_string()))?;
-        let value = match r.value.as_deref() {
-            Some(v) => Some(serde_json::from_slice(v).map_err(|e| bad(e.to_string()))?),
-            None => None,
-        };
         let event = Event {
             key,
-            value: side(value),
+            value: (),
             topic: r.topic,
             partition: r.partition,
             offset: r.offset,
             timestamp: r.timestamp,
             headers: r.headers,
         };
-        Ok(Box::new(std::iter::once(Ok(event))) as Events<K, U>)
+        Ok(Box::new(std::iter::once(Ok(event))) as Events<K, ()>)
     }));
     Input { topic, step }
 }
