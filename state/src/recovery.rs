@@ -44,9 +44,9 @@ const REPLAY_BATCH: usize = 20_000;
 const QUIET: Duration = Duration::from_millis(300);
 /// How long replay may make no progress below the end before it fails.
 const STALL: Duration = Duration::from_secs(30);
-/// How often a standby writes what it applied to disk: bounds both what a
-/// promotion after a crash replays and the memory redb keeps until a durable
-/// commit.
+/// How often a standby (or a long replay) writes what it applied to disk:
+/// bounds both what a promotion (or a replay) after a crash replays and the
+/// memory redb keeps until a durable commit.
 const STANDBY_DURABLE_EVERY: Duration = Duration::from_secs(5);
 
 /// A consumer reading a changelog. An offset the log no longer has (its
@@ -174,6 +174,9 @@ pub async fn recover_with_progress(
     let mut batch = WriteBatch::default();
     let (mut replayed, mut last) = (0u64, reflected.unwrap_or(-1));
     let mut next_report = Instant::now() + Duration::from_secs(2);
+    // Written to disk now and then, so a replay killed midway resumes
+    // where it was rather than from the start.
+    let mut last_durable = Instant::now();
     let mut last_news = Instant::now();
     loop {
         let polled = tokio::time::timeout(Duration::from_millis(100), consumer.poll()).await;
@@ -211,7 +214,13 @@ pub async fn recover_with_progress(
         }
         progress.replayed.store(replayed, Ordering::Relaxed);
         if batch.len() >= REPLAY_BATCH {
-            apply(&store, std::mem::take(&mut batch), last, Durability::Fast).await?;
+            let durability = if last_durable.elapsed() >= STANDBY_DURABLE_EVERY {
+                last_durable = Instant::now();
+                Durability::Durable
+            } else {
+                Durability::Fast
+            };
+            apply(&store, std::mem::take(&mut batch), last, durability).await?;
         }
         if Instant::now() >= next_report {
             info!(%tp, replayed, to_replay = (high_watermark - from).max(0), "recovering");
