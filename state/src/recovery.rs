@@ -292,7 +292,7 @@ impl Standby {
                 let start = reflected.map_or(Offset::Earliest, |o| Offset::At(o + 1));
                 consumer.assign([(tp, start)])?;
                 let mut last_durable = Instant::now();
-                let mut failing_since: Option<Instant> = None;
+                let mut failing = false;
                 loop {
                     let polled = tokio::select! {
                         r = consumer.poll() => r,
@@ -300,22 +300,21 @@ impl Standby {
                     };
                     let records = match polled {
                         Ok(records) => records,
-                        // A lost connection or a moving leader: the standby
-                        // goes on reading once the cluster answers again,
-                        // and fails if it does not for as long as a replay
-                        // may stall.
-                        Err(e)
-                            if e.is_retriable()
-                                && failing_since.get_or_insert_with(Instant::now).elapsed()
-                                    < STALL =>
-                        {
-                            tracing::debug!(%topic, partition, error = %e, "standby fetch failed; retrying");
+                        // A lost connection, a moving leader, a cluster
+                        // that does not answer for a while: the standby goes
+                        // on reading once it answers again, as the worker's
+                        // own consumer does (warned once per incident).
+                        Err(e) if e.is_retriable() => {
+                            if !failing {
+                                tracing::warn!(%topic, partition, error = %e, "standby fetch failed; retrying");
+                                failing = true;
+                            }
                             tokio::time::sleep(Duration::from_millis(100)).await;
                             continue;
                         }
                         Err(e) => return Err(e.into()),
                     };
-                    failing_since = None;
+                    failing = false;
                     let mut batch = WriteBatch::default();
                     // Nothing to apply (only control records): an offset of
                     // -1 must not overwrite the one the store holds.
