@@ -81,11 +81,6 @@ impl GlobalStore {
     pub fn is_empty(&self) -> Result<bool> {
         Ok(self.len()? == 0)
     }
-
-    /// See [`Store::mark_damaged`].
-    pub fn mark_damaged(&self, why: &str) -> Result<()> {
-        self.inner.mark_damaged(why)
-    }
 }
 
 fn data_key(key: &[u8]) -> Vec<u8> {

@@ -101,6 +101,16 @@ impl Ctx {
         }
     }
 
+    /// The context operators read tables through (a join): sends are not
+    /// theirs, so it carries no event's time or record.
+    pub(crate) fn for_lookups(inner: strom_worker::Context) -> Ctx {
+        Ctx {
+            inner,
+            event_time: None,
+            source: None,
+        }
+    }
+
     /// The time of the event being handled (ms since the epoch; of a batch,
     /// its latest event): what the records it sends carry.
     pub fn event_time(&self) -> Option<i64> {

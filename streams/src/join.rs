@@ -92,11 +92,7 @@ where
             let join = join.clone();
             Box::pin(async move {
                 let (table, f) = &*join;
-                let ctx = Ctx {
-                    inner: ctx,
-                    event_time: None,
-                    source: None,
-                };
+                let ctx = Ctx::for_lookups(ctx);
                 let mut joined = Vec::new();
                 for e in events {
                     let found = match &e {
@@ -205,11 +201,7 @@ where
     {
         let join = Arc::new((table.clone(), key, f));
         self.then(move |ctx, events| {
-            let ctx = Ctx {
-                inner: ctx.clone(),
-                event_time: None,
-                source: None,
-            };
+            let ctx = Ctx::for_lookups(ctx.clone());
             let join = join.clone();
             Box::new(events.filter_map(move |e| {
                 let (table, key, f) = &*join;
@@ -291,11 +283,7 @@ impl App {
             let join = join.clone();
             Box::pin(async move {
                 let (left, right, joiner) = &*join;
-                let ctx = Ctx {
-                    inner: ctx,
-                    event_time: None,
-                    source: None,
-                };
+                let ctx = Ctx::for_lookups(ctx);
                 let mut joined = Vec::new();
                 for e in events {
                     let e = match e {
