@@ -83,8 +83,11 @@ pub struct App {
     /// (repartition topic, its source topic)
     pub(crate) repartitions: Vec<(String, String)>,
     /// Tables whose changelogs agents read (a table join): the app makes
-    /// those changelogs, with the other sources' partition count.
+    /// those changelogs, with the tables' partition count.
     pub(crate) changelog_sources: Vec<String>,
+    /// Topics a join reads with tables: they need the tables' partition
+    /// count, checked before anything is created.
+    pub(crate) copartitioned: std::collections::BTreeSet<String>,
     pub(crate) tables: Vec<DeclaredTable>,
     /// Global tables: (name, source topic, how the web reads its keys).
     pub(crate) globals: Vec<(String, String, KeyParser)>,
@@ -166,6 +169,7 @@ impl App {
             topics: Vec::new(),
             repartitions: Vec::new(),
             changelog_sources: Vec::new(),
+            copartitioned: Default::default(),
             tables: Vec::new(),
             globals: Vec::new(),
             processors: Vec::new(),
@@ -574,9 +578,9 @@ impl App {
     /// names): each record is processed in its own partition's task, in
     /// order per partition of each topic; events of one partition number
     /// of all the topics meet in one task, so they share that partition's
-    /// tables. The topics need the app's one partition count, as every
-    /// topic an agent reads. A `group_by` names its repartition topic after
-    /// the first topic.
+    /// tables (which have as many partitions as the largest topic agents
+    /// read: a handler that uses them needs topics of that count). A
+    /// `group_by` names its repartition topic after the first topic.
     ///
     /// ```no_run
     /// let mut app = strom::App::new("shop");
@@ -625,10 +629,10 @@ impl App {
     }
 
     /// Creates the declared topics and the repartition topics that are
-    /// missing, once sure the topics agents read will share one partition
+    /// missing, once sure the topics joins read have the tables' partition
     /// count.
     pub(crate) async fn create_topics(&self, client: &Client) -> Result<()> {
-        self.check_copartitioning(client).await?;
+        let partitions = self.check_copartitioning(client).await?;
         let replication = self.config.replication;
         for (topic, declared) in &self.topics {
             let settings = declared
@@ -645,21 +649,15 @@ impl App {
             ensure(client, new, settings.partitions.is_some()).await?;
         }
         // Before the repartition topics: one may repartition a table join.
-        if !self.changelog_sources.is_empty() {
-            // As the worker makes every changelog: compacted, with the
-            // partition count of the topics the agents read.
-            let other = self.sources().into_iter().next();
-            let partitions = match other {
-                Some(topic) => client.topic_metadata(topic).await?.partitions.len(),
-                None => self.partitions as usize,
-            };
-            for table in &self.changelog_sources {
-                let topic = changelog::topic_name(self.id(), table);
-                changelog::ensure_topic(client, &topic, partitions, replication, None).await?;
-            }
+        // As the worker makes every changelog: compacted, with the tables'
+        // partition count.
+        for table in &self.changelog_sources {
+            let topic = changelog::topic_name(self.id(), table);
+            changelog::ensure_topic(client, &topic, partitions as usize, replication, None).await?;
         }
-        for (topic, source) in &self.repartitions {
-            let partitions = client.topic_metadata(source).await?.partitions.len() as i32;
+        // With the tables' count too, so a stream grouped by a table's key
+        // lands in the partitions that hold the table's keys.
+        for (topic, _) in &self.repartitions {
             ensure(client, NewTopic::new(topic, partitions, replication), true).await?;
         }
         Ok(())
@@ -685,12 +683,30 @@ impl App {
             .collect()
     }
 
-    /// The topics agents read must share one partition count, since each
-    /// task of a worker processes one partition number of all of them:
-    /// checked before anything is created, from the counts the topics have
-    /// or, for missing ones, will be created with (repartition topics take
-    /// their source's).
-    async fn check_copartitioning(&self, client: &Client) -> Result<()> {
+    /// The partition count topic `topic` has, or (missing) will be created
+    /// with; `None` for an internal topic the app has not made yet.
+    async fn partition_count(&self, client: &Client, topic: &str) -> Result<Option<(i32, &str)>> {
+        match client.topic_metadata(topic).await {
+            Ok(meta) => Ok(Some((meta.partitions.len() as i32, "has"))),
+            Err(strom_client::Error::UnknownTopic { .. }) => {
+                let Some((_, declared)) = self.topics.iter().find(|(t, _)| t == topic) else {
+                    return Ok(None);
+                };
+                let d = declared.lock().unwrap_or_else(|e| e.into_inner());
+                let n = d.settings.partitions.unwrap_or(self.partitions);
+                Ok(Some((n, "would be created with")))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The tables' partition count: the largest of the topics agents read
+    /// (each task of a worker processes one partition number of every topic
+    /// that has it, with that number's tables). Topics may differ, except
+    /// where a join reads them with tables: those need this count, checked
+    /// before anything is created, from the counts the topics have or, for
+    /// missing ones, will be created with.
+    async fn check_copartitioning(&self, client: &Client) -> Result<i32> {
         for table in &self.changelog_sources {
             let windowed = self
                 .tables
@@ -702,42 +718,41 @@ impl App {
                 )));
             }
         }
-        let mut counts = Vec::new();
-        // Joined tables' changelogs that exist already must agree too.
-        let changelogs = self.changelog_topics();
-        for topic in &changelogs {
-            match client.topic_metadata(topic).await {
-                Ok(meta) => counts.push((topic.as_str(), (meta.partitions.len() as i32, "has"))),
-                Err(strom_client::Error::UnknownTopic { .. }) => {}
-                Err(e) => return Err(e.into()),
+        let mut largest: Option<(&str, i32)> = None;
+        for topic in self.sources() {
+            if let Some((n, _)) = self.partition_count(client, topic).await? {
+                if largest.is_none_or(|(_, m)| n > m) {
+                    largest = Some((topic, n));
+                }
             }
         }
-        for topic in self.sources() {
-            let count = match client.topic_metadata(topic).await {
-                Ok(meta) => (meta.partitions.len() as i32, "has"),
-                Err(strom_client::Error::UnknownTopic { .. }) => {
-                    let declared = self.topics.iter().find(|(t, _)| t == topic);
-                    let settings = declared.map(|(_, d)| {
-                        let d = d.lock().unwrap_or_else(|e| e.into_inner());
-                        d.settings.partitions
-                    });
-                    let n = settings.flatten().unwrap_or(self.partitions);
-                    (n, "would be created with")
+        let Some((widest, partitions)) = largest else {
+            return Ok(self.partitions);
+        };
+        // Joined tables' changelogs and repartition topics that exist
+        // already must agree too (missing ones are made with the count).
+        let mut wrong = Vec::new();
+        let joined = self.changelog_topics().into_iter();
+        let repartitions = self.repartitions.iter().map(|(r, _)| r.clone());
+        for topic in joined
+            .chain(repartitions)
+            .chain(self.copartitioned.iter().cloned())
+        {
+            if let Some((n, how)) = self.partition_count(client, &topic).await? {
+                if n != partitions && !wrong.iter().any(|(t, _, _)| *t == topic) {
+                    wrong.push((topic, n, how));
                 }
-                Err(e) => return Err(e.into()),
-            };
-            counts.push((topic, count));
+            }
         }
-        let first = counts.first().map(|(_, (n, _))| *n);
-        if counts.iter().all(|(_, (n, _))| Some(*n) == first) {
-            return Ok(());
+        if wrong.is_empty() {
+            return Ok(partitions);
         }
-        let list: Vec<String> = (counts.iter())
-            .map(|(topic, (n, how))| format!("{topic:?} {how} {n}"))
+        let list: Vec<String> = (wrong.iter())
+            .map(|(topic, n, how)| format!("{topic:?} {how} {n}"))
             .collect();
         Err(crate::Error::Config(format!(
-            "the topics agents read must have one partition count (a worker's task \
-             processes one partition number of all of them), but {}; nothing was created",
+            "the topics a join or group_by reads with tables need the tables' partition count, \
+             {partitions} (of {widest:?}, the largest topic agents read), but {}; nothing was created",
             list.join(", ")
         )))
     }

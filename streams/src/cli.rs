@@ -412,14 +412,13 @@ fn record_json(show: &Show, r: &ConsumerRecord) -> serde_json::Value {
 }
 
 fn tables(app: &App) {
-    let partitions = app.partitions;
     for table in &app.tables {
         let windows = match table.windowing() {
             Some(w) => format!("  windows: {}", w.describe()),
             None => String::new(),
         };
         println!(
-            "{:<30} changelog={}  partitions={partitions} (as the source topics it is co-partitioned with){windows}",
+            "{:<30} changelog={}  partitions: the largest count of the topics agents read{windows}",
             table.name,
             changelog::topic_name(app.id(), &table.name)
         );
@@ -467,7 +466,7 @@ fn topics(app: &App) {
         );
     }
     for (topic, source) in &app.repartitions {
-        println!("{topic:<40} repartition of {source} (same partition count)");
+        println!("{topic:<40} repartition of {source} (with the tables' partition count)");
     }
     for table in &app.tables {
         let cleanup = match table.windowing() {

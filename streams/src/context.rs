@@ -156,6 +156,7 @@ impl Ctx {
                 key: key_text(&stored),
                 key_partition,
                 partition: self.partition(),
+                partitions: self.inner.partitions(),
             });
         }
         Ok(stored)

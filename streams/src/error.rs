@@ -15,7 +15,7 @@ pub enum Error {
     },
     /// A table read or write for a key of another partition: the key's
     /// value lives in that partition's task, so this event's cannot see it.
-    #[error("table {table:?}: key {key} belongs to partition {key_partition} (by the bytes the table's key codec writes for it) but this event is from partition {partition}. group_by the stream by the table's key first; or, if the stream is keyed by it already, give the table the key codec of the stream's topic (Table::with_key_codec) and have the topic's producers partition by murmur2 of the key as the Java client does (librdkafka's default partitioner does not: set partitioner=murmur2_random)")]
+    #[error("table {table:?}: key {key} belongs to partition {key_partition} (by the bytes the table's key codec writes for it) but this event is from partition {partition}. group_by the stream by the table's key first; or, if the stream is keyed by it already, give the table the key codec of the stream's topic (Table::with_key_codec) and have the topic's producers partition by murmur2 of the key as the Java client does (librdkafka's default partitioner does not: set partitioner=murmur2_random). Tables have {partitions} partitions, as many as the largest topic agents read: an agent over a topic with fewer partitions that uses a table group_bys first")]
     CoPartition {
         /// The table.
         table: String,
@@ -25,6 +25,8 @@ pub enum Error {
         key_partition: i32,
         /// The event's partition.
         partition: i32,
+        /// The tables' partition count.
+        partitions: usize,
     },
     /// A windowed table was updated by an event without a time.
     #[error("table {table:?} is windowed but the event has no time (a negative timestamp); give its topic a timestamp extractor (Topic::with_timestamp)")]

@@ -87,6 +87,7 @@ where
         T: DeserializeOwned + Send + 'static,
         V2: Send + Sync + 'static,
     {
+        (self.app.copartitioned).extend(self.inputs.iter().map(|i| i.topic.to_string()));
         let join = Arc::new((table.clone(), f));
         self.then_later(move |ctx, events| {
             let join = join.clone();

@@ -3,6 +3,8 @@
 #[path = "../examples/wordcount.rs"]
 mod wordcount;
 
+use std::collections::BTreeMap;
+
 use strom::testing::TestDriver;
 
 #[tokio::test]
@@ -387,7 +389,6 @@ async fn a_table_with_the_default_key_codec_follows_its_topic() {
 /// days, and the whole partition, which holds only its own customers.
 #[tokio::test]
 async fn composite_keys_scan_by_prefix_and_range() {
-    use std::collections::BTreeMap;
     use std::sync::{Arc, Mutex};
     use strom::codec::Json;
 
@@ -550,30 +551,104 @@ async fn a_set_table_adds_and_discards_members_as_deltas() {
     driver.close().await.unwrap();
 }
 
-/// Agents reading topics of different partition counts are refused before
-/// any topic is created, with each topic's count; an output topic of
-/// another count is fine.
+/// An app reading a 12-partition and a 3-partition topic with no table
+/// shared between them starts and processes every event of both: the table
+/// of the 12-partition topic's agent counts every click, the other agent
+/// forwards every order.
 #[tokio::test]
-async fn source_topics_of_different_counts_are_refused_before_anything_is_created() {
+async fn topics_of_different_counts_without_a_shared_table_are_processed() {
     let mut app = strom::App::new("counts").with_partitions(4);
-    let orders = app.topic::<String, u64>("orders-8p").with_partitions(8);
-    let customers = app.topic::<String, String>("customers");
+    let clicks = app.topic::<String, String>("clicks").with_partitions(12);
+    let orders = app.topic::<String, u64>("orders").with_partitions(3);
+    let out = app.topic::<String, u64>("out").with_partitions(2);
+    let per_page = app.table::<String, u64>("per-page", 0);
+    let table = per_page.clone();
+    app.agent(&clicks).for_each(move |ctx, click| {
+        let per_page = table.clone();
+        async move {
+            ctx.update(&per_page, &click.key, |n| n + 1).await?;
+            Ok(())
+        }
+    });
+    app.agent(&orders).map(|cents| cents * 2).sink(&out);
+    let mut driver = TestDriver::new(app).await.unwrap();
+    let mut want: BTreeMap<String, u64> = BTreeMap::new();
+    for i in 0..240u64 {
+        let page = format!("page{}", i % 37);
+        driver.send(&clicks, &page, &"u1".into()).await.unwrap();
+        *want.entry(page).or_default() += 1;
+        driver.send(&orders, &format!("o{i}"), &i).await.unwrap();
+    }
+    driver.run_until_idle().await.unwrap();
+    let got: BTreeMap<String, u64> = driver
+        .table(&per_page)
+        .entries()
+        .unwrap()
+        .into_iter()
+        .collect();
+    assert_eq!(got, want);
+    let mut sent: Vec<(String, u64)> = (driver.read(&out).unwrap().into_iter())
+        .map(|r| (r.key, r.value))
+        .collect();
+    sent.sort();
+    let mut expected: Vec<(String, u64)> = (0..240u64).map(|i| (format!("o{i}"), i * 2)).collect();
+    expected.sort();
+    assert_eq!(sent, expected);
+    driver.close().await.unwrap();
+}
+
+/// A join of a topic with fewer partitions than the largest one agents read
+/// (the tables' count) is refused before any topic is created, naming the
+/// counts; a table used from such a topic's handler fails the event with an
+/// error that says the tables' count.
+#[tokio::test]
+async fn a_join_needs_the_tables_partition_count() {
+    let mut app = strom::App::new("join-counts").with_partitions(4);
+    let clicks = app
+        .topic::<String, String>("clicks-12p")
+        .with_partitions(12);
+    let orders = app.topic::<String, u64>("orders-3p").with_partitions(3);
     let out = app.topic::<String, u64>("out-2p").with_partitions(2);
-    app.agent(&orders).sink(&out);
-    app.agent(&customers).for_each(|_ctx, _e| async { Ok(()) });
+    let limits = app.table::<String, u64>("limits", 0);
+    app.agent(&clicks).for_each(|_ctx, _e| async { Ok(()) });
+    app.agent(&orders)
+        .join_table(&limits, |amount, limit| amount.min(limit))
+        .sink(&out);
     let e = TestDriver::new(app).await.unwrap_err().to_string();
     assert!(
-        e.contains("\"customers\" would be created with 4")
-            && e.contains("\"orders-8p\" would be created with 8")
+        e.contains("the tables' partition count, 12 (of \"clicks-12p\"")
+            && e.contains("\"orders-3p\" would be created with 3")
             && e.contains("nothing was created"),
         "{e}"
     );
     assert!(!e.contains("out-2p"), "an output topic was checked: {e}");
 
-    let mut app = strom::App::new("counts-ok").with_partitions(4);
-    let orders = app.topic::<String, u64>("orders-4p");
-    let out = app.topic::<String, u64>("out-2p").with_partitions(2);
-    app.agent(&orders).sink(&out);
-    let driver = TestDriver::new(app).await.unwrap();
-    driver.close().await.unwrap();
+    let mut app = strom::App::new("handler-counts")
+        .with_partitions(4)
+        .with_error_policy(strom::ErrorPolicy::Stop);
+    let clicks = app
+        .topic::<String, String>("clicks-12p")
+        .with_partitions(12);
+    let orders = app.topic::<String, u64>("orders-3p").with_partitions(3);
+    let spent = app.table::<String, u64>("spent", 0);
+    app.agent(&clicks).for_each(|_ctx, _e| async { Ok(()) });
+    app.agent(&orders).for_each(move |ctx, order| {
+        let spent = spent.clone();
+        async move {
+            ctx.update(&spent, &order.key, |s| s + order.value).await?;
+            Ok(())
+        }
+    });
+    let mut driver = TestDriver::new(app).await.unwrap();
+    // Some of these keys belong to another of the tables' 12 partitions
+    // than the order's partition of 3.
+    let mut failed = None;
+    for i in 0..12 {
+        if let Err(e) = driver.send(&orders, &format!("c{i}"), &1).await {
+            failed = Some(e.to_string());
+            break;
+        }
+    }
+    let e = failed.expect("no order met the tables' other partition count");
+    assert!(e.contains("Tables have 12 partitions"), "{e}");
 }

@@ -268,7 +268,8 @@ impl Worker {
         distinct_table_names(&table_names, &globals)?;
         let client = Client::connect(config.client.clone()).await?;
         let sources = sources(&processors)?;
-        let partitions = copartitioned_count(&client, &sources).await?;
+        let counts = source_counts(&client, &sources).await?;
+        let partitions = counts.values().copied().max().unwrap_or(0);
         let tables = ensure_topics(&client, &config, &processors, &table_names, partitions).await?;
         let instance = instance_id(&config)?;
         let txn = match config.guarantee {
@@ -282,7 +283,7 @@ impl Worker {
             client.clone(),
             processors,
             tables,
-            partitions,
+            counts,
             txn.as_deref(),
             metrics.clone(),
         )?);
@@ -464,10 +465,11 @@ fn spec(
     client: Client,
     processors: Vec<Arc<dyn Processor>>,
     tables: Vec<TableSpec>,
-    partitions: usize,
+    counts: HashMap<String, usize>,
     txn: Option<&Transactions>,
     metrics: Metrics,
 ) -> Result<Spec, WorkerError> {
+    let partitions = counts.values().copied().max().unwrap_or(0);
     let producer = match txn {
         Some(t) => t.producer().clone(),
         None => Producer::new(
@@ -493,6 +495,7 @@ fn spec(
         store: config.store,
         guarantee: config.guarantee,
         partitions,
+        counts,
         metrics,
         on_error: config.on_error.clone(),
         durable_interval: config.durable_checkpoint_interval,
@@ -560,22 +563,20 @@ fn group_config(
     group
 }
 
-/// The partition count every source topic shares (co-partitioning).
-async fn copartitioned_count(client: &Client, sources: &[String]) -> Result<usize, WorkerError> {
-    let mut first: Option<(&String, usize)> = None;
+/// Each source topic's partition count. Topics may differ: a task processes
+/// one partition number of every topic that has it, and the tables have the
+/// largest count (see [`Spec::partitions`](task::Spec)); the streams layer
+/// demands equal counts where a join needs them.
+async fn source_counts(
+    client: &Client,
+    sources: &[String],
+) -> Result<HashMap<String, usize>, WorkerError> {
+    let mut counts = HashMap::new();
     for topic in sources {
         let n = client.topic_metadata(topic).await?.partitions.len();
-        match first {
-            Some((other, m)) if m != n => {
-                return Err(WorkerError::Config(format!(
-                    "topic {topic:?} has {n} partitions but {other:?} has {m}: co-partitioned topics need the same count"
-                )))
-            }
-            None => first = Some((topic, n)),
-            _ => {}
-        }
+        counts.insert(topic.clone(), n);
     }
-    Ok(first.map_or(0, |(_, n)| n))
+    Ok(counts)
 }
 
 /// This worker's stable identity: the configured one, or the one kept in
@@ -719,24 +720,23 @@ async fn poll_loop(
 /// keep the old count), so it stops — as Kafka Streams does, this needs an
 /// application reset.
 fn check_source_partitions(spec: &Spec) -> Result<(), WorkerError> {
-    for topic in spec.by_topic.keys() {
+    for (topic, &before) in &spec.counts {
         let Some(now) = spec.client.cached_topic(topic).map(|t| t.partitions.len()) else {
             continue;
         };
-        if now == spec.partitions {
+        if now == before {
             continue;
         }
         if spec.tables.is_empty() {
-            info!(%topic, before = spec.partitions, now, "source topic gained partitions; the group reassigns them");
+            info!(%topic, before, now, "source topic gained partitions; the group reassigns them");
             continue;
         }
         let tables: Vec<&str> = spec.tables.iter().map(|t| t.name.as_str()).collect();
         return Err(WorkerError::Config(format!(
-            "source topic {topic:?} now has {now} partitions, not {}: keys would move to \
+            "source topic {topic:?} now has {now} partitions, not {before}: keys would move to \
              partitions whose tables {tables:?} do not hold their state. Adding partitions \
              to a stateful app's topics needs a reset: stop every worker, delete the app's \
-             changelog topics and state directories, and start again",
-            spec.partitions
+             changelog topics and state directories, and start again"
         )));
     }
     Ok(())

@@ -655,6 +655,7 @@ mod tests {
             store: StoreKind::Memory,
             guarantee: ProcessingGuarantee::AtLeastOnce,
             partitions: 1,
+            counts: HashMap::new(),
             metrics: Metrics::default(),
             on_error: ErrorPolicy::Skip,
             durable_interval: std::time::Duration::from_secs(5),

@@ -137,8 +137,11 @@ pub(crate) struct Spec {
     pub state_dir: PathBuf,
     pub store: StoreKind,
     pub guarantee: ProcessingGuarantee,
-    /// Partition count of the source topics.
+    /// The tables' partition count (of their changelogs, and the partition
+    /// numbers the group shares out): the largest source topic's.
     pub partitions: usize,
+    /// Each source topic's partition count when the worker started.
+    pub counts: HashMap<String, usize>,
     pub metrics: Metrics,
     /// The policy of agents without their own.
     pub on_error: ErrorPolicy,
