@@ -88,6 +88,8 @@ pub struct App {
     /// Topics a join reads with tables: they need the tables' partition
     /// count, checked before anything is created.
     pub(crate) copartitioned: std::collections::BTreeSet<String>,
+    /// The names of windowed stream–stream joins (each names its tables).
+    pub(crate) window_joins: Vec<String>,
     pub(crate) tables: Vec<DeclaredTable>,
     /// Global tables: (name, source topic, how the web reads its keys).
     pub(crate) globals: Vec<(String, String, KeyParser)>,
@@ -170,6 +172,7 @@ impl App {
             repartitions: Vec::new(),
             changelog_sources: Vec::new(),
             copartitioned: Default::default(),
+            window_joins: Vec::new(),
             tables: Vec::new(),
             globals: Vec::new(),
             processors: Vec::new(),
@@ -511,7 +514,24 @@ impl App {
         Json: Codec<K>,
         V: Clone + Send + Sync + 'static,
     {
-        let key = KeyBytes::codec(Json);
+        self.declare_table(
+            name,
+            Arc::new(move || default.clone()),
+            KeyBytes::codec(Json),
+        )
+    }
+
+    /// Declares table `name` (or another handle of it) with `default` for a
+    /// missing key and keys placed by `key`.
+    pub(crate) fn declare_table<K, V>(
+        &mut self,
+        name: &str,
+        default: Arc<dyn Fn() -> V + Send + Sync>,
+        key: KeyBytes<K>,
+    ) -> Table<K, V>
+    where
+        K: TableKey + 'static,
+    {
         let declared = match self.tables.iter().find(|t| t.name == name) {
             Some(t) => t.declared.clone(),
             None => {
@@ -525,7 +545,7 @@ impl App {
         };
         Table {
             name: Arc::from(name),
-            default: Arc::new(move || default.clone()),
+            default,
             key,
             declared,
             types: PhantomData,
@@ -715,6 +735,14 @@ impl App {
             if windowed {
                 return Err(crate::Error::Config(format!(
                     "table {table:?} is windowed: join_tables joins plain tables; nothing was created"
+                )));
+            }
+        }
+        for (i, name) in self.window_joins.iter().enumerate() {
+            if self.window_joins[..i].contains(name) {
+                return Err(crate::Error::Config(format!(
+                    "two windowed joins are named {name:?}: each keeps its own tables, \
+                     named after it; nothing was created"
                 )));
             }
         }

@@ -243,6 +243,17 @@ impl Ctx {
         key: &K,
         value: &V,
     ) -> Result<()> {
+        self.put(table, key, value).await
+    }
+
+    /// [`Ctx::set`] of any value whose JSON the table's values read (an
+    /// operator's table of `Option<V>` written from a `V`).
+    pub(crate) async fn put<K: TableKey, V, T: Serialize + ?Sized>(
+        &self,
+        table: &Table<K, V>,
+        key: &K,
+        value: &T,
+    ) -> Result<()> {
         let bytes = self.check_partition(&table.name, &table.key, key)?;
         let value = serde_json::to_vec(value).map_err(|e| value_error(&table.name, e))?;
         self.inner.put(&table.name, bytes, value).await?;
@@ -331,7 +342,7 @@ impl Ctx {
         self.scan(table, from, to).await
     }
 
-    async fn scan<K, V>(
+    pub(crate) async fn scan<K, V>(
         &self,
         table: &Table<K, V>,
         from: Bound<Vec<u8>>,

@@ -51,6 +51,7 @@ pub mod table;
 #[cfg(feature = "testing")]
 pub mod testing;
 pub mod topic;
+mod window_join;
 
 pub use app::App;
 pub use context::{Ctx, TimerCtx};
@@ -62,3 +63,4 @@ pub use strom_client::{Compression, Header};
 pub use strom_worker::{axum, AgentError, ErrorPolicy, ProcessingGuarantee, Schedule, StoreKind};
 pub use table::{SetTable, Table, Window, WindowedTable};
 pub use topic::{Topic, TopicSettings};
+pub use window_join::JoinWindows;

@@ -158,6 +158,24 @@ pub(crate) fn decode_step<K: Send + 'static, V: Send + 'static>(
     }))
 }
 
+/// `step`, then `f` of the events it makes.
+pub(crate) fn then_step<K, V, K2, V2, F>(step: Step<K, V>, f: Arc<F>) -> Step<K2, V2>
+where
+    K: 'static,
+    V: 'static,
+    F: Fn(&Context, Events<K, V>) -> Events<K2, V2> + Send + Sync + 'static,
+{
+    match step {
+        Step::Now(step) => Step::Now(Arc::new(move |ctx: &Context, r: ConsumerRecord| {
+            step(ctx, r).map(|events| f(ctx, events))
+        })),
+        Step::Later(step) => Step::Later(Arc::new(move |ctx: &Context, r: ConsumerRecord| {
+            let (made, ctx, f) = (step(ctx, r), ctx.clone(), f.clone());
+            Box::pin(async move { made.await.map(|events| f(&ctx, events)) })
+        })),
+    }
+}
+
 /// A stream of events being defined on an [`App`]: apply operators, then end
 /// it with [`Stream::for_each`] (or it ends at a [`Stream::group_by`]'s
 /// repartition topic).
@@ -264,21 +282,7 @@ where
         f: impl Fn(&Context, Events<K, V>) -> Events<K2, V2> + Send + Sync + 'static,
     ) -> Stream<'a, K2, V2> {
         let f = Arc::new(f);
-        self.each_step(move |step| match step {
-            Step::Now(step) => {
-                let f = f.clone();
-                Step::Now(Arc::new(move |ctx: &Context, r: ConsumerRecord| {
-                    step(ctx, r).map(|events| f(ctx, events))
-                }))
-            }
-            Step::Later(step) => {
-                let f = f.clone();
-                Step::Later(Arc::new(move |ctx: &Context, r: ConsumerRecord| {
-                    let (made, ctx, f) = (step(ctx, r), ctx.clone(), f.clone());
-                    Box::pin(async move { made.await.map(|events| f(&ctx, events)) })
-                }))
-            }
-        })
+        self.each_step(move |step| then_step(step, f.clone()))
     }
 
     /// Adds an operator that waits (reads a table) to make each record's

@@ -85,6 +85,14 @@ impl<K: 'static> KeyBytes<K> {
         KeyBytes(Arc::new(move |key| codec.encode(key)))
     }
 
+    /// What a shared `codec` writes for the part `part` picks of the key.
+    pub(crate) fn shared_part<P: 'static>(
+        part: impl Fn(&K) -> P + Send + Sync + 'static,
+        codec: Arc<dyn Codec<P>>,
+    ) -> KeyBytes<K> {
+        KeyBytes(Arc::new(move |key| codec.encode(&part(key))))
+    }
+
     /// What `codec` writes for the part `part` picks of the key.
     fn part<P>(
         part: impl Fn(&K) -> P + Send + Sync + 'static,

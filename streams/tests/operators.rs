@@ -1295,3 +1295,228 @@ async fn table_joins_are_checked_and_made_before_they_run() {
         "{e}"
     );
 }
+
+/// One event of the windowed-join model: a side, key, time and value.
+#[derive(Debug, Clone)]
+struct Sent {
+    order: bool,
+    key: String,
+    time: i64,
+    value: u64,
+    offset: i64,
+}
+
+/// What a windowed inner and left join of orders with payments emit, in
+/// order, for events processed in `sent`'s order in one partition: the
+/// rule of `Stream::join_stream` (pairs at most `d` apart while both
+/// windows are open; late events dropped; a left join's unpaired orders
+/// emitted once their windows close, in time order).
+#[allow(clippy::type_complexity)]
+fn window_join_model(
+    sent: &[Sent],
+    d: i64,
+    grace: i64,
+) -> (
+    Vec<(String, (u64, u64), i64)>,
+    Vec<(String, (u64, Option<u64>), i64)>,
+) {
+    let (mut inner, mut left) = (Vec::new(), Vec::new());
+    let mut orders: Vec<&Sent> = Vec::new();
+    let mut payments: Vec<&Sent> = Vec::new();
+    let mut unpaired: Vec<&Sent> = Vec::new();
+    let mut stream_time = i64::MIN;
+    for e in sent {
+        stream_time = stream_time.max(e.time);
+        let open = stream_time - d - grace;
+        if e.time >= open {
+            let (from, to) = ((e.time - d).max(open), e.time + d);
+            let within = |o: &&&Sent| o.key == e.key && o.time >= from && o.time <= to;
+            if e.order {
+                orders.push(e);
+                let mut pairs: Vec<&&Sent> = payments.iter().filter(within).collect();
+                pairs.sort_by_key(|p| (p.time, p.offset));
+                for p in &pairs {
+                    let time = e.time.max(p.time);
+                    inner.push((e.key.clone(), (e.value, p.value), time));
+                    left.push((e.key.clone(), (e.value, Some(p.value)), time));
+                }
+                if pairs.is_empty() {
+                    unpaired.push(e);
+                }
+            } else {
+                payments.push(e);
+                let mut pairs: Vec<&&Sent> = orders.iter().filter(within).collect();
+                pairs.sort_by_key(|o| (o.time, o.offset));
+                for o in &pairs {
+                    let time = e.time.max(o.time);
+                    inner.push((e.key.clone(), (o.value, e.value), time));
+                    left.push((e.key.clone(), (o.value, Some(e.value)), time));
+                    unpaired.retain(|u| u.offset != o.offset);
+                }
+            }
+        }
+        let mut closed: Vec<&Sent> = unpaired.iter().copied().filter(|u| u.time < open).collect();
+        closed.sort_by(|a, b| (a.time, &a.key, a.offset).cmp(&(b.time, &b.key, b.offset)));
+        for u in closed {
+            left.push((u.key.clone(), (u.value, None), u.time));
+        }
+        unpaired.retain(|u| u.time >= open);
+    }
+    (inner, left)
+}
+
+/// Windowed inner and left stream–stream joins against the model, in one
+/// partition, with events out of order (within the grace and beyond it):
+/// every pair, unpaired result and time, in order.
+#[tokio::test]
+async fn windowed_stream_joins_match_the_model() {
+    use strom::JoinWindows;
+    let (d, grace) = (5_000i64, 3_000i64);
+    let windows =
+        JoinWindows::of(Duration::from_millis(d as u64)).grace(Duration::from_millis(grace as u64));
+    let mut app = one_partition_app("window-joins");
+    let orders = app.topic::<String, u64>("orders");
+    let payments = app.topic::<String, u64>("payments");
+    let paired = app.topic::<String, (u64, u64)>("paired");
+    let all = app.topic::<String, (u64, Option<u64>)>("all-orders");
+    app.agent(&orders)
+        .join_stream(&payments, "inner", windows, |o, p| (*o, *p))
+        .sink(&paired);
+    // The orders the inner join keeps, as its table holds them.
+    let kept = app.table::<(String, i64, i64, u32), Option<(u64,)>>("inner-left", None);
+    app.agent(&orders)
+        .left_join_stream(&payments, "left", windows, |o, p| (*o, p.copied()))
+        .sink(&all);
+    let mut driver = TestDriver::new(app).await.unwrap();
+    // A fixed pseudo-random walk of times, some events far out of order.
+    let mut seed = 42u64;
+    let mut next = move |n: u64| {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (seed >> 33) % n
+    };
+    let (mut sent, mut clock) = (Vec::new(), 1_000_000i64);
+    let mut offsets = [0i64; 2];
+    for i in 0..400u64 {
+        clock += next(1_500) as i64;
+        let late = next(10) == 0;
+        let time = if late {
+            clock - next(14_000) as i64
+        } else {
+            clock
+        };
+        let order = next(2) == 0;
+        let key = format!("c{}", next(5));
+        let topic = if order { &orders } else { &payments };
+        driver.send_at(topic, &key, &i, time).await.unwrap();
+        let offset = &mut offsets[usize::from(!order)];
+        sent.push(Sent {
+            order,
+            key,
+            time,
+            value: i,
+            offset: *offset,
+        });
+        *offset += 1;
+    }
+    let (want_inner, want_left) = window_join_model(&sent, d, grace);
+    let got_inner: Vec<(String, (u64, u64), i64)> = (driver.read(&paired).unwrap().into_iter())
+        .map(|r| (r.key, r.value, r.timestamp))
+        .collect();
+    let got_left: Vec<(String, (u64, Option<u64>), i64)> = (driver.read(&all).unwrap().into_iter())
+        .map(|r| (r.key, r.value, r.timestamp))
+        .collect();
+    let unpaired = want_left
+        .iter()
+        .filter(|(_, (_, p), _)| p.is_none())
+        .count();
+    assert!(
+        want_inner.len() > 50 && unpaired > 20,
+        "a weak test: {} pairs, {unpaired} unpaired",
+        want_inner.len()
+    );
+    assert_eq!(got_inner, want_inner);
+    assert_eq!(got_left, want_left);
+    // Orders whose windows closed are deleted as the stream time moves on
+    // (every window's length of it, so none older than two lengths stay).
+    let stream_time = sent.iter().map(|e| e.time).max().unwrap_or_default();
+    let entries = driver.table(&kept).entries().unwrap();
+    let orders_sent = sent.iter().filter(|e| e.order).count();
+    assert!(
+        !entries.is_empty() && entries.len() < orders_sent / 4,
+        "{} of {orders_sent} orders kept",
+        entries.len()
+    );
+    for ((key, time, _, _), _) in &entries {
+        assert!(
+            *time >= stream_time - 2 * (d + grace),
+            "{key} at {time} is kept at stream time {stream_time}"
+        );
+    }
+    driver.close().await.unwrap();
+}
+
+/// A windowed left join over 3 partitions keeps its state across a
+/// restart: pairs whose order came before it and payment after are made,
+/// every order gives its pairs or, once its window closes, one unpaired
+/// result. Two joins of one name are refused.
+#[tokio::test]
+async fn a_windowed_left_join_pairs_across_a_restart() {
+    use strom::JoinWindows;
+    // A key's orders are 12 s apart: each pairs only with its own payment.
+    let windows = JoinWindows::of(Duration::from_secs(3));
+    let mut app = App::new("window-join-restart").with_partitions(3);
+    let orders = app.topic::<String, u64>("orders");
+    let payments = app.topic::<String, u64>("payments");
+    let all = app.topic::<String, (u64, Option<u64>)>("all-orders");
+    app.agent(&orders)
+        .left_join_stream(&payments, "paid", windows, |o, p| (*o, p.copied()))
+        .sink(&all);
+    let mut driver = TestDriver::new(app).await.unwrap();
+    let mut want: Vec<(String, (u64, Option<u64>))> = Vec::new();
+    let mut time = 5_000_000i64;
+    for i in 0..60u64 {
+        let key = format!("c{}", i % 12);
+        time += 1_000;
+        driver.send_at(&orders, &key, &i, time).await.unwrap();
+        if i == 30 {
+            driver.restart().await.unwrap();
+        }
+        // Every third order is paid 2 s later, after the next order.
+        if i % 3 == 0 {
+            driver
+                .send_at(&payments, &key, &(1000 + i), time + 2_000)
+                .await
+                .unwrap();
+            want.push((key, (i, Some(1000 + i))));
+        } else {
+            want.push((key, (i, None)));
+        }
+    }
+    // Events far later in every partition close every window.
+    for k in 0..30 {
+        driver
+            .send_at(&payments, &format!("z{k}"), &0, time + 60_000)
+            .await
+            .unwrap();
+    }
+    let mut got: Vec<(String, (u64, Option<u64>))> = (driver.read(&all).unwrap().into_iter())
+        .map(|r| (r.key, r.value))
+        .collect();
+    got.sort();
+    want.sort();
+    assert_eq!(got, want);
+    driver.close().await.unwrap();
+
+    let mut app = App::new("window-join-names");
+    let orders = app.topic::<String, u64>("orders");
+    let payments = app.topic::<String, u64>("payments");
+    for _ in 0..2 {
+        app.agent(&orders)
+            .join_stream(&payments, "same", windows, |o, p| o + p)
+            .for_each(|_ctx, _e| async { Ok(()) });
+    }
+    let e = TestDriver::new(app).await.unwrap_err().to_string();
+    assert!(e.contains(r#"two windowed joins are named "same""#), "{e}");
+}
