@@ -65,14 +65,11 @@ pub fn pageviews_between(mut app: App, input: &str, output: &str) -> PageViews {
                 Ok(())
             }
         });
-    let table = counts.clone();
-    app.agent(&views).for_each(move |ctx, event| {
-        let counts = table.clone();
-        async move {
+    app.agent(&views)
+        .for_each_with(counts.clone(), |ctx, event, counts| async move {
             ctx.update_windows(&counts, &event.key, |n| n + 1).await?;
             Ok(())
-        }
-    });
+        });
     PageViews {
         app,
         views,

@@ -55,13 +55,11 @@ fn main() -> ExitCode {
                 Ok(())
             }
         });
-    app.agent(&clicks).for_each(move |ctx, click| {
-        let per_visit = per_visit.clone();
-        async move {
+    app.agent(&clicks)
+        .for_each_with(per_visit, |ctx, click, per_visit| async move {
             ctx.update_windows(&per_visit, &click.key, |n| n + 1)
                 .await?;
             Ok(())
-        }
-    });
+        });
     app.main()
 }

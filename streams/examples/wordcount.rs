@@ -28,7 +28,7 @@ pub fn wordcount(mut app: App, input: &str, output: &str) -> Wordcount {
         .with_value_codec(Utf8);
     let counts_out = app.topic::<String, u64>(output).with_key_codec(Utf8);
     let counts = app.table::<String, u64>("word-counts", 0);
-    let (table, out) = (counts.clone(), counts_out.clone());
+    let handles = (counts.clone(), counts_out.clone());
     app.agent(&sentences)
         .flat_map(|line: String| {
             line.split_whitespace()
@@ -36,13 +36,10 @@ pub fn wordcount(mut app: App, input: &str, output: &str) -> Wordcount {
                 .collect::<Vec<_>>()
         })
         .group_by(|event| event.value.clone(), "words")
-        .for_each(move |ctx, event| {
-            let (counts, counts_out) = (table.clone(), out.clone());
-            async move {
-                let n = ctx.update(&counts, &event.key, |n| n + 1).await?;
-                ctx.send(&counts_out, &event.key, &n).await?;
-                Ok(())
-            }
+        .for_each_with(handles, |ctx, event, (counts, counts_out)| async move {
+            let n = ctx.update(&counts, &event.key, |n| n + 1).await?;
+            ctx.send(&counts_out, &event.key, &n).await?;
+            Ok(())
         });
     Wordcount {
         app,

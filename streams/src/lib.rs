@@ -13,12 +13,9 @@
 //! app.agent(&sentences)
 //!     .flat_map(|line: String| line.split_whitespace().map(str::to_lowercase).collect::<Vec<_>>())
 //!     .group_by(|event| event.value.clone(), "words")
-//!     .for_each(move |ctx, event| {
-//!         let counts = counts.clone();
-//!         async move {
-//!             ctx.update(&counts, &event.key, |n| n + 1).await?;
-//!             Ok(())
-//!         }
+//!     .for_each_with(counts, |ctx, event, counts| async move {
+//!         ctx.update(&counts, &event.key, |n| n + 1).await?;
+//!         Ok(())
 //!     });
 //! app.main();
 //! ```

@@ -644,6 +644,35 @@ where
             );
         }
     }
+
+    /// [`for_each`](Stream::for_each) with `with` handed to `f` for each
+    /// event, cloned: put the tables and topics the handler uses in it
+    /// (their handles are cheap to clone), and the handler needs no
+    /// `let x = x.clone();` lines. (An `async` closure borrowing what it
+    /// captures cannot be required to make `Send` futures on stable Rust,
+    /// so handlers stay closures returning `async move` blocks.)
+    ///
+    /// ```no_run
+    /// let mut app = strom::App::new("shop");
+    /// let orders = app.topic::<String, u64>("orders");
+    /// let big = app.topic::<String, u64>("big-orders");
+    /// let totals = app.table::<String, u64>("totals", 0);
+    /// app.agent(&orders).for_each_with((totals, big), |ctx, order, (totals, big)| async move {
+    ///     let total = ctx.update(&totals, &order.key, |t| t + order.value).await?;
+    ///     if order.value > 1_000 {
+    ///         ctx.send(&big, &order.key, &total).await?;
+    ///     }
+    ///     Ok(())
+    /// });
+    /// ```
+    pub fn for_each_with<S, F, Fut>(self, with: S, f: F)
+    where
+        S: Clone + Send + Sync + 'static,
+        F: Fn(Ctx, Event<K, V>, S) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), AgentError>> + Send + 'static,
+    {
+        self.for_each(move |ctx, event| f(ctx, event, with.clone()))
+    }
 }
 
 /// A stream cut into batches by [`Stream::take`]; end it with
@@ -693,6 +722,17 @@ where
                 format!("take({}, {:?}).for_each", self.n, self.within),
             );
         }
+    }
+
+    /// [`for_each`](Batches::for_each) with `with` handed to `f` for each
+    /// batch, cloned (see [`Stream::for_each_with`]).
+    pub fn for_each_with<S, F, Fut>(self, with: S, f: F)
+    where
+        S: Clone + Send + Sync + 'static,
+        F: Fn(Ctx, Vec<Event<K, V>>, S) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), AgentError>> + Send + 'static,
+    {
+        self.for_each(move |ctx, batch| f(ctx, batch, with.clone()))
     }
 }
 
