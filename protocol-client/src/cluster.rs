@@ -488,6 +488,24 @@ impl Client {
         Ok(())
     }
 
+    /// The names of every topic in the cluster, sorted (a Metadata request
+    /// for all topics; their metadata is cached too).
+    pub async fn topic_names(&self) -> Result<Vec<String>> {
+        let _single = self.inner.refresh.lock().await;
+        let conn = self.any_broker().await?;
+        let req = MetadataRequest::default()
+            .with_topics(None)
+            .with_allow_auto_topic_creation(false);
+        let resp = conn.send(&req).await?;
+        let mut names: Vec<String> = (resp.topics.iter())
+            .filter(|t| t.error_code == 0)
+            .filter_map(|t| t.name.as_ref().map(|n| n.0.as_str().to_owned()))
+            .collect();
+        names.sort();
+        self.apply_metadata(resp);
+        Ok(names)
+    }
+
     fn apply_metadata(&self, resp: MetadataResponse) {
         let mut md = write(&self.inner.metadata);
         let brokers: HashMap<i32, String> = resp

@@ -1,5 +1,6 @@
 //! The app: its settings, topics, tables and agents, and how it runs.
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::marker::PhantomData;
 use std::net::SocketAddr;
@@ -13,7 +14,7 @@ use strom_state::window::Windowing;
 use strom_state::{changelog, TableKey};
 use strom_worker::{
     AgentError, ErrorPolicy, KeyParser, ProcessingGuarantee, Processor, Schedule, StoreKind, Timer,
-    Worker, WorkerConfig,
+    TopicPattern, Worker, WorkerConfig,
 };
 use tracing::warn;
 
@@ -90,6 +91,10 @@ pub struct App {
     pub(crate) copartitioned: std::collections::BTreeSet<String>,
     /// The names of windowed stream–stream joins (each names its tables).
     pub(crate) window_joins: Vec<String>,
+    /// Patterns of topic names agents read.
+    pub(crate) patterns: Vec<TopicPattern>,
+    /// Declarations that cannot work, refused when the app starts.
+    pub(crate) misdeclared: Vec<String>,
     pub(crate) tables: Vec<DeclaredTable>,
     /// Global tables: (name, source topic, how the web reads its keys).
     pub(crate) globals: Vec<(String, String, KeyParser)>,
@@ -173,6 +178,8 @@ impl App {
             changelog_sources: Vec::new(),
             copartitioned: Default::default(),
             window_joins: Vec::new(),
+            patterns: Vec::new(),
+            misdeclared: Vec::new(),
             tables: Vec::new(),
             globals: Vec::new(),
             processors: Vec::new(),
@@ -486,6 +493,67 @@ impl App {
         Topic::json(name, declared)
     }
 
+    /// Declares every topic whose whole name matches the regular expression
+    /// `pattern`, for agents to read as one (Faust's `app.topic(pattern=…)`,
+    /// Kafka's pattern subscription), with JSON codecs by default. A worker
+    /// reads the topics that match when it starts, except brokers'
+    /// internal topics (`__…`) and the app's own changelog and repartition
+    /// topics; a matching topic created later is read from the workers'
+    /// next start (each logs a warning naming it when it sees it, within
+    /// 30 s). The topics may have any partition count (see
+    /// [`Table`]'s partition rule for agents that use tables). A pattern is
+    /// read only: sending to it stops the worker.
+    ///
+    /// ```no_run
+    /// # fn main() -> strom::Result<()> {
+    /// let mut app = strom::App::new("audit");
+    /// let orders = app.topic_pattern::<String, u64>("orders-[a-z]+")?; // orders-eu, orders-us, …
+    /// app.agent(&orders).for_each(|_ctx, order| async move {
+    ///     println!("{} from {}: {}", order.key, order.topic, order.value);
+    ///     Ok(())
+    /// });
+    /// # Ok(()) }
+    /// ```
+    pub fn topic_pattern<K, V>(&mut self, pattern: &str) -> Result<Topic<K, V>>
+    where
+        K: Serialize + DeserializeOwned + 'static,
+        V: Serialize + DeserializeOwned + 'static,
+    {
+        let compiled = TopicPattern::new(pattern)?;
+        self.patterns.retain(|p| p.as_str() != pattern);
+        self.patterns.push(compiled);
+        let mut topic = Topic::json(pattern, Arc::new(Mutex::new(Declared::default())));
+        topic.pattern = true;
+        Ok(topic)
+    }
+
+    /// What each topic name agents read stands for: a pattern's matches
+    /// among the cluster's topics (by the worker's rule), any other name
+    /// itself.
+    pub(crate) async fn source_topics(
+        &self,
+        client: &Client,
+    ) -> Result<BTreeMap<String, Vec<String>>> {
+        let names = match self.patterns.is_empty() {
+            true => Vec::new(),
+            false => client.topic_names().await?,
+        };
+        let punctuators = self.punctuators.iter().map(|(p, _)| p);
+        let mut topics = BTreeMap::new();
+        for p in self.processors.iter().chain(punctuators) {
+            let name = p.topic();
+            let matched = match self.patterns.iter().find(|pat| pat.as_str() == name) {
+                Some(pat) => (names.iter())
+                    .filter(|t| pat.matches(t, self.id()))
+                    .cloned()
+                    .collect(),
+                None => vec![name.to_owned()],
+            };
+            topics.insert(name.to_owned(), matched);
+        }
+        Ok(topics)
+    }
+
     /// Declares a table of sets (see [`SetTable`]): its changelog is the
     /// topic `<app-id>-<name>-changelog`, one record per add or discard; the
     /// web server answers `/tables/<name>/["<key>","<member>"]` with `null`
@@ -691,16 +759,14 @@ impl App {
     }
 
     /// The topics agents read that the app does not make itself
-    /// (repartition topics and table changelogs are made with their count).
-    fn sources(&self) -> std::collections::BTreeSet<&str> {
-        let punctuators = self.punctuators.iter().map(|(p, _)| p);
+    /// (repartition topics and table changelogs are made with their count),
+    /// patterns as their matches.
+    async fn sources(&self, client: &Client) -> Result<std::collections::BTreeSet<String>> {
         let changelogs = self.changelog_topics();
-        (self.processors.iter())
-            .chain(punctuators)
-            .map(|p| p.topic())
+        Ok((self.source_topics(client).await?.into_values().flatten())
             .filter(|t| !self.repartitions.iter().any(|(r, _)| r == t))
             .filter(|t| !changelogs.iter().any(|c| c == t))
-            .collect()
+            .collect())
     }
 
     /// The partition count topic `topic` has, or (missing) will be created
@@ -738,6 +804,12 @@ impl App {
                 )));
             }
         }
+        if !self.misdeclared.is_empty() {
+            return Err(crate::Error::Config(format!(
+                "{}; nothing was created",
+                self.misdeclared.join("; ")
+            )));
+        }
         for (i, name) in self.window_joins.iter().enumerate() {
             if self.window_joins[..i].contains(name) {
                 return Err(crate::Error::Config(format!(
@@ -746,10 +818,10 @@ impl App {
                 )));
             }
         }
-        let mut largest: Option<(&str, i32)> = None;
-        for topic in self.sources() {
-            if let Some((n, _)) = self.partition_count(client, topic).await? {
-                if largest.is_none_or(|(_, m)| n > m) {
+        let mut largest: Option<(String, i32)> = None;
+        for topic in self.sources(client).await? {
+            if let Some((n, _)) = self.partition_count(client, &topic).await? {
+                if largest.as_ref().is_none_or(|(_, m)| n > *m) {
                     largest = Some((topic, n));
                 }
             }
@@ -800,6 +872,9 @@ impl App {
         }
         for (name, topic, parse) in &self.globals {
             worker = worker.global_table(name.clone(), topic.clone(), parse.clone());
+        }
+        for pattern in &self.patterns {
+            worker = worker.topic_pattern(pattern.clone());
         }
         // Partition timers after the agents, so a stream-time one sees the
         // stream time an event's agents made.

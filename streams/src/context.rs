@@ -464,6 +464,11 @@ impl Ctx {
         value: &V,
         headers: &[Header],
     ) -> Result<()> {
+        if topic.pattern {
+            // The app's declaration is wrong, not the event: stop.
+            let what = format!("{:?} is a pattern of topic names, read only", topic.name);
+            return Err(self.inner.fail("send", what).into());
+        }
         let (key, value) = encode(topic, key, value)?;
         let mut record = ProducerRecord::to(&topic.name);
         record.key = key.as_deref();

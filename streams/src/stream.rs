@@ -532,6 +532,12 @@ where
     }
 
     fn sink_to(self, topic: &crate::Topic<K, V>) -> &'a mut App {
+        if topic.pattern {
+            (self.app.misdeclared).push(format!(
+                "an agent sends to {:?}, a pattern of topic names, which is read only",
+                topic.name
+            ));
+        }
         for Input {
             topic: source,
             step,

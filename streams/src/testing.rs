@@ -132,6 +132,10 @@ struct Running {
     /// group's committed offset when it started): its metrics count the
     /// events handed to agents from there.
     start: HashMap<(String, i32), i64>,
+    /// The topics the app reads (patterns as their matches), with how many
+    /// agents (and partition timers, which count an event done too) read
+    /// each.
+    agents: HashMap<String, u64>,
 }
 
 /// A record of a topic, as [`TestDriver::read`] returns it.
@@ -229,9 +233,13 @@ impl TestDriver {
         let join = tokio::spawn(worker.run(async {
             let _ = stopped.await;
         }));
+        let agents = self.agents().await?;
         let mut start = HashMap::new();
-        for (topic, _) in self.agents() {
-            for p in 0..self.cluster.partitions(topic).unwrap_or(0) {
+        let mut partitions = 0;
+        for topic in agents.keys() {
+            let count = self.cluster.partitions(topic).unwrap_or(0);
+            partitions = partitions.max(count as usize);
+            for p in 0..count {
                 let committed = self.cluster.committed(self.app.id(), topic, p);
                 start.insert((topic.to_owned(), p), committed.unwrap_or(0));
             }
@@ -241,8 +249,11 @@ impl TestDriver {
             join,
             metrics,
             start,
+            agents,
         });
-        let partitions = self.source_partitions().await?;
+        if partitions == 0 {
+            return Err(Error::Config("the app reads no topic".into()));
+        }
         let started = Instant::now();
         while started.elapsed() < START_LIMIT {
             self.run_until_idle().await?;
@@ -253,16 +264,6 @@ impl TestDriver {
         Err(Error::Config(format!(
             "the test driver's worker did not process all {partitions} partitions within {START_LIMIT:?} (of the virtual clock)"
         )))
-    }
-
-    /// The partition count of the app's source topics.
-    async fn source_partitions(&self) -> Result<usize> {
-        let punctuators = self.app.punctuators.iter().map(|(p, _)| p);
-        let first = self.app.processors.iter().chain(punctuators).next();
-        let Some(topic) = first.map(|p| p.topic().to_owned()) else {
-            return Err(Error::Config("the app has no agents".into()));
-        };
-        Ok(self.client.topic_metadata(&topic).await?.partitions.len())
     }
 
     /// Partition numbers the worker processes (done restoring).
@@ -426,7 +427,7 @@ impl TestDriver {
             })
         });
         globals_read
-            && self.agents().into_iter().all(|(topic, agents)| {
+            && running.agents.iter().all(|(topic, &agents)| {
                 (0..self.cluster.partitions(topic).unwrap_or(0)).all(|partition| {
                     let from = running.start.get(&(topic.to_owned(), partition));
                     let records = self.cluster.end_offset(topic, partition) - from.unwrap_or(&0);
@@ -435,15 +436,19 @@ impl TestDriver {
             })
     }
 
-    /// The topics the app reads, with how many agents (and partition
-    /// timers, which count an event done too) read each.
-    fn agents(&self) -> HashMap<&str, u64> {
-        let mut agents: HashMap<&str, u64> = HashMap::new();
+    /// The topics the app reads (patterns as their matches), with how many
+    /// agents (and partition timers, which count an event done too) read
+    /// each.
+    async fn agents(&self) -> Result<HashMap<String, u64>> {
+        let sources = self.app.source_topics(&self.client).await?;
+        let mut agents: HashMap<String, u64> = HashMap::new();
         let punctuators = self.app.punctuators.iter().map(|(p, _)| p);
         for p in self.app.processors.iter().chain(punctuators) {
-            *agents.entry(p.topic()).or_default() += 1;
+            for topic in sources.get(p.topic()).into_iter().flatten() {
+                *agents.entry(topic.clone()).or_default() += 1;
+            }
         }
-        agents
+        Ok(agents)
     }
 
     /// Moves the virtual clock by `by`, firing every timer, deadline and

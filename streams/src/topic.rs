@@ -27,6 +27,9 @@ pub struct Topic<K, V> {
     pub(crate) declared: Arc<Mutex<Declared>>,
     /// Keys and values as JSON, for the command line to show them.
     as_json: AsJson<K, V>,
+    /// A pattern of topic names (see [`App::topic_pattern`](crate::App::topic_pattern)):
+    /// read only.
+    pub(crate) pattern: bool,
 }
 
 /// A topic's keys and values as JSON values.
@@ -109,6 +112,7 @@ impl<K, V> Clone for Topic<K, V> {
             timestamp: self.timestamp.clone(),
             declared: self.declared.clone(),
             as_json: self.as_json.clone(),
+            pattern: self.pattern,
         }
     }
 }
@@ -135,6 +139,7 @@ impl<K: 'static, V: 'static> Topic<K, V> {
                 key: as_json::<K>,
                 value: as_json::<V>,
             },
+            pattern: false,
         };
         topic.codecs_changed();
         topic

@@ -1520,3 +1520,75 @@ async fn a_windowed_left_join_pairs_across_a_restart() {
     let e = TestDriver::new(app).await.unwrap_err().to_string();
     assert!(e.contains(r#"two windowed joins are named "same""#), "{e}");
 }
+
+/// An agent over a topic pattern reads every topic whose whole name
+/// matches (of different partition counts), and no other; a pattern that
+/// does not compile is an error, and sending to a pattern stops the app.
+#[tokio::test]
+async fn a_pattern_agent_reads_every_matching_topic() {
+    let mut app = App::new("pattern").with_partitions(2);
+    let eu = app.topic::<String, u64>("orders-eu").with_partitions(3);
+    let us = app.topic::<String, u64>("orders-us");
+    let archive = app.topic::<String, u64>("orders-eu-archive");
+    let refunds = app.topic::<String, u64>("refunds");
+    let seen = app.topic::<String, u64>("seen");
+    let orders = app.topic_pattern::<String, u64>("orders-[a-z]{2}").unwrap();
+    app.agent(&orders)
+        .map_event(|e| (e.topic.to_string(), e.value))
+        .sink(&seen);
+    app.agent(&refunds).for_each(|_ctx, _e| async { Ok(()) });
+    let mut driver = TestDriver::new(app).await.unwrap();
+    let mut want = Vec::new();
+    for i in 0..30u64 {
+        let (topic, name) = match i % 4 {
+            0 => (&eu, "orders-eu"),
+            1 => (&us, "orders-us"),
+            2 => (&archive, ""),
+            _ => (&refunds, ""),
+        };
+        driver.send(topic, &format!("o{i}"), &i).await.unwrap();
+        if !name.is_empty() {
+            want.push((name.to_string(), i));
+        }
+    }
+    let mut got: Vec<(String, u64)> = (driver.read(&seen).unwrap().into_iter())
+        .map(|r| (r.key, r.value))
+        .collect();
+    got.sort_by_key(|(_, i)| *i);
+    assert_eq!(got, want);
+    driver.close().await.unwrap();
+
+    let mut app = App::new("bad-pattern");
+    let e = app.topic_pattern::<String, u64>("orders-(").unwrap_err();
+    assert!(e.to_string().contains(r#"topic pattern "orders-(""#), "{e}");
+
+    let mut app = App::new("sink-to-pattern");
+    let refunds = app.topic::<String, u64>("refunds");
+    let orders = app.topic_pattern::<String, u64>("orders-.*").unwrap();
+    app.agent(&refunds).sink(&orders);
+    let e = TestDriver::new(app).await.unwrap_err();
+    assert!(
+        e.to_string()
+            .contains(r#"an agent sends to "orders-.*", a pattern"#),
+        "{e}"
+    );
+
+    let mut app = App::new("send-to-pattern");
+    let refunds = app.topic::<String, u64>("refunds");
+    let orders = app.topic_pattern::<String, u64>("orders-.*").unwrap();
+    app.agent(&refunds)
+        .for_each_with(orders, |ctx, refund, orders| async move {
+            ctx.send(&orders, &refund.key, &refund.value).await?;
+            Ok(())
+        });
+    let mut driver = TestDriver::new(app).await.unwrap();
+    let e = driver
+        .send(&refunds, &"r1".to_string(), &1)
+        .await
+        .unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("is a pattern of topic names, read only"),
+        "{e}"
+    );
+}

@@ -54,6 +54,7 @@ mod global;
 mod listener;
 mod manager;
 pub mod metrics;
+mod pattern;
 mod policy;
 pub mod processor;
 mod standby;
@@ -84,6 +85,7 @@ pub use axum;
 pub use config::{ProcessingGuarantee, StoreKind, WorkerConfig};
 pub use error::WorkerError;
 pub use metrics::Metrics;
+pub use pattern::TopicPattern;
 pub use processor::{AgentError, Context, DecodeError, ErrorPolicy, ProcessFuture, Processor};
 pub use timer::{Schedule, Timer, TimerContext};
 use web::TableRoute;
@@ -115,6 +117,7 @@ pub struct Worker {
     /// Each table with its windows, if it is windowed.
     tables: Vec<(String, Option<Windowing>)>,
     globals: Vec<GlobalSpec>,
+    patterns: Vec<TopicPattern>,
     keys: HashMap<String, KeyParser>,
     pages: Vec<axum::Router>,
     timers: Vec<Timer>,
@@ -151,6 +154,7 @@ impl Worker {
             processors: Vec::new(),
             tables: Vec::new(),
             globals: Vec::new(),
+            patterns: Vec::new(),
             keys: HashMap::new(),
             pages: Vec::new(),
             timers: Vec::new(),
@@ -248,6 +252,14 @@ impl Worker {
         self
     }
 
+    /// Makes the agents whose topic is `pattern`'s text read every topic
+    /// that matches it when the worker starts (see [`TopicPattern`]).
+    pub fn topic_pattern(mut self, pattern: TopicPattern) -> Self {
+        self.patterns.retain(|p| p.as_str() != pattern.as_str());
+        self.patterns.push(pattern);
+        self
+    }
+
     /// Runs until `shutdown` completes, then stops cleanly: stops fetching,
     /// finishes queued events, commits, closes stores, leaves the group.
     /// Returns the error that stopped it early, if one did (a fatal client
@@ -259,6 +271,7 @@ impl Worker {
             processors,
             tables: table_names,
             globals,
+            patterns,
             keys,
             pages,
             timers,
@@ -267,7 +280,12 @@ impl Worker {
         } = self;
         distinct_table_names(&table_names, &globals)?;
         let client = Client::connect(config.client.clone()).await?;
-        let sources = sources(&processors)?;
+        let by_source =
+            pattern::resolve(&client, &sources(&processors)?, &patterns, &config.app_id).await?;
+        let sources: Vec<String> = (by_source.values().flatten().cloned())
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
         let counts = source_counts(&client, &sources).await?;
         let partitions = counts.values().copied().max().unwrap_or(0);
         let tables = ensure_topics(&client, &config, &processors, &table_names, partitions).await?;
@@ -283,7 +301,7 @@ impl Worker {
             client.clone(),
             processors,
             tables,
-            counts,
+            Subscription { by_source, counts },
             txn.as_deref(),
             metrics.clone(),
         )?);
@@ -335,6 +353,15 @@ impl Worker {
         );
         let placement = assignor.placement();
         let timers = start_timers(timers, txn.as_ref(), &spec, &placement, config.wall_clock);
+        let watcher = (!patterns.is_empty()).then(|| {
+            let read = sources.iter().cloned().collect();
+            tokio::spawn(pattern::watch(
+                client.clone(),
+                patterns,
+                config.app_id.clone(),
+                read,
+            ))
+        });
         let committer = Committer::start(
             manager.clone(),
             consumer.group().clone(),
@@ -348,7 +375,7 @@ impl Worker {
         }
         info!(app = %config.app_id, "worker stopping");
         committer.stop().await;
-        for t in timers {
+        for t in timers.into_iter().chain(watcher) {
             t.abort();
         }
         // Leaving the group revokes every partition: a last commit, then the
@@ -465,10 +492,11 @@ fn spec(
     client: Client,
     processors: Vec<Arc<dyn Processor>>,
     tables: Vec<TableSpec>,
-    counts: HashMap<String, usize>,
+    subscription: Subscription,
     txn: Option<&Transactions>,
     metrics: Metrics,
 ) -> Result<Spec, WorkerError> {
+    let Subscription { by_source, counts } = subscription;
     let partitions = counts.values().copied().max().unwrap_or(0);
     let producer = match txn {
         Some(t) => t.producer().clone(),
@@ -483,7 +511,9 @@ fn spec(
     };
     let mut by_topic: HashMap<String, Vec<usize>> = HashMap::new();
     for (i, p) in processors.iter().enumerate() {
-        by_topic.entry(p.topic().to_owned()).or_default().push(i);
+        for topic in by_source.get(p.topic()).into_iter().flatten() {
+            by_topic.entry(topic.clone()).or_default().push(i);
+        }
     }
     Ok(Spec {
         client,
@@ -561,6 +591,13 @@ fn group_config(
     group.consumer.max_buffered_bytes = config.max_buffered_bytes;
     group.consumer.isolation = spec.isolation();
     group
+}
+
+/// The topics the worker reads: what each name agents read stands for (a
+/// pattern's matches), and each topic's partition count.
+struct Subscription {
+    by_source: std::collections::BTreeMap<String, Vec<String>>,
+    counts: HashMap<String, usize>,
 }
 
 /// Each source topic's partition count. Topics may differ: a task processes
