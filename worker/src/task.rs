@@ -496,8 +496,8 @@ async fn run(
         running: HashMap::new(),
         routes: HashMap::new(),
         epoch: 0,
-        current: VecDeque::new(),
-        current_bytes: 0,
+        current: Current::default(),
+        waiting: None,
         backlog,
         restart,
         last_durable: Instant::now(),
@@ -655,14 +655,83 @@ struct Task {
     routes: HashMap<Arc<str>, Route>,
     /// Batches routed under an older epoch were read before a rewind.
     epoch: u64,
-    /// The records of the batch being processed, and its size.
-    current: VecDeque<ConsumerRecord>,
-    current_bytes: usize,
+    /// The records taken from the inbox, not yet processed.
+    current: Current,
+    /// A batch that does not decode, taken while records were current: it
+    /// is stepped over once they are processed.
+    waiting: Option<Undecodable>,
     backlog: Backlog,
     restart: Arc<Mutex<HashMap<TopicPartition, i64>>>,
     last_durable: Instant,
     /// Table changes since the last durable checkpoint.
     changes: u64,
+}
+
+/// The records a task has taken from its inbox and not yet processed: one
+/// queue per topic partition, in offset order. The next record is the
+/// earliest head by record time (the first queue's on a tie), as Kafka
+/// Streams picks among a task's partitions: the topics of one partition
+/// number are processed in step by time as far as they are fetched, so a
+/// windowed join or table over several topics sees their events in time
+/// order rather than one topic's backlog before the other's.
+#[derive(Default)]
+struct Current {
+    queues: Vec<VecDeque<ConsumerRecord>>,
+    /// Their bytes in the backpressure count.
+    bytes: usize,
+}
+
+impl Current {
+    fn is_empty(&self) -> bool {
+        self.queues.is_empty()
+    }
+
+    fn add(&mut self, records: Vec<ConsumerRecord>, bytes: usize) {
+        self.bytes += bytes;
+        let mut last = None;
+        for r in records {
+            let same = |q: &VecDeque<ConsumerRecord>| {
+                q.back()
+                    .is_some_and(|b| b.partition == r.partition && b.topic == r.topic)
+            };
+            let i = match last.filter(|&i| same(&self.queues[i])) {
+                Some(i) => i,
+                None => match self.queues.iter().position(same) {
+                    Some(i) => i,
+                    None => {
+                        self.queues.push(VecDeque::new());
+                        self.queues.len() - 1
+                    }
+                },
+            };
+            self.queues[i].push_back(r);
+            last = Some(i);
+        }
+    }
+
+    /// The next record to process.
+    fn next(&mut self) -> Option<ConsumerRecord> {
+        let i = match self.queues.len() {
+            0 => return None,
+            1 => 0,
+            n => {
+                (0..n).min_by_key(|&i| self.queues[i].front().map_or(i64::MAX, |r| r.timestamp))?
+            }
+        };
+        let record = self.queues[i].pop_front()?;
+        if self.queues[i].is_empty() {
+            self.queues.remove(i);
+        }
+        let size = buffered_bytes(std::slice::from_ref(&record));
+        self.bytes = self.bytes.saturating_sub(size);
+        Some(record)
+    }
+
+    /// Drops every record; returns their bytes.
+    fn clear(&mut self) -> usize {
+        self.queues.clear();
+        std::mem::take(&mut self.bytes)
+    }
 }
 
 /// What the run loop does next.
@@ -675,7 +744,13 @@ impl Task {
     async fn run(&mut self, mut inboxes: Inboxes) -> Result<(), WorkerError> {
         loop {
             if !self.current.is_empty() && inboxes.control.is_empty() {
+                self.take_ready(&mut inboxes.data);
                 self.burst(&inboxes.control).await?;
+            }
+            if self.current.is_empty() {
+                if let Some(bad) = self.waiting.take() {
+                    self.step_over(bad).await?;
+                }
             }
             let deadline = self.deadline();
             let busy = !self.current.is_empty();
@@ -701,23 +776,41 @@ impl Task {
                         if let Some(bad) = batch.undecodable {
                             self.step_over(bad).await?;
                         }
-                        self.current = batch.records.into();
-                        self.current_bytes = batch.bytes;
+                        self.current.add(batch.records, batch.bytes);
+                        self.take_ready(&mut inboxes.data);
                     }
                 },
             }
         }
     }
 
-    /// Processes up to [`BURST`] records of the current batch, stopping early
-    /// when a control message arrives.
+    /// Takes the batches already in the inbox (up to one that does not
+    /// decode), so the current records of every topic of the partition
+    /// number are chosen from by time.
+    fn take_ready(&mut self, data: &mut mpsc::UnboundedReceiver<Batch>) {
+        while self.waiting.is_none() {
+            let Ok(batch) = data.try_recv() else {
+                return;
+            };
+            if batch.epoch < self.epoch {
+                self.backlog.taken(batch.bytes);
+                continue;
+            }
+            self.current.add(batch.records, batch.bytes);
+            self.waiting = batch.undecodable;
+        }
+    }
+
+    /// Processes up to [`BURST`] current records, stopping early when a
+    /// control message arrives.
     async fn burst(
         &mut self,
         control: &mpsc::UnboundedReceiver<Control>,
     ) -> Result<(), WorkerError> {
         let mut started = Instant::now();
+        let before = self.current.bytes;
         for _ in 0..BURST {
-            let Some(record) = self.current.pop_front() else {
+            let Some(record) = self.current.next() else {
                 break;
             };
             started = self.process(record, started).await?;
@@ -725,9 +818,8 @@ impl Task {
                 break;
             }
         }
-        if self.current.is_empty() {
-            self.backlog.taken(std::mem::take(&mut self.current_bytes));
-        }
+        self.backlog
+            .taken(before.saturating_sub(self.current.bytes));
         Ok(())
     }
 
@@ -1067,8 +1159,8 @@ impl Task {
             p.reset(partition);
         }
         self.progress.clear();
-        self.current.clear();
-        self.backlog.taken(std::mem::take(&mut self.current_bytes));
+        self.backlog.taken(self.current.clear());
+        self.waiting = None;
         self.epoch = epoch;
     }
 }

@@ -901,3 +901,72 @@ async fn two_tables_of_one_name_are_refused() {
         "{err}"
     );
 }
+
+/// An agent of one topic that notes each record's (topic, timestamp).
+struct Noter {
+    topic: &'static str,
+    seen: Arc<std::sync::Mutex<Vec<(String, i64)>>>,
+}
+
+impl Processor for Noter {
+    fn topic(&self) -> &str {
+        self.topic
+    }
+
+    fn process(&self, _ctx: Context, record: ConsumerRecord) -> ProcessFuture<'_> {
+        let seen = self.seen.clone();
+        Box::pin(async move {
+            let mut seen = seen.lock().unwrap_or_else(|e| e.into_inner());
+            seen.push((record.topic.to_string(), record.timestamp));
+            Ok(())
+        })
+    }
+}
+
+/// Appends a record at `timestamp` to partition 0 of `topic`.
+fn append_at(cluster: &MockCluster, topic: &str, timestamp: i64) {
+    let mut b = strom_client::records::BatchBuilder::new(64);
+    b.push(timestamp, None, Some(b"x"), &[]);
+    let batch = b
+        .seal(
+            strom_client::Compression::None,
+            strom_client::records::ProducerIdentity::default(),
+        )
+        .unwrap();
+    cluster.append_raw(topic, 0, batch);
+}
+
+/// A task reads the topics of its partition number in step by record time:
+/// two topics' backlogs, fetched together, are processed in time order, not
+/// one topic's before the other's (what a windowed join needs).
+#[tokio::test(start_paused = true)]
+async fn a_task_processes_its_topics_in_time_order() {
+    let cluster = cluster();
+    cluster.create_topic("orders", 1);
+    cluster.create_topic("payments", 1);
+    for i in 0..50 {
+        append_at(&cluster, "orders", 1_000 + 20 * i);
+        append_at(&cluster, "payments", 1_010 + 20 * i);
+    }
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let worker = Worker::new(config(&cluster, ProcessingGuarantee::AtLeastOnce))
+        .processor(Arc::new(Noter {
+            topic: "orders",
+            seen: seen.clone(),
+        }))
+        .processor(Arc::new(Noter {
+            topic: "payments",
+            seen: seen.clone(),
+        }));
+    let (stop, stopped) = oneshot::channel::<()>();
+    let run = tokio::spawn(worker.run(async {
+        let _ = stopped.await;
+    }));
+    wait_until("every record", || seen.lock().unwrap().len() == 100).await;
+    let times: Vec<i64> = seen.lock().unwrap().iter().map(|(_, t)| *t).collect();
+    let mut sorted = times.clone();
+    sorted.sort();
+    assert_eq!(times, sorted, "processed out of time order");
+    let _ = stop.send(());
+    outcome(run, Duration::from_secs(30)).await.unwrap();
+}
