@@ -609,3 +609,118 @@ async fn three_workers_enrich_orders_from_a_global_table() {
         task.await.unwrap();
     }
 }
+
+/// A windowed left join of orders with payments by two workers with redb
+/// stores, on 4 partitions, from records with their own timestamps: every
+/// paid order gives its pair and every unpaid one, once its window closes,
+/// one result without a pair (duplicates of a result are allowed, as
+/// at-least-once may repeat one across a rebalance; no other result is).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_workers_join_orders_with_payments_in_windows() {
+    use std::collections::BTreeSet;
+    use strom::JoinWindows;
+    const ORDERS: u64 = 1_500;
+    let broker = TestBroker::start().await;
+    let client = broker.client().await;
+    let id = unique_topic("window-join");
+    let (orders, payments, out) = (
+        unique_topic("orders"),
+        unique_topic("payments"),
+        unique_topic("order-payments"),
+    );
+    let app = |state: std::path::PathBuf| {
+        let mut app = App::new(&id)
+            .with_brokers([broker.bootstrap.clone()])
+            .with_static_membership(broker.static_membership())
+            .with_state_dir(state)
+            .with_store(StoreKind::Redb)
+            .with_partitions(4)
+            .with_commit_interval(Duration::from_millis(200))
+            .with_session_timeout(Duration::from_secs(6), Duration::from_secs(1));
+        let o = app.topic::<String, u64>(&orders);
+        let p = app.topic::<String, u64>(&payments);
+        let results = app.topic::<String, (u64, Option<u64>)>(&out);
+        let windows = JoinWindows::of(Duration::from_secs(10));
+        app.agent(&o)
+            .left_join_stream(&p, "paid", windows, |o, p| (*o, p.copied()))
+            .sink(&results);
+        app
+    };
+    let workers: Vec<_> = (0..2)
+        .map(|_| strom_it::spawn_app(app(std::env::temp_dir().join(unique_topic("join-state")))))
+        .collect();
+    strom_it::wait_for_topic(&client, &orders).await;
+    strom_it::wait_for_topic(&client, &payments).await;
+
+    let producer = Producer::new(client.clone(), ProducerConfig::default()).unwrap();
+    let base = 1_700_000_000_000i64;
+    let mut want = BTreeSet::new();
+    for i in 0..ORDERS {
+        let (key, t) = (format!("o{i}"), base + i as i64 * 100);
+        // JSON keys and values, as the app's topics' codecs write them.
+        let (json_key, value) = (format!("\"{key}\""), i.to_string());
+        let record = ProducerRecord::to(&orders)
+            .key(json_key.as_bytes())
+            .value(value.as_bytes())
+            .timestamp(t);
+        producer.send(record).await.unwrap();
+        // Two of three orders are paid 3 s later.
+        if i % 3 != 0 {
+            let paid = (10_000 + i).to_string();
+            let record = ProducerRecord::to(&payments)
+                .key(json_key.as_bytes())
+                .value(paid.as_bytes())
+                .timestamp(t + 3_000);
+            producer.send(record).await.unwrap();
+            want.insert((key, (i, Some(10_000 + i))));
+        } else {
+            want.insert((key, (i, None)));
+        }
+    }
+    // Far later payments of other keys close every window in every partition.
+    for k in 0..40 {
+        let key = format!("\"late-{k}\"");
+        let record = ProducerRecord::to(&payments)
+            .key(key.as_bytes())
+            .value(b"0")
+            .timestamp(base + 3_600_000);
+        producer.send(record).await.unwrap();
+    }
+    producer.flush().await.unwrap();
+
+    let partitions = client.topic_metadata(&out).await.unwrap().partitions.len() as i32;
+    let mut consumer = Consumer::new(client.clone(), ConsumerConfig::default());
+    consumer
+        .assign((0..partitions).map(|p| (TopicPartition::new(&out, p), Offset::Earliest)))
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    let (mut got, mut records) = (BTreeSet::new(), 0usize);
+    while got.len() < want.len() {
+        let batch = tokio::time::timeout_at(deadline, consumer.poll())
+            .await
+            .unwrap_or_else(|_| panic!("{} of {} results after 120 s", got.len(), want.len()))
+            .unwrap();
+        for r in batch {
+            let key: String = serde_json::from_slice(r.key.as_deref().unwrap()).unwrap();
+            let value: (u64, Option<u64>) =
+                serde_json::from_slice(r.value.as_deref().unwrap()).unwrap();
+            assert!(
+                want.contains(&(key.clone(), value)),
+                "unexpected result {key} {value:?}"
+            );
+            got.insert((key, value));
+            records += 1;
+        }
+    }
+    assert_eq!(got, want);
+    println!(
+        "{} results, {} records ({} repeated)",
+        want.len(),
+        records,
+        records - want.len()
+    );
+    for (stop, task) in workers {
+        let _ = stop.send(());
+        task.await.unwrap();
+    }
+}
