@@ -139,6 +139,9 @@ impl Ctx {
         key_bytes: &KeyBytes<K>,
         key: &K,
     ) -> Result<Vec<u8>> {
+        if key_bytes.is_local() {
+            return Ok(key.encode_key());
+        }
         let written = key_bytes.of(key).map_err(|source| Error::Codec {
             topic: table.to_owned(),
             source,

@@ -64,7 +64,9 @@ impl Declared {
 
 /// The bytes that decide which partition a table's key belongs to: what a
 /// record of the key carries as its key (murmur2 of them picks it).
-pub(crate) struct KeyBytes<K>(Arc<KeyBytesFn<K>>);
+/// `None` for an operator's internal table whose keys are wherever the
+/// events that write them are (a windowed join's): not checked.
+pub(crate) struct KeyBytes<K>(Option<Arc<KeyBytesFn<K>>>);
 
 type KeyBytesFn<K> = dyn Fn(&K) -> Result<Option<Bytes>, CodecError> + Send + Sync;
 
@@ -77,20 +79,18 @@ impl<K> Clone for KeyBytes<K> {
 impl<K: 'static> KeyBytes<K> {
     /// What `codec` writes for the key.
     pub(crate) fn codec(codec: impl Codec<K> + 'static) -> KeyBytes<K> {
-        KeyBytes(Arc::new(move |key| codec.encode(key)))
+        KeyBytes(Some(Arc::new(move |key| codec.encode(key))))
     }
 
     /// What a shared `codec` writes for the key.
     pub(crate) fn shared(codec: Arc<dyn Codec<K>>) -> KeyBytes<K> {
-        KeyBytes(Arc::new(move |key| codec.encode(key)))
+        KeyBytes(Some(Arc::new(move |key| codec.encode(key))))
     }
 
-    /// What a shared `codec` writes for the part `part` picks of the key.
-    pub(crate) fn shared_part<P: 'static>(
-        part: impl Fn(&K) -> P + Send + Sync + 'static,
-        codec: Arc<dyn Codec<P>>,
-    ) -> KeyBytes<K> {
-        KeyBytes(Arc::new(move |key| codec.encode(&part(key))))
+    /// Keys of an operator's internal table: in the partition of the event
+    /// that writes them, whatever partitioner placed it.
+    pub(crate) fn local() -> KeyBytes<K> {
+        KeyBytes(None)
     }
 
     /// What `codec` writes for the part `part` picks of the key.
@@ -98,14 +98,23 @@ impl<K: 'static> KeyBytes<K> {
         part: impl Fn(&K) -> P + Send + Sync + 'static,
         codec: impl Codec<P> + 'static,
     ) -> KeyBytes<K> {
-        KeyBytes(Arc::new(move |key| codec.encode(&part(key))))
+        KeyBytes(Some(Arc::new(move |key| codec.encode(&part(key)))))
     }
 }
 
 impl<K> KeyBytes<K> {
-    /// The bytes of `key`; `None` if its codec writes no key.
+    /// The bytes of `key`; `None` if its codec writes no key (or the table
+    /// is an operator's, [`KeyBytes::local`]).
     pub(crate) fn of(&self, key: &K) -> Result<Option<Bytes>, CodecError> {
-        (self.0)(key)
+        match &self.0 {
+            Some(f) => f(key),
+            None => Ok(None),
+        }
+    }
+
+    /// Whether the keys are an operator's, in their events' partitions.
+    pub(crate) fn is_local(&self) -> bool {
+        self.0.is_none()
     }
 }
 
@@ -113,6 +122,9 @@ impl<K> KeyBytes<K> {
 /// that decide its partition.
 pub(crate) fn key_parser<K: TableKey + 'static>(key_bytes: KeyBytes<K>) -> KeyParser {
     Arc::new(move |text: &str| {
+        if key_bytes.is_local() {
+            return Err("an operator's table, whose keys do not say their partition".into());
+        }
         let key = K::parse_key(text).map_err(|e| e.to_string())?;
         let written = key_bytes.of(&key).map_err(|e| e.to_string())?;
         let written = written.ok_or("the table's key codec writes no key")?;
@@ -382,7 +394,9 @@ where
 {
     pub(crate) fn new(entries: Table<(K, T), ()>, key: KeyBytes<K>) -> SetTable<K, T> {
         let by_key = key.clone();
-        let entries = entries.partitioned(KeyBytes(Arc::new(move |(k, _): &(K, T)| by_key.of(k))));
+        let entries = entries.partitioned(KeyBytes(Some(Arc::new(move |(k, _): &(K, T)| {
+            by_key.of(k)
+        }))));
         SetTable { entries, key }
     }
 

@@ -148,9 +148,10 @@ where
     /// Both sides' events are kept in tables of the partition named
     /// `<name>-left` and `<name>-right` (with changelogs, so a restarted
     /// worker pairs with what was seen before) until their windows close.
-    /// The stream and `other` must be co-partitioned: keyed alike, by
-    /// `other`'s key codec, with the tables' partition count (checked when
-    /// the app starts). Exact at [concurrency](Stream::concurrency) 1.
+    /// The stream and `other` must be co-partitioned: keyed alike, with
+    /// one partitioner (any: librdkafka's default CRC32 one too), and with
+    /// the tables' partition count (checked when the app starts). Exact at
+    /// [concurrency](Stream::concurrency) 1.
     ///
     /// ```no_run
     /// use std::time::Duration;
@@ -233,16 +234,25 @@ where
             inputs,
             mut stage,
         } = self;
-        let codec = other.key.clone();
-        let kept = |codec: &Arc<dyn crate::codec::Codec<K>>| {
-            KeyBytes::shared_part(|k: &Kept<K>| k.0.clone(), codec.clone())
-        };
+        // Kept where the events are: the two topics need only one
+        // partitioner, whichever (librdkafka's default is not murmur2).
         let join = Arc::new(WindowJoin {
-            left: app.declare_table(&format!("{name}-left"), Arc::new(|| None), kept(&codec)),
-            right: app.declare_table(&format!("{name}-right"), Arc::new(|| None), kept(&codec)),
+            left: app.declare_table(
+                &format!("{name}-left"),
+                Arc::new(|| None),
+                KeyBytes::local(),
+            ),
+            right: app.declare_table(
+                &format!("{name}-right"),
+                Arc::new(|| None),
+                KeyBytes::local(),
+            ),
             unpaired: left_join.then(|| {
-                let key = KeyBytes::shared_part(|k: &Unpaired<K>| k.1.clone(), codec.clone());
-                app.declare_table(&format!("{name}-unpaired"), Arc::new(|| None), key)
+                app.declare_table(
+                    &format!("{name}-unpaired"),
+                    Arc::new(|| None),
+                    KeyBytes::local(),
+                )
             }),
             windows,
             joiner,

@@ -611,7 +611,9 @@ async fn three_workers_enrich_orders_from_a_global_table() {
 }
 
 /// A windowed left join of orders with payments by two workers with redb
-/// stores, on 4 partitions, from records with their own timestamps: every
+/// stores, on 4 partitions, from records with their own timestamps, placed
+/// by another partitioner than murmur2 (the same for both topics, as
+/// librdkafka's default CRC32 one would be): every
 /// paid order gives its pair and every unpaid one, once its window closes,
 /// one result without a pair (duplicates of a result are allowed, as
 /// at-least-once may repeat one across a rebalance; no other result is).
@@ -655,11 +657,14 @@ async fn two_workers_join_orders_with_payments_in_windows() {
     let producer = Producer::new(client.clone(), ProducerConfig::default()).unwrap();
     let base = 1_700_000_000_000i64;
     let mut want = BTreeSet::new();
+    // Not murmur2: a key's partition by the sum of its bytes.
+    let partition = |key: &str| (key.bytes().map(u32::from).sum::<u32>() % 4) as i32;
     for i in 0..ORDERS {
         let (key, t) = (format!("o{i}"), base + i as i64 * 100);
         // JSON keys and values, as the app's topics' codecs write them.
         let (json_key, value) = (format!("\"{key}\""), i.to_string());
         let record = ProducerRecord::to(&orders)
+            .partition(partition(&key))
             .key(json_key.as_bytes())
             .value(value.as_bytes())
             .timestamp(t);
@@ -668,6 +673,7 @@ async fn two_workers_join_orders_with_payments_in_windows() {
         if i % 3 != 0 {
             let paid = (10_000 + i).to_string();
             let record = ProducerRecord::to(&payments)
+                .partition(partition(&key))
                 .key(json_key.as_bytes())
                 .value(paid.as_bytes())
                 .timestamp(t + 3_000);
@@ -681,6 +687,7 @@ async fn two_workers_join_orders_with_payments_in_windows() {
     for k in 0..40 {
         let key = format!("\"late-{k}\"");
         let record = ProducerRecord::to(&payments)
+            .partition(k % 4)
             .key(key.as_bytes())
             .value(b"0")
             .timestamp(base + 3_600_000);
