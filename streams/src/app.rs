@@ -579,22 +579,21 @@ impl App {
     pub fn table<K, V>(&mut self, name: &str, default: V) -> Table<K, V>
     where
         K: TableKey + 'static,
-        Json: Codec<K>,
+        Json: Codec<K> + Codec<V>,
         V: Clone + Send + Sync + 'static,
     {
-        self.declare_table(
-            name,
-            Arc::new(move || default.clone()),
-            KeyBytes::codec(Json),
-        )
+        let value: Arc<dyn Codec<V>> = Arc::new(Json);
+        let default = Arc::new(move || default.clone());
+        self.declare_table(name, default, value, KeyBytes::codec(Json))
     }
 
     /// Declares table `name` (or another handle of it) with `default` for a
-    /// missing key and keys placed by `key`.
+    /// missing key, values stored by `value` and keys placed by `key`.
     pub(crate) fn declare_table<K, V>(
         &mut self,
         name: &str,
         default: Arc<dyn Fn() -> V + Send + Sync>,
+        value: Arc<dyn Codec<V>>,
         key: KeyBytes<K>,
     ) -> Table<K, V>
     where
@@ -614,6 +613,7 @@ impl App {
         Table {
             name: Arc::from(name),
             default,
+            value,
             key,
             declared,
             types: PhantomData,

@@ -1,7 +1,6 @@
 //! What an agent sees while it handles one event: typed tables and sends.
 
 use bytes::Bytes;
-use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::ops::{Bound, RangeBounds};
 use std::sync::Arc;
@@ -12,6 +11,7 @@ use strom_client::Header;
 use strom_state::table::{prefix_bounds, KeyPrefix};
 use strom_state::TableKey;
 
+use crate::codec::{Codec, CodecError};
 use crate::error::{Error, Result};
 use crate::stream::Event;
 use std::time::Duration;
@@ -57,37 +57,50 @@ impl Source {
     }
 }
 
-fn value_error(table: &str, e: serde_json::Error) -> Error {
+fn value_error(table: &str, what: impl std::fmt::Display) -> Error {
     Error::Codec {
         topic: table.to_owned(),
-        source: crate::codec::CodecError {
-            what: e.to_string(),
+        source: CodecError {
+            what: what.to_string(),
         },
+    }
+}
+
+/// `value` as table `table` stores it, in its value codec.
+fn encode_value<V>(table: &str, codec: &dyn Codec<V>, value: &V) -> Result<Vec<u8>> {
+    match codec.encode(value) {
+        Ok(Some(bytes)) => Ok(bytes.to_vec()),
+        Ok(None) => Err(value_error(
+            table,
+            "the table's value codec writes no value for it (a table holds no nulls)",
+        )),
+        Err(e) => Err(value_error(table, e)),
     }
 }
 
 /// Why an update wrote nothing.
 enum Refused {
     /// The stored value does not decode.
-    Stored(serde_json::Error),
+    Stored(CodecError),
     /// The new value does not encode.
     New(Error),
 }
 
 /// The new value `f` makes of the stored `old` (or the default), and its
-/// bytes.
-fn encode_update<V: Serialize + DeserializeOwned>(
+/// bytes in `codec`.
+fn encode_update<V>(
     table: &str,
     default: &dyn Fn() -> V,
+    codec: &dyn Codec<V>,
     f: impl FnOnce(V) -> V,
     old: Option<&[u8]>,
 ) -> std::result::Result<(Vec<u8>, V), Refused> {
     let old = match old {
-        Some(v) => serde_json::from_slice(v).map_err(Refused::Stored)?,
+        Some(v) => codec.decode(Some(v)).map_err(Refused::Stored)?,
         None => default(),
     };
     let new = f(old);
-    let encoded = serde_json::to_vec(&new).map_err(|e| Refused::New(value_error(table, e)))?;
+    let encoded = encode_value(table, codec, &new).map_err(Refused::New)?;
     Ok((encoded, new))
 }
 
@@ -169,11 +182,7 @@ impl Ctx {
     /// belong to this event's partition (see [`Error::CoPartition`]): another
     /// partition's keys live in its own task, and reading one here would
     /// silently give the default.
-    pub async fn get<K: TableKey, V: DeserializeOwned>(
-        &self,
-        table: &Table<K, V>,
-        key: &K,
-    ) -> Result<V> {
+    pub async fn get<K: TableKey, V>(&self, table: &Table<K, V>, key: &K) -> Result<V> {
         Ok(self
             .find(table, key)
             .await?
@@ -183,15 +192,11 @@ impl Ctx {
     /// The value of `key` in `table`, or `None` when the table holds none
     /// (where [`Ctx::get`] gives the default). The key must belong to this
     /// event's partition, as for [`Ctx::get`].
-    pub async fn find<K: TableKey, V: DeserializeOwned>(
-        &self,
-        table: &Table<K, V>,
-        key: &K,
-    ) -> Result<Option<V>> {
+    pub async fn find<K: TableKey, V>(&self, table: &Table<K, V>, key: &K) -> Result<Option<V>> {
         let bytes = self.check_partition(&table.name, &table.key, key)?;
         let stored = self.inner.get(&table.name, &bytes).await?;
         match stored {
-            Some(v) => match serde_json::from_slice(&v) {
+            Some(v) => match table.value.decode(Some(&v)) {
                 Ok(v) => Ok(Some(v)),
                 Err(e) => Err(self.damaged(&table.name, &bytes, e).await),
             },
@@ -234,23 +239,21 @@ impl Ctx {
 
     /// A stored value that does not decode is damaged state, not the
     /// agent's error (see [`strom_worker::Context::damaged`]).
-    async fn damaged(&self, table: &str, key: &[u8], e: serde_json::Error) -> Error {
+    async fn damaged(&self, table: &str, key: &[u8], e: impl std::fmt::Display) -> Error {
         self.inner.damaged(table, key, &e.to_string()).await.into()
     }
 
     /// Sets `key` in `table` to `value`. The key must belong to this event's
     /// partition (see [`Error::CoPartition`]).
-    pub async fn set<K: TableKey, V: Serialize>(
-        &self,
-        table: &Table<K, V>,
-        key: &K,
-        value: &V,
-    ) -> Result<()> {
-        self.put(table, key, value).await
+    pub async fn set<K: TableKey, V>(&self, table: &Table<K, V>, key: &K, value: &V) -> Result<()> {
+        let bytes = self.check_partition(&table.name, &table.key, key)?;
+        let value = encode_value(&table.name, &*table.value, value)?;
+        self.inner.put(&table.name, bytes, value).await?;
+        Ok(())
     }
 
     /// [`Ctx::set`] of any value whose JSON the table's values read (an
-    /// operator's table of `Option<V>` written from a `V`).
+    /// operator's JSON table of `Option<V>` written from a `V`).
     pub(crate) async fn put<K: TableKey, V, T: Serialize + ?Sized>(
         &self,
         table: &Table<K, V>,
@@ -270,14 +273,19 @@ impl Ctx {
     pub async fn update<K, V, F>(&self, table: &Table<K, V>, key: &K, f: F) -> Result<V>
     where
         K: TableKey,
-        V: Serialize + DeserializeOwned,
         F: FnOnce(V) -> V,
     {
         let bytes = self.check_partition(&table.name, &table.key, key)?;
         let updated = self
             .inner
             .update(&table.name, bytes, |old| {
-                encode_update(&table.name, &*table.default, f, old.as_deref())
+                encode_update(
+                    &table.name,
+                    &*table.default,
+                    &*table.value,
+                    f,
+                    old.as_deref(),
+                )
             })
             .await?;
         match updated {
@@ -306,7 +314,6 @@ impl Ctx {
     ) -> Result<Vec<(K, V)>>
     where
         K: TableKey,
-        V: DeserializeOwned,
     {
         let bound = |b: Bound<&K>| b.map(TableKey::encode_key);
         let (from, to) = (bound(range.start_bound()), bound(range.end_bound()));
@@ -318,7 +325,6 @@ impl Ctx {
     pub async fn entries<K, V>(&self, table: &Table<K, V>) -> Result<Vec<(K, V)>>
     where
         K: TableKey,
-        V: DeserializeOwned,
     {
         self.scan(table, Bound::Unbounded, Bound::Unbounded).await
     }
@@ -339,7 +345,6 @@ impl Ctx {
     where
         K: KeyPrefix<P>,
         P: TableKey,
-        V: DeserializeOwned,
     {
         let (from, to) = prefix_bounds(prefix);
         self.scan(table, from, to).await
@@ -353,7 +358,6 @@ impl Ctx {
     ) -> Result<Vec<(K, V)>>
     where
         K: TableKey,
-        V: DeserializeOwned,
     {
         let entries = (self.inner)
             .range(
@@ -368,7 +372,7 @@ impl Ctx {
                 Ok(key) => key,
                 Err(e) => return Err(self.damaged_key(&table.name, &k, e).await),
             };
-            match serde_json::from_slice(&v) {
+            match table.value.decode(Some(&v)) {
                 Ok(value) => out.push((key, value)),
                 Err(e) => return Err(self.damaged(&table.name, &k, e).await),
             }
@@ -528,7 +532,7 @@ impl Ctx {
     ) -> Result<Option<V>>
     where
         K: TableKey,
-        V: Serialize + DeserializeOwned,
+
         F: FnMut(V) -> V,
     {
         let bytes = self.check_partition(&table.name, &table.key, key)?;
@@ -544,7 +548,7 @@ impl Ctx {
                 &table.name,
                 &bytes,
                 time,
-                |old| encode_update(&table.name, &*table.default, &mut f, old),
+                |old| encode_update(&table.name, &*table.default, &*table.value, &mut f, old),
                 |a, b| merge_sessions(table, a, b),
             )
             .await?;
@@ -630,7 +634,6 @@ impl Ctx {
     ) -> Result<()>
     where
         K: TableKey,
-        V: DeserializeOwned,
     {
         let key = match K::decode_key(&closed.key) {
             Ok(k) => k,
@@ -642,7 +645,7 @@ impl Ctx {
                 return Err(e.into());
             }
         };
-        let value = match serde_json::from_slice(&closed.value) {
+        let value = match table.value.decode(Some(&closed.value)) {
             Ok(v) => v,
             Err(e) => return Err(self.damaged(&table.name, &closed.key, e).await),
         };
@@ -674,11 +677,10 @@ impl Ctx {
     pub async fn value_at<K, V>(&self, table: &WindowedTable<K, V>, key: &K, time: i64) -> Result<V>
     where
         K: TableKey,
-        V: DeserializeOwned,
     {
         let bytes = self.check_partition(&table.name, &table.key, key)?;
         match self.inner.value_at(&table.name, &bytes, time).await? {
-            Some(v) => match serde_json::from_slice(&v) {
+            Some(v) => match table.value.decode(Some(&v)) {
                 Ok(v) => Ok(v),
                 Err(e) => Err(self.damaged(&table.name, &bytes, e).await),
             },
@@ -691,7 +693,6 @@ impl Ctx {
     pub async fn current<K, V>(&self, table: &WindowedTable<K, V>, key: &K) -> Result<V>
     where
         K: TableKey,
-        V: DeserializeOwned,
     {
         let time = self
             .event_time
@@ -705,7 +706,6 @@ impl Ctx {
     pub async fn now<K, V>(&self, table: &WindowedTable<K, V>, key: &K) -> Result<V>
     where
         K: TableKey,
-        V: DeserializeOwned,
     {
         self.value_at(table, key, wall_ms()).await
     }
@@ -716,7 +716,6 @@ impl Ctx {
     pub async fn delta<K, V>(&self, table: &WindowedTable<K, V>, key: &K, d: Duration) -> Result<V>
     where
         K: TableKey,
-        V: DeserializeOwned,
     {
         let time = self
             .event_time
@@ -736,7 +735,6 @@ impl Ctx {
     ) -> Result<Vec<(Window, V)>>
     where
         K: TableKey,
-        V: DeserializeOwned,
     {
         let bytes = self.check_partition(&table.name, &table.key, key)?;
         let stored = self
@@ -746,7 +744,7 @@ impl Ctx {
             .unwrap_or_default();
         let mut windows = Vec::with_capacity(stored.len());
         for (window, v) in stored {
-            match serde_json::from_slice(&v) {
+            match table.value.decode(Some(&v)) {
                 Ok(v) => windows.push((window, v)),
                 Err(e) => return Err(self.damaged(&table.name, &bytes, e).await),
             }
@@ -784,23 +782,18 @@ fn merge_sessions<K, V>(
     table: &WindowedTable<K, V>,
     a: &[u8],
     b: &[u8],
-) -> std::result::Result<Vec<u8>, Refused>
-where
-    V: Serialize + DeserializeOwned,
-{
+) -> std::result::Result<Vec<u8>, Refused> {
     let (Some(merge), a, b) = (
         &table.merge,
-        serde_json::from_slice(a).map_err(Refused::Stored)?,
-        serde_json::from_slice(b).map_err(Refused::Stored)?,
+        table.value.decode(Some(a)).map_err(Refused::Stored)?,
+        table.value.decode(Some(b)).map_err(Refused::Stored)?,
     ) else {
-        return Err(Refused::New(Error::Codec {
-            topic: table.name.to_string(),
-            source: crate::codec::CodecError {
-                what: "sessions to merge in a table that is not a session table".into(),
-            },
-        }));
+        return Err(Refused::New(value_error(
+            &table.name,
+            "sessions to merge in a table that is not a session table",
+        )));
     };
-    serde_json::to_vec(&merge(a, b)).map_err(|e| Refused::New(value_error(&table.name, e)))
+    encode_value(&table.name, &*table.value, &merge(a, b)).map_err(Refused::New)
 }
 
 /// What a timer sees: typed sends, each acknowledged before it returns.

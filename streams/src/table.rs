@@ -154,6 +154,8 @@ pub(crate) fn key_parser<K: TableKey + 'static>(key_bytes: KeyBytes<K>) -> KeyPa
 pub struct Table<K, V> {
     pub(crate) name: Arc<str>,
     pub(crate) default: Arc<dyn Fn() -> V + Send + Sync>,
+    /// How its values are stored (JSON by default).
+    pub(crate) value: Arc<dyn Codec<V>>,
     pub(crate) key: KeyBytes<K>,
     pub(crate) declared: Declared,
     pub(crate) types: PhantomData<fn() -> K>,
@@ -164,6 +166,7 @@ impl<K, V> Clone for Table<K, V> {
         Table {
             name: self.name.clone(),
             default: self.default.clone(),
+            value: self.value.clone(),
             key: self.key.clone(),
             declared: self.declared.clone(),
             types: PhantomData,
@@ -200,6 +203,22 @@ impl<K, V> Table<K, V> {
         K: TableKey + 'static,
     {
         self.partitioned(KeyBytes::codec(codec))
+    }
+
+    /// Stores the table's values with `codec` (default: JSON): what its
+    /// changelog carries and `/tables` answers. Declare it before cloning
+    /// the handle: each handle keeps the codec it has.
+    ///
+    /// ```
+    /// use strom::codec::Utf8;
+    /// let mut app = strom::App::new("shop");
+    /// // Names stored as plain UTF-8 text, not JSON strings.
+    /// let names = app.table::<String, String>("names", String::new()).with_value_codec(Utf8);
+    /// # let _ = names;
+    /// ```
+    pub fn with_value_codec<C: Codec<V> + 'static>(mut self, codec: C) -> Self {
+        self.value = Arc::new(codec);
+        self
     }
 
     /// Partitions the table's keys by a part of them: the bytes `codec`
@@ -331,6 +350,7 @@ impl<K, V> Table<K, V> {
         let table = WindowedTable {
             name: self.name,
             default: self.default,
+            value: self.value,
             key: self.key,
             declared: self.declared,
             windowing,
@@ -428,6 +448,8 @@ pub(crate) type OnClose<K, V> = Arc<
 pub struct WindowedTable<K, V> {
     pub(crate) name: Arc<str>,
     pub(crate) default: Arc<dyn Fn() -> V + Send + Sync>,
+    /// How its values are stored (see [`Table::with_value_codec`]).
+    pub(crate) value: Arc<dyn Codec<V>>,
     /// How its keys are partitioned (see [`Table`]).
     pub(crate) key: KeyBytes<K>,
     declared: Declared,
@@ -445,6 +467,7 @@ impl<K, V> Clone for WindowedTable<K, V> {
         WindowedTable {
             name: self.name.clone(),
             default: self.default.clone(),
+            value: self.value.clone(),
             key: self.key.clone(),
             declared: self.declared.clone(),
             windowing: self.windowing,

@@ -66,7 +66,6 @@ use std::marker::PhantomData;
 use std::time::Duration;
 
 use bytes::Bytes;
-use serde::de::DeserializeOwned;
 use strom_client::mock::{LoggedRecord, MockCluster};
 use strom_client::partitioner::partition_for_key;
 use strom_client::producer::{DeliveryFuture, Producer, ProducerConfig, ProducerRecord};
@@ -668,7 +667,7 @@ impl<K, V> std::fmt::Debug for TableView<'_, K, V> {
     }
 }
 
-impl<K: TableKey, V: DeserializeOwned> TableView<'_, K, V> {
+impl<K: TableKey, V> TableView<'_, K, V> {
     fn changelog(&self) -> String {
         strom_state::changelog::topic_name(self.driver.app.id(), &self.table.name)
     }
@@ -702,12 +701,12 @@ impl<K: TableKey, V: DeserializeOwned> TableView<'_, K, V> {
     pub fn entries(&self) -> Result<Vec<(K, V)>> {
         live_entries(self.driver, &self.changelog())?
             .into_iter()
-            .map(|(k, v)| Ok((K::decode_key(&k)?, decode(&self.table.name, &v)?)))
+            .map(|(k, v)| Ok((K::decode_key(&k)?, self.decode(&v)?)))
             .collect()
     }
 
     fn decode(&self, value: &[u8]) -> Result<V> {
-        decode(&self.table.name, value)
+        decode(&self.table.name, &*self.table.value, value)
     }
 }
 
@@ -757,7 +756,7 @@ impl<K, V> std::fmt::Debug for WindowedTableView<'_, K, V> {
     }
 }
 
-impl<K: TableKey, V: DeserializeOwned> WindowedTableView<'_, K, V> {
+impl<K: TableKey, V> WindowedTableView<'_, K, V> {
     /// Every live window of every key, with its value, in the order of the
     /// keys' bytes, then time. Expired windows are gone (their tombstones
     /// are in the changelog).
@@ -789,7 +788,7 @@ impl<K: TableKey, V: DeserializeOwned> WindowedTableView<'_, K, V> {
                 K::decode_key(key)?,
                 window,
                 latest.unwrap_or(0),
-                decode(&self.table.name, value)?,
+                decode(&self.table.name, &*self.table.value, value)?,
             ));
         }
         Ok(entries)
@@ -886,13 +885,11 @@ fn live_entries(driver: &TestDriver, topic: &str) -> Result<BTreeMap<Bytes, Byte
         .collect())
 }
 
-/// A table's value from its JSON.
-fn decode<V: DeserializeOwned>(table: &str, value: &[u8]) -> Result<V> {
-    serde_json::from_slice(value).map_err(|e| Error::Codec {
+/// A table's value from its bytes in `codec`.
+fn decode<V>(table: &str, codec: &dyn crate::codec::Codec<V>, value: &[u8]) -> Result<V> {
+    codec.decode(Some(value)).map_err(|source| Error::Codec {
         topic: table.to_owned(),
-        source: crate::codec::CodecError {
-            what: e.to_string(),
-        },
+        source,
     })
 }
 

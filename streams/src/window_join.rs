@@ -28,6 +28,7 @@ use strom_state::TableKey;
 use strom_worker::{AgentError, Context};
 use tracing::debug;
 
+use crate::codec::{Codec, CodecError, Json};
 use crate::context::Ctx;
 use crate::error::Result;
 use crate::stream::{decode_step, then_step, Event, Events, Input, Stream};
@@ -240,17 +241,20 @@ where
             left: app.declare_table(
                 &format!("{name}-left"),
                 Arc::new(|| None),
+                Arc::new(Json),
                 KeyBytes::local(),
             ),
             right: app.declare_table(
                 &format!("{name}-right"),
                 Arc::new(|| None),
+                Arc::new(Json),
                 KeyBytes::local(),
             ),
             unpaired: left_join.then(|| {
                 app.declare_table(
                     &format!("{name}-unpaired"),
                     Arc::new(|| None),
+                    Arc::new(Json),
                     KeyBytes::local(),
                 )
             }),
@@ -521,11 +525,24 @@ fn span<K: Clone>(key: &K, from: i64, to: i64) -> std::ops::RangeInclusive<Kept<
     (key.clone(), from, i64::MIN, 0)..=(key.clone(), to, i64::MAX, u32::MAX)
 }
 
+/// Reads no value: for the keys of a table only.
+struct KeysOnly;
+
+impl Codec<IgnoredAny> for KeysOnly {
+    fn encode(&self, _: &IgnoredAny) -> std::result::Result<Option<bytes::Bytes>, CodecError> {
+        Ok(None)
+    }
+    fn decode(&self, _: Option<&[u8]>) -> std::result::Result<IgnoredAny, CodecError> {
+        Ok(IgnoredAny)
+    }
+}
+
 /// `table` read for its keys only.
 fn keys_of<K2, V3>(table: &Table<K2, V3>) -> Table<K2, IgnoredAny> {
     Table {
         name: table.name.clone(),
         default: Arc::new(|| IgnoredAny),
+        value: Arc::new(KeysOnly),
         key: table.key.clone(),
         declared: table.declared.clone(),
         types: std::marker::PhantomData,

@@ -1592,3 +1592,90 @@ async fn a_pattern_agent_reads_every_matching_topic() {
         "{e}"
     );
 }
+
+/// Counts as 8 big-endian bytes: a value codec of a user's own.
+struct BigEndian;
+
+impl strom::codec::Codec<u64> for BigEndian {
+    fn encode(&self, n: &u64) -> Result<Option<bytes::Bytes>, strom::codec::CodecError> {
+        Ok(Some(bytes::Bytes::copy_from_slice(&n.to_be_bytes())))
+    }
+    fn decode(&self, bytes: Option<&[u8]>) -> Result<u64, strom::codec::CodecError> {
+        let array =
+            bytes
+                .and_then(|b| b.try_into().ok())
+                .ok_or_else(|| strom::codec::CodecError {
+                    what: format!("not 8 bytes: {bytes:?}"),
+                })?;
+        Ok(u64::from_be_bytes(array))
+    }
+}
+
+/// Tables store their values in the codec they are given: a plain table
+/// as UTF-8 text, a windowed one as big-endian numbers; the changelogs
+/// carry those bytes, and reads, updates and closed windows decode them.
+#[tokio::test]
+async fn table_values_in_any_codec() {
+    let mut app = one_partition_app("value-codecs");
+    let names = app
+        .table::<String, String>("names", String::new())
+        .with_value_codec(Utf8);
+    let per_minute = app
+        .table::<String, u64>("per-minute", 0)
+        .with_value_codec(BigEndian)
+        .tumbling(Duration::from_secs(60));
+    let closed = app.topic::<String, u64>("closed");
+    let per_minute = per_minute.emit_on_close({
+        let closed = closed.clone();
+        move |ctx, key, _window, n| {
+            let closed = closed.clone();
+            async move { Ok(ctx.send(&closed, &key, &n).await?) }
+        }
+    });
+    let people = app.topic::<String, String>("people");
+    app.agent(&people).for_each_with(
+        (names.clone(), per_minute.clone()),
+        |ctx, e, (names, per_minute)| async move {
+            let old = ctx.get(&names, &e.key).await?;
+            ctx.set(&names, &e.key, &format!("{old}{}", e.value))
+                .await?;
+            ctx.update_windows(&per_minute, &e.key, |n| n + 1).await?;
+            Ok(())
+        },
+    );
+    let mut driver = TestDriver::new(app).await.unwrap();
+    for (i, part) in ["Ad", "a"].iter().enumerate() {
+        let time = 1_000_000 + i as i64;
+        driver
+            .send_at(&people, &"p1".into(), &part.to_string(), time)
+            .await
+            .unwrap();
+    }
+    driver
+        .send_at(&people, &"p2".into(), &"x".into(), 1_200_000)
+        .await
+        .unwrap();
+    assert_eq!(driver.table(&names).get(&"p1".into()).unwrap(), "Ada");
+    let raw = driver.read_raw("value-codecs-names-changelog").unwrap();
+    let last = raw
+        .iter()
+        .rev()
+        .find(|r| r.key.as_deref() == Some(&b"p1"[..]))
+        .unwrap();
+    assert_eq!(
+        last.value.as_deref(),
+        Some(&b"Ada"[..]),
+        "stored as UTF-8 text"
+    );
+    // p1's minute closed when p2's event moved the stream time on: 2 events.
+    let sent: Vec<(String, u64)> = (driver.read(&closed).unwrap().into_iter())
+        .map(|r| (r.key, r.value))
+        .collect();
+    assert_eq!(sent, [("p1".to_string(), 2)]);
+    let windows = driver.windowed_table(&per_minute).entries().unwrap();
+    assert!(
+        windows.iter().any(|(k, _, n)| k == "p2" && *n == 1),
+        "{windows:?}"
+    );
+    driver.close().await.unwrap();
+}
