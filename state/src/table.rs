@@ -193,8 +193,10 @@ impl TableKey for Vec<u8> {
 }
 
 /// The parts of a composite key's text: a JSON array, each element a part's
-/// text (a string as its content, anything else as its JSON).
-fn parse_parts(text: &str, n: usize) -> Result<Vec<String>> {
+/// text (a string as its content, anything else as its JSON). Public for
+/// [`table_key!`](crate::table_key); not an API of its own.
+#[doc(hidden)]
+pub fn parse_parts(text: &str, n: usize) -> Result<Vec<String>> {
     let wrong = || StateError::Codec {
         what: format!("{text:?} is not a composite key: a JSON array of {n} parts"),
     };
@@ -262,6 +264,74 @@ impl<A: TableKey, B: TableKey, C: TableKey> KeyPrefix<(A, B)> for (A, B, C) {}
 impl<A: TableKey, B: TableKey, C: TableKey, D: TableKey> KeyPrefix<A> for (A, B, C, D) {}
 impl<A: TableKey, B: TableKey, C: TableKey, D: TableKey> KeyPrefix<(A, B)> for (A, B, C, D) {}
 impl<A: TableKey, B: TableKey, C: TableKey, D: TableKey> KeyPrefix<(A, B, C)> for (A, B, C, D) {}
+
+/// Makes a struct a composite table key: its fields are the key's parts, in
+/// the order written, encoded as a tuple's are (each part ending itself),
+/// so its keys sort field by field and a range over its first field finds
+/// every key that begins with it (`Ctx::prefix`, with the struct
+/// [`KeyPrefix`] of the first field's type). Its text (in a URL) is a JSON
+/// array of the fields' texts. List the struct's fields, with their types
+/// (each a [`TableKey`]); the struct itself is declared as usual, so it
+/// can also derive serde's traits for topics.
+///
+/// ```
+/// use strom_state::table::{prefix_bounds, TableKey};
+/// #[derive(Debug, Clone, PartialEq)]
+/// struct Visit {
+///     customer: String,
+///     day: u32,
+/// }
+/// strom_state::table_key!(Visit { customer: String, day: u32 });
+///
+/// let ada3 = Visit { customer: "ada".into(), day: 3 };
+/// let ada12 = Visit { customer: "ada".into(), day: 12 };
+/// let adam1 = Visit { customer: "adam".into(), day: 1 };
+/// assert!(ada3.encode_key() < ada12.encode_key() && ada12.encode_key() < adam1.encode_key());
+/// assert_eq!(Visit::decode_key(&ada12.encode_key()).unwrap(), ada12);
+/// assert_eq!(Visit::parse_key(r#"["ada", 12]"#).unwrap(), ada12);
+/// let (from, to) = prefix_bounds(&"ada".to_string());
+/// assert!(std::ops::RangeBounds::contains(&(from, to), &ada12.encode_key()));
+/// ```
+#[macro_export]
+macro_rules! table_key {
+    ($name:ident { $first:ident : $first_type:ty $(, $field:ident : $type:ty)* $(,)? }) => {
+        impl $crate::table::TableKey for $name {
+            fn encode_key(&self) -> Vec<u8> {
+                let mut out = Vec::new();
+                $crate::table::TableKey::encode_part(self, &mut out);
+                out
+            }
+            fn decode_key(bytes: &[u8]) -> $crate::Result<Self> {
+                let (key, rest) = <Self as $crate::table::TableKey>::decode_part(bytes)?;
+                if !rest.is_empty() {
+                    return Err($crate::StateError::Codec {
+                        what: format!("{} bytes after a {} key", rest.len(), stringify!($name)),
+                    });
+                }
+                Ok(key)
+            }
+            fn parse_key(text: &str) -> $crate::Result<Self> {
+                let n = [stringify!($first) $(, stringify!($field))*].len();
+                let mut parts = $crate::table::parse_parts(text, n)?.into_iter();
+                let mut next = || parts.next().unwrap_or_default();
+                Ok($name {
+                    $first: <$first_type as $crate::table::TableKey>::parse_key(&next())?,
+                    $($field: <$type as $crate::table::TableKey>::parse_key(&next())?,)*
+                })
+            }
+            fn encode_part(&self, out: &mut Vec<u8>) {
+                $crate::table::TableKey::encode_part(&self.$first, out);
+                $($crate::table::TableKey::encode_part(&self.$field, out);)*
+            }
+            fn decode_part(bytes: &[u8]) -> $crate::Result<(Self, &[u8])> {
+                let ($first, rest) = <$first_type as $crate::table::TableKey>::decode_part(bytes)?;
+                $(let ($field, rest) = <$type as $crate::table::TableKey>::decode_part(rest)?;)*
+                Ok(($name { $first $(, $field)* }, rest))
+            }
+        }
+        impl $crate::table::KeyPrefix<$first_type> for $name {}
+    };
+}
 
 /// The bounds of the encoded keys that begin with `prefix`'s parts: from its
 /// parts' bytes up to the first byte string after all that begin with them.

@@ -57,6 +57,7 @@ pub use global::GlobalTable;
 pub use punctuator::Punctuation;
 pub use stream::{Batches, Event, Stream};
 pub use strom_client::{Compression, Header};
+pub use strom_state::table_key;
 pub use strom_worker::{axum, AgentError, ErrorPolicy, ProcessingGuarantee, Schedule, StoreKind};
 pub use table::{SetTable, Table, Window, WindowedTable};
 pub use topic::{Topic, TopicSettings};

@@ -456,6 +456,86 @@ async fn composite_keys_scan_by_prefix_and_range() {
     driver.close().await.unwrap();
 }
 
+/// A struct key (table_key!): a customer's days read back by prefix in
+/// day order, and a range of days, over 3 partitions; the web's text of a
+/// key (a JSON array of its fields) reads it too.
+#[tokio::test]
+async fn struct_keys_scan_by_prefix_and_range() {
+    use std::sync::{Arc, Mutex};
+    use strom::codec::Json;
+
+    #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+    struct Day {
+        customer: String,
+        day: u32,
+    }
+    strom::table_key!(Day {
+        customer: String,
+        day: u32
+    });
+
+    let mut app = strom::App::new("struct-keys").with_partitions(3);
+    let orders = app.topic::<String, u32>("orders");
+    let per_day = app
+        .table::<Day, u64>("orders-per-day", 0)
+        .partitioned_by(|d: &Day| d.customer.clone(), Json);
+    type Seen = Arc<Mutex<Vec<(Vec<(u32, u64)>, Vec<u32>)>>>;
+    let seen: Seen = Arc::default();
+    app.agent(&orders).for_each_with(
+        (per_day.clone(), seen.clone()),
+        |ctx, order, (per_day, seen)| async move {
+            let key = Day {
+                customer: order.key.clone(),
+                day: order.value,
+            };
+            ctx.update(&per_day, &key, |n| n + 1).await?;
+            let days = ctx.prefix(&per_day, &order.key).await?;
+            let days = days.into_iter().map(|(d, n)| (d.day, n)).collect();
+            let from = Day {
+                customer: order.key.clone(),
+                day: 2,
+            };
+            let to = Day {
+                customer: order.key.clone(),
+                day: 4,
+            };
+            let span = ctx.range(&per_day, from..to).await?;
+            let span = span.into_iter().map(|(d, _)| d.day).collect();
+            seen.lock().unwrap().push((days, span));
+            Ok(())
+        },
+    );
+    let mut driver = TestDriver::new(app).await.unwrap();
+    let mut truth: BTreeMap<String, BTreeMap<u32, u64>> = BTreeMap::new();
+    // Names where one begins another, to catch a prefix that runs over.
+    let customers = ["ada", "adam", "al", "alan", "barbara"];
+    for i in 0..60u32 {
+        let customer = customers[(i * 7 % 5) as usize].to_string();
+        let day = (i * 5) % 7;
+        *truth
+            .entry(customer.clone())
+            .or_default()
+            .entry(day)
+            .or_default() += 1;
+        driver.send(&orders, &customer, &day).await.unwrap();
+        let (days, span) = seen.lock().unwrap().last().cloned().unwrap();
+        let want: Vec<(u32, u64)> = truth[&customer].iter().map(|(d, n)| (*d, *n)).collect();
+        assert_eq!(days, want, "{customer} by prefix");
+        let want: Vec<u32> = (truth[&customer].keys().copied())
+            .filter(|d| (2..4).contains(d))
+            .collect();
+        assert_eq!(span, want, "{customer} by range");
+    }
+    let key = Day {
+        customer: "adam".into(),
+        day: 3,
+    };
+    assert_eq!(driver.table(&per_day).get(&key).unwrap(), truth["adam"][&3]);
+    use strom::table::TableKey;
+    assert_eq!(Day::parse_key(r#"["adam", 3]"#).unwrap(), key);
+    driver.close().await.unwrap();
+}
+
 /// A set table: products viewed per customer over 3 partitions, "+p" adds
 /// and "-p" discards. After every event the agent's view of the set is the
 /// model's; the changelog holds one record per add or discard (a delta
