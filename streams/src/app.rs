@@ -495,14 +495,15 @@ impl App {
 
     /// Declares every topic whose whole name matches the regular expression
     /// `pattern`, for agents to read as one (Faust's `app.topic(pattern=…)`,
-    /// Kafka's pattern subscription), with JSON codecs by default. A worker
-    /// reads the topics that match when it starts, except brokers'
-    /// internal topics (`__…`) and the app's own changelog and repartition
-    /// topics; a matching topic created later is read from the workers'
-    /// next start (each logs a warning naming it when it sees it, within
-    /// 30 s). The topics may have any partition count (see
-    /// [`Table`]'s partition rule for agents that use tables). A pattern is
-    /// read only: sending to it stops the worker.
+    /// Kafka's pattern subscription), with JSON codecs by default: every
+    /// topic that matches, except brokers' internal topics (`__…`) and the
+    /// app's own changelog and repartition topics. A matching topic created
+    /// while the workers run is read from its start within 30 s (the group
+    /// rebalances to hand it out). The topics may have any partition count
+    /// (see [`Table`]'s partition rule for agents that use tables; a new
+    /// topic with more partitions than the tables of an app that has any
+    /// is not read, with a warning). A pattern is read only: sending to it
+    /// stops the worker.
     ///
     /// ```no_run
     /// # fn main() -> strom::Result<()> {

@@ -354,13 +354,9 @@ impl Worker {
         let placement = assignor.placement();
         let timers = start_timers(timers, txn.as_ref(), &spec, &placement, config.wall_clock);
         let watcher = (!patterns.is_empty()).then(|| {
-            let read = sources.iter().cloned().collect();
-            tokio::spawn(pattern::watch(
-                client.clone(),
-                patterns,
-                config.app_id.clone(),
-                read,
-            ))
+            let (group, app_id) = (consumer.group().clone(), config.app_id.clone());
+            let every = Duration::from_secs(30);
+            tokio::spawn(pattern::watch(spec.clone(), group, patterns, app_id, every))
         });
         let committer = Committer::start(
             manager.clone(),
@@ -518,14 +514,14 @@ fn spec(
     Ok(Spec {
         client,
         producer,
-        by_topic,
+        by_topic: std::sync::RwLock::new(by_topic),
         processors,
         tables,
         state_dir: config.state_dir.clone(),
         store: config.store,
         guarantee: config.guarantee,
         partitions,
-        counts,
+        counts: std::sync::RwLock::new(counts),
         metrics,
         on_error: config.on_error.clone(),
         durable_interval: config.durable_checkpoint_interval,
@@ -757,7 +753,12 @@ async fn poll_loop(
 /// keep the old count), so it stops — as Kafka Streams does, this needs an
 /// application reset.
 fn check_source_partitions(spec: &Spec) -> Result<(), WorkerError> {
-    for (topic, &before) in &spec.counts {
+    let counts = spec
+        .counts
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    for (topic, &before) in &counts {
         let Some(now) = spec.client.cached_topic(topic).map(|t| t.partitions.len()) else {
             continue;
         };

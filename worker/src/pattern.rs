@@ -1,17 +1,20 @@
 //! Topic patterns: agents over every topic whose name matches a regular
 //! expression (Kafka's pattern subscription, Faust's `app.topic(pattern=…)`).
 //!
-//! A worker reads the topics that match when it starts. A matching topic
-//! created later is read from the next start of the workers: the worker
-//! logs a warning naming it when it sees it (it looks every 30 s).
+//! A worker reads the topics that match when it starts, and looks for new
+//! ones every 30 s: it adds them to its group subscription (a rebalance),
+//! and reads them from their start.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use regex_lite::Regex;
+use strom_client::group::GroupHandle;
 use strom_client::Client;
 use tracing::{info, warn};
 
+use crate::task::Spec;
 use crate::WorkerError;
 
 /// A regular expression a topic's whole name must match (Java's
@@ -97,29 +100,69 @@ pub(crate) async fn resolve(
     Ok(resolved)
 }
 
-/// Warns, once per topic, of topics created after the worker started that
-/// match `patterns`: read from the workers' next start.
+/// Reads the topics created after the worker started that match
+/// `patterns`, every `every`: adds them to the agents of their patterns
+/// and to the group's subscription (a rebalance hands their partitions
+/// out, read from the start). A new topic with more partitions than the
+/// tables of a stateful app is not read (its keys have no tables): warned
+/// once.
 pub(crate) async fn watch(
-    client: Client,
+    spec: Arc<Spec>,
+    group: GroupHandle,
     patterns: Vec<TopicPattern>,
     app_id: String,
-    read: BTreeSet<String>,
+    every: Duration,
 ) {
-    let mut warned = BTreeSet::new();
-    let mut every = tokio::time::interval(Duration::from_secs(30));
-    every.tick().await;
+    let mut refused = BTreeSet::new();
+    let mut tick = tokio::time::interval(every);
+    tick.tick().await;
     loop {
-        every.tick().await;
-        let Ok(names) = client.topic_names().await else {
+        tick.tick().await;
+        let Ok(names) = spec.client.topic_names().await else {
             continue;
         };
+        let mut added = Vec::new();
         for topic in names {
-            let Some(p) = patterns.iter().find(|p| p.matches(&topic, &app_id)) else {
+            let agents: Vec<usize> = (spec.processors.iter().enumerate())
+                .filter(|(_, p)| {
+                    (patterns.iter())
+                        .any(|pat| pat.as_str() == p.topic() && pat.matches(&topic, &app_id))
+                })
+                .map(|(i, _)| i)
+                .collect();
+            let known = spec
+                .counts
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains_key(&topic);
+            if agents.is_empty() || known || refused.contains(&topic) {
+                continue;
+            }
+            let Ok(meta) = spec.client.topic_metadata(&topic).await else {
                 continue;
             };
-            if !read.contains(&topic) && warned.insert(topic.clone()) {
-                warn!(%topic, pattern = p.as_str(), "a new topic matches an agent's pattern; the workers read it from their next start");
+            let n = meta.partitions.len();
+            if n > spec.partitions && !spec.tables.is_empty() {
+                warn!(%topic, partitions = n, tables = spec.partitions, "a new topic matches an agent's pattern but has more partitions than the tables; not read");
+                refused.insert(topic);
+                continue;
             }
+            spec.counts
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(topic.clone(), n);
+            let mut by_topic = spec.by_topic.write().unwrap_or_else(|e| e.into_inner());
+            by_topic.entry(topic.clone()).or_default().extend(agents);
+            added.push(topic);
+        }
+        if !added.is_empty() {
+            info!(topics = ?added, "new topics match agents' patterns; reading them");
+            let mut topics: Vec<String> = (spec.by_topic.read().unwrap_or_else(|e| e.into_inner()))
+                .keys()
+                .cloned()
+                .collect();
+            topics.sort();
+            group.subscribe(&topics.iter().map(String::as_str).collect::<Vec<_>>());
         }
     }
 }

@@ -132,7 +132,8 @@ pub(crate) struct Spec {
     pub producer: Producer,
     /// Every agent, and which of them take each topic.
     pub processors: Vec<Arc<dyn Processor>>,
-    pub by_topic: HashMap<String, Vec<usize>>,
+    /// (Topics matching an agent's pattern join while it runs.)
+    pub by_topic: std::sync::RwLock<HashMap<String, Vec<usize>>>,
     pub tables: Vec<TableSpec>,
     pub state_dir: PathBuf,
     pub store: StoreKind,
@@ -140,8 +141,9 @@ pub(crate) struct Spec {
     /// The tables' partition count (of their changelogs, and the partition
     /// numbers the group shares out): the largest source topic's.
     pub partitions: usize,
-    /// Each source topic's partition count when the worker started.
-    pub counts: HashMap<String, usize>,
+    /// Each source topic's partition count when the worker started reading
+    /// it.
+    pub counts: std::sync::RwLock<HashMap<String, usize>>,
     pub metrics: Metrics,
     /// The policy of agents without their own.
     pub on_error: ErrorPolicy,
@@ -158,6 +160,12 @@ pub(crate) struct Spec {
 }
 
 impl Spec {
+    /// The agents (indexes into `processors`) of `topic`.
+    pub fn agents_of(&self, topic: &str) -> Vec<usize> {
+        let by_topic = self.by_topic.read().unwrap_or_else(|e| e.into_inner());
+        by_topic.get(topic).cloned().unwrap_or_default()
+    }
+
     /// Records an error that stops the worker (the first one wins).
     pub fn fail(&self, e: WorkerError) {
         warn!(error = %e, "worker stops");
@@ -975,12 +983,7 @@ impl Task {
         if let Some(r) = self.routes.get(&*tp.topic) {
             return r.clone();
         }
-        let agents: Arc<[usize]> = self
-            .spec
-            .by_topic
-            .get(&*tp.topic)
-            .map_or_else(Vec::new, Clone::clone)
-            .into();
+        let agents: Arc<[usize]> = (self.spec.agents_of(&tp.topic)).into();
         if agents.is_empty() {
             warn!(topic = %tp.topic, "no agent for this topic; its events are skipped");
         }
@@ -1094,13 +1097,8 @@ impl Task {
         self.progress
             .iter()
             .map(|(tp, p)| {
-                let held = self
-                    .spec
-                    .by_topic
-                    .get(&*tp.topic)
-                    .into_iter()
-                    .flatten()
-                    .filter_map(|&i| self.spec.processors[i].held_from(partition))
+                let held = (self.spec.agents_of(&tp.topic).into_iter())
+                    .filter_map(|i| self.spec.processors[i].held_from(partition))
                     .min();
                 let done = p.done_below();
                 (tp.clone(), held.map_or(done, |h| h.min(done)))

@@ -970,3 +970,65 @@ async fn a_task_processes_its_topics_in_time_order() {
     let _ = stop.send(());
     outcome(run, Duration::from_secs(30)).await.unwrap();
 }
+
+/// An agent over a topic pattern reads the matching topics there are when
+/// the worker starts, then a matching topic created while it runs (the
+/// group rejoins with it), from its start; a topic that does not match
+/// whole is not read.
+#[tokio::test(start_paused = true)]
+async fn a_pattern_agent_reads_matching_topics_created_later() {
+    let cluster = cluster();
+    cluster.create_topic("orders-eu", 1);
+    cluster.create_topic("orders-eu-old", 1);
+    append_at(&cluster, "orders-eu", 1);
+    append_at(&cluster, "orders-eu-old", 2);
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let worker = Worker::new(config(&cluster, ProcessingGuarantee::AtLeastOnce))
+        .topic_pattern(crate::TopicPattern::new("orders-[a-z]+").unwrap())
+        .processor(Arc::new(Noter {
+            topic: "orders-[a-z]+",
+            seen: seen.clone(),
+        }));
+    let (stop, stopped) = oneshot::channel::<()>();
+    let run = tokio::spawn(worker.run(async {
+        let _ = stopped.await;
+    }));
+    wait_until("the first topic's record", || {
+        seen.lock().unwrap().len() == 1
+    })
+    .await;
+    cluster.create_topic("orders-us", 2);
+    append_at(&cluster, "orders-us", 3);
+    let mut b = strom_client::records::BatchBuilder::new(64);
+    b.push(4, None, Some(b"x"), &[]);
+    let batch = b
+        .seal(
+            strom_client::Compression::None,
+            strom_client::records::ProducerIdentity::default(),
+        )
+        .unwrap();
+    cluster.append_raw("orders-us", 1, batch);
+    wait_until("the new topic's records", || {
+        seen.lock().unwrap().len() == 3
+    })
+    .await;
+    append_at(&cluster, "orders-eu", 5);
+    wait_until("the first topic still read", || {
+        seen.lock().unwrap().len() == 4
+    })
+    .await;
+    let mut got = seen.lock().unwrap().clone();
+    got.sort();
+    let want: Vec<(String, i64)> = [
+        ("orders-eu", 1),
+        ("orders-eu", 5),
+        ("orders-us", 3),
+        ("orders-us", 4),
+    ]
+    .into_iter()
+    .map(|(t, n)| (t.to_owned(), n))
+    .collect();
+    assert_eq!(got, want);
+    let _ = stop.send(());
+    outcome(run, Duration::from_secs(30)).await.unwrap();
+}

@@ -243,6 +243,8 @@ async fn join(group: &GroupHandle, protocol: RebalanceProtocol) -> Result<Joined
         RebalanceProtocol::Cooperative => &owned,
         RebalanceProtocol::Eager => &[],
     };
+    let topics = group.subscription();
+    inner.state().resubscribed = false;
     let protocols = inner
         .config
         .assignors
@@ -251,7 +253,7 @@ async fn join(group: &GroupHandle, protocol: RebalanceProtocol) -> Result<Joined
             Ok(JoinGroupRequestProtocol::default()
                 .with_name(StrBytes::from_string(a.name().to_owned()))
                 .with_metadata(encode_subscription(
-                    &inner.topics,
+                    &topics,
                     advertised,
                     generation,
                     a.user_data(&owned),
@@ -538,6 +540,10 @@ async fn stable(group: &GroupHandle, heartbeats: &mut Heartbeats) -> Event {
         if partitions_changed(inner) {
             return Event::Rejoin;
         }
+        if inner.state().resubscribed {
+            info!(group = %inner.config.group_id, topics = ?group.subscription(), "subscription changed; rejoining");
+            return Event::Rejoin;
+        }
         let auto_commit = inner.config.auto_commit_interval;
         tokio::select! {
             event = heartbeats.events.recv() => return event.unwrap_or(Event::Rejoin),
@@ -815,6 +821,38 @@ mod tests {
         )
         .unwrap();
         (a, b)
+    }
+
+    /// A member that changes its subscription rejoins with it: it then owns
+    /// the new topic's partitions too, and no longer the dropped one's.
+    #[tokio::test(start_paused = true)]
+    async fn a_new_subscription_rejoins_with_its_topics() {
+        let cluster = MockCluster::new();
+        cluster.create_topic("t", 2);
+        cluster.create_topic("u", 3);
+        let client = Client::connect(cluster.client_config()).await.unwrap();
+        let listener = Arc::new(super::super::NoopListener);
+        let a = GroupConsumer::new(client, config(), &["t"], listener).unwrap();
+        wait_until("A owns t", || a.group().assignment().len() == 2).await;
+        let joins = cluster.received(ApiKey::JoinGroup);
+        a.group().subscribe(&["t", "u"]);
+        wait_until("A owns t and u", || a.group().assignment().len() == 5).await;
+        assert!(cluster.received(ApiKey::JoinGroup) > joins, "no rejoin");
+        // The same subscription again: no rejoin.
+        let joins = cluster.received(ApiKey::JoinGroup);
+        a.group().subscribe(&["t", "u"]);
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert_eq!(
+            cluster.received(ApiKey::JoinGroup),
+            joins,
+            "rejoined for no change"
+        );
+        a.group().subscribe(&["u"]);
+        wait_until("A owns only u", || {
+            let owned = a.group().assignment();
+            owned.len() == 3 && owned.iter().all(|tp| &*tp.topic == "u")
+        })
+        .await;
     }
 
     /// A coordinator that stops answering (a frozen broker) does not hold

@@ -219,12 +219,15 @@ struct GroupState {
     /// The partition counts the last assignment was computed from, when this
     /// member is the leader (empty otherwise): a change means rejoin.
     assigned_counts: BTreeMap<String, i32>,
+    /// The subscription changed since the last join: rejoin.
+    resubscribed: bool,
 }
 
 struct GroupInner {
     client: Client,
     config: GroupConfig,
-    topics: Vec<String>,
+    /// The topics subscribed to (changed by [`GroupHandle::subscribe`]).
+    topics: Mutex<Vec<String>>,
     consumer: Arc<crate::consumer::Handle>,
     listener: Arc<dyn RebalanceListener>,
     state: Mutex<GroupState>,
@@ -274,6 +277,31 @@ impl GroupHandle {
             member_id: s.member_id.clone(),
             group_instance_id: self.inner.config.group_instance_id.clone(),
         }
+    }
+
+    /// Changes the topics this member subscribes to; it rejoins the group
+    /// with them (a rebalance), as Java's `subscribe` does when called again.
+    /// No change, no rejoin.
+    pub fn subscribe(&self, topics: &[&str]) {
+        let topics: Vec<String> = topics.iter().map(|t| (*t).to_owned()).collect();
+        {
+            let mut subscribed = self.inner.topics.lock().unwrap_or_else(|e| e.into_inner());
+            if *subscribed == topics {
+                return;
+            }
+            *subscribed = topics;
+        }
+        self.inner.state().resubscribed = true;
+        self.inner.changed.notify_waiters();
+    }
+
+    /// The topics this member subscribes to.
+    pub fn subscription(&self) -> Vec<String> {
+        self.inner
+            .topics
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// The partitions this member owns, sorted.
@@ -547,7 +575,7 @@ impl GroupConsumer {
         let consumer = Consumer::new(client.clone(), config.consumer.clone());
         let inner = Arc::new(GroupInner {
             client,
-            topics: topics.iter().map(|t| (*t).to_owned()).collect(),
+            topics: Mutex::new(topics.iter().map(|t| (*t).to_owned()).collect()),
             consumer: consumer.handle().clone(),
             listener,
             state: Mutex::new(GroupState {
