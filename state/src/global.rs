@@ -88,14 +88,14 @@ impl GlobalStore {
         let value = self.inner.get(&data_key(key))?;
         let mut cache = self.cache();
         if cache.epoch == epoch {
-            let size = key.len() + value.as_ref().map_or(0, Vec::len);
+            let size = entry_size(key, value.as_deref());
             if cache.bytes + size > CACHE_BYTES {
                 cache.values.clear();
                 cache.bytes = 0;
             }
             cache.bytes += size;
             if let Some(old) = cache.values.insert(key.to_vec(), value.clone()) {
-                let old = key.len() + old.map_or(0, |v| v.len());
+                let old = entry_size(key, old.as_deref());
                 cache.bytes = cache.bytes.saturating_sub(old);
             }
         }
@@ -129,6 +129,12 @@ impl GlobalStore {
     pub fn is_empty(&self) -> Result<bool> {
         Ok(self.len()? == 0)
     }
+}
+
+/// What one cached entry costs: its key and value, and the map's entry
+/// and allocations (about 64 bytes), so absent keys count too.
+fn entry_size(key: &[u8], value: Option<&[u8]>) -> usize {
+    64 + key.len() + value.map_or(0, <[u8]>::len)
 }
 
 fn data_key(key: &[u8]) -> Vec<u8> {
@@ -207,7 +213,7 @@ impl Store for Partition {
         cache.epoch += 1;
         for (key, _) in batch.iter() {
             if let Some(old) = cache.values.remove(key) {
-                let old = key.len() + old.map_or(0, |v| v.len());
+                let old = entry_size(key, old.as_deref());
                 cache.bytes = cache.bytes.saturating_sub(old);
             }
         }

@@ -91,6 +91,9 @@ pub struct App {
     pub(crate) copartitioned: std::collections::BTreeSet<String>,
     /// The names of windowed stream–stream joins (each names its tables).
     pub(crate) window_joins: Vec<String>,
+    /// Topics a windowed join reads together: each group needs one
+    /// partition count (any: the join's tables are its own).
+    pub(crate) joined: Vec<Vec<String>>,
     /// Patterns of topic names agents read.
     pub(crate) patterns: Vec<TopicPattern>,
     /// Declarations that cannot work, refused when the app starts.
@@ -178,6 +181,7 @@ impl App {
             changelog_sources: Vec::new(),
             copartitioned: Default::default(),
             window_joins: Vec::new(),
+            joined: Vec::new(),
             patterns: Vec::new(),
             misdeclared: Vec::new(),
             tables: Vec::new(),
@@ -696,6 +700,26 @@ impl App {
         }
     }
 
+    /// Notes that `what` reads `topics` together: they need one partition
+    /// count (checked at start), and none may be a pattern.
+    pub(crate) fn joined(&mut self, topics: Vec<String>, what: &str) {
+        self.not_patterns(&topics, what);
+        self.joined.push(topics);
+    }
+
+    /// Refuses (at start) a join over a pattern of topic names: how its
+    /// topics are partitioned is not known when the app starts.
+    pub(crate) fn not_patterns(&mut self, topics: &[String], what: &str) {
+        for topic in topics {
+            if self.patterns.iter().any(|p| p.as_str() == topic) {
+                self.misdeclared.push(format!(
+                    "{what} reads {topic:?}, a pattern of topic names: a join needs topics \
+                     whose partitioning is known when the app starts"
+                ));
+            }
+        }
+    }
+
     pub(crate) fn declare_repartition(&mut self, topic: &str, source: &str) {
         self.repartitions
             .push((topic.to_owned(), source.to_owned()));
@@ -843,6 +867,24 @@ impl App {
                 if n != partitions && !wrong.iter().any(|(t, _, _)| *t == topic) {
                     wrong.push((topic, n, how));
                 }
+            }
+        }
+        for group in &self.joined {
+            let mut counts = Vec::new();
+            for topic in group {
+                if let Some((n, how)) = self.partition_count(client, topic).await? {
+                    counts.push((topic, n, how));
+                }
+            }
+            if counts.iter().any(|(_, n, _)| *n != counts[0].1) {
+                let list: Vec<String> = (counts.iter())
+                    .map(|(topic, n, how)| format!("{topic:?} {how} {n}"))
+                    .collect();
+                return Err(crate::Error::Config(format!(
+                    "the topics a windowed join reads need one partition count, but {}; \
+                     nothing was created",
+                    list.join(", ")
+                )));
             }
         }
         if wrong.is_empty() {

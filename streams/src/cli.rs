@@ -412,13 +412,23 @@ fn record_json(show: &Show, r: &ConsumerRecord) -> serde_json::Value {
 }
 
 fn tables(app: &App) {
+    // As declared: the largest count of the topics agents read.
+    let read: Vec<&str> = app.processors.iter().map(|p| p.topic()).collect();
+    let partitions = (app.topics.iter())
+        .filter(|(t, _)| read.contains(&t.as_str()))
+        .map(|(_, d)| {
+            let d = d.lock().unwrap_or_else(|e| e.into_inner());
+            d.settings.partitions.unwrap_or(app.partitions)
+        })
+        .max()
+        .unwrap_or(app.partitions);
     for table in &app.tables {
         let windows = match table.windowing() {
             Some(w) => format!("  windows: {}", w.describe()),
             None => String::new(),
         };
         println!(
-            "{:<30} changelog={}  partitions: the largest count of the topics agents read{windows}",
+            "{:<30} changelog={}  partitions={partitions} (the largest count of the topics agents read, as declared){windows}",
             table.name,
             changelog::topic_name(app.id(), &table.name)
         );

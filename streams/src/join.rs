@@ -87,7 +87,10 @@ where
         T: DeserializeOwned + Send + 'static,
         V2: Send + Sync + 'static,
     {
-        (self.app.copartitioned).extend(self.inputs.iter().map(|i| i.topic.to_string()));
+        let topics: Vec<String> = self.inputs.iter().map(|i| i.topic.to_string()).collect();
+        self.app
+            .not_patterns(&topics, &format!("join_table of table {:?}", table.name));
+        self.app.copartitioned.extend(topics);
         let join = Arc::new((table.clone(), f));
         self.then_later(move |ctx, events| {
             let join = join.clone();

@@ -151,7 +151,8 @@ where
     /// worker pairs with what was seen before) until their windows close.
     /// The stream and `other` must be co-partitioned: keyed alike, with
     /// one partitioner (any: librdkafka's default CRC32 one too), and with
-    /// the tables' partition count (checked when the app starts). Exact at
+    /// one partition count between them (checked when the app starts; not
+    /// over a [pattern](crate::App::topic_pattern)). Exact at
     /// [concurrency](Stream::concurrency) 1.
     ///
     /// ```no_run
@@ -263,8 +264,9 @@ where
             partitions: Mutex::default(),
         });
         app.window_joins.push(name.to_owned());
-        (app.copartitioned).extend(inputs.iter().map(|i| i.topic.to_string()));
-        app.copartitioned.insert(other.name.to_string());
+        let mut topics: Vec<String> = inputs.iter().map(|i| i.topic.to_string()).collect();
+        topics.push(other.name.to_string());
+        app.joined(topics, &format!("windowed join {name:?}"));
         let mut sides: Vec<Input<K, Side<V, V2>>> = (inputs.into_iter().enumerate())
             .map(|(n, Input { topic, step })| {
                 let tag = Arc::new(move |_: &Context, events: Events<K, V>| {
@@ -345,6 +347,13 @@ where
     ) -> Result<()> {
         let partition = ctx.partition();
         let t = e.timestamp;
+        if self.stream_time(partition).is_none() {
+            // A task starting on the partition: the stream time is the
+            // latest time kept (every event that is not late is kept, and
+            // the sweep keeps the latest), so closed windows stay closed.
+            let kept = self.latest_kept(ctx).await?;
+            self.advance(partition, kept.unwrap_or(t));
+        }
         let stream_time = self.advance(partition, t);
         // The earliest time whose window is still open.
         let open = stream_time.saturating_sub(self.windows.open_for());
@@ -402,6 +411,23 @@ where
         }
         self.emit_closed(ctx, partition, open, &meta, out).await?;
         self.expire(ctx, partition, stream_time, open).await
+    }
+
+    /// The partition's stream time, if this task has one yet.
+    fn stream_time(&self, partition: i32) -> Option<i64> {
+        let partitions = self.partitions.lock().unwrap_or_else(|e| e.into_inner());
+        partitions.get(&partition).and_then(|p| p.stream_time)
+    }
+
+    /// The latest time of the events kept on either side.
+    async fn latest_kept(&self, ctx: &Ctx) -> Result<Option<i64>> {
+        let left = ctx.entries(&keys_of(&self.left)).await?;
+        let right = ctx.entries(&keys_of(&self.right)).await?;
+        let times = left
+            .iter()
+            .map(|(k, _)| k.1)
+            .chain(right.iter().map(|(k, _)| k.1));
+        Ok(times.max())
     }
 
     /// Moves the partition's stream time on to `t` (never back).

@@ -1679,3 +1679,92 @@ async fn table_values_in_any_codec() {
     );
     driver.close().await.unwrap();
 }
+
+/// A restart does not reopen closed windows: the stream time comes back
+/// from what the join keeps, so an order emitted without a pair is never
+/// paired afterwards. A windowed join's topics need one partition count
+/// among themselves (not the largest topic's); a join over a pattern, or
+/// over topics of different counts, is refused at start.
+#[tokio::test]
+async fn windowed_joins_keep_closed_windows_closed_and_check_their_topics() {
+    use strom::JoinWindows;
+    let windows = JoinWindows::of(Duration::from_millis(10));
+    let mut app = one_partition_app("window-join-closed");
+    let orders = app.topic::<String, u64>("orders");
+    let payments = app.topic::<String, u64>("payments");
+    let all = app.topic::<String, (u64, Option<u64>)>("all-orders");
+    app.agent(&orders)
+        .left_join_stream(&payments, "paid", windows, |o, p| (*o, p.copied()))
+        .sink(&all);
+    let mut driver = TestDriver::new(app).await.unwrap();
+    driver
+        .send_at(&orders, &"k".into(), &1, 1_000)
+        .await
+        .unwrap();
+    driver
+        .send_at(&orders, &"other".into(), &2, 1_015)
+        .await
+        .unwrap();
+    let got: Vec<(String, (u64, Option<u64>))> = (driver.read(&all).unwrap().into_iter())
+        .map(|r| (r.key, r.value))
+        .collect();
+    assert_eq!(got, [("k".to_string(), (1, None))]);
+    driver.restart().await.unwrap();
+    // Within 10 ms of the order, but after its window closed.
+    driver
+        .send_at(&payments, &"k".into(), &7, 1_005)
+        .await
+        .unwrap();
+    let got: Vec<(String, (u64, Option<u64>))> = (driver.read(&all).unwrap().into_iter())
+        .map(|r| (r.key, r.value))
+        .collect();
+    assert_eq!(got, [], "a closed window paired after the restart");
+    driver.close().await.unwrap();
+
+    // 3-partition join topics next to a 6-partition topic: fine.
+    let mut app = App::new("window-join-counts").with_partitions(3);
+    let orders = app.topic::<String, u64>("orders");
+    let payments = app.topic::<String, u64>("payments");
+    let clicks = app.topic::<String, u64>("clicks").with_partitions(6);
+    let paired = app.topic::<String, u64>("paired");
+    app.agent(&orders)
+        .join_stream(&payments, "paid", windows, |o, p| o + p)
+        .sink(&paired);
+    app.agent(&clicks).for_each(|_ctx, _e| async { Ok(()) });
+    let mut driver = TestDriver::new(app).await.unwrap();
+    driver
+        .send_at(&orders, &"k".into(), &1, 1_000)
+        .await
+        .unwrap();
+    driver
+        .send_at(&payments, &"k".into(), &2, 1_001)
+        .await
+        .unwrap();
+    assert_eq!(values(&mut driver, &paired), [3]);
+    driver.close().await.unwrap();
+
+    let mut app = App::new("window-join-mismatch").with_partitions(3);
+    let orders = app.topic::<String, u64>("orders");
+    let payments = app.topic::<String, u64>("payments").with_partitions(4);
+    app.agent(&orders)
+        .join_stream(&payments, "paid", windows, |o, p| o + p)
+        .for_each(|_ctx, _e| async { Ok(()) });
+    let e = TestDriver::new(app).await.unwrap_err().to_string();
+    assert!(
+        e.contains("need one partition count")
+            && e.contains(r#""payments" would be created with 4"#),
+        "{e}"
+    );
+
+    let mut app = App::new("window-join-pattern");
+    let orders = app.topic_pattern::<String, u64>("orders-.*").unwrap();
+    let payments = app.topic::<String, u64>("payments");
+    app.agent(&orders)
+        .join_stream(&payments, "paid", windows, |o, p| o + p)
+        .for_each(|_ctx, _e| async { Ok(()) });
+    let e = TestDriver::new(app).await.unwrap_err().to_string();
+    assert!(
+        e.contains(r#"reads "orders-.*", a pattern of topic names"#),
+        "{e}"
+    );
+}

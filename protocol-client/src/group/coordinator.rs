@@ -243,8 +243,10 @@ async fn join(group: &GroupHandle, protocol: RebalanceProtocol) -> Result<Joined
         RebalanceProtocol::Cooperative => &owned,
         RebalanceProtocol::Eager => &[],
     };
-    let topics = group.subscription();
+    // Cleared before the topics are read: a subscribe in between sets it
+    // again (a rejoin too many at worst, never a subscription lost).
     inner.state().resubscribed = false;
+    let topics = group.subscription();
     let protocols = inner
         .config
         .assignors
