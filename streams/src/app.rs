@@ -906,6 +906,8 @@ impl App {
         if config.guarantee == ProcessingGuarantee::ExactlyOnce && !self.commit_interval_set {
             config.commit_interval = Duration::from_millis(100);
         }
+        // Joins in time windows need the topics read in step by time.
+        config.time_ordered |= !self.window_joins.is_empty();
         let mut worker = Worker::new(config);
         for t in &self.tables {
             worker = match t.windowing() {

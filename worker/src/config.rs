@@ -153,6 +153,12 @@ pub struct WorkerConfig {
     /// Where cron timers read the time of day: the system's clock (the
     /// default), or tokio's (the test driver's virtual clock).
     pub wall_clock: crate::timer::WallClock,
+    /// Whether each task reads its topics in step by record time (the
+    /// earliest buffered record first, as Kafka Streams does), for joins in
+    /// time windows; otherwise batches in the order they were fetched,
+    /// which holds less in memory. Default off; the streams layer turns it
+    /// on for an app with a windowed join.
+    pub time_ordered: bool,
 }
 
 impl WorkerConfig {
@@ -186,6 +192,7 @@ impl WorkerConfig {
             compression: Compression::None,
             linger: Duration::from_millis(5),
             wall_clock: crate::timer::WallClock::System,
+            time_ordered: false,
         }
     }
 

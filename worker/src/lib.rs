@@ -522,6 +522,7 @@ fn spec(
         guarantee: config.guarantee,
         partitions,
         counts: std::sync::RwLock::new(counts),
+        time_ordered: config.time_ordered,
         metrics,
         on_error: config.on_error.clone(),
         durable_interval: config.durable_checkpoint_interval,

@@ -656,6 +656,7 @@ mod tests {
             guarantee: ProcessingGuarantee::AtLeastOnce,
             partitions: 1,
             counts: Default::default(),
+            time_ordered: false,
             metrics: Metrics::default(),
             on_error: ErrorPolicy::Skip,
             durable_interval: std::time::Duration::from_secs(5),

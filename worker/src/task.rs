@@ -141,6 +141,9 @@ pub(crate) struct Spec {
     /// The tables' partition count (of their changelogs, and the partition
     /// numbers the group shares out): the largest source topic's.
     pub partitions: usize,
+    /// Tasks read their topics in step by record time (see
+    /// [`WorkerConfig::time_ordered`](crate::WorkerConfig::time_ordered)).
+    pub time_ordered: bool,
     /// Each source topic's partition count when the worker started reading
     /// it.
     pub counts: std::sync::RwLock<HashMap<String, usize>>,
@@ -646,6 +649,11 @@ struct Running {
     processor: usize,
 }
 
+/// Bytes of records a task takes from its inbox ahead of processing them,
+/// to choose among its topics by time: beyond this it takes more only as
+/// it runs out (taking everything at once held more memory for nothing).
+const TAKE_AHEAD: usize = 256 << 10;
+
 /// Records processed before the task looks at its control queue again.
 const BURST: usize = 64;
 
@@ -696,6 +704,23 @@ impl Current {
 
     fn add(&mut self, records: Vec<ConsumerRecord>, bytes: usize) {
         self.bytes += bytes;
+        // The common case: a batch of one partition that has no queue yet
+        // becomes one as it is, without copying.
+        let one = |r: &ConsumerRecord| (r.partition, r.topic.clone());
+        let single = records.first().map(one).filter(|first| {
+            let (partition, topic) = first;
+            records
+                .iter()
+                .all(|r| r.partition == *partition && r.topic == *topic)
+                && !(self.queues.iter()).any(|q| {
+                    q.back()
+                        .is_some_and(|b| b.partition == *partition && b.topic == *topic)
+                })
+        });
+        if single.is_some() {
+            self.queues.push(records.into());
+            return;
+        }
         let mut last = None;
         for r in records {
             let same = |q: &VecDeque<ConsumerRecord>| {
@@ -792,11 +817,14 @@ impl Task {
         }
     }
 
-    /// Takes the batches already in the inbox (up to one that does not
-    /// decode), so the current records of every topic of the partition
-    /// number are chosen from by time.
+    /// In time order (`Spec::time_ordered`), takes the batches already in
+    /// the inbox (up to one that does not decode), so the current records
+    /// of every topic of the partition number are chosen from by time.
     fn take_ready(&mut self, data: &mut mpsc::UnboundedReceiver<Batch>) {
-        while self.waiting.is_none() {
+        if !self.spec.time_ordered {
+            return;
+        }
+        while self.waiting.is_none() && self.current.bytes < TAKE_AHEAD {
             let Ok(batch) = data.try_recv() else {
                 return;
             };

@@ -936,7 +936,8 @@ fn append_at(cluster: &MockCluster, topic: &str, timestamp: i64) {
     cluster.append_raw(topic, 0, batch);
 }
 
-/// A task reads the topics of its partition number in step by record time:
+/// With `time_ordered`, a task reads the topics of its partition number in
+/// step by record time:
 /// two topics' backlogs, fetched together, are processed in time order, not
 /// one topic's before the other's (what a windowed join needs).
 #[tokio::test(start_paused = true)]
@@ -949,7 +950,9 @@ async fn a_task_processes_its_topics_in_time_order() {
         append_at(&cluster, "payments", 1_010 + 20 * i);
     }
     let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let worker = Worker::new(config(&cluster, ProcessingGuarantee::AtLeastOnce))
+    let mut config = config(&cluster, ProcessingGuarantee::AtLeastOnce);
+    config.time_ordered = true;
+    let worker = Worker::new(config)
         .processor(Arc::new(Noter {
             topic: "orders",
             seen: seen.clone(),
