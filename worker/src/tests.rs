@@ -925,6 +925,11 @@ impl Processor for Noter {
 
 /// Appends a record at `timestamp` to partition 0 of `topic`.
 fn append_at(cluster: &MockCluster, topic: &str, timestamp: i64) {
+    append_to(cluster, topic, 0, timestamp);
+}
+
+/// Appends a record at `timestamp` to partition `partition` of `topic`.
+fn append_to(cluster: &MockCluster, topic: &str, partition: i32, timestamp: i64) {
     let mut b = strom_client::records::BatchBuilder::new(64);
     b.push(timestamp, None, Some(b"x"), &[]);
     let batch = b
@@ -933,7 +938,7 @@ fn append_at(cluster: &MockCluster, topic: &str, timestamp: i64) {
             strom_client::records::ProducerIdentity::default(),
         )
         .unwrap();
-    cluster.append_raw(topic, 0, batch);
+    cluster.append_raw(topic, partition, batch);
 }
 
 /// With `time_ordered`, a task reads the topics of its partition number in
@@ -1002,15 +1007,7 @@ async fn a_pattern_agent_reads_matching_topics_created_later() {
     .await;
     cluster.create_topic("orders-us", 2);
     append_at(&cluster, "orders-us", 3);
-    let mut b = strom_client::records::BatchBuilder::new(64);
-    b.push(4, None, Some(b"x"), &[]);
-    let batch = b
-        .seal(
-            strom_client::Compression::None,
-            strom_client::records::ProducerIdentity::default(),
-        )
-        .unwrap();
-    cluster.append_raw("orders-us", 1, batch);
+    append_to(&cluster, "orders-us", 1, 4);
     wait_until("the new topic's records", || {
         seen.lock().unwrap().len() == 3
     })
