@@ -69,7 +69,8 @@ fn value_error(table: &str, what: impl std::fmt::Display) -> Error {
 /// `value` as table `table` stores it, in its value codec.
 fn encode_value<V>(table: &str, codec: &dyn Codec<V>, value: &V) -> Result<Vec<u8>> {
     match codec.encode(value) {
-        Ok(Some(bytes)) => Ok(bytes.to_vec()),
+        // No copy: the codec's fresh bytes give their buffer back.
+        Ok(Some(bytes)) => Ok(Vec::from(bytes)),
         Ok(None) => Err(value_error(
             table,
             "the table's value codec writes no value for it (a table holds no nulls)",

@@ -27,6 +27,12 @@ fn values<K, V>(driver: &mut TestDriver, topic: &Topic<K, V>) -> Vec<V> {
     records.into_iter().map(|r| r.value).collect()
 }
 
+/// The keys and values of the records sent to `topic` since the last read.
+fn pairs<K, V>(driver: &mut TestDriver, topic: &Topic<K, V>) -> Vec<(K, V)> {
+    let records = driver.read(topic).unwrap();
+    records.into_iter().map(|r| (r.key, r.value)).collect()
+}
+
 /// The sum of metric `name`'s samples whose labels include `label`.
 fn metric(text: &str, name: &str, label: &str) -> f64 {
     text.lines()
@@ -1501,9 +1507,7 @@ async fn a_windowed_left_join_pairs_across_a_restart() {
             .await
             .unwrap();
     }
-    let mut got: Vec<(String, (u64, Option<u64>))> = (driver.read(&all).unwrap().into_iter())
-        .map(|r| (r.key, r.value))
-        .collect();
+    let mut got = pairs(&mut driver, &all);
     got.sort();
     want.sort();
     assert_eq!(got, want);
@@ -1705,9 +1709,7 @@ async fn windowed_joins_keep_closed_windows_closed_and_check_their_topics() {
         .send_at(&orders, &"other".into(), &2, 1_015)
         .await
         .unwrap();
-    let got: Vec<(String, (u64, Option<u64>))> = (driver.read(&all).unwrap().into_iter())
-        .map(|r| (r.key, r.value))
-        .collect();
+    let got = pairs(&mut driver, &all);
     assert_eq!(got, [("k".to_string(), (1, None))]);
     driver.restart().await.unwrap();
     // Within 10 ms of the order, but after its window closed.
@@ -1715,9 +1717,7 @@ async fn windowed_joins_keep_closed_windows_closed_and_check_their_topics() {
         .send_at(&payments, &"k".into(), &7, 1_005)
         .await
         .unwrap();
-    let got: Vec<(String, (u64, Option<u64>))> = (driver.read(&all).unwrap().into_iter())
-        .map(|r| (r.key, r.value))
-        .collect();
+    let got = pairs(&mut driver, &all);
     assert_eq!(got, [], "a closed window paired after the restart");
     driver.close().await.unwrap();
 

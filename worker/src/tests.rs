@@ -108,11 +108,17 @@ fn start(
         .table("counts")
         .processor(Arc::new(agent));
     let metrics = worker.metrics().clone();
+    let (stop, run) = spawn(worker);
+    (stop, run, metrics)
+}
+
+/// Runs `worker` until the sender fires.
+fn spawn(worker: Worker) -> (oneshot::Sender<()>, JoinHandle<Result<(), WorkerError>>) {
     let (stop, stopped) = oneshot::channel::<()>();
     let run = tokio::spawn(worker.run(async {
         let _ = stopped.await;
     }));
-    (stop, run, metrics)
+    (stop, run)
 }
 
 async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
@@ -731,10 +737,7 @@ async fn dead_letters_held_batches_and_timers_are_exactly_once() {
     let worker = Worker::new(config(&cluster, ProcessingGuarantee::ExactlyOnce))
         .processor(Arc::new(agent))
         .timer(timer);
-    let (stop, stopped) = oneshot::channel::<()>();
-    let run = tokio::spawn(worker.run(async {
-        let _ = stopped.await;
-    }));
+    let (stop, run) = spawn(worker);
     // Partition 0: 9 good events and one bad; partition 1: 4 good (one held).
     for v in ["a", "b", "bad", "c", "d", "e", "f", "g", "h", "i"] {
         cluster.append("in", 0, None, Some(v.as_bytes()));
@@ -838,10 +841,7 @@ async fn a_global_table_follows_its_topic_and_its_new_partitions() {
         )
         .processor(Arc::new(looker()));
     let metrics = worker.metrics().clone();
-    let (stop, stopped) = oneshot::channel::<()>();
-    let run = tokio::spawn(worker.run(async {
-        let _ = stopped.await;
-    }));
+    let (stop, run) = spawn(worker);
     for key in [b"a", b"b", b"c"] {
         cluster.append("in", 0, None, Some(key));
     }
@@ -966,10 +966,7 @@ async fn a_task_processes_its_topics_in_time_order() {
             topic: "payments",
             seen: seen.clone(),
         }));
-    let (stop, stopped) = oneshot::channel::<()>();
-    let run = tokio::spawn(worker.run(async {
-        let _ = stopped.await;
-    }));
+    let (stop, run) = spawn(worker);
     wait_until("every record", || seen.lock().unwrap().len() == 100).await;
     let times: Vec<i64> = seen.lock().unwrap().iter().map(|(_, t)| *t).collect();
     let mut sorted = times.clone();
@@ -997,10 +994,7 @@ async fn a_pattern_agent_reads_matching_topics_created_later() {
             topic: "orders-[a-z]+",
             seen: seen.clone(),
         }));
-    let (stop, stopped) = oneshot::channel::<()>();
-    let run = tokio::spawn(worker.run(async {
-        let _ = stopped.await;
-    }));
+    let (stop, run) = spawn(worker);
     wait_until("the first topic's record", || {
         seen.lock().unwrap().len() == 1
     })
