@@ -110,6 +110,10 @@ pub enum Action {
     Delay(Duration),
     /// Never answer (the request times out at the client).
     Hang,
+    /// Fetch: answer these partitions with this error and the others
+    /// normally (as a broker does for partitions whose leadership moved).
+    /// Other requests: answer normally.
+    FailPartitions(Vec<TopicPartition>, ResponseError),
 }
 
 /// Decides the fate of each request.
@@ -739,8 +743,11 @@ async fn handle(inner: &Arc<Inner>, mut body: Bytes) -> Option<Vec<u8>> {
                 group: None,
                 member: None,
             };
-            let fail = act(inner, &call).await?;
-            reply!(fetch(inner, req, fail).await)
+            let (fail, failing) = match hook(inner, &call) {
+                Action::FailPartitions(tps, code) => (None, Some((tps, code))),
+                _ => (act(inner, &call).await?, None),
+            };
+            reply!(fetch(inner, req, fail, failing.as_ref()).await)
         }
         ApiKey::ListOffsets => {
             let req = decode!(ListOffsetsRequest);
@@ -867,6 +874,7 @@ async fn act(inner: &Inner, call: &Call) -> Option<Option<ResponseError>> {
             Some(None)
         }
         Action::Hang => None,
+        Action::FailPartitions(..) => Some(None),
     }
 }
 
@@ -1068,13 +1076,21 @@ fn produce(inner: &Inner, req: ProduceRequest, fail: Option<ResponseError>) -> P
     ProduceResponse::default().with_responses(responses)
 }
 
-async fn fetch(inner: &Inner, req: FetchRequest, fail: Option<ResponseError>) -> FetchResponse {
+/// Partitions a fetch answers with an error, and the error.
+type Failing = (Vec<TopicPartition>, ResponseError);
+
+async fn fetch(
+    inner: &Inner,
+    req: FetchRequest,
+    fail: Option<ResponseError>,
+    failing: Option<&Failing>,
+) -> FetchResponse {
     let deadline = Instant::now() + Duration::from_millis(req.max_wait_ms.max(0) as u64);
     loop {
         let notified = inner.appended.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
-        let (resp, bytes) = fetch_now(inner, &req, fail);
+        let (resp, bytes) = fetch_now(inner, &req, fail, failing);
         if bytes > 0 || fail.is_some() || Instant::now() >= deadline {
             return resp;
         }
@@ -1089,6 +1105,7 @@ fn fetch_now(
     inner: &Inner,
     req: &FetchRequest,
     fail: Option<ResponseError>,
+    failing: Option<&Failing>,
 ) -> (FetchResponse, usize) {
     let state = lock(&inner.state);
     let committed_only = req.isolation_level == 1;
@@ -1103,7 +1120,13 @@ fn fetch_now(
                 .iter()
                 .map(|p| {
                     let mut data = PartitionData::default().with_partition_index(p.partition);
-                    if let Some(code) = fail {
+                    let failed = failing.and_then(|(tps, code)| {
+                        let tp = |tp: &&TopicPartition| {
+                            *tp.topic == *topic && tp.partition == p.partition
+                        };
+                        tps.iter().find(tp).map(|_| *code)
+                    });
+                    if let Some(code) = fail.or(failed) {
                         data.error_code = code.code();
                         return data;
                     }

@@ -159,6 +159,13 @@ pub struct WorkerConfig {
     /// which holds less in memory. Default off; the streams layer turns it
     /// on for an app with a windowed join.
     pub time_ordered: bool,
+    /// In time order: how long a task waits at most, when one of its
+    /// topics has nothing queued, for records the broker holds and the
+    /// worker has not fetched yet, before it processes its other topics
+    /// without them. Kafka Streams waits for such records without a bound;
+    /// the bound keeps a partition whose fetches fail from stopping the
+    /// others. Default 10 s.
+    pub time_order_wait: Duration,
 }
 
 impl WorkerConfig {
@@ -193,6 +200,7 @@ impl WorkerConfig {
             linger: Duration::from_millis(5),
             wall_clock: crate::timer::WallClock::System,
             time_ordered: false,
+            time_order_wait: Duration::from_secs(10),
         }
     }
 

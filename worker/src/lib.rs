@@ -62,6 +62,7 @@ mod task;
 #[cfg(test)]
 mod tests;
 pub mod timer;
+mod unfetched;
 pub mod web;
 pub mod windowed;
 
@@ -523,6 +524,8 @@ fn spec(
         partitions,
         counts: std::sync::RwLock::new(counts),
         time_ordered: config.time_ordered,
+        time_order_wait: config.time_order_wait,
+        unfetched: Default::default(),
         metrics,
         on_error: config.on_error.clone(),
         durable_interval: config.durable_checkpoint_interval,
@@ -687,6 +690,9 @@ async fn poll_loop(
             _ = manager.drained.notified() => manager.resume(consumer, &mut paused),
             _ = lag.tick() => {
                 measure_lag(&spec.metrics, consumer);
+                if spec.time_ordered {
+                    spec.unfetched.publish(consumer, spec.isolation());
+                }
                 if let Some(globals) = spec.globals.get() {
                     if let Err(e) = globals.check(spec).await {
                         break Err(e);
@@ -709,6 +715,9 @@ async fn poll_loop(
                         corrupt.remove(&(r.topic.to_string(), r.partition));
                     }
                     manager.route(records, consumer, &mut paused);
+                    if spec.time_ordered {
+                        spec.unfetched.publish(consumer, spec.isolation());
+                    }
                 }
                 Err(e) if e.is_fatal() => break Err(e.into()),
                 Err(strom_client::Error::CorruptRecord { topic: Some(topic), partition: Some(partition), offset, last_offset, what }) => {

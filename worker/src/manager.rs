@@ -119,6 +119,7 @@ impl TaskManager {
                 continue;
             }
             info!(partition = n, "partition assigned");
+            self.spec.unfetched.forget(n);
             let task = task::spawn(
                 self.spec.clone(),
                 n,
@@ -532,7 +533,10 @@ impl TaskManager {
         let low = self.max_buffered / 2;
         let tasks = self.tasks();
         paused.retain(|tp| {
-            let caught_up = tasks.get(&tp.partition).is_none_or(|t| t.queued() <= low);
+            // A partition its task waits for is fetched whatever the task
+            // holds of its other topics (see `unfetched`).
+            let caught_up = tasks.get(&tp.partition).is_none_or(|t| t.queued() <= low)
+                || self.spec.unfetched.is_waited_for(tp);
             if caught_up {
                 // A partition moved away meanwhile has no pause left to lift.
                 let _ = consumer.resume(tp);
@@ -657,6 +661,8 @@ mod tests {
             partitions: 1,
             counts: Default::default(),
             time_ordered: false,
+            time_order_wait: std::time::Duration::from_secs(10),
+            unfetched: Default::default(),
             metrics: Metrics::default(),
             on_error: ErrorPolicy::Skip,
             durable_interval: std::time::Duration::from_secs(5),

@@ -144,6 +144,11 @@ pub(crate) struct Spec {
     /// Tasks read their topics in step by record time (see
     /// [`WorkerConfig::time_ordered`](crate::WorkerConfig::time_ordered)).
     pub time_ordered: bool,
+    /// In time order: how long a task waits at most for a topic's records
+    /// the broker holds and it has not been handed yet.
+    pub time_order_wait: Duration,
+    /// In time order: the source partitions' lags, and what tasks wait for.
+    pub unfetched: crate::unfetched::Unfetched,
     /// Each source topic's partition count when the worker started reading
     /// it.
     pub counts: std::sync::RwLock<HashMap<String, usize>>,
@@ -509,6 +514,7 @@ async fn run(
         epoch: 0,
         current: Current::default(),
         waiting: None,
+        idle: None,
         backlog,
         restart,
         last_durable: Instant::now(),
@@ -657,6 +663,10 @@ const TAKE_AHEAD: usize = 256 << 10;
 /// Records processed before the task looks at its control queue again.
 const BURST: usize = 64;
 
+/// How often a task waiting for records the broker holds looks at the
+/// partitions' lags again.
+const IDLE_RECHECK: Duration = Duration::from_millis(20);
+
 /// A running task.
 struct Task {
     spec: Arc<Spec>,
@@ -676,6 +686,9 @@ struct Task {
     /// A batch that does not decode, taken while records were current: it
     /// is stepped over once they are processed.
     waiting: Option<Undecodable>,
+    /// In time order: since when the task waits for a topic's records the
+    /// broker holds (see [`Task::waits_for_fetch`]), and whether it gave up.
+    idle: Option<(Instant, bool)>,
     backlog: Backlog,
     restart: Arc<Mutex<HashMap<TopicPartition, i64>>>,
     last_durable: Instant,
@@ -700,6 +713,14 @@ struct Current {
 impl Current {
     fn is_empty(&self) -> bool {
         self.queues.is_empty()
+    }
+
+    /// Whether records of `tp` are queued.
+    fn has(&self, tp: &TopicPartition) -> bool {
+        self.queues.iter().any(|q| {
+            q.front()
+                .is_some_and(|r| r.partition == tp.partition && r.topic == tp.topic)
+        })
     }
 
     fn add(&mut self, records: Vec<ConsumerRecord>, bytes: usize) {
@@ -776,9 +797,13 @@ enum Step {
 impl Task {
     async fn run(&mut self, mut inboxes: Inboxes) -> Result<(), WorkerError> {
         loop {
+            let mut idle = false;
             if !self.current.is_empty() && inboxes.control.is_empty() {
                 self.take_ready(&mut inboxes.data);
-                self.burst(&inboxes.control).await?;
+                idle = self.waits_for_fetch();
+                if !idle {
+                    self.burst(&inboxes.control).await?;
+                }
             }
             if self.current.is_empty() {
                 if let Some(bad) = self.waiting.take() {
@@ -786,7 +811,7 @@ impl Task {
                 }
             }
             let deadline = self.deadline();
-            let busy = !self.current.is_empty();
+            let busy = !self.current.is_empty() && !idle;
             tokio::select! {
                 biased;
                 msg = inboxes.control.recv() => match msg {
@@ -802,6 +827,9 @@ impl Task {
                     self.flush_due().await?;
                 }
                 _ = std::future::ready(()), if busy => {}
+                // While it waits, a new batch wakes it, or a look at the
+                // lags again.
+                _ = tokio::time::sleep(IDLE_RECHECK), if idle => {}
                 batch = inboxes.data.recv(), if !busy => match batch {
                     None => return Ok(()),
                     Some(batch) if batch.epoch < self.epoch => self.backlog.taken(batch.bytes),
@@ -824,7 +852,10 @@ impl Task {
         if !self.spec.time_ordered {
             return;
         }
-        while self.waiting.is_none() && self.current.bytes < TAKE_AHEAD {
+        let sources = self.sources().len();
+        while self.waiting.is_none()
+            && (self.current.bytes < TAKE_AHEAD || self.current.queues.len() < sources)
+        {
             let Ok(batch) = data.try_recv() else {
                 return;
             };
@@ -837,8 +868,67 @@ impl Task {
         }
     }
 
+    /// The partitions of this task's number of every topic its agents read.
+    fn sources(&self) -> Vec<TopicPartition> {
+        let n = self.ctx.partition();
+        let counts = self.spec.counts.read().unwrap_or_else(|e| e.into_inner());
+        let by_topic = self.spec.by_topic.read().unwrap_or_else(|e| e.into_inner());
+        by_topic
+            .keys()
+            .filter(|t| counts.get(*t).is_some_and(|&c| c > n as usize))
+            .map(|t| TopicPartition::new(t, n))
+            .collect()
+    }
+
+    /// In time order: whether the task waits before its next record
+    /// because one of its partitions has none queued while the broker holds
+    /// records of it not handed over yet (or its lag is not known yet), as
+    /// Kafka Streams does; otherwise that partition's earlier records would
+    /// come after the other topics' later ones. The wait lasts at most
+    /// `Spec::time_order_wait`; then the task goes on without them until
+    /// they come (or the partition is known to be caught up).
+    fn waits_for_fetch(&mut self) -> bool {
+        if !self.spec.time_ordered {
+            return false;
+        }
+        let n = self.ctx.partition();
+        let unfetched = &self.spec.unfetched;
+        let missing: Vec<TopicPartition> = (self.sources().into_iter())
+            .filter(|tp| !self.current.has(tp) && unfetched.lag(tp) != Some(0))
+            .collect();
+        if missing.is_empty() {
+            if self.idle.take().is_some() {
+                unfetched.set_waiting(n, &[]);
+            }
+            return false;
+        }
+        let now = Instant::now();
+        let (since, gave_up) = self.idle.get_or_insert_with(|| {
+            unfetched.set_waiting(n, &missing);
+            // Lifts the missing partitions' backpressure pauses.
+            self.backlog.drained.notify_one();
+            (now, false)
+        });
+        if *gave_up {
+            return false;
+        }
+        if now.duration_since(*since) < self.spec.time_order_wait {
+            return true;
+        }
+        *gave_up = true;
+        let missing: Vec<String> = missing.iter().map(ToString::to_string).collect();
+        warn!(
+            partition = n,
+            ?missing,
+            waited = ?self.spec.time_order_wait,
+            "records the broker holds did not come in time: processing the other topics without them, out of time order"
+        );
+        false
+    }
+
     /// Processes up to [`BURST`] current records, stopping early when a
-    /// control message arrives.
+    /// control message arrives (or, in time order, when a partition's
+    /// queue runs empty: the task may have to wait for it).
     async fn burst(
         &mut self,
         control: &mpsc::UnboundedReceiver<Control>,
@@ -846,11 +936,13 @@ impl Task {
         let mut started = Instant::now();
         let before = self.current.bytes;
         for _ in 0..BURST {
+            let queues = self.current.queues.len();
             let Some(record) = self.current.next() else {
                 break;
             };
             started = self.process(record, started).await?;
-            if !control.is_empty() {
+            let ran_out = self.spec.time_ordered && self.current.queues.len() < queues;
+            if ran_out || !control.is_empty() {
                 break;
             }
         }

@@ -930,8 +930,14 @@ fn append_at(cluster: &MockCluster, topic: &str, timestamp: i64) {
 
 /// Appends a record at `timestamp` to partition `partition` of `topic`.
 fn append_to(cluster: &MockCluster, topic: &str, partition: i32, timestamp: i64) {
+    append_value(cluster, topic, partition, timestamp, b"x");
+}
+
+/// Appends a record at `timestamp` with `value` to partition `partition` of
+/// `topic`, in a batch of its own.
+fn append_value(cluster: &MockCluster, topic: &str, partition: i32, timestamp: i64, value: &[u8]) {
     let mut b = strom_client::records::BatchBuilder::new(64);
-    b.push(timestamp, None, Some(b"x"), &[]);
+    b.push(timestamp, None, Some(value), &[]);
     let batch = b
         .seal(
             strom_client::Compression::None,
@@ -954,10 +960,23 @@ async fn a_task_processes_its_topics_in_time_order() {
         append_at(&cluster, "orders", 1_000 + 20 * i);
         append_at(&cluster, "payments", 1_010 + 20 * i);
     }
-    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let mut config = config(&cluster, ProcessingGuarantee::AtLeastOnce);
+    let seen: Seen = Default::default();
+    let (stop, run) = spawn(orders_and_payments(&cluster, &seen));
+    wait_until("every record", || seen.lock().unwrap().len() == 100).await;
+    let times: Vec<i64> = seen.lock().unwrap().iter().map(|(_, t)| *t).collect();
+    let mut sorted = times.clone();
+    sorted.sort();
+    assert_eq!(times, sorted, "processed out of time order");
+    let _ = stop.send(());
+    outcome(run, Duration::from_secs(30)).await.unwrap();
+}
+
+/// Two agents noting what they see, of orders and of payments, in a worker
+/// that reads in time order.
+fn orders_and_payments(cluster: &MockCluster, seen: &Seen) -> Worker {
+    let mut config = config(cluster, ProcessingGuarantee::AtLeastOnce);
     config.time_ordered = true;
-    let worker = Worker::new(config)
+    Worker::new(config)
         .processor(Arc::new(Noter {
             topic: "orders",
             seen: seen.clone(),
@@ -965,13 +984,102 @@ async fn a_task_processes_its_topics_in_time_order() {
         .processor(Arc::new(Noter {
             topic: "payments",
             seen: seen.clone(),
-        }));
-    let (stop, run) = spawn(worker);
-    wait_until("every record", || seen.lock().unwrap().len() == 100).await;
-    let times: Vec<i64> = seen.lock().unwrap().iter().map(|(_, t)| *t).collect();
-    let mut sorted = times.clone();
-    sorted.sort();
-    assert_eq!(times, sorted, "processed out of time order");
+        }))
+}
+
+type Seen = Arc<std::sync::Mutex<Vec<(String, i64)>>>;
+
+/// Fetches of `payments-0` fail once `failing` is set (after the first,
+/// with `first_too` unset).
+fn fail_payments(
+    cluster: &MockCluster,
+    failing: Arc<std::sync::atomic::AtomicBool>,
+    first_too: bool,
+) {
+    let payments = TopicPartition::new("payments", 0);
+    let fetched = AtomicUsize::new(0);
+    cluster.set_hook(move |call: &Call| {
+        if call.api != ApiKey::Fetch || !call.partitions.contains(&payments) {
+            return Action::Answer;
+        }
+        let first = fetched.fetch_add(1, Ordering::SeqCst) == 0;
+        if failing.load(Ordering::SeqCst) && (first_too || !first) {
+            Action::FailPartitions(vec![payments.clone()], ResponseError::NotLeaderOrFollower)
+        } else {
+            Action::Answer
+        }
+    });
+}
+
+/// In time order, a task whose topic has nothing queued waits while the
+/// broker holds records of it the worker has not fetched: here the
+/// payments partition's fetches fail after the first, which brought one of
+/// its three (large) records and its high watermark. Without the wait, the
+/// orders' backlog would all be processed before the payments.
+#[tokio::test(start_paused = true)]
+async fn a_task_waits_for_records_the_broker_holds() {
+    let cluster = cluster();
+    cluster.create_topic("orders", 1);
+    cluster.create_topic("payments", 1);
+    // Two payments do not fit one partition fetch (1 MiB).
+    let large = vec![b'p'; 600 << 10];
+    for i in 0..5 {
+        append_at(&cluster, "orders", 1_000 + 20 * i);
+    }
+    for i in 0..3 {
+        append_value(&cluster, "payments", 0, 1_010 + 20 * i, &large);
+    }
+    let failing = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    fail_payments(&cluster, failing.clone(), false);
+    let seen: Seen = Default::default();
+    let (stop, run) = spawn(orders_and_payments(&cluster, &seen));
+    // It cannot know the next payment's time, so it waits as soon as the
+    // payments run out (as Kafka Streams does).
+    wait_until("the records up to the fetched payment", || {
+        seen.lock().unwrap().len() == 2
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let times =
+        |seen: &Seen| -> Vec<i64> { seen.lock().unwrap().iter().map(|(_, t)| *t).collect() };
+    assert_eq!(times(&seen), [1_000, 1_010], "went on without the payments");
+    failing.store(false, Ordering::SeqCst);
+    wait_until("every record", || seen.lock().unwrap().len() == 8).await;
+    assert_eq!(
+        times(&seen),
+        [1_000, 1_010, 1_020, 1_030, 1_040, 1_050, 1_060, 1_080]
+    );
+    let _ = stop.send(());
+    outcome(run, Duration::from_secs(30)).await.unwrap();
+}
+
+/// A task waits for a topic's unfetched records at most
+/// `time_order_wait`, then processes the others without them: here the
+/// payments partition is never fetched, so its lag is never known.
+#[tokio::test(start_paused = true)]
+async fn a_task_waits_for_unfetched_records_within_its_bound() {
+    let cluster = cluster();
+    cluster.create_topic("orders", 1);
+    cluster.create_topic("payments", 1);
+    for i in 0..5 {
+        append_at(&cluster, "orders", 1_000 + 20 * i);
+        append_at(&cluster, "payments", 1_010 + 20 * i);
+    }
+    fail_payments(&cluster, Arc::new(true.into()), true);
+    let seen: Seen = Default::default();
+    let started = tokio::time::Instant::now();
+    let (stop, run) = spawn(orders_and_payments(&cluster, &seen));
+    wait_until("the orders", || seen.lock().unwrap().len() == 5).await;
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_secs(10) && waited < Duration::from_secs(12),
+        "processed after {waited:?}, not after the 10 s bound"
+    );
+    assert!(seen
+        .lock()
+        .unwrap()
+        .iter()
+        .all(|(topic, _)| topic == "orders"));
     let _ = stop.send(());
     outcome(run, Duration::from_secs(30)).await.unwrap();
 }
