@@ -300,6 +300,19 @@ impl App {
         self
     }
 
+    /// The worker's memory budget in bytes, shared by the table stores' page
+    /// caches, the producer's buffers and the fetched records not yet
+    /// processed; parts that fill up apply backpressure. Default 256 MiB.
+    ///
+    /// ```
+    /// let app = strom::App::new("small").with_memory_budget(64 << 20);
+    /// # let _ = app;
+    /// ```
+    pub fn with_memory_budget(mut self, bytes: usize) -> Self {
+        self.config.memory_budget = bytes;
+        self
+    }
+
     /// How often processed offsets are committed. Default 1 s at least once,
     /// 100 ms exactly once (Kafka Streams' defaults).
     pub fn with_commit_interval(mut self, interval: Duration) -> Self {

@@ -63,6 +63,10 @@ enum Command {
         /// This worker's stable identity (default: STROM_INSTANCE_ID, else one kept in the state directory).
         #[arg(long)]
         instance_id: Option<String>,
+        /// The worker's memory budget, e.g. `128MiB` or `1GiB` (bytes without a unit), shared by the table
+        /// stores' caches, the producer's buffers and fetched records (default: STROM_MEMORY_BUDGET, else 256MiB).
+        #[arg(long, value_parser = parse_size)]
+        memory_budget: Option<usize>,
         /// How the worker compresses what it writes: none, gzip, snappy, lz4 or zstd (default: STROM_COMPRESSION_TYPE, else none).
         #[arg(long)]
         compression_type: Option<strom_client::Compression>,
@@ -150,6 +154,7 @@ pub(crate) fn main(app: App) -> ExitCode {
             log_level: _,
             processing_guarantee,
             instance_id,
+            memory_budget,
             compression_type,
             settings,
         } => {
@@ -175,6 +180,15 @@ pub(crate) fn main(app: App) -> ExitCode {
             }
             if let Some(id) = instance_id {
                 app = app.with_instance_id(id);
+            }
+            let from_env = std::env::var("STROM_MEMORY_BUDGET").ok();
+            match memory_budget.map(Ok).or(from_env.map(|s| parse_size(&s))) {
+                Some(Ok(bytes)) => app = app.with_memory_budget(bytes),
+                Some(Err(e)) => {
+                    eprintln!("STROM_MEMORY_BUDGET: {e}");
+                    return ExitCode::from(2);
+                }
+                None => {}
             }
             worker(
                 app,
@@ -223,6 +237,27 @@ pub(crate) fn main(app: App) -> ExitCode {
 /// Where the web server listens (none with `--without-web`) and the URL it
 /// advertises when `--web-host` names one.
 type Web = (Option<SocketAddr>, Option<String>);
+
+/// A size in bytes: a number with an optional unit, `K`, `M` or `G` (powers
+/// of 1024, also written `KiB`, `MB` and so on).
+fn parse_size(s: &str) -> std::result::Result<usize, String> {
+    let s = s.trim();
+    let digits = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (number, unit) = s.split_at(digits);
+    let number: usize = number
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size such as 128MiB"))?;
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        other => return Err(format!("{other:?} is not a unit of size (K, M or G)")),
+    };
+    number
+        .checked_mul(1 << shift)
+        .ok_or_else(|| format!("{s:?} is too large"))
+}
 
 fn web(port: Option<u16>, bind: Option<IpAddr>, host: Option<String>, without: bool) -> Web {
     if without {
@@ -543,4 +578,20 @@ async fn shutdown_signal() {
         let _ = tokio::signal::ctrl_c().await;
         std::process::exit(130);
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes_parse_with_and_without_units() {
+        assert_eq!(parse_size("128MiB"), Ok(128 << 20));
+        assert_eq!(parse_size("1G"), Ok(1 << 30));
+        assert_eq!(parse_size("64kb"), Ok(64 << 10));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("12 parsecs").is_err());
+        assert!(parse_size("MiB").is_err());
+        assert!(parse_size("99999999999999G").is_err());
+    }
 }

@@ -142,8 +142,16 @@ pub struct WorkerConfig {
     /// Bytes of fetched records (keys, values, headers, plus the record
     /// itself, 128 bytes) waiting per partition number before its fetches
     /// pause; they resume when half of that is processed. Also the bound of
-    /// fetched bytes read ahead for all partitions. Default 4 MiB.
+    /// fetched bytes read ahead for all partitions. Default 4 MiB; lower
+    /// when the memory budget's share of fetched records, over the
+    /// partition numbers and the read-ahead, is smaller.
     pub max_buffered_bytes: usize,
+    /// The worker's memory budget, in bytes, shared by the table stores'
+    /// page caches, the producer's buffers and the fetched records not yet
+    /// processed (a quarter each; the last quarter is left for the rest: see
+    /// the `budget` module). Parts that fill up apply backpressure; they
+    /// never fail the worker. Default 256 MiB.
+    pub memory_budget: usize,
     /// How the worker's records are compressed: outputs, repartition
     /// records, changelogs (Kafka's `compression.type`). Default none.
     pub compression: Compression,
@@ -196,6 +204,7 @@ impl WorkerConfig {
             rebalance_timeout: Duration::from_secs(60),
             transaction_timeout: Duration::from_secs(10),
             max_buffered_bytes: 4 * 1024 * 1024,
+            memory_budget: 256 << 20,
             compression: Compression::None,
             linger: Duration::from_millis(5),
             wall_clock: crate::timer::WallClock::System,

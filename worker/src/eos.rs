@@ -99,6 +99,7 @@ impl Transactions {
                 transaction_timeout: config.transaction_timeout,
                 compression: config.compression,
                 linger: config.linger,
+                buffer_memory: crate::budget::Shares::producer(config),
                 ..ProducerConfig::default()
             },
         )?;

@@ -184,7 +184,7 @@ async fn open(spec: &Spec, name: &str) -> Result<Arc<dyn Store>, WorkerError> {
     let path = spec.state_dir.join(name).join("global.redb");
     let mut attempts = 0;
     loop {
-        match RedbStore::open(path.clone()) {
+        match RedbStore::open_with_cache(path.clone(), spec.store_cache) {
             Ok(store) => return Ok(Arc::new(store)),
             Err(e) if attempts < 50 => {
                 attempts += 1;

@@ -44,6 +44,7 @@
 #![deny(rustdoc::broken_intra_doc_links)]
 
 pub mod assignor;
+mod budget;
 pub mod config;
 mod eos;
 mod error;
@@ -290,6 +291,14 @@ impl Worker {
         let counts = source_counts(&client, &sources).await?;
         let partitions = counts.values().copied().max().unwrap_or(0);
         let tables = ensure_topics(&client, &config, &processors, &table_names, partitions).await?;
+        let shares = budget::Shares::new(
+            &config,
+            tables.len() * partitions + globals.len(),
+            partitions,
+        );
+        metrics.memory_limits(&shares);
+        let mut config = config;
+        config.max_buffered_bytes = shares.fetched_per_partition;
         let instance = instance_id(&config)?;
         let txn = match config.guarantee {
             ProcessingGuarantee::ExactlyOnce => Some(Arc::new(
@@ -297,7 +306,7 @@ impl Worker {
             )),
             _ => None,
         };
-        let spec = Arc::new(spec(
+        let mut spec = spec(
             &config,
             client.clone(),
             processors,
@@ -305,7 +314,9 @@ impl Worker {
             Subscription { by_source, counts },
             txn.as_deref(),
             metrics.clone(),
-        )?);
+        )?;
+        spec.store_cache = shares.store_cache;
+        let spec = Arc::new(spec);
         let manager = Arc::new(TaskManager::new(
             spec.clone(),
             config.max_buffered_bytes,
@@ -502,6 +513,7 @@ fn spec(
             ProducerConfig {
                 compression: config.compression,
                 linger: config.linger,
+                buffer_memory: budget::Shares::producer(config),
                 ..ProducerConfig::default()
             },
         )?,
@@ -520,6 +532,8 @@ fn spec(
         tables,
         state_dir: config.state_dir.clone(),
         store: config.store,
+        // Set by the caller, which knows the global tables too.
+        store_cache: budget::MIN_STORE_CACHE,
         guarantee: config.guarantee,
         partitions,
         counts: std::sync::RwLock::new(counts),
@@ -690,6 +704,8 @@ async fn poll_loop(
             _ = manager.drained.notified() => manager.resume(consumer, &mut paused),
             _ = lag.tick() => {
                 measure_lag(&spec.metrics, consumer);
+                spec.metrics.memory_held("producer", spec.producer.buffered_bytes());
+                spec.metrics.memory_held("fetched", consumer.buffered_bytes() + manager.queued_bytes());
                 if spec.time_ordered {
                     spec.unfetched.publish(consumer, spec.isolation());
                 }

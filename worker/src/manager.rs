@@ -528,6 +528,11 @@ impl TaskManager {
         }
     }
 
+    /// Bytes of fetched records the tasks hold, not yet processed.
+    pub fn queued_bytes(&self) -> usize {
+        self.tasks().values().map(TaskHandle::queued).sum()
+    }
+
     /// Resumes fetching the paused partitions whose tasks have caught up.
     pub fn resume(&self, consumer: &mut GroupConsumer, paused: &mut BTreeSet<TopicPartition>) {
         let low = self.max_buffered / 2;
@@ -657,6 +662,7 @@ mod tests {
             tables: Vec::new(),
             state_dir: std::env::temp_dir(),
             store: StoreKind::Memory,
+            store_cache: 1 << 20,
             guarantee: ProcessingGuarantee::AtLeastOnce,
             partitions: 1,
             counts: Default::default(),

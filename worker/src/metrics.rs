@@ -8,6 +8,7 @@
 //! | `strom_events_out_total` | topic | records agents sent (not changelogs) |
 //! | `strom_processing_seconds` | topic | time to process one event |
 //! | `strom_consumer_lag` | topic, partition | high watermark − position |
+//! | `strom_memory_limit_bytes`, `strom_memory_held_bytes` | part | the memory budget's share of each part (`stores`, `producer`, `fetched`), and what the producer and the fetched records (consumer read-ahead and tasks' queues) hold |
 //! | `strom_commits_total`, `strom_commit_seconds` | | offset commits (transactions under exactly-once) |
 //! | `strom_aborted_transactions_total` | | transactions aborted (exactly-once) |
 //! | `strom_rebalances_total` | | rebalances this worker took part in |
@@ -55,6 +56,11 @@ struct TablePartitionLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PartLabels {
+    part: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct NumberLabels {
     partition: i32,
 }
@@ -85,6 +91,8 @@ struct Inner {
     events_out: Family<TopicLabels, Counter>,
     processing: HistogramFamily<TopicLabels>,
     lag: Family<PartitionLabels, Gauge>,
+    memory_limit: Family<PartLabels, Gauge>,
+    memory_held: Family<PartLabels, Gauge>,
     commits: Counter,
     aborted: Counter,
     commit_seconds: Histogram,
@@ -137,6 +145,8 @@ impl Default for Metrics {
             events_out: Family::default(),
             processing: Family::new_with_constructor(latency),
             lag: Family::default(),
+            memory_limit: Family::default(),
+            memory_held: Family::default(),
             commits: Counter::default(),
             aborted: Counter::default(),
             commit_seconds: latency(),
@@ -185,6 +195,16 @@ impl Default for Metrics {
             "consumer_lag",
             "Records between the position and the high watermark",
             inner.lag.clone(),
+        );
+        r.register(
+            "memory_limit_bytes",
+            "The memory budget's share of each part",
+            inner.memory_limit.clone(),
+        );
+        r.register(
+            "memory_held_bytes",
+            "Bytes each part holds",
+            inner.memory_held.clone(),
         );
         r.register("commits", "Offset commits", inner.commits.clone());
         r.register(
@@ -399,6 +419,24 @@ impl Metrics {
                 partition,
             })
             .set(lag);
+    }
+
+    /// Shows the memory budget's shares.
+    pub(crate) fn memory_limits(&self, shares: &crate::budget::Shares) {
+        for (part, bytes) in [
+            ("stores", shares.stores),
+            ("producer", shares.producer),
+            ("fetched", shares.fetched),
+        ] {
+            let gauge = self.inner.memory_limit.get_or_create(&PartLabels { part });
+            gauge.set(i64::try_from(bytes).unwrap_or(i64::MAX));
+        }
+    }
+
+    /// `part` of the memory budget holds `bytes`.
+    pub(crate) fn memory_held(&self, part: &'static str, bytes: usize) {
+        let gauge = self.inner.memory_held.get_or_create(&PartLabels { part });
+        gauge.set(i64::try_from(bytes).unwrap_or(i64::MAX));
     }
 
     /// Forgets the lag of a partition this worker no longer reads.

@@ -137,6 +137,8 @@ pub(crate) struct Spec {
     pub tables: Vec<TableSpec>,
     pub state_dir: PathBuf,
     pub store: StoreKind,
+    /// The page cache of each redb store (its share of the memory budget).
+    pub store_cache: usize,
     pub guarantee: ProcessingGuarantee,
     /// The tables' partition count (of their changelogs, and the partition
     /// numbers the group shares out): the largest source topic's.
@@ -216,11 +218,10 @@ pub(crate) fn open_store(
     partition: i32,
 ) -> Result<Arc<dyn Store>, WorkerError> {
     Ok(match spec.store {
-        StoreKind::Redb => Arc::new(RedbStore::open(strom_state::store_path(
-            &spec.state_dir,
-            table,
-            partition,
-        ))?),
+        StoreKind::Redb => Arc::new(RedbStore::open_with_cache(
+            strom_state::store_path(&spec.state_dir, table, partition),
+            spec.store_cache,
+        )?),
         StoreKind::Memory => Arc::new(MemoryStore::new()),
     })
 }

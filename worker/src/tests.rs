@@ -1134,3 +1134,80 @@ async fn a_pattern_agent_reads_matching_topics_created_later() {
     let _ = stop.send(());
     outcome(run, Duration::from_secs(30)).await.unwrap();
 }
+
+/// An agent that holds every event until `open` is set, counting them.
+struct Gate {
+    open: Arc<std::sync::atomic::AtomicBool>,
+    done: Arc<AtomicUsize>,
+}
+
+impl Processor for Gate {
+    fn topic(&self) -> &str {
+        "in"
+    }
+
+    fn process(&self, _ctx: Context, _record: ConsumerRecord) -> ProcessFuture<'_> {
+        Box::pin(async move {
+            while !self.open.load(Ordering::SeqCst) {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            self.done.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        })
+    }
+}
+
+/// The value of `name{part="part"}` in `metrics`.
+fn memory_gauge(metrics: &crate::Metrics, name: &str, part: &str) -> usize {
+    let prefix = format!("{name}{{part=\"{part}\"}} ");
+    (metrics.render().lines())
+        .find_map(|l| l.strip_prefix(&prefix).and_then(|v| v.parse().ok()))
+        .unwrap_or_else(|| panic!("no {prefix} in {}", metrics.render()))
+}
+
+/// The memory budget bounds what the worker fetches ahead of a stuck agent
+/// (its share over the partition numbers, below `max_buffered_bytes`), and
+/// `/metrics` shows each part's share and what the fetched records hold.
+#[tokio::test(start_paused = true)]
+async fn the_memory_budget_bounds_fetched_records() {
+    let cluster = cluster();
+    cluster.create_topic("in", 1);
+    let value = vec![b'v'; 1_000];
+    for i in 0..6_000 {
+        append_value(&cluster, "in", 0, i, &value);
+    }
+    let mut config = config(&cluster, ProcessingGuarantee::AtLeastOnce);
+    // A quarter (1 MiB) for fetched records, over one partition number and
+    // the consumer's read-ahead: 512 KiB each.
+    config.memory_budget = 4 << 20;
+    let open = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let done = Arc::new(AtomicUsize::new(0));
+    let worker = Worker::new(config)
+        .table("counts")
+        .processor(Arc::new(Gate {
+            open: open.clone(),
+            done: done.clone(),
+        }));
+    let metrics = worker.metrics().clone();
+    let (stop, run) = spawn(worker);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let limit = memory_gauge(&metrics, "strom_memory_limit_bytes", "fetched");
+    // (Rounded down to a multiple of the queues.)
+    assert!(limit <= 1 << 20 && limit > (1 << 20) - 16, "{limit}");
+    assert_eq!(
+        memory_gauge(&metrics, "strom_memory_limit_bytes", "producer"),
+        1 << 20
+    );
+    let stores = memory_gauge(&metrics, "strom_memory_limit_bytes", "stores");
+    assert!(stores <= 1 << 20 && stores > (1 << 20) - 16, "{stores}");
+    let held = memory_gauge(&metrics, "strom_memory_held_bytes", "fetched");
+    // Each bound may be passed by the one fetched slice that crossed it.
+    assert!(
+        held > 0 && held <= limit + (2 << 20),
+        "{held} bytes of fetched records held"
+    );
+    open.store(true, Ordering::SeqCst);
+    wait_until("every event", || done.load(Ordering::SeqCst) == 6_000).await;
+    let _ = stop.send(());
+    outcome(run, Duration::from_secs(30)).await.unwrap();
+}

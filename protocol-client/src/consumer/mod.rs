@@ -418,6 +418,12 @@ impl Consumer {
             .and_then(|s| s.position)
     }
 
+    /// Fetched bytes (as the broker sent them) not yet taken by `poll`:
+    /// what [`ConsumerConfig::max_buffered_bytes`] bounds.
+    pub fn buffered_bytes(&self) -> usize {
+        self.handle.lock().buffered
+    }
+
     /// The high watermark of `tp` from the last fetch (-1 before the first).
     pub fn high_watermark(&self, tp: &TopicPartition) -> i64 {
         self.handle

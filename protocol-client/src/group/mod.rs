@@ -657,6 +657,11 @@ impl GroupConsumer {
         self.consumer.last_stable_offset(tp)
     }
 
+    /// Fetched bytes not yet polled (see [`Consumer::buffered_bytes`]).
+    pub fn buffered_bytes(&self) -> usize {
+        self.consumer.buffered_bytes()
+    }
+
     /// The next offset [`GroupConsumer::poll`] returns for `tp`.
     pub fn position(&self, tp: &TopicPartition) -> Option<i64> {
         self.consumer.position(tp)
