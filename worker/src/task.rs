@@ -904,18 +904,18 @@ impl Task {
             return false;
         }
         let now = Instant::now();
-        let (since, gave_up) = self.idle.get_or_insert_with(|| {
-            unfetched.set_waiting(n, &missing);
-            // Lifts the missing partitions' backpressure pauses.
-            self.backlog.drained.notify_one();
-            (now, false)
-        });
+        let (since, gave_up) = self.idle.get_or_insert((now, false));
         if *gave_up {
             return false;
         }
         if now.duration_since(*since) < self.spec.time_order_wait {
+            // Lifts the missing partitions' backpressure pauses (which may
+            // change while it waits).
+            unfetched.set_waiting(n, &missing);
+            self.backlog.drained.notify_one();
             return true;
         }
+        unfetched.set_waiting(n, &[]);
         *gave_up = true;
         let missing: Vec<String> = missing.iter().map(ToString::to_string).collect();
         warn!(
