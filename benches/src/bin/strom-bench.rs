@@ -56,6 +56,20 @@ struct StateArgs {
     /// Where the store files go; a fresh temporary directory by default.
     #[arg(long)]
     state_dir: Option<std::path::PathBuf>,
+    /// The worker's memory budget in MiB (`pipeline`, `soak` and `join`;
+    /// the worker's default, 256, if not given).
+    #[arg(long)]
+    memory_budget_mib: Option<usize>,
+}
+
+impl StateArgs {
+    /// `app` under the memory budget asked for, if any.
+    fn budget(&self, app: strom::App) -> strom::App {
+        match self.memory_budget_mib {
+            Some(mib) => app.with_memory_budget(mib << 20),
+            None => app,
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -1033,13 +1047,14 @@ mod pipeline {
             .state_dir
             .clone()
             .unwrap_or_else(|| std::env::temp_dir().join(format!("strom-pipeline-{run_id}")));
-        let mut app = App::new(&id)
+        let app = App::new(&id)
             .with_brokers(args.brokers.split(',').map(str::trim))
             .with_state_dir(&state_dir)
             .with_store(StoreKind::Redb)
             .with_partitions(6)
             .with_processing_guarantee(guarantee)
             .with_session_timeout(Duration::from_secs(6), Duration::from_secs(1));
+        let mut app = args.budget(app);
         let words = app
             .topic::<(), String>(&input)
             .with_key_codec(NoKey)

@@ -119,13 +119,14 @@ pub(super) async fn run(args: &StateArgs) -> Result<bool, Error> {
     std::fs::create_dir_all(&state_dir).map_err(|e| Error::Config(e.to_string()))?;
     let (restored, restore_seconds) = restore(&client, &profiles, &state_dir).await?;
 
-    let mut app = App::new(&id)
+    let app = App::new(&id)
         .with_brokers(args.brokers.split(',').map(str::trim))
         .with_state_dir(&state_dir)
         .with_store(StoreKind::Redb)
         .with_partitions(6)
         .with_web(None)
         .with_session_timeout(Duration::from_secs(6), Duration::from_secs(1));
+    let mut app = args.budget(app);
     let users = app.topic::<String, Profile>(&profiles).with_key_codec(Utf8);
     let table = app.global_table("profiles", &users);
     let views = app.topic::<String, View>(&views).with_key_codec(Utf8);
