@@ -1176,7 +1176,39 @@ async fn the_memory_budget_bounds_fetched_records() {
     for i in 0..6_000 {
         append_value(&cluster, "in", 0, i, &value);
     }
-    let mut config = config(&cluster, ProcessingGuarantee::AtLeastOnce);
+    fetched_records_stay_within_the_budget(&cluster, 6_000).await;
+}
+
+/// The same for lz4 batches that decompress to 200 times their size: the
+/// consumer decodes a batch only as it hands its records out, and the
+/// tasks count them decompressed, so 20 MB of records in 100 KB of batches
+/// are not all taken in.
+#[tokio::test(start_paused = true)]
+async fn the_memory_budget_counts_records_decompressed() {
+    let cluster = cluster();
+    cluster.create_topic("in", 1);
+    let value = vec![0u8; 2_000];
+    for batch in 0..200 {
+        let mut b = strom_client::records::BatchBuilder::new(64);
+        for i in 0..50 {
+            b.push(batch * 50 + i, None, Some(&value), &[]);
+        }
+        let sealed = b
+            .seal(
+                strom_client::Compression::Lz4,
+                strom_client::records::ProducerIdentity::default(),
+            )
+            .unwrap();
+        assert!(sealed.len() < 1_000, "lz4 made {} bytes", sealed.len());
+        cluster.append_raw("in", 0, sealed);
+    }
+    fetched_records_stay_within_the_budget(&cluster, 10_000).await;
+}
+
+/// Runs a worker with a 4 MiB budget and an agent stuck until the fetched
+/// records are measured, then lets all `events` of topic `in` through.
+async fn fetched_records_stay_within_the_budget(cluster: &MockCluster, events: usize) {
+    let mut config = config(cluster, ProcessingGuarantee::AtLeastOnce);
     // A quarter (1 MiB) for fetched records, over one partition number and
     // the consumer's read-ahead: 512 KiB each.
     config.memory_budget = 4 << 20;
@@ -1207,7 +1239,7 @@ async fn the_memory_budget_bounds_fetched_records() {
         "{held} bytes of fetched records held"
     );
     open.store(true, Ordering::SeqCst);
-    wait_until("every event", || done.load(Ordering::SeqCst) == 6_000).await;
+    wait_until("every event", || done.load(Ordering::SeqCst) == events).await;
     let _ = stop.send(());
     outcome(run, Duration::from_secs(30)).await.unwrap();
 }
