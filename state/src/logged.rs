@@ -69,6 +69,13 @@ impl LoggedStore {
     }
 
     /// The value of `key`, including changes not flushed yet.
+    ///
+    /// Called inline on the partition task's runtime thread, not through
+    /// `spawn_blocking`: a point read of a warm redb store takes about 1.2 µs
+    /// there and 23 µs through `spawn_blocking` (`strom-bench state-read`,
+    /// 1,000,000 keys: 840k against 44k reads/s on one task), and a read
+    /// whose pages are not cached waits on the operating system's page cache,
+    /// not on the network.
     pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
         match self.pending.get(key) {
             Some(v) => Ok(v.map(<[u8]>::to_vec)),

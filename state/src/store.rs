@@ -81,7 +81,9 @@ impl WriteBatch {
 /// contents reflect. Both live in one atomic unit, so after a crash they can
 /// never disagree: recovery replays the changelog from that offset + 1.
 ///
-/// Calls block (redb does I/O); async callers use `spawn_blocking`.
+/// Calls block (redb does I/O): async callers use `spawn_blocking` for
+/// writes, flushes and scans; point reads are cheap enough to make inline
+/// (see [`LoggedStore::get`](crate::LoggedStore::get)).
 pub trait Store: Send + Sync + std::fmt::Debug {
     /// The value of `key`.
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>>;

@@ -130,7 +130,10 @@ enum Command {
         #[command(flatten)]
         state: StateArgs,
     },
-    /// N random point reads from a warm store of N keys.
+    /// N random point reads from a warm store of N keys, on every core;
+    /// then, on one tokio task as a partition task reads, N reads inline and
+    /// N through `spawn_blocking` (is a read cheap enough to stay on the
+    /// runtime thread?).
     StateRead {
         #[command(flatten)]
         state: StateArgs,
@@ -926,11 +929,34 @@ mod state_bench {
             workers.into_iter().all(|w| w.join().unwrap_or(false))
         });
         let seconds = started.elapsed().as_secs_f64();
+        let mut correct = report("state-read", per_thread * threads, seconds, correct);
+        for blocking in [false, true] {
+            let started = Instant::now();
+            let mut ok = true;
+            for i in 0..n {
+                let key = (i.wrapping_mul(0x9e37_79b9) % n).to_be_bytes();
+                let got = if blocking {
+                    let store = store.clone();
+                    tokio::task::spawn_blocking(move || store.get(&key))
+                        .await
+                        .map_err(|e| Error::Config(e.to_string()))?
+                } else {
+                    store.get(&key)
+                };
+                ok &= got.ok().flatten().is_some();
+            }
+            let op = if blocking {
+                "state-read-spawn-blocking"
+            } else {
+                "state-read-inline"
+            };
+            correct &= report(op, n, started.elapsed().as_secs_f64(), ok);
+        }
         drop(store);
         let _ = std::fs::remove_dir_all(dir)
             .ok()
             .filter(|_| args.state_dir.is_none());
-        Ok(report("state-read", per_thread * threads, seconds, correct))
+        Ok(correct)
     }
 
     pub(super) async fn recover(args: &StateArgs) -> Result<bool, Error> {
