@@ -26,8 +26,8 @@ use crate::config::WorkerConfig;
 /// store's pages are then mostly read from the operating system's cache).
 pub const MIN_STORE_CACHE: usize = 64 << 10;
 
-/// The smallest bound of fetched records per partition number: one fetch
-/// of a partition must fit.
+/// The smallest bound of fetched records per partition number (below it,
+/// fetches would pause after almost every batch).
 const MIN_FETCHED: usize = 256 << 10;
 
 /// How a worker's memory budget is shared.
@@ -62,9 +62,7 @@ impl Shares {
             fetched: fetched_per_partition * (partitions + 1),
         }
     }
-}
 
-impl Shares {
     /// The producer's buffer memory under `config`'s budget.
     pub fn producer(config: &WorkerConfig) -> usize {
         // The producer refuses a buffer smaller than one batch (1 MiB).
