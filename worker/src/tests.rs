@@ -953,13 +953,7 @@ fn append_value(cluster: &MockCluster, topic: &str, partition: i32, timestamp: i
 /// one topic's before the other's (what a windowed join needs).
 #[tokio::test(start_paused = true)]
 async fn a_task_processes_its_topics_in_time_order() {
-    let cluster = cluster();
-    cluster.create_topic("orders", 1);
-    cluster.create_topic("payments", 1);
-    for i in 0..50 {
-        append_at(&cluster, "orders", 1_000 + 20 * i);
-        append_at(&cluster, "payments", 1_010 + 20 * i);
-    }
+    let cluster = interleaved(50);
     let seen: Seen = Default::default();
     let (stop, run) = spawn(orders_and_payments(&cluster, &seen));
     wait_until("every record", || seen.lock().unwrap().len() == 100).await;
@@ -969,6 +963,19 @@ async fn a_task_processes_its_topics_in_time_order() {
     assert_eq!(times, sorted, "processed out of time order");
     let _ = stop.send(());
     outcome(run, Duration::from_secs(30)).await.unwrap();
+}
+
+/// A cluster with one-partition topics `orders` and `payments` holding `n`
+/// records each, a payment 10 ms after each order, 20 ms apart from 1,000.
+fn interleaved(n: i64) -> MockCluster {
+    let cluster = cluster();
+    cluster.create_topic("orders", 1);
+    cluster.create_topic("payments", 1);
+    for i in 0..n {
+        append_at(&cluster, "orders", 1_000 + 20 * i);
+        append_at(&cluster, "payments", 1_010 + 20 * i);
+    }
+    cluster
 }
 
 /// Two agents noting what they see, of orders and of payments, in a worker
@@ -1058,13 +1065,7 @@ async fn a_task_waits_for_records_the_broker_holds() {
 /// payments partition is never fetched, so its lag is never known.
 #[tokio::test(start_paused = true)]
 async fn a_task_waits_for_unfetched_records_within_its_bound() {
-    let cluster = cluster();
-    cluster.create_topic("orders", 1);
-    cluster.create_topic("payments", 1);
-    for i in 0..5 {
-        append_at(&cluster, "orders", 1_000 + 20 * i);
-        append_at(&cluster, "payments", 1_010 + 20 * i);
-    }
+    let cluster = interleaved(5);
     fail_payments(&cluster, Arc::new(true.into()), true);
     let seen: Seen = Default::default();
     let started = tokio::time::Instant::now();
