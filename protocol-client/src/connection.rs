@@ -206,8 +206,9 @@ impl Shared {
 }
 
 /// A poisoned mutex only means another thread panicked while holding it; the
-/// map inside is still consistent (every operation on it is a single call).
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+/// state inside is still consistent (every operation on it is a single call,
+/// and nothing in the crate panics while holding one).
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 

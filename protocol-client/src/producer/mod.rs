@@ -327,7 +327,7 @@ impl IntoFuture for DeliveryFuture {
 struct Inner {
     client: Client,
     config: ProducerConfig,
-    accumulator: std::sync::Mutex<Accumulator>,
+    accumulator: Accumulator,
     /// Bytes of records the producer may still take in.
     memory: tokio::sync::Semaphore,
     /// Wakes the sink: a batch is ready, a new batch started, a flush or close began.
@@ -341,15 +341,15 @@ struct Inner {
 }
 
 impl Inner {
-    fn accumulator(&self) -> std::sync::MutexGuard<'_, Accumulator> {
-        self.accumulator.lock().unwrap_or_else(|e| e.into_inner())
+    fn control(&self) -> std::sync::MutexGuard<'_, accumulator::Control> {
+        self.accumulator.control()
     }
 
     /// Ends this producer: every waiting record fails with `err`, and so does
     /// every later call.
     fn fence(&self, err: Error) {
         tracing::error!(error = %err, "producer fenced");
-        self.accumulator().fatal.get_or_insert(err);
+        self.accumulator.fence(err);
         self.wake_sink.notify_one();
     }
 
@@ -369,7 +369,7 @@ struct HandleGuard(Arc<Inner>);
 
 impl Drop for HandleGuard {
     fn drop(&mut self) {
-        self.0.accumulator().closing = true;
+        self.0.control().closing = true;
         self.0.wake_sink.notify_one();
     }
 }
@@ -406,7 +406,7 @@ impl Producer {
         config.validate()?;
         let inner = Arc::new(Inner {
             memory: tokio::sync::Semaphore::new(config.buffer_memory),
-            accumulator: std::sync::Mutex::new(Accumulator::new(&config)),
+            accumulator: Accumulator::new(&config),
             client,
             config,
             wake_sink: Notify::new(),
@@ -432,7 +432,7 @@ impl Producer {
     /// Cancel-safe: if dropped before it returns, the record was not added.
     pub async fn send(&self, record: ProducerRecord<'_>) -> Result<DeliveryFuture> {
         let inner = self.inner();
-        if let Some(e) = inner.accumulator().fatal.clone() {
+        if let Some(e) = inner.accumulator.fatal() {
             return Err(e);
         }
         if inner.config.transactional_id.is_some() {
@@ -461,7 +461,7 @@ impl Producer {
         // the count the accumulator holds is used while the cache is
         // unchanged (one atomic load instead of a cache look-up per record).
         let epoch = inner.client.metadata_epoch();
-        let known = inner.accumulator().partition_count(record.topic, epoch);
+        let known = inner.accumulator.partition_count(record.topic, epoch);
         let partitions = match known {
             Some(n) => n,
             None => match inner.client.cached_topic(record.topic) {
@@ -496,7 +496,7 @@ impl Producer {
         let timestamp = record.timestamp.unwrap_or_else(now_ms);
         let (future, wake) =
             inner
-                .accumulator()
+                .accumulator
                 .append(&record, (partitions, epoch), timestamp, size);
         if wake {
             inner.wake_sink.notify_one();
@@ -516,17 +516,17 @@ impl Producer {
         struct Flushing<'a>(&'a Inner);
         impl Drop for Flushing<'_> {
             fn drop(&mut self) {
-                self.0.accumulator().flushes -= 1;
+                self.0.control().flushes -= 1;
             }
         }
-        inner.accumulator().flushes += 1;
+        inner.control().flushes += 1;
         let _flushing = Flushing(inner);
         inner.wake_sink.notify_one();
         loop {
             let idle = inner.idle.notified();
             tokio::pin!(idle);
             idle.as_mut().enable();
-            if inner.accumulator().pending_batches == 0 {
+            if inner.accumulator.pending_batches() == 0 {
                 break;
             }
             idle.await;
@@ -551,11 +551,12 @@ impl Producer {
     }
 
     fn identity(&self) -> Result<(i64, i16)> {
-        let acc = self.inner().accumulator();
-        if let Some(e) = acc.fatal.clone() {
+        if let Some(e) = self.inner().accumulator.fatal() {
             return Err(e);
         }
-        acc.identity
+        self.inner()
+            .control()
+            .identity
             .ok_or_else(|| self.txn_misuse("init_transactions has not run".into()))
     }
 
@@ -570,7 +571,7 @@ impl Producer {
             ));
         }
         let identity = txn::init_producer_id(self.inner(), None).await?;
-        self.inner().accumulator().identity = Some(identity);
+        self.inner().control().identity = Some(identity);
         *self.txn_state() = txn::TxnState::Ready;
         self.inner().wake_sink.notify_one();
         Ok(())
@@ -604,7 +605,7 @@ impl Producer {
         }
         let result = txn::send_offsets(self.inner(), identity, offsets, group).await;
         if result.is_ok() {
-            self.inner().accumulator().txn_group_added = true;
+            self.inner().control().txn_group_added = true;
         }
         self.note_txn_error(&result);
         result
@@ -635,7 +636,7 @@ impl Producer {
             (other, _) => return Err(self.txn_misuse(format!("no open transaction ({other:?})"))),
         }
         self.flush().await?;
-        if let Some(e) = self.inner().accumulator().fatal.clone() {
+        if let Some(e) = self.inner().accumulator.fatal() {
             return Err(e);
         }
         if commit {
@@ -646,8 +647,8 @@ impl Producer {
             }
         }
         let empty = {
-            let acc = self.inner().accumulator();
-            acc.txn_partitions.is_empty() && !acc.txn_group_added
+            let control = self.inner().control();
+            control.txn_partitions.is_empty() && !control.txn_group_added
         };
         // A transaction that wrote nothing has nothing at the coordinator to
         // end (Kafka answers EndTxn for it with INVALID_TXN_STATE).
@@ -658,10 +659,10 @@ impl Producer {
         };
         self.note_txn_error(&result);
         if result.is_ok() {
-            let mut acc = self.inner().accumulator();
-            acc.txn_partitions.clear();
-            acc.txn_group_added = false;
-            drop(acc);
+            let mut control = self.inner().control();
+            control.txn_partitions.clear();
+            control.txn_group_added = false;
+            drop(control);
             *self.txn_state() = txn::TxnState::Ready;
         }
         result
@@ -685,8 +686,10 @@ impl Producer {
     /// Whether the open transaction holds nothing yet: no record sent or
     /// waiting, no offsets added. Committing it would change nothing.
     pub fn transaction_is_empty(&self) -> bool {
-        let acc = self.inner().accumulator();
-        acc.txn_partitions.is_empty() && !acc.txn_group_added && acc.pending_records == 0
+        let control = self.inner().control();
+        control.txn_partitions.is_empty()
+            && !control.txn_group_added
+            && self.inner().accumulator.pending_records() == 0
     }
 
     /// Bytes of records waiting in the producer (for metrics and tests).
@@ -696,7 +699,7 @@ impl Producer {
 
     /// Number of records sent but not yet acknowledged or failed.
     pub fn in_flight_records(&self) -> usize {
-        self.inner().accumulator().pending_records
+        self.inner().accumulator.pending_records()
     }
 }
 

@@ -40,9 +40,8 @@ pub(super) async fn run(inner: Arc<Inner>) {
     let mut identity_backoff = inner.client.config().backoff();
     loop {
         // A fenced producer fails everything that waits.
-        let fatal = inner.accumulator().fatal.clone();
-        if let Some(err) = fatal {
-            let waiting = inner.accumulator().take_waiting(|_, _| true);
+        if let Some(err) = inner.accumulator.fatal() {
+            let waiting = inner.accumulator.take_waiting(|_, _| true);
             for out in waiting {
                 fail(&inner, out, err.clone());
             }
@@ -50,19 +49,21 @@ pub(super) async fn run(inner: Arc<Inner>) {
         // An idempotent producer needs its id (and, after a sequence error, a
         // new epoch) before anything is sent.
         let need_identity = {
-            let acc = inner.accumulator();
+            let control = inner.control();
             let plain_idempotent =
                 inner.config.idempotence && inner.config.transactional_id.is_none();
-            let missing = acc.identity.is_none() && acc.pending_batches > 0 && plain_idempotent;
-            (missing || acc.bump_epoch).then(|| acc.identity.filter(|_| acc.bump_epoch))
+            let missing = control.identity.is_none()
+                && inner.accumulator.pending_batches() > 0
+                && plain_idempotent;
+            (missing || control.bump_epoch).then(|| control.identity.filter(|_| control.bump_epoch))
         };
         if let Some(current) = need_identity {
             if identity_retry_at.is_none_or(|t| t <= Instant::now()) {
                 match super::txn::init_producer_id(&inner, current).await {
                     Ok(id) => {
-                        let mut acc = inner.accumulator();
-                        acc.identity = Some(id);
-                        acc.bump_epoch = false;
+                        let mut control = inner.control();
+                        control.identity = Some(id);
+                        control.bump_epoch = false;
                         identity_retry_at = None;
                         identity_backoff.reset();
                     }
@@ -77,13 +78,14 @@ pub(super) async fn run(inner: Arc<Inner>) {
         }
         let now = Instant::now();
         let (deadline, sendable, expired, finished) = {
-            let mut acc = inner.accumulator();
-            let force = acc.flushes > 0 || acc.closing;
+            let control = inner.control();
+            let acc = &inner.accumulator;
+            let force = control.flushes > 0 || control.closing;
             let deadline = acc.collect_ready(now, force);
             let expired = acc.take_expired(now, inner.config.delivery_timeout);
             let max = inner.config.max_in_flight;
             let mut topics = HashMap::new();
-            let sendable = acc.take_sendable(now, |topic, partition| {
+            let sendable = acc.take_sendable(&control, now, |topic, partition| {
                 let meta = topics
                     .entry(topic.to_owned())
                     .or_insert_with(|| inner.client.cached_topic(topic));
@@ -101,7 +103,7 @@ pub(super) async fn run(inner: Arc<Inner>) {
                     Some(l) => Some(l),
                 }
             });
-            let finished = acc.closing && acc.pending_batches == 0;
+            let finished = control.closing && acc.pending_batches() == 0;
             (deadline, sendable, expired, finished)
         };
         let super::accumulator::Sendable {
@@ -138,13 +140,13 @@ pub(super) async fn run(inner: Arc<Inner>) {
             }
         }
         if !to_add.is_empty() {
-            let identity = inner.accumulator().identity;
+            let identity = inner.control().identity;
             if let Some(identity) = identity {
                 match super::txn::add_partitions(&inner, identity, &to_add).await {
-                    Ok(()) => inner.accumulator().txn_partitions.extend(to_add),
+                    Ok(()) => inner.control().txn_partitions.extend(to_add),
                     Err(e @ Error::ProducerFenced { .. }) => inner.fence(e),
                     Err(e) => {
-                        let waiting = inner.accumulator().take_waiting(|t, p| {
+                        let waiting = inner.accumulator.take_waiting(|t, p| {
                             to_add.iter().any(|(tt, pp)| **tt == *t && *pp == p)
                         });
                         for out in waiting {
@@ -199,7 +201,7 @@ pub(super) async fn run(inner: Arc<Inner>) {
                                 *n -= 1;
                             }
                             for out in outs {
-                                inner.accumulator().unmute(&out.topic, out.partition);
+                                inner.accumulator.unmute(&out.topic, out.partition);
                                 fail(&inner, out, Error::Closed("produce request task"));
                             }
                         }
@@ -346,7 +348,7 @@ fn handle_response(inner: &Inner, sent: Sent, refresh: &mut HashSet<Arc<str>>) {
     };
     let Some(response) = response else {
         for out in batches {
-            inner.accumulator().unmute(&out.topic, out.partition);
+            inner.accumulator.unmute(&out.topic, out.partition);
             succeed(inner, out, -1);
         }
         return;
@@ -373,7 +375,7 @@ fn handle_response(inner: &Inner, sent: Sent, refresh: &mut HashSet<Arc<str>>) {
         match result {
             // A duplicate is a batch the broker already has: delivered.
             Some((0 | 46, base, _)) => {
-                inner.accumulator().unmute(&out.topic, out.partition);
+                inner.accumulator.unmute(&out.topic, out.partition);
                 succeed(inner, out, base);
             }
             Some((code @ (45 | 47 | 59 | 90), _, message)) if inner.config.idempotence => {
@@ -414,26 +416,26 @@ fn sequence_error(inner: &Inner, mut out: Outgoing, code: i16, message: Option<S
         Some(out.partition),
         message.as_deref(),
     );
-    let mut acc = inner.accumulator();
-    acc.unmute(&out.topic, out.partition);
+    inner.accumulator.unmute(&out.topic, out.partition);
     let sent_under = out
         .batch
         .identity
         .map(|i| (i.producer_id, i.producer_epoch));
-    let stale = sent_under.is_some() && sent_under != acc.identity;
+    let mut control = inner.control();
+    let stale = sent_under.is_some() && sent_under != control.identity;
     let transactional = inner.config.transactional_id.is_some();
     match code {
         // Sent under an epoch that has since been bumped: sequence it anew.
         _ if stale && !transactional => {
             out.batch.identity = None;
-            acc.requeue(out);
+            inner.accumulator.requeue(out);
         }
         ResponseError::ProducerFenced | ResponseError::InvalidProducerEpoch => {
             let fenced = Error::ProducerFenced {
                 transactional_id: inner.config.transactional_id.clone(),
                 reason: format!("Produce to {}-{} answered {code}", out.topic, out.partition),
             };
-            drop(acc);
+            drop(control);
             inner.fence(fenced.clone());
             fail(inner, out, fenced);
         }
@@ -441,14 +443,14 @@ fn sequence_error(inner: &Inner, mut out: Outgoing, code: i16, message: Option<S
         // transaction, bump the epoch (KIP-360) and send again from sequence 0.
         _ if !transactional => {
             warn!(topic = %out.topic, partition = out.partition, error = %err, "sequence error; bumping the producer epoch");
-            acc.bump_epoch = true;
+            control.bump_epoch = true;
             out.batch.identity = None;
-            acc.requeue(out);
+            inner.accumulator.requeue(out);
         }
         // Inside a transaction the records cannot be resent safely: the
         // transaction has to abort.
         _ => {
-            drop(acc);
+            drop(control);
             fail(inner, out, err);
         }
     }
@@ -458,12 +460,12 @@ fn retry_or_fail(inner: &Inner, mut out: Outgoing, err: Error, refresh: &mut Has
     let config = &inner.config;
     let age = out.batch.created.elapsed();
     if !err.is_retriable() {
-        inner.accumulator().unmute(&out.topic, out.partition);
+        inner.accumulator.unmute(&out.topic, out.partition);
         fail(inner, out, err);
         return;
     }
     if age >= config.delivery_timeout {
-        inner.accumulator().unmute(&out.topic, out.partition);
+        inner.accumulator.unmute(&out.topic, out.partition);
         let e = Error::DeliveryTimeout {
             topic: out.topic.to_string(),
             partition: out.partition,
@@ -486,7 +488,7 @@ fn retry_or_fail(inner: &Inner, mut out: Outgoing, err: Error, refresh: &mut Has
     out.batch.attempts += 1;
     out.batch.retry_at = Some(Instant::now() + backoff);
     debug!(topic = %out.topic, partition = out.partition, attempt = out.batch.attempts, error = %err, "retrying batch");
-    inner.accumulator().requeue(out);
+    inner.accumulator.requeue(out);
 }
 
 fn succeed(inner: &Inner, out: Outgoing, base_offset: i64) {
@@ -503,7 +505,7 @@ fn fail(inner: &Inner, out: Outgoing, err: Error) {
 
 fn release(inner: &Inner, batch: &ProducerBatch) {
     inner.memory.add_permits(batch.reserved);
-    if inner.accumulator().batch_done(batch) {
+    if inner.accumulator.batch_done(batch) {
         inner.idle.notify_waiters();
     }
 }
