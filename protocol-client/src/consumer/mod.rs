@@ -418,10 +418,15 @@ impl Consumer {
             .and_then(|s| s.position)
     }
 
-    /// Fetched bytes (as the broker sent them) not yet taken by `poll`:
-    /// what [`ConsumerConfig::max_buffered_bytes`] bounds.
+    /// Fetched bytes (as the broker sent them) not yet taken by `poll`: what
+    /// [`ConsumerConfig::max_buffered_bytes`] bounds, plus the slices set
+    /// aside for paused partitions (at most one per partition), which no
+    /// longer count against that bound.
     pub fn buffered_bytes(&self) -> usize {
-        self.handle.lock().buffered
+        let len = |f: &Fetched| f.result.as_ref().map_or(0, Bytes::len);
+        let leftover = self.leftover.as_ref().filter(|_| self.leftover_released);
+        let set_aside = self.parked.iter().map(len).sum::<usize>() + leftover.map_or(0, len);
+        self.handle.lock().buffered + set_aside
     }
 
     /// The high watermark of `tp` from the last fetch (-1 before the first).
@@ -1449,6 +1454,12 @@ mod tests {
         c.pause(&tp0).unwrap();
         drain(&mut c, &mut got).await;
         assert_eq!(got[1].len(), PER_PARTITION, "partition 1 went on");
+        // The paused partition's slice, set aside, still counts as held.
+        let held = c.buffered_bytes();
+        assert!(
+            held > 0 && held <= 400_000,
+            "{held} bytes held while paused"
+        );
         // At most the first poll's records: nothing of partition 0 after the
         // pause, though its chunk was decoded part way.
         assert!(
@@ -1474,6 +1485,7 @@ mod tests {
         let expected: Vec<i64> = (0..PER_PARTITION as i64).collect();
         assert_eq!(got[0], expected, "partition 0 after resuming");
         assert_eq!(got[1], expected, "partition 1");
+        assert_eq!(c.buffered_bytes(), 0, "all handed out");
     }
 
     /// A consumer that is not polled holds at most one fetched slice per
