@@ -603,6 +603,12 @@ fn group_config(
     // partition the worker paused, so a larger read-ahead (the client's
     // 64 MiB) would pass the tasks' bound by that much.
     group.consumer.max_buffered_bytes = config.max_buffered_bytes;
+    // One Fetch response is within that bound too: the client's 50 MiB
+    // would let a catching-up worker hold a response many times its share
+    // (a broker still returns a first batch larger than this, as Kafka does).
+    group.consumer.fetch_max_bytes = i32::try_from(config.max_buffered_bytes)
+        .unwrap_or(i32::MAX)
+        .min(group.consumer.fetch_max_bytes);
     group.consumer.isolation = spec.isolation();
     group
 }
