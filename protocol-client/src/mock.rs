@@ -114,6 +114,10 @@ pub enum Action {
     /// normally (as a broker does for partitions whose leadership moved).
     /// Other requests: answer normally.
     FailPartitions(Vec<TopicPartition>, ResponseError),
+    /// Fetch: cut each partition's data at the request's byte bounds, mid-batch
+    /// if need be, as brokers before KIP-74 did (Kafka now always returns the
+    /// first batch whole). Other requests: answer normally.
+    CutFetches,
 }
 
 /// Decides the fate of each request.
@@ -743,11 +747,12 @@ async fn handle(inner: &Arc<Inner>, mut body: Bytes) -> Option<Vec<u8>> {
                 group: None,
                 member: None,
             };
-            let (fail, failing) = match hook(inner, &call) {
-                Action::FailPartitions(tps, code) => (None, Some((tps, code))),
-                _ => (act(inner, &call).await?, None),
+            let (fail, failing, cut) = match hook(inner, &call) {
+                Action::FailPartitions(tps, code) => (None, Some((tps, code)), false),
+                Action::CutFetches => (None, None, true),
+                _ => (act(inner, &call).await?, None, false),
             };
-            reply!(fetch(inner, req, fail, failing.as_ref()).await)
+            reply!(fetch(inner, req, fail, failing.as_ref(), cut).await)
         }
         ApiKey::ListOffsets => {
             let req = decode!(ListOffsetsRequest);
@@ -874,7 +879,7 @@ async fn act(inner: &Inner, call: &Call) -> Option<Option<ResponseError>> {
             Some(None)
         }
         Action::Hang => None,
-        Action::FailPartitions(..) => Some(None),
+        Action::FailPartitions(..) | Action::CutFetches => Some(None),
     }
 }
 
@@ -1084,13 +1089,14 @@ async fn fetch(
     req: FetchRequest,
     fail: Option<ResponseError>,
     failing: Option<&Failing>,
+    cut: bool,
 ) -> FetchResponse {
     let deadline = Instant::now() + Duration::from_millis(req.max_wait_ms.max(0) as u64);
     loop {
         let notified = inner.appended.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
-        let (resp, bytes) = fetch_now(inner, &req, fail, failing);
+        let (resp, bytes) = fetch_now(inner, &req, fail, failing, cut);
         if bytes > 0 || fail.is_some() || Instant::now() >= deadline {
             return resp;
         }
@@ -1106,6 +1112,7 @@ fn fetch_now(
     req: &FetchRequest,
     fail: Option<ResponseError>,
     failing: Option<&Failing>,
+    cut: bool,
 ) -> (FetchResponse, usize) {
     let state = lock(&inner.state);
     let committed_only = req.isolation_level == 1;
@@ -1152,7 +1159,13 @@ fn fetch_now(
                     };
                     let mut out = BytesMut::new();
                     let first = log.batches.partition_point(|b| b.last < p.fetch_offset);
+                    let limit = p.partition_max_bytes.min(req.max_bytes).max(0) as usize;
                     for b in log.batches[first..].iter().take_while(|b| b.base < bound) {
+                        if cut {
+                            let room = limit.saturating_sub(out.len());
+                            out.extend_from_slice(&b.bytes[..b.bytes.len().min(room)]);
+                            continue;
+                        }
                         if !out.is_empty()
                             && out.len() + b.bytes.len() > p.partition_max_bytes.max(0) as usize
                         {

@@ -21,6 +21,13 @@ use crate::cluster::{Client, ConnectionClass};
 use crate::error::{Error, Result};
 use crate::types::OffsetSpec;
 
+/// How far a partition's fetch size may grow when a broker that cuts
+/// responses at the byte bounds (as before KIP-74) returned not even one
+/// whole batch: past any batch a broker takes by default. The response
+/// bound grows with it, even past `fetch_max_bytes`, or such a batch could
+/// never be read.
+const MAX_GROWN_FETCH: i32 = 256 << 20;
+
 /// One partition of an outstanding Fetch: which epoch and offset it asked for.
 struct Asked {
     tp: TopicPartition,
@@ -287,7 +294,12 @@ async fn fetch(
         .with_replica_id(BrokerId(-1))
         .with_max_wait_ms(max_wait.as_millis() as i32)
         .with_min_bytes(config.fetch_min_bytes)
-        .with_max_bytes(config.fetch_max_bytes)
+        .with_max_bytes(
+            asked
+                .iter()
+                .map(|a| a.max_bytes)
+                .fold(config.fetch_max_bytes, i32::max),
+        )
         .with_isolation_level(match config.isolation {
             super::IsolationLevel::ReadUncommitted => 0,
             super::IsolationLevel::ReadCommitted => 1,
@@ -400,7 +412,8 @@ async fn handle_done(
                         }
                         None if !records.is_empty() => {
                             // Not even one whole batch fit: ask for more next time.
-                            s.max_bytes = s.max_bytes.saturating_mul(2).min(config.fetch_max_bytes);
+                            let most = config.fetch_max_bytes.max(MAX_GROWN_FETCH);
+                            s.max_bytes = s.max_bytes.saturating_mul(2).min(most);
                             debug!(tp = %a.tp, max_bytes = s.max_bytes, "batch larger than the partition fetch size");
                         }
                         None => {}

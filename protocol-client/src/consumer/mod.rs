@@ -1404,6 +1404,63 @@ mod tests {
         assert_eq!(c.position(&tp), Some(2), "not past the marker");
     }
 
+    /// A broker that cuts a fetch at its byte bounds, mid-batch, returns
+    /// no whole batch when one is larger than them: the partition's fetch
+    /// size doubles until the batch fits, past `fetch_max_bytes` if need be
+    /// (as a worker sets it low, to its share of the memory budget).
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_larger_than_the_fetch_bounds_is_read() {
+        use crate::mock::{Action, MockCluster};
+        let cluster = MockCluster::new();
+        cluster.create_topic("t", 1);
+        let big = {
+            let mut b = BatchBuilder::new(64);
+            for i in 0..3 {
+                b.push(i, None, Some(&vec![i as u8; 700_000]), &[]);
+            }
+            b.seal(Compression::None, ProducerIdentity::default())
+                .unwrap()
+        };
+        assert!(big.len() > 2 << 20);
+        cluster.append_raw("t", 0, big);
+        cluster.append_raw("t", 0, batch(3, 10));
+        // A consumer that never gets a whole batch fetches without end, and a
+        // paused clock never moves while it does: after 50 fetches the
+        // broker stops answering, so the timeout below fails the test.
+        let fetches = std::sync::atomic::AtomicUsize::new(0);
+        cluster.set_hook(move |call| match call.api {
+            kafka_protocol::messages::ApiKey::Fetch => {
+                if fetches.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < 50 {
+                    Action::CutFetches
+                } else {
+                    Action::Hang
+                }
+            }
+            _ => Action::Answer,
+        });
+        let client = crate::Client::connect(cluster.client_config())
+            .await
+            .unwrap();
+        let config = ConsumerConfig {
+            fetch_max_bytes: 1 << 20,
+            max_partition_fetch_bytes: 512 << 10,
+            max_buffered_bytes: 1 << 20,
+            ..ConsumerConfig::default()
+        };
+        let mut c = Consumer::new(client, config);
+        c.assign([(TopicPartition::new("t", 0), Offset::Earliest)])
+            .unwrap();
+        let mut offsets = vec![];
+        while offsets.len() < 13 {
+            let records = tokio::time::timeout(Duration::from_secs(30), c.poll())
+                .await
+                .expect("records larger than the fetch bounds were never read")
+                .unwrap();
+            offsets.extend(records.iter().map(|r| r.offset));
+        }
+        assert_eq!(offsets, (0..13).collect::<Vec<i64>>());
+    }
+
     /// Data of a partition fetched before it was paused is not handed out
     /// (only what was already decoded is): a paused partition's records
     /// stop, so the caller's queue for it stops growing. Once resumed it
