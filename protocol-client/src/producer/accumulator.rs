@@ -182,15 +182,6 @@ impl Accumulator {
         self.pending_records.load(Ordering::Acquire)
     }
 
-    /// The partition count of `topic` known under metadata `epoch`, if the
-    /// topic was sized under that epoch (the cache has not changed since).
-    pub fn partition_count(&self, topic: &str, epoch: u64) -> Option<usize> {
-        read(&self.topics)
-            .get(topic)
-            .filter(|t| t.epoch.load(Ordering::Relaxed) == epoch)
-            .map(|t| t.partitions.len())
-    }
-
     /// A topic's queues, registered or grown to `partitions` when the topic
     /// is new or has gained partitions (partition counts only grow in Kafka).
     fn topic(&self, topic: &str, partitions: usize, epoch: u64) -> Arc<TopicQueues> {
@@ -237,23 +228,57 @@ impl Accumulator {
         read(&self.topics).values().cloned().collect()
     }
 
-    /// Encodes `record` into its partition's open batch. Returns its future and
-    /// whether the sink should wake (a batch started or closed).
-    ///
-    /// `partitions` is the topic's partition count as the client's metadata
-    /// knows it under `epoch`; the caller has checked an explicit partition
-    /// is below it.
+    /// Encodes `record` into its partition's open batch if its topic's
+    /// partition count is known under metadata `epoch` (one look-up under
+    /// the read lock: the common case). `None` when it is not: the caller
+    /// loads the count and calls [`Accumulator::append`].
+    pub fn append_known(
+        &self,
+        record: &ProducerRecord<'_>,
+        epoch: u64,
+        timestamp: i64,
+        size: usize,
+    ) -> Option<Result<(DeliveryFuture, bool), Error>> {
+        let topics = read(&self.topics);
+        let topic = topics
+            .get(record.topic)
+            .filter(|t| t.epoch.load(Ordering::Relaxed) == epoch)?;
+        Some(self.append_to(topic, record, timestamp, size))
+    }
+
+    /// Encodes `record` into its partition's open batch, registering or
+    /// growing its topic to `partitions`, the count the client's metadata
+    /// knows under `epoch`.
     pub fn append(
         &self,
         record: &ProducerRecord<'_>,
         (partitions, epoch): (usize, u64),
         timestamp: i64,
         size: usize,
-    ) -> (DeliveryFuture, bool) {
-        let batch_size = self.batch_size;
+    ) -> Result<(DeliveryFuture, bool), Error> {
         let topic = self.topic(record.topic, partitions, epoch);
+        self.append_to(&topic, record, timestamp, size)
+    }
+
+    /// Returns the record's future and whether the sink should wake (a batch
+    /// started or closed); an explicit partition past the topic's is an error.
+    fn append_to(
+        &self,
+        topic: &TopicQueues,
+        record: &ProducerRecord<'_>,
+        timestamp: i64,
+        size: usize,
+    ) -> Result<(DeliveryFuture, bool), Error> {
+        let batch_size = self.batch_size;
         let n = topic.partitions.len();
         let partition = match (record.partition, record.key) {
+            (Some(p), _) if p < 0 || p as usize >= n => {
+                return Err(Error::UnknownPartition {
+                    topic: record.topic.to_owned(),
+                    partition: p,
+                    partitions: n,
+                })
+            }
             (Some(p), _) => p,
             (None, Some(key)) => partition_for_key(key, n),
             (None, None) => lock(&topic.sticky).partition(n),
@@ -303,7 +328,7 @@ impl Accumulator {
             close(&mut queue, &topic.sticky, partition, n);
             wake = true;
         }
-        (future, wake)
+        Ok((future, wake))
     }
 
     /// Closes open batches whose linger has passed (all of them when `force`).
@@ -591,7 +616,10 @@ mod tests {
                         let record = ProducerRecord::to("t")
                             .partition((i % 3) as i32)
                             .value(&value);
-                        acc.append(&record, (3, 1), 0, 64);
+                        let known = acc.append_known(&record, 1, 0, 64);
+                        known
+                            .unwrap_or_else(|| acc.append(&record, (3, 1), 0, 64))
+                            .unwrap();
                     }
                 })
             })

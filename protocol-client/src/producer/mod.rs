@@ -456,48 +456,44 @@ impl Producer {
                 inner.config.buffer_memory
             )));
         }
+        // Held until the record is in its batch: a send dropped before
+        // (cancelled while it waits for metadata) gives the bytes back.
+        let permit = match inner.memory.try_acquire_many(size as u32) {
+            Ok(permit) => permit,
+            Err(tokio::sync::TryAcquireError::NoPermits) => inner
+                .memory
+                .acquire_many(size as u32)
+                .await
+                .map_err(|_| Error::Closed("producer"))?,
+            Err(tokio::sync::TryAcquireError::Closed) => return Err(Error::Closed("producer")),
+        };
+        let timestamp = record.timestamp.unwrap_or_else(now_ms);
         // The client's metadata cache, refreshed in the background, so
         // partitions added to the topic are used once the cache knows them;
         // the count the accumulator holds is used while the cache is
         // unchanged (one atomic load instead of a cache look-up per record).
         let epoch = inner.client.metadata_epoch();
-        let known = inner.accumulator.partition_count(record.topic, epoch);
-        let partitions = match known {
-            Some(n) => n,
-            None => match inner.client.cached_topic(record.topic) {
-                Some(t) if !t.partitions.is_empty() => t.partitions.len(),
-                _ => inner
-                    .client
-                    .topic_metadata(record.topic)
-                    .await?
-                    .partitions
-                    .len(),
-            },
-        };
-        if let Some(p) = record.partition {
-            if p < 0 || p as usize >= partitions {
-                return Err(Error::UnknownPartition {
-                    topic: record.topic.to_owned(),
-                    partition: p,
-                    partitions,
-                });
+        let appended = match inner
+            .accumulator
+            .append_known(&record, epoch, timestamp, size)
+        {
+            Some(appended) => appended,
+            None => {
+                let partitions = match inner.client.cached_topic(record.topic) {
+                    Some(t) if !t.partitions.is_empty() => t.partitions.len(),
+                    _ => inner
+                        .client
+                        .topic_metadata(record.topic)
+                        .await?
+                        .partitions
+                        .len(),
+                };
+                let known = (partitions, epoch);
+                inner.accumulator.append(&record, known, timestamp, size)
             }
-        }
-        match inner.memory.try_acquire_many(size as u32) {
-            Ok(permit) => permit.forget(),
-            Err(tokio::sync::TryAcquireError::NoPermits) => inner
-                .memory
-                .acquire_many(size as u32)
-                .await
-                .map_err(|_| Error::Closed("producer"))?
-                .forget(),
-            Err(tokio::sync::TryAcquireError::Closed) => return Err(Error::Closed("producer")),
-        }
-        let timestamp = record.timestamp.unwrap_or_else(now_ms);
-        let (future, wake) =
-            inner
-                .accumulator
-                .append(&record, (partitions, epoch), timestamp, size);
+        };
+        let (future, wake) = appended?;
+        permit.forget();
         if wake {
             inner.wake_sink.notify_one();
         }
@@ -869,6 +865,39 @@ mod tests {
                 "no epoch bump"
             );
         }
+    }
+
+    /// A send cancelled while it waits for its topic's metadata gives back
+    /// the buffer memory it took, and so does a send that fails (a partition
+    /// the topic does not have).
+    #[tokio::test(start_paused = true)]
+    async fn a_send_that_adds_no_record_holds_no_memory() {
+        use crate::mock::{Action, MockCluster};
+        let cluster = MockCluster::new();
+        cluster.create_topic("t", 2);
+        cluster.set_hook(|call| match call.api {
+            ApiKey::Metadata if call.topics.iter().any(|t| t == "slow") => Action::Hang,
+            _ => Action::Answer,
+        });
+        let client = Client::connect(cluster.client_config()).await.unwrap();
+        let producer = Producer::new(client, ProducerConfig::default()).unwrap();
+        let send = producer.send(ProducerRecord::to("slow").value(b"v"));
+        let waited = tokio::time::timeout(std::time::Duration::from_secs(1), send).await;
+        assert!(waited.is_err(), "the metadata never comes");
+        assert_eq!(producer.buffered_bytes(), 0, "after a cancelled send");
+        let bad = ProducerRecord::to("t").partition(2).value(b"v");
+        let err = producer.send(bad).await.unwrap_err();
+        assert!(
+            matches!(err, Error::UnknownPartition { partitions: 2, .. }),
+            "{err}"
+        );
+        assert_eq!(producer.buffered_bytes(), 0, "after a failed send");
+        let good = ProducerRecord::to("t").partition(1).value(b"v");
+        let delivery = producer.send(good).await.unwrap();
+        assert!(producer.buffered_bytes() > 0);
+        producer.flush().await.unwrap();
+        delivery.await.unwrap();
+        assert_eq!(producer.buffered_bytes(), 0, "after the delivery");
     }
 
     /// Batches ready for one broker go in requests of `max_request_size`,
