@@ -776,6 +776,24 @@ mod state_bench {
             .map_or(-1.0, |kb| kb / 1024.0)
     }
 
+    /// CPU seconds (user + system) this process has used so far, from
+    /// /proc/self/stat in clock ticks of 1/100 s (Linux's `USER_HZ`); -1
+    /// where /proc does not tell.
+    pub(super) fn cpu_seconds() -> f64 {
+        std::fs::read_to_string("/proc/self/stat")
+            .ok()
+            .and_then(|s| {
+                // The fields after the command name, which is in parentheses.
+                let rest = &s[s.rfind(')')? + 1..];
+                let fields: Vec<&str> = rest.split_whitespace().collect();
+                let ticks = |i: usize| fields.get(i)?.parse::<f64>().ok();
+                // utime and stime are fields 14 and 15 of stat(5); `rest`
+                // starts at field 3.
+                Some((ticks(11)? + ticks(12)?) / 100.0)
+            })
+            .unwrap_or(-1.0)
+    }
+
     fn open_store(
         args: &StateArgs,
         name: &str,
@@ -1138,12 +1156,14 @@ mod pipeline {
             })
         };
         let mut done = done_rx.clone();
+        let cpu_before = super::state_bench::cpu_seconds();
         app.run(async move {
             let _ = done.wait_for(|d| *d).await;
         })
         .await
         .map_err(|e| Error::Config(e.to_string()))?;
         let _ = sampler.await;
+        let cpu = super::state_bench::cpu_seconds() - cpu_before;
         let truth = fed
             .await
             .map_err(|e| Error::Config(format!("the feeder failed: {e}")))??;
@@ -1189,6 +1209,9 @@ mod pipeline {
             "seconds": seconds,
             "events_per_s": n as f64 / seconds,
             "peak_rss_mb": super::state_bench::peak_rss_mb(),
+            // The worker's run, from its start to its final checkpoint (and a
+            // soak run's feeder, which runs alongside).
+            "cpu_s_per_million_events": cpu * 1e6 / n as f64,
             "rss_mb_by_quarter": quarters,
             "rss_samples": samples.len(),
             "keys": keys,
