@@ -256,6 +256,15 @@ impl Accumulator {
         timestamp: i64,
         size: usize,
     ) -> Result<(DeliveryFuture, bool), Error> {
+        // Checked against the metadata's count too: the queues keep the
+        // largest count seen, which a re-created topic may not have.
+        if let Some(p) = record.partition.filter(|&p| p as usize >= partitions) {
+            return Err(Error::UnknownPartition {
+                topic: record.topic.to_owned(),
+                partition: p,
+                partitions,
+            });
+        }
         let topic = self.topic(record.topic, partitions, epoch);
         self.append_to(&topic, record, timestamp, size)
     }

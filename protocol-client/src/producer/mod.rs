@@ -345,6 +345,18 @@ impl Inner {
         self.accumulator.control()
     }
 
+    /// Takes `size` bytes of `buffer_memory`, waiting while it is full.
+    async fn reserve(&self, size: usize) -> Result<tokio::sync::SemaphorePermit<'_>> {
+        match self.memory.try_acquire_many(size as u32) {
+            Ok(permit) => Ok(permit),
+            Err(tokio::sync::TryAcquireError::NoPermits) => (self.memory)
+                .acquire_many(size as u32)
+                .await
+                .map_err(|_| Error::Closed("producer")),
+            Err(tokio::sync::TryAcquireError::Closed) => Err(Error::Closed("producer")),
+        }
+    }
+
     /// Ends this producer: every waiting record fails with `err`, and so does
     /// every later call.
     fn fence(&self, err: Error) {
@@ -456,17 +468,9 @@ impl Producer {
                 inner.config.buffer_memory
             )));
         }
-        // Held until the record is in its batch: a send dropped before
-        // (cancelled while it waits for metadata) gives the bytes back.
-        let permit = match inner.memory.try_acquire_many(size as u32) {
-            Ok(permit) => permit,
-            Err(tokio::sync::TryAcquireError::NoPermits) => inner
-                .memory
-                .acquire_many(size as u32)
-                .await
-                .map_err(|_| Error::Closed("producer"))?,
-            Err(tokio::sync::TryAcquireError::Closed) => return Err(Error::Closed("producer")),
-        };
+        // Held until the record is in its batch: a send that fails or is
+        // dropped before gives the bytes back.
+        let mut permit = inner.reserve(size).await?;
         let timestamp = record.timestamp.unwrap_or_else(now_ms);
         // The client's metadata cache, refreshed in the background, so
         // partitions added to the topic are used once the cache knows them;
@@ -479,6 +483,10 @@ impl Producer {
         {
             Some(appended) => appended,
             None => {
+                // Not held while the metadata loads: sends to a topic that
+                // is missing or slow to answer would otherwise keep memory
+                // from sends to other topics.
+                drop(permit);
                 let partitions = match inner.client.cached_topic(record.topic) {
                     Some(t) if !t.partitions.is_empty() => t.partitions.len(),
                     _ => inner
@@ -488,6 +496,7 @@ impl Producer {
                         .partitions
                         .len(),
                 };
+                permit = inner.reserve(size).await?;
                 let known = (partitions, epoch);
                 inner.accumulator.append(&record, known, timestamp, size)
             }
@@ -867,9 +876,10 @@ mod tests {
         }
     }
 
-    /// A send cancelled while it waits for its topic's metadata gives back
-    /// the buffer memory it took, and so does a send that fails (a partition
-    /// the topic does not have).
+    /// A send that waits for its topic's metadata holds no buffer memory
+    /// meanwhile (sends to other topics go on), a cancelled one holds none
+    /// after, and neither does a send that fails (a partition the topic does
+    /// not have).
     #[tokio::test(start_paused = true)]
     async fn a_send_that_adds_no_record_holds_no_memory() {
         use crate::mock::{Action, MockCluster};
@@ -880,10 +890,40 @@ mod tests {
             _ => Action::Answer,
         });
         let client = Client::connect(cluster.client_config()).await.unwrap();
-        let producer = Producer::new(client, ProducerConfig::default()).unwrap();
-        let send = producer.send(ProducerRecord::to("slow").value(b"v"));
-        let waited = tokio::time::timeout(std::time::Duration::from_secs(1), send).await;
-        assert!(waited.is_err(), "the metadata never comes");
+        let value = [7u8; 100];
+        let size = crate::records::BatchBuilder::record_size(None, Some(&value), &[]);
+        // Room for one record at a time.
+        let config = ProducerConfig {
+            buffer_memory: size,
+            batch_size: size,
+            ..ProducerConfig::default()
+        };
+        let producer = Producer::new(client, config).unwrap();
+        // "t"'s partition count is known before the slow send starts.
+        let first = producer.send(ProducerRecord::to("t").value(&value));
+        first.await.unwrap().await.unwrap();
+        let slow = {
+            let producer = producer.clone();
+            tokio::spawn(async move {
+                let record = ProducerRecord::to("slow").value(&value);
+                producer.send(record).await.map(|_| ())
+            })
+        };
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        assert!(!slow.is_finished(), "the metadata never comes");
+        assert_eq!(
+            producer.buffered_bytes(),
+            0,
+            "while a send waits for metadata"
+        );
+        let other = producer.send(ProducerRecord::to("t").partition(0).value(&value));
+        let other = tokio::time::timeout(std::time::Duration::from_secs(5), other)
+            .await
+            .expect("a send to another topic waited for the slow one's memory")
+            .unwrap();
+        other.await.unwrap();
+        slow.abort();
+        assert!(slow.await.unwrap_err().is_cancelled());
         assert_eq!(producer.buffered_bytes(), 0, "after a cancelled send");
         let bad = ProducerRecord::to("t").partition(2).value(b"v");
         let err = producer.send(bad).await.unwrap_err();
