@@ -50,6 +50,12 @@ pub(crate) fn client_config(config: &TlsConfig) -> Result<TlsClientConfig> {
             }
         }
     }
+    // rustls 0.23.48 deprecates the ring provider in favour of aws-lc-rs
+    // (post-quantum key exchange). aws-lc-rs needs a C and CMake toolchain
+    // and complicates the static musl build; Kafka brokers' TLS (1.2 and 1.3
+    // with classical key exchange) is what ring covers. So ring stays, and a
+    // user resolving rustls afresh sees no warning from this crate.
+    #[allow(deprecated)]
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
