@@ -192,8 +192,11 @@ impl Accumulator {
             }
         }
         let mut topics = write(&self.topics);
-        let queues = match topics.get(topic) {
-            Some(old) if old.partitions.len() >= partitions => old.clone(),
+        match topics.get(topic) {
+            Some(old) if old.partitions.len() >= partitions => {
+                old.epoch.store(epoch, Ordering::Relaxed);
+                old.clone()
+            }
             old => {
                 let (name, mut queues, sticky) = match old {
                     Some(old) => (
@@ -217,9 +220,7 @@ impl Accumulator {
                 topics.insert(name, grown.clone());
                 grown
             }
-        };
-        queues.epoch.store(epoch, Ordering::Relaxed);
-        queues
+        }
     }
 
     /// Every topic's queues as they are now, for the sink's passes (which
@@ -243,7 +244,7 @@ impl Accumulator {
         let topic = topics
             .get(record.topic)
             .filter(|t| t.epoch.load(Ordering::Relaxed) == epoch)?;
-        Some(self.append_to(topic, record, timestamp, size))
+        Some(self.append_to(topic, topic.partitions.len(), record, timestamp, size))
     }
 
     /// Encodes `record` into its partition's open batch, registering or
@@ -256,24 +257,19 @@ impl Accumulator {
         timestamp: i64,
         size: usize,
     ) -> Result<(DeliveryFuture, bool), Error> {
-        // Checked against the metadata's count too: the queues keep the
-        // largest count seen, which a re-created topic may not have.
-        if let Some(p) = record.partition.filter(|&p| p as usize >= partitions) {
-            return Err(Error::UnknownPartition {
-                topic: record.topic.to_owned(),
-                partition: p,
-                partitions,
-            });
-        }
         let topic = self.topic(record.topic, partitions, epoch);
-        self.append_to(&topic, record, timestamp, size)
+        // Checked against the metadata's count: the queues keep the largest
+        // count seen, which a re-created topic may not have.
+        self.append_to(&topic, partitions, record, timestamp, size)
     }
 
     /// Returns the record's future and whether the sink should wake (a batch
-    /// started or closed); an explicit partition past the topic's is an error.
+    /// started or closed); an explicit partition from `partitions` on is an
+    /// error.
     fn append_to(
         &self,
         topic: &TopicQueues,
+        partitions: usize,
         record: &ProducerRecord<'_>,
         timestamp: i64,
         size: usize,
@@ -281,11 +277,11 @@ impl Accumulator {
         let batch_size = self.batch_size;
         let n = topic.partitions.len();
         let partition = match (record.partition, record.key) {
-            (Some(p), _) if p < 0 || p as usize >= n => {
+            (Some(p), _) if p < 0 || p as usize >= partitions.min(n) => {
                 return Err(Error::UnknownPartition {
                     topic: record.topic.to_owned(),
                     partition: p,
-                    partitions: n,
+                    partitions,
                 })
             }
             (Some(p), _) => p,

@@ -932,6 +932,15 @@ mod tests {
             "{err}"
         );
         assert_eq!(producer.buffered_bytes(), 0, "after a failed send");
+        // The same for a topic whose count is not known yet (loaded first).
+        cluster.create_topic("u", 2);
+        let bad = ProducerRecord::to("u").partition(2).value(b"v");
+        let err = producer.send(bad).await.unwrap_err();
+        assert!(
+            matches!(err, Error::UnknownPartition { partitions: 2, .. }),
+            "{err}"
+        );
+        assert_eq!(producer.buffered_bytes(), 0, "after a failed first send");
         let good = ProducerRecord::to("t").partition(1).value(b"v");
         let delivery = producer.send(good).await.unwrap();
         assert!(producer.buffered_bytes() > 0);
