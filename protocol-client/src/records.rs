@@ -42,6 +42,7 @@ const TRANSACTIONAL_FLAG: i16 = 0x10;
 const CONTROL_FLAG: i16 = 0x20;
 
 pub use crate::compression::Compression;
+use crate::compression::{Decompressor, MAX_DECOMPRESSED};
 
 /// A record header. Kafka allows the same key more than once; all are kept.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -295,7 +296,9 @@ pub(crate) fn restamp(sealed: &Bytes, producer: ProducerIdentity) -> Bytes {
     batch.freeze()
 }
 
-/// One decoded RecordBatch: its header fields and its (decompressed) records.
+/// One decoded RecordBatch: its header fields and its records, still
+/// compressed if they were (they are decompressed a chunk at a time as they
+/// are read, see [`Batch::records`]).
 #[derive(Debug, Clone)]
 pub struct Batch {
     /// Offset of the first record.
@@ -318,7 +321,8 @@ pub struct Batch {
     pub base_sequence: i32,
     /// Number of records the header declares.
     pub record_count: i32,
-    records: Bytes,
+    /// The records as the batch carries them (compressed or not).
+    body: Bytes,
 }
 
 impl Batch {
@@ -343,13 +347,20 @@ impl Batch {
         self.attributes & 0x08 != 0
     }
 
-    /// The records of the batch, decoded lazily.
+    /// The codec the records are compressed with.
+    pub fn compression(&self) -> Compression {
+        // `BatchDecoder` hands out no batch with an unknown codec.
+        Compression::from_id(self.attributes & COMPRESSION_MASK).unwrap_or_default()
+    }
+
+    /// The records of the batch, decoded lazily. Compressed records are
+    /// decompressed a chunk of about [`CHUNK`](crate::compression::CHUNK)
+    /// bytes at a time; a record's key, value and headers share its chunk.
+    /// Records that do not decompress are an error where they start.
     pub fn records(&self) -> RecordIter<'_> {
         RecordIter {
             batch: self,
-            pos: 0,
-            remaining: self.record_count,
-            prev: self.base_offset.saturating_sub(1),
+            reader: Reader::new(self),
         }
     }
 
@@ -357,25 +368,21 @@ impl Batch {
     /// the batch (so it can be kept, part read, between calls).
     pub fn into_records(self) -> IntoRecords {
         IntoRecords {
-            pos: 0,
-            remaining: self.record_count,
-            prev: self.base_offset.saturating_sub(1),
+            reader: Reader::new(&self),
             batch: self,
         }
     }
 
-    /// Bytes this batch keeps in memory: its header and its (decompressed) records.
+    /// Bytes this batch keeps in memory: its header and its records as
+    /// carried (compressed, if they are).
     pub(crate) fn held_size(&self) -> usize {
-        BATCH_HEADER_LEN + self.records.len()
+        BATCH_HEADER_LEN + self.body.len()
     }
 
-    /// Copies the records of an uncompressed batch out of the buffer they were
-    /// decoded from, so keeping this batch does not keep that whole buffer
-    /// alive. (A compressed batch's records are already its own buffer.)
+    /// Copies the records out of the buffer they were decoded from, so
+    /// keeping this batch does not keep that whole buffer alive.
     pub(crate) fn detach(&mut self) {
-        if self.attributes & COMPRESSION_MASK == 0 {
-            self.records = Bytes::copy_from_slice(&self.records);
-        }
+        self.body = Bytes::copy_from_slice(&self.body);
     }
 
     fn corrupt(&self, what: impl Into<String>) -> Error {
@@ -393,35 +400,14 @@ impl Batch {
 #[derive(Debug)]
 pub struct RecordIter<'a> {
     batch: &'a Batch,
-    pos: usize,
-    remaining: i32,
-    /// Offset of the record before (`base_offset - 1` at the start).
-    prev: i64,
+    reader: Reader,
 }
 
 impl Iterator for RecordIter<'_> {
     type Item = Result<Record>;
 
     fn next(&mut self) -> Option<Result<Record>> {
-        if self.remaining <= 0 {
-            if self.pos != self.batch.records.len() {
-                self.pos = self.batch.records.len();
-                return Some(Err(self.batch.corrupt(format!(
-                    "{} bytes left after the {} records the header declares",
-                    self.batch.records.len() - self.pos,
-                    self.batch.record_count
-                ))));
-            }
-            return None;
-        }
-        self.remaining -= 1;
-        let result = self.decode_one();
-        if result.is_err() {
-            // One corrupt record makes the rest of the batch unreadable.
-            self.remaining = 0;
-            self.pos = self.batch.records.len();
-        }
-        Some(result)
+        self.reader.next(self.batch)
     }
 }
 
@@ -429,9 +415,7 @@ impl Iterator for RecordIter<'_> {
 #[derive(Debug)]
 pub struct IntoRecords {
     batch: Batch,
-    pos: usize,
-    remaining: i32,
-    prev: i64,
+    reader: Reader,
 }
 
 impl IntoRecords {
@@ -439,41 +423,158 @@ impl IntoRecords {
     pub fn batch(&self) -> &Batch {
         &self.batch
     }
+
+    /// Decompressed bytes this iterator keeps (its chunk at hand and the
+    /// rest of the next); 0 for uncompressed records, which are the
+    /// batch's own bytes.
+    pub(crate) fn decompressed_held(&self) -> usize {
+        if self.batch.compression() == Compression::None {
+            return 0;
+        }
+        let reader = &self.reader;
+        reader.window.len()
+            + reader.pending.as_ref().map_or(0, Bytes::len)
+            + reader.source.as_ref().map_or(0, Decompressor::retained)
+    }
 }
 
 impl Iterator for IntoRecords {
     type Item = Result<Record>;
 
     fn next(&mut self) -> Option<Result<Record>> {
-        let mut records = RecordIter {
-            batch: &self.batch,
-            pos: self.pos,
-            remaining: self.remaining,
-            prev: self.prev,
-        };
-        let next = records.next();
-        (self.pos, self.remaining, self.prev) = (records.pos, records.remaining, records.prev);
-        next
+        self.reader.next(&self.batch)
     }
 }
 
-impl RecordIter<'_> {
-    fn decode_one(&mut self) -> Result<Record> {
-        let batch = self.batch;
-        let buf = &batch.records;
-        let mut cur = Cursor {
-            buf,
-            pos: self.pos,
-            end: buf.len(),
-            batch,
+/// Where a [`RecordIter`] or [`IntoRecords`] is in its batch's records: the
+/// decompressed bytes at hand (`window[pos..]`), then `pending`, then what
+/// the decompressor has yet to give.
+#[derive(Debug)]
+struct Reader {
+    window: Bytes,
+    pos: usize,
+    /// The rest of a chunk whose start went into a record that spans chunks.
+    pending: Option<Bytes>,
+    /// `None` for uncompressed records (the window is all of them), and
+    /// once the decompressor has given everything.
+    source: Option<Decompressor>,
+    remaining: i32,
+    /// Offset of the record before (`base_offset - 1` at the start).
+    prev: i64,
+}
+
+/// The longest varint: a record's length is read once this much is at hand
+/// (or all that is left).
+const MAX_VARINT_LEN: usize = 10;
+
+impl Reader {
+    fn new(batch: &Batch) -> Reader {
+        let (window, source) = match batch.compression() {
+            Compression::None => (batch.body.clone(), None),
+            codec => (
+                Bytes::new(),
+                Some(Decompressor::new(codec, batch.body.clone())),
+            ),
         };
-        let len = cur.varint()?;
-        if len < 0 || len as u64 > (buf.len() - cur.pos) as u64 {
+        Reader {
+            window,
+            pos: 0,
+            pending: None,
+            source,
+            remaining: batch.record_count,
+            prev: batch.base_offset.saturating_sub(1),
+        }
+    }
+
+    fn next(&mut self, batch: &Batch) -> Option<Result<Record>> {
+        let result = if self.remaining <= 0 {
+            match self.fill(batch, 1) {
+                Ok(false) => return None,
+                Ok(true) => Err(batch.corrupt(format!(
+                    "bytes left after the {} records the header declares",
+                    batch.record_count
+                ))),
+                Err(e) => Err(e),
+            }
+        } else {
+            self.remaining -= 1;
+            self.decode_one(batch)
+        };
+        if result.is_err() {
+            // One corrupt record makes the rest of the batch unreadable.
+            self.remaining = 0;
+            self.pos = self.window.len();
+            self.pending = None;
+            self.source = None;
+        }
+        Some(result)
+    }
+
+    /// Makes `need` bytes contiguous at `window[pos..]`, decompressing more
+    /// as needed; false when the records end first. A record that spans two
+    /// chunks is copied, together with its start, into a window of its own.
+    fn fill(&mut self, batch: &Batch, need: usize) -> Result<bool> {
+        let mut joined: Option<BytesMut> = None;
+        loop {
+            let have = joined
+                .as_ref()
+                .map_or(self.window.len() - self.pos, BytesMut::len);
+            if have >= need {
+                break;
+            }
+            let chunk = match self.pending.take() {
+                Some(chunk) => chunk,
+                None => match self.source.as_mut().map(Decompressor::next_chunk) {
+                    Some(Ok(Some(chunk))) => chunk,
+                    Some(Ok(None)) | None => {
+                        self.source = None;
+                        break;
+                    }
+                    Some(Err(e)) => return Err(batch.corrupt(e)),
+                },
+            };
+            if joined.is_none() && self.pos == self.window.len() {
+                (self.window, self.pos) = (chunk, 0);
+                continue;
+            }
+            let joined = joined.get_or_insert_with(|| BytesMut::from(&self.window[self.pos..]));
+            let take = (need - joined.len()).min(chunk.len());
+            joined.extend_from_slice(&chunk[..take]);
+            if take < chunk.len() {
+                self.pending = Some(chunk.slice(take..));
+            }
+        }
+        if let Some(joined) = joined {
+            (self.window, self.pos) = (joined.freeze(), 0);
+        }
+        Ok(self.window.len() - self.pos >= need)
+    }
+
+    fn decode_one(&mut self, batch: &Batch) -> Result<Record> {
+        let (len, n) = match read_varint(&self.window[self.pos..]) {
+            Some(varint) => varint,
+            None => {
+                // Cut by the end of a chunk, or truncated or overlong.
+                self.fill(batch, MAX_VARINT_LEN)?;
+                read_varint(&self.window[self.pos..])
+                    .ok_or_else(|| batch.corrupt("truncated or overlong varint"))?
+            }
+        };
+        if len < 0 || len as u64 > MAX_DECOMPRESSED as u64 {
             return Err(batch.corrupt(format!("record length {len} runs past the batch")));
         }
-        let end = cur.pos + len as usize;
+        if !self.fill(batch, n + len as usize)? {
+            return Err(batch.corrupt(format!("record length {len} runs past the batch")));
+        }
+        let buf = &self.window;
+        let mut cur = Cursor {
+            buf,
+            pos: self.pos + n,
+            end: self.pos + n + len as usize,
+            batch,
+        };
         // Every field must lie inside the record's own length.
-        cur.end = end;
+        let end = cur.end;
         let _attributes = cur.i8()?;
         let ts_delta = cur.varint()?;
         let offset_delta = cur.varint()?;
@@ -674,17 +775,12 @@ impl BatchDecoder {
                 "negative last offset delta {last_offset_delta}"
             )));
         }
-        let body = this.slice(BATCH_HEADER_LEN..);
-        let records = match Compression::from_id(attributes & COMPRESSION_MASK) {
-            Some(Compression::None) => body,
-            Some(codec) => Bytes::from(codec.decompress(&body).map_err(corrupt)?),
-            None => {
-                return Err(corrupt(format!(
-                    "compression codec {} is unknown (known: none, gzip, snappy, lz4, zstd)",
-                    attributes & COMPRESSION_MASK
-                )))
-            }
-        };
+        if Compression::from_id(attributes & COMPRESSION_MASK).is_none() {
+            return Err(corrupt(format!(
+                "compression codec {} is unknown (known: none, gzip, snappy, lz4, zstd)",
+                attributes & COMPRESSION_MASK
+            )));
+        }
         self.next_offset = Some(
             base_offset
                 .saturating_add(i64::from(last_offset_delta))
@@ -701,7 +797,7 @@ impl BatchDecoder {
             producer_epoch,
             base_sequence,
             record_count,
-            records,
+            body: this.slice(BATCH_HEADER_LEN..),
         }))
     }
 }
@@ -997,6 +1093,71 @@ mod tests {
         assert!(res.is_err() || res.unwrap()[0].records().any(|r| r.is_err()));
     }
 
+    /// A batch that decompresses to many chunks is read a chunk at a time:
+    /// every record comes back whole (those spanning chunks, and one larger
+    /// than several chunks, included), while the reader never holds much
+    /// more than a chunk and the largest record, not the batch.
+    #[test]
+    fn a_compressed_batch_is_read_a_chunk_at_a_time() {
+        // About 4 MiB of compressible values of uneven sizes, and one of
+        // 300 KiB in the middle.
+        let big = 300 << 10;
+        let value = |i: usize| {
+            let len = if i == 10_000 { big } else { 1 + i * 37 % 500 };
+            vec![b'a' + (i % 26) as u8; len]
+        };
+        let n = 20_000;
+        let build = || {
+            let mut b = BatchBuilder::new(64);
+            for i in 0..n {
+                b.push(
+                    i as i64,
+                    Some(format!("k{i}").as_bytes()),
+                    Some(&value(i)),
+                    &[],
+                );
+            }
+            b
+        };
+        let whole = build().size();
+        assert!(whole > 4 << 20, "{whole} bytes");
+        for codec in [
+            Compression::Gzip,
+            Compression::Snappy,
+            Compression::Lz4,
+            Compression::Zstd,
+        ] {
+            let sealed = build().seal(codec, ProducerIdentity::default()).unwrap();
+            assert!(sealed.len() < whole / 8, "{codec}: {} bytes", sealed.len());
+            let batch = BatchDecoder::new(sealed, true).next().unwrap().unwrap();
+            let mut records = batch.into_records();
+            let (mut read, mut most_held) = (0, 0);
+            while let Some(record) = records.next() {
+                let record = record.unwrap();
+                assert_eq!(record.offset, read as i64, "{codec}");
+                assert_eq!(record.key.as_deref(), Some(format!("k{read}").as_bytes()));
+                assert!(
+                    record.value.as_deref() == Some(&value(read)[..]),
+                    "{codec}: record {read}"
+                );
+                most_held = most_held.max(records.decompressed_held());
+                read += 1;
+            }
+            assert_eq!(read, n, "{codec}");
+            eprintln!("{codec}: {whole} bytes read holding at most {most_held}");
+            assert!(most_held > 0, "{codec}");
+            // zstd also keeps the frame's window of history (1 MiB as Strom writes it).
+            let window = if codec == Compression::Zstd {
+                1 << 20
+            } else {
+                0
+            };
+            // Chunks of 64 KiB: the largest record and a few chunks beside it.
+            let bound = big + (256 << 10) + window;
+            assert!(most_held <= bound, "{codec}: held {most_held} bytes");
+        }
+    }
+
     /// An unknown codec id, and records that do not decompress with the
     /// codec the batch names, are errors that say so.
     #[test]
@@ -1004,10 +1165,12 @@ mod tests {
         for (id, expected) in [(5, "codec 5 is unknown"), (4, "zstd decompression failed")] {
             let mut bytes = BytesMut::from(&sample(3, Compression::None)[..]);
             bytes[ATTRIBUTES_OFFSET + 1] = id;
-            let err = BatchDecoder::new(bytes.freeze(), false)
-                .next()
-                .unwrap()
-                .unwrap_err();
+            // An unknown codec fails the batch; records that do not
+            // decompress fail where they start.
+            let err = match BatchDecoder::new(bytes.freeze(), false).next().unwrap() {
+                Err(e) => e,
+                Ok(batch) => batch.records().next().unwrap().unwrap_err(),
+            };
             assert!(err.to_string().contains(expected), "{err}");
         }
     }

@@ -16,7 +16,7 @@ mod zstd;
 
 use std::io::{Read, Write};
 
-use bytes::{BufMut, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 use crate::error::{Error, Result};
 
@@ -118,29 +118,22 @@ impl Compression {
         Ok(())
     }
 
-    /// The records of a batch compressed with this codec, decompressed; the
-    /// error says what is wrong with them.
+    /// The records of a batch compressed with this codec, decompressed
+    /// whole; the error says what is wrong with them.
+    #[cfg(any(test, feature = "fuzzing"))]
     pub(crate) fn decompress(self, input: &[u8]) -> std::result::Result<Vec<u8>, String> {
         self.decompress_within(input, MAX_DECOMPRESSED)
     }
 
+    #[cfg(any(test, feature = "fuzzing"))]
     fn decompress_within(self, input: &[u8], limit: usize) -> std::result::Result<Vec<u8>, String> {
-        let read_all = |mut r: Box<dyn Read + '_>| {
-            let mut out = Vec::with_capacity(input.len().saturating_mul(4).min(limit));
-            r.by_ref()
-                .take(limit as u64 + 1)
-                .read_to_end(&mut out)
-                .map_err(|e| e.to_string())?;
-            within(out, limit)
-        };
-        let out = match self {
-            Compression::None => Ok(input.to_vec()),
-            Compression::Gzip => read_all(Box::new(flate2::read::MultiGzDecoder::new(input))),
-            Compression::Snappy => unsnappy(input, limit),
-            Compression::Lz4 => read_all(Box::new(lz4_flex::frame::FrameDecoder::new(input))),
-            Compression::Zstd => unzstd(input, limit),
-        };
-        out.map_err(|e| format!("{} decompression failed: {e}", self.name()))
+        let mut chunks = Decompressor::new(self, Bytes::copy_from_slice(input));
+        chunks.limit = limit;
+        let mut out = Vec::new();
+        while let Some(chunk) = chunks.next_chunk()? {
+            out.extend_from_slice(&chunk);
+        }
+        Ok(out)
     }
 }
 
@@ -164,17 +157,6 @@ impl std::str::FromStr for Compression {
     }
 }
 
-fn within(out: Vec<u8>, limit: usize) -> std::result::Result<Vec<u8>, String> {
-    if out.len() > limit {
-        return Err(too_big(limit));
-    }
-    Ok(out)
-}
-
-fn too_big(limit: usize) -> String {
-    format!("the records decompress to more than {limit} bytes")
-}
-
 /// Snappy in snappy-java's xerial framing: the header, then blocks of
 /// (big-endian u32 length, raw snappy block).
 fn snappy_xerial(input: &[u8], out: &mut BytesMut) -> std::io::Result<()> {
@@ -193,14 +175,199 @@ fn snappy_xerial(input: &[u8], out: &mut BytesMut) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Snappy as Kafka's producers write it: xerial-framed (Java) or one raw
-/// block (librdkafka).
-fn unsnappy(input: &[u8], limit: usize) -> std::result::Result<Vec<u8>, String> {
-    let mut decoder = snap::raw::Decoder::new();
-    let mut raw = |block: &[u8], out: &mut Vec<u8>| {
+/// About how many decompressed bytes [`Decompressor::next_chunk`] hands out
+/// at a time.
+pub const CHUNK: usize = 64 << 10;
+
+/// A batch's compressed records, decompressed a chunk at a time, so that
+/// reading a batch holds a chunk of its records rather than all of them.
+///
+/// Chunks are about [`CHUNK`] bytes: gzip, lz4 and zstd stream; snappy
+/// gives one chunk per xerial block (32 KiB as Java writes them), or the
+/// whole batch for a raw block (librdkafka's), which cannot be read in
+/// parts. Past [`MAX_DECOMPRESSED`] bytes in all it fails.
+pub(crate) struct Decompressor {
+    codec: Compression,
+    kind: Kind,
+    /// Bytes handed out so far.
+    produced: usize,
+    limit: usize,
+}
+
+enum Kind {
+    Gzip(Box<flate2::bufread::MultiGzDecoder<bytes::buf::Reader<Bytes>>>),
+    Lz4(Box<lz4_flex::frame::FrameDecoder<bytes::buf::Reader<Bytes>>>),
+    Snappy(Unsnappy),
+    Zstd(Box<Unzstd>),
+    /// Uncompressed: the input is the one chunk.
+    Plain(Option<Bytes>),
+}
+
+impl std::fmt::Debug for Decompressor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Decompressor")
+            .field("codec", &self.codec)
+            .field("produced", &self.produced)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Decompressor {
+    /// Starts decompressing `input`, the records of a batch compressed with `codec`.
+    pub(crate) fn new(codec: Compression, input: Bytes) -> Decompressor {
+        let kind = match codec {
+            Compression::None => Kind::Plain(Some(input)),
+            Compression::Gzip => Kind::Gzip(Box::new(flate2::bufread::MultiGzDecoder::new(
+                input.reader(),
+            ))),
+            Compression::Lz4 => {
+                Kind::Lz4(Box::new(lz4_flex::frame::FrameDecoder::new(input.reader())))
+            }
+            Compression::Snappy => Kind::Snappy(Unsnappy::new(input)),
+            Compression::Zstd => Kind::Zstd(Box::new(Unzstd::new(input))),
+        };
+        Decompressor {
+            codec,
+            kind,
+            produced: 0,
+            limit: MAX_DECOMPRESSED,
+        }
+    }
+
+    /// The next decompressed bytes (never empty), or `None` at the end; the
+    /// error says what is wrong with the input, naming the codec.
+    pub(crate) fn next_chunk(&mut self) -> std::result::Result<Option<Bytes>, String> {
+        let chunk = match &mut self.kind {
+            Kind::Plain(input) => Ok(input.take().filter(|b| !b.is_empty())),
+            Kind::Gzip(gzip) => read_chunk(gzip.as_mut()),
+            Kind::Lz4(lz4) => buffered_chunk(lz4.as_mut()),
+            Kind::Snappy(snappy) => snappy.next_block(self.limit),
+            Kind::Zstd(zstd) => zstd.next_chunk(),
+        };
+        let failed = |e: String| format!("{} decompression failed: {e}", self.codec.name());
+        let chunk = chunk.map_err(failed)?;
+        if let Some(chunk) = &chunk {
+            self.produced += chunk.len();
+            if self.produced > self.limit {
+                return Err(failed(format!(
+                    "the records decompress to more than {} bytes",
+                    self.limit
+                )));
+            }
+        }
+        Ok(chunk)
+    }
+
+    /// Decompressed bytes the decoder keeps internally beyond what it has
+    /// handed out: a zstd frame's window of history (gzip's 32 KiB window
+    /// and an lz4 frame's block buffer, 64 KiB as Kafka's clients write
+    /// them, are not counted).
+    pub(crate) fn retained(&self) -> usize {
+        match &self.kind {
+            Kind::Zstd(zstd) => zstd.retained(),
+            _ => 0,
+        }
+    }
+}
+
+/// Up to [`CHUNK`] bytes read from `r` (into zeroed memory: `Read` needs it).
+fn read_chunk(r: &mut impl Read) -> std::result::Result<Option<Bytes>, String> {
+    let mut out = vec![0; CHUNK];
+    let mut filled = 0;
+    while filled < CHUNK {
+        match r.read(&mut out[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+    out.truncate(filled);
+    Ok((filled > 0).then(|| Bytes::from(out)))
+}
+
+/// Up to about [`CHUNK`] bytes copied out of `r`'s own buffer.
+fn buffered_chunk(r: &mut impl std::io::BufRead) -> std::result::Result<Option<Bytes>, String> {
+    let mut out = Vec::with_capacity(CHUNK);
+    while out.len() < CHUNK {
+        let n = match r.fill_buf() {
+            Ok([]) => break,
+            Ok(data) => {
+                let n = data.len().min(CHUNK - out.len());
+                out.extend_from_slice(&data[..n]);
+                n
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e.to_string()),
+        };
+        r.consume(n);
+    }
+    Ok((!out.is_empty()).then(|| Bytes::from(out)))
+}
+
+/// Snappy as Kafka's producers write it: xerial-framed (Java), one block
+/// at a time; or one raw block (librdkafka), all at once.
+struct Unsnappy {
+    decoder: snap::raw::Decoder,
+    input: Bytes,
+    /// Whether `input` is the xerial blocks after their header.
+    xerial: bool,
+    /// Whether the xerial header itself is cut short.
+    header_cut: bool,
+}
+
+impl Unsnappy {
+    fn new(input: Bytes) -> Unsnappy {
+        let xerial = input.starts_with(XERIAL_MAGIC);
+        let header_cut = xerial && input.len() < XERIAL_HEADER_LEN;
+        Unsnappy {
+            decoder: snap::raw::Decoder::new(),
+            input: if xerial {
+                input.slice(XERIAL_HEADER_LEN.min(input.len())..)
+            } else {
+                input
+            },
+            xerial,
+            header_cut,
+        }
+    }
+
+    fn next_block(&mut self, limit: usize) -> std::result::Result<Option<Bytes>, String> {
+        if self.header_cut {
+            return Err("the xerial header is cut short".into());
+        }
+        loop {
+            if self.input.is_empty() {
+                return Ok(None);
+            }
+            let block = if self.xerial {
+                let (len, body) = self
+                    .input
+                    .split_first_chunk::<4>()
+                    .ok_or("a xerial block length is cut short")?;
+                let len = u32::from_be_bytes(*len) as usize;
+                if body.len() < len {
+                    return Err(format!(
+                        "a xerial block says {len} bytes, {} remain",
+                        body.len()
+                    ));
+                }
+                self.input.advance(4);
+                self.input.split_to(len)
+            } else {
+                std::mem::take(&mut self.input)
+            };
+            let out = self.raw(&block, limit)?;
+            if !out.is_empty() {
+                return Ok(Some(Bytes::from(out)));
+            }
+        }
+    }
+
+    fn raw(&mut self, block: &[u8], limit: usize) -> std::result::Result<Vec<u8>, String> {
         let len = snap::raw::decompress_len(block).map_err(|e| e.to_string())?;
-        if out.len() + len > limit {
-            return Err(too_big(limit));
+        if len > limit {
+            return Err(format!("the records decompress to more than {limit} bytes"));
         }
         // Snappy expands at most about 21:1 (a 2-byte copy of 64 bytes):
         // a header promising more is forged; do not allocate for it.
@@ -210,76 +377,131 @@ fn unsnappy(input: &[u8], limit: usize) -> std::result::Result<Vec<u8>, String> 
                 block.len()
             ));
         }
-        let start = out.len();
-        out.resize(start + len, 0);
-        decoder
-            .decompress(block, &mut out[start..])
+        let mut out = vec![0; len];
+        self.decoder
+            .decompress(block, &mut out)
             .map_err(|e| e.to_string())?;
-        Ok(())
-    };
-    let mut out = Vec::new();
-    if !input.starts_with(XERIAL_MAGIC) {
-        raw(input, &mut out)?;
-        return Ok(out);
+        Ok(out)
     }
-    let mut rest = input
-        .get(XERIAL_HEADER_LEN..)
-        .ok_or("the xerial header is cut short")?;
-    while !rest.is_empty() {
-        let (len, body) = rest
-            .split_first_chunk::<4>()
-            .ok_or("a xerial block length is cut short")?;
-        let len = u32::from_be_bytes(*len) as usize;
-        let block = body
-            .get(..len)
-            .ok_or_else(|| format!("a xerial block says {len} bytes, {} remain", body.len()))?;
-        raw(block, &mut out)?;
-        rest = &body[len..];
-    }
-    Ok(out)
 }
 
-/// Every zstd frame of `input`, decompressed and concatenated (skippable
-/// frames skipped).
-fn unzstd(mut input: &[u8], limit: usize) -> std::result::Result<Vec<u8>, String> {
-    use ruzstd::decoding::errors::{FrameDecoderError, ReadFrameHeaderError};
-    use ruzstd::decoding::{BlockDecodingStrategy, FrameDecoder};
-    let mut decoder = FrameDecoder::new();
-    let mut out = Vec::new();
-    while !input.is_empty() {
-        match decoder.init(&mut input) {
-            Ok(()) => {}
-            Err(FrameDecoderError::ReadFrameHeaderError(ReadFrameHeaderError::SkipFrame {
-                length,
-                ..
-            })) => {
-                input = input
-                    .get(length as usize..)
-                    .ok_or("a skippable frame is cut short")?;
+/// The window a zstd frame header declares (RFC 8878, 3.1.1.1): its
+/// window descriptor, or for a single-segment frame its content size.
+fn frame_window(header: &[u8]) -> usize {
+    const MAGIC_LEN: usize = 4;
+    let Some(&descriptor) = header.get(MAGIC_LEN) else {
+        return 0;
+    };
+    let rest = &header[MAGIC_LEN + 1..];
+    if descriptor & 1 << 5 == 0 {
+        let Some(&w) = rest.first() else { return 0 };
+        let base = 1usize << (10 + (w >> 3));
+        return base + (base / 8) * usize::from(w & 7);
+    }
+    let dict_len = [0, 1, 2, 4][usize::from(descriptor & 3)];
+    let size = rest.get(dict_len..).unwrap_or_default();
+    let le = |n: usize| {
+        size.iter()
+            .take(n)
+            .rev()
+            .fold(0usize, |v, &b| v << 8 | usize::from(b))
+    };
+    match descriptor >> 6 {
+        0 => le(1),
+        1 => le(2) + 256,
+        2 => le(4),
+        _ => le(8),
+    }
+}
+
+/// Every zstd frame of the input, decompressed and concatenated
+/// (skippable frames skipped).
+struct Unzstd {
+    decoder: ruzstd::decoding::FrameDecoder,
+    input: Bytes,
+    /// Whether a frame has been started and not yet drained.
+    in_frame: bool,
+    /// The current frame's window: the history its decoder keeps.
+    window: usize,
+    /// Bytes of the current frame handed out so far.
+    frame_out: usize,
+}
+
+impl Unzstd {
+    fn new(input: Bytes) -> Unzstd {
+        Unzstd {
+            decoder: ruzstd::decoding::FrameDecoder::new(),
+            input,
+            in_frame: false,
+            window: 0,
+            frame_out: 0,
+        }
+    }
+
+    /// Decompressed bytes the decoder keeps as history: the frame's window,
+    /// or what it has given of the frame if that is less (nothing once the
+    /// frame is finished: its last chunk drains all of it).
+    fn retained(&self) -> usize {
+        if self.in_frame && !self.decoder.is_finished() {
+            self.window.min(self.frame_out)
+        } else {
+            0
+        }
+    }
+
+    fn next_chunk(&mut self) -> std::result::Result<Option<Bytes>, String> {
+        use ruzstd::decoding::errors::{FrameDecoderError, ReadFrameHeaderError};
+        use ruzstd::decoding::BlockDecodingStrategy;
+        loop {
+            if !self.in_frame {
+                if self.input.is_empty() {
+                    return Ok(None);
+                }
+                let mut rest = &self.input[..];
+                let started = self.decoder.init(&mut rest);
+                let header = self.input.split_to(self.input.len() - rest.len());
+                match started {
+                    Ok(()) => {
+                        self.in_frame = true;
+                        self.frame_out = 0;
+                        self.window = frame_window(&header);
+                    }
+                    Err(FrameDecoderError::ReadFrameHeaderError(
+                        ReadFrameHeaderError::SkipFrame { length, .. },
+                    )) => {
+                        if (length as usize) > self.input.len() {
+                            return Err("a skippable frame is cut short".into());
+                        }
+                        self.input.advance(length as usize);
+                    }
+                    Err(e) => return Err(e.to_string()),
+                }
                 continue;
             }
-            Err(e) => return Err(e.to_string()),
-        }
-        while !decoder.is_finished() {
-            let before = input.len();
-            decoder
-                .decode_blocks(&mut input, BlockDecodingStrategy::UptoBytes(1 << 20))
-                .map_err(|e| e.to_string())?;
-            decoder
-                .collect_to_writer(&mut out)
-                .map_err(|e| e.to_string())?;
-            if out.len() > limit {
-                return Err(too_big(limit));
+            if self.decoder.can_collect() >= CHUNK || self.decoder.is_finished() {
+                match self.decoder.collect() {
+                    Some(out) if !out.is_empty() => {
+                        self.frame_out += out.len();
+                        return Ok(Some(Bytes::from(out)));
+                    }
+                    _ if self.decoder.is_finished() => {
+                        self.in_frame = false;
+                        continue;
+                    }
+                    _ => {}
+                }
             }
-            if input.len() == before && !decoder.is_finished() {
+            let mut rest = &self.input[..];
+            self.decoder
+                .decode_blocks(&mut rest, BlockDecodingStrategy::UptoBytes(CHUNK))
+                .map_err(|e| e.to_string())?;
+            let read = self.input.len() - rest.len();
+            if read == 0 && !self.decoder.is_finished() {
                 return Err("a frame is cut short".into());
             }
+            self.input.advance(read);
         }
-        decoder
-            .collect_to_writer(&mut out)
-            .map_err(|e| e.to_string())?;
     }
-    within(out, limit)
 }
 
 #[cfg(test)]

@@ -5,9 +5,10 @@
 //! zstd at under half librdkafka's rate. This one writes frames that
 //! every zstd reader accepts, simply:
 //!
-//! - one frame with its content size; up to 128 MiB it is one segment (a
+//! - one frame with its content size; up to 1 MiB it is one segment (a
 //!   match may reach back to the frame's first byte), beyond that it
-//!   declares a 128 MiB window, the most libzstd's streaming decoders take;
+//!   declares a 1 MiB window (zstd level 2's for large inputs), so a reader
+//!   streaming a big batch keeps at most 1 MiB of history;
 //! - blocks of at most 128 KiB, each compressed or, when that would not be
 //!   smaller, stored raw;
 //! - matches found greedily: first the last match's offset again (rows of
@@ -38,19 +39,21 @@ const MIN_MATCH: usize = 4;
 /// Hash table sizes: 2^10 to 2^16 entries, grown with the input.
 const HASH_LOG_MIN: u32 = 10;
 const HASH_LOG_MAX: u32 = 16;
-/// The largest window a frame declares: 128 MiB, the most libzstd's
-/// streaming decoders (zstd-jni in Java clients among them) accept by
-/// default. A bigger input gets a window descriptor instead of the
-/// single-segment flag, and matches reach back no further than this.
-const WINDOW_LOG_MAX: u32 = 27;
 
 /// Block types of a block header.
 const RAW_BLOCK: u32 = 0;
 const COMPRESSED_BLOCK: u32 = 2;
 
+/// The window Strom's frames declare: 1 MiB (libzstd's streaming decoders,
+/// zstd-jni in Java clients among them, take up to 128 MiB). A bigger input
+/// gets a window descriptor instead of the single-segment flag, and matches
+/// reach back no further than this; a decoder keeps this much of a frame's
+/// output as history while it streams the frame.
+const WINDOW_LOG: u32 = 20;
+
 /// Appends `input` to `out` as one zstd frame.
 pub(crate) fn compress(input: &[u8], out: &mut BytesMut) {
-    compress_in_window(input, WINDOW_LOG_MAX, out);
+    compress_in_window(input, WINDOW_LOG, out);
 }
 
 /// [`compress`] with matches reaching back at most `2^window_log` bytes.
@@ -964,7 +967,7 @@ mod tests {
         let len = 4 + 4 * count;
         assert!(len <= BLOCK_MAX);
         let mut out = BytesMut::new();
-        write_frame_header(len, WINDOW_LOG_MAX, &mut out);
+        write_frame_header(len, WINDOW_LOG, &mut out);
         let header_at = out.len();
         out.put_bytes(0, 3);
         let size = block.encode(&mut 1, &mut out);

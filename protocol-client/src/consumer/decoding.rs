@@ -95,6 +95,14 @@ impl Decoding {
         }
     }
 
+    /// Decompressed bytes held for the batch being read: about one chunk
+    /// of it (see [`Batch::records`]), however large it decompresses to.
+    pub(super) fn decompressed_held(&self) -> usize {
+        self.records
+            .as_ref()
+            .map_or(0, IntoRecords::decompressed_held)
+    }
+
     /// Whether every record has been taken (or an error stops the rest).
     pub(super) fn is_empty(&self) -> bool {
         self.peeked.is_none()

@@ -421,12 +421,17 @@ impl Consumer {
     /// Fetched bytes (as the broker sent them) not yet taken by `poll`: what
     /// [`ConsumerConfig::max_buffered_bytes`] bounds, plus the slices set
     /// aside for paused partitions (at most one per partition), which no
-    /// longer count against that bound.
+    /// longer count against that bound, plus the decompressed records at
+    /// hand (about [`CHUNK`](crate::compression::CHUNK) bytes for the
+    /// partition being handed out and for each paused part way).
     pub fn buffered_bytes(&self) -> usize {
         let len = |f: &Fetched| f.result.as_ref().map_or(0, Bytes::len);
         let leftover = self.leftover.as_ref().filter(|_| self.leftover_released);
         let set_aside = self.parked.iter().map(len).sum::<usize>() + leftover.map_or(0, len);
-        self.handle.lock().buffered + set_aside
+        let decompressed = (self.ready.iter().chain(&self.parked_ready))
+            .map(|r| r.records.decompressed_held())
+            .sum::<usize>();
+        self.handle.lock().buffered + set_aside + decompressed
     }
 
     /// The high watermark of `tp` from the last fetch (-1 before the first).
@@ -1542,6 +1547,86 @@ mod tests {
         let expected: Vec<i64> = (0..PER_PARTITION as i64).collect();
         assert_eq!(got[0], expected, "partition 0 after resuming");
         assert_eq!(got[1], expected, "partition 1");
+        assert_eq!(c.buffered_bytes(), 0, "all handed out");
+    }
+
+    /// A topic of highly compressible records: each lz4 batch is about
+    /// 20 KB fetched and 4 MB decompressed. The consumer holds its fetched
+    /// bytes and about a chunk decompressed per partition being read (or
+    /// paused part way), never a whole decompressed batch; and it reads
+    /// every record, across a pause.
+    #[tokio::test(start_paused = true)]
+    async fn compressed_batches_are_held_a_chunk_at_a_time() {
+        use crate::mock::MockCluster;
+        const PER_BATCH: usize = 4_000;
+        const VALUE: usize = 1_000;
+        let cluster = MockCluster::new();
+        cluster.create_topic("t", 2);
+        for p in 0..2 {
+            for i in 0..3 {
+                let mut b = crate::records::BatchBuilder::new(64);
+                for _ in 0..PER_BATCH {
+                    b.push(0, None, Some(&[p as u8; VALUE]), &[]);
+                }
+                let mut sealed = BytesMut::from(
+                    &b.seal(Compression::Lz4, ProducerIdentity::default())
+                        .unwrap()[..],
+                );
+                sealed[..8].copy_from_slice(&((i * PER_BATCH) as i64).to_be_bytes());
+                cluster.append_raw("t", p, sealed.freeze());
+            }
+        }
+        let client = crate::Client::connect(cluster.client_config())
+            .await
+            .unwrap();
+        let config = ConsumerConfig {
+            max_buffered_bytes: 64 << 10,
+            max_poll_records: 100,
+            ..ConsumerConfig::default()
+        };
+        let mut c = Consumer::new(client, config);
+        let (tp0, tp1) = (TopicPartition::new("t", 0), TopicPartition::new("t", 1));
+        c.assign([
+            (tp0.clone(), Offset::Earliest),
+            (tp1.clone(), Offset::Earliest),
+        ])
+        .unwrap();
+        let (mut got, mut most_held, mut value_bytes) = ([0usize; 2], 0, 0);
+        let mut paused = false;
+        while got != [3 * PER_BATCH; 2] {
+            let records = tokio::time::timeout(Duration::from_secs(10), c.poll())
+                .await
+                .expect("records keep coming")
+                .unwrap();
+            for r in &records {
+                assert_eq!(r.offset, got[r.partition as usize] as i64);
+                assert_eq!(r.value.as_deref(), Some(&[r.partition as u8; VALUE][..]));
+                got[r.partition as usize] += 1;
+                value_bytes += VALUE;
+            }
+            most_held = most_held.max(c.buffered_bytes());
+            // Pause partition 0 part way through a batch, then resume it
+            // once partition 1 is read.
+            if !paused && got[0] > PER_BATCH / 2 {
+                c.pause(&tp0).unwrap();
+                paused = true;
+            }
+            if paused && got[1] == 3 * PER_BATCH {
+                c.resume(&tp0).unwrap();
+            }
+        }
+        assert_eq!(value_bytes, 6 * PER_BATCH * VALUE);
+        eprintln!("held at most {most_held} bytes");
+        // The 64 KiB budget, and two partitions' chunks at hand (64 KiB
+        // each, and the rest of a chunk a record spans into).
+        assert!(
+            most_held <= 384 << 10,
+            "held {most_held} bytes decompressing 4 MB batches"
+        );
+        assert!(
+            most_held > 64 << 10,
+            "held {most_held}: decompressed chunks not counted"
+        );
         assert_eq!(c.buffered_bytes(), 0, "all handed out");
     }
 
