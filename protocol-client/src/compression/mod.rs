@@ -9,8 +9,10 @@
 //! | lz4 | 3 | an LZ4 frame | LZ4 frames |
 //! | zstd | 4 | one zstd frame ([`zstd`]'s own fast compressor) | any number of frames (ruzstd) |
 //!
-//! Every codec is pure Rust. Decompressing a batch stops with an error past
-//! [`MAX_DECOMPRESSED`] bytes, so a small hostile batch cannot take all memory.
+//! Every codec is pure Rust. A batch's records are decompressed a chunk of
+//! about [`CHUNK`] bytes at a time as they are read, and decompressing one
+//! batch stops with an error past [`MAX_DECOMPRESSED`] bytes, so a small
+//! hostile batch cannot take all memory.
 
 mod zstd;
 
