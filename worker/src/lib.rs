@@ -609,6 +609,9 @@ fn group_config(
     group.consumer.fetch_max_bytes = i32::try_from(config.max_buffered_bytes)
         .unwrap_or(i32::MAX)
         .min(group.consumer.fetch_max_bytes);
+    // One poll goes to one partition's queue: within its bound too (plus
+    // the record that reaches it), however large the records.
+    group.consumer.max_poll_bytes = config.max_buffered_bytes;
     group.consumer.isolation = spec.isolation();
     group
 }

@@ -430,22 +430,9 @@ impl Drop for Ending {
     }
 }
 
-/// What `records` cost in memory, roughly: their keys, values and headers
-/// plus the record itself (for small records the record is most of it).
+/// What `records` cost in memory, roughly (see [`ConsumerRecord::size`]).
 fn buffered_bytes(records: &[ConsumerRecord]) -> usize {
-    records
-        .iter()
-        .map(|r| {
-            let fields =
-                r.key.as_ref().map_or(0, |k| k.len()) + r.value.as_ref().map_or(0, |v| v.len());
-            let headers: usize = r
-                .headers
-                .iter()
-                .map(|h| h.key.len() + h.value.as_ref().map_or(0, |v| v.len()))
-                .sum();
-            fields + headers + std::mem::size_of::<ConsumerRecord>()
-        })
-        .sum()
+    records.iter().map(ConsumerRecord::size).sum()
 }
 
 /// The task's side of the queued-bytes count.

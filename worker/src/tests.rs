@@ -1206,6 +1206,31 @@ async fn the_memory_budget_counts_records_decompressed() {
     fetched_records_stay_within_the_budget(&cluster, 10_000).await;
 }
 
+/// The same for large records: lz4 batches of twenty 200 KB records, 4 MB
+/// decompressed each. A poll takes up to a partition queue's share of
+/// them, not a whole batch (500 records would be allowed by count).
+#[tokio::test(start_paused = true)]
+async fn the_memory_budget_bounds_large_records() {
+    let cluster = cluster();
+    cluster.create_topic("in", 1);
+    let value = vec![7u8; 200_000];
+    for batch in 0..10 {
+        let mut b = strom_client::records::BatchBuilder::new(64);
+        for i in 0..20 {
+            b.push(batch * 20 + i, None, Some(&value), &[]);
+        }
+        let sealed = b
+            .seal(
+                strom_client::Compression::Lz4,
+                strom_client::records::ProducerIdentity::default(),
+            )
+            .unwrap();
+        assert!(sealed.len() < 100_000, "lz4 made {} bytes", sealed.len());
+        cluster.append_raw("in", 0, sealed);
+    }
+    fetched_records_stay_within_the_budget(&cluster, 200).await;
+}
+
 /// Runs a worker with a 4 MiB budget and an agent stuck until the fetched
 /// records are measured, then lets all `events` of topic `in` through.
 async fn fetched_records_stay_within_the_budget(cluster: &MockCluster, events: usize) {

@@ -266,7 +266,7 @@ impl CommittedFilter {
         } = self.push(tp, data, start, check_crc, aborted);
         let mut decoding = super::decoding::Decoding::decided(tp, visible, next);
         let mut records = Vec::new();
-        decoding.take(usize::MAX, &mut records);
+        decoding.take(usize::MAX, usize::MAX, &mut records);
         match decoding.take_error() {
             Some(bad) => {
                 *self = CommittedFilter::new(self.budget.clone());

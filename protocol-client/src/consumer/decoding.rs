@@ -83,15 +83,22 @@ impl Decoding {
         decoding
     }
 
-    /// Moves the next `n` records (fewer at the end or at an error) to `out`.
-    pub(super) fn take(&mut self, n: usize, out: &mut Vec<ConsumerRecord>) {
+    /// Moves the next `n` records (fewer at the end or at an error) to
+    /// `out`, stopping after the record whose [size](ConsumerRecord::size)
+    /// brings them to `max_bytes`.
+    pub(super) fn take(&mut self, n: usize, max_bytes: usize, out: &mut Vec<ConsumerRecord>) {
+        let mut bytes = 0usize;
         for _ in 0..n {
             let Some(record) = self.peeked.take() else {
                 return;
             };
             self.taken = Some(record.offset.saturating_add(1));
+            bytes = bytes.saturating_add(record.size());
             out.push(record);
             self.advance();
+            if bytes >= max_bytes {
+                return;
+            }
         }
     }
 
@@ -254,7 +261,7 @@ mod tests {
             let data = batches(&sizes, lz4);
             let mut whole = Vec::new();
             let mut at_once = Decoding::new(&tp(), data.clone(), start, true);
-            at_once.take(usize::MAX, &mut whole);
+            at_once.take(usize::MAX, usize::MAX, &mut whole);
             let mut pieces = Vec::new();
             let mut decoding = Decoding::new(&tp(), data, start, true);
             for n in parts.iter().cycle() {
@@ -262,7 +269,7 @@ mod tests {
                     break;
                 }
                 let before = pieces.len();
-                decoding.take(*n, &mut pieces);
+                decoding.take(*n, usize::MAX, &mut pieces);
                 prop_assert!(pieces.len() - before <= *n);
             }
             prop_assert_eq!(&pieces, &whole);
@@ -286,9 +293,9 @@ mod tests {
         bad[n - 1] = 0x7e;
         let mut decoding = Decoding::new(&tp(), bad.freeze(), 1, false);
         let mut out = Vec::new();
-        decoding.take(4, &mut out);
+        decoding.take(4, usize::MAX, &mut out);
         assert!(decoding.take_error().is_none(), "not before its records");
-        decoding.take(usize::MAX, &mut out);
+        decoding.take(usize::MAX, usize::MAX, &mut out);
         let offsets: Vec<i64> = out.iter().map(|r| r.offset).collect();
         assert_eq!(offsets, (1..7).collect::<Vec<_>>());
         let (offset, e) = decoding.take_error().expect("the bad record");

@@ -119,6 +119,13 @@ pub struct ConsumerConfig {
     /// decodes to many thousands; handing them out in smaller parts keeps what
     /// a caller queues close to its own bound.
     pub max_poll_records: usize,
+    /// Bytes of records (see [`ConsumerRecord::size`]) one [`Consumer::poll`]
+    /// returns at most: it stops after the record that reaches this, so it
+    /// always returns at least one. Default unbounded (as Java's consumer:
+    /// only `max_poll_records` counts). Records of 100 KB make 500 of them
+    /// 50 MB; a caller that queues what it polls under a memory bound sets
+    /// this to that bound.
+    pub max_poll_bytes: usize,
     /// Verify each batch's CRC-32C. Default true.
     pub check_crcs: bool,
     /// Read uncommitted (default) or committed records only.
@@ -135,6 +142,7 @@ impl Default for ConsumerConfig {
             max_partition_fetch_bytes: 1024 * 1024,
             max_buffered_bytes: 64 * 1024 * 1024,
             max_poll_records: 500,
+            max_poll_bytes: usize::MAX,
             check_crcs: true,
             isolation: IsolationLevel::ReadUncommitted,
         }
@@ -158,6 +166,18 @@ pub struct ConsumerRecord {
     pub value: Option<Bytes>,
     /// The headers, in order, duplicates kept.
     pub headers: Vec<Header>,
+}
+
+impl ConsumerRecord {
+    /// What the record costs in memory, roughly: its key, value and headers
+    /// plus the record itself (for small records the record is most of it).
+    pub fn size(&self) -> usize {
+        let len = |b: &Option<Bytes>| b.as_ref().map_or(0, Bytes::len);
+        let headers: usize = (self.headers.iter())
+            .map(|h| h.key.len() + len(&h.value))
+            .sum();
+        len(&self.key) + len(&self.value) + headers + std::mem::size_of::<ConsumerRecord>()
+    }
 }
 
 /// Per-partition state shared by the consumer and its fetcher.
@@ -509,7 +529,7 @@ impl Consumer {
             return Vec::new();
         }
         let mut out = Vec::new();
-        ready.records.take(n, &mut out);
+        ready.records.take(n, self.config.max_poll_bytes, &mut out);
         let after_last = out.last().map(|r| r.offset + 1);
         if !ready.records.is_empty() {
             state.position = after_last;
@@ -841,7 +861,7 @@ fn decode(
 ) -> (Vec<ConsumerRecord>, Option<i64>, Option<(i64, Error)>) {
     let mut decoding = Decoding::new(tp, data, start, check_crc);
     let mut out = Vec::new();
-    decoding.take(usize::MAX, &mut out);
+    decoding.take(usize::MAX, usize::MAX, &mut out);
     (out, decoding.next(), decoding.take_error())
 }
 
@@ -1628,6 +1648,46 @@ mod tests {
             "held {most_held}: decompressed chunks not counted"
         );
         assert_eq!(c.buffered_bytes(), 0, "all handed out");
+    }
+
+    /// A poll stops after the record that brings it to `max_poll_bytes`
+    /// (so it always returns one, however large), well before
+    /// `max_poll_records` when records are large.
+    #[tokio::test(start_paused = true)]
+    async fn a_poll_returns_at_most_max_poll_bytes_and_at_least_one_record() {
+        use crate::mock::MockCluster;
+        let cluster = MockCluster::new();
+        cluster.create_topic("t", 1);
+        let mut b = crate::records::BatchBuilder::new(64);
+        // One record of 100 KB, then 20 of 10 KB.
+        for i in 0..21 {
+            let value = vec![b'v'; if i == 0 { 100_000 } else { 10_000 }];
+            b.push(0, None, Some(&value), &[]);
+        }
+        let sealed = b.seal(Compression::None, ProducerIdentity::default());
+        cluster.append_raw("t", 0, sealed.unwrap());
+        let client = crate::Client::connect(cluster.client_config())
+            .await
+            .unwrap();
+        let config = ConsumerConfig {
+            max_poll_bytes: 25_000,
+            ..ConsumerConfig::default()
+        };
+        let mut c = Consumer::new(client, config);
+        c.assign([(TopicPartition::new("t", 0), Offset::Earliest)])
+            .unwrap();
+        let mut sizes = Vec::new();
+        let mut next = 0;
+        while next < 21 {
+            let records = c.poll().await.unwrap();
+            for r in &records {
+                assert_eq!(r.offset, next);
+                next += 1;
+            }
+            sizes.push(records.len());
+        }
+        // The big one alone; of the 10 KB records, the third reaches 25,000 bytes.
+        assert_eq!(sizes, [1, 3, 3, 3, 3, 3, 3, 2], "records per poll");
     }
 
     /// A consumer that is not polled holds at most one fetched slice per
