@@ -1242,6 +1242,35 @@ mod tests {
         }
 
         proptest! {
+            // Each case compresses up to 3 MB (in a debug build).
+            #![proptest_config(ProptestConfig::with_cases(32))]
+
+            /// Records over many decompressed chunks, of any sizes (so a
+            /// record, or its length, is cut by a chunk's end anywhere; some
+            /// span several chunks) come back whole in every codec.
+            #[test]
+            fn records_across_chunks_round_trip(
+                records in proptest::collection::vec((0usize..300, 0usize..150_000, any::<u8>()), 1..24),
+                codec in 1i16..5,
+            ) {
+                let mut b = BatchBuilder::new(0);
+                let value = |len: usize, byte: u8| -> Vec<u8> {
+                    (0..len).map(|i| byte.wrapping_add((i / 1000) as u8)).collect()
+                };
+                for (i, (key_len, len, byte)) in records.iter().enumerate() {
+                    b.push(i as i64, Some(&vec![b'k'; *key_len]), Some(&value(*len, *byte)), &[]);
+                }
+                let compression = Compression::from_id(codec).unwrap();
+                let decoded = decode_all(b.seal(compression, ProducerIdentity::default()).unwrap());
+                prop_assert_eq!(decoded.len(), records.len());
+                for (r, (key_len, len, byte)) in decoded.iter().zip(&records) {
+                    prop_assert_eq!(r.key.as_ref().map(Bytes::len), Some(*key_len));
+                    prop_assert!(r.value.as_deref() == Some(&value(*len, *byte)[..]));
+                }
+            }
+        }
+
+        proptest! {
             /// Any records (null or empty keys and values, duplicate headers,
             /// timestamps before the first) survive every codec unchanged.
             #[test]
