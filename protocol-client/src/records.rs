@@ -355,8 +355,11 @@ impl Batch {
 
     /// The records of the batch, decoded lazily. Compressed records are
     /// decompressed a chunk of about [`CHUNK`](crate::compression::CHUNK)
-    /// bytes at a time; a record's key, value and headers share its chunk.
-    /// Records that do not decompress are an error where they start.
+    /// bytes at a time (a zstd frame beyond its window, which its decoder
+    /// keeps); a record's key, value and headers share its chunk. Records
+    /// that do not decompress are an error where they start; so is the last
+    /// record when something is wrong after it (bytes left over, a bad
+    /// checksum at the end of the compressed records).
     pub fn records(&self) -> RecordIter<'_> {
         RecordIter {
             batch: self,
@@ -488,17 +491,22 @@ impl Reader {
 
     fn next(&mut self, batch: &Batch) -> Option<Result<Record>> {
         let result = if self.remaining <= 0 {
-            match self.fill(batch, 1) {
-                Ok(false) => return None,
-                Ok(true) => Err(batch.corrupt(format!(
-                    "bytes left after the {} records the header declares",
-                    batch.record_count
-                ))),
+            match self.end(batch) {
+                Ok(()) => return None,
                 Err(e) => Err(e),
             }
         } else {
             self.remaining -= 1;
-            self.decode_one(batch)
+            // The end of the records (bytes left over, a codec's trailing
+            // checksum) is checked before the last record is handed out:
+            // an error there stops at that record, where reading again
+            // finds it again, not after the whole batch.
+            self.decode_one(batch).and_then(|record| {
+                if self.remaining == 0 {
+                    self.end(batch)?;
+                }
+                Ok(record)
+            })
         };
         if result.is_err() {
             // One corrupt record makes the rest of the batch unreadable.
@@ -510,8 +518,20 @@ impl Reader {
         Some(result)
     }
 
+    /// Checks that nothing follows the records the header declares (which
+    /// reads a compressed stream to its end).
+    fn end(&mut self, batch: &Batch) -> Result<()> {
+        if self.fill(batch, 1)? {
+            return Err(batch.corrupt(format!(
+                "bytes left after the {} records the header declares",
+                batch.record_count
+            )));
+        }
+        Ok(())
+    }
+
     /// Makes `need` bytes contiguous at `window[pos..]`, decompressing more
-    /// as needed; false when the records end first. A record that spans two
+    /// as needed; false when the records end first. A record that spans
     /// chunks is copied, together with its start, into a window of its own.
     fn fill(&mut self, batch: &Batch, need: usize) -> Result<bool> {
         let mut joined: Option<BytesMut> = None;
@@ -1156,6 +1176,57 @@ mod tests {
             let bound = big + (256 << 10) + window;
             assert!(most_held <= bound, "{codec}: held {most_held} bytes");
         }
+    }
+
+    /// The end of a batch's records is checked before its last record is
+    /// handed out, so an error there stops at a record that reading again
+    /// finds again: bytes left over after the declared count fail the last
+    /// record, and a compressed stream whose end is bad (gzip's trailing
+    /// CRC) fails in its last chunk, before the batch's last record.
+    #[test]
+    fn a_bad_end_of_the_records_is_found_before_the_last_record() {
+        let mut bytes = BytesMut::from(&sample(5, Compression::None)[..]);
+        bytes[57..61].copy_from_slice(&4i32.to_be_bytes()); // record count
+        let batch = BatchDecoder::new(bytes.freeze(), false)
+            .next()
+            .unwrap()
+            .unwrap();
+        let results: Vec<_> = batch.records().collect();
+        assert_eq!(results.len(), 4);
+        assert!(results[..3].iter().all(Result::is_ok));
+        let e = results[3].as_ref().unwrap_err().to_string();
+        assert!(e.contains("bytes left after the 4 records"), "{e}");
+
+        let mut bytes = BytesMut::from(&sample(3_000, Compression::Gzip)[..]);
+        let len = bytes.len();
+        bytes[len - 6] ^= 0xff; // in the CRC-32 of gzip's trailer
+        let batch = BatchDecoder::new(bytes.freeze(), false)
+            .next()
+            .unwrap()
+            .unwrap();
+        let results: Vec<_> = batch.records().collect();
+        let good = results.iter().take_while(|r| r.is_ok()).count();
+        assert!(good > 0 && good < 3_000, "{good} records before the error");
+        assert_eq!(results.len(), good + 1, "one error, then nothing");
+        let e = results[good].as_ref().unwrap_err().to_string();
+        assert!(e.contains("gzip decompression failed"), "{e}");
+    }
+
+    /// Frames of lz4 one after another are all read, also when one ends
+    /// exactly at a chunk's end.
+    #[test]
+    fn consecutive_lz4_frames_are_read() {
+        use crate::compression::{Decompressor, CHUNK};
+        let (a, b) = (vec![1u8; CHUNK], vec![2u8; 1000]);
+        let mut input = BytesMut::new();
+        Compression::Lz4.compress(&a, &mut input).unwrap();
+        Compression::Lz4.compress(&b, &mut input).unwrap();
+        let mut chunks = Decompressor::new(Compression::Lz4, input.freeze());
+        let mut out = Vec::new();
+        while let Some(chunk) = chunks.next_chunk().unwrap() {
+            out.extend_from_slice(&chunk);
+        }
+        assert_eq!(out, [a, b].concat());
     }
 
     /// An unknown codec id, and records that do not decompress with the

@@ -181,13 +181,20 @@ fn snappy_xerial(input: &[u8], out: &mut BytesMut) -> std::io::Result<()> {
 /// at a time.
 pub const CHUNK: usize = 64 << 10;
 
+/// The largest zstd window read (128 MiB): the most libzstd's streaming
+/// decoders (zstd-jni in Java clients among them) take by default.
+const MAX_ZSTD_WINDOW: usize = 128 << 20;
+
 /// A batch's compressed records, decompressed a chunk at a time, so that
 /// reading a batch holds a chunk of its records rather than all of them.
 ///
-/// Chunks are about [`CHUNK`] bytes: gzip, lz4 and zstd stream; snappy
-/// gives one chunk per xerial block (32 KiB as Java writes them), or the
-/// whole batch for a raw block (librdkafka's), which cannot be read in
-/// parts. Past [`MAX_DECOMPRESSED`] bytes in all it fails.
+/// Chunks are about [`CHUNK`] bytes: gzip and lz4 stream; zstd streams
+/// beyond its frame's window (which its decoder keeps, see
+/// [`Decompressor::retained`]), so a frame that fits its window, as
+/// libzstd's one-shot compression writes small batches, comes as one
+/// chunk; snappy gives one chunk per xerial block (32 KiB as Java writes
+/// them), or the whole batch for a raw block (librdkafka's), which cannot
+/// be read in parts. Past [`MAX_DECOMPRESSED`] bytes in all it fails.
 pub(crate) struct Decompressor {
     codec: Compression,
     kind: Kind,
@@ -242,7 +249,10 @@ impl Decompressor {
         let chunk = match &mut self.kind {
             Kind::Plain(input) => Ok(input.take().filter(|b| !b.is_empty())),
             Kind::Gzip(gzip) => read_chunk(gzip.as_mut()),
-            Kind::Lz4(lz4) => buffered_chunk(lz4.as_mut()),
+            // An lz4 frame's end reads as an empty buffer; more frames may follow.
+            Kind::Lz4(lz4) => {
+                buffered_chunk(lz4.as_mut(), |lz4| lz4.get_ref().get_ref().has_remaining())
+            }
             Kind::Snappy(snappy) => snappy.next_block(self.limit),
             Kind::Zstd(zstd) => zstd.next_chunk(),
         };
@@ -288,12 +298,16 @@ fn read_chunk(r: &mut impl Read) -> std::result::Result<Option<Bytes>, String> {
     Ok((filled > 0).then(|| Bytes::from(out)))
 }
 
-/// Up to about [`CHUNK`] bytes copied out of `r`'s own buffer.
-fn buffered_chunk(r: &mut impl std::io::BufRead) -> std::result::Result<Option<Bytes>, String> {
+/// Up to about [`CHUNK`] bytes copied out of `r`'s own buffer; an empty
+/// buffer is the end only when `more` says no input is left.
+fn buffered_chunk<R: std::io::BufRead>(
+    r: &mut R,
+    more: impl Fn(&R) -> bool,
+) -> std::result::Result<Option<Bytes>, String> {
     let mut out = Vec::with_capacity(CHUNK);
     while out.len() < CHUNK {
         let n = match r.fill_buf() {
-            Ok([]) => break,
+            Ok([]) => 0,
             Ok(data) => {
                 let n = data.len().min(CHUNK - out.len());
                 out.extend_from_slice(&data[..n]);
@@ -302,6 +316,9 @@ fn buffered_chunk(r: &mut impl std::io::BufRead) -> std::result::Result<Option<B
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e.to_string()),
         };
+        if n == 0 && !more(r) {
+            break;
+        }
         r.consume(n);
     }
     Ok((!out.is_empty()).then(|| Bytes::from(out)))
@@ -397,8 +414,9 @@ fn frame_window(header: &[u8]) -> usize {
     let rest = &header[MAGIC_LEN + 1..];
     if descriptor & 1 << 5 == 0 {
         let Some(&w) = rest.first() else { return 0 };
-        let base = 1usize << (10 + (w >> 3));
-        return base + (base / 8) * usize::from(w & 7);
+        let base = 1u64 << (10 + (w >> 3));
+        let window = base + (base / 8) * u64::from(w & 7);
+        return usize::try_from(window).unwrap_or(usize::MAX);
     }
     let dict_len = [0, 1, 2, 4][usize::from(descriptor & 3)];
     let size = rest.get(dict_len..).unwrap_or_default();
@@ -406,14 +424,15 @@ fn frame_window(header: &[u8]) -> usize {
         size.iter()
             .take(n)
             .rev()
-            .fold(0usize, |v, &b| v << 8 | usize::from(b))
+            .fold(0u64, |v, &b| v << 8 | u64::from(b))
     };
-    match descriptor >> 6 {
+    let content = match descriptor >> 6 {
         0 => le(1),
         1 => le(2) + 256,
         2 => le(4),
         _ => le(8),
-    }
+    };
+    usize::try_from(content).unwrap_or(usize::MAX)
 }
 
 /// Every zstd frame of the input, decompressed and concatenated
@@ -425,8 +444,6 @@ struct Unzstd {
     in_frame: bool,
     /// The current frame's window: the history its decoder keeps.
     window: usize,
-    /// Bytes of the current frame handed out so far.
-    frame_out: usize,
 }
 
 impl Unzstd {
@@ -436,16 +453,15 @@ impl Unzstd {
             input,
             in_frame: false,
             window: 0,
-            frame_out: 0,
         }
     }
 
-    /// Decompressed bytes the decoder keeps as history: the frame's window,
-    /// or what it has given of the frame if that is less (nothing once the
-    /// frame is finished: its last chunk drains all of it).
+    /// Decompressed bytes the decoder keeps: a frame's whole window while
+    /// it is read (it hands out only what lies beyond the window), nothing
+    /// once the frame is finished (its last chunk drains all of it).
     fn retained(&self) -> usize {
         if self.in_frame && !self.decoder.is_finished() {
-            self.window.min(self.frame_out)
+            self.window
         } else {
             0
         }
@@ -464,9 +480,18 @@ impl Unzstd {
                 let header = self.input.split_to(self.input.len() - rest.len());
                 match started {
                     Ok(()) => {
-                        self.in_frame = true;
-                        self.frame_out = 0;
+                        // The decoder keeps a window of output before it
+                        // hands any out, and frees none of it until the
+                        // frame ends: refuse a window larger than libzstd's
+                        // streaming decoders take, as they do.
                         self.window = frame_window(&header);
+                        if self.window > MAX_ZSTD_WINDOW {
+                            return Err(format!(
+                                "a frame needs a window of {} bytes, more than {MAX_ZSTD_WINDOW}",
+                                self.window
+                            ));
+                        }
+                        self.in_frame = true;
                     }
                     Err(FrameDecoderError::ReadFrameHeaderError(
                         ReadFrameHeaderError::SkipFrame { length, .. },
@@ -482,10 +507,7 @@ impl Unzstd {
             }
             if self.decoder.can_collect() >= CHUNK || self.decoder.is_finished() {
                 match self.decoder.collect() {
-                    Some(out) if !out.is_empty() => {
-                        self.frame_out += out.len();
-                        return Ok(Some(Bytes::from(out)));
-                    }
+                    Some(out) if !out.is_empty() => return Ok(Some(Bytes::from(out))),
                     _ if self.decoder.is_finished() => {
                         self.in_frame = false;
                         continue;
@@ -605,6 +627,38 @@ mod tests {
             let e = codec.decompress_within(&out, limit).unwrap_err();
             assert!(e.contains("more than"), "{codec}: {e}");
         }
+    }
+
+    /// A zstd frame that needs a window over 128 MiB is refused before
+    /// anything is decoded (its decoder would hold that much); the windows
+    /// frame headers declare are read as RFC 8878 gives them.
+    #[test]
+    fn zstd_windows_are_read_and_bounded() {
+        // Magic, no single segment, window 2^28, then an empty last raw block.
+        let big = [0x28, 0xB5, 0x2F, 0xFD, 0x00, 18 << 3, 0x01, 0x00, 0x00];
+        let e = Compression::Zstd.decompress(&big).unwrap_err();
+        assert!(e.contains("window of 268435456 bytes"), "{e}");
+        // Mantissa: 2^20 + 3 * 2^17.
+        assert_eq!(
+            frame_window(&[0x28, 0xB5, 0x2F, 0xFD, 0x00, 10 << 3 | 3]),
+            1_441_792
+        );
+        // Single segment: the content size, in 1, 2 (+256), 4 or 8 bytes.
+        let single = |flag: u8, size: &[u8]| {
+            let mut header = vec![0x28, 0xB5, 0x2F, 0xFD, 1 << 5 | flag << 6];
+            header.extend_from_slice(size);
+            frame_window(&header)
+        };
+        assert_eq!(single(0, &[200]), 200);
+        assert_eq!(single(1, &[0x10, 0x00]), 256 + 16);
+        assert_eq!(single(2, &[0, 0, 0x10, 0]), 1 << 20);
+        assert_eq!(single(3, &[0, 0, 0, 0, 1, 0, 0, 0]), 1 << 32);
+        // Strom's own frames: 1 MiB beyond 1 MiB of content.
+        let mut out = BytesMut::new();
+        Compression::Zstd
+            .compress(&text(100_000), &mut out)
+            .unwrap();
+        assert_eq!(frame_window(&out[..14]), 1 << 20);
     }
 
     #[test]

@@ -36,8 +36,9 @@
 //!
 //! # The memory bound
 //!
-//! Held batches are kept decoded (decompressed) and copied out of the fetched
-//! buffer. Their bytes across one consumer are capped ([`HeldBudget`],
+//! Held batches are kept as fetched (compressed, if they are; their records
+//! are decompressed only as they are handed out) and copied out of the
+//! fetched buffer. Their bytes across one consumer are capped ([`HeldBudget`],
 //! half of `max_buffered_bytes`). When holding one more batch goes past the
 //! cap, the partition that held it gives up its held batches and *scans*: it
 //! keeps reading forward, keeping only the transaction markers it reads

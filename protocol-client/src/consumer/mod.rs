@@ -485,8 +485,9 @@ impl Consumer {
         }
     }
 
-    /// The next records: up to [`ConsumerConfig::max_poll_records`] of one
-    /// partition, in offset order (at least one record). Errors name the
+    /// The next records: up to [`ConsumerConfig::max_poll_records`] (and
+    /// [`ConsumerConfig::max_poll_bytes`]) of one partition, in offset order
+    /// (at least one record). Errors name the
     /// topic, partition and offset; a corrupt batch is not skipped — the
     /// partition stays at its offset and the error repeats until a seek moves past it.
     ///
