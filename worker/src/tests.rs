@@ -1188,22 +1188,8 @@ async fn the_memory_budget_bounds_fetched_records() {
 async fn the_memory_budget_counts_records_decompressed() {
     let cluster = cluster();
     cluster.create_topic("in", 1);
-    let value = vec![0u8; 2_000];
-    for batch in 0..200 {
-        let mut b = strom_client::records::BatchBuilder::new(64);
-        for i in 0..50 {
-            b.push(batch * 50 + i, None, Some(&value), &[]);
-        }
-        let sealed = b
-            .seal(
-                strom_client::Compression::Lz4,
-                strom_client::records::ProducerIdentity::default(),
-            )
-            .unwrap();
-        assert!(sealed.len() < 1_000, "lz4 made {} bytes", sealed.len());
-        cluster.append_raw("in", 0, sealed);
-    }
-    fetched_records_stay_within_the_budget(&cluster, 10_000).await;
+    let events = append_lz4_batches(&cluster, 200, 50, &[0u8; 2_000], 1_000);
+    fetched_records_stay_within_the_budget(&cluster, events).await;
 }
 
 /// The same for large records: lz4 batches of twenty 200 KB records, 4 MB
@@ -1213,11 +1199,24 @@ async fn the_memory_budget_counts_records_decompressed() {
 async fn the_memory_budget_bounds_large_records() {
     let cluster = cluster();
     cluster.create_topic("in", 1);
-    let value = vec![7u8; 200_000];
-    for batch in 0..10 {
+    let events = append_lz4_batches(&cluster, 10, 20, &[7u8; 200_000], 100_000);
+    fetched_records_stay_within_the_budget(&cluster, events).await;
+}
+
+/// Appends `batches` lz4 batches of `per_batch` records of `value` to
+/// topic `in`, each under `max_len` bytes once compressed; returns how many
+/// records.
+fn append_lz4_batches(
+    cluster: &MockCluster,
+    batches: i64,
+    per_batch: i64,
+    value: &[u8],
+    max_len: usize,
+) -> usize {
+    for batch in 0..batches {
         let mut b = strom_client::records::BatchBuilder::new(64);
-        for i in 0..20 {
-            b.push(batch * 20 + i, None, Some(&value), &[]);
+        for i in 0..per_batch {
+            b.push(batch * per_batch + i, None, Some(value), &[]);
         }
         let sealed = b
             .seal(
@@ -1225,10 +1224,10 @@ async fn the_memory_budget_bounds_large_records() {
                 strom_client::records::ProducerIdentity::default(),
             )
             .unwrap();
-        assert!(sealed.len() < 100_000, "lz4 made {} bytes", sealed.len());
+        assert!(sealed.len() < max_len, "lz4 made {} bytes", sealed.len());
         cluster.append_raw("in", 0, sealed);
     }
-    fetched_records_stay_within_the_budget(&cluster, 200).await;
+    (batches * per_batch) as usize
 }
 
 /// Runs a worker with a 4 MiB budget and an agent stuck until the fetched
