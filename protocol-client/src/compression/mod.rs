@@ -604,6 +604,25 @@ mod tests {
         }
     }
 
+    /// zstd's skippable frames are skipped, and one cut short is an error;
+    /// so is a xerial header cut short.
+    #[test]
+    fn skippable_frames_and_cut_headers() {
+        let data = text(100);
+        let mut frame = BytesMut::new();
+        Compression::Zstd.compress(&data, &mut frame).unwrap();
+        // Magic 0x184D2A50, length 3, then 3 bytes.
+        let skippable = [0x50, 0x2A, 0x4D, 0x18, 3, 0, 0, 0, 9, 9, 9];
+        let both = [&skippable[..], &frame[..]].concat();
+        assert_eq!(Compression::Zstd.decompress(&both).unwrap(), data);
+        let e = Compression::Zstd.decompress(&skippable[..10]).unwrap_err();
+        assert!(e.contains("skippable frame is cut short"), "{e}");
+        let e = Compression::Snappy
+            .decompress(&XERIAL_MAGIC[..])
+            .unwrap_err();
+        assert!(e.contains("xerial header is cut short"), "{e}");
+    }
+
     #[test]
     fn cut_short_input_is_an_error_naming_the_codec() {
         let data = text(2_000);

@@ -1502,9 +1502,6 @@ mod tests {
                 cluster.append_raw("t", p, batch((i * 500) as i64, 500));
             }
         }
-        let client = crate::Client::connect(cluster.client_config())
-            .await
-            .unwrap();
         let config = ConsumerConfig {
             // A budget a paused partition's parked data could fill: the
             // other partition must go on regardless.
@@ -1513,13 +1510,8 @@ mod tests {
             max_partition_fetch_bytes: 400_000,
             ..ConsumerConfig::default()
         };
-        let mut c = Consumer::new(client, config);
-        let (tp0, tp1) = (TopicPartition::new("t", 0), TopicPartition::new("t", 1));
-        c.assign([
-            (tp0.clone(), Offset::Earliest),
-            (tp1.clone(), Offset::Earliest),
-        ])
-        .unwrap();
+        let mut c = two_partitions_from_earliest(&cluster, config).await;
+        let tp0 = TopicPartition::new("t", 0);
         /// Polls until nothing comes for 2 s, noting the offsets by partition.
         async fn drain(c: &mut Consumer, got: &mut [Vec<i64>; 2]) {
             while let Ok(records) = tokio::time::timeout(Duration::from_secs(2), c.poll()).await {
@@ -1571,6 +1563,21 @@ mod tests {
         assert_eq!(c.buffered_bytes(), 0, "all handed out");
     }
 
+    /// A consumer of partitions 0 and 1 of topic "t" of `cluster`, from
+    /// the earliest offset.
+    async fn two_partitions_from_earliest(
+        cluster: &crate::mock::MockCluster,
+        config: ConsumerConfig,
+    ) -> Consumer {
+        let client = crate::Client::connect(cluster.client_config())
+            .await
+            .unwrap();
+        let mut c = Consumer::new(client, config);
+        c.assign((0..2).map(|p| (TopicPartition::new("t", p), Offset::Earliest)))
+            .unwrap();
+        c
+    }
+
     /// A topic of highly compressible records: each lz4 batch is about
     /// 20 KB fetched and 4 MB decompressed. The consumer holds its fetched
     /// bytes and about a chunk decompressed per partition being read (or
@@ -1597,21 +1604,13 @@ mod tests {
                 cluster.append_raw("t", p, sealed.freeze());
             }
         }
-        let client = crate::Client::connect(cluster.client_config())
-            .await
-            .unwrap();
         let config = ConsumerConfig {
             max_buffered_bytes: 64 << 10,
             max_poll_records: 100,
             ..ConsumerConfig::default()
         };
-        let mut c = Consumer::new(client, config);
-        let (tp0, tp1) = (TopicPartition::new("t", 0), TopicPartition::new("t", 1));
-        c.assign([
-            (tp0.clone(), Offset::Earliest),
-            (tp1.clone(), Offset::Earliest),
-        ])
-        .unwrap();
+        let mut c = two_partitions_from_earliest(&cluster, config).await;
+        let tp0 = TopicPartition::new("t", 0);
         let (mut got, mut most_held, mut value_bytes) = ([0usize; 2], 0, 0);
         let mut paused = false;
         while got != [3 * PER_BATCH; 2] {
