@@ -27,7 +27,7 @@ use crate::error::Result;
 use crate::global::GlobalTable;
 use crate::punctuator::{PunctuateFn, Punctuation, Punctuator};
 use crate::stream::{Input, Stage, Stream};
-use crate::table::{key_parser, Declared as DeclaredKeys, KeyBytes, SetTable, Table};
+use crate::table::{key_parser, Declared as DeclaredKeys, KeyBytes, SetTable, Table, TableSpec};
 use crate::topic::{Declared, Topic};
 
 /// A table as the app declares it.
@@ -444,8 +444,8 @@ impl App {
         Fut: Future<Output = Result<(), AgentError>> + Send + 'static,
     {
         let f: PunctuateFn = Arc::new(move |ctx| Box::pin(f(ctx)));
-        let record_time = topic.timestamp.is_none();
-        let punctuator = Punctuator::new(topic.name.clone(), when, record_time, f);
+        let record_time = topic.spec.timestamp.is_none();
+        let punctuator = Punctuator::new(topic.spec.name.clone(), when, record_time, f);
         self.punctuators
             .push((Arc::new(punctuator), format!("partition timer {when:?}")));
     }
@@ -541,7 +541,7 @@ impl App {
         self.patterns.retain(|p| p.as_str() != pattern);
         self.patterns.push(compiled);
         let mut topic = Topic::json(pattern, Arc::new(Mutex::new(Declared::default())));
-        topic.pattern = true;
+        Arc::make_mut(&mut topic.spec).pattern = true;
         Ok(topic)
     }
 
@@ -629,12 +629,14 @@ impl App {
             }
         };
         Table {
-            name: Arc::from(name),
-            default,
-            value,
-            key,
-            declared,
-            types: PhantomData,
+            spec: Arc::new(TableSpec {
+                name: Arc::from(name),
+                default,
+                value,
+                key,
+                declared,
+                types: PhantomData,
+            }),
         }
     }
 
@@ -659,10 +661,10 @@ impl App {
         K: TableKey + 'static,
     {
         let table = GlobalTable::new(name, topic);
-        let parse = key_parser(KeyBytes::shared(topic.key.clone()));
+        let parse = key_parser(KeyBytes::shared(topic.spec.key.clone()));
         self.globals.retain(|(n, _, _)| n != name);
         self.globals
-            .push((name.to_owned(), topic.name.to_string(), parse));
+            .push((name.to_owned(), topic.spec.name.to_string(), parse));
         table
     }
 

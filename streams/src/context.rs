@@ -187,19 +187,19 @@ impl Ctx {
         Ok(self
             .find(table, key)
             .await?
-            .unwrap_or_else(|| (table.default)()))
+            .unwrap_or_else(|| (table.spec.default)()))
     }
 
     /// The value of `key` in `table`, or `None` when the table holds none
     /// (where [`Ctx::get`] gives the default). The key must belong to this
     /// event's partition, as for [`Ctx::get`].
     pub async fn find<K: TableKey, V>(&self, table: &Table<K, V>, key: &K) -> Result<Option<V>> {
-        let bytes = self.check_partition(&table.name, &table.key, key)?;
-        let stored = self.inner.get(&table.name, &bytes).await?;
+        let bytes = self.check_partition(&table.spec.name, &table.spec.key, key)?;
+        let stored = self.inner.get(&table.spec.name, &bytes).await?;
         match stored {
-            Some(v) => match table.value.decode(Some(&v)) {
+            Some(v) => match table.spec.value.decode(Some(&v)) {
                 Ok(v) => Ok(Some(v)),
-                Err(e) => Err(self.damaged(&table.name, &bytes, e).await),
+                Err(e) => Err(self.damaged(&table.spec.name, &bytes, e).await),
             },
             None => Ok(None),
         }
@@ -247,9 +247,9 @@ impl Ctx {
     /// Sets `key` in `table` to `value`. The key must belong to this event's
     /// partition (see [`Error::CoPartition`]).
     pub async fn set<K: TableKey, V>(&self, table: &Table<K, V>, key: &K, value: &V) -> Result<()> {
-        let bytes = self.check_partition(&table.name, &table.key, key)?;
-        let value = encode_value(&table.name, &*table.value, value)?;
-        self.inner.put(&table.name, bytes, value).await?;
+        let bytes = self.check_partition(&table.spec.name, &table.spec.key, key)?;
+        let value = encode_value(&table.spec.name, &*table.spec.value, value)?;
+        self.inner.put(&table.spec.name, bytes, value).await?;
         Ok(())
     }
 
@@ -261,9 +261,9 @@ impl Ctx {
         key: &K,
         value: &T,
     ) -> Result<()> {
-        let bytes = self.check_partition(&table.name, &table.key, key)?;
-        let value = serde_json::to_vec(value).map_err(|e| value_error(&table.name, e))?;
-        self.inner.put(&table.name, bytes, value).await?;
+        let bytes = self.check_partition(&table.spec.name, &table.spec.key, key)?;
+        let value = serde_json::to_vec(value).map_err(|e| value_error(&table.spec.name, e))?;
+        self.inner.put(&table.spec.name, bytes, value).await?;
         Ok(())
     }
 
@@ -276,14 +276,14 @@ impl Ctx {
         K: TableKey,
         F: FnOnce(V) -> V,
     {
-        let bytes = self.check_partition(&table.name, &table.key, key)?;
+        let bytes = self.check_partition(&table.spec.name, &table.spec.key, key)?;
         let updated = self
             .inner
-            .update(&table.name, bytes, |old| {
+            .update(&table.spec.name, bytes, |old| {
                 encode_update(
-                    &table.name,
-                    &*table.default,
-                    &*table.value,
+                    &table.spec.name,
+                    &*table.spec.default,
+                    &*table.spec.value,
                     f,
                     old.as_deref(),
                 )
@@ -292,7 +292,9 @@ impl Ctx {
         match updated {
             Ok(v) => Ok(v),
             // The key went into the update; encode it again only here.
-            Err(Refused::Stored(e)) => Err(self.damaged(&table.name, &key.encode_key(), e).await),
+            Err(Refused::Stored(e)) => {
+                Err(self.damaged(&table.spec.name, &key.encode_key(), e).await)
+            }
             Err(Refused::New(e)) => Err(e),
         }
     }
@@ -362,7 +364,7 @@ impl Ctx {
     {
         let entries = (self.inner)
             .range(
-                &table.name,
+                &table.spec.name,
                 from.as_ref().map(Vec::as_slice),
                 to.as_ref().map(Vec::as_slice),
             )
@@ -371,11 +373,11 @@ impl Ctx {
         for (k, v) in entries {
             let key = match K::decode_key(&k) {
                 Ok(key) => key,
-                Err(e) => return Err(self.damaged_key(&table.name, &k, e).await),
+                Err(e) => return Err(self.damaged_key(&table.spec.name, &k, e).await),
             };
-            match table.value.decode(Some(&v)) {
+            match table.spec.value.decode(Some(&v)) {
                 Ok(value) => out.push((key, value)),
-                Err(e) => return Err(self.damaged(&table.name, &k, e).await),
+                Err(e) => return Err(self.damaged(&table.spec.name, &k, e).await),
             }
         }
         Ok(out)
@@ -426,8 +428,12 @@ impl Ctx {
         T: TableKey + Clone,
     {
         let entry = (key.clone(), member.clone());
-        let bytes = self.check_partition(&set.entries.name, &set.entries.key, &entry)?;
-        Ok(self.inner.get(&set.entries.name, &bytes).await?.is_some())
+        let bytes = self.check_partition(&set.entries.spec.name, &set.entries.spec.key, &entry)?;
+        Ok(self
+            .inner
+            .get(&set.entries.spec.name, &bytes)
+            .await?
+            .is_some())
     }
 
     /// The members of the set of `key` in `set`, in their order (empty if
@@ -437,7 +443,7 @@ impl Ctx {
         K: TableKey,
         T: TableKey,
     {
-        self.check_partition(&set.entries.name, &set.key, key)?;
+        self.check_partition(&set.entries.spec.name, &set.key, key)?;
         let (from, to) = prefix_bounds(key);
         let entries = self.scan(&set.entries, from, to).await?;
         Ok(entries
@@ -448,8 +454,8 @@ impl Ctx {
 
     /// Deletes `key` from `table`.
     pub async fn delete<K: TableKey, V>(&self, table: &Table<K, V>, key: &K) -> Result<()> {
-        let bytes = self.check_partition(&table.name, &table.key, key)?;
-        self.inner.delete(&table.name, bytes).await?;
+        let bytes = self.check_partition(&table.spec.name, &table.spec.key, key)?;
+        self.inner.delete(&table.spec.name, bytes).await?;
         Ok(())
     }
 
@@ -472,13 +478,16 @@ impl Ctx {
         value: &V,
         headers: &[Header],
     ) -> Result<()> {
-        if topic.pattern {
+        if topic.spec.pattern {
             // The app's declaration is wrong, not the event: stop.
-            let what = format!("{:?} is a pattern of topic names, read only", topic.name);
+            let what = format!(
+                "{:?} is a pattern of topic names, read only",
+                topic.spec.name
+            );
             return Err(self.inner.fail("send", what).into());
         }
         let (key, value) = encode(topic, key, value)?;
-        let mut record = ProducerRecord::to(&topic.name);
+        let mut record = ProducerRecord::to(&topic.spec.name);
         record.key = key.as_deref();
         record.value = value.as_deref();
         record.headers = headers;
@@ -536,20 +545,28 @@ impl Ctx {
 
         F: FnMut(V) -> V,
     {
-        let bytes = self.check_partition(&table.name, &table.key, key)?;
+        let bytes = self.check_partition(&table.spec.name, &table.spec.key, key)?;
         let time = self
             .event_time
             .filter(|&t| t >= 0)
             .ok_or_else(|| Error::NoEventTime {
-                table: table.name.to_string(),
+                table: table.spec.name.to_string(),
             })?;
         let updated = self
             .inner
             .update_windows(
-                &table.name,
+                &table.spec.name,
                 &bytes,
                 time,
-                |old| encode_update(&table.name, &*table.default, &*table.value, &mut f, old),
+                |old| {
+                    encode_update(
+                        &table.spec.name,
+                        &*table.spec.default,
+                        &*table.spec.value,
+                        &mut f,
+                        old,
+                    )
+                },
                 |a, b| merge_sessions(table, a, b),
             )
             .await?;
@@ -559,7 +576,7 @@ impl Ctx {
             emitting,
         } = match updated {
             Ok(u) => u,
-            Err(Refused::Stored(e)) => return Err(self.damaged(&table.name, &bytes, e).await),
+            Err(Refused::Stored(e)) => return Err(self.damaged(&table.spec.name, &bytes, e).await),
             Err(Refused::New(e)) => return Err(e),
         };
         let on_close = table.on_close();
@@ -572,7 +589,7 @@ impl Ctx {
         if current.is_none() {
             let source = self.source.as_ref().map(|s| &s.record);
             tracing::debug!(
-                table = %table.name,
+                table = %table.spec.name,
                 topic = source.map(|r| &*r.topic),
                 partition = source.map(|r| r.partition),
                 offset = source.map(|r| r.offset),
@@ -591,7 +608,7 @@ impl Ctx {
     /// share it). Should the send fail, the record is not committed, and
     /// is processed again as a new [`Source`].
     async fn send_late<K, V>(&self, table: &WindowedTable<K, V>) -> Result<()> {
-        let (Some(to), Some(source)) = (&table.late, &self.source) else {
+        let (Some(to), Some(source)) = (&table.spec.late, &self.source) else {
             return Ok(());
         };
         {
@@ -604,7 +621,7 @@ impl Ctx {
         let record = &source.record;
         let mut headers = record.headers.clone();
         headers.extend([
-            Header::new("strom.late.table", table.name.to_string()),
+            Header::new("strom.late.table", table.spec.name.to_string()),
             Header::new("strom.late.topic", record.topic.to_string()),
             Header::new("strom.late.partition", record.partition.to_string()),
             Header::new("strom.late.offset", record.offset.to_string()),
@@ -641,14 +658,14 @@ impl Ctx {
             Err(e) => {
                 let e = self
                     .inner
-                    .damaged(&table.name, &closed.key, &e.to_string())
+                    .damaged(&table.spec.name, &closed.key, &e.to_string())
                     .await;
                 return Err(e.into());
             }
         };
-        let value = match table.value.decode(Some(&closed.value)) {
+        let value = match table.spec.value.decode(Some(&closed.value)) {
             Ok(v) => v,
-            Err(e) => return Err(self.damaged(&table.name, &closed.key, e).await),
+            Err(e) => return Err(self.damaged(&table.spec.name, &closed.key, e).await),
         };
         let ctx = Ctx {
             inner: self.inner.clone(),
@@ -665,7 +682,7 @@ impl Ctx {
         };
         let what = format!(
             "emitting closed window [{}, {}) of table {:?}",
-            window.start, window.end, table.name
+            window.start, window.end, table.spec.name
         );
         Err(self.inner.fail(&what, failure).into())
     }
@@ -679,13 +696,13 @@ impl Ctx {
     where
         K: TableKey,
     {
-        let bytes = self.check_partition(&table.name, &table.key, key)?;
-        match self.inner.value_at(&table.name, &bytes, time).await? {
-            Some(v) => match table.value.decode(Some(&v)) {
+        let bytes = self.check_partition(&table.spec.name, &table.spec.key, key)?;
+        match self.inner.value_at(&table.spec.name, &bytes, time).await? {
+            Some(v) => match table.spec.value.decode(Some(&v)) {
                 Ok(v) => Ok(v),
-                Err(e) => Err(self.damaged(&table.name, &bytes, e).await),
+                Err(e) => Err(self.damaged(&table.spec.name, &bytes, e).await),
             },
-            None => Ok((table.default)()),
+            None => Ok((table.spec.default)()),
         }
     }
 
@@ -737,17 +754,17 @@ impl Ctx {
     where
         K: TableKey,
     {
-        let bytes = self.check_partition(&table.name, &table.key, key)?;
+        let bytes = self.check_partition(&table.spec.name, &table.spec.key, key)?;
         let stored = self
             .inner
-            .windows(&table.name, &bytes)
+            .windows(&table.spec.name, &bytes)
             .await?
             .unwrap_or_default();
         let mut windows = Vec::with_capacity(stored.len());
         for (window, v) in stored {
-            match table.value.decode(Some(&v)) {
+            match table.spec.value.decode(Some(&v)) {
                 Ok(v) => windows.push((window, v)),
-                Err(e) => return Err(self.damaged(&table.name, &bytes, e).await),
+                Err(e) => return Err(self.damaged(&table.spec.name, &bytes, e).await),
             }
         }
         Ok(windows)
@@ -768,12 +785,12 @@ pub(crate) fn encode<K, V>(
     value: &V,
 ) -> Result<(Option<Bytes>, Option<Bytes>)> {
     let codec = |e| Error::Codec {
-        topic: topic.name.to_string(),
+        topic: topic.spec.name.to_string(),
         source: e,
     };
     Ok((
-        topic.key.encode(key).map_err(codec)?,
-        topic.value.encode(value).map_err(codec)?,
+        topic.spec.key.encode(key).map_err(codec)?,
+        topic.spec.value.encode(value).map_err(codec)?,
     ))
 }
 
@@ -785,16 +802,16 @@ fn merge_sessions<K, V>(
     b: &[u8],
 ) -> std::result::Result<Vec<u8>, Refused> {
     let (Some(merge), a, b) = (
-        &table.merge,
-        table.value.decode(Some(a)).map_err(Refused::Stored)?,
-        table.value.decode(Some(b)).map_err(Refused::Stored)?,
+        &table.spec.merge,
+        table.spec.value.decode(Some(a)).map_err(Refused::Stored)?,
+        table.spec.value.decode(Some(b)).map_err(Refused::Stored)?,
     ) else {
         return Err(Refused::New(value_error(
-            &table.name,
+            &table.spec.name,
             "sessions to merge in a table that is not a session table",
         )));
     };
-    encode_value(&table.name, &*table.value, &merge(a, b)).map_err(Refused::New)
+    encode_value(&table.spec.name, &*table.spec.value, &merge(a, b)).map_err(Refused::New)
 }
 
 /// What a timer sees: typed sends, each acknowledged before it returns.
@@ -807,7 +824,7 @@ impl TimerCtx {
     /// Sends `key` → `value` to `topic` and waits for the acknowledgement.
     pub async fn send<K, V>(&self, topic: &Topic<K, V>, key: &K, value: &V) -> Result<()> {
         let (key, value) = encode(topic, key, value)?;
-        let mut record = ProducerRecord::to(&topic.name);
+        let mut record = ProducerRecord::to(&topic.spec.name);
         record.key = key.as_deref();
         record.value = value.as_deref();
         self.inner.send(record).await?;

@@ -64,9 +64,9 @@ impl<K, V> GlobalTable<K, V> {
     pub(crate) fn new(name: &str, topic: &Topic<K, V>) -> GlobalTable<K, V> {
         GlobalTable {
             name: Arc::from(name),
-            topic: topic.name.clone(),
-            key: topic.key.clone(),
-            value: topic.value.clone(),
+            topic: topic.spec.name.clone(),
+            key: topic.spec.key.clone(),
+            value: topic.spec.value.clone(),
         }
     }
 

@@ -88,8 +88,10 @@ where
         V2: Send + Sync + 'static,
     {
         let topics: Vec<String> = self.inputs.iter().map(|i| i.topic.to_string()).collect();
-        self.app
-            .not_patterns(&topics, &format!("join_table of table {:?}", table.name));
+        self.app.not_patterns(
+            &topics,
+            &format!("join_table of table {:?}", table.spec.name),
+        );
         self.app.copartitioned.extend(topics);
         let join = Arc::new((table.clone(), f));
         self.then_later(move |ctx, events| {
@@ -269,10 +271,10 @@ impl App {
         V2: Send + Sync + 'static,
     {
         let inputs = vec![
-            updates(self.id(), &left.name),
-            updates(self.id(), &right.name),
+            updates(self.id(), &left.spec.name),
+            updates(self.id(), &right.spec.name),
         ];
-        for table in [&left.name, &right.name] {
+        for table in [&left.spec.name, &right.spec.name] {
             if !self.changelog_sources.iter().any(|t| **t == **table) {
                 self.changelog_sources.push(table.to_string());
             }

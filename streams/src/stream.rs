@@ -137,9 +137,9 @@ pub(crate) fn decode_step<K: Send + 'static, V: Send + 'static>(
     topic: &crate::Topic<K, V>,
 ) -> Step<K, V> {
     let (key, value, time) = (
-        topic.key.clone(),
-        topic.value.clone(),
-        topic.timestamp.clone(),
+        topic.spec.key.clone(),
+        topic.spec.value.clone(),
+        topic.spec.timestamp.clone(),
     );
     Step::Now(Arc::new(move |_: &Context, r: ConsumerRecord| {
         let mut event = Event {
@@ -200,7 +200,7 @@ impl<K, V> Input<K, V> {
         V: Send + 'static,
     {
         Input {
-            topic: topic.name.clone(),
+            topic: topic.spec.name.clone(),
             step: decode_step(topic),
         }
     }
@@ -532,10 +532,10 @@ where
     }
 
     fn sink_to(self, topic: &crate::Topic<K, V>) -> &'a mut App {
-        if topic.pattern {
+        if topic.spec.pattern {
             (self.app.misdeclared).push(format!(
                 "an agent sends to {:?}, a pattern of topic names, which is read only",
-                topic.name
+                topic.spec.name
             ));
         }
         for Input {
@@ -547,12 +547,12 @@ where
                 Arc::new(Through {
                     source,
                     step,
-                    target: topic.name.clone(),
-                    key: topic.key.clone(),
-                    value: topic.value.clone(),
+                    target: topic.spec.name.clone(),
+                    key: topic.spec.key.clone(),
+                    value: topic.spec.value.clone(),
                     stage: self.stage.clone(),
                 }),
-                format!("sink → {}", topic.name),
+                format!("sink → {}", topic.spec.name),
             );
         }
         self.app

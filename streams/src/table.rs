@@ -152,6 +152,12 @@ pub(crate) fn key_parser<K: TableKey + 'static>(key_bytes: KeyBytes<K>) -> KeyPa
 /// keys, or by a `group_by`, is right. A table fed from a topic with another
 /// key codec takes that codec too.
 pub struct Table<K, V> {
+    /// One allocation, so a clone per event costs one reference count.
+    pub(crate) spec: Arc<TableSpec<K, V>>,
+}
+
+/// What a [`Table`] handle holds.
+pub(crate) struct TableSpec<K, V> {
     pub(crate) name: Arc<str>,
     pub(crate) default: Arc<dyn Fn() -> V + Send + Sync>,
     /// How its values are stored (JSON by default).
@@ -164,6 +170,14 @@ pub struct Table<K, V> {
 impl<K, V> Clone for Table<K, V> {
     fn clone(&self) -> Self {
         Table {
+            spec: self.spec.clone(),
+        }
+    }
+}
+
+impl<K, V> Clone for TableSpec<K, V> {
+    fn clone(&self) -> Self {
+        TableSpec {
             name: self.name.clone(),
             default: self.default.clone(),
             value: self.value.clone(),
@@ -176,14 +190,16 @@ impl<K, V> Clone for Table<K, V> {
 
 impl<K, V> std::fmt::Debug for Table<K, V> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Table").field("name", &self.name).finish()
+        f.debug_struct("Table")
+            .field("name", &self.spec.name)
+            .finish()
     }
 }
 
 impl<K, V> Table<K, V> {
     /// The table's name.
     pub fn name(&self) -> &str {
-        &self.name
+        &self.spec.name
     }
 
     /// Partitions the table's keys by the bytes `codec` writes for them
@@ -217,7 +233,7 @@ impl<K, V> Table<K, V> {
     /// # let _ = names;
     /// ```
     pub fn with_value_codec<C: Codec<V> + 'static>(mut self, codec: C) -> Self {
-        self.value = Arc::new(codec);
+        Arc::make_mut(&mut self.spec).value = Arc::new(codec);
         self
     }
 
@@ -252,8 +268,9 @@ impl<K, V> Table<K, V> {
     where
         K: TableKey + 'static,
     {
-        *(self.declared.parse.lock()).unwrap_or_else(|e| e.into_inner()) = key_parser(key.clone());
-        self.key = key;
+        let spec = Arc::make_mut(&mut self.spec);
+        *(spec.declared.parse.lock()).unwrap_or_else(|e| e.into_inner()) = key_parser(key.clone());
+        spec.key = key;
         self
     }
 
@@ -347,16 +364,20 @@ impl<K, V> Table<K, V> {
     }
 
     fn windowed(self, windowing: Windowing, merge: Option<Merge<V>>) -> WindowedTable<K, V> {
-        let table = WindowedTable {
-            name: self.name,
-            default: self.default,
-            value: self.value,
-            key: self.key,
-            declared: self.declared,
+        let spec = Arc::unwrap_or_clone(self.spec);
+        let spec = WindowedSpec {
+            name: spec.name,
+            default: spec.default,
+            value: spec.value,
+            key: spec.key,
+            declared: spec.declared,
             windowing,
             merge,
             late: None,
             on_close: Arc::default(),
+        };
+        let table = WindowedTable {
+            spec: Arc::new(spec),
         };
         table.declare();
         table
@@ -395,7 +416,7 @@ impl<K, T> Clone for SetTable<K, T> {
 impl<K, T> std::fmt::Debug for SetTable<K, T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SetTable")
-            .field("name", &self.entries.name)
+            .field("name", &self.entries.spec.name)
             .finish()
     }
 }
@@ -403,7 +424,7 @@ impl<K, T> std::fmt::Debug for SetTable<K, T> {
 impl<K, T> SetTable<K, T> {
     /// The table's name.
     pub fn name(&self) -> &str {
-        &self.entries.name
+        &self.entries.spec.name
     }
 }
 
@@ -446,6 +467,12 @@ pub(crate) type OnClose<K, V> = Arc<
 /// Declare it in one chain (`app.table(..).tumbling(..).grace(..)`) and
 /// clone the result: a handle cloned halfway keeps the settings it had.
 pub struct WindowedTable<K, V> {
+    /// One allocation, so a clone per event costs one reference count.
+    pub(crate) spec: Arc<WindowedSpec<K, V>>,
+}
+
+/// What a [`WindowedTable`] handle holds.
+pub(crate) struct WindowedSpec<K, V> {
     pub(crate) name: Arc<str>,
     pub(crate) default: Arc<dyn Fn() -> V + Send + Sync>,
     /// How its values are stored (see [`Table::with_value_codec`]).
@@ -465,6 +492,14 @@ pub struct WindowedTable<K, V> {
 impl<K, V> Clone for WindowedTable<K, V> {
     fn clone(&self) -> Self {
         WindowedTable {
+            spec: self.spec.clone(),
+        }
+    }
+}
+
+impl<K, V> Clone for WindowedSpec<K, V> {
+    fn clone(&self) -> Self {
+        WindowedSpec {
             name: self.name.clone(),
             default: self.default.clone(),
             value: self.value.clone(),
@@ -481,8 +516,8 @@ impl<K, V> Clone for WindowedTable<K, V> {
 impl<K, V> std::fmt::Debug for WindowedTable<K, V> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("WindowedTable")
-            .field("name", &self.name)
-            .field("windowing", &self.windowing.describe())
+            .field("name", &self.spec.name)
+            .field("windowing", &self.spec.windowing.describe())
             .field("emits_on_close", &self.on_close().is_some())
             .finish()
     }
@@ -491,24 +526,26 @@ impl<K, V> std::fmt::Debug for WindowedTable<K, V> {
 impl<K, V> WindowedTable<K, V> {
     /// The table's name.
     pub fn name(&self) -> &str {
-        &self.name
+        &self.spec.name
     }
 
     /// Its windows, grace and retention.
     pub fn windowing(&self) -> &Windowing {
-        &self.windowing
+        &self.spec.windowing
     }
 
     /// The `emit_on_close` callback, if one is set.
     pub(crate) fn on_close(&self) -> Option<OnClose<K, V>> {
-        self.on_close
+        self.spec
+            .on_close
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
     }
 
     fn declare(&self) {
-        *(self.declared.windowing.lock()).unwrap_or_else(|e| e.into_inner()) = Some(self.windowing);
+        *(self.spec.declared.windowing.lock()).unwrap_or_else(|e| e.into_inner()) =
+            Some(self.spec.windowing);
     }
 
     /// How long after its end a window still takes events (default 0): it
@@ -517,7 +554,8 @@ impl<K, V> WindowedTable<K, V> {
     /// whose every window has closed is late: dropped, counted in
     /// `strom_late_events_total{table}` and logged at debug level.
     pub fn grace(mut self, grace: Duration) -> Self {
-        self.windowing = self.windowing.grace(grace);
+        let spec = Arc::make_mut(&mut self.spec);
+        spec.windowing = spec.windowing.grace(grace);
         self.declare();
         self
     }
@@ -528,7 +566,8 @@ impl<K, V> WindowedTable<K, V> {
     /// sessions the gap plus the grace): older ones are deleted from the
     /// store and tombstoned in the changelog, so the table stays bounded.
     pub fn expires(mut self, retention: Duration) -> Self {
-        self.windowing = self.windowing.expires(retention);
+        let spec = Arc::make_mut(&mut self.spec);
+        spec.windowing = spec.windowing.expires(retention);
         self.declare();
         self
     }
@@ -555,7 +594,7 @@ impl<K, V> WindowedTable<K, V> {
     /// # let _ = per_minute;
     /// ```
     pub fn late_events<K2, V2>(mut self, topic: &Topic<K2, V2>) -> Self {
-        self.late = Some(topic.name.clone());
+        Arc::make_mut(&mut self.spec).late = Some(topic.spec.name.clone());
         self
     }
 
@@ -598,7 +637,7 @@ impl<K, V> WindowedTable<K, V> {
     {
         let on_close: OnClose<K, V> =
             Arc::new(move |ctx, key, window, value| Box::pin(f(ctx, key, window, value)));
-        *self.on_close.lock().unwrap_or_else(|e| e.into_inner()) = Some(on_close);
+        *self.spec.on_close.lock().unwrap_or_else(|e| e.into_inner()) = Some(on_close);
         self
     }
 }

@@ -343,7 +343,7 @@ impl TestDriver {
         headers: &[Header],
     ) -> Result<DeliveryFuture> {
         let (key, value) = crate::context::encode(topic, key, value)?;
-        let mut record = ProducerRecord::to(&topic.name);
+        let mut record = ProducerRecord::to(&topic.spec.name);
         record.key = key.as_deref();
         record.value = value.as_deref();
         record.headers = headers;
@@ -470,16 +470,16 @@ impl TestDriver {
     /// nothing is taken: the next read returns the same records.
     pub fn read<K, V>(&mut self, topic: &Topic<K, V>) -> Result<Vec<TestRecord<K, V>>> {
         let codec = |e| Error::Codec {
-            topic: topic.name.to_string(),
+            topic: topic.spec.name.to_string(),
             source: e,
         };
-        let (records, read_to) = self.unread(&topic.name)?;
+        let (records, read_to) = self.unread(&topic.spec.name)?;
         let decoded = records
             .into_iter()
             .map(|r| {
                 Ok(TestRecord {
-                    key: topic.key.decode(r.key.as_deref()).map_err(codec)?,
-                    value: topic.value.decode(r.value.as_deref()).map_err(codec)?,
+                    key: topic.spec.key.decode(r.key.as_deref()).map_err(codec)?,
+                    value: topic.spec.value.decode(r.value.as_deref()).map_err(codec)?,
                     timestamp: r.timestamp,
                     headers: r.headers,
                     partition: r.partition,
@@ -662,14 +662,14 @@ pub struct TableView<'a, K, V> {
 impl<K, V> std::fmt::Debug for TableView<'_, K, V> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TableView")
-            .field("table", &self.table.name)
+            .field("table", &self.table.spec.name)
             .finish()
     }
 }
 
 impl<K: TableKey, V> TableView<'_, K, V> {
     fn changelog(&self) -> String {
-        strom_state::changelog::topic_name(self.driver.app.id(), &self.table.name)
+        strom_state::changelog::topic_name(self.driver.app.id(), &self.table.spec.name)
     }
 
     /// The value of `key`, or the table's default.
@@ -677,8 +677,8 @@ impl<K: TableKey, V> TableView<'_, K, V> {
         let topic = self.changelog();
         let partitions = self.driver.partitions(&topic)?;
         let bytes = key.encode_key();
-        let written = self.table.key.of(key).map_err(|source| Error::Codec {
-            topic: self.table.name.to_string(),
+        let written = self.table.spec.key.of(key).map_err(|source| Error::Codec {
+            topic: self.table.spec.name.to_string(),
             source,
         })?;
         let partition =
@@ -692,7 +692,7 @@ impl<K: TableKey, V> TableView<'_, K, V> {
             .last();
         match last.and_then(|r| r.value) {
             Some(v) => self.decode(&v),
-            None => Ok((self.table.default)()),
+            None => Ok((self.table.spec.default)()),
         }
     }
 
@@ -706,7 +706,7 @@ impl<K: TableKey, V> TableView<'_, K, V> {
     }
 
     fn decode(&self, value: &[u8]) -> Result<V> {
-        decode(&self.table.name, &*self.table.value, value)
+        decode(&self.table.spec.name, &*self.table.spec.value, value)
     }
 }
 
@@ -729,7 +729,7 @@ impl<K: TableKey, T: TableKey> SetTableView<'_, K, T> {
     /// The members of `key`'s set, in their order.
     pub fn members(&self, key: &K) -> Result<Vec<T>> {
         let changelog =
-            strom_state::changelog::topic_name(self.driver.app.id(), &self.set.entries.name);
+            strom_state::changelog::topic_name(self.driver.app.id(), &self.set.entries.spec.name);
         let (from, to) = strom_state::table::prefix_bounds(key);
         live_entries(self.driver, &changelog)?
             .range::<[u8], _>((
@@ -751,7 +751,7 @@ pub struct WindowedTableView<'a, K, V> {
 impl<K, V> std::fmt::Debug for WindowedTableView<'_, K, V> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("WindowedTableView")
-            .field("table", &self.table.name)
+            .field("table", &self.table.spec.name)
             .finish()
     }
 }
@@ -768,7 +768,7 @@ impl<K: TableKey, V> WindowedTableView<'_, K, V> {
     /// [`WindowedTableView::entries`], with the time of each sliding
     /// window's latest event (0 for other windows).
     fn entries_with_latest(&self) -> Result<Vec<(K, Window, i64, V)>> {
-        let topic = strom_state::changelog::topic_name(self.driver.app.id(), &self.table.name);
+        let topic = strom_state::changelog::topic_name(self.driver.app.id(), &self.table.spec.name);
         let mut entries = Vec::new();
         for (k, v) in live_entries(self.driver, &topic)? {
             if k.as_ref() == window::STREAM_TIME_KEY {
@@ -782,13 +782,14 @@ impl<K: TableKey, V> WindowedTableView<'_, K, V> {
             })?;
             let (window, latest, value) = self
                 .table
+                .spec
                 .windowing
                 .entry_with_latest(start, window::unstamp(&v)?.1)?;
             entries.push((
                 K::decode_key(key)?,
                 window,
                 latest.unwrap_or(0),
-                decode(&self.table.name, &*self.table.value, value)?,
+                decode(&self.table.spec.name, &*self.table.spec.value, value)?,
             ));
         }
         Ok(entries)
@@ -818,10 +819,10 @@ impl<K: TableKey, V> WindowedTableView<'_, K, V> {
             .map(|(_, w, latest, v)| (w, latest, v))
             .collect();
         let spans: Vec<(Window, i64)> = windows.iter().map(|(w, l, _)| (*w, *l)).collect();
-        let found = self.table.windowing.holding(&spans, time);
+        let found = self.table.spec.windowing.holding(&spans, time);
         Ok(match found {
             Some(i) => windows.swap_remove(i).2,
-            None => (self.table.default)(),
+            None => (self.table.spec.default)(),
         })
     }
 }

@@ -17,6 +17,12 @@ use crate::codec::{Codec, CodecError, Json};
 /// assert_eq!(lines.name(), "lines");
 /// ```
 pub struct Topic<K, V> {
+    /// One allocation, so a clone per event costs one reference count.
+    pub(crate) spec: Arc<TopicSpec<K, V>>,
+}
+
+/// What a [`Topic`] handle holds.
+pub(crate) struct TopicSpec<K, V> {
     pub(crate) name: Arc<str>,
     pub(crate) key: Arc<dyn Codec<K>>,
     pub(crate) value: Arc<dyn Codec<V>>,
@@ -106,6 +112,14 @@ pub struct TopicSettings {
 impl<K, V> Clone for Topic<K, V> {
     fn clone(&self) -> Self {
         Topic {
+            spec: self.spec.clone(),
+        }
+    }
+}
+
+impl<K, V> Clone for TopicSpec<K, V> {
+    fn clone(&self) -> Self {
+        TopicSpec {
             name: self.name.clone(),
             key: self.key.clone(),
             value: self.value.clone(),
@@ -119,7 +133,9 @@ impl<K, V> Clone for Topic<K, V> {
 
 impl<K, V> std::fmt::Debug for Topic<K, V> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Topic").field("name", &self.name).finish()
+        f.debug_struct("Topic")
+            .field("name", &self.spec.name)
+            .finish()
     }
 }
 
@@ -129,7 +145,7 @@ impl<K: 'static, V: 'static> Topic<K, V> {
         K: Serialize + DeserializeOwned,
         V: Serialize + DeserializeOwned,
     {
-        let topic = Topic {
+        let spec = TopicSpec {
             name: Arc::from(name),
             key: Arc::new(Json),
             value: Arc::new(Json),
@@ -141,17 +157,21 @@ impl<K: 'static, V: 'static> Topic<K, V> {
             },
             pattern: false,
         };
+        let topic = Topic {
+            spec: Arc::new(spec),
+        };
         topic.codecs_changed();
         topic
     }
 
     fn declared(&self) -> std::sync::MutexGuard<'_, Declared> {
-        self.declared.lock().unwrap_or_else(|e| e.into_inner())
+        self.spec.declared.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Tells the app the codecs now in use (for `APP send` and `APP topics`).
     fn codecs_changed(&self) {
-        let (key, value, json) = (self.key.clone(), self.value.clone(), self.as_json.clone());
+        let spec = &self.spec;
+        let (key, value, json) = (spec.key.clone(), spec.value.clone(), spec.as_json.clone());
         self.declared().show = Arc::new(move |k, v| {
             let (k, v) = (key.decode(k)?, value.decode(v)?);
             Ok(((json.key)(&k), (json.value)(&v)))
@@ -190,7 +210,7 @@ impl<K: 'static, V: 'static> Topic<K, V> {
 
     /// The topic's name.
     pub fn name(&self) -> &str {
-        &self.name
+        &self.spec.name
     }
 
     /// Takes each event's time (ms since the epoch) from the event itself,
@@ -209,13 +229,13 @@ impl<K: 'static, V: 'static> Topic<K, V> {
         mut self,
         f: impl Fn(&crate::Event<K, V>) -> i64 + Send + Sync + 'static,
     ) -> Self {
-        self.timestamp = Some(Arc::new(f));
+        Arc::make_mut(&mut self.spec).timestamp = Some(Arc::new(f));
         self
     }
 
     /// Uses `codec` for keys.
     pub fn with_key_codec<C: Codec<K> + 'static>(mut self, codec: C) -> Self {
-        self.key = Arc::new(codec);
+        Arc::make_mut(&mut self.spec).key = Arc::new(codec);
         self.declared().key_codec = codec_name::<C>();
         self.codecs_changed();
         self
@@ -223,7 +243,7 @@ impl<K: 'static, V: 'static> Topic<K, V> {
 
     /// Uses `codec` for values.
     pub fn with_value_codec<C: Codec<V> + 'static>(mut self, codec: C) -> Self {
-        self.value = Arc::new(codec);
+        Arc::make_mut(&mut self.spec).value = Arc::new(codec);
         self.declared().value_codec = codec_name::<C>();
         self.codecs_changed();
         self

@@ -32,7 +32,7 @@ use crate::codec::{Codec, CodecError, Json};
 use crate::context::Ctx;
 use crate::error::Result;
 use crate::stream::{decode_step, then_step, Event, Events, Input, Stream};
-use crate::table::{KeyBytes, Table};
+use crate::table::{KeyBytes, Table, TableSpec};
 use crate::topic::Topic;
 
 /// How far apart in time two events of a windowed join may be, and how long
@@ -265,7 +265,7 @@ where
         });
         app.window_joins.push(name.to_owned());
         let mut topics: Vec<String> = inputs.iter().map(|i| i.topic.to_string()).collect();
-        topics.push(other.name.to_string());
+        topics.push(other.spec.name.to_string());
         app.joined(topics, &format!("windowed join {name:?}"));
         let mut sides: Vec<Input<K, Side<V, V2>>> = (inputs.into_iter().enumerate())
             .map(|(n, Input { topic, step })| {
@@ -292,7 +292,7 @@ where
             })) as Events<K, Side<V, V2>>
         });
         sides.push(Input {
-            topic: other.name.clone(),
+            topic: other.spec.name.clone(),
             step: then_step(decode_step(other), tag),
         });
         let forget = join.clone();
@@ -566,12 +566,14 @@ impl Codec<IgnoredAny> for KeysOnly {
 /// `table` read for its keys only.
 fn keys_of<K2, V3>(table: &Table<K2, V3>) -> Table<K2, IgnoredAny> {
     Table {
-        name: table.name.clone(),
-        default: Arc::new(|| IgnoredAny),
-        value: Arc::new(KeysOnly),
-        key: table.key.clone(),
-        declared: table.declared.clone(),
-        types: std::marker::PhantomData,
+        spec: Arc::new(TableSpec {
+            name: table.spec.name.clone(),
+            default: Arc::new(|| IgnoredAny),
+            value: Arc::new(KeysOnly),
+            key: table.spec.key.clone(),
+            declared: table.spec.declared.clone(),
+            types: std::marker::PhantomData,
+        }),
     }
 }
 
