@@ -131,14 +131,21 @@ pub(crate) struct TableSlot {
     pub windows: Option<Windowed>,
 }
 
-/// The tables and pending sends of one partition.
+/// The tables of one partition.
 #[derive(Debug)]
 pub(crate) struct PartitionState {
     pub tables: BTreeMap<String, TableSlot>,
-    /// Deliveries of the records sent since the last checkpoint.
-    pub deliveries: Vec<DeliveryFuture>,
+}
+
+/// The records one partition sent since the last checkpoint. Apart from
+/// the tables' lock, and never held across an await: a send takes it once
+/// its record is in the producer.
+#[derive(Debug, Default)]
+struct Sends {
+    /// Their deliveries, one per batch.
+    deliveries: Vec<DeliveryFuture>,
     /// Records sent, by topic.
-    pub sent: HashMap<String, Counter>,
+    sent: HashMap<String, Counter>,
 }
 
 /// How many of the latest deliveries a send looks through for one of its
@@ -169,6 +176,7 @@ struct Shared {
     partition: i32,
     partitions: usize,
     state: Mutex<PartitionState>,
+    sends: std::sync::Mutex<Sends>,
     /// The worker's global tables.
     globals: Arc<GlobalTables>,
     producer: Producer,
@@ -215,11 +223,8 @@ impl Context {
             inner: Arc::new(Shared {
                 partition,
                 partitions,
-                state: Mutex::new(PartitionState {
-                    tables,
-                    deliveries: Vec::new(),
-                    sent: HashMap::new(),
-                }),
+                state: Mutex::new(PartitionState { tables }),
+                sends: std::sync::Mutex::default(),
                 globals,
                 producer,
                 metrics,
@@ -267,6 +272,10 @@ impl Context {
 
     pub(crate) async fn state(&self) -> MutexGuard<'_, PartitionState> {
         self.inner.state.lock().await
+    }
+
+    fn sends(&self) -> std::sync::MutexGuard<'_, Sends> {
+        self.inner.sends.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The framework failure met since the last call, if any (see [`Context`]).
@@ -652,29 +661,29 @@ impl Context {
                 Err(e) => self.retry("a send", &mut attempts, e.into()).await?,
             }
         };
-        let mut state = self.state().await;
-        match state.sent.get(topic) {
+        let mut sends = self.sends();
+        match sends.sent.get(topic) {
             Some(c) => {
                 c.inc();
             }
             None => {
                 let c = self.inner.metrics.events_out(topic);
                 c.inc();
-                state.sent.insert(topic.to_owned(), c);
+                sends.sent.insert(topic.to_owned(), c);
             }
         }
         // Waiting for one record of a batch waits for all of it: keep one
         // future per batch (sends spread over partitions interleave, so look
         // a few back), so an event that sends millions of records holds
         // futures for its batches, not its records.
-        let known = state
+        let known = sends
             .deliveries
             .iter()
             .rev()
             .take(RECENT_BATCHES)
             .any(|d| d.same_batch(&delivery));
         if !known {
-            state.deliveries.push(delivery);
+            sends.deliveries.push(delivery);
         }
         Ok(())
     }
@@ -684,7 +693,8 @@ impl Context {
     /// to their stores. Waits for nothing of other partitions.
     pub(crate) async fn checkpoint(&self, durability: Durability) -> Result<(), WorkerError> {
         let mut state = self.state().await;
-        for d in std::mem::take(&mut state.deliveries) {
+        let deliveries = std::mem::take(&mut self.sends().deliveries);
+        for d in deliveries {
             let done = match d.try_result() {
                 Some(done) => done,
                 None => d.await,
@@ -722,7 +732,7 @@ impl Context {
     /// was aborted): pending table writes and deliveries.
     pub(crate) async fn discard(&self) {
         let mut state = self.state().await;
-        state.deliveries.clear();
+        self.sends().deliveries.clear();
         for table in state.tables.values_mut() {
             table.store.discard();
             if let Some(windows) = &mut table.windows {
@@ -803,7 +813,7 @@ mod tests {
                 .await
                 .unwrap();
         }
-        let held = ctx.state().await.deliveries.len();
+        let held = ctx.sends().deliveries.len();
         assert!(held < 200, "{held} futures held for 20,000 records");
         ctx.checkpoint(Durability::Fast).await.unwrap();
         let written = cluster.records("out", 0).len() + cluster.records("out", 1).len();
