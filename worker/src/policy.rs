@@ -5,7 +5,6 @@ use std::any::Any;
 use std::future::Future;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context as TaskContext, Poll};
 use tokio::time::Instant;
 
@@ -33,9 +32,9 @@ impl Drop for Done<'_> {
 /// send, a table write, the dead letter itself): the worker stops and the
 /// event is not committed.
 pub(crate) async fn handle(
-    p: Arc<dyn Processor>,
+    p: &dyn Processor,
     policy: &ErrorPolicy,
-    ctx: Context,
+    ctx: &Context,
     record: ConsumerRecord,
     meters: &EventMeters,
     started: Instant,
@@ -55,7 +54,7 @@ pub(crate) async fn handle(
     let mut attempt = 0u32;
     let mut this = record;
     let error = loop {
-        let outcome = guarded(&*p, ctx.clone(), this).await;
+        let outcome = guarded(p, ctx.clone(), this).await;
         // A framework call that failed for good is not the agent's error,
         // whatever the agent made of it: the event stays uncommitted.
         if let Some(failure) = ctx.take_failure() {

@@ -634,7 +634,14 @@ impl Progress {
 }
 
 /// The agents of a topic and its per-event metric handles.
-type Route = (Arc<[usize]>, Arc<EventMeters>);
+/// The agents of a topic and the meters of its partition.
+struct Routed {
+    agents: Vec<usize>,
+    meters: EventMeters,
+}
+
+/// A [`Routed`], shared: one reference count per event.
+type Route = Arc<Routed>;
 
 /// An event processed on its own task (a processor with concurrency > 1).
 struct Running {
@@ -1021,7 +1028,7 @@ impl Task {
         };
         let offset = record.offset;
         let route = self.route(&tp);
-        let (agents, meters) = (&*route.0, &route.1);
+        let (agents, meters) = (&*route.agents, &route.meters);
         let mut record = Some(record);
         for (i, &index) in agents.iter().enumerate() {
             let record = if i + 1 == agents.len() {
@@ -1030,20 +1037,19 @@ impl Task {
                 record.clone()
             };
             let Some(record) = record else { break };
-            let p = self.spec.processors[index].clone();
+            let p = &self.spec.processors[index];
             let concurrency = p.concurrency();
             if concurrency <= 1 {
                 let policy = p.error_policy().unwrap_or(&self.spec.on_error);
-                started =
-                    policy::handle(p.clone(), policy, self.ctx.clone(), record, meters, started)
-                        .await?;
+                started = policy::handle(&**p, policy, &self.ctx, record, meters, started).await?;
                 continue;
             }
+            let p = p.clone();
             while self.load[index] >= concurrency && self.finish_one().await? {}
-            let (ctx, spec, meters) = (self.ctx.clone(), self.spec.clone(), meters.clone());
+            let (ctx, spec, route) = (self.ctx.clone(), self.spec.clone(), route.clone());
             let handle = self.concurrent.spawn(async move {
                 let policy = p.error_policy().unwrap_or(&spec.on_error);
-                policy::handle(p.clone(), policy, ctx, record, &meters, Instant::now())
+                policy::handle(&*p, policy, &ctx, record, &route.meters, Instant::now())
                     .await
                     .map(drop)
             });
@@ -1071,16 +1077,15 @@ impl Task {
     /// Applies the agents' policies to a batch that does not decode and, unless
     /// one says stop, moves the partition's progress past it.
     async fn step_over(&mut self, batch: Undecodable) -> Result<(), WorkerError> {
-        let (agents, meters) = self.route(&batch.tp);
-        let policies: Vec<&ErrorPolicy> = agents
-            .iter()
+        let route = self.route(&batch.tp);
+        let policies: Vec<&ErrorPolicy> = (route.agents.iter())
             .map(|&i| {
                 self.spec.processors[i]
                     .error_policy()
                     .unwrap_or(&self.spec.on_error)
             })
             .collect();
-        policy::undecodable(&policies, &self.ctx, &batch, &meters).await?;
+        policy::undecodable(&policies, &self.ctx, &batch, &route.meters).await?;
         let progress = self.progress.entry(batch.tp).or_default();
         progress.next = progress.next.max(batch.to);
         Ok(())
@@ -1091,12 +1096,12 @@ impl Task {
         if let Some(r) = self.routes.get(&*tp.topic) {
             return r.clone();
         }
-        let agents: Arc<[usize]> = (self.spec.agents_of(&tp.topic)).into();
+        let agents = self.spec.agents_of(&tp.topic);
         if agents.is_empty() {
             warn!(topic = %tp.topic, "no agent for this topic; its events are skipped");
         }
-        let meters = Arc::new(self.spec.metrics.event_meters(&tp.topic, tp.partition));
-        let route = (agents, meters);
+        let meters = self.spec.metrics.event_meters(&tp.topic, tp.partition);
+        let route = Arc::new(Routed { agents, meters });
         self.routes.insert(tp.topic.clone(), route.clone());
         route
     }
