@@ -1017,7 +1017,7 @@ mod windowed;
 mod pipeline {
     use std::collections::BTreeMap;
     use std::sync::atomic::{AtomicU64, Ordering};
-    use std::sync::{Arc, Mutex};
+    use std::sync::{Arc, Mutex, OnceLock};
     use std::time::{Duration, Instant};
 
     use serde_json::json;
@@ -1029,6 +1029,15 @@ mod pipeline {
     use strom_state::{changelog, recover_with_progress, MemoryStore, RecoveryProgress, Store};
 
     use super::{client_config, StateArgs};
+
+    /// How far the pipeline's handler has come.
+    struct Progress {
+        processed: AtomicU64,
+        /// When the first event was handled.
+        first: OnceLock<Instant>,
+        /// Set once the last event is handled.
+        done: tokio::sync::watch::Sender<bool>,
+    }
 
     /// Sends the `n` words of the run (a vocabulary of `keys` words, in an
     /// order that visits them all: 7919 is prime); returns the true count
@@ -1105,44 +1114,40 @@ mod pipeline {
             .with_value_codec(Utf8);
         let counts_out = app.topic::<String, u64>(&output).with_key_codec(Utf8);
         let counts = app.table::<String, u64>("counts", 0);
-        let processed = Arc::new(AtomicU64::new(0));
-        let first: Arc<Mutex<Option<Instant>>> = Arc::default();
+        // The bench's own bookkeeping, one handle cloned per event.
         let (done_tx, done_rx) = tokio::sync::watch::channel(false);
-        {
-            let (processed, first) = (processed.clone(), first.clone());
-            app.agent(&words)
-                .flat_map(|line: String| {
-                    line.split_whitespace()
-                        .map(str::to_owned)
-                        .collect::<Vec<_>>()
-                })
-                .group_by(|e| e.value.clone(), "by-word")
-                .for_each(move |ctx, event| {
-                    let (counts, counts_out) = (counts.clone(), counts_out.clone());
-                    let (processed, first, done_tx) =
-                        (processed.clone(), first.clone(), done_tx.clone());
-                    async move {
-                        first
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .get_or_insert_with(Instant::now);
-                        let c = ctx.update(&counts, &event.key, |c| c + 1).await?;
-                        ctx.send(&counts_out, &event.key, &c).await?;
-                        if processed.fetch_add(1, Ordering::Relaxed) + 1 == n {
-                            let _ = done_tx.send(true);
-                        }
-                        Ok(())
+        let progress = Arc::new(Progress {
+            processed: AtomicU64::new(0),
+            first: OnceLock::new(),
+            done: done_tx,
+        });
+        app.agent(&words)
+            .flat_map(|line: String| {
+                line.split_whitespace()
+                    .map(str::to_owned)
+                    .collect::<Vec<_>>()
+            })
+            .group_by(|e| e.value.clone(), "by-word")
+            .for_each_with(
+                (counts, counts_out, progress.clone()),
+                move |ctx, event, (counts, counts_out, progress)| async move {
+                    progress.first.get_or_init(Instant::now);
+                    let c = ctx.update(&counts, &event.key, |c| c + 1).await?;
+                    ctx.send(&counts_out, &event.key, &c).await?;
+                    if progress.processed.fetch_add(1, Ordering::Relaxed) + 1 == n {
+                        let _ = progress.done.send(true);
                     }
-                });
-        }
+                    Ok(())
+                },
+            );
         let samples: Arc<Mutex<Vec<(u64, f64)>>> = Arc::default();
         let sampler = {
-            let (samples, processed, mut done) =
-                (samples.clone(), processed.clone(), done_rx.clone());
+            let (samples, progress, mut done) =
+                (samples.clone(), progress.clone(), done_rx.clone());
             tokio::spawn(async move {
                 let mut next_line = Instant::now();
                 while !*done.borrow() {
-                    let (at, rss) = (processed.load(Ordering::Relaxed), rss_mb());
+                    let (at, rss) = (progress.processed.load(Ordering::Relaxed), rss_mb());
                     samples
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
@@ -1170,10 +1175,7 @@ mod pipeline {
         // run() returns after the final checkpoint: tables flushed, every
         // output and changelog record acknowledged, offsets committed.
         let end = Instant::now();
-        let start = first
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .unwrap_or(end);
+        let start = progress.first.get().copied().unwrap_or(end);
         let seconds = end.duration_since(start).as_secs_f64();
 
         let topic = changelog::topic_name(&id, "counts");
