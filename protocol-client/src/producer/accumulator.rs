@@ -3,8 +3,12 @@
 //!
 //! Each partition's queue has its own mutex (franz-go's `recBuf`), so sends to
 //! different partitions, and the sink draining one partition while records go
-//! to another, do not wait for each other. The map of topics is read-locked
-//! for a look-up and write-locked only when a topic is first seen or grows.
+//! to another, do not wait for each other. The map of topics is read
+//! without a lock (an [`ArcSwap`] snapshot: a shared read lock cost a send
+//! two atomic writes to one cache line that every sending thread shares)
+//! and copied when a topic is first seen or grows. A grown topic shares its
+//! partitions' queues with the one it replaces, so a send that appends
+//! through a snapshot just replaced loses nothing.
 //! What is not per partition (the producer id, the transaction, a fatal
 //! error, flush and close) is in [`Control`], behind a mutex `send` does not
 //! take. Nothing is awaited while any of these locks is held.
@@ -14,10 +18,11 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::time::Instant;
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 
 use super::{Completion, DeliveryFuture, ProducerConfig, ProducerRecord};
@@ -113,7 +118,9 @@ pub(super) struct Control {
 pub(super) struct Accumulator {
     /// Looked up on every send: FxHash, as topic names come from the
     /// application (no flooding to fear) and SipHash cost ~8% of a send.
-    topics: RwLock<HashMap<Arc<str>, Arc<TopicQueues>, rustc_hash::FxBuildHasher>>,
+    topics: ArcSwap<TopicMap>,
+    /// Held while `topics` is copied and replaced.
+    growing: Mutex<()>,
     batch_size: usize,
     linger: Duration,
     /// Stamp batches with a producer id and sequences.
@@ -123,8 +130,10 @@ pub(super) struct Accumulator {
     /// Batches created and not yet completed. Counted up under the
     /// partition's lock, before the sink can see the batch.
     pending_batches: AtomicUsize,
-    /// Records sent and not yet completed.
-    pending_records: AtomicUsize,
+    /// Records of the batches closed and not yet completed. Counted when a
+    /// batch closes, not per record: one atomic that every sending thread
+    /// wrote per record bounced between their caches.
+    closed_records: AtomicUsize,
     /// `control.fatal` is set: lets `send` check without the mutex.
     fenced: AtomicBool,
     control: Mutex<Control>,
@@ -141,13 +150,14 @@ pub(super) struct Sendable {
 impl Accumulator {
     pub fn new(config: &ProducerConfig) -> Self {
         Accumulator {
-            topics: RwLock::default(),
+            topics: ArcSwap::default(),
+            growing: Mutex::default(),
             batch_size: config.batch_size,
             linger: config.linger,
             idempotent: config.idempotence,
             transactional: config.transactional_id.is_some(),
             pending_batches: AtomicUsize::new(0),
-            pending_records: AtomicUsize::new(0),
+            closed_records: AtomicUsize::new(0),
             fenced: AtomicBool::new(false),
             control: Mutex::default(),
         }
@@ -177,21 +187,29 @@ impl Accumulator {
         self.pending_batches.load(Ordering::Acquire)
     }
 
-    /// Records sent and not yet completed.
+    /// Records sent and not yet completed: those of closed batches and
+    /// those in open batches, which it locks one partition at a time (so
+    /// under concurrent sends, a snapshot that may be off by the records
+    /// of a batch closing meanwhile).
     pub fn pending_records(&self) -> usize {
-        self.pending_records.load(Ordering::Acquire)
+        let open: usize = (self.topics().iter())
+            .flat_map(|t| t.each())
+            .map(|(_, queue)| queue.open.as_ref().map_or(0, |b| b.records))
+            .sum();
+        self.closed_records.load(Ordering::Acquire) + open
     }
 
     /// A topic's queues, registered or grown to `partitions` when the topic
     /// is new or has gained partitions (partition counts only grow in Kafka).
     fn topic(&self, topic: &str, partitions: usize, epoch: u64) -> Arc<TopicQueues> {
-        if let Some(queues) = read(&self.topics).get(topic) {
+        if let Some(queues) = self.topics.load().get(topic) {
             if queues.partitions.len() >= partitions {
                 queues.epoch.store(epoch, Ordering::Relaxed);
                 return queues.clone();
             }
         }
-        let mut topics = write(&self.topics);
+        let _growing = lock(&self.growing);
+        let topics = self.topics.load();
         match topics.get(topic) {
             Some(old) if old.partitions.len() >= partitions => {
                 old.epoch.store(epoch, Ordering::Relaxed);
@@ -217,7 +235,9 @@ impl Accumulator {
                     epoch: AtomicU64::new(epoch),
                     sticky,
                 });
-                topics.insert(name, grown.clone());
+                let mut copy = TopicMap::clone(&topics);
+                copy.insert(name, grown.clone());
+                self.topics.store(Arc::new(copy));
                 grown
             }
         }
@@ -226,7 +246,7 @@ impl Accumulator {
     /// Every topic's queues as they are now, for the sink's passes (which
     /// then lock one partition at a time).
     fn topics(&self) -> Vec<Arc<TopicQueues>> {
-        read(&self.topics).values().cloned().collect()
+        self.topics.load().values().cloned().collect()
     }
 
     /// Encodes `record` into its partition's open batch if its topic's
@@ -240,7 +260,7 @@ impl Accumulator {
         timestamp: i64,
         size: usize,
     ) -> Option<Result<(DeliveryFuture, bool), Error>> {
-        let topics = read(&self.topics);
+        let topics = self.topics.load();
         let topic = topics
             .get(record.topic)
             .filter(|t| t.epoch.load(Ordering::Relaxed) == epoch)?;
@@ -293,7 +313,7 @@ impl Accumulator {
         let mut new_batch = false;
         if let Some(open) = &queue.open {
             if !open.builder.is_empty() && open.builder.size() + size > batch_size {
-                close(&mut queue, &topic.sticky, partition, n);
+                self.close(&mut queue, &topic.sticky, partition, n);
                 wake = true;
             }
         }
@@ -328,9 +348,8 @@ impl Accumulator {
             self.pending_batches.fetch_add(1, Ordering::AcqRel);
             wake = true;
         }
-        self.pending_records.fetch_add(1, Ordering::AcqRel);
         if full {
-            close(&mut queue, &topic.sticky, partition, n);
+            self.close(&mut queue, &topic.sticky, partition, n);
             wake = true;
         }
         Ok((future, wake))
@@ -355,7 +374,7 @@ impl Accumulator {
                 if let Some(open) = &queue.open {
                     let deadline = open.created + self.linger;
                     if force || (deadline <= now && !busy) {
-                        close(&mut queue, &topic.sticky, p, n);
+                        self.close(&mut queue, &topic.sticky, p, n);
                     } else if !busy {
                         due(deadline);
                     }
@@ -455,6 +474,10 @@ impl Accumulator {
                     continue;
                 }
                 let queue = &mut *queue;
+                if let Some(open) = &queue.open {
+                    self.closed_records
+                        .fetch_add(open.records, Ordering::AcqRel);
+                }
                 let waiting = queue.open.take().into_iter().chain(queue.ready.drain(..));
                 for batch in waiting {
                     out.push(Outgoing {
@@ -512,35 +535,38 @@ impl Accumulator {
 
     /// Accounts for a completed batch; true when nothing is pending any more.
     pub fn batch_done(&self, batch: &ProducerBatch) -> bool {
-        self.pending_records
+        self.closed_records
             .fetch_sub(batch.records, Ordering::AcqRel);
         self.pending_batches.fetch_sub(1, Ordering::AcqRel) == 1
     }
 
     fn queue(&self, topic: &str, partition: i32) -> Option<Arc<Mutex<PartitionQueue>>> {
-        read(&self.topics)
+        self.topics
+            .load()
             .get(topic)
             .and_then(|t| t.partitions.get(partition as usize).cloned())
     }
-}
 
-fn close(queue: &mut PartitionQueue, sticky: &Mutex<Sticky>, partition: i32, partitions: usize) {
-    if let Some(batch) = queue.open.take() {
-        queue.last_size = batch.builder.size();
-        queue.ready.push_back(batch);
-        lock(sticky).batch_closed(partition, partitions);
+    /// Moves a partition's open batch, if any, to its ready queue.
+    fn close(
+        &self,
+        queue: &mut PartitionQueue,
+        sticky: &Mutex<Sticky>,
+        partition: i32,
+        partitions: usize,
+    ) {
+        if let Some(batch) = queue.open.take() {
+            self.closed_records
+                .fetch_add(batch.records, Ordering::AcqRel);
+            queue.last_size = batch.builder.size();
+            queue.ready.push_back(batch);
+            lock(sticky).batch_closed(partition, partitions);
+        }
     }
 }
 
-/// A poisoned lock only means another thread panicked holding it; the map is
-/// changed by single inserts and stays consistent.
-fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
-    l.read().unwrap_or_else(|e| e.into_inner())
-}
-
-fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
-    l.write().unwrap_or_else(|e| e.into_inner())
-}
+/// The producer's topics by name.
+type TopicMap = HashMap<Arc<str>, Arc<TopicQueues>, rustc_hash::FxBuildHasher>;
 
 #[cfg(test)]
 mod tests {
@@ -643,5 +669,45 @@ mod tests {
                 assert_eq!(got, &want, "sender {sender} partition {p}");
             }
         }
+    }
+
+    /// Records are counted as pending from their send to their batch's
+    /// completion, whether their batch was open, closed or taken open to
+    /// be failed.
+    #[test]
+    fn pending_records_count_open_closed_and_failed_batches() {
+        let config = ProducerConfig {
+            batch_size: 4096,
+            ..ProducerConfig::default()
+        };
+        let acc = Accumulator::new(&config);
+        let send = |partition: i32, n: usize| {
+            for _ in 0..n {
+                let record = ProducerRecord::to("t").partition(partition).value(b"v");
+                acc.append(&record, (2, 1), 0, 64).unwrap();
+            }
+        };
+        send(0, 3);
+        send(1, 2);
+        assert_eq!(acc.pending_records(), 5);
+        acc.collect_ready(Instant::now(), true);
+        send(1, 4);
+        assert_eq!((acc.pending_records(), acc.pending_batches()), (9, 3));
+        // Partition 1's closed and open batches are failed; 0's is sent.
+        let failed = acc.take_waiting(|_, p| p == 1);
+        assert_eq!(failed.iter().map(|o| o.batch.records).sum::<usize>(), 6);
+        for out in &failed {
+            acc.batch_done(&out.batch);
+        }
+        assert_eq!(acc.pending_records(), 3);
+        let control = Control {
+            identity: Some((7, 0)),
+            ..Control::default()
+        };
+        let sendable = acc.take_sendable(&control, Instant::now(), |_, _| Some(1));
+        for out in sendable.by_broker.into_values().flatten() {
+            acc.batch_done(&out.batch);
+        }
+        assert_eq!((acc.pending_records(), acc.pending_batches()), (0, 0));
     }
 }

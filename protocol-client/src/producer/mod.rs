@@ -694,7 +694,8 @@ impl Producer {
         let control = self.inner().control();
         control.txn_partitions.is_empty()
             && !control.txn_group_added
-            && self.inner().accumulator.pending_records() == 0
+            // A batch is counted from its first record on.
+            && self.inner().accumulator.pending_batches() == 0
     }
 
     /// Bytes of records waiting in the producer (for metrics and tests).
@@ -702,7 +703,9 @@ impl Producer {
         self.inner().config.buffer_memory - self.inner().memory.available_permits()
     }
 
-    /// Number of records sent but not yet acknowledged or failed.
+    /// Number of records sent but not yet acknowledged or failed. Counts
+    /// the records of open batches one partition at a time: while other
+    /// tasks send, a snapshot.
     pub fn in_flight_records(&self) -> usize {
         self.inner().accumulator.pending_records()
     }
