@@ -137,14 +137,15 @@ pub(crate) struct PartitionState {
     pub tables: BTreeMap<String, TableSlot>,
 }
 
-/// The records one partition sent since the last checkpoint. Apart from
-/// the tables' lock, and never held across an await: a send takes it once
-/// its record is in the producer.
+/// What one partition's sends book: apart from the tables' lock, and never
+/// held across an await (a send takes it once its record is in the
+/// producer).
 #[derive(Debug, Default)]
 struct Sends {
-    /// Their deliveries, one per batch.
+    /// Deliveries of the records sent since the last checkpoint, one per
+    /// batch.
     deliveries: Vec<DeliveryFuture>,
-    /// Records sent, by topic.
+    /// The counter of records sent, by topic.
     sent: HashMap<String, Counter>,
 }
 
@@ -688,11 +689,25 @@ impl Context {
         Ok(())
     }
 
-    /// Waits for every record this partition sent since the last checkpoint,
-    /// then commits the tables' pending writes (with their changelog offsets)
-    /// to their stores. Waits for nothing of other partitions.
+    /// Waits for every record this partition's finished events sent since
+    /// the last checkpoint (a send of an event still running, with
+    /// `concurrency`, may go to the next one: that event's offset is not
+    /// committed by this one), then commits the tables' pending writes
+    /// (with their changelog offsets) to their stores. Waits for nothing of
+    /// other partitions.
     pub(crate) async fn checkpoint(&self, durability: Durability) -> Result<(), WorkerError> {
         let mut state = self.state().await;
+        // Closed windows still being emitted are not marked as emitted. Read
+        // before the deliveries are taken: an emission starts only under the
+        // tables' lock (held here), and one that ended has booked all its
+        // sends, so they are among the deliveries waited for below. Read
+        // after, an emission that ended meanwhile would be marked while its
+        // last sends go to the next checkpoint.
+        let emitting = self
+            .inner
+            .emitting
+            .load(std::sync::atomic::Ordering::Acquire)
+            > 0;
         let deliveries = std::mem::take(&mut self.sends().deliveries);
         for d in deliveries {
             let done = match d.try_result() {
@@ -706,12 +721,6 @@ impl Context {
                 });
             }
         }
-        // Closed windows still being emitted are not marked as emitted.
-        let emitting = self
-            .inner
-            .emitting
-            .load(std::sync::atomic::Ordering::Acquire)
-            > 0;
         for table in state.tables.values_mut() {
             let marks = match &mut table.windows {
                 Some(windows) if !emitting => windows.checkpoint(),

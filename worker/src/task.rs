@@ -633,7 +633,6 @@ impl Progress {
     }
 }
 
-/// The agents of a topic and its per-event metric handles.
 /// The agents of a topic and the meters of its partition.
 struct Routed {
     agents: Vec<usize>,

@@ -14,7 +14,9 @@
 //! take. Nothing is awaited while any of these locks is held.
 //!
 //! Lock order: [`Control`], then a partition, then its topic's sticky
-//! partitioner. `send` takes only the last two.
+//! partitioner. `send` takes only the last two, and, on its own, the mutex
+//! under which the map of topics grows. `pending_records` locks the
+//! partitions one at a time.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -130,8 +132,8 @@ pub(super) struct Accumulator {
     /// Batches created and not yet completed. Counted up under the
     /// partition's lock, before the sink can see the batch.
     pending_batches: AtomicUsize,
-    /// Records of the batches closed and not yet completed. Counted when a
-    /// batch closes, not per record: one atomic that every sending thread
+    /// Records of the batches closed (or taken open to be failed) and not
+    /// yet completed. Counted when a batch closes, not per record: one atomic that every sending thread
     /// wrote per record bounced between their caches.
     closed_records: AtomicUsize,
     /// `control.fatal` is set: lets `send` check without the mutex.
@@ -250,8 +252,8 @@ impl Accumulator {
     }
 
     /// Encodes `record` into its partition's open batch if its topic's
-    /// partition count is known under metadata `epoch` (one look-up under
-    /// the read lock: the common case). `None` when it is not: the caller
+    /// partition count is known under metadata `epoch` (one look-up in the
+    /// snapshot of topics: the common case). `None` when it is not: the caller
     /// loads the count and calls [`Accumulator::append`].
     pub fn append_known(
         &self,
