@@ -532,8 +532,8 @@ mod tests {
     use std::sync::Arc;
     use std::time::Duration;
 
-    use strom_client::mock::MockCluster;
-    use strom_client::producer::{Producer, ProducerConfig};
+    use strom_client::mock::{Action, ApiKey, MockCluster};
+    use strom_client::producer::{Producer, ProducerConfig, ProducerRecord};
     use strom_state::{Durability, MemoryStore, Store};
 
     use super::*;
@@ -760,6 +760,65 @@ mod tests {
             .unwrap();
         assert_eq!(marked, 130_000);
         assert_eq!(a_windows().await, 0, "deleted with the mark");
+    }
+
+    /// An emission that ends while a checkpoint waits for the deliveries it
+    /// took, and whose last record was sent after it took them, is not
+    /// marked as emitted by that checkpoint: the record may still fail.
+    #[tokio::test(start_paused = true)]
+    async fn a_checkpoint_does_not_mark_an_emission_whose_sends_it_did_not_wait_for() {
+        let cluster = MockCluster::new();
+        cluster.create_topic("counts-changelog", 1);
+        cluster.create_topic("out", 1);
+        let short = Windowing::tumbling(Duration::from_secs(60)).expires(Duration::from_secs(60));
+        let store = Arc::new(MemoryStore::new());
+        let (ctx, _) = context(&cluster, store.clone(), short, false).await;
+        count(&ctx, "a", 1_000).await;
+        // Records to "out" are acknowledged only after 10 s.
+        cluster.set_hook(|call| {
+            let out = call.partitions.iter().any(|tp| &*tp.topic == "out");
+            if call.api == ApiKey::Produce && out {
+                Action::Delay(Duration::from_secs(10))
+            } else {
+                Action::Answer
+            }
+        });
+        ctx.observe_event_time(130_000);
+        let held = ctx
+            .update_windows(
+                "counts",
+                b"b",
+                130_000,
+                |_| Ok::<_, ()>((1u64.to_be_bytes().to_vec(), ())),
+                |_, _| Err(()),
+            )
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(held.closed.len(), 1, "a's [0, 60s) closed");
+        // The emission sends its first record; a checkpoint starts and waits
+        // for it; the emission sends its last record and ends.
+        ctx.send(ProducerRecord::to("out").value(b"1"))
+            .await
+            .unwrap();
+        let checkpoint = tokio::spawn({
+            let ctx = ctx.clone();
+            async move { ctx.checkpoint(Durability::Fast).await }
+        });
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(!checkpoint.is_finished(), "the checkpoint did not wait");
+        ctx.send(ProducerRecord::to("out").value(b"2"))
+            .await
+            .unwrap();
+        drop(held);
+        checkpoint.await.unwrap().unwrap();
+        assert!(
+            store.get(STREAM_TIME_KEY).unwrap().is_none(),
+            "marked emitted before its last record was acknowledged"
+        );
+        ctx.checkpoint(Durability::Fast).await.unwrap();
+        assert!(store.get(STREAM_TIME_KEY).unwrap().is_some());
+        assert_eq!(cluster.records("out", 0).len(), 2);
     }
 
     /// After an aborted transaction the windows close again, from the
