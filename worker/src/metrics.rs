@@ -5,7 +5,7 @@
 //! |---|---|---|
 //! | `strom_events_in_total` | topic, partition | events handed to agents (each agent of the topic counts an event once, and so does each stage of one: a `group_by`'s, a partition timer's) |
 //! | `strom_events_done_total` | topic, partition | events agents are done with (processed, skipped, dead-lettered, or failed; counted as `events_in`) |
-//! | `strom_events_out_total` | topic | records agents sent (not changelogs) |
+//! | `strom_events_out_total` | topic | records agents sent (not changelogs; each partition adds its count every 32 records and at each checkpoint) |
 //! | `strom_processing_seconds` | topic | time to process one event |
 //! | `strom_consumer_lag` | topic, partition | high watermark − position |
 //! | `strom_memory_limit_bytes`, `strom_memory_held_bytes` | part | the memory budget's share of each part (`stores`, `producer`, `fetched`), and what the producer and the fetched records (consumer read-ahead and tasks' queues) hold |
@@ -16,7 +16,7 @@
 //! | `strom_partition_ready` | partition | 0 recovering, 1 processing |
 //! | `strom_global_table_offset` | table, partition | the last offset of its source topic a global table applied |
 //! | `strom_worker_failed` | | 1 once an error stops the worker |
-//! | `strom_table_reads_total`, `strom_table_writes_total` | table | table access |
+//! | `strom_table_reads_total`, `strom_table_writes_total` | table | table access (each partition adds its count every 32 and at each checkpoint) |
 //! | `strom_late_events_total` | table | events of a windowed table whose every window had closed (dropped) |
 //! | `strom_decode_errors_total`, `strom_agent_errors_total`, `strom_dead_lettered_total` | topic | bad input |
 //! | `strom_corrupt_batches_total` | topic, partition | fetched batches that did not decode (stepped over or stopped at by the error policy) |
@@ -116,6 +116,54 @@ struct Inner {
     connections_lost: Counter,
     request_timeouts: Counter,
     health_seen: std::sync::Mutex<strom_client::health::ConnectionStats>,
+}
+
+/// One partition's share of a counter that every partition adds to (a
+/// table's reads, records sent to a topic): counted here, and added to the
+/// shared counter every [`PartitionCounter::BATCH`] counts, at each
+/// checkpoint ([`PartitionCounter::flush`]) and when dropped. An atomic add
+/// per event to one counter of all partitions made its cache line bounce
+/// between the cores running them.
+#[derive(Debug)]
+pub(crate) struct PartitionCounter {
+    shared: Counter,
+    pending: std::cell::Cell<u64>,
+}
+
+impl PartitionCounter {
+    /// Counts held back at most.
+    pub const BATCH: u64 = 32;
+
+    pub fn new(shared: Counter) -> PartitionCounter {
+        PartitionCounter {
+            shared,
+            pending: std::cell::Cell::new(0),
+        }
+    }
+
+    pub fn inc(&self) {
+        let n = self.pending.get() + 1;
+        if n >= Self::BATCH {
+            self.shared.inc_by(n);
+            self.pending.set(0);
+        } else {
+            self.pending.set(n);
+        }
+    }
+
+    /// Adds what is held back to the shared counter.
+    pub fn flush(&self) {
+        let n = self.pending.replace(0);
+        if n > 0 {
+            self.shared.inc_by(n);
+        }
+    }
+}
+
+impl Drop for PartitionCounter {
+    fn drop(&mut self) {
+        self.flush();
+    }
 }
 
 /// The per-event metrics of one topic partition, resolved once by the
@@ -527,6 +575,29 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A partition's counts reach the shared counter in batches, at a
+    /// flush, and when the partition's counter goes: none is lost.
+    #[test]
+    fn partition_counts_reach_the_shared_counter() {
+        let shared = Counter::default();
+        let a = PartitionCounter::new(shared.clone());
+        let b = PartitionCounter::new(shared.clone());
+        for _ in 0..PartitionCounter::BATCH - 1 {
+            a.inc();
+        }
+        b.inc();
+        assert_eq!(shared.get(), 0, "held back below a batch");
+        a.inc();
+        assert_eq!(shared.get(), PartitionCounter::BATCH);
+        b.flush();
+        assert_eq!(shared.get(), PartitionCounter::BATCH + 1);
+        a.inc();
+        drop(a);
+        assert_eq!(shared.get(), PartitionCounter::BATCH + 2);
+        b.flush();
+        assert_eq!(shared.get(), PartitionCounter::BATCH + 2, "flushed twice");
+    }
 
     /// The client's connection counts appear in `/metrics` and follow it.
     #[test]

@@ -16,7 +16,7 @@ use tokio::sync::{MappedMutexGuard, Mutex, MutexGuard};
 
 use crate::error::WorkerError;
 use crate::global::GlobalTables;
-use crate::metrics::{Counter, Metrics};
+use crate::metrics::{Metrics, PartitionCounter};
 use crate::windowed::{self, Emitting, Plan, PlanError, Window, WindowUpdate, Windowed};
 
 /// What an agent's failure looks like to the runtime.
@@ -125,8 +125,8 @@ pub trait Processor: Send + Sync {
 #[derive(Debug)]
 pub(crate) struct TableSlot {
     pub store: LoggedStore,
-    pub reads: Counter,
-    pub writes: Counter,
+    pub reads: PartitionCounter,
+    pub writes: PartitionCounter,
     /// A windowed table's windows.
     pub windows: Option<Windowed>,
 }
@@ -146,7 +146,7 @@ struct Sends {
     /// batch.
     deliveries: Vec<DeliveryFuture>,
     /// The counter of records sent, by topic.
-    sent: HashMap<String, Counter>,
+    sent: HashMap<String, PartitionCounter>,
 }
 
 /// How many of the latest deliveries a send looks through for one of its
@@ -213,8 +213,8 @@ impl Context {
                     windowing.map(|w| Windowed::new(w, metrics.late_events(&name), exactly_once));
                 let slot = TableSlot {
                     store,
-                    reads,
-                    writes,
+                    reads: PartitionCounter::new(reads),
+                    writes: PartitionCounter::new(writes),
                     windows,
                 };
                 (name, slot)
@@ -273,6 +273,15 @@ impl Context {
 
     pub(crate) async fn state(&self) -> MutexGuard<'_, PartitionState> {
         self.inner.state.lock().await
+    }
+
+    /// Adds the counts this partition held back to the metrics.
+    fn flush_counters(&self, state: &PartitionState) {
+        for table in state.tables.values() {
+            table.reads.flush();
+            table.writes.flush();
+        }
+        self.sends().sent.values().for_each(PartitionCounter::flush);
     }
 
     fn sends(&self) -> std::sync::MutexGuard<'_, Sends> {
@@ -668,7 +677,7 @@ impl Context {
                 c.inc();
             }
             None => {
-                let c = self.inner.metrics.events_out(topic);
+                let c = PartitionCounter::new(self.inner.metrics.events_out(topic));
                 c.inc();
                 sends.sent.insert(topic.to_owned(), c);
             }
@@ -709,6 +718,7 @@ impl Context {
             .load(std::sync::atomic::Ordering::Acquire)
             > 0;
         let deliveries = std::mem::take(&mut self.sends().deliveries);
+        self.flush_counters(&state);
         for d in deliveries {
             let done = match d.try_result() {
                 Some(done) => done,
@@ -742,6 +752,7 @@ impl Context {
     pub(crate) async fn discard(&self) {
         let mut state = self.state().await;
         self.sends().deliveries.clear();
+        self.flush_counters(&state);
         for table in state.tables.values_mut() {
             table.store.discard();
             if let Some(windows) = &mut table.windows {
