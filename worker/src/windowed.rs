@@ -596,6 +596,25 @@ mod tests {
         (update.current, closed)
     }
 
+    /// An event of key "b" at 130 s that closes "a"'s window [0, 60 s) of
+    /// a one-minute tumbling table: the update, its emission under way.
+    async fn close_a_window(ctx: &Context) -> WindowUpdate<()> {
+        ctx.observe_event_time(130_000);
+        let held = ctx
+            .update_windows(
+                "counts",
+                b"b",
+                130_000,
+                |_| Ok::<_, ()>((1u64.to_be_bytes().to_vec(), ())),
+                |_, _| Err(()),
+            )
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(held.closed.len(), 1, "a's [0, 60s) closed");
+        held
+    }
+
     fn number(bytes: &[u8]) -> u64 {
         u64::from_be_bytes(bytes.try_into().unwrap())
     }
@@ -733,19 +752,7 @@ mod tests {
         let store = Arc::new(MemoryStore::new());
         let (ctx, _) = context(&cluster, store.clone(), short, false).await;
         count(&ctx, "a", 1_000).await;
-        ctx.observe_event_time(130_000);
-        let held = ctx
-            .update_windows(
-                "counts",
-                b"b",
-                130_000,
-                |_| Ok::<_, ()>((1u64.to_be_bytes().to_vec(), ())),
-                |_, _| Err(()),
-            )
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(held.closed.len(), 1, "a's [0, 60s) closed");
+        let held = close_a_window(&ctx).await;
         let a_windows = || async { ctx.windows("counts", b"a").await.unwrap().unwrap().len() };
         assert_eq!(a_windows().await, 1, "not deleted before it is marked");
         ctx.checkpoint(Durability::Fast).await.unwrap();
@@ -783,19 +790,7 @@ mod tests {
                 Action::Answer
             }
         });
-        ctx.observe_event_time(130_000);
-        let held = ctx
-            .update_windows(
-                "counts",
-                b"b",
-                130_000,
-                |_| Ok::<_, ()>((1u64.to_be_bytes().to_vec(), ())),
-                |_, _| Err(()),
-            )
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(held.closed.len(), 1, "a's [0, 60s) closed");
+        let held = close_a_window(&ctx).await;
         // The emission sends its first record; a checkpoint starts and waits
         // for it; the emission sends its last record and ends.
         ctx.send(ProducerRecord::to("out").value(b"1"))
