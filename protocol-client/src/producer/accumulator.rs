@@ -13,8 +13,12 @@
 //! error, flush and close) is in [`Control`], behind a mutex `send` does not
 //! take. Nothing is awaited while any of these locks is held.
 //!
+//! `buffer_memory` is a semaphore of bytes that a batch takes a chunk at a
+//! time, so most records take their bytes from their batch's spare, under
+//! the partition's lock, instead of from the count every sender shares.
+//!
 //! Lock order: [`Control`], then a partition, then its topic's sticky
-//! partitioner. `send` takes only the last two, and, on its own, the mutex
+//! partitioner (or the memory semaphore's own lock, to give a spare back). `send` takes only the last two, and, on its own, the mutex
 //! under which the map of topics grows. `pending_records` locks the
 //! partitions one at a time.
 
@@ -40,6 +44,10 @@ pub(super) struct ProducerBatch {
     pub completion: Arc<Completion>,
     /// Bytes of `buffer_memory` this batch holds.
     pub reserved: usize,
+    /// Of `reserved`, bytes no record uses yet: the records that follow
+    /// take them without touching the producer-wide count. Given back when
+    /// the batch closes.
+    pub spare: usize,
     pub records: usize,
     pub created: Instant,
     /// The encoded batch, kept so a retry resends exactly the same bytes.
@@ -118,6 +126,13 @@ pub(super) struct Control {
 
 #[derive(Debug)]
 pub(super) struct Accumulator {
+    /// Bytes of `buffer_memory` not held by any batch. A batch takes them
+    /// a chunk at a time (see [`ProducerBatch::spare`]): one update of this
+    /// count, which every sending thread shares, per chunk instead of per
+    /// record.
+    pub memory: tokio::sync::Semaphore,
+    /// Bytes a batch takes at a time when its spare runs out.
+    spare_chunk: usize,
     /// Looked up on every send: FxHash, as topic names come from the
     /// application (no flooding to fear) and SipHash cost ~8% of a send.
     topics: ArcSwap<TopicMap>,
@@ -152,6 +167,10 @@ pub(super) struct Sendable {
 impl Accumulator {
     pub fn new(config: &ProducerConfig) -> Self {
         Accumulator {
+            memory: tokio::sync::Semaphore::new(config.buffer_memory),
+            // Small against the buffer, so open batches' spare bytes never
+            // keep much of it from the partitions that need it.
+            spare_chunk: (config.buffer_memory / 64).min(SPARE_CHUNK),
             topics: ArcSwap::default(),
             growing: Mutex::default(),
             batch_size: config.batch_size,
@@ -163,6 +182,23 @@ impl Accumulator {
             fenced: AtomicBool::new(false),
             control: Mutex::default(),
         }
+    }
+
+    /// Takes bytes of [`Accumulator::memory`] for a record of `size` that
+    /// its batch's spare does not cover: a chunk more if that much is free
+    /// (to be the batch's spare), else `size`, waiting while the buffer is
+    /// full. Dropping the permit gives them back.
+    pub async fn reserve(&self, size: usize) -> Result<tokio::sync::SemaphorePermit<'_>, Error> {
+        let chunk = size.max(self.spare_chunk) as u32;
+        match self.memory.try_acquire_many(chunk) {
+            Ok(permit) => return Ok(permit),
+            Err(tokio::sync::TryAcquireError::Closed) => return Err(Error::Closed("producer")),
+            Err(tokio::sync::TryAcquireError::NoPermits) => {}
+        }
+        (self.memory)
+            .acquire_many(size as u32)
+            .await
+            .map_err(|_| Error::Closed("producer"))
     }
 
     /// The producer-wide state.
@@ -255,47 +291,59 @@ impl Accumulator {
     /// partition count is known under metadata `epoch` (one look-up in the
     /// snapshot of topics: the common case). `None` when it is not: the caller
     /// loads the count and calls [`Accumulator::append`].
+    ///
+    /// `credit` is bytes of [`Accumulator::memory`] the caller took for the
+    /// record; `Ok(None)` when neither they nor the open batch's spare
+    /// cover its `size`: nothing was added, and the caller takes memory and
+    /// tries again.
     pub fn append_known(
         &self,
         record: &ProducerRecord<'_>,
         epoch: u64,
         timestamp: i64,
-        size: usize,
-    ) -> Option<Result<(DeliveryFuture, bool), Error>> {
+        (size, credit): (usize, usize),
+    ) -> Option<Result<Option<Appended>, Error>> {
         let topics = self.topics.load();
         let topic = topics
             .get(record.topic)
             .filter(|t| t.epoch.load(Ordering::Relaxed) == epoch)?;
-        Some(self.append_to(topic, topic.partitions.len(), record, timestamp, size))
+        Some(self.append_to(
+            topic,
+            topic.partitions.len(),
+            record,
+            timestamp,
+            (size, credit),
+        ))
     }
 
     /// Encodes `record` into its partition's open batch, registering or
     /// growing its topic to `partitions`, the count the client's metadata
-    /// knows under `epoch`.
+    /// knows under `epoch`. `credit` as for [`Accumulator::append_known`].
     pub fn append(
         &self,
         record: &ProducerRecord<'_>,
         (partitions, epoch): (usize, u64),
         timestamp: i64,
-        size: usize,
-    ) -> Result<(DeliveryFuture, bool), Error> {
+        (size, credit): (usize, usize),
+    ) -> Result<Option<Appended>, Error> {
         let topic = self.topic(record.topic, partitions, epoch);
         // Checked against the metadata's count: the queues keep the largest
         // count seen, which a re-created topic may not have.
-        self.append_to(&topic, partitions, record, timestamp, size)
+        self.append_to(&topic, partitions, record, timestamp, (size, credit))
     }
 
     /// Returns the record's future and whether the sink should wake (a batch
-    /// started or closed); an explicit partition from `partitions` on is an
-    /// error.
+    /// started or closed), or `None` when it needs memory (see
+    /// [`Accumulator::append_known`]); an explicit partition from
+    /// `partitions` on is an error.
     fn append_to(
         &self,
         topic: &TopicQueues,
         partitions: usize,
         record: &ProducerRecord<'_>,
         timestamp: i64,
-        size: usize,
-    ) -> Result<(DeliveryFuture, bool), Error> {
+        (size, credit): (usize, usize),
+    ) -> Result<Option<Appended>, Error> {
         let batch_size = self.batch_size;
         let n = topic.partitions.len();
         let partition = match (record.partition, record.key) {
@@ -313,11 +361,20 @@ impl Accumulator {
         let mut queue = lock(&topic.partitions[partition as usize]);
         let mut wake = false;
         let mut new_batch = false;
-        if let Some(open) = &queue.open {
-            if !open.builder.is_empty() && open.builder.size() + size > batch_size {
-                self.close(&mut queue, &topic.sticky, partition, n);
-                wake = true;
-            }
+        let fits = |open: &ProducerBatch| {
+            open.builder.is_empty() || open.builder.size() + size <= batch_size
+        };
+        let spare = queue
+            .open
+            .as_ref()
+            .filter(|open| fits(open))
+            .map_or(0, |open| open.spare);
+        if spare + credit < size {
+            return Ok(None);
+        }
+        if queue.open.as_ref().is_some_and(|open| !fits(open)) {
+            self.close(&mut queue, &topic.sticky, partition, n);
+            wake = true;
         }
         let last_size = queue.last_size;
         let open = queue.open.get_or_insert_with(|| {
@@ -326,6 +383,7 @@ impl Accumulator {
                 builder: BatchBuilder::new(size.max(batch_size.min(last_size.max(64 * 1024)))),
                 completion: Completion::new(topic.name.clone(), partition),
                 reserved: 0,
+                spare: 0,
                 records: 0,
                 created: Instant::now(),
                 sealed: None,
@@ -337,7 +395,8 @@ impl Accumulator {
         let index = open.builder.len() as i64;
         open.builder
             .push(timestamp, record.key, record.value, record.headers);
-        open.reserved += size;
+        open.reserved += credit;
+        open.spare = open.spare + credit - size;
         open.records += 1;
         let future = DeliveryFuture {
             completion: open.completion.clone(),
@@ -354,7 +413,7 @@ impl Accumulator {
             self.close(&mut queue, &topic.sticky, partition, n);
             wake = true;
         }
-        Ok((future, wake))
+        Ok(Some((future, wake)))
     }
 
     /// Closes open batches whose linger has passed (all of them when `force`).
@@ -557,15 +616,24 @@ impl Accumulator {
         partition: i32,
         partitions: usize,
     ) {
-        if let Some(batch) = queue.open.take() {
+        if let Some(mut batch) = queue.open.take() {
             self.closed_records
                 .fetch_add(batch.records, Ordering::AcqRel);
+            self.memory.add_permits(batch.spare);
+            batch.reserved -= std::mem::take(&mut batch.spare);
             queue.last_size = batch.builder.size();
             queue.ready.push_back(batch);
             lock(sticky).batch_closed(partition, partitions);
         }
     }
 }
+
+/// A record's delivery future, and whether the sink should wake.
+pub(super) type Appended = (DeliveryFuture, bool);
+
+/// The most a batch takes of `buffer_memory` at a time beyond what its
+/// record needs.
+const SPARE_CHUNK: usize = 64 << 10;
 
 /// The producer's topics by name.
 type TopicMap = HashMap<Arc<str>, Arc<TopicQueues>, rustc_hash::FxBuildHasher>;
@@ -649,10 +717,11 @@ mod tests {
                         let record = ProducerRecord::to("t")
                             .partition((i % 3) as i32)
                             .value(&value);
-                        let known = acc.append_known(&record, 1, 0, 64);
+                        let known = acc.append_known(&record, 1, 0, (64, 64));
                         known
-                            .unwrap_or_else(|| acc.append(&record, (3, 1), 0, 64))
-                            .unwrap();
+                            .unwrap_or_else(|| acc.append(&record, (3, 1), 0, (64, 64)))
+                            .unwrap()
+                            .expect("the record's bytes are credited");
                     }
                 })
             })
@@ -686,7 +755,7 @@ mod tests {
         let send = |partition: i32, n: usize| {
             for _ in 0..n {
                 let record = ProducerRecord::to("t").partition(partition).value(b"v");
-                acc.append(&record, (2, 1), 0, 64).unwrap();
+                acc.append(&record, (2, 1), 0, (64, 64)).unwrap().unwrap();
             }
         };
         send(0, 3);
@@ -711,5 +780,69 @@ mod tests {
             acc.batch_done(&out.batch);
         }
         assert_eq!((acc.pending_records(), acc.pending_batches()), (0, 0));
+    }
+
+    /// A batch takes `buffer_memory` a chunk at a time: records covered by
+    /// its spare take none, one that is not is refused until the caller
+    /// brings memory; closing the batch gives the spare back, so a batch
+    /// then holds exactly its records' bytes until it completes.
+    #[tokio::test]
+    async fn batches_take_memory_a_chunk_at_a_time_and_give_the_spare_back() {
+        let config = ProducerConfig {
+            buffer_memory: 1 << 20,
+            batch_size: 1 << 20,
+            ..ProducerConfig::default()
+        };
+        let acc = Accumulator::new(&config);
+        let chunk = (1 << 20) / 64;
+        let free = || acc.memory.available_permits();
+        let record = ProducerRecord::to("t").partition(0).value(b"v");
+        let size = 100;
+        let append = |credit| acc.append(&record, (1, 1), 0, (size, credit)).unwrap();
+        assert!(
+            append(0).is_none(),
+            "no batch, no spare: the record needs memory"
+        );
+        assert_eq!(free(), 1 << 20, "a refused record takes nothing");
+        let permit = acc.reserve(size).await.unwrap();
+        assert_eq!(permit.num_permits(), chunk);
+        assert!(append(permit.num_permits()).is_some());
+        permit.forget();
+        // The chunk's spare covers the next records, and only them.
+        let covered = chunk / size - 1;
+        for i in 0..covered {
+            assert!(append(0).is_some(), "record {i} after the first");
+        }
+        assert_eq!(
+            free(),
+            (1 << 20) - chunk,
+            "covered records take nothing more"
+        );
+        assert!(append(0).is_none(), "the spare is used up");
+        let permit = acc.reserve(size).await.unwrap();
+        assert!(append(permit.num_permits()).is_some());
+        permit.forget();
+        assert_eq!(free(), (1 << 20) - 2 * chunk);
+        let records = covered + 2;
+        acc.collect_ready(Instant::now(), true);
+        assert_eq!(
+            free(),
+            (1 << 20) - records * size,
+            "the spare came back at close"
+        );
+        let control = Control {
+            identity: Some((7, 0)),
+            ..Control::default()
+        };
+        let sendable = acc.take_sendable(&control, Instant::now(), |_, _| Some(1));
+        let batches: Vec<_> = sendable.by_broker.into_values().flatten().collect();
+        assert_eq!(batches.len(), 1);
+        assert_eq!(
+            (batches[0].batch.records, batches[0].batch.reserved),
+            (records, records * size)
+        );
+        // With less free than a chunk, a record takes its own size only.
+        let _held = acc.memory.try_acquire_many(free() as u32 - 150).unwrap();
+        assert_eq!(acc.reserve(size).await.unwrap().num_permits(), size);
     }
 }

@@ -328,8 +328,6 @@ struct Inner {
     client: Client,
     config: ProducerConfig,
     accumulator: Accumulator,
-    /// Bytes of records the producer may still take in.
-    memory: tokio::sync::Semaphore,
     /// Wakes the sink: a batch is ready, a new batch started, a flush or close began.
     wake_sink: Notify,
     /// Wakes `flush` callers: the last pending batch completed.
@@ -343,18 +341,6 @@ struct Inner {
 impl Inner {
     fn control(&self) -> std::sync::MutexGuard<'_, accumulator::Control> {
         self.accumulator.control()
-    }
-
-    /// Takes `size` bytes of `buffer_memory`, waiting while it is full.
-    async fn reserve(&self, size: usize) -> Result<tokio::sync::SemaphorePermit<'_>> {
-        match self.memory.try_acquire_many(size as u32) {
-            Ok(permit) => Ok(permit),
-            Err(tokio::sync::TryAcquireError::NoPermits) => (self.memory)
-                .acquire_many(size as u32)
-                .await
-                .map_err(|_| Error::Closed("producer")),
-            Err(tokio::sync::TryAcquireError::Closed) => Err(Error::Closed("producer")),
-        }
     }
 
     /// Ends this producer: every waiting record fails with `err`, and so does
@@ -417,7 +403,6 @@ impl Producer {
     pub fn new(client: Client, config: ProducerConfig) -> Result<Producer> {
         config.validate()?;
         let inner = Arc::new(Inner {
-            memory: tokio::sync::Semaphore::new(config.buffer_memory),
             accumulator: Accumulator::new(&config),
             client,
             config,
@@ -468,41 +453,49 @@ impl Producer {
                 inner.config.buffer_memory
             )));
         }
-        // Held until the record is in its batch: a send that fails or is
-        // dropped before gives the bytes back.
-        let mut permit = inner.reserve(size).await?;
         let timestamp = record.timestamp.unwrap_or_else(now_ms);
         // The client's metadata cache, refreshed in the background, so
         // partitions added to the topic are used once the cache knows them;
         // the count the accumulator holds is used while the cache is
         // unchanged (one atomic load instead of a cache look-up per record).
         let epoch = inner.client.metadata_epoch();
-        let appended = match inner
-            .accumulator
-            .append_known(&record, epoch, timestamp, size)
-        {
-            Some(appended) => appended,
-            None => {
-                // Not held while the metadata loads: sends to a topic that
-                // is missing or slow to answer would otherwise keep memory
-                // from sends to other topics.
-                drop(permit);
-                let partitions = match inner.client.cached_topic(record.topic) {
-                    Some(t) if !t.partitions.is_empty() => t.partitions.len(),
-                    _ => inner
-                        .client
-                        .topic_metadata(record.topic)
-                        .await?
-                        .partitions
-                        .len(),
+        // Memory taken for the record, held until it is in its batch: a send
+        // that fails or is dropped before gives it back. None at first: the
+        // open batch's spare usually covers the record.
+        let mut permit = None;
+        let (future, wake) = loop {
+            let credit = permit
+                .as_ref()
+                .map_or(0, tokio::sync::SemaphorePermit::num_permits);
+            let appended =
+                match (inner.accumulator).append_known(&record, epoch, timestamp, (size, credit)) {
+                    Some(appended) => appended?,
+                    None => {
+                        // Not held while the metadata loads: sends to a topic
+                        // that is missing or slow to answer would otherwise keep
+                        // memory from sends to other topics.
+                        drop(permit.take());
+                        let partitions = match inner.client.cached_topic(record.topic) {
+                            Some(t) if !t.partitions.is_empty() => t.partitions.len(),
+                            _ => inner
+                                .client
+                                .topic_metadata(record.topic)
+                                .await?
+                                .partitions
+                                .len(),
+                        };
+                        let known = (partitions, epoch);
+                        (inner.accumulator).append(&record, known, timestamp, (size, 0))?
+                    }
                 };
-                permit = inner.reserve(size).await?;
-                let known = (partitions, epoch);
-                inner.accumulator.append(&record, known, timestamp, size)
+            match appended {
+                Some(appended) => break appended,
+                None => permit = Some(inner.accumulator.reserve(size).await?),
             }
         };
-        let (future, wake) = appended?;
-        permit.forget();
+        if let Some(permit) = permit {
+            permit.forget(); // Now the batch's.
+        }
         if wake {
             inner.wake_sink.notify_one();
         }
@@ -698,9 +691,11 @@ impl Producer {
             && self.inner().accumulator.pending_batches() == 0
     }
 
-    /// Bytes of records waiting in the producer (for metrics and tests).
+    /// Bytes of `buffer_memory` held (for metrics and tests): by the records
+    /// waiting in the producer, and as spare room by open batches (at most
+    /// 64 KiB, or a 64th of `buffer_memory`, each).
     pub fn buffered_bytes(&self) -> usize {
-        self.inner().config.buffer_memory - self.inner().memory.available_permits()
+        self.inner().config.buffer_memory - self.inner().accumulator.memory.available_permits()
     }
 
     /// Number of records sent but not yet acknowledged or failed. Counts

@@ -252,6 +252,7 @@ fn shadow(b: &ProducerBatch) -> ProducerBatch {
         builder: BatchBuilder::new(0),
         completion: b.completion.clone(),
         reserved: b.reserved,
+        spare: b.spare,
         records: b.records,
         created: b.created,
         sealed: None,
@@ -504,7 +505,7 @@ fn fail(inner: &Inner, out: Outgoing, err: Error) {
 }
 
 fn release(inner: &Inner, batch: &ProducerBatch) {
-    inner.memory.add_permits(batch.reserved);
+    inner.accumulator.memory.add_permits(batch.reserved);
     if inner.accumulator.batch_done(batch) {
         inner.idle.notify_waiters();
     }
