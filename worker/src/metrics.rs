@@ -170,6 +170,8 @@ impl Drop for PartitionCounter {
 /// partition task.
 #[derive(Debug, Clone)]
 pub(crate) struct EventMeters {
+    /// The topic they count.
+    pub topic: Arc<str>,
     pub events_in: Counter,
     pub events_done: Counter,
     pub processing: Histogram,
@@ -422,6 +424,7 @@ impl Metrics {
             partition,
         };
         EventMeters {
+            topic: Arc::from(topic),
             events_in: self.inner.events_in.get_or_create_owned(&labels),
             events_done: self.inner.events_done.get_or_create_owned(&labels),
             processing: self.inner.processing.get_or_create_owned(&of),

@@ -43,7 +43,7 @@ pub(crate) async fn handle(
     // Counted done however this ends: processed, skipped, dead-lettered,
     // failed, panicked or cancelled.
     let _done = Done(&meters.events_done);
-    let (topic, partition, offset) = (record.topic.clone(), record.partition, record.offset);
+    let (topic, partition, offset) = (&*meters.topic, record.partition, record.offset);
     // The record itself is needed after a failure only to retry or
     // dead-letter it: copy it (cheap handles) only then.
     let keep = matches!(
@@ -85,7 +85,6 @@ pub(crate) async fn handle(
             _ => break e,
         }
     };
-    let topic = &*topic;
     match (policy, spare) {
         (ErrorPolicy::Stop, _) => Err(WorkerError::Agent {
             topic: topic.to_owned(),

@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::ops::Bound;
 use std::pin::Pin;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use strom_client::backoff::Backoff;
@@ -185,6 +186,9 @@ struct Shared {
     /// The first framework call that failed for good since the last event
     /// boundary the task looked at.
     failure: std::sync::Mutex<Option<WorkerError>>,
+    /// `failure` holds one: the task looks after every event, and
+    /// almost always finds none, without taking the lock.
+    failed: std::sync::atomic::AtomicBool,
     /// The latest event time seen (`i64::MIN`: none yet).
     stream_time: std::sync::atomic::AtomicI64,
     /// Updates of windowed tables whose closed windows are still being
@@ -230,6 +234,7 @@ impl Context {
                 producer,
                 metrics,
                 failure: std::sync::Mutex::new(None),
+                failed: std::sync::atomic::AtomicBool::new(false),
                 stream_time: std::sync::atomic::AtomicI64::new(i64::MIN),
                 emitting: Arc::default(),
                 checkpointed_time: std::sync::atomic::AtomicI64::new(i64::MIN),
@@ -240,7 +245,6 @@ impl Context {
     /// Notes that an event of time `timestamp` (ms since the epoch) is being
     /// processed; returns the partition's stream time, which includes it.
     pub fn observe_event_time(&self, timestamp: i64) -> i64 {
-        use std::sync::atomic::Ordering;
         let before = self
             .inner
             .stream_time
@@ -254,10 +258,7 @@ impl Context {
     /// it is; it goes back only when an aborted transaction's events are
     /// read again (to where it was at the last checkpoint).
     pub fn stream_time(&self) -> Option<i64> {
-        let t = self
-            .inner
-            .stream_time
-            .load(std::sync::atomic::Ordering::Acquire);
+        let t = self.inner.stream_time.load(Ordering::Acquire);
         (t != i64::MIN).then_some(t)
     }
 
@@ -290,11 +291,20 @@ impl Context {
 
     /// The framework failure met since the last call, if any (see [`Context`]).
     pub(crate) fn take_failure(&self) -> Option<WorkerError> {
-        self.inner
-            .failure
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
+        if !self.inner.failed.load(Ordering::Acquire) {
+            return None;
+        }
+        let mut failure = self.inner.failure.lock().unwrap_or_else(|e| e.into_inner());
+        self.inner.failed.store(false, Ordering::Release);
+        failure.take()
+    }
+
+    /// Records a framework failure (the first since the task last looked
+    /// stays).
+    fn record_failure(&self, failure: impl FnOnce() -> WorkerError) {
+        let mut first = self.inner.failure.lock().unwrap_or_else(|e| e.into_inner());
+        first.get_or_insert_with(failure);
+        self.inner.failed.store(true, Ordering::Release);
     }
 
     /// After a framework call failed with `e`: `Ok` to try it again (after a
@@ -319,11 +329,7 @@ impl Context {
             error,
         };
         let text = e.to_string();
-        self.inner
-            .failure
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get_or_insert_with(|| failed(text.clone()));
+        self.record_failure(|| failed(text.clone()));
         Err(failed(text))
     }
 
@@ -392,11 +398,7 @@ impl Context {
             attempts: 1,
             error: error.clone(),
         };
-        self.inner
-            .failure
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get_or_insert_with(failed);
+        self.record_failure(failed);
         failed()
     }
 
@@ -424,11 +426,7 @@ impl Context {
         }
         drop(state);
         tracing::error!(error = %error, "damaged table state");
-        self.inner
-            .failure
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get_or_insert_with(damaged);
+        self.record_failure(damaged);
         error
     }
 
@@ -712,11 +710,7 @@ impl Context {
         // sends, so they are among the deliveries waited for below. Read
         // after, an emission that ended meanwhile would be marked while its
         // last sends go to the next checkpoint.
-        let emitting = self
-            .inner
-            .emitting
-            .load(std::sync::atomic::Ordering::Acquire)
-            > 0;
+        let emitting = self.inner.emitting.load(Ordering::Acquire) > 0;
         let deliveries = std::mem::take(&mut self.sends().deliveries);
         self.flush_counters(&state);
         for d in deliveries {
@@ -741,7 +735,6 @@ impl Context {
             }
             table.store.flush(durability).await?;
         }
-        use std::sync::atomic::Ordering;
         let time = self.inner.stream_time.load(Ordering::Acquire);
         self.inner.checkpointed_time.store(time, Ordering::Release);
         Ok(())
@@ -759,7 +752,6 @@ impl Context {
                 windows.forget();
             }
         }
-        use std::sync::atomic::Ordering;
         let time = self.inner.checkpointed_time.load(Ordering::Acquire);
         self.inner.stream_time.store(time, Ordering::Release);
         self.take_failure();

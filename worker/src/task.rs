@@ -498,7 +498,7 @@ async fn run(
         progress: BTreeMap::new(),
         concurrent: JoinSet::new(),
         running: HashMap::new(),
-        routes: HashMap::new(),
+        routes: Vec::new(),
         epoch: 0,
         current: Current::default(),
         waiting: None,
@@ -671,8 +671,8 @@ struct Task {
     /// Events running per processor.
     load: Vec<usize>,
     /// Per topic: its agents (indexes into the processors) and its per-event
-    /// metric handles.
-    routes: HashMap<Arc<str>, Route>,
+    /// metric handles. A few topics each: a scan beats hashing the name.
+    routes: Vec<Route>,
     /// Batches routed under an older epoch were read before a rewind.
     epoch: u64,
     /// The records taken from the inbox, not yet processed.
@@ -1092,7 +1092,7 @@ impl Task {
 
     /// The agents of `tp`'s topic and its meters, resolved once per topic.
     fn route(&mut self, tp: &TopicPartition) -> Route {
-        if let Some(r) = self.routes.get(&*tp.topic) {
+        if let Some(r) = self.routes.iter().find(|r| r.meters.topic == tp.topic) {
             return r.clone();
         }
         let agents = self.spec.agents_of(&tp.topic);
@@ -1101,7 +1101,7 @@ impl Task {
         }
         let meters = self.spec.metrics.event_meters(&tp.topic, tp.partition);
         let route = Arc::new(Routed { agents, meters });
-        self.routes.insert(tp.topic.clone(), route.clone());
+        self.routes.push(route.clone());
         route
     }
 
