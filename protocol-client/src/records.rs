@@ -1141,31 +1141,51 @@ mod tests {
         };
         let whole = build().size();
         assert!(whole > 4 << 20, "{whole} bytes");
-        for codec in [
+        // librdkafka's snappy: the records in one raw block, no framing.
+        let raw_snappy = {
+            let plain = build().seal(Compression::None, ProducerIdentity::default());
+            let plain = plain.unwrap();
+            let mut batch = BytesMut::from(&plain[..BATCH_HEADER_LEN]);
+            let records = &plain[BATCH_HEADER_LEN..];
+            batch.extend_from_slice(&snap::raw::Encoder::new().compress_vec(records).unwrap());
+            batch[ATTRIBUTES_OFFSET + 1] |= Compression::Snappy.id() as u8;
+            stamp(&mut batch, ProducerIdentity::default());
+            ("raw snappy".to_owned(), Compression::Snappy, batch.freeze())
+        };
+        let codecs = [
             Compression::Gzip,
             Compression::Snappy,
             Compression::Lz4,
             Compression::Zstd,
-        ] {
-            let sealed = build().seal(codec, ProducerIdentity::default()).unwrap();
-            assert!(sealed.len() < whole / 8, "{codec}: {} bytes", sealed.len());
+        ];
+        let sealed = codecs.map(|c| {
+            let sealed = build().seal(c, ProducerIdentity::default()).unwrap();
+            (c.to_string(), c, sealed)
+        });
+        for (name, codec, sealed) in sealed.into_iter().chain([raw_snappy]) {
+            let codec_name = &name;
+            assert!(
+                sealed.len() < whole / 8,
+                "{codec_name}: {} bytes",
+                sealed.len()
+            );
             let batch = BatchDecoder::new(sealed, true).next().unwrap().unwrap();
             let mut records = batch.into_records();
             let (mut read, mut most_held) = (0, 0);
             while let Some(record) = records.next() {
                 let record = record.unwrap();
-                assert_eq!(record.offset, read as i64, "{codec}");
+                assert_eq!(record.offset, read as i64, "{codec_name}");
                 assert_eq!(record.key.as_deref(), Some(format!("k{read}").as_bytes()));
                 assert!(
                     record.value.as_deref() == Some(&value(read)[..]),
-                    "{codec}: record {read}"
+                    "{codec_name}: record {read}"
                 );
                 most_held = most_held.max(records.decompressed_held());
                 read += 1;
             }
-            assert_eq!(read, n, "{codec}");
-            eprintln!("{codec}: {whole} bytes read holding at most {most_held}");
-            assert!(most_held > 0, "{codec}");
+            assert_eq!(read, n, "{codec_name}");
+            eprintln!("{codec_name}: {whole} bytes read holding at most {most_held}");
+            assert!(most_held > 0, "{codec_name}");
             // zstd also keeps the frame's window of history (1 MiB as Strom writes it).
             let window = if codec == Compression::Zstd {
                 1 << 20
@@ -1174,7 +1194,7 @@ mod tests {
             };
             // Chunks of 64 KiB: the largest record and a few chunks beside it.
             let bound = big + (256 << 10) + window;
-            assert!(most_held <= bound, "{codec}: held {most_held} bytes");
+            assert!(most_held <= bound, "{codec_name}: held {most_held} bytes");
         }
     }
 

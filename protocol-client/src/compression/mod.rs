@@ -14,6 +14,7 @@
 //! batch stops with an error past [`MAX_DECOMPRESSED`] bytes, so a small
 //! hostile batch cannot take all memory.
 
+mod snappy;
 mod zstd;
 
 use std::io::{Read, Write};
@@ -192,9 +193,10 @@ const MAX_ZSTD_WINDOW: usize = 128 << 20;
 /// beyond its frame's window (which its decoder keeps, see
 /// [`Decompressor::retained`]), so a frame that fits its window, as
 /// libzstd's one-shot compression writes small batches, comes as one
-/// chunk; snappy gives one chunk per xerial block (32 KiB as Java writes
-/// them), or the whole batch for a raw block (librdkafka's), which cannot
-/// be read in parts. Past [`MAX_DECOMPRESSED`] bytes in all it fails.
+/// chunk; snappy streams each block, a xerial block (32 KiB as Java
+/// writes them) or a whole raw one (librdkafka's), except that a block of
+/// up to 256 KiB comes as one chunk (see [`snappy`]). Past
+/// [`MAX_DECOMPRESSED`] bytes in all it fails.
 pub(crate) struct Decompressor {
     codec: Compression,
     kind: Kind,
@@ -324,15 +326,16 @@ fn buffered_chunk<R: std::io::BufRead>(
     Ok((!out.is_empty()).then(|| Bytes::from(out)))
 }
 
-/// Snappy as Kafka's producers write it: xerial-framed (Java), one block
-/// at a time; or one raw block (librdkafka), all at once.
+/// Snappy as Kafka's producers write it: xerial-framed (Java), or one raw
+/// block (librdkafka); either way each block a chunk at a time.
 struct Unsnappy {
-    decoder: snap::raw::Decoder,
     input: Bytes,
     /// Whether `input` is the xerial blocks after their header.
     xerial: bool,
     /// Whether the xerial header itself is cut short.
     header_cut: bool,
+    /// The block being read.
+    block: Option<snappy::RawBlock>,
 }
 
 impl Unsnappy {
@@ -340,7 +343,6 @@ impl Unsnappy {
         let xerial = input.starts_with(XERIAL_MAGIC);
         let header_cut = xerial && input.len() < XERIAL_HEADER_LEN;
         Unsnappy {
-            decoder: snap::raw::Decoder::new(),
             input: if xerial {
                 input.slice(XERIAL_HEADER_LEN.min(input.len())..)
             } else {
@@ -348,6 +350,7 @@ impl Unsnappy {
             },
             xerial,
             header_cut,
+            block: None,
         }
     }
 
@@ -356,6 +359,12 @@ impl Unsnappy {
             return Err("the xerial header is cut short".into());
         }
         loop {
+            if let Some(block) = &mut self.block {
+                match block.next_chunk()? {
+                    Some(chunk) => return Ok(Some(chunk)),
+                    None => self.block = None,
+                }
+            }
             if self.input.is_empty() {
                 return Ok(None);
             }
@@ -376,31 +385,8 @@ impl Unsnappy {
             } else {
                 std::mem::take(&mut self.input)
             };
-            let out = self.raw(&block, limit)?;
-            if !out.is_empty() {
-                return Ok(Some(Bytes::from(out)));
-            }
+            self.block = Some(snappy::RawBlock::new(block, limit)?);
         }
-    }
-
-    fn raw(&mut self, block: &[u8], limit: usize) -> std::result::Result<Vec<u8>, String> {
-        let len = snap::raw::decompress_len(block).map_err(|e| e.to_string())?;
-        if len > limit {
-            return Err(format!("the records decompress to more than {limit} bytes"));
-        }
-        // Snappy expands at most about 21:1 (a 2-byte copy of 64 bytes):
-        // a header promising more is forged; do not allocate for it.
-        if len > block.len().saturating_mul(22).saturating_add(64) {
-            return Err(format!(
-                "a snappy block of {} bytes claims {len} bytes decompressed",
-                block.len()
-            ));
-        }
-        let mut out = vec![0; len];
-        self.decoder
-            .decompress(block, &mut out)
-            .map_err(|e| e.to_string())?;
-        Ok(out)
     }
 }
 
