@@ -269,6 +269,23 @@ pub fn compressed_records(data: &[u8]) {
     }
 }
 
+/// A raw snappy block, as librdkafka writes a batch's records: streamed a
+/// chunk at a time, it decodes exactly as `snap` decodes it whole, or fails
+/// where `snap` does.
+pub fn raw_snappy(data: &[u8]) {
+    let ours = crate::compression::stream_raw_snappy(data);
+    let snap = snap::raw::Decoder::new().decompress_vec(data);
+    match (ours, snap) {
+        (Ok(ours), Ok(snap)) => assert!(ours == snap, "the stream differs from snap"),
+        (Err(_), Err(_)) => {}
+        (ours, snap) => panic!(
+            "stream: {:?}, snap: {:?}",
+            ours.map(|v| v.len()),
+            snap.map(|v| v.len())
+        ),
+    }
+}
+
 /// The consumer-protocol member data of JoinGroup (subscription) and
 /// SyncGroup (assignment): whatever decodes must encode and decode again to
 /// the same thing.
@@ -520,6 +537,12 @@ mod tests {
             input.extend_from_slice(&packed);
             seeds.push(("compressed_records", input));
         }
+        // Over 64 KiB decompressed (chunk ends), in few bytes.
+        let rows: Vec<u8> = (0..12_000)
+            .flat_map(|i| format!("key-{}\n", i % 5).into_bytes())
+            .collect();
+        let block = snap::raw::Encoder::new().compress_vec(&rows);
+        seeds.push(("raw_snappy", block.expect("seed rows compress")));
         seeds
     }
 
@@ -528,6 +551,7 @@ mod tests {
             "response" => response,
             "record_batches" => record_batches,
             "compressed_records" => compressed_records,
+            "raw_snappy" => raw_snappy,
             _ => assignor_data,
         }
     }
@@ -544,7 +568,12 @@ mod tests {
             // reserve memory for an array count no frame could hold, which
             // aborts the process (see fuzz/README.md); the smoke run changes
             // only the API and version bytes of responses.
-            let changeable = if name == "response" { 2 } else { usize::MAX };
+            let changeable = match name {
+                "response" => 2,
+                // Its header and first elements: each run decodes 72 KB.
+                "raw_snappy" => 64,
+                _ => usize::MAX,
+            };
             let kept = smoke(name, &seeds, target(name), changeable);
             println!("{name}: {} seeds, {kept} kept inputs", seeds.len());
         }

@@ -17,6 +17,9 @@
 mod snappy;
 mod zstd;
 
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) use snappy::stream as stream_raw_snappy;
+
 use std::io::{Read, Write};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
