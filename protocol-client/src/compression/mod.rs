@@ -276,9 +276,10 @@ impl Decompressor {
     }
 
     /// Decompressed bytes the decoder keeps internally beyond what it has
-    /// handed out: a zstd frame's window of history (gzip's 32 KiB window
-    /// and an lz4 frame's block buffer, 64 KiB as Kafka's clients write
-    /// them, are not counted).
+    /// handed out: a zstd frame's window of history (gzip's 32 KiB window,
+    /// an lz4 frame's block buffer, 64 KiB as Kafka's clients write them,
+    /// and the last chunk a raw snappy block keeps for its copies, at most
+    /// 64 KiB and 64 bytes, are not counted).
     pub(crate) fn retained(&self) -> usize {
         match &self.kind {
             Kind::Zstd(zstd) => zstd.retained(),
