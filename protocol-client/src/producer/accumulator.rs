@@ -14,13 +14,15 @@
 //! take. Nothing is awaited while any of these locks is held.
 //!
 //! `buffer_memory` is a semaphore of bytes that a batch takes a chunk at a
-//! time, so most records take their bytes from their batch's spare, under
-//! the partition's lock, instead of from the count every sender shares.
+//! time while at least half of it is free, so most records take their
+//! bytes from their batch's spare, under the partition's lock, instead of
+//! from the count every sender shares.
 //!
 //! Lock order: [`Control`], then a partition, then its topic's sticky
-//! partitioner (or the memory semaphore's own lock, to give a spare back). `send` takes only the last two, and, on its own, the mutex
-//! under which the map of topics grows. `pending_records` locks the
-//! partitions one at a time.
+//! partitioner or the memory semaphore's own lock (to give a spare back).
+//! `send` takes only the partition and what follows it, and, on its own,
+//! the mutex under which the map of topics grows. `pending_records` locks
+//! the partitions one at a time.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -133,6 +135,7 @@ pub(super) struct Accumulator {
     pub memory: tokio::sync::Semaphore,
     /// Bytes a batch takes at a time when its spare runs out.
     spare_chunk: usize,
+    buffer_memory: usize,
     /// Looked up on every send: FxHash, as topic names come from the
     /// application (no flooding to fear) and SipHash cost ~8% of a send.
     topics: ArcSwap<TopicMap>,
@@ -168,9 +171,8 @@ impl Accumulator {
     pub fn new(config: &ProducerConfig) -> Self {
         Accumulator {
             memory: tokio::sync::Semaphore::new(config.buffer_memory),
-            // Small against the buffer, so open batches' spare bytes never
-            // keep much of it from the partitions that need it.
             spare_chunk: (config.buffer_memory / 64).min(SPARE_CHUNK),
+            buffer_memory: config.buffer_memory,
             topics: ArcSwap::default(),
             growing: Mutex::default(),
             batch_size: config.batch_size,
@@ -185,15 +187,17 @@ impl Accumulator {
     }
 
     /// Takes bytes of [`Accumulator::memory`] for a record of `size` that
-    /// its batch's spare does not cover: a chunk more if that much is free
-    /// (to be the batch's spare), else `size`, waiting while the buffer is
-    /// full. Dropping the permit gives them back.
+    /// its batch's spare does not cover: a chunk (to be the batch's spare)
+    /// while at least half the buffer is free, else `size`, waiting while
+    /// the buffer is full. Open batches' spare bytes so never hold much
+    /// more than half the buffer, however many there are. Dropping the
+    /// permit gives the bytes back.
     pub async fn reserve(&self, size: usize) -> Result<tokio::sync::SemaphorePermit<'_>, Error> {
-        let chunk = size.max(self.spare_chunk) as u32;
-        match self.memory.try_acquire_many(chunk) {
-            Ok(permit) => return Ok(permit),
-            Err(tokio::sync::TryAcquireError::Closed) => return Err(Error::Closed("producer")),
-            Err(tokio::sync::TryAcquireError::NoPermits) => {}
+        let chunk = size.max(self.spare_chunk);
+        if self.memory.available_permits() >= chunk.max(self.buffer_memory / 2) {
+            if let Ok(permit) = self.memory.try_acquire_many(chunk as u32) {
+                return Ok(permit);
+            }
         }
         (self.memory)
             .acquire_many(size as u32)
@@ -841,8 +845,13 @@ mod tests {
             (batches[0].batch.records, batches[0].batch.reserved),
             (records, records * size)
         );
-        // With less free than a chunk, a record takes its own size only.
-        let _held = acc.memory.try_acquire_many(free() as u32 - 150).unwrap();
+        // With less than half the buffer free, a record takes its own size
+        // only: open batches' spare never holds much more than half of it.
+        let half = 1 << 19;
+        let held = acc.memory.try_acquire_many((free() - half) as u32).unwrap();
+        assert_eq!(acc.reserve(size).await.unwrap().num_permits(), chunk);
+        held.forget();
+        let _held = acc.memory.try_acquire_many(1).unwrap();
         assert_eq!(acc.reserve(size).await.unwrap().num_permits(), size);
     }
 }

@@ -24,7 +24,7 @@ use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use tokio::sync::Notify;
+use tokio::sync::{Notify, SemaphorePermit};
 
 use crate::cluster::Client;
 use crate::error::{Error, Result};
@@ -454,40 +454,43 @@ impl Producer {
             )));
         }
         let timestamp = record.timestamp.unwrap_or_else(now_ms);
-        // The client's metadata cache, refreshed in the background, so
-        // partitions added to the topic are used once the cache knows them;
-        // the count the accumulator holds is used while the cache is
-        // unchanged (one atomic load instead of a cache look-up per record).
-        let epoch = inner.client.metadata_epoch();
         // Memory taken for the record, held until it is in its batch: a send
         // that fails or is dropped before gives it back. None at first: the
         // open batch's spare usually covers the record.
         let mut permit = None;
         let (future, wake) = loop {
-            let credit = permit
-                .as_ref()
-                .map_or(0, tokio::sync::SemaphorePermit::num_permits);
-            let appended =
-                match (inner.accumulator).append_known(&record, epoch, timestamp, (size, credit)) {
-                    Some(appended) => appended?,
-                    None => {
-                        // Not held while the metadata loads: sends to a topic
-                        // that is missing or slow to answer would otherwise keep
-                        // memory from sends to other topics.
-                        drop(permit.take());
-                        let partitions = match inner.client.cached_topic(record.topic) {
-                            Some(t) if !t.partitions.is_empty() => t.partitions.len(),
-                            _ => inner
-                                .client
-                                .topic_metadata(record.topic)
-                                .await?
-                                .partitions
-                                .len(),
-                        };
-                        let known = (partitions, epoch);
-                        (inner.accumulator).append(&record, known, timestamp, (size, 0))?
-                    }
-                };
+            let credit = (
+                size,
+                permit.as_ref().map_or(0, SemaphorePermit::num_permits),
+            );
+            // The client's metadata cache, refreshed in the background, so
+            // partitions added to the topic are used once the cache knows
+            // them; the count the accumulator holds is used while the cache
+            // is unchanged (one atomic load instead of a cache look-up).
+            let epoch = inner.client.metadata_epoch();
+            let appended = match (inner.accumulator).append_known(&record, epoch, timestamp, credit)
+            {
+                Some(appended) => appended?,
+                None => {
+                    let partitions = match inner.client.cached_topic(record.topic) {
+                        Some(t) if !t.partitions.is_empty() => t.partitions.len(),
+                        _ => {
+                            // Not held while the metadata loads: sends to a
+                            // topic that is missing or slow to answer would
+                            // otherwise keep memory from sends to others.
+                            drop(permit.take());
+                            let topic = inner.client.topic_metadata(record.topic).await?;
+                            topic.partitions.len()
+                        }
+                    };
+                    let credit = (
+                        size,
+                        permit.as_ref().map_or(0, SemaphorePermit::num_permits),
+                    );
+                    let known = (partitions, epoch);
+                    (inner.accumulator).append(&record, known, timestamp, credit)?
+                }
+            };
             match appended {
                 Some(appended) => break appended,
                 None => permit = Some(inner.accumulator.reserve(size).await?),
@@ -692,8 +695,9 @@ impl Producer {
     }
 
     /// Bytes of `buffer_memory` held (for metrics and tests): by the records
-    /// waiting in the producer, and as spare room by open batches (at most
-    /// 64 KiB, or a 64th of `buffer_memory`, each).
+    /// waiting in the producer, and as spare room by open batches (a chunk
+    /// of 64 KiB, or a 64th of `buffer_memory`, or so each, taken only
+    /// while at least half the buffer is free).
     pub fn buffered_bytes(&self) -> usize {
         self.inner().config.buffer_memory - self.inner().accumulator.memory.available_permits()
     }
