@@ -18,7 +18,7 @@ mod snappy;
 mod zstd;
 
 #[cfg(any(test, feature = "fuzzing"))]
-pub(crate) use snappy::stream as stream_raw_snappy;
+pub(crate) use snappy::{snap_decode, stream as stream_raw_snappy};
 
 use std::io::{Read, Write};
 
@@ -279,7 +279,8 @@ impl Decompressor {
     /// handed out: a zstd frame's window of history (gzip's 32 KiB window,
     /// an lz4 frame's block buffer, 64 KiB as Kafka's clients write them,
     /// and the last chunk a raw snappy block keeps for its copies, at most
-    /// 64 KiB and 64 bytes, are not counted).
+    /// 64 KiB and 64 bytes, are not counted; nor is the rest of a raw
+    /// snappy block that a far-reaching copy made it decompress whole).
     pub(crate) fn retained(&self) -> usize {
         match &self.kind {
             Kind::Zstd(zstd) => zstd.retained(),
