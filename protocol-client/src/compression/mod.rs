@@ -531,7 +531,7 @@ mod tests {
     }
 
     /// Records of a typical batch: repetitive text compresses with every codec.
-    fn text(n: usize) -> Vec<u8> {
+    pub(super) fn text(n: usize) -> Vec<u8> {
         (0..n)
             .flat_map(|i| format!("record {i} of the batch, value {}\n", i % 17).into_bytes())
             .collect()

@@ -300,6 +300,7 @@ fn varint(input: &[u8]) -> Option<(usize, usize)> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::tests::text;
     use super::*;
     use proptest::prelude::*;
 
@@ -314,18 +315,11 @@ mod tests {
         Ok(out)
     }
 
-    /// Records-like data: runs of repeated rows with changing numbers.
-    fn rows(n: usize) -> Vec<u8> {
-        (0..n)
-            .flat_map(|i| format!("{{\"id\":{i},\"name\":\"user-{}\"}}\n", i % 97).into_bytes())
-            .collect()
-    }
-
-    /// A block of 4 MB of rows comes back whole, in chunks of about
+    /// A block of 4 MB of records comes back whole, in chunks of about
     /// [`CHUNK`] bytes (a copy may run up to 64 bytes past).
     #[test]
     fn a_big_block_is_read_a_chunk_at_a_time() {
-        let data = rows(120_000);
+        let data = text(120_000);
         assert!(data.len() > 3_000_000);
         let block = snap::raw::Encoder::new().compress_vec(&data).unwrap();
         let chunks = chunks(&block).unwrap();
@@ -415,7 +409,7 @@ mod tests {
 
     #[test]
     fn damaged_blocks_are_errors() {
-        let data = rows(1_000);
+        let data = text(1_000);
         let block = snap::raw::Encoder::new().compress_vec(&data).unwrap();
         let e = chunks(&block[..block.len() - 3]).unwrap_err();
         assert!(
@@ -455,7 +449,7 @@ mod tests {
         ) {
             let mut data: Vec<u8> = seed.iter().cycle().take(seed.len() * repeats).copied().collect();
             data.extend_from_slice(&noise);
-            data.extend_from_slice(&rows(repeats));
+            data.extend_from_slice(&text(repeats));
             let block = snap::raw::Encoder::new().compress_vec(&data).unwrap();
             let chunks = chunks(&block).unwrap();
             prop_assert!(chunks.iter().all(|c| c.len() <= CHUNK + 64));
@@ -467,10 +461,10 @@ mod tests {
         #[test]
         fn any_block_decodes_as_snap_does(
             random in proptest::collection::vec(any::<u8>(), 0..300),
-            rows_n in 1usize..4_000,
+            lines in 1usize..4_000,
             changes in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..4),
         ) {
-            let mut changed = snap::raw::Encoder::new().compress_vec(&rows(rows_n)).unwrap();
+            let mut changed = snap::raw::Encoder::new().compress_vec(&text(lines)).unwrap();
             for (at, byte) in changes {
                 let at = at.index(changed.len());
                 changed[at] ^= byte;
