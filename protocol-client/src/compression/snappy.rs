@@ -358,15 +358,21 @@ mod tests {
         );
     }
 
-    /// The length header, then a literal of `literal`.
-    fn literal_block(total: usize, literal: &[u8]) -> Vec<u8> {
-        let mut block = vec![];
+    /// A block's length header: `total` as a varint.
+    fn length_header(total: usize) -> Vec<u8> {
+        let mut header = vec![];
         let mut n = total;
         while n >= 0x80 {
-            block.push((n as u8) | 0x80);
+            header.push((n as u8) | 0x80);
             n >>= 7;
         }
-        block.push(n as u8);
+        header.push(n as u8);
+        header
+    }
+
+    /// The length header, then a literal of `literal`.
+    fn literal_block(total: usize, literal: &[u8]) -> Vec<u8> {
+        let mut block = length_header(total);
         // Tag 62: the length - 1 in the next 3 bytes.
         block.push(62 << 2);
         block.extend_from_slice(&(literal.len() as u32 - 1).to_le_bytes()[..3]);
@@ -417,13 +423,7 @@ mod tests {
             "{e}"
         );
         // A header one byte short of the data.
-        let mut short = vec![];
-        let mut n = data.len() - 1;
-        while n >= 0x80 {
-            short.push((n as u8) | 0x80);
-            n >>= 7;
-        }
-        short.push(n as u8);
+        let mut short = length_header(data.len() - 1);
         let (_, header) = varint(&block).unwrap();
         short.extend_from_slice(&block[header..]);
         let e = chunks(&short).unwrap_err();

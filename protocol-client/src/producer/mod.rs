@@ -458,18 +458,21 @@ impl Producer {
         // that fails or is dropped before gives it back. None at first: the
         // open batch's spare usually covers the record.
         let mut permit = None;
+        let credit = |held: &Option<SemaphorePermit>| {
+            (size, held.as_ref().map_or(0, SemaphorePermit::num_permits))
+        };
         let (future, wake) = loop {
-            let credit = (
-                size,
-                permit.as_ref().map_or(0, SemaphorePermit::num_permits),
-            );
             // The client's metadata cache, refreshed in the background, so
             // partitions added to the topic are used once the cache knows
             // them; the count the accumulator holds is used while the cache
             // is unchanged (one atomic load instead of a cache look-up).
             let epoch = inner.client.metadata_epoch();
-            let appended = match (inner.accumulator).append_known(&record, epoch, timestamp, credit)
-            {
+            let appended = match (inner.accumulator).append_known(
+                &record,
+                epoch,
+                timestamp,
+                credit(&permit),
+            ) {
                 Some(appended) => appended?,
                 None => {
                     let partitions = match inner.client.cached_topic(record.topic) {
@@ -483,12 +486,8 @@ impl Producer {
                             topic.partitions.len()
                         }
                     };
-                    let credit = (
-                        size,
-                        permit.as_ref().map_or(0, SemaphorePermit::num_permits),
-                    );
                     let known = (partitions, epoch);
-                    (inner.accumulator).append(&record, known, timestamp, credit)?
+                    (inner.accumulator).append(&record, known, timestamp, credit(&permit))?
                 }
             };
             match appended {
